@@ -1,0 +1,73 @@
+"""Exceptions, and the one place that renders ImageRouter's error envelope.
+
+    SpendGuardError
+     ├── PolicyError      a policy file failed validation (lists every problem)
+     ├── StoreError       Redis (or the embedded store) did not answer
+     ├── UpstreamError    ImageRouter unreachable (502) or timed out (504)
+     └── Rejected         a request refused by the guard: status, type, message, headers
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+
+from starlette.responses import Response
+
+
+class SpendGuardError(Exception):
+    """Base class of every error the proxy raises on purpose."""
+
+
+class PolicyError(SpendGuardError):
+    """One or more policy problems, each naming file, location and value."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class StoreError(SpendGuardError):
+    """The store did not answer; the guard fails closed or open by `on_store_error`."""
+
+
+class Rejected(SpendGuardError):
+    """A refusal rendered as `{"error": {"message", "type"}}` with `status`."""
+
+    def __init__(
+        self,
+        status: int,
+        error_type: str,
+        message: str,
+        *,
+        scope: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+        self.scope = scope
+        self.headers = dict(headers or {})
+
+    def response(self, extra_headers: Mapping[str, str] | None = None) -> Response:
+        headers = dict(self.headers)
+        if self.scope is not None:
+            headers["X-Spend-Guard-Scope"] = self.scope
+        if extra_headers:
+            headers.update(extra_headers)
+        return error_response(self.status, self.error_type, self.message, headers)
+
+
+class UpstreamError(Rejected):
+    """ImageRouter could not be reached (502) or did not answer in time (504)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(status, "upstream_error", message)
+
+
+def error_response(
+    status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    return Response(body, status_code=status, headers=dict(headers or {}), media_type="application/json")

@@ -1,0 +1,84 @@
+"""Money at the edges: ImageRouter's USD strings and policy amounts <-> integer micro-dollars.
+
+Below the HTTP edge every amount is an `int` count of micro-dollars (`cost_micros`), so Redis and
+Lua never see a float and `"25.5000"` converts exactly to 25_500_000.
+"""
+
+from __future__ import annotations
+
+import decimal
+import math
+import re
+
+MICROS_PER_USD = 1_000_000
+# Plain decimal notation only: "1e3", "0x10", "inf", " 1" are refused rather than guessed at.
+_USD_RE = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
+# 10^15 micro-dollars = one billion dollars; anything larger is a corrupt figure, not a balance.
+MAX_ABS_MICROS = 10**15
+
+
+class MoneyError(ValueError):
+    """A money value that does not convert exactly to micro-dollars."""
+
+
+def _to_decimal(value: object) -> decimal.Decimal:
+    if isinstance(value, bool):
+        raise MoneyError(f"expected a USD amount, got {value!r}")
+    if isinstance(value, int):
+        return decimal.Decimal(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise MoneyError(f"expected a finite USD amount, got {value!r}")
+        # repr() is the shortest string that round-trips: 0.07 -> "0.07", not 0.07000000000000000666.
+        return decimal.Decimal(repr(value))
+    if isinstance(value, decimal.Decimal):
+        if not value.is_finite():
+            raise MoneyError(f"expected a finite USD amount, got {value!r}")
+        return value
+    if isinstance(value, str):
+        text = value.strip()
+        if not _USD_RE.match(text):
+            raise MoneyError(f"not a plain decimal USD amount: {value!r}")
+        return decimal.Decimal(text)
+    raise MoneyError(f"expected a USD amount, got {type(value).__name__} {value!r}")
+
+
+def usd_to_micros(value: object, *, allow_negative: bool = False) -> int:
+    """Convert a USD amount (string, int, float or Decimal) to micro-dollars, exactly.
+
+    Raises `MoneyError` for non-decimal notation, more than six decimals, negative amounts (unless
+    `allow_negative`) and magnitudes above a billion dollars.
+    """
+    amount = _to_decimal(value) * MICROS_PER_USD
+    if amount != amount.to_integral_value():
+        raise MoneyError(f"USD amount {value!r} has more than 6 decimals")
+    micros = int(amount)
+    if micros < 0 and not allow_negative:
+        raise MoneyError(f"USD amount {value!r} is negative")
+    if abs(micros) > MAX_ABS_MICROS:
+        raise MoneyError(f"USD amount {value!r} is out of range")
+    return micros
+
+
+def usd_to_micros_ceil(value: object, *, quantum_micros: int = 100) -> int:
+    """Convert a price to micro-dollars rounded **up** to `quantum_micros` (default $0.0001).
+
+    Used for holds: ImageRouter rounds charges up to 1/10,000 USD, so a hold rounded up the same
+    way is never below what the upstream pre-charges for the same price.
+    """
+    amount = _to_decimal(value) * MICROS_PER_USD
+    if amount < 0:
+        raise MoneyError(f"price {value!r} is negative")
+    micros = int(amount.to_integral_value(rounding=decimal.ROUND_CEILING))
+    micros = -(-micros // quantum_micros) * quantum_micros
+    if micros > MAX_ABS_MICROS:
+        raise MoneyError(f"price {value!r} is out of range")
+    return micros
+
+
+def format_usd(micros: int) -> str:
+    """`1_234_500` -> `"1.2345"`: at least four decimals, as ImageRouter prints money."""
+    sign = "-" if micros < 0 else ""
+    whole, frac = divmod(abs(micros), MICROS_PER_USD)
+    text = f"{frac:06d}".rstrip("0").ljust(4, "0")
+    return f"{sign}{whole}.{text}"
