@@ -1,0 +1,123 @@
+-- reserve: hold `amount` against every scope a request touches, all or nothing.
+-- KEYS[1] snap    hash: fetched_ms, remaining, "r:<row_ref>" -> "active|expires_ms|limit|period|spend|period_start_ms"
+-- KEYS[2] holds   KEYS[3] held   KEYS[4] leases   KEYS[5] chsum   (see settle_hold)
+-- KEYS[5+i]       counter of local budget i in its current window (micro-dollars)
+-- ARGV[1] now_ms  ARGV[2] hold_id  ARGV[3] amount (micros)  ARGV[4] lease_expiry_ms
+-- ARGV[5] account floor (micros)  ARGV[6] max_staleness_ms  ARGV[7] row_ref ("" = none)
+-- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)  ARGV[12] n budgets
+-- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
+-- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held}
+--      or {0, code, scope, limit, spent, held} with code in
+--      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, duplicate
+local prefix = string.sub(KEYS[1], 1, -5)
+local now_ms = tonumber(ARGV[1])
+local hold_id = ARGV[2]
+local amount = tonumber(ARGV[3])
+local lease_expiry_ms = ARGV[4]
+local floor = tonumber(ARGV[5])
+local max_staleness_ms = tonumber(ARGV[6])
+local row_ref = ARGV[7]
+local windows = {day = tonumber(ARGV[8]), week = tonumber(ARGV[9]), month = tonumber(ARGV[10])}
+local shadow_all = ARGV[11] == "1"
+local n_budgets = tonumber(ARGV[12])
+
+-- Reclaim leases of instances that died mid-request: charge the hold (the upstream may have billed).
+local expired = redis.call("ZRANGEBYSCORE", KEYS[4], "-inf", now_ms, "LIMIT", 0, 100)
+for _, id in ipairs(expired) do
+  settle_hold(prefix, id, -1, now_ms)
+end
+
+if redis.call("HEXISTS", KEYS[2], hold_id) == 1 then
+  return {0, "duplicate", "hold", 0, 0, 0}
+end
+
+local snap = redis.call("HMGET", KEYS[1], "fetched_ms", "remaining")
+if not snap[1] then
+  return {0, "no_snapshot", "account", 0, 0, 0}
+end
+local fetched_ms = tonumber(snap[1])
+if now_ms - fetched_ms > max_staleness_ms then
+  return {0, "stale", "account", 0, 0, now_ms - fetched_ms}
+end
+
+local function held(field)
+  return tonumber(redis.call("HGET", KEYS[3], field) or "0")
+end
+local function charged(field)
+  return tonumber(redis.call("HGET", KEYS[5], field) or "0")
+end
+
+local tight_scope, tight_remaining = "", -1
+local refusal = nil
+local function consider(code, scope, limit, spent, in_hold, shadow)
+  local remaining = limit - spent - in_hold - amount
+  if remaining < 0 then
+    if refusal == nil or (refusal.shadow and not shadow) then
+      refusal = {code = code, scope = scope, limit = limit, spent = spent, held = in_hold, shadow = shadow}
+    end
+  elseif not shadow and (tight_remaining < 0 or remaining < tight_remaining) then
+    tight_scope, tight_remaining = scope, remaining
+  end
+end
+
+local row_win = 0
+if row_ref ~= "" then
+  local row = redis.call("HGET", KEYS[1], "r:" .. row_ref)
+  if row then
+    local f = {}
+    for part in string.gmatch(row .. "|", "([^|]*)|") do
+      f[#f + 1] = part
+    end
+    local active, expires_ms, limit, period = f[1], tonumber(f[2]), tonumber(f[3]), f[4]
+    local spend, period_start_ms = tonumber(f[5]), tonumber(f[6])
+    if active ~= "1" then
+      refusal = {code = "key_inactive", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
+    elseif expires_ms >= 0 and expires_ms <= now_ms then
+      refusal = {code = "key_expired", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
+    end
+    row_win = windows[period] or 0
+    if limit >= 0 then
+      -- A snapshot from before the current window started counts as zero period spend.
+      local counted = spend
+      if row_win > 0 then
+        if period_start_ms >= 0 then
+          if period_start_ms < row_win then counted = 0 end
+        elseif fetched_ms < row_win then
+          counted = 0
+        end
+      end
+      local spent = counted + charged("row:" .. row_ref .. ":" .. row_win)
+      consider("key_limit", "key", limit, spent, held("row:" .. row_ref), shadow_all)
+    end
+  end
+end
+
+consider("credits", "account", tonumber(snap[2]) - floor, charged("acct"), held("acct"), shadow_all)
+
+local budget_specs = {}
+for i = 1, n_budgets do
+  local base = 12 + (i - 1) * 5
+  local id, limit, shadow = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3] == "1"
+  local spent = tonumber(redis.call("GET", KEYS[5 + i]) or "0")
+  consider("budget", "budget:" .. id, limit, spent, held("b:" .. id), shadow or shadow_all)
+  budget_specs[#budget_specs + 1] = id .. "@" .. ARGV[base + 4] .. "@" .. ARGV[base + 5]
+end
+
+if refusal ~= nil and not refusal.shadow then
+  return {0, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+end
+
+redis.call("HSET", KEYS[2], hold_id,
+  amount .. "|" .. lease_expiry_ms .. "|" .. row_ref .. "|" .. row_win .. "|" .. table.concat(budget_specs, ","))
+redis.call("ZADD", KEYS[4], lease_expiry_ms, hold_id)
+redis.call("HINCRBY", KEYS[3], "acct", amount)
+if row_ref ~= "" then
+  redis.call("HINCRBY", KEYS[3], "row:" .. row_ref, amount)
+end
+for i = 1, n_budgets do
+  redis.call("HINCRBY", KEYS[3], "b:" .. ARGV[12 + (i - 1) * 5 + 1], amount)
+end
+if refusal ~= nil then
+  return {1, tight_scope, tight_remaining, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+end
+return {1, tight_scope, tight_remaining, "", "", 0, 0, 0}

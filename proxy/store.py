@@ -1,0 +1,279 @@
+"""The only module that talks to Redis: key names, the Lua scripts, typed results.
+
+Every key of an account carries the hash tag `{<account>}` (`sg:{main}:holds`), so each script
+touches one cluster slot. Amounts are integer micro-dollars. Driver errors leave this module as
+`StoreError` (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import importlib.resources
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from proxy.errors import StoreError
+from proxy.pricing import PriceTable
+
+T = TypeVar("T")
+_SAFE_REF = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
+LOCK_REFRESH = "lock:refresh"
+LOCK_MODELS = "lock:models"
+
+
+def _lua(name: str) -> str:
+    return (importlib.resources.files("proxy") / "lua" / name).read_text(encoding="utf-8")
+
+
+def row_ref(api_key_id: str | None, api_key_name: str | None) -> str | None:
+    """Redis-safe reference to an upstream key row: `id:<uuid>`, or a hash of its name."""
+    if api_key_id is not None:
+        if _SAFE_REF.match(api_key_id):
+            return f"id:{api_key_id}"
+        return "id#" + hashlib.sha256(api_key_id.encode()).hexdigest()[:24]
+    if api_key_name is not None:
+        return "name#" + hashlib.sha256(api_key_name.encode()).hexdigest()[:24]
+    return None
+
+
+@dataclass(frozen=True)
+class BudgetHold:
+    """A local budget a reservation counts against, in its current window."""
+
+    id: str
+    limit_micros: int
+    shadow: bool
+    window_start_ms: int  # 0 for a lifetime budget
+    window_end_ms: int  # 0 for a lifetime budget
+
+
+@dataclass(frozen=True)
+class ReserveRequest:
+    hold_id: str
+    amount_micros: int
+    now_ms: int
+    lease_expiry_ms: int
+    floor_micros: int
+    max_staleness_ms: int
+    row_ref: str | None
+    windows_ms: tuple[int, int, int]  # day, week, month starts
+    shadow: bool = False
+    budgets: Sequence[BudgetHold] = ()
+
+
+@dataclass(frozen=True)
+class Refusal:
+    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, duplicate
+    scope: str  # "key", "account", "budget:<id>"
+    limit_micros: int
+    spent_micros: int
+    held_micros: int
+
+
+@dataclass(frozen=True)
+class Decision:
+    allowed: bool
+    refusal: Refusal | None = None  # when allowed, a shadow refusal ("would refuse") or None
+    tight_scope: str = ""
+    tight_remaining_micros: int = -1
+
+
+@dataclass(frozen=True)
+class RowState:
+    active: bool
+    expires_ms: int | None
+    limit_micros: int | None
+    period: str | None
+    spend_micros: int
+    period_start_ms: int | None
+
+    def encode(self) -> str:
+        return "|".join(
+            [
+                "1" if self.active else "0",
+                str(-1 if self.expires_ms is None else self.expires_ms),
+                str(-1 if self.limit_micros is None else self.limit_micros),
+                self.period or "-",
+                str(self.spend_micros),
+                str(-1 if self.period_start_ms is None else self.period_start_ms),
+            ]
+        )
+
+    @classmethod
+    def decode(cls, text: str) -> RowState:
+        active, expires, limit, period, spend, start = text.split("|")
+        return cls(
+            active == "1",
+            None if int(expires) < 0 else int(expires),
+            None if int(limit) < 0 else int(limit),
+            None if period == "-" else period,
+            int(spend),
+            None if int(start) < 0 else int(start),
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One `/v1/credits?by_api_key=true` answer, converted; `fetched_ms` is when the fetch began."""
+
+    fetched_ms: int
+    remaining_micros: int
+    rows: dict[str, RowState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ScopeUsage:
+    """What `/-/me` and `status` show for one scope."""
+
+    charged_micros: int  # charges since the snapshot (upstream scopes) or in the window (budgets)
+    held_micros: int
+
+
+class Store:
+    """Reserve, settle and snapshot operations on one account's state."""
+
+    def __init__(self, client: aioredis.Redis, account: str) -> None:
+        self.client = client
+        self.account = account
+        self.prefix = f"sg:{{{account}}}:"
+        settle_fn = _lua("_settle_hold.lua")
+        self.lua_reserve = client.register_script(settle_fn + _lua("reserve.lua"))
+        self.lua_settle = client.register_script(settle_fn + _lua("settle.lua"))
+        self.lua_apply_snapshot = client.register_script(_lua("apply_snapshot.lua"))
+
+    def key(self, name: str) -> str:
+        return self.prefix + name
+
+    def budget_key(self, budget_id: str, window_start_ms: int) -> str:
+        return self.key(f"b:{budget_id}:{window_start_ms}")
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await op()
+        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+            raise StoreError(f"store unavailable: {type(exc).__name__}: {exc}") from exc
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping)
+
+    async def reserve(self, req: ReserveRequest) -> Decision:
+        """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse."""
+        keys = [self.key(n) for n in ("snap", "holds", "held", "leases", "chsum")]
+        keys += [self.budget_key(b.id, b.window_start_ms) for b in req.budgets]
+        args: list[Any] = [
+            req.now_ms,
+            req.hold_id,
+            req.amount_micros,
+            req.lease_expiry_ms,
+            req.floor_micros,
+            req.max_staleness_ms,
+            req.row_ref or "",
+            *req.windows_ms,
+            1 if req.shadow else 0,
+            len(req.budgets),
+        ]
+        for b in req.budgets:
+            args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
+        reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+        values = [v.decode() if isinstance(v, bytes) else v for v in reply]
+        if values[0] == 0:
+            return Decision(False, Refusal(values[1], values[2], int(values[3]), int(values[4]), int(values[5])))
+        shadow_refusal = None
+        if values[3]:
+            shadow_refusal = Refusal(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
+        return Decision(True, shadow_refusal, values[1], int(values[2]))
+
+    async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int) -> int | None:
+        """Charge `cost_micros` (None: the whole hold; 0: release). Returns the charge, or None if
+        the hold no longer exists (settled already, or reclaimed after its lease)."""
+        cost = -1 if cost_micros is None else cost_micros
+        reply = await self._call(lambda: self.lua_settle(keys=[self.key("holds")], args=[hold_id, cost, now_ms]))
+        return None if int(reply) < 0 else int(reply)
+
+    async def apply_snapshot(self, snapshot: Snapshot) -> bool:
+        """Store a snapshot unless a later-fetched one is stored; drop charges it already contains."""
+        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros]
+        for ref, row in snapshot.rows.items():
+            args += [f"r:{ref}", row.encode()]
+        keys = [self.key(n) for n in ("snap", "chsum", "chlog", "chamt")]
+        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=keys, args=args)))
+
+    async def read_snapshot(self) -> Snapshot | None:
+        raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
+        if not raw:
+            return None
+        data = {k.decode(): v.decode() for k, v in raw.items()}
+        rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:")}
+        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows)
+
+    async def snapshot_fetched_ms(self) -> int | None:
+        raw = await self._call(lambda: self.client.hget(self.key("snap"), "fetched_ms"))
+        return None if raw is None else int(raw)
+
+    async def usage(self, fields: Sequence[str], budgets: Sequence[BudgetHold]) -> dict[str, ScopeUsage]:
+        """Charged and held amounts for upstream scope fields (`acct`, `row:<ref>:<win>`) and budgets."""
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for f in fields:
+                pipe.hget(self.key("chsum"), f)
+                pipe.hget(self.key("held"), f.rsplit(":", 1)[0] if f.startswith("row:") else f)
+            for b in budgets:
+                pipe.get(self.budget_key(b.id, b.window_start_ms))
+                pipe.hget(self.key("held"), f"b:{b.id}")
+            return list(await pipe.execute())
+
+        values = [int(v or 0) for v in await self._call(read)]
+        names = list(fields) + [f"b:{b.id}" for b in budgets]
+        return {n: ScopeUsage(values[2 * i], values[2 * i + 1]) for i, n in enumerate(names)}
+
+    async def open_holds(self) -> int:
+        return int(await self._call(lambda: self.client.hlen(self.key("holds"))))
+
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self._call(lambda: self.client.set(self.key(name), owner, nx=True, px=ttl_ms)))
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        # Only the owner may drop it early (after a failed fetch, so another instance can retry).
+        async def drop() -> None:
+            if (await self.client.get(self.key(name))) == owner.encode():
+                await self.client.delete(self.key(name))
+
+        await self._call(drop)
+
+    async def save_prices(self, table: PriceTable) -> None:
+        await self._call(lambda: self.client.set(self.key("prices"), table.to_json()))
+
+    async def load_prices(self) -> PriceTable | None:
+        raw = await self._call(lambda: self.client.get(self.key("prices")))
+        return None if raw is None else PriceTable.from_json(raw)
+
+    async def set_status(self, **values: str | int) -> None:
+        await self._call(lambda: self.client.hset(self.key("status"), mapping=values))
+
+    async def get_status(self) -> dict[str, str]:
+        raw = await self._call(lambda: self.client.hgetall(self.key("status")))
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+
+def embedded_client() -> aioredis.Redis:
+    """An in-process fakeredis with Lua: one process, nothing shared."""
+    import fakeredis
+
+    client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
+    return client
+
+
+def redis_client(url: str | None) -> aioredis.Redis:
+    if not url:
+        return embedded_client()
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=10
+    )
+    return client
