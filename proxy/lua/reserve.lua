@@ -87,7 +87,9 @@ if row_ref ~= "" then
         end
       end
       local spent = counted + charged("row:" .. row_ref .. ":" .. row_win)
-      consider("key_limit", "key", limit, spent, held("row:" .. row_ref), shadow_all)
+      local scope = "key:lifetime"
+      if row_win > 0 then scope = "key:" .. period end
+      consider("key_limit", scope, limit, spent, held("row:" .. row_ref), shadow_all)
     end
   end
 end

@@ -1,0 +1,236 @@
+"""The ASGI app: lifespan (clients, refresher, policy watcher) and routing to the guard or `/-/`.
+
+Own endpoints live under `/-/` so they never shadow an upstream path (DESIGN §7).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+import redis.asyncio as aioredis
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from proxy.credits import Refresher
+from proxy.errors import Rejected, error_response
+from proxy.forward import create_session
+from proxy.guard import Guard, settle_pending
+from proxy.metrics import Metrics
+from proxy.policy import Policy, default_policy, load_policy
+from proxy.reload import PolicyHolder
+from proxy.report import me_report
+from proxy.runtime import Runtime
+from proxy.settings import Settings, account_key
+from proxy.store import Store, redis_client
+from proxy.types import Clock, Receive, Scope, Send, SystemClock
+
+log = logging.getLogger("spend_guard")
+OWN_PREFIX = "/-/"
+
+
+class SpendGuardApp:
+    """Outer ASGI app. `runtime` exists between lifespan startup and shutdown."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        policy: Policy,
+        *,
+        clock: Clock,
+        redis_factory: Callable[[], aioredis.Redis],
+    ) -> None:
+        self.settings = settings
+        self.initial_policy = policy
+        self.clock = clock
+        self.redis_factory = redis_factory
+        self.metrics = Metrics()
+        self.runtime: Runtime | None = None
+        self.guard: Guard | None = None
+        self.tasks: list[asyncio.Task[None]] = []
+        self.router = Router(
+            routes=[
+                Route("/-/healthz", self.healthz),
+                Route("/-/readyz", self.readyz),
+                Route("/-/metrics", self.metrics_endpoint),
+                Route("/-/me", self.me),
+            ]
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.lifespan(scope, receive, send)
+            return
+        if scope["type"] != "http":
+            return  # websockets: ImageRouter has none
+        if scope["path"].startswith(OWN_PREFIX):
+            await self.router(scope, receive, send)
+            return
+        if self.guard is None:
+            await error_response(503, "guard_unavailable", "The proxy is starting.")(scope, receive, send)
+            return
+        try:
+            await self.guard(scope, receive, send)
+        except Rejected as exc:  # raised after the guard's own handling, e.g. while reading a passthrough
+            await exc.response()(scope, receive, send)
+
+    async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        assert message["type"] == "lifespan.startup"
+        try:
+            await self.startup()
+        except Exception as exc:
+            log.exception("startup failed")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.startup.complete"})
+        message = await receive()
+        assert message["type"] == "lifespan.shutdown"
+        await self.shutdown()
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async def startup(self) -> None:
+        policy = self.initial_policy
+        client = self.redis_factory()
+        store = Store(client, policy.account.name)
+        session = create_session()
+        holder = PolicyHolder(self.settings.policy, policy, on_change=self._policy_changed)
+        key = account_key(policy.account.api_key_env)
+        if key is None:
+            log.error(
+                "no account key in %s: the credits snapshot cannot be fetched, so spending calls are "
+                "refused (503) until it is set",
+                policy.account.api_key_env,
+            )
+        refresher = Refresher(
+            store,
+            session,
+            lambda: holder.policy,
+            key,
+            self.clock,
+            upstream_url=lambda: self.runtime.upstream_url() if self.runtime else policy.upstream.base_url,
+            on_failure=lambda message: (self.metrics.refresh_failures.inc(), log.warning("credits refresh failed: %s", message)),
+        )
+        if self.settings.upstream:
+            refresher.upstream_url = lambda: self.settings.upstream or ""
+        self.runtime = Runtime(self.settings, holder, store, session, refresher, self.metrics, self.clock)
+        self.guard = Guard(self.runtime)
+        self.metrics.set_snapshot_age(self._snapshot_age)
+        if not self.settings.redis_url:
+            log.warning("store: embedded in-process store; state is not shared with any other process")
+        loop = asyncio.get_running_loop()
+        self.tasks = [
+            asyncio.create_task(refresher.run(), name="refresher"),
+            asyncio.create_task(self._settle_retry_loop(), name="settle-retry"),
+        ]
+        if self.settings.policy:
+            self.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
+            with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
+                holder.install_sighup(loop)
+        log.info("spend guard ready: policy %s, upstream %s", policy.version, self.runtime.upstream_url())
+
+    def _policy_changed(self, policy: Policy) -> None:
+        self.metrics.policy_reloads.labels("ok").inc()
+
+    def _snapshot_age(self) -> float:
+        rt = self.runtime
+        if rt is None or rt.refresher.state.last_ok_ms == 0:
+            return float("nan")
+        return max(0.0, rt.clock() - rt.refresher.state.last_ok_ms / 1000)
+
+    async def _settle_retry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if self.runtime is not None and self.runtime.pending_settles:
+                await settle_pending(self.runtime)
+
+    async def shutdown(self) -> None:
+        rt = self.runtime
+        if rt is None:
+            return
+        rt.draining = True
+        grace = rt.policy.guard.shutdown_grace_s
+        await rt.wait_for_flights(grace)
+        # Whatever is still open at the deadline is charged its hold: never left to its lease.
+        for flight in list(rt.flights.values()):
+            with contextlib.suppress(Exception):
+                await rt.store.settle(flight.hold_id, None, rt.now_ms())
+            rt.flights.pop(flight.hold_id, None)
+        with contextlib.suppress(Exception):
+            await settle_pending(rt)
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await rt.session.close()
+        with contextlib.suppress(Exception):
+            await rt.store.client.aclose()
+        self.guard = None
+
+    # -- own endpoints ---------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        rt = self.runtime
+        if rt is None:
+            return JSONResponse({"ready": False, "problems": ["starting"]}, status_code=503)
+        problems = []
+        age_s: float | None = None
+        try:
+            fetched = await rt.store.snapshot_fetched_ms()
+            if fetched is None:
+                problems.append("snapshot: no credits snapshot fetched yet")
+            else:
+                age_s = max(0.0, rt.clock() - fetched / 1000)
+                if age_s > rt.policy.account.max_staleness_s:
+                    problems.append(f"snapshot: {age_s:.0f} s old, max_staleness_s={rt.policy.account.max_staleness_s:g}")
+        except Exception as exc:  # noqa: BLE001 - any store failure means not ready
+            problems.append(f"store: {type(exc).__name__}")
+        state = rt.refresher.state
+        if state.auth_failed:
+            problems.append(f"credits: {state.last_error}")
+        if not rt.refresher.prices.loaded:
+            problems.append("prices: no price table loaded from /v2/models yet")
+        body = {
+            "ready": not problems,
+            "problems": problems,
+            "snapshot_age_s": None if age_s is None else round(age_s, 1),
+            "refresh_failures": state.failures,
+            "last_refresh_error": state.last_error or None,
+            "policy_version": rt.policy.version,
+        }
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def me(self, request: Request) -> Response:
+        if self.runtime is None:
+            return error_response(503, "guard_unavailable", "The proxy is starting.")
+        try:
+            report = await me_report(self.runtime, request.headers.getlist("authorization"))
+        except Rejected as exc:
+            return exc.response()
+        return JSONResponse(report)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    policy: Policy | None = None,
+    clock: Clock | None = None,
+    redis_factory: Callable[[], aioredis.Redis] | None = None,
+) -> SpendGuardApp:
+    """Build the app; with no arguments everything comes from `SPEND_GUARD_*` (uvicorn factory mode)."""
+    settings = settings or Settings.from_env()
+    if policy is None:
+        policy = load_policy(settings.policy) if settings.policy else default_policy()
+    factory = redis_factory or (lambda: redis_client(settings.redis_url))
+    return SpendGuardApp(settings, policy, clock=clock or SystemClock(), redis_factory=factory)

@@ -1,0 +1,118 @@
+"""`spend-guard`: serve, check-policy, fingerprint, status (a thin click layer, uvicorn-style)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+
+from proxy.errors import PolicyError
+from proxy.policy import Policy, default_policy, load_policy
+from proxy.settings import Settings
+
+STARTUP_FAILURE = 3
+POLICY_INVALID = 2
+
+
+def _load(path: str | None) -> Policy:
+    return load_policy(path) if path else default_policy()
+
+
+@click.group(context_settings={"auto_envvar_prefix": "SPEND_GUARD", "help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """A reverse proxy that keeps ImageRouter spend inside credits, key limits and budgets."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+@click.option("--policy", "policy_path", default=None, help="Policy file or directory of *.yaml files.")
+@click.option("--upstream", default=None, help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).")
+@click.option("--redis-url", default=None, help="Redis URL shared by all instances; omit for the embedded store.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def serve(host: str, port: int, policy_path: str | None, upstream: str | None, redis_url: str | None, workers: int, log_level: str) -> None:
+    """Run the proxy."""
+    settings = Settings(host, port, policy_path, upstream, redis_url, workers, log_level)
+    try:
+        policy = _load(policy_path)
+    except PolicyError as exc:
+        click.echo(f"spend-guard: invalid policy, not starting:\n{exc}", err=True)
+        sys.exit(POLICY_INVALID)
+    if workers > 1 and not redis_url:
+        click.echo(
+            "spend-guard: --workers > 1 needs --redis-url: the embedded store lives in one process, "
+            "so several workers would each enforce the budgets separately.",
+            err=True,
+        )
+        sys.exit(STARTUP_FAILURE)
+    run(settings, policy)
+
+
+def run(settings: Settings, policy: Policy) -> None:
+    import uvicorn
+
+    os.environ.update(settings.to_env())
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    uvicorn.run(
+        "proxy.app:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        access_log=False,
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
+        timeout_keep_alive=30,
+    )
+
+
+@main.command("check-policy")
+@click.argument("path", type=click.Path(exists=True))
+def check_policy(path: str) -> None:
+    """Validate a policy file or directory without serving; exit 2 on any problem."""
+    try:
+        policy = load_policy(path)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        click.echo(f"{len(exc.problems)} problem(s) in {path}", err=True)
+        sys.exit(POLICY_INVALID)
+    groups = len(policy.groups)
+    click.echo(
+        f"{path}: ok (version {policy.version}, {len(policy.keys)} keys, {groups} groups, mode {policy.mode})"
+    )
+
+
+@main.command()
+def fingerprint() -> None:
+    """Read an API key on stdin; print the sha256 the policy's key_sha256 needs."""
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        click.echo("spend-guard fingerprint: no key on stdin", err=True)
+        sys.exit(POLICY_INVALID)
+    click.echo(hashlib.sha256(secret.encode()).hexdigest())
+
+
+@main.command()
+@click.option("--policy", "policy_path", default=None)
+@click.option("--redis-url", default=None, required=True, help="The Redis the proxies share.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def status(policy_path: str | None, redis_url: str, as_json: bool) -> None:
+    """Budgets and holds of every configured key and group."""
+    from proxy.status import collect, render_table
+
+    try:
+        policy = _load(policy_path)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(POLICY_INVALID)
+    rows: list[dict[str, Any]] = asyncio.run(collect(policy, redis_url))
+    click.echo(json.dumps(rows, indent=2) if as_json else render_table(rows))

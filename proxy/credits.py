@@ -1,0 +1,232 @@
+"""The refresher: keeps the account's credits snapshot and the price table current in the store.
+
+Only one instance fetches per interval (a `SET NX PX` lock); every instance reads the result.
+A failed fetch keeps the last good snapshot, backs off with jitter and is counted; a 401 means
+the account key is wrong, which makes the proxy unready and is logged loudly (DESIGN §2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import aiohttp
+
+from proxy.errors import StoreError
+from proxy.money import MoneyError, usd_to_micros
+from proxy.policy import Policy
+from proxy.pricing import PriceTable, PriceTableError, parse_models
+from proxy.settings import Secret
+from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, Store, row_ref
+from proxy.types import Clock
+from proxy.windows import parse_timestamp_ms
+
+log = logging.getLogger("spend_guard.credits")
+PERIODS = ("day", "week", "month")
+MAX_BACKOFF_S = 60.0
+
+
+class CreditsError(ValueError):
+    """A credits answer we will not store (nothing of it is stored)."""
+
+
+def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
+    """`/v1/credits?by_api_key=true` -> Snapshot, or `CreditsError` naming the first bad field."""
+    try:
+        data = json.loads(document)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CreditsError("credits answer is not JSON") from exc
+    if not isinstance(data, dict):
+        raise CreditsError("credits answer is not an object")
+    try:
+        remaining = usd_to_micros(data.get("remaining_credits"), allow_negative=True)
+    except MoneyError as exc:
+        raise CreditsError(f"remaining_credits: {exc}") from exc
+    rows_in = data.get("usage_by_api_key", [])
+    if not isinstance(rows_in, list):
+        raise CreditsError("usage_by_api_key is not a list")
+    rows: dict[str, RowState] = {}
+    names_seen: dict[str, int] = {}
+    for i, raw in enumerate(rows_in):
+        if not isinstance(raw, dict):
+            raise CreditsError(f"usage_by_api_key[{i}] is not an object")
+        try:
+            row = _row(raw)
+        except (MoneyError, ValueError, TypeError) as exc:
+            raise CreditsError(f"usage_by_api_key[{i}]: {exc}") from exc
+        key_id, name = raw.get("api_key_id"), raw.get("api_key_name")
+        if isinstance(key_id, str) and key_id:
+            rows[row_ref(key_id, None) or ""] = row
+        if isinstance(name, str) and name:
+            names_seen[name] = names_seen.get(name, 0) + 1
+            rows[row_ref(None, name) or ""] = row
+    for name, count in names_seen.items():
+        if count > 1:
+            # Two rows share a name ("Deleted Key"): a policy entry by that name cannot be trusted.
+            rows.pop(row_ref(None, name) or "", None)
+    return Snapshot(fetched_ms, remaining, rows)
+
+
+def _row(raw: dict[str, object]) -> RowState:
+    period = raw.get("spend_limit_period")
+    if period is not None and period not in PERIODS:
+        raise ValueError(f"unknown spend_limit_period {period!r}")
+    limit = raw.get("spend_limit")
+    active = raw.get("is_active", True)
+    if not isinstance(active, bool):
+        raise ValueError(f"is_active is {active!r}")
+    spend = raw.get("period_spend")
+    if spend is None:
+        spend = raw.get("credit_usage") if period is None else "0"
+    return RowState(
+        active=active,
+        expires_ms=parse_timestamp_ms(raw.get("expires_at")),
+        limit_micros=None if limit is None else usd_to_micros(limit),
+        period=period if isinstance(period, str) else None,
+        spend_micros=usd_to_micros(spend if spend is not None else "0"),
+        period_start_ms=parse_timestamp_ms(raw.get("period_start")),
+    )
+
+
+@dataclass
+class RefreshState:
+    last_ok_ms: int = 0
+    failures: int = 0  # consecutive
+    failures_total: int = 0
+    auth_failed: bool = False
+    last_error: str = ""
+
+
+class Refresher:
+    """Background task: credits every `refresh_s`, prices every `models_refresh_s`."""
+
+    def __init__(
+        self,
+        store: Store,
+        session: aiohttp.ClientSession,
+        policy: Callable[[], Policy],
+        api_key: Secret | None,
+        clock: Clock,
+        *,
+        upstream_url: Callable[[], str],
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.session = session
+        self.policy = policy
+        self.api_key = api_key
+        self.clock = clock
+        self.upstream_url = upstream_url
+        self.on_failure = on_failure
+        self.owner = uuid.uuid4().hex
+        self.state = RefreshState()
+        self.prices = PriceTable()
+        self.models_failures = 0
+
+    def _now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    async def run(self) -> None:
+        while True:
+            delay = await self.tick()
+            await asyncio.sleep(delay)
+
+    async def tick(self) -> float:
+        """One round: fetch what is due (if this instance holds the lock), load prices. Returns the delay."""
+        account = self.policy().account
+        delay = account.refresh_s
+        try:
+            if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
+                if not await self.refresh_credits():
+                    await self.store.release_lock(LOCK_REFRESH, self.owner)
+                    delay = self._backoff(account.refresh_s)
+            if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
+                if not await self.refresh_models():
+                    await self.store.release_lock(LOCK_MODELS, self.owner)
+                    delay = min(delay, self._backoff(account.refresh_s))
+            await self.load_prices()
+        except StoreError as exc:
+            log.warning("refresh skipped: %s", exc)
+            delay = min(delay, 1.0)
+        return delay
+
+    def _backoff(self, refresh_s: float) -> float:
+        base = min(MAX_BACKOFF_S, refresh_s, 0.5 * 2 ** min(self.state.failures, 10))
+        return base * random.uniform(0.5, 1.5)
+
+    def _fail(self, message: str) -> bool:
+        self.state.failures += 1
+        self.state.failures_total += 1
+        self.state.last_error = message
+        if self.on_failure:
+            self.on_failure(message)
+        return False
+
+    async def _get(self, path: str, auth: bool) -> tuple[int, bytes]:
+        upstream = self.policy().upstream
+        headers = {"Accept": "application/json"}
+        if auth and self.api_key is not None:
+            headers["Authorization"] = f"Bearer {self.api_key.value}"
+        timeout = aiohttp.ClientTimeout(total=60, connect=upstream.connect_timeout_s)
+        async with self.session.get(self.upstream_url() + path, headers=headers, timeout=timeout) as resp:
+            return resp.status, await resp.read()
+
+    async def refresh_credits(self) -> bool:
+        """Fetch and apply one snapshot. False on any failure (nothing stored)."""
+        if self.api_key is None:
+            env = self.policy().account.api_key_env
+            self.state.auth_failed = True
+            return self._fail(f"no account key: set {env} so the proxy can read the account's credits")
+        started_ms = self._now_ms()
+        try:
+            status, body = await self._get("/v1/credits?by_api_key=true", auth=True)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return self._fail(f"credits fetch failed: {type(exc).__name__}")
+        if status == 401:
+            if not self.state.auth_failed:
+                log.error(
+                    "CREDITS REFRESH REJECTED (401): the account key in %s is wrong or revoked; "
+                    "spending calls are refused until it is fixed",
+                    self.policy().account.api_key_env,
+                )
+            self.state.auth_failed = True
+            return self._fail("credits fetch: 401 unauthorized (wrong account key)")
+        if status != 200:
+            return self._fail(f"credits fetch: HTTP {status}")
+        try:
+            snapshot = parse_credits(body, started_ms)
+        except CreditsError as exc:
+            return self._fail(f"credits answer rejected: {exc}")
+        await self.store.apply_snapshot(snapshot)
+        self.state = RefreshState(last_ok_ms=self._now_ms(), failures_total=self.state.failures_total)
+        await self.store.set_status(last_ok_ms=self.state.last_ok_ms)
+        return True
+
+    async def refresh_models(self) -> bool:
+        try:
+            status, body = await self._get("/v2/models", auth=False)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self.models_failures += 1
+            log.warning("models fetch failed: %s", type(exc).__name__)
+            return False
+        try:
+            if status != 200:
+                raise PriceTableError(f"HTTP {status}")
+            table = parse_models(body, self._now_ms())
+        except PriceTableError as exc:
+            self.models_failures += 1
+            log.warning("models answer rejected: %s", exc)
+            return False
+        await self.store.save_prices(table)
+        self.prices = table
+        return True
+
+    async def load_prices(self) -> None:
+        table = await self.store.load_prices()
+        if table is not None and table.fetched_at_ms > self.prices.fetched_at_ms:
+            self.prices = table

@@ -1,0 +1,100 @@
+"""The upstream side: one aiohttp session, request building, hop-by-hop headers, error mapping.
+
+Only the configured upstream is ever contacted: the target is always `base_url` + the request's
+own path and query, whatever the Host header or an absolute-form target says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, Iterable
+from urllib.parse import quote_from_bytes
+
+import aiohttp
+from yarl import URL
+
+from proxy.errors import UpstreamError
+
+# RFC 9110 §7.6.1, plus the pre-standard ones proxies still see.
+HOP_BY_HOP_HEADERS = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
+SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
+
+
+def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
+    """Drop hop-by-hop headers and those the `Connection` header names (RFC 9110 §7.6.1)."""
+    pairs = list(headers)
+    listed = {
+        token.strip().lower()
+        for name, value in pairs
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    return [(n, v) for n, v in pairs if n.lower() not in HOP_BY_HOP_HEADERS | listed | drop]
+
+
+def create_session(limit: int = 0) -> aiohttp.ClientSession:
+    """The one upstream session: bytes pass through untouched, no cookie jar, no pool cap by default."""
+    return aiohttp.ClientSession(
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True),
+    )
+
+
+class Upstream:
+    """Opens requests to the configured upstream and maps failures to 502/504."""
+
+    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float, connect_timeout_s: float) -> None:
+        self.session = session
+        self.base_url = base_url.rstrip("/")
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+
+    def url_for(self, raw_path: bytes, query: bytes) -> URL:
+        path = quote_from_bytes(raw_path or b"/", safe=_PATH_SAFE)
+        if not path.startswith("/"):
+            path = "/" + path
+        target = self.base_url + path
+        if query:
+            target += "?" + quote_from_bytes(query, safe=_PATH_SAFE + b"?")
+        # encoded=True: yarl must not re-normalise the path; the upstream sees what the client sent.
+        return URL(target, encoded=True)
+
+    async def open(
+        self,
+        method: str,
+        raw_path: bytes,
+        query: bytes,
+        headers: list[tuple[str, str]],
+        body: bytes | AsyncIterable[bytes] | None,
+    ) -> aiohttp.ClientResponse:
+        """Send the request; return the response with its headers read (body not yet read)."""
+        sent = strip_hop_by_hop(headers, drop=frozenset({"host", "content-length"} if body is None or isinstance(body, bytes) else {"host"}))
+        try:
+            return await self.session.request(
+                method,
+                self.url_for(raw_path, query),
+                headers=sent,
+                data=body,
+                skip_auto_headers=SKIP_AUTO_HEADERS,
+                allow_redirects=False,
+                timeout=self.timeout,
+                compress=False,
+            )
+        except asyncio.TimeoutError as exc:
+            raise UpstreamError(504, "ImageRouter did not answer in time (upstream timeout).") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            raise UpstreamError(502, f"ImageRouter could not be reached ({type(exc).__name__}).") from exc

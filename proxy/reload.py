@@ -1,0 +1,109 @@
+"""Keep the current policy, and swap in a new one on SIGHUP or when the files change.
+
+A new policy that fails to load never replaces the running one: the failure is logged on one line
+and counted, and the proxy goes on enforcing what it had.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Callable
+
+from proxy.errors import PolicyError
+from proxy.policy import Policy, load_policy, policy_files
+
+logger = logging.getLogger("spend_guard.policy")
+
+# (path, mtime_ns, size) per policy file; None for a file that could not be stat'ed.
+Fingerprint = tuple[tuple[str, int | None, int | None], ...]
+
+
+class PolicyHolder:
+    """The current `policy`, read by the guard on every request, and the counts of reloads."""
+
+    def __init__(
+        self,
+        path: str | None,
+        policy: Policy,
+        *,
+        on_change: Callable[[Policy], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.policy = policy
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_error: str | None = None
+        self._on_change = on_change
+        # Taken now, close to when `policy` was loaded, so an edit made before watch() starts is seen.
+        self._seen = self._fingerprint()
+
+    def reload(self) -> bool:
+        """Load the policy again; keep the old one if the new one fails. True unless it failed."""
+        if self.path is None:
+            return True
+        try:
+            policy = load_policy(self.path)
+        except (PolicyError, OSError) as exc:
+            problems = exc.problems if isinstance(exc, PolicyError) else [str(exc)]
+            self.reloads_failed += 1
+            self.last_error = "; ".join(" ".join(problem.split()) for problem in problems)
+            logger.error(
+                "policy reload from %s failed, keeping version %s: %d problem(s): %s",
+                self.path,
+                self.policy.version,
+                len(problems),
+                self.last_error,
+            )
+            return False
+        self.reloads_ok += 1
+        self.last_error = None
+        if policy.version == self.policy.version:
+            logger.debug("policy at %s unchanged (version %s)", self.path, policy.version)
+            return True
+        old, self.policy = self.policy, policy
+        logger.info("policy reloaded from %s: version %s -> %s", self.path, old.version, policy.version)
+        if self._on_change is not None:
+            self._on_change(policy)
+        return True
+
+    async def watch(self, interval_s: float = 1.0) -> None:
+        """Poll the policy files every `interval_s` and reload when any changed; runs until cancelled."""
+        if self.path is None:
+            return
+        while True:
+            await asyncio.sleep(interval_s)
+            current = self._fingerprint()
+            if current != self._seen:
+                # Remember what was seen before loading, so an edit during the load is caught next time.
+                self._seen = current
+                self.reload()
+
+    def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Reload on SIGHUP; a no-op where the platform or the loop has no such signal."""
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is None:
+            return
+        try:
+            loop.add_signal_handler(sighup, self.reload)
+        except NotImplementedError:  # e.g. the Windows proactor loop
+            logger.debug("event loop has no signal handlers; policy reload on SIGHUP is off")
+
+    def _fingerprint(self) -> Fingerprint:
+        if self.path is None:
+            return ()
+        try:
+            files = policy_files(self.path)
+        except OSError:  # the directory went away
+            return ()
+        stats: list[tuple[str, int | None, int | None]] = []
+        for file in files:
+            try:
+                stat = os.stat(file)
+            except OSError:
+                stats.append((file, None, None))
+            else:
+                stats.append((file, stat.st_mtime_ns, stat.st_size))
+        return tuple(stats)

@@ -1,0 +1,93 @@
+"""Process settings from `SPEND_GUARD_*` environment variables, read once at start.
+
+The CLI writes its options into the same variables, so `uvicorn` workers started in factory mode
+build exactly the app the command line described.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ENV_PREFIX = "SPEND_GUARD_"
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or an error message."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    @property
+    def value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    __str__ = __repr__
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+
+class SettingsError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    policy: str | None = None
+    upstream: str | None = None  # overrides the policy's upstream.base_url
+    redis_url: str | None = None  # None: the embedded in-process store
+    workers: int = 1
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+
+        def text(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name, "").strip()
+            return value or None
+
+        def integer(name: str, default: int) -> int:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                return int(raw)
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}{name} has value {raw!r}. Not a valid int.") from None
+
+        return cls(
+            host=text("HOST") or cls.host,
+            port=integer("PORT", cls.port),
+            policy=text("POLICY"),
+            upstream=text("UPSTREAM"),
+            redis_url=text("REDIS_URL"),
+            workers=integer("WORKERS", cls.workers),
+            log_level=(text("LOG_LEVEL") or cls.log_level).lower(),
+        )
+
+    def to_env(self) -> dict[str, str]:
+        values = {
+            "HOST": self.host,
+            "PORT": str(self.port),
+            "POLICY": self.policy or "",
+            "UPSTREAM": self.upstream or "",
+            "REDIS_URL": self.redis_url or "",
+            "WORKERS": str(self.workers),
+            "LOG_LEVEL": self.log_level,
+        }
+        return {ENV_PREFIX + k: v for k, v in values.items()}
+
+
+def account_key(env_name: str, environ: Mapping[str, str] | None = None) -> Secret | None:
+    value = (os.environ if environ is None else environ).get(env_name, "").strip()
+    return Secret(value) if value else None

@@ -1,0 +1,143 @@
+"""Shared fixtures: the ImageRouter stand-in, the store over fake and real Redis, app builders."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+import redis
+import redis.asyncio as aioredis
+from starlette.testclient import TestClient
+
+from proxy.app import SpendGuardApp, create_app
+from proxy.policy import load_policy
+from proxy.settings import Settings
+from tests.standin import StandIn
+
+REAL_REDIS_URL = os.environ.get("SPEND_GUARD_TEST_REDIS_URL", "")
+ACCOUNT_KEY = "sk-account-" + "0" * 53
+KEY_A = "sk-a-" + "a" * 59
+KEY_B = "sk-b-" + "b" * 59
+
+
+def _assert_local(url: str) -> None:
+    host = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("host")
+    assert host in ("127.0.0.1", "localhost", "::1"), f"tests only ever use a local Redis, not {host}"
+
+
+@pytest.fixture(scope="session")
+def standin_server() -> Iterator[StandIn]:
+    with StandIn() as up:
+        yield up
+
+
+@pytest.fixture
+def up(standin_server: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
+    standin_server.reset()
+    monkeypatch.setenv("IMAGEROUTER_API_KEY", standin_server.account_key)
+    return standin_server
+
+
+class StoreTarget:
+    """Where a test's store lives: a fresh FakeServer, or the real Redis (flushed)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.server = fakeredis.FakeServer() if kind == "fake" else None
+        self.url = REAL_REDIS_URL if kind == "real" else None
+
+    def client(self) -> aioredis.Redis:
+        if self.server is not None:
+            return fakeredis.FakeAsyncRedis(server=self.server)
+        assert self.url
+        return aioredis.Redis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=1.0)
+
+    def flush(self) -> None:
+        if self.url:
+            redis.Redis.from_url(self.url).flushdb()
+
+
+@pytest.fixture(params=[pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)])
+def store_target(request: pytest.FixtureRequest) -> Iterator[StoreTarget]:
+    if request.param == "real":
+        if not REAL_REDIS_URL:
+            pytest.skip("SPEND_GUARD_TEST_REDIS_URL is not set")
+        _assert_local(REAL_REDIS_URL)
+    target = StoreTarget(request.param)
+    target.flush()
+    yield target
+    target.flush()
+
+
+@pytest.fixture
+def write_policy(tmp_path: Path) -> Callable[[str], Path]:
+    def write(text: str) -> Path:
+        path = tmp_path / "policy.yaml"
+        path.write_text(textwrap.dedent(text))
+        return path
+
+    return write
+
+
+POLICY_BASE = """
+account: {name: t, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200}
+"""
+
+
+class Proxy:
+    """A started app (TestClient running its lifespan) with helpers to drive the refresher."""
+
+    def __init__(self, app: SpendGuardApp, client: TestClient) -> None:
+        self.app = app
+        self.client = client
+
+    @property
+    def runtime(self) -> Any:
+        assert self.app.runtime is not None
+        return self.app.runtime
+
+    def refresh(self) -> None:
+        """Fetch credits and prices now (deterministic; no waiting on the background loop)."""
+        rt = self.runtime
+        assert self.client.portal is not None
+        assert self.client.portal.call(rt.refresher.refresh_credits), rt.refresher.state.last_error
+        assert self.client.portal.call(rt.refresher.refresh_models)
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self.client.portal is not None
+        return self.client.portal.call(fn, *args)
+
+    def generate(self, token: str | None = KEY_A, model: str = "openai/gpt-image-1", standin: str = "", **kw: Any) -> Any:
+        headers = {"X-Standin": standin} if standin else {}
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        headers.update(kw.pop("headers", {}))
+        path = kw.pop("path", "/v1/openai/images/generations")
+        return self.client.post(path, json={"model": model, "prompt": "a cat", **kw}, headers=headers)
+
+
+@pytest.fixture
+def make_proxy(up: StandIn, store_target: StoreTarget, write_policy: Callable[[str], Path]) -> Iterator[Callable[..., Proxy]]:
+    started: list[TestClient] = []
+
+    def make(policy_text: str = "", *, clock: Any = None, refresh: bool = True, store: StoreTarget | None = None) -> Proxy:
+        path = write_policy(POLICY_BASE + textwrap.dedent(policy_text))
+        settings = Settings(policy=str(path), upstream=up.url, redis_url=(store or store_target).url)
+        target = store or store_target
+        app = create_app(settings, policy=load_policy(path), clock=clock, redis_factory=target.client)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        started.append(client)
+        proxy = Proxy(app, client)
+        if refresh:
+            proxy.refresh()
+        return proxy
+
+    yield make
+    for client in reversed(started):
+        client.__exit__(None, None, None)
