@@ -406,7 +406,12 @@ def _short_hash(value: str) -> str:
 def _sha256(value: object) -> str:
     if isinstance(value, str) and SHA256_RE.fullmatch(value):
         return value
-    got = f"{_short_hash(value)} ({len(value)} characters)" if isinstance(value, str) else _show(value)
+    if isinstance(value, str):
+        got = f"{_short_hash(value)} ({len(value)} characters)"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        got = "a number (put the digest in quotes)"  # all-digit digests read as YAML integers
+    else:
+        got = _show(value)
     raise _Invalid(
         f"expected 64 lowercase hex characters, got {got}; compute it with `spend-guard fingerprint`"
     )
