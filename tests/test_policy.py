@@ -350,7 +350,8 @@ def test_directory_merges_yaml_files_in_sorted_order(tmp_path: Path) -> None:
     assert policy.sources == tuple(str(tmp_path / name) for name in ("a-base.yaml", "b-keys.yml", "c-more.yaml"))
     assert policy.mode == "shadow"
     assert [key.name for key in policy.keys] == ["renderer", "intern"]
-    assert policy.key_for(SHA_1) is not None and policy.group_of(policy.key_for(SHA_1)) == policy.groups["design"]  # type: ignore[arg-type]
+    renderer = policy.key_for(SHA_1)
+    assert renderer is not None and policy.group_of(renderer) is policy.groups["design"]
 
 
 def test_directory_duplicates_across_files_name_both_places(tmp_path: Path) -> None:
