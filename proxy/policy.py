@@ -426,8 +426,9 @@ def _route_path(value: object) -> str:
 _Spec = Mapping[str, tuple[str, _Check]]  # YAML key -> (dataclass attribute, check)
 _entry_name = _name(NAME_RE, "_ . @ -")
 _optional_money = _optional(_money)
+_mode = _choice("mode", ("enforce", "shadow"))
 FIELDS: Mapping[str, _Spec] = {
-    "mode": {"mode": ("mode", _choice("mode", ("enforce", "shadow")))},
+    "mode": {"mode": ("mode", _mode)},
     "upstream": {
         "base_url": ("base_url", _base_url),
         "timeout_s": ("timeout_s", _positive_s),
@@ -462,7 +463,7 @@ FIELDS: Mapping[str, _Spec] = {
     "budget": {
         "limit_usd": ("limit_micros", _money),
         "period": ("period", _period),
-        "mode": ("mode", _choice("mode", ("enforce", "shadow"))),
+        "mode": ("mode", _mode),
     },
     "group": {"name": ("name", _entry_name), "max_request_usd": ("max_request_micros", _optional_money)},
     "key": {
@@ -477,6 +478,7 @@ FIELDS: Mapping[str, _Spec] = {
 RULES_KEYS = ("allow", "deny")
 # Keys each mapping accepts beyond its flat FIELDS: nested lists and mappings parsed on their own.
 NESTED_KEYS: Mapping[str, tuple[str, ...]] = {
+    "policy": (*SECTIONS, *LISTS),
     "models": ("overrides", *RULES_KEYS),
     "rules": RULES_KEYS,
     "group": ("budgets",),
@@ -620,9 +622,7 @@ class _Builder:
 
     def add(self, name: str, data: dict[Any, Any]) -> None:
         file = _File(name, self.problems)
-        for key in data:
-            if key not in SECTIONS + LISTS:
-                file.problem(str(key), f"unknown key; expected one of {', '.join(SECTIONS + LISTS)}")
+        file.mapping(data, "", "policy")
         for section in SECTIONS:
             if section not in data:
                 continue
