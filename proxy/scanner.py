@@ -224,7 +224,7 @@ class JsonScanner:
                 self._open(byte)
                 pos += 1
             elif state == _DONE:
-                pass
+                raise _Invalid  # trailing garbage after the object
             else:
                 pos = self._value(chunk, pos, byte)
             if pos < 0:
