@@ -177,6 +177,8 @@ def test_duplicate_cost_last_wins():
     assert scan_json(b'{"cost":0.001,"cost":0.002}') == cost(2000)
     assert scan_json(b'{"cost":0.001,"cost":"abc"}') == UNKNOWN
     assert scan_json(b'{"cost":"abc","cost":0.003}') == cost(3000)
+    assert scan_json(b'{"cost":0.001,"cost":null}') == UNKNOWN
+    assert scan_json(b'{"cost":0.001,"cost":[1]}') == UNKNOWN
 
 
 @pytest.mark.parametrize(
@@ -186,6 +188,7 @@ def test_duplicate_cost_last_wins():
         (b"0.0000123", 13),
         (b"0.0000001", 1),
         (b"1e-30", 1),
+        (b"1e-99999999", 1),
         (b"1e-3", 1000),
         (b"2.5E+2", 250_000_000),
         (b"0", 0),
@@ -255,6 +258,8 @@ def test_invalid_cost_is_unknown(token):
         b'{"a":NaN,"cost":0.1}',
         b'{"a":[}],"cost":0.1}',
         b'{"a":{]},"cost":0.1}',
+        b'{"a":[1},"cost":0.1}',
+        b'{"a":{"b":1],"cost":0.1}',
         b'{"a\\x":1,"cost":0.1}',
         b'{cost:0.1}',
     ],
@@ -273,6 +278,15 @@ def test_nesting_deeper_than_the_limit_is_unknown():
     assert scan(pieces(deep, 1000)) == UNKNOWN
     shallow = b'{"a":' + b"[" * 500 + b"]" * 500 + b',"cost":0.1}'
     assert scan(pieces(shallow, 1000)) == cost(100_000)
+
+
+def test_long_number_is_streamed_not_held():
+    body = b'{"a":[1' + b"0" * (1 << 20) + b'.5e-3],"cost":0.1}'
+    scanner = JsonScanner()
+    for chunk in pieces(body, 65_536):
+        scanner.feed(chunk)
+        assert largest_bytes_attribute(scanner) <= 4096
+    assert scanner.finish() == cost(100_000)
 
 
 def test_feed_after_invalid_is_ignored_and_releases_state():
@@ -346,6 +360,12 @@ def test_sse_data_lines_join_with_newline_and_space_is_optional():
     assert scan([b'data:{"usage":{},\ndata: "cost":\ndata:  0.002}\n\n'], content_type=SSE) == cost(2000)
 
 
+def test_sse_crlf_multi_line_data_at_every_split_point():
+    body = b'data: {"cost":\r\ndata: 0.002}\r\n\r\n'
+    for i in range(len(body) + 1):
+        assert scan([body[:i], body[i:]], content_type=SSE) == cost(2000), i
+
+
 def test_sse_last_cost_wins():
     body = b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: {"choices":[]}\n\n'
     assert scan([body], content_type=SSE) == cost(5000)
@@ -384,6 +404,8 @@ def test_sse_final_event_without_blank_line():
 def test_sse_invalid_cost_is_unknown():
     assert scan([b'data: {"cost":-1}\n\n'], content_type=SSE) == UNKNOWN
     assert scan([b'data: {"cost":0.001}\n\ndata: {"cost":"abc"}\n\n'], content_type=SSE) == UNKNOWN
+    # The last cost-bearing event could not be read: an earlier error does not settle it.
+    assert scan([b'data: {"error":{"m":1}}\n\ndata: {"cost":"abc"}\n\n'], content_type=SSE) == UNKNOWN
 
 
 def test_sse_oversized_event_is_skipped_and_makes_the_outcome_unknown():
@@ -393,6 +415,18 @@ def test_sse_oversized_event_is_skipped_and_makes_the_outcome_unknown():
         scanner.feed(chunk)
         assert largest_bytes_attribute(scanner) <= (1 << 20) + 65_536
     assert scanner.finish() == UNKNOWN
+
+
+def test_sse_oversized_event_drops_what_it_held():
+    scanner = SseScanner()
+    for chunk in pieces(b"data: " + b"x" * (2 << 20), 65_536):
+        scanner.feed(chunk)
+    assert largest_bytes_attribute(scanner) == 0
+
+
+def test_sse_oversized_event_after_a_cost_makes_it_unknown():
+    big = b'data: {"cost":0.002,"pad":"' + b"x" * (1 << 20) + b'"}\n\n'
+    assert scan(pieces(b'data: {"cost":0.001}\n\n' + big, 65_536), content_type=SSE) == UNKNOWN
 
 
 def test_sse_cost_after_an_oversized_event_counts():
@@ -426,6 +460,8 @@ def test_compressed_body_in_small_chunks(encoding, encode):
     assert scan(pieces(data, 100), content_encoding=encoding) == cost(4000)
     assert scan(pieces(data, 100), content_encoding=encoding, complete=False) == UNKNOWN
     assert scan(pieces(data[:-10], 100), content_encoding=encoding) == UNKNOWN
+    # The JSON is whole but the compressed stream lacks its end (gzip trailer, adler32).
+    assert scan(pieces(data[:-4], 100), content_encoding=encoding) == UNKNOWN
 
 
 def test_compressed_sse_stream():
