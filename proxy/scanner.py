@@ -33,6 +33,13 @@ _NUMBER_CHARS = re.compile(rb"[0-9eE.+\-]*")
 _LETTERS = re.compile(rb"[a-z]*")
 _PLAIN_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
 _EOL = re.compile(rb"\r\n|\r|\n")
+# String contents up to the closing quote (or a lone `\` at the end), escapes included.
+_STRING_BODY = re.compile(rb'(?:[^"\\]++|\\.)*+', re.DOTALL)
+# `, scalar` repeated inside an array, each scalar followed by a delimiter in the same chunk.
+_ARRAY_SCALARS = re.compile(
+    rb"(?:[ \t\n\r]*,[ \t\n\r]*(?:-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
+    rb"|true|false|null)(?=[ \t\n\r,\]}]))*+"
+)
 # Room for any <= 64-digit cost token times 10**6, so scaling never rounds.
 _EXACT = decimal.Context(prec=100)
 
@@ -135,6 +142,11 @@ def _decode_string(raw: bytes) -> str | None:
     return text if isinstance(text, str) else None
 
 
+def _odd_backslashes(segment: bytes) -> bool:
+    """Whether `segment` ends in an odd run of backslashes (so the next byte is escaped)."""
+    return (len(segment) - len(segment.rstrip(b"\\"))) % 2 == 1
+
+
 class _Invalid(Exception):
     """The body is not one JSON object; raised inside `JsonScanner` only."""
 
@@ -189,6 +201,10 @@ class JsonScanner:
             if pos < 0:
                 return
         while True:
+            if self._state == _AFTER_VALUE and self._stack[-1] == _LBRACKET:
+                match = _ARRAY_SCALARS.match(chunk, pos)  # `[1, 2, 3...]` without a loop per value
+                assert match is not None
+                pos = match.end()
             match = _WS.match(chunk, pos)
             assert match is not None  # `*` always matches
             pos = match.end()
@@ -293,25 +309,23 @@ class JsonScanner:
         if self._escape_pending:  # the first byte is escaped by the previous chunk's `\`
             self._escape_pending = False
             pos += 1
-        while True:
-            quote = chunk.find(b'"', pos)
-            if quote < 0:
-                if chunk[-1] == _BACKSLASH:
-                    tail = chunk[pos:]
-                    self._escape_pending = (len(tail) - len(tail.rstrip(b"\\"))) % 2 == 1
-                if self._capture:
-                    self._keep(chunk[start : start + MAX_TOKEN_BYTES + 1])
-                return -1
-            # Backslashes right before the quote, counted back to `pos` only: the byte before
-            # `pos` is the opening quote or an escaped byte, never a pending `\`.
-            if quote > pos and chunk[quote - 1] == _BACKSLASH:
-                run = chunk[pos:quote]
-                if (len(run) - len(run.rstrip(b"\\"))) % 2 == 1:
-                    pos = quote + 1
-                    continue
-            if self._capture:
-                self._keep(chunk[start : min(quote, start + MAX_TOKEN_BYTES + 1)])
-            return quote + 1
+        quote = chunk.find(b'"', pos)
+        # Backslashes right before the quote are counted back to `pos` only: the byte before
+        # `pos` is the opening quote or an escaped byte, never a pending `\`.
+        if quote > pos and chunk[quote - 1] == _BACKSLASH and _odd_backslashes(chunk[pos:quote]):
+            # An escaped quote: walk the rest of the chunk escape by escape, in C.
+            match = _STRING_BODY.match(chunk, quote + 1)
+            assert match is not None
+            quote = match.end()
+            if quote == len(chunk) or chunk[quote] == _BACKSLASH:
+                self._escape_pending = quote < len(chunk)  # stopped on a lone trailing `\`
+                quote = -1
+        elif quote < 0 and chunk[-1] == _BACKSLASH:
+            self._escape_pending = _odd_backslashes(chunk[pos:])
+        if self._capture:
+            stop = start + MAX_TOKEN_BYTES + 1
+            self._keep(chunk[start : stop if quote < 0 else min(quote, stop)])
+        return -1 if quote < 0 else quote + 1
 
     def _end_string(self) -> None:
         self._state = _COLON_NEXT if self._in_key else _AFTER_VALUE
