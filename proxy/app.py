@@ -162,11 +162,14 @@ class SpendGuardApp:
             rt.flights.pop(flight.hold_id, None)
         with contextlib.suppress(Exception):
             await settle_pending(rt)
+        rt.refresher.stop()
         for task in self.tasks:
             task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        # A cancel can be swallowed inside a driver's own timeout handling; the refresher also
+        # watches its stop event, and nothing here waits forever.
+        _, pending = await asyncio.wait(self.tasks, timeout=5)
+        for task in pending:
+            log.warning("background task %s did not stop", task.get_name())
         await rt.session.close()
         with contextlib.suppress(Exception):
             await rt.store.client.aclose()

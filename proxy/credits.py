@@ -8,6 +8,7 @@ the account key is wrong, which makes the proxy unready and is logged loudly (DE
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -127,14 +128,19 @@ class Refresher:
         self.state = RefreshState()
         self.prices = PriceTable()
         self.models_failures = 0
+        self._stopped = asyncio.Event()
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
     async def run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             delay = await self.tick()
-            await asyncio.sleep(delay)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopped.wait(), delay)
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     async def tick(self) -> float:
         """One round: fetch what is due (if this instance holds the lock), load prices. Returns the delay."""

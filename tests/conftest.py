@@ -126,7 +126,8 @@ def make_proxy(up: StandIn, store_target: StoreTarget, write_policy: Callable[[s
     started: list[TestClient] = []
 
     def make(policy_text: str = "", *, clock: Any = None, refresh: bool = True, store: StoreTarget | None = None) -> Proxy:
-        path = write_policy(POLICY_BASE + textwrap.dedent(policy_text))
+        text = textwrap.dedent(policy_text)
+        path = write_policy(text if "\naccount:" in text else POLICY_BASE + text)
         settings = Settings(policy=str(path), upstream=up.url, redis_url=(store or store_target).url)
         target = store or store_target
         app = create_app(settings, policy=load_policy(path), clock=clock, redis_factory=target.client)
@@ -141,3 +142,22 @@ def make_proxy(up: StandIn, store_target: StoreTarget, write_policy: Callable[[s
     yield make
     for client in reversed(started):
         client.__exit__(None, None, None)
+
+
+_real_skipped: list[str] = []
+_real_ran: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "real" in report.keywords:
+        if report.skipped:
+            _real_skipped.append(report.nodeid)
+        elif report.when == "call":
+            _real_ran.append(report.nodeid)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # CI sets SPEND_GUARD_REQUIRE_REAL=1: real Redis must have been covered, not skipped.
+    if os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1" and (_real_skipped or not _real_ran):
+        print(f"\nreal-Redis tests skipped: {len(_real_skipped)}, ran: {len(_real_ran)}; CI requires them to run")
+        session.exitstatus = 1
