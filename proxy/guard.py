@@ -35,6 +35,7 @@ log = logging.getLogger("spend_guard.guard")
 access_log = logging.getLogger("spend_guard.access")
 
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ABSOLUTE_FORM_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)?")
 _BEARER_RE = re.compile(r"^Bearer[ \t]+([\x21-\x7e]+)[ \t]*$", re.IGNORECASE)
 
 
@@ -86,7 +87,7 @@ class Guard:
         self.rt = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self.rt.routes.classify(scope["method"], scope.get("raw_path") or scope["path"].encode())
+        match = self.rt.routes.classify(scope["method"], _raw_path(scope))
         if match.kind is None:
             await self.passthrough(scope, receive, send)
         else:
@@ -473,8 +474,13 @@ def _header(headers: list[tuple[str, str]], name: str) -> str | None:
 
 
 def _raw_path(scope: Scope) -> bytes:
-    raw = scope.get("raw_path")
-    return raw if raw else scope["path"].encode()
+    """The request's path as sent; an absolute-form target (`http://host/path`) keeps its path
+    only, so neither it nor a Host header can change where a request goes or how it is guarded."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if not raw.startswith(b"/"):
+        match = _ABSOLUTE_FORM_RE.match(raw)
+        raw = (match.group(1) or b"/") if match else b"/" + raw
+    return raw
 
 
 def _request_id(headers: list[tuple[str, str]]) -> str:

@@ -499,6 +499,8 @@ class StandIn:
 
         if plan.echo or path.startswith("/echo/"):
             return self._echo(record)
+        if path.startswith("/stream/"):
+            return await self._unbilled_stream(request, plan)
         if path in GENERATION_ROUTES and request.method == "POST":
             return await self._generate(request, record, plan)
         if path == "/v1/credits" and request.method == "GET":
@@ -673,6 +675,40 @@ class StandIn:
                     # The upstream finishes a generation without its client (reference §6.2).
                     self._bill(token, final_micros - hold)
                     settled = True
+                self.active_streams -= 1
+                self._cond.notify_all()
+
+    async def _unbilled_stream(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
+        """`/stream/...`: an unbilled, non-spending response (heartbeat, gate, then `{}`), for
+        passthrough tests: counts in `active_streams` and `closed_early` like a generation."""
+        with self._cond:
+            self.active_streams += 1
+            self._cond.notify_all()
+        finished = False
+        try:
+            response = web.StreamResponse(status=200)
+            response.content_type = "application/json"
+            await response.prepare(request)
+            for i in range(max(1, plan.heartbeat)):
+                if i:
+                    await asyncio.sleep(plan.interval_s)
+                await response.write(b" ")
+                if i == 0:
+                    await self._wait_gate(plan.gate)
+            await response.write(b"{}")
+            await response.write_eof()
+            finished = True
+            return response
+        except asyncio.CancelledError:
+            with self.lock:
+                self.closed_early += 0 if finished else 1
+            raise
+        except ConnectionError:
+            with self.lock:
+                self.closed_early += 0 if finished else 1
+            return web.Response(status=499)
+        finally:
+            with self._cond:
                 self.active_streams -= 1
                 self._cond.notify_all()
 

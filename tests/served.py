@@ -1,0 +1,140 @@
+"""Real processes for tests: `spend-guard serve` subprocesses and a private redis-server.
+
+Everything listens on 127.0.0.1 on a free port and is stopped by the context manager.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.standin import DEFAULT_ACCOUNT_KEY
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(check, timeout: float, what: str) -> None:
+    """Poll an external process's state (there is no event to await across processes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A private redis-server, so a test can stop and restart it without touching the shared one."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.dir = tempfile.mkdtemp(prefix="sg-redis-")
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 10, "redis-server to start")
+
+    def _answers(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+
+    def __enter__(self) -> RedisServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class ServedProxy:
+    """`python -m proxy serve` in a subprocess, ready (snapshot and prices loaded) on enter."""
+
+    def __init__(self, policy: Path, upstream: str, redis_url: str | None, *, workers: int = 1, ready: bool = True) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.policy, self.upstream, self.redis_url, self.workers, self.ready = policy, upstream, redis_url, workers, ready
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = tempfile.NamedTemporaryFile(prefix="sg-proxy-", suffix=".log", delete=False)
+
+    def start(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPEND_GUARD_")}
+        env["IMAGEROUTER_API_KEY"] = DEFAULT_ACCOUNT_KEY
+        cmd = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+               "--policy", str(self.policy), "--upstream", self.upstream, "--workers", str(self.workers)]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._up if not self.ready else self._ready, 30, f"proxy on {self.url} ({self.log.name})")
+
+    def _probe(self, path: str) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"proxy exited with {self.proc.returncode}: {self.output()}")
+        try:
+            return httpx.get(self.url + path, timeout=1).status_code
+        except httpx.HTTPError:
+            return 0
+
+    def _up(self) -> bool:
+        return self._probe("/-/healthz") == 200
+
+    def _ready(self) -> bool:
+        return self._probe("/-/readyz") == 200
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def __enter__(self) -> ServedProxy:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log.close()
+        os.unlink(self.log.name)

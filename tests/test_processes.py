@@ -1,0 +1,183 @@
+"""Real processes on a real Redis: several proxies share budgets exactly; outages, disconnects,
+raw path spellings and shutdown behave as DESIGN §1, §3 and §5 say."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import signal
+import socket
+import textwrap
+
+import httpx
+import pytest
+
+from tests.conftest import KEY_A
+from tests.served import RedisServer, ServedProxy, wait_until
+
+SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
+AUTH = {"Authorization": f"Bearer {KEY_A}"}
+
+
+def policy_file(tmp_path, budget_usd: str = "3.00", extra: str = ""):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            account: {{name: proc, refresh_s: 1, max_staleness_s: 300}}
+            guard: {{shutdown_grace_s: 20}}
+            keys:
+              - name: alice
+                key_sha256: {SHA_A}
+                budgets: [{{limit_usd: {budget_usd}, period: null}}]
+            """
+        )
+        + extra
+    )
+    return path
+
+
+def spent(proxy: ServedProxy) -> str:
+    me = httpx.get(proxy.url + "/-/me", headers=AUTH, timeout=5).json()
+    return next(s for s in me["scopes"] if s["scope"] == "budget:key:alice:lifetime")["spent_usd"]
+
+
+def generate(base: str, standin: str = "", model: str = "openai/gpt-image-1", timeout: float = 30) -> httpx.Response:
+    headers = dict(AUTH)
+    if standin:
+        headers["X-Standin"] = standin
+    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers, timeout=timeout)
+
+
+@pytest.fixture
+def redis_server():
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.mark.real
+def test_two_processes_let_exactly_k_calls_through(tmp_path, up, redis_server):
+    # 3.00 / 0.30 per gpt-image-1 hold = room for exactly 10 calls in flight at once.
+    path = policy_file(tmp_path, "3.00")
+    with ServedProxy(path, up.url, redis_server.url) as p1, ServedProxy(path, up.url, redis_server.url) as p2:
+        with concurrent.futures.ThreadPoolExecutor(40) as pool:
+            futures = [pool.submit(generate, (p1, p2)[i % 2].url, "gate=k,cost=0.3") for i in range(40)]
+            up.wait_for_requests(10)
+            # the 30 refusals come back while the 10 allowed calls are still held at the gate
+            wait_until(lambda: sum(f.done() for f in futures) == 30, 30, "30 refusals")
+            up.release("k")
+            results = [f.result() for f in futures]
+        statuses = sorted(r.status_code for r in results)
+        assert statuses == [200] * 10 + [402] * 30, statuses
+        assert len(up.generation_requests) == 10
+        assert all(r.json()["error"]["type"] == "spend_limit_exceeded" for r in results if r.status_code == 402)
+        assert spent(p1) == spent(p2) == "3.0000"
+
+
+@pytest.mark.real
+def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url) as proxy:
+        assert generate(proxy.url, "cost=0.01").status_code == 200
+        redis_server.stop()
+        for _ in range(5):
+            r = generate(proxy.url, "cost=0.01")
+            assert r.status_code == 503 and r.json()["error"]["type"] == "guard_unavailable"
+        assert len(up.generation_requests) == 1
+        # unguarded routes keep working without the store
+        assert httpx.get(proxy.url + "/echo/x", timeout=5).status_code == 200
+        assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 503
+        redis_server.start()  # empty: the refresher must lay down a snapshot again
+        wait_until(lambda: generate(proxy.url, "cost=0.01").status_code == 200, 20, "the guard to recover")
+        assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 200
+
+
+def raw_request(port: int, target: str, body: bytes) -> bytes:
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY_A}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head + body)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(
+    "target",
+    [
+        "//v1/openai/images/generations",
+        "/v1/./openai/images/generations",
+        "/v1/x/../openai/images/generations",
+        "/../v1/openai/images/generations",
+        "/v1/openai//images/generations/",
+        "/V1/OPENAI/images/GENERATIONS",
+        "/v1/openai/images%2Fgenerations",
+        "/v1%2fopenai/images/generations",
+        "/v1/openai/images%5Cgenerations",
+        "http://evil.example/v1/openai/images/generations",
+    ],
+)
+def test_raw_path_spellings_never_reach_a_spending_route_unguarded(tmp_path, up, redis_server, target):
+    path = policy_file(tmp_path, "0")
+    with ServedProxy(path, up.url, redis_server.url) as proxy:
+        reply = raw_request(proxy.port, target, b'{"model": "openai/gpt-image-1"}')
+        status = int(reply.split(b" ", 2)[1])
+        assert status in (400, 402), reply[:300]
+        assert b'"error"' in reply and b'"type"' in reply
+        assert up.generation_requests == []
+
+
+@pytest.mark.real
+def test_guarded_client_disconnect_still_settles_with_the_real_cost(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url) as proxy:
+        with httpx.Client(timeout=10) as client:
+            with client.stream(
+                "POST", proxy.url + "/v1/openai/images/generations",
+                json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "heartbeat=3,gate=d,cost=0.1234"},
+            ) as response:
+                chunks = response.iter_raw()
+                assert next(chunks) == b" "  # the heartbeat reached us before the result
+        # the client is gone; the upstream is still generating
+        up.release("d")
+        wait_until(lambda: spent(proxy) == "0.1234", 20, "the settle with the real cost")
+        assert up.closed_early == 0  # the proxy read the upstream response to its end
+
+
+@pytest.mark.real
+def test_unguarded_client_disconnect_closes_the_upstream_at_once(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url) as proxy:
+        with httpx.Client(timeout=10) as client:
+            with client.stream("GET", proxy.url + "/stream/x", headers={"X-Standin": "gate=never"}) as response:
+                chunks = response.iter_raw()
+                assert next(chunks) == b" "
+                up.wait_for_streams(1)
+        up.wait_for_streams(0)  # freed while the gate is still closed
+        assert up.closed_early == 1
+
+
+@pytest.mark.real
+def test_sigterm_lets_inflight_calls_finish_and_settle(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url) as observer:
+        proxy = ServedProxy(path, up.url, redis_server.url)
+        proxy.start()
+        try:
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                call = pool.submit(generate, proxy.url, "heartbeat=2,gate=t,cost=0.2")
+                up.wait_for_requests(1)
+                proxy.proc.send_signal(signal.SIGTERM)
+                up.release("t")
+                response = call.result()
+            assert response.status_code == 200 and response.json()["cost"] == 0.2
+            # uvicorn re-raises the captured SIGTERM once shut down, so it ends "by" the signal
+            assert proxy.proc.wait(30) in (0, -signal.SIGTERM)
+            assert "did not stop" not in proxy.output()
+        finally:
+            proxy.__exit__(None, None, None)
+        assert spent(observer) == "0.2000"
