@@ -270,9 +270,18 @@ def embedded_client() -> aioredis.Redis:
     return client
 
 
+CLUSTER_SCHEME = "redis+cluster://"
+
+
 def redis_client(url: str | None) -> aioredis.Redis:
+    """The embedded store for no URL; Redis Cluster for `redis+cluster://host:port`; else Redis."""
     if not url:
         return embedded_client()
+    if url.startswith(CLUSTER_SCHEME):
+        cluster = aioredis.RedisCluster.from_url(
+            "redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=2.0, socket_connect_timeout=1.0
+        )
+        return cluster  # type: ignore[return-value]  # same command surface for what Store uses
     client: aioredis.Redis = aioredis.Redis.from_url(
         url, socket_timeout=2.0, socket_connect_timeout=1.0, health_check_interval=10
     )
