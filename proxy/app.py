@@ -120,6 +120,7 @@ class SpendGuardApp:
         self.runtime = Runtime(self.settings, holder, store, session, refresher, self.metrics, self.clock)
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
+        self.metrics.policy_reload_failures.set_function(lambda: holder.reloads_failed)
         if not self.settings.redis_url:
             log.warning("store: embedded in-process store; state is not shared with any other process")
         loop = asyncio.get_running_loop()
@@ -135,6 +136,12 @@ class SpendGuardApp:
 
     def _policy_changed(self, policy: Policy) -> None:
         self.metrics.policy_reloads.labels("ok").inc()
+        if policy.account.name != self.initial_policy.account.name:
+            log.warning(
+                "account.name changed to %r on reload; the store keeps using %r until a restart",
+                policy.account.name,
+                self.initial_policy.account.name,
+            )
 
     def _snapshot_age(self) -> float:
         rt = self.runtime

@@ -209,11 +209,13 @@ class Guard:
                 break
         flight = await self.reserve(call, policy, key, hold, refuse)
         if shadow_refusals:
-            first = shadow_refusals[0]
-            rt.metrics.decisions.labels("would_refuse", first.scope or "policy", call.key_name).inc()
-            call.decision, call.scope = "would_refuse", first.scope or "policy"
-            log.info("shadow: would refuse %s (%s): %s", call.request_id, first.error_type, first.message)
+            self.would_refuse(call, shadow_refusals[0])
         return raw, flight
+
+    def would_refuse(self, call: Call, refusal: Rejected) -> None:
+        self.rt.metrics.decisions.labels("would_refuse", refusal.scope or "policy", call.key_name).inc()
+        call.decision, call.scope = "would_refuse", refusal.scope or "policy"
+        log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
     def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, refuse: object) -> int | None:
         models = policy.models
@@ -288,7 +290,12 @@ class Guard:
             refuse(exc)  # raises unless shadow; a shadow refusal here means nothing was held
             return None
         if decision.refusal is not None:
-            refuse(self.refusal(decision.refusal, call, budgets, now_s))
+            # The script only lets a refusal through when its scope is in shadow mode.
+            would = self.refusal(decision.refusal, call, budgets, now_s)
+            if policy.mode == "shadow":
+                refuse(would)
+            else:
+                self.would_refuse(call, would)
         self.remaining_headers(call, decision)
         flight = Flight(request.hold_id, hold, call.key_name)
         rt.flights[flight.hold_id] = flight

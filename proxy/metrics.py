@@ -38,6 +38,11 @@ class Metrics:
         self.policy_reloads = Counter(
             "spend_guard_policy_reloads", "Policy reloads by result.", ["result"], registry=r
         )
+        self.policy_reload_failures = Gauge(
+            "spend_guard_policy_reload_failures",
+            "Policy reloads that failed validation since start (the old policy kept serving).",
+            registry=r,
+        )
         self.settle_retries = Counter(
             "spend_guard_settle_retries", "Settles that failed against the store and were retried.", registry=r
         )
