@@ -113,7 +113,7 @@ class SpendGuardApp:
             key,
             self.clock,
             upstream_url=lambda: self.runtime.upstream_url() if self.runtime else policy.upstream.base_url,
-            on_failure=lambda message: (self.metrics.refresh_failures.inc(), log.warning("credits refresh failed: %s", message)),
+            on_failure=self._refresh_failed,
         )
         if self.settings.upstream:
             refresher.upstream_url = lambda: self.settings.upstream or ""
@@ -133,6 +133,10 @@ class SpendGuardApp:
             with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
                 holder.install_sighup(loop)
         log.info("spend guard ready: policy %s, upstream %s", policy.version, self.runtime.upstream_url())
+
+    def _refresh_failed(self, message: str) -> None:
+        self.metrics.refresh_failures.inc()
+        log.warning("credits refresh failed: %s", message)
 
     def _policy_changed(self, policy: Policy) -> None:
         self.metrics.policy_reloads.labels("ok").inc()

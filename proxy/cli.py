@@ -30,13 +30,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8080, show_default=True, type=int)
-@click.option("--policy", "policy_path", default=None, help="Policy file or directory of *.yaml files.")
-@click.option("--upstream", default=None, help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).")
-@click.option("--redis-url", default=None, help="Redis URL shared by all instances; omit for the embedded store.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="SPEND_GUARD_HOST")
+@click.option("--port", default=8080, show_default=True, type=int, envvar="SPEND_GUARD_PORT")
+@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="Policy file or directory of *.yaml files.")
+@click.option("--upstream", default=None, envvar="SPEND_GUARD_UPSTREAM", help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).")
+@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="Redis URL shared by all instances; omit for the embedded store.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="SPEND_GUARD_WORKERS")
+@click.option("--log-level", default="info", show_default=True, envvar="SPEND_GUARD_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]))
 def serve(host: str, port: int, policy_path: str | None, upstream: str | None, redis_url: str | None, workers: int, log_level: str) -> None:
     """Run the proxy."""
     settings = Settings(host, port, policy_path, upstream, redis_url, workers, log_level)
@@ -102,8 +102,8 @@ def fingerprint() -> None:
 
 
 @main.command()
-@click.option("--policy", "policy_path", default=None)
-@click.option("--redis-url", default=None, required=True, help="The Redis the proxies share.")
+@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY")
+@click.option("--redis-url", default=None, required=True, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(policy_path: str | None, redis_url: str, as_json: bool) -> None:
     """Budgets and holds of every configured key and group."""

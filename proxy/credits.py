@@ -163,7 +163,7 @@ class Refresher:
 
     def _backoff(self, refresh_s: float) -> float:
         base = min(MAX_BACKOFF_S, refresh_s, 0.5 * 2 ** min(self.state.failures, 10))
-        return base * random.uniform(0.5, 1.5)
+        return float(base * random.uniform(0.5, 1.5))
 
     def _fail(self, message: str) -> bool:
         self.state.failures += 1

@@ -8,13 +8,14 @@ else streams through untouched.
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import hashlib
 import json
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -23,7 +24,7 @@ from proxy.body import PriceFields, decode_content, read_price_fields
 from proxy.errors import Rejected, StoreError, UpstreamError, error_response
 from proxy.forward import strip_hop_by_hop
 from proxy.money import format_usd
-from proxy.policy import Budget, KeyPolicy, Policy
+from proxy.policy import Budget, KeyPolicy, ModelRules, Policy
 from proxy.routing import Match
 from proxy.runtime import Flight, Runtime
 from proxy.scanner import Outcome, observer_for
@@ -78,6 +79,9 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
             BudgetHold(b.id, b.limit_micros, b.shadow, 0 if start is None else to_ms(start), 0 if end is None else to_ms(end))
         )
     return holds
+
+
+Refuse = Callable[[Rejected], None]
 
 
 class Guard:
@@ -189,13 +193,13 @@ class Guard:
         model = prices.resolve(fields.model)
         call.model = model
         for rules in (policy.models.rules, key.rules if key else None):
-            if rules is not None and not (rules.permits(model) and rules.permits(fields.model)):
+            if rules is not None and not _permits(rules, {model, fields.model}):
                 refuse(Rejected(403, "policy_violation", f"Model '{model}' is not allowed by policy for this key.", scope="policy"))
                 break
         hold = self.hold_for(match, fields, model, policy, refuse)
-        call.hold_micros = hold
         if hold is None:
             return raw, None  # fail-open without a price table: forwarded unguarded, counted
+        call.hold_micros = hold
         for cap, where in self.caps(policy, key):
             if hold > cap:
                 refuse(
@@ -217,7 +221,7 @@ class Guard:
         call.decision, call.scope = "would_refuse", refusal.scope or "policy"
         log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
-    def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, refuse: object) -> int | None:
+    def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, refuse: Refuse) -> int | None:
         models = policy.models
         override = models.overrides.get(model, models.overrides.get(fields.model))
         if override is not None:
@@ -232,7 +236,6 @@ class Guard:
         if price is not None:
             return price
         if policy.guard.unknown_models == "reject":
-            assert callable(refuse)
             refuse(Rejected(403, "policy_violation", f"Model '{model}' has no published price and unknown models are refused.", scope="policy"))
         return models.default_hold_micros
 
@@ -256,7 +259,7 @@ class Guard:
             return
         raise Rejected(503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store")
 
-    async def reserve(self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, refuse: object) -> Flight | None:
+    async def reserve(self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, refuse: Refuse) -> Flight | None:
         rt = self.rt
         now_s = rt.clock()
         now_ms = int(now_s * 1000)
@@ -285,9 +288,7 @@ class Guard:
             if decision.refusal.code in ("no_snapshot", "stale"):
                 self.unavailable(self.stale_reason(decision.refusal))
                 return None
-            assert callable(refuse)
-            exc = self.refusal(decision.refusal, call, budgets, now_s)
-            refuse(exc)  # raises unless shadow; a shadow refusal here means nothing was held
+            refuse(self.refusal(decision.refusal, call, budgets, now_s))  # raises unless shadow
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
@@ -467,6 +468,13 @@ async def settle_pending(runtime: Runtime) -> None:
         except StoreError:
             return
         runtime.pending_settles.pop(hold_id, None)
+
+
+def _permits(rules: ModelRules, names: set[str]) -> bool:
+    """Deny wins if any spelling (alias or resolved id) matches; an allow list needs one match."""
+    if any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.deny):
+        return False
+    return not rules.allow or any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.allow)
 
 
 def _headers(scope: Scope) -> list[tuple[str, str]]:

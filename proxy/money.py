@@ -17,6 +17,11 @@ _USD_RE = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 MAX_ABS_MICROS = 10**15
 
 
+# Exact arithmetic for any input we accept: the default context rounds at 28 digits.
+_EXACT = decimal.Context(prec=80, traps=[decimal.Inexact, decimal.InvalidOperation])
+MAX_TEXT_LEN = 40
+
+
 class MoneyError(ValueError):
     """A money value that does not convert exactly to micro-dollars."""
 
@@ -37,10 +42,20 @@ def _to_decimal(value: object) -> decimal.Decimal:
         return value
     if isinstance(value, str):
         text = value.strip()
-        if not _USD_RE.match(text):
+        if len(text) > MAX_TEXT_LEN or not _USD_RE.match(text):
             raise MoneyError(f"not a plain decimal USD amount: {value!r}")
         return decimal.Decimal(text)
     raise MoneyError(f"expected a USD amount, got {type(value).__name__} {value!r}")
+
+
+def _scale(value: object) -> decimal.Decimal:
+    amount = _to_decimal(value)
+    if amount.adjusted() > 15:
+        raise MoneyError(f"USD amount {value!r} is out of range")
+    try:
+        return _EXACT.multiply(amount, decimal.Decimal(MICROS_PER_USD))
+    except decimal.DecimalException as exc:
+        raise MoneyError(f"USD amount {value!r} cannot be converted exactly") from exc
 
 
 def usd_to_micros(value: object, *, allow_negative: bool = False) -> int:
@@ -49,7 +64,7 @@ def usd_to_micros(value: object, *, allow_negative: bool = False) -> int:
     Raises `MoneyError` for non-decimal notation, more than six decimals, negative amounts (unless
     `allow_negative`) and magnitudes above a billion dollars.
     """
-    amount = _to_decimal(value) * MICROS_PER_USD
+    amount = _scale(value)
     if amount != amount.to_integral_value():
         raise MoneyError(f"USD amount {value!r} has more than 6 decimals")
     micros = int(amount)
@@ -66,7 +81,7 @@ def usd_to_micros_ceil(value: object, *, quantum_micros: int = 100) -> int:
     Used for holds: ImageRouter rounds charges up to 1/10,000 USD, so a hold rounded up the same
     way is never below what the upstream pre-charges for the same price.
     """
-    amount = _to_decimal(value) * MICROS_PER_USD
+    amount = _scale(value)
     if amount < 0:
         raise MoneyError(f"price {value!r} is negative")
     micros = int(amount.to_integral_value(rounding=decimal.ROUND_CEILING))

@@ -208,7 +208,7 @@ class Store:
         raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
         if not raw:
             return None
-        data = {k.decode(): v.decode() for k, v in raw.items()}
+        data = {_text(k): _text(v) for k, v in raw.items()}
         rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:")}
         return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows)
 
@@ -255,11 +255,12 @@ class Store:
         return None if raw is None else PriceTable.from_json(raw)
 
     async def set_status(self, **values: str | int) -> None:
-        await self._call(lambda: self.client.hset(self.key("status"), mapping=values))
+        """Refresher facts every instance can read (last good fetch time)."""
+        await self._call(lambda: self.client.hset(self.key("status"), mapping=values))  # type: ignore[arg-type]
 
-    async def get_status(self) -> dict[str, str]:
-        raw = await self._call(lambda: self.client.hgetall(self.key("status")))
-        return {k.decode(): v.decode() for k, v in raw.items()}
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def embedded_client() -> aioredis.Redis:

@@ -248,3 +248,7 @@ def test_serve_refuses_workers_on_the_embedded_store(monkeypatch):
     assert result.exit_code == 3 and "--redis-url" in result.output and not called
     result = CliRunner().invoke(main, ["serve", "--port", "9999", "--upstream", "http://127.0.0.1:1"])
     assert result.exit_code == 0 and called[0].port == 9999 and called[0].upstream == "http://127.0.0.1:1"
+    monkeypatch.setenv("SPEND_GUARD_PORT", "7777")
+    monkeypatch.setenv("SPEND_GUARD_REDIS_URL", "redis://127.0.0.1:6379/3")
+    result = CliRunner().invoke(main, ["serve", "--workers", "2"])
+    assert result.exit_code == 0 and called[1].port == 7777 and called[1].workers == 2
