@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 from collections.abc import AsyncIterator, Callable
 
 import redis.asyncio as aioredis
@@ -235,6 +236,19 @@ class SpendGuardApp:
         return JSONResponse(report)
 
 
+def configure_logging(level: str) -> None:
+    """Plain lines for the proxy's own messages (stderr); one bare JSON object per guarded call on
+    `spend_guard.access` (stdout), so log shippers can parse it as is."""
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    access = logging.getLogger("spend_guard.access")
+    if not access.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access.addHandler(handler)
+        access.propagate = False
+    access.setLevel(logging.INFO)
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -243,7 +257,9 @@ def create_app(
     redis_factory: Callable[[], aioredis.Redis] | None = None,
 ) -> SpendGuardApp:
     """Build the app; with no arguments everything comes from `SPEND_GUARD_*` (uvicorn factory mode)."""
-    settings = settings or Settings.from_env()
+    if settings is None:
+        settings = Settings.from_env()
+        configure_logging(settings.log_level)
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
     factory = redis_factory or (lambda: redis_client(settings.redis_url))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import logging
 import os
 import sys
 from typing import Any
@@ -59,7 +58,6 @@ def run(settings: Settings, policy: Policy) -> None:
     import uvicorn
 
     os.environ.update(settings.to_env())
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     uvicorn.run(
         "proxy.app:create_app",
         factory=True,

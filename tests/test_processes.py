@@ -4,6 +4,7 @@ raw path spellings and shutdown behave as DESIGN §1, §3 and §5 say."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import hashlib
 import signal
 import socket
@@ -181,3 +182,43 @@ def test_sigterm_lets_inflight_calls_finish_and_settle(tmp_path, up, redis_serve
         finally:
             proxy.__exit__(None, None, None)
         assert spent(observer) == "0.2000"
+
+
+@pytest.mark.real
+def test_group_budget_shared_by_two_keys_on_two_processes_is_never_exceeded(tmp_path, up, redis_server):
+    key_b = "sk-b-" + "b" * 59
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            account: {{name: proc, refresh_s: 1, max_staleness_s: 300}}
+            groups:
+              - name: team
+                budgets: [{{limit_usd: 1.50, period: day}}]
+            keys:
+              - {{name: alice, key_sha256: {SHA_A}, group: team}}
+              - {{name: bob, key_sha256: {hashlib.sha256(key_b.encode()).hexdigest()}, group: team}}
+            """
+        )
+    )
+
+    def call(i: int) -> httpx.Response:
+        token = KEY_A if i % 2 else key_b
+        return httpx.post(
+            (p1, p2)[i // 2 % 2].url + "/v1/openai/images/generations",
+            json={"model": "openai/gpt-image-1"},
+            headers={"Authorization": f"Bearer {token}", "X-Standin": "cost=0.3"},
+            timeout=30,
+        )
+
+    with ServedProxy(path, up.url, redis_server.url) as p1, ServedProxy(path, up.url, redis_server.url) as p2:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            results = list(pool.map(call, range(32)))
+        assert sum(r.status_code == 200 for r in results) == 5  # 5 x 0.30 = 1.50
+        assert {r.status_code for r in results} == {200, 402}
+        assert len(up.generation_requests) == 5
+        # every decision was logged as one JSON object per line, with the policy version
+        lines = [json.loads(line) for proxy in (p1, p2) for line in proxy.output().splitlines() if line.startswith("{")]
+        assert len(lines) == 32
+        assert {line["decision"] for line in lines} == {"allowed", "refused"}
+        assert all(line["policy_version"] and line["request_id"] for line in lines)

@@ -1,0 +1,92 @@
+"""Transparent passthrough: what reaches the upstream and what comes back, byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from proxy.forward import strip_hop_by_hop
+from tests.conftest import KEY_A
+
+SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
+
+
+def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):
+    p = make_proxy()
+    body = bytes(range(256)) * 64
+    r = p.client.put(
+        "/v1/some/Path%20x/?b=2&a=%2F",
+        content=body,
+        headers={"X-Standin": "echo", "X-Custom": "kept", "Authorization": "Bearer whatever",
+                 "Content-Type": "application/x-thing", "User-Agent": "my-sdk/1.0"},
+    )
+    assert r.status_code == 200
+    seen = r.json()
+    assert seen["method"] == "PUT"
+    assert seen["path"] == "/v1/some/Path%20x/" and seen["query"] == "b=2&a=%2F"
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest() and seen["body_len"] == len(body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["x-custom"] == "kept" and headers["authorization"] == "Bearer whatever"
+    assert headers["content-type"] == "application/x-thing"
+    assert headers["user-agent"] == "my-sdk/1.0"  # the client's own, not aiohttp's
+
+
+def test_hop_by_hop_and_connection_listed_headers_are_dropped_on_the_way_up(make_proxy, up):
+    p = make_proxy()
+    r = p.client.get(
+        "/echo/x",
+        headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
+                 "TE": "trailers", "Proxy-Authorization": "Basic x", "Upgrade": "h2c", "X-Stays": "1"},
+    )
+    names = {k.lower() for k, _ in r.json()["headers"]}
+    assert "x-stays" in names
+    assert not names & {"x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade"}
+
+
+def test_strip_hop_by_hop_handles_both_directions():
+    pairs = [("Connection", "close, X-A"), ("X-A", "1"), ("Transfer-Encoding", "chunked"), ("Content-Encoding", "gzip"),
+             ("Content-Length", "10"), ("X-B", "2")]
+    assert strip_hop_by_hop(pairs) == [("Content-Encoding", "gzip"), ("Content-Length", "10"), ("X-B", "2")]
+
+
+def test_upstream_errors_pass_through_unchanged(make_proxy, up):
+    p = make_proxy()
+    r = p.client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json() == {"error": {"message": "not found", "type": "invalid_request_error"}}
+    assert "x-spend-guard-policy" not in r.headers  # unguarded: no guard headers
+
+
+def test_large_b64_result_streams_through_and_settles(make_proxy, up):
+    p = make_proxy(
+        f"""
+keys:
+  - name: alice
+    key_sha256: {SHA_A}
+    budgets: [{{limit_usd: 10, period: null}}]
+"""
+    )
+    size = 20 * 1024 * 1024
+    r = p.generate(standin=f"b64={size},cost=0.2")
+    assert r.status_code == 200
+    data = json.loads(r.content)
+    assert len(data["data"][0]["b64_json"]) == size and data["cost"] == 0.2
+    me = p.client.get("/-/me", headers={"Authorization": f"Bearer {KEY_A}"}).json()
+    assert {s["scope"]: s["spent_usd"] for s in me["scopes"]}["budget:key:alice:lifetime"] == "0.2000"
+
+
+def test_unreachable_upstream_on_an_unguarded_route_is_502_in_the_envelope(make_proxy, up, monkeypatch):
+    from proxy.forward import Upstream
+
+    p = make_proxy()
+    p.runtime.upstream = Upstream(p.runtime.session, "http://127.0.0.1:9", 5, 1)
+    monkeypatch.setattr(p.runtime, "apply_policy", lambda policy: None)
+    r = p.client.get("/v1/models")
+    assert r.status_code == 502
+    assert r.json()["error"]["type"] == "upstream_error"
+
+
+def test_healthz_does_not_touch_the_upstream(make_proxy, up):
+    p = make_proxy()
+    before = len(up.requests)
+    assert p.client.get("/-/healthz").json() == {"status": "ok"}
+    assert len(up.requests) == before
