@@ -98,3 +98,9 @@ class Upstream:
             raise UpstreamError(504, "ImageRouter did not answer in time (upstream timeout).") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(502, f"ImageRouter could not be reached ({type(exc).__name__}).") from exc
+
+
+def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
+    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
+    """Upstream response headers for the client, hop-by-hop ones removed."""
+    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in strip_hop_by_hop(pairs)]

@@ -9,24 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import fnmatch
-import hashlib
 import json
 import logging
-import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 
 from proxy.body import PriceFields, decode_content, read_price_fields
-from proxy.errors import Rejected, StoreError, UpstreamError, error_response
-from proxy.forward import strip_hop_by_hop
+from proxy.errors import Rejected, StoreError, UpstreamError
+from proxy.forward import response_headers
 from proxy.money import format_usd
 from proxy.policy import Budget, KeyPolicy, ModelRules, Policy
 from proxy.routing import Match
 from proxy.runtime import Flight, Runtime
+from proxy.request import bearer, fingerprint, header, header_pairs, raw_path, read_body, request_id, stream_body
 from proxy.scanner import Outcome, observer_for
 from proxy.store import BudgetHold, Decision, Refusal, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
@@ -35,13 +34,6 @@ from proxy.windows import format_ms, to_ms, window_end, window_start, window_sta
 log = logging.getLogger("spend_guard.guard")
 access_log = logging.getLogger("spend_guard.access")
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ABSOLUTE_FORM_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)?")
-_BEARER_RE = re.compile(r"^Bearer[ \t]+([\x21-\x7e]+)[ \t]*$", re.IGNORECASE)
-
-
-def fingerprint(secret: str) -> str:
-    return hashlib.sha256(secret.encode()).hexdigest()
 
 
 @dataclass
@@ -91,7 +83,7 @@ class Guard:
         self.rt = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self.rt.routes.classify(scope["method"], _raw_path(scope))
+        match = self.rt.routes.classify(scope["method"], raw_path(scope))
         if match.kind is None:
             await self.passthrough(scope, receive, send)
         else:
@@ -100,14 +92,14 @@ class Guard:
     # -- unguarded -------------------------------------------------------------------------
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = _headers(scope)
+        headers = header_pairs(scope)
         has_body = any(n.lower() in ("content-length", "transfer-encoding") for n, _ in headers)
         body_done = asyncio.Event()
-        body = _stream_body(receive, body_done) if has_body else None
+        body = stream_body(receive, body_done) if has_body else None
         if body is None:
             body_done.set()
         try:
-            resp = await self.rt.upstream.open(scope["method"], _raw_path(scope), scope.get("query_string", b""), headers, body)
+            resp = await self.rt.upstream.open(scope["method"], raw_path(scope), scope.get("query_string", b""), headers, body)
         except UpstreamError as exc:
             await exc.response()(scope, receive, send)
             return
@@ -123,7 +115,7 @@ class Guard:
 
         watcher = asyncio.create_task(watch_disconnect())
         try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": _response_headers(resp)})
+            await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -140,8 +132,8 @@ class Guard:
     async def guarded(self, scope: Scope, receive: Receive, send: Send, match: Match) -> None:
         rt = self.rt
         policy = rt.policy
-        headers = _headers(scope)
-        call = Call(request_id=_request_id(headers), started=time.perf_counter(), route=match.path)
+        headers = header_pairs(scope)
+        call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path)
         call.headers["X-Request-Id"] = call.request_id
         call.headers["X-Spend-Guard-Policy"] = policy.version
         try:
@@ -174,7 +166,7 @@ class Guard:
             raise Rejected(400, "invalid_request_error", "Path contains an encoded '/' or '\\'; spell the route plainly.", scope="request")
         if rt.draining:
             raise Rejected(503, "guard_unavailable", "The proxy is shutting down; retry on another instance.", scope="store", headers={"Retry-After": "1"})
-        secret = _bearer(headers)
+        secret = bearer(headers)
         if secret is None:
             raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
         key = policy.key_for(fingerprint(secret))
@@ -186,9 +178,9 @@ class Guard:
         if not match.enabled:
             refuse(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
 
-        raw = await _read_body(receive, headers, policy.guard.max_body_bytes)
-        decoded = decode_content(raw, _header(headers, "content-encoding"), policy.guard.max_body_bytes)
-        fields = read_price_fields(decoded, _header(headers, "content-type"))
+        raw = await read_body(receive, headers, policy.guard.max_body_bytes)
+        decoded = decode_content(raw, header(headers, "content-encoding"), policy.guard.max_body_bytes)
+        fields = read_price_fields(decoded, header(headers, "content-type"))
         prices = rt.refresher.prices
         model = prices.resolve(fields.model)
         call.model = model
@@ -377,7 +369,7 @@ class Guard:
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await rt.upstream.open(scope["method"], _raw_path(scope), scope.get("query_string", b""), sent_headers, body)
+                resp = await rt.upstream.open(scope["method"], raw_path(scope), scope.get("query_string", b""), sent_headers, body)
             except UpstreamError as exc:
                 # Nothing was received from ImageRouter. A connect failure never reached it
                 # (release); a timeout or broken connection might have been billed (charge the hold).
@@ -389,7 +381,7 @@ class Guard:
                 return
             call.upstream_status = resp.status
             observer = observer_for(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
-            out_headers = _response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
+            out_headers = response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
             await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
             try:
                 async for chunk in resp.content.iter_any():
@@ -477,79 +469,4 @@ def _permits(rules: ModelRules, names: set[str]) -> bool:
     return not rules.allow or any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.allow)
 
 
-def _headers(scope: Scope) -> list[tuple[str, str]]:
-    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-
-
-def _header(headers: list[tuple[str, str]], name: str) -> str | None:
-    for n, v in headers:
-        if n.lower() == name:
-            return v
-    return None
-
-
-def _raw_path(scope: Scope) -> bytes:
-    """The request's path as sent; an absolute-form target (`http://host/path`) keeps its path
-    only, so neither it nor a Host header can change where a request goes or how it is guarded."""
-    raw: bytes = scope.get("raw_path") or scope["path"].encode()
-    if not raw.startswith(b"/"):
-        match = _ABSOLUTE_FORM_RE.match(raw)
-        raw = (match.group(1) or b"/") if match else b"/" + raw
-    return raw
-
-
-def _request_id(headers: list[tuple[str, str]]) -> str:
-    given = _header(headers, "x-request-id")
-    if given and _REQUEST_ID_RE.match(given):
-        return given
-    return uuid.uuid4().hex
-
-
-def _bearer(headers: list[tuple[str, str]]) -> str | None:
-    values = [v for n, v in headers if n.lower() == "authorization"]
-    if len(values) != 1:
-        return None
-    m = _BEARER_RE.match(values[0])
-    return m.group(1) if m else None
-
-
-def _response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in strip_hop_by_hop(pairs)]
-
-
-async def _read_body(receive: Receive, headers: list[tuple[str, str]], max_bytes: int) -> bytes:
-    declared = _header(headers, "content-length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise Rejected(400, "invalid_request_error", "Client went away before sending the whole body.", scope="request")
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > max_bytes:
-            raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-async def _stream_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[bytes]:
-    try:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            if chunk:
-                yield chunk
-            if not message.get("more_body", False):
-                return
-    finally:
-        done.set()
-
-
-__all__ = ["Guard", "UpstreamBroken", "fingerprint", "settle_pending", "error_response"]
+__all__ = ["Guard", "UpstreamBroken", "settle_pending"]

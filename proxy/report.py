@@ -5,14 +5,15 @@ The numbers are computed exactly as reserve.lua computes them, from the same sto
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from typing import Any
 
 from proxy.errors import Rejected
+from proxy.guard import budget_holds, budgets_for
 from proxy.money import format_usd
-from proxy.policy import Budget, KeyPolicy, Policy
-from proxy.store import BudgetHold, RowState, Snapshot, Store, row_ref
+from proxy.policy import KeyPolicy, Policy
+from proxy.request import BEARER_RE, fingerprint
+from proxy.store import RowState, Snapshot, Store, row_ref
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 PERIOD_NAMES = ("day", "week", "month")
@@ -53,11 +54,8 @@ async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s:
     row = snapshot.rows.get(ref) if snapshot and ref else None
     row_win = window_start_ms(row.period, now_s) if row and row.period in PERIOD_NAMES else 0  # type: ignore[arg-type]
     fields = ["acct"] + ([f"row:{ref}:{row_win}"] if row else [])
-    budgets: list[Budget] = list(key.budgets) if key else []
-    group = policy.group_of(key) if key else None
-    if group:
-        budgets += list(group.budgets)
-    holds = [_budget_hold(b, now_s) for b in budgets]
+    budgets = budgets_for(policy, key)
+    holds = budget_holds(budgets, now_s)
     usage = await store.usage(fields, holds)
     scopes: list[dict[str, Any]] = []
     if snapshot is not None:
@@ -104,17 +102,9 @@ async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s:
     return result
 
 
-def _budget_hold(b: Budget, now_s: float) -> BudgetHold:
-    start = window_start_ms(b.period, now_s)
-    end = window_end(b.period, now_s)
-    return BudgetHold(b.id, b.limit_micros, b.shadow, start, 0 if end is None else to_ms(end))
-
-
 async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any]:
     """`/-/me`: the caller's own scopes, identified by its bearer token (never echoed)."""
-    from proxy.guard import _BEARER_RE, fingerprint
-
-    if len(authorization) != 1 or not (m := _BEARER_RE.match(authorization[0])):
+    if len(authorization) != 1 or not (m := BEARER_RE.match(authorization[0])):
         raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
     policy = runtime.policy
     key = policy.key_for(fingerprint(m.group(1)))
@@ -124,7 +114,3 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
         return await scopes_for(runtime.store, policy, key, runtime.clock())
     except Exception as exc:
         raise Rejected(503, "guard_unavailable", "The spend guard's store is unavailable.", scope="store") from exc
-
-
-def utc_now() -> float:
-    return dt.datetime.now(dt.timezone.utc).timestamp()

@@ -17,7 +17,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from proxy.money import MAX_ABS_MICROS, MICROS_PER_USD
+from proxy.money import MAX_ABS_MICROS
 
 # A longer cost token is not a price; a longer key is neither `cost` nor `error`.
 MAX_TOKEN_BYTES = 64

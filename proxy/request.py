@@ -1,0 +1,94 @@
+"""The client side of a request: headers, the caller's bearer token, the body, the request id.
+
+Helpers over raw ASGI messages, shared by the guard and the own endpoints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+import uuid
+from collections.abc import AsyncIterator
+
+from proxy.errors import Rejected
+from proxy.types import Receive, Scope
+
+REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+ABSOLUTE_FORM_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)?")
+BEARER_RE = re.compile(r"^Bearer[ \t]+([\x21-\x7e]+)[ \t]*$", re.IGNORECASE)
+
+
+def fingerprint(secret: str) -> str:
+    """sha256 of the bearer secret, hex: how the policy names a key; the secret is never kept."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def header_pairs(scope: Scope) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+
+
+def header(headers: list[tuple[str, str]], name: str) -> str | None:
+    for n, v in headers:
+        if n.lower() == name:
+            return v
+    return None
+
+
+def raw_path(scope: Scope) -> bytes:
+    """The request's path as sent; an absolute-form target (`http://host/path`) keeps its path
+    only, so neither it nor a Host header can change where a request goes or how it is guarded."""
+    raw: bytes = scope.get("raw_path") or scope["path"].encode()
+    if not raw.startswith(b"/"):
+        match = ABSOLUTE_FORM_RE.match(raw)
+        raw = (match.group(1) or b"/") if match else b"/" + raw
+    return raw
+
+
+def request_id(headers: list[tuple[str, str]]) -> str:
+    given = header(headers, "x-request-id")
+    if given and REQUEST_ID_RE.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def bearer(headers: list[tuple[str, str]]) -> str | None:
+    values = [v for n, v in headers if n.lower() == "authorization"]
+    if len(values) != 1:
+        return None
+    m = BEARER_RE.match(values[0])
+    return m.group(1) if m else None
+
+
+async def read_body(receive: Receive, headers: list[tuple[str, str]], max_bytes: int) -> bytes:
+    declared = header(headers, "content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
+        raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise Rejected(400, "invalid_request_error", "Client went away before sending the whole body.", scope="request")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def stream_body(receive: Receive, done: asyncio.Event) -> AsyncIterator[bytes]:
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                return
+    finally:
+        done.set()
