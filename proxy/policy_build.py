@@ -8,25 +8,22 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-
-
 from proxy.policy import (
+    DEFAULT_ROUTES,
+    LISTS,
+    SECTIONS,
     AccountPolicy,
     Budget,
-    DEFAULT_ROUTES,
     GroupPolicy,
     GuardPolicy,
     KeyPolicy,
-    LISTS,
     ModelRules,
     ModelsPolicy,
     Period,
     Policy,
     RoutePolicy,
-    SECTIONS,
     UpstreamPolicy,
 )
-
 from proxy.policy_check import (  # the value checks and field specs
     FIELDS,
     NESTED_KEYS,

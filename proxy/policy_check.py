@@ -15,16 +15,15 @@ from typing import Any
 import yaml
 
 from proxy.money import MoneyError, usd_to_micros
-
 from proxy.policy import (
     ACCOUNT_NAME_RE,
     ENV_NAME_RE,
     LISTS,
     MIN_BODY_BYTES,
     NAME_RE,
-    Period,
     SECTIONS,
     SHA256_RE,
+    Period,
 )
 
 # --- YAML -----------------------------------------------------------------------------------
