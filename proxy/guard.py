@@ -22,11 +22,21 @@ from proxy.body import PriceFields, decode_content, read_price_fields
 from proxy.errors import Rejected, StoreError, UpstreamError
 from proxy.forward import response_headers
 from proxy.money import format_usd
+from proxy.observers import observer_for
 from proxy.policy import Budget, KeyPolicy, ModelRules, Policy
+from proxy.request import (
+    bearer,
+    fingerprint,
+    header,
+    header_pairs,
+    raw_path,
+    read_body,
+    request_id,
+    stream_body,
+)
 from proxy.routing import Match
 from proxy.runtime import Flight, Runtime
-from proxy.request import bearer, fingerprint, header, header_pairs, raw_path, read_body, request_id, stream_body
-from proxy.scanner import Outcome, observer_for
+from proxy.scanner import Outcome
 from proxy.store import BudgetHold, Decision, Refusal, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.windows import format_ms, to_ms, window_end, window_start, window_start_ms

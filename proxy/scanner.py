@@ -4,8 +4,8 @@ ImageRouter answers a generation with 200 at once, a space every 3 s as a heartb
 object with a top-level `cost` (or `error`) next to megabytes of base64. `JsonScanner` reads only
 the structure of that object: string contents are skipped with `bytes.find`, so a 20 MB
 `b64_json` costs a few hundred `find` calls and the scanner holds a few hundred bytes.
-Chat and responses routes with `stream: true` send SSE instead; `SseScanner` reads its events.
-`observer_for` picks one from the response headers and undoes gzip/deflate on the way.
+Chat and responses routes with `stream: true` send SSE instead: `observers.SseScanner` reads
+those, and `observers.observer_for` picks one from the response headers.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import decimal
 import json
 import re
-import zlib
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -388,179 +387,3 @@ class JsonScanner:
     @staticmethod
     def _micros(micros: int | None) -> int:
         return _INVALID_COST if micros is None else micros
-
-
-class SseScanner:
-    """Reads `text/event-stream` events; the last event carrying a `cost` decides the outcome.
-
-    A chat stream ends with a chunk holding top-level `cost` and `usage`; the responses API ends
-    with `{"type": "response.completed", "response": {..., "cost": ...}}`.
-    """
-
-    def __init__(self) -> None:
-        self._line = bytearray()  # the current line, held until its end of line arrives
-        self._line_bytes = 0  # length of the current line, also when not held (oversized)
-        self._data: list[bytes] = []
-        self._event_bytes = 0
-        self._oversized = False
-        self._skip_lf = False  # the previous chunk ended on `\r`; a leading `\n` is the same EOL
-        self._cost: int | None = None
-        self._doubt = False  # a later event may have carried a cost we could not read
-        self._error = False
-
-    def feed(self, chunk: bytes) -> None:
-        pos = 0
-        if self._skip_lf and chunk[:1] == b"\n":
-            pos = 1
-        self._skip_lf = False
-        for match in _EOL.finditer(chunk, pos):
-            self._add_to_line(chunk[pos : match.start()])
-            self._end_line()
-            pos = match.end()
-            self._skip_lf = pos == len(chunk) and match.group() == b"\r"
-        self._add_to_line(chunk[pos:])
-
-    def finish(self, complete: bool = True) -> Outcome:
-        # A broken stream's unterminated event may be cut short: only a complete one is read.
-        if complete:
-            if self._line_bytes:
-                self._end_line()
-            self._dispatch()
-        if self._cost is not None:
-            return Outcome("cost", self._cost)
-        if self._error and not self._doubt:
-            return ERROR
-        return UNKNOWN
-
-    def _add_to_line(self, piece: bytes) -> None:
-        if not piece:
-            return
-        self._line_bytes += len(piece)
-        if self._event_bytes + self._line_bytes > MAX_EVENT_BYTES:
-            self._oversized = True
-            self._data.clear()
-            self._line.clear()
-        if not self._oversized:
-            self._line += piece
-
-    def _end_line(self) -> None:
-        line = bytes(self._line)
-        blank = self._line_bytes == 0
-        self._line.clear()
-        self._line_bytes = 0
-        if blank:
-            self._dispatch()
-        elif self._oversized or line.startswith(b":"):
-            return
-        else:
-            name, colon, value = line.partition(b":")
-            if name == b"data":
-                if colon and value.startswith(b" "):
-                    value = value[1:]
-                self._data.append(value)
-                self._event_bytes += len(value) + 1
-
-    def _dispatch(self) -> None:
-        if self._oversized:
-            self._cost = None
-            self._doubt = True
-        elif self._data:
-            self._read_event(b"\n".join(self._data))
-        self._data.clear()
-        self._event_bytes = 0
-        self._oversized = False
-
-    def _read_event(self, data: bytes) -> None:
-        if data.strip() == b"[DONE]":
-            return
-        try:
-            event = json.loads(data, parse_float=decimal.Decimal)
-        except (ValueError, RecursionError):
-            return
-        if not isinstance(event, dict):
-            return
-        if event.get("error") is not None:
-            self._error = True
-        cost = event.get("cost")
-        response = event.get("response")
-        if cost is None and isinstance(response, dict):
-            cost = response.get("cost")
-        if cost is not None:
-            self._cost = _cost_to_micros(cost)
-            self._doubt = self._cost is None
-
-
-class _Inflating:
-    """Feeds the decompressed body to `inner`, at most MAX_INFLATE_BYTES at a time."""
-
-    def __init__(self, inner: BodyObserver, wbits: int | None) -> None:
-        self._inner = inner
-        self._wbits = wbits  # None: deflate, zlib-wrapped or raw, decided by the first 2 bytes
-        self._head = b""
-        self._inflater: zlib._Decompress | None = None
-        self._failed = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self._failed or not chunk:
-            return
-        if self._inflater is None:
-            chunk = self._head + chunk
-            if len(chunk) < 2:
-                self._head = chunk
-                return
-            self._head = b""
-            wbits = self._wbits
-            if wbits is None:
-                zlib_header = chunk[0] & 0x0F == 8 and (chunk[0] << 8 | chunk[1]) % 31 == 0
-                wbits = zlib.MAX_WBITS if zlib_header else -zlib.MAX_WBITS
-            self._inflater = zlib.decompressobj(wbits)
-        self._inflate(chunk)
-
-    def finish(self, complete: bool = True) -> Outcome:
-        if self._failed or self._inflater is None:
-            return UNKNOWN
-        self._inflate(b"")  # output zlib still holds back
-        if self._failed:
-            return UNKNOWN
-        return self._inner.finish(complete and self._inflater.eof)
-
-    def _inflate(self, data: bytes) -> None:
-        inflater = self._inflater
-        assert inflater is not None
-        try:
-            while True:
-                out = inflater.decompress(data, MAX_INFLATE_BYTES)
-                if out:
-                    self._inner.feed(out)
-                data = inflater.unconsumed_tail
-                if not data and len(out) < MAX_INFLATE_BYTES:
-                    break
-        except zlib.error:
-            self._failed = True
-            return
-        if inflater.unused_data:  # bytes after the end of the compressed stream
-            self._failed = True
-
-
-class _Opaque:
-    """A body in an encoding we cannot read: its cost is unknown."""
-
-    def feed(self, chunk: bytes) -> None:
-        pass
-
-    def finish(self, complete: bool = True) -> Outcome:
-        return UNKNOWN
-
-
-def observer_for(content_type: str | None, content_encoding: str | None = None) -> BodyObserver:
-    """The observer for a response with these `Content-Type` and `Content-Encoding` headers."""
-    media_type = (content_type or "").split(";", 1)[0].strip().lower()
-    inner: BodyObserver = SseScanner() if media_type == "text/event-stream" else JsonScanner()
-    encoding = (content_encoding or "").strip().lower()
-    if encoding in ("", "identity"):
-        return inner
-    if encoding in ("gzip", "x-gzip"):
-        return _Inflating(inner, 16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return _Inflating(inner, None)
-    return _Opaque()

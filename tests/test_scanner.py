@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.scanner import JsonScanner, Outcome, SseScanner, observer_for
+from proxy.observers import SseScanner, observer_for
+from proxy.scanner import JsonScanner, Outcome
 
 UNKNOWN = Outcome("unknown")
 ERROR = Outcome("error")
