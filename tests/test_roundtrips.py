@@ -1,0 +1,57 @@
+"""A guarded call costs exactly one Redis round trip to reserve and one to settle."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+
+import pytest
+import redis
+
+from tests.conftest import KEY_A, StoreTarget
+from tests.served import RedisServer
+
+SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
+SENTINEL = "spend-guard-test-done"
+
+
+def watch(url: str, seen: list[dict], ready: threading.Event) -> None:
+    """Record every command a client (not a script) sends, until the sentinel ECHO."""
+    with redis.Redis.from_url(url).monitor() as monitor:
+        ready.set()
+        for command in monitor.listen():
+            if SENTINEL in command["command"]:
+                return
+            if command.get("client_type") != "lua":
+                seen.append(command)
+
+
+@pytest.mark.parametrize("store_target", [pytest.param("real", marks=pytest.mark.real)], indirect=True)
+def test_one_round_trip_to_reserve_and_one_to_settle(make_proxy, up, store_target):
+    with RedisServer() as server:
+        target = StoreTarget("real")
+        target.url = server.url
+        p = make_proxy(
+            f"""
+keys:
+  - name: alice
+    key_sha256: {SHA_A}
+    budgets: [{{limit_usd: 5, period: day}}, {{limit_usd: 50, period: month}}]
+""",
+            store=target,
+        )
+        assert p.generate(standin="cost=0.1").status_code == 200  # loads the scripts once
+        seen: list[dict] = []
+        ready = threading.Event()
+        thread = threading.Thread(target=watch, args=(server.url, seen, ready), daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        for _ in range(3):
+            assert p.generate(standin="cost=0.1").status_code == 200
+        admin = redis.Redis.from_url(server.url)
+        admin.echo(SENTINEL)
+        thread.join(10)
+        admin.close()
+        # HELLO: the handshake of the admin connection that sends the sentinel
+        names = [c["command"].split()[0].upper() for c in seen if not c["command"].upper().startswith("HELLO")]
+        assert names == ["EVALSHA"] * 6, names  # reserve + settle, three times
