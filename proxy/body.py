@@ -15,8 +15,8 @@ from urllib.parse import parse_qsl
 from proxy.errors import Rejected
 
 PRICE_FIELDS = frozenset({"model", "seconds", "quality", "size", "stream", "max_tokens"})
-_BOUNDARY_RE = re.compile(r'boundary=(?:"([^"]+)"|([^;,\s]+))', re.IGNORECASE)
-_DISPOSITION_NAME_RE = re.compile(rb'(?:^|;)\s*name\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]+))', re.IGNORECASE)
+# One `; name=value` parameter: a token, or a quoted string with backslash escapes (RFC 9110 §5.6.6).
+_PARAM_RE = re.compile(r'\s*;\s*([^\s;=]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s;"]*))\s*')
 
 
 @dataclass(frozen=True)
@@ -41,14 +41,23 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int) ->
     if encoding not in ("gzip", "x-gzip", "deflate"):
         raise invalid(f"Request Content-Encoding '{encoding[:40]}' is not supported by the spend guard.")
     wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else (zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS)
-    decompressor = zlib.decompressobj(wbits)
+    out = bytearray()
+    data = body
     try:
-        out = decompressor.decompress(body, max_bytes + 1)
+        # Every gzip member, as Node's zlib decodes them: a second member must not hide a field.
+        while data:
+            decompressor = zlib.decompressobj(wbits)
+            out += decompressor.decompress(data, max_bytes + 1 - len(out))
+            if len(out) > max_bytes:
+                raise Rejected(413, "invalid_request_error", f"Request body exceeds {max_bytes} bytes once decompressed.")
+            if not decompressor.eof:
+                raise invalid(f"Request body is truncated {encoding} data.")
+            data = decompressor.unused_data
+            if encoding == "deflate" and data:
+                raise invalid("Request body has data after its deflate stream.")
     except zlib.error as exc:
         raise invalid(f"Request body is not valid {encoding} data.") from exc
-    if len(out) > max_bytes:
-        raise Rejected(413, "invalid_request_error", f"Request body exceeds {max_bytes} bytes once decompressed.")
-    return out
+    return bytes(out)
 
 
 def read_price_fields(body: bytes, content_type: str | None) -> PriceFields:
@@ -98,10 +107,10 @@ def _collect(pairs: list[tuple[str, str]]) -> dict[str, object]:
 
 
 def _from_multipart(body: bytes, content_type: str) -> dict[str, object]:
-    match = _BOUNDARY_RE.search(content_type)
-    if not match:
+    boundary = parameters(content_type).get("boundary")
+    if not boundary:
         raise invalid("multipart/form-data without a boundary.")
-    delimiter = b"--" + (match.group(1) or match.group(2)).encode("latin-1")
+    delimiter = b"--" + boundary.encode("latin-1")
     pairs: list[tuple[str, str]] = []
     pos = body.find(delimiter)
     if pos < 0:
@@ -131,17 +140,33 @@ def _from_multipart(body: bytes, content_type: str) -> dict[str, object]:
     return _collect(pairs)
 
 
+def parameters(header: str) -> dict[str, str]:
+    """`type; a=1; b="x; y"` -> {"a": "1", "b": "x; y"}, names lower-cased; quotes respected.
+
+    Anything that does not parse, or a parameter given twice, raises 400: the upstream's parser
+    might read it differently, so the guard does not guess."""
+    params: dict[str, str] = {}
+    rest = header[header.find(";") :] if ";" in header else ""
+    pos = 0
+    while pos < len(rest):
+        match = _PARAM_RE.match(rest, pos)
+        if not match or match.end() == pos:
+            raise invalid("Malformed header parameters in a multipart request.")
+        name = match.group(1).lower()
+        value = re.sub(r"\\(.)", r"\1", match.group(2)) if match.group(2) is not None else match.group(3)
+        if name in params:
+            raise invalid(f"Header parameter '{name[:40]}' is given more than once.")
+        params[name] = value
+        pos = match.end()
+    return params
+
+
 def _part_name(headers: bytes) -> tuple[str | None, bool]:
     for line in headers.split(b"\r\n"):
         key, _, value = line.partition(b":")
         if key.strip().lower() == b"content-disposition":
-            params = value.split(b";", 1)[1] if b";" in value else b""
-            m = _DISPOSITION_NAME_RE.search(params)
-            name = None
-            if m:
-                raw = m.group(1) if m.group(1) is not None else m.group(2)
-                name = raw.decode("utf-8", "replace")
-            return name, b"filename" in params.lower()
+            params = parameters(value.decode("utf-8", "replace"))
+            return params.get("name"), "filename" in params or "filename*" in params
     return None, False
 
 

@@ -14,6 +14,7 @@ import logging
 import random
 import uuid
 from collections.abc import Callable
+from typing import TypeVar
 from dataclasses import dataclass
 
 import aiohttp
@@ -28,6 +29,7 @@ from proxy.types import Clock
 from proxy.windows import parse_timestamp_ms
 
 log = logging.getLogger("spend_guard.credits")
+T = TypeVar("T")
 PERIODS = ("day", "week", "month")
 MAX_BACKOFF_S = 60.0
 
@@ -84,13 +86,19 @@ def _row(raw: dict[str, object]) -> RowState:
     spend = raw.get("period_spend")
     if spend is None:
         spend = raw.get("credit_usage") if period is None else "0"
+    def field(name: str, convert: Callable[[object], T], value: object) -> T:
+        try:
+            return convert(value)
+        except (MoneyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{name}: {exc}") from exc
+
     return RowState(
         active=active,
-        expires_ms=parse_timestamp_ms(raw.get("expires_at")),
-        limit_micros=None if limit is None else usd_to_micros(limit),
+        expires_ms=field("expires_at", parse_timestamp_ms, raw.get("expires_at")),
+        limit_micros=None if limit is None else field("spend_limit", usd_to_micros, limit),
         period=period if isinstance(period, str) else None,
-        spend_micros=usd_to_micros(spend if spend is not None else "0"),
-        period_start_ms=parse_timestamp_ms(raw.get("period_start")),
+        spend_micros=field("period_spend", usd_to_micros, spend if spend is not None else "0"),
+        period_start_ms=field("period_start", parse_timestamp_ms, raw.get("period_start")),
     )
 
 

@@ -11,7 +11,8 @@ import math
 import re
 
 MICROS_PER_USD = 1_000_000
-# Plain decimal notation only: "1e3", "0x10", "inf", " 1" are refused rather than guessed at.
+# Plain decimal notation only (surrounding white space aside): "1e3", "0x10", "inf" are refused
+# rather than guessed at.
 _USD_RE = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 # 10^15 micro-dollars = one billion dollars; anything larger is a corrupt figure, not a balance.
 MAX_ABS_MICROS = 10**15

@@ -74,7 +74,8 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
         hold = _max_price(entry)
         if hold is not None:
             holds[model_id] = hold
-        for alias in entry.get("aliases") or ():
+        aliases_in = entry.get("aliases") or ()
+        for alias in [aliases_in] if isinstance(aliases_in, str) else aliases_in:
             if isinstance(alias, str) and alias != model_id:
                 aliases[alias] = model_id
     if not holds:

@@ -147,12 +147,6 @@ def _smuggled() -> bytes:
     return decoy + multipart([field("model", b"google/veo-3.1"), field("prompt", b"a cat")], boundary=b"real")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: body.py:18/101 finds the boundary with an unanchored regex search, so the `boundary=` "
-    "inside another parameter (`xboundary=decoy`, or a quoted value) wins over the real `boundary` "
-    "parameter: the guard prices test/test ($0) while the upstream bills google/veo-3.1 ($3.20)",
-)
 @pytest.mark.parametrize(
     "ctype",
     [
@@ -183,13 +177,6 @@ FAKE_FILENAME = multipart(
 )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: body.py:19/139/144 reads the part's `name` with a regex search and its file-ness with "
-    "`b'filename' in params`, neither aware of quoted parameter values, so a quoted `; name=model;` "
-    "or the word filename inside another parameter gives the guard a different `model` field than "
-    "the upstream's multipart parser sees: it prices test/test while google/veo-3.1 is billed",
-)
 @pytest.mark.parametrize("body", [SWAPPED_NAMES, FAKE_FILENAME], ids=["quoted-name", "quoted-filename"])
 def test_multipart_part_names_respect_quoted_parameter_values(body):
     try:
@@ -295,12 +282,6 @@ def test_corrupt_compressed_data_is_400(encoding):
     rejected(400, decode_content, b"definitely not compressed", encoding, 1024)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: body.py:46 decodes only the first gzip member and ignores `unused_data`, so the guard "
-    "prices `model=test/test` while the upstream (which gunzips every member) receives "
-    "`model=test/test&model=google/veo-3.1`: the duplicate-field refusal is bypassed",
-)
 def test_multi_member_gzip_is_decoded_whole_or_refused():
     body = gzip.compress(b"model=test/test") + gzip.compress(b"&model=google/veo-3.1")
     try:

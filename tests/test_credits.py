@@ -107,23 +107,15 @@ def test_bad_remaining_credits_is_refused_naming_the_field(remaining):
         parse_credits(credits_doc(remaining=remaining), 1)
 
 
-MONEY_FIELD_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: credits.py:62 reports a bad row value as `usage_by_api_key[i]: <MoneyError/ValueError>`; "
-    "for money and timestamp fields the message never names the field (spend_limit, period_spend, ...), "
-    "although parse_credits promises to name the first bad field",
-)
-
-
 @pytest.mark.parametrize(
     ("field", "value"),
     [
-        pytest.param("spend_limit", "abc", marks=MONEY_FIELD_BUG),
-        pytest.param("spend_limit", "1e3", marks=MONEY_FIELD_BUG),
-        pytest.param("spend_limit", "-1.0000", marks=MONEY_FIELD_BUG),
-        pytest.param("period_spend", "1,5", marks=MONEY_FIELD_BUG),
-        pytest.param("expires_at", "next week", marks=MONEY_FIELD_BUG),
-        pytest.param("period_start", "2026-13-01", marks=MONEY_FIELD_BUG),
+        ("spend_limit", "abc"),
+        ("spend_limit", "1e3"),
+        ("spend_limit", "-1.0000"),
+        ("period_spend", "1,5"),
+        ("expires_at", "next week"),
+        ("period_start", "2026-13-01"),
         ("spend_limit_period", "weekly"),
         ("is_active", "yes"),
     ],
