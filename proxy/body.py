@@ -166,6 +166,9 @@ def _part_name(headers: bytes) -> tuple[str | None, bool]:
         key, _, value = line.partition(b":")
         if key.strip().lower() == b"content-disposition":
             params = parameters(value.decode("utf-8", "replace"))
+            if "name*" in params:
+                # RFC 5987 names decode differently across parsers; a pricing field must be plain.
+                raise invalid("multipart part names must not use the extended name* form.")
             return params.get("name"), "filename" in params or "filename*" in params
     return None, False
 

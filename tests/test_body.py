@@ -295,3 +295,11 @@ def test_multi_member_gzip_is_decoded_whole_or_refused():
 def test_gzip_then_read_end_to_end():
     decoded = decode_content(gzip.compress(JSON_BODY), "gzip", 1024)
     assert read_price_fields(decoded, "application/json").model == "openai/gpt-image-1"
+
+
+def test_extended_part_name_is_refused_rather_than_guessed():
+    body = (
+        b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntest/test\r\n"
+        b"--b\r\nContent-Disposition: form-data; name*=utf-8''model\r\n\r\ngoogle/veo-3.1\r\n--b--\r\n"
+    )
+    rejected(400, read_price_fields, body, "multipart/form-data; boundary=b")
