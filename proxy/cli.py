@@ -70,6 +70,8 @@ def run(settings: Settings, policy: Policy) -> None:
         date_header=False,
         timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
         timeout_keep_alive=30,
+        # The guard never reads client addresses; don't rewrite them from X-Forwarded-* either.
+        proxy_headers=False,
     )
 
 

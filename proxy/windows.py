@@ -7,6 +7,8 @@ milliseconds; no reset job exists, so no reset can be missed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import math
 
 from proxy.types import Period
 
@@ -21,7 +23,14 @@ def window_start(period: Period | None, now_s: float) -> dt.datetime | None:
     """Start of the window containing `now_s`, or None for a lifetime cap."""
     if period is None:
         return None
-    today = dt.datetime.fromtimestamp(now_s, UTC).date()
+    # Windows start on whole UTC days, so the whole second decides them exactly: cache on it
+    # (this runs for several scopes on every guarded call).
+    return _window_start(period, math.floor(now_s))
+
+
+@functools.lru_cache(maxsize=256)
+def _window_start(period: Period, second: int) -> dt.datetime:
+    today = dt.datetime.fromtimestamp(second, UTC).date()
     if period == "day":
         return _midnight(today)
     if period == "week":

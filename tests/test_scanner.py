@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.observers import SseScanner, observer_for
+from proxy.observers import SMALL_BODY_BYTES, SmallBodyFirst, SseScanner, observer_for
 from proxy.scanner import JsonScanner, Outcome
 
 UNKNOWN = Outcome("unknown")
@@ -523,9 +523,9 @@ def test_identity_encoding_passes_through(encoding):
     [
         ("text/event-stream", SseScanner),
         ("TEXT/EVENT-STREAM; charset=utf-8", SseScanner),
-        ("application/json", JsonScanner),
-        ("text/html", JsonScanner),
-        (None, JsonScanner),
+        ("application/json", SmallBodyFirst),
+        ("text/html", SmallBodyFirst),
+        (None, SmallBodyFirst),
     ],
 )
 def test_observer_for_picks_by_media_type(content_type, kind):
@@ -591,3 +591,44 @@ def test_random_chunking_matches_json_loads(body, data):
     assert scan(chunks) == reference_outcome(body)
     cut = data.draw(st.integers(0, len(body) - 1))
     assert scan([body[:cut], b""]) == UNKNOWN
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=bodies(), data=st.data())
+def test_small_body_fast_path_agrees_with_the_streaming_scanner(body, data):
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=8)))
+    chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)])]
+    fast = SmallBodyFirst()
+    for chunk in chunks:
+        fast.feed(chunk)
+    streaming = JsonScanner()
+    for chunk in chunks:
+        streaming.feed(chunk)
+    assert fast.finish() == streaming.finish() == reference_outcome(body)
+    cut = data.draw(st.integers(0, len(body) - 1))
+    truncated = SmallBodyFirst()
+    truncated.feed(body[:cut])
+    assert truncated.finish() == UNKNOWN
+    assert SmallBodyFirst().finish(complete=False) == UNKNOWN
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"cost": NaN}', b'{"cost": Infinity}', b'{"cost": 0.1} x', b"[1]", b'{"cost": 0.1', b'{"error": null, "cost": -1}'],
+)
+def test_small_body_fast_path_refuses_what_the_scanner_refuses(body):
+    fast = SmallBodyFirst()
+    fast.feed(body)
+    streaming = JsonScanner()
+    streaming.feed(body)
+    assert fast.finish() == UNKNOWN == streaming.finish()
+
+
+def test_small_body_fast_path_hands_large_bodies_to_the_scanner():
+    fast = SmallBodyFirst()
+    fast.feed(b'  {"data":[{"b64_json":"')
+    for _ in range(4):
+        fast.feed(b"A" * SMALL_BODY_BYTES)
+    fast.feed(b'"}],"cost":0.25}')
+    assert fast._kept == bytearray() and fast._scanner is not None  # nothing large is kept
+    assert fast.finish() == cost(250_000)
