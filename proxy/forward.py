@@ -43,7 +43,8 @@ def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: frozenset[str]
         if name.lower() == "connection"
         for token in value.split(",")
     }
-    return [(n, v) for n, v in pairs if n.lower() not in HOP_BY_HOP_HEADERS | listed | drop]
+    dropped = HOP_BY_HOP_HEADERS | listed | drop
+    return [(n, v) for n, v in pairs if n.lower() not in dropped]
 
 
 def create_session(limit: int = 0) -> aiohttp.ClientSession:

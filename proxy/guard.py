@@ -13,7 +13,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -84,6 +84,9 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
 
 
 Refuse = Callable[[Rejected], None]
+# Unguarded request bodies up to this size are read whole and sent with their length; larger
+# ones (and chunked ones) stream through.
+SMALL_REQUEST_BYTES = 256 * 1024
 
 
 class Guard:
@@ -103,10 +106,16 @@ class Guard:
 
     async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = header_pairs(scope)
-        has_body = any(n.lower() in ("content-length", "transfer-encoding") for n, _ in headers)
+        length = header(headers, "content-length")
+        chunked = header(headers, "transfer-encoding") is not None
         body_done = asyncio.Event()
-        body = stream_body(receive, body_done) if has_body else None
-        if body is None:
+        body: bytes | AsyncIterator[bytes] | None = None
+        if not chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:
+            body = await read_body(receive, headers, SMALL_REQUEST_BYTES)
+            body_done.set()
+        elif chunked or length is not None:
+            body = stream_body(receive, body_done)  # large uploads stream through
+        else:
             body_done.set()
         try:
             resp = await self.rt.upstream.open(scope["method"], raw_path(scope), scope.get("query_string", b""), headers, body)
@@ -123,18 +132,22 @@ class Guard:
                     resp.close()
                     return
 
-        watcher = asyncio.create_task(watch_disconnect())
+        watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
+            if not resp.content.is_eof():
+                # Only a response still arriving needs watching; most arrive whole with the headers.
+                watcher = asyncio.create_task(watch_disconnect())
             async for chunk in resp.content.iter_any():
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if not watcher.done():
+            if watcher is None or not watcher.done():
                 # The upstream broke mid-body: abort the client's connection too, so it sees a cut.
                 raise UpstreamBroken() from exc
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
             resp.release()
 
     # -- guarded ---------------------------------------------------------------------------
