@@ -138,3 +138,19 @@ class ServedProxy:
         self.stop()
         self.log.close()
         os.unlink(self.log.name)
+
+
+class PersistentRedisServer(RedisServer):
+    """A private redis-server whose data survives `stop()` (SIGKILL) and `start()` on the same
+    port and directory: an append-only file fsynced on every write (`appendfsync always`)."""
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        assert binary, "redis-server is not installed"
+        self.proc = subprocess.Popen(
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", self.dir],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_until(self._answers, 30, "redis-server to start (and load its append-only file)")
