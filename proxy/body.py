@@ -79,7 +79,7 @@ def read_price_fields(body: bytes, content_type: str | None) -> PriceFields:
 def _from_json(body: bytes) -> dict[str, object]:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise invalid("Request body is not valid JSON.") from exc
     if not isinstance(data, dict):
         raise invalid("Request body must be a JSON object.")

@@ -84,6 +84,8 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
 
 
 Refuse = Callable[[Rejected], None]
+# What reserve.lua refuses for; anything else it says is treated as the store being unavailable.
+REFUSAL_CODES = frozenset({"key_inactive", "key_expired", "key_limit", "credits", "budget"})
 # Unguarded request bodies up to this size are read whole and sent with their length; larger
 # ones (and chunked ones) stream through.
 SMALL_REQUEST_BYTES = 256 * 1024
@@ -295,6 +297,9 @@ class Guard:
             decision = await rt.store.reserve(request)
         except StoreError as exc:
             rt.store_ok = False
+            # The script may still run once Redis wakes up: release that hold (or tombstone it)
+            # from the settle retry loop, so a call we never forwarded holds nothing.
+            rt.pending_settles[request.hold_id] = 0
             self.unavailable(f"store error ({exc})")
             return None
         rt.store_ok = True
@@ -302,6 +307,9 @@ class Guard:
             assert decision.refusal is not None
             if decision.refusal.code in ("no_snapshot", "stale"):
                 self.unavailable(self.stale_reason(decision.refusal))
+                return None
+            if decision.refusal.code not in REFUSAL_CODES:
+                self.unavailable(f"reserve answered {decision.refusal.code!r}")
                 return None
             refuse(self.refusal(decision.refusal, call, budgets, now_s))  # raises unless shadow
             return None

@@ -54,8 +54,9 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def parse_yaml(file: str, content: bytes, problems: list[str]) -> dict[Any, Any] | None:
-    loader = _StrictLoader(content)
+    loader: _StrictLoader | None = None
     try:
+        loader = _StrictLoader(content)
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -66,8 +67,14 @@ def parse_yaml(file: str, content: bytes, problems: list[str]) -> dict[Any, Any]
     except yaml.YAMLError as exc:
         problems.append(f"{file}: top level: invalid YAML: {' '.join(str(exc).split())}")
         return None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors raise these for bad tagged scalars (`!!int x`, `!!bool maybe`,
+        # `!!set [a]`), huge integers and very deep nesting: still just invalid YAML to an operator.
+        problems.append(f"{file}: top level: invalid YAML: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+        return None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     problems.extend(f"{file}: {duplicate}" for duplicate in loader.duplicates)
     if data is None:  # an empty file, or only comments
         return {}
@@ -114,9 +121,15 @@ def _optional(check: _Check) -> _Check:
 
 def _number(value: object) -> float:
     # bool is an int subclass: `timeout_s: true` must not read as 1 second.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _Invalid(f"expected a number, got {_show(value)}")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _Invalid(f"expected a number, got {_show(value)}") from None
+    if not math.isfinite(number):
+        raise _Invalid(f"expected a number, got {_show(value)}")
+    return number
 
 
 def _positive_s(value: object) -> float:

@@ -69,7 +69,7 @@ class ReserveRequest:
 
 @dataclass(frozen=True)
 class Refusal:
-    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, duplicate
+    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled
     scope: str  # "key", "account", "budget:<id>"
     limit_micros: int
     spent_micros: int

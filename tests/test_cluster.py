@@ -294,13 +294,6 @@ def test_served_proxy_guards_a_call_end_to_end_on_a_cluster(tmp_path: Path, up, 
         assert owner.hlen("sg:{clu}:holds") == 0
 
 
-@pytest.mark.xfail(
-    raises=AssertionError,
-    strict=True,
-    reason="BUG: RedisCluster re-sends a reserve whose reply timed out; the script then answers "
-    "'duplicate' (its own first run held the money) and Guard.refusal() raises IndexError on scope "
-    "'hold': the client gets 500 and the hold is left to its lease, then charged",
-)
 def test_a_reserve_retried_by_the_cluster_client_is_not_a_500_and_leaks_no_hold(tmp_path: Path, up, flushed):
     # The account lives on a node other than the startup node, so the client can rediscover the
     # layout while that node is paused.

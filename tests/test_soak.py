@@ -290,13 +290,6 @@ def test_soak_mixed_calls_across_three_proxies_and_a_redis_restart_keep_the_ledg
         server.__exit__(None, None, None)
 
 
-@pytest.mark.xfail(
-    raises=TimeoutError,
-    strict=True,
-    reason="BUG: a reserve whose reply times out (Redis stalled > socket_timeout) is answered 503 and "
-    "not forwarded, but Redis runs the script when it wakes: the hold stays until its lease "
-    "(hold_ttl_s, 960 s) and is then charged in full for a call that never reached ImageRouter",
-)
 def test_a_reserve_that_timed_out_leaves_no_hold_behind(tmp_path, up):
     with RedisServer() as server, ServedProxy(policy_file(tmp_path, "stall"), up.url, server.url) as proxy:
         store = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2)

@@ -363,12 +363,22 @@ async def test_tight_scope_is_the_scope_with_least_room_left(store):
     assert d.allowed and (d.tight_scope, d.tight_remaining_micros) == ("key:week", USD)
 
 
-async def test_duplicate_hold_id_is_refused(store):
+async def test_a_resent_reserve_is_allowed_without_holding_twice(store):
+    # Redis Cluster's client re-sends a script whose reply was lost: the first run decided.
     await store.apply_snapshot(snap())
     assert (await store.reserve(req("h1", 1000))).allowed
     d = await store.reserve(req("h1", 1000))
-    assert not d.allowed and d.refusal is not None and d.refusal.code == "duplicate"
+    assert d.allowed and d.refusal is None
     assert await held(store, "acct") == 1000
+
+
+async def test_a_release_that_overtakes_its_reserve_cancels_it(store):
+    # The proxy gave up waiting for a reserve and released it; the reserve then runs late.
+    await store.apply_snapshot(snap())
+    assert await store.settle("late", 0, NOW_MS) is None
+    d = await store.reserve(req("late", 1000))
+    assert not d.allowed and d.refusal is not None and d.refusal.code == "cancelled"
+    assert await held(store, "acct") == 0
 
 
 # -- settle ---------------------------------------------------------------------------------

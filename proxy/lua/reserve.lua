@@ -8,7 +8,7 @@
 -- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
 -- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held}
 --      or {0, code, scope, limit, spent, held} with code in
---      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, duplicate
+--      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled
 local prefix = string.sub(KEYS[1], 1, -5)
 local now_ms = tonumber(ARGV[1])
 local hold_id = ARGV[2]
@@ -27,8 +27,14 @@ for _, id in ipairs(expired) do
   settle_hold(prefix, id, -1, now_ms)
 end
 
+-- A client that re-sends this script after a lost reply (Redis Cluster retries) finds its hold:
+-- the first run already decided, so this one is allowed without holding twice.
 if redis.call("HEXISTS", KEYS[2], hold_id) == 1 then
-  return {0, "duplicate", "hold", 0, 0, 0}
+  return {1, "", -1, "", "", 0, 0, 0}
+end
+-- The proxy gave up on this reserve (its reply timed out) and asked for a release first.
+if redis.call("EXISTS", prefix .. "tomb:" .. hold_id) == 1 then
+  return {0, "cancelled", "store", 0, 0, 0}
 end
 
 local snap = redis.call("HMGET", KEYS[1], "fetched_ms", "remaining")

@@ -1,10 +1,16 @@
 -- settle: end one hold exactly once (see settle_hold above).
 -- KEYS[1] holds (the prefix is derived from it)
 -- ARGV[1] hold_id  ARGV[2] cost (micros; -1 = charge the hold, 0 = release)  ARGV[3] now_ms
--- Returns the amount charged, or -1 if the hold was already settled or reclaimed.
+-- Returns the amount charged, or -1 if the hold was already settled or reclaimed (or not
+-- there yet: see the tombstone below).
 local prefix = string.sub(KEYS[1], 1, -6)
 local charged = settle_hold(prefix, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
 if charged == false then
+  if tonumber(ARGV[2]) == 0 then
+    -- Releasing a hold that is not there yet: its reserve may still be queued behind a stalled
+    -- Redis. Leave a tombstone so that reserve, when it runs, holds nothing.
+    redis.call("SET", prefix .. "tomb:" .. ARGV[1], "1", "PX", 86400000)
+  end
   return -1
 end
 return charged
