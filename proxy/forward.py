@@ -7,6 +7,7 @@ own path and query, whatever the Host header or an absolute-form target says.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterable, Iterable
 from urllib.parse import quote_from_bytes
 
@@ -30,8 +31,10 @@ HOP_BY_HOP_HEADERS = frozenset(
     }
 )
 # Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
+HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
+_ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
@@ -65,7 +68,12 @@ class Upstream:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
 
     def url_for(self, raw_path: bytes, query: bytes) -> URL:
-        path = quote_from_bytes(raw_path or b"/", safe=_PATH_SAFE)
+        raw_path = raw_path or b"/"
+        # Nearly every target is already in URL form: pass it as is, quote only what is not.
+        if _ALREADY_SAFE.fullmatch(raw_path):
+            path = raw_path.decode("ascii")
+        else:
+            path = quote_from_bytes(raw_path, safe=_PATH_SAFE)
         if not path.startswith("/"):
             path = "/" + path
         target = self.base_url + path
@@ -102,6 +110,17 @@ class Upstream:
 
 
 def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
-    pairs = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in resp.raw_headers]
-    """Upstream response headers for the client, hop-by-hop ones removed."""
-    return [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in strip_hop_by_hop(pairs)]
+    """Upstream response headers for the client (names lower-cased), hop-by-hop ones removed.
+
+    Works on the raw bytes: this runs for every response, and most carry no `Connection` list."""
+    raw = resp.raw_headers
+    listed: set[bytes] = set()
+    for name, value in raw:
+        if name.lower() == b"connection":
+            listed.update(token.strip().lower() for token in value.split(b","))
+    out = []
+    for name, value in raw:
+        lower = name.lower()
+        if lower not in HOP_BY_HOP_BYTES and lower not in listed:
+            out.append((lower, value))
+    return out

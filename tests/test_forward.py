@@ -90,3 +90,21 @@ def test_healthz_does_not_touch_the_upstream(make_proxy, up):
     assert p.client.get("/-/healthz").json() == {"status": "ok"}
     # only the refresher's own calls (credits, prices) ever reached the upstream
     assert {r.path for r in up.requests} <= {"/v1/credits", "/v2/models"}
+
+
+def test_response_headers_drop_hop_by_hop_and_connection_listed_ones():
+    from types import SimpleNamespace
+
+    from proxy.forward import response_headers
+
+    resp = SimpleNamespace(
+        raw_headers=(
+            (b"Content-Type", b"application/json"),
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"Transfer-Encoding", b"chunked"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Content-Encoding", b"gzip"),
+        )
+    )
+    assert response_headers(resp) == [(b"content-type", b"application/json"), (b"content-encoding", b"gzip")]
