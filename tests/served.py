@@ -5,6 +5,7 @@ Everything listens on 127.0.0.1 on a free port and is stopped by the context man
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -12,12 +13,36 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
 import httpx
 
+from tests.conftest import KEY_A
 from tests.standin import DEFAULT_ACCOUNT_KEY
+
+ALICE_SHA = hashlib.sha256(KEY_A.encode()).hexdigest()
+
+
+def alice_policy(
+    directory: Path, *, account: str, budget_usd: str, refresh_s: float = 1, shutdown_grace_s: float = 10
+) -> Path:
+    """A policy file for served proxies: key alice with one lifetime budget."""
+    path = directory / "policy.yaml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            account: {{name: {account}, refresh_s: {refresh_s}, max_staleness_s: 300}}
+            guard: {{shutdown_grace_s: {shutdown_grace_s}}}
+            keys:
+              - name: alice
+                key_sha256: {ALICE_SHA}
+                budgets: [{{limit_usd: {budget_usd}, period: null}}]
+            """
+        )
+    )
+    return path
 
 
 def free_port() -> int:

@@ -87,7 +87,6 @@ keys:
 
 def test_reload_with_a_broken_file_keeps_serving_the_old_policy(make_proxy, up):
     p = make_proxy(TEAM)
-    path = p.runtime.holder.path if hasattr(p.runtime.holder, "path") else p.app.settings.policy
     old_version = p.runtime.policy.version
     with open(p.app.settings.policy, "a") as f:
         f.write("guard: {on_store_eror: open}\n")
@@ -96,7 +95,6 @@ def test_reload_with_a_broken_file_keeps_serving_the_old_policy(make_proxy, up):
     r = p.generate(standin="cost=0.01")
     assert r.status_code == 200 and r.headers["x-spend-guard-policy"] == old_version
     assert metric(p, "spend_guard_policy_reload_failures") == 1
-    assert path
 
 
 def test_reload_with_a_good_file_applies_the_new_limits(make_proxy, up):

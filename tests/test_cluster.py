@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from proxy.store import (
     redis_client,
 )
 from tests.conftest import KEY_A
-from tests.served import ServedProxy, free_port, wait_until
+from tests.served import ServedProxy, alice_policy, free_port, wait_until
 
 pytestmark = pytest.mark.real
 
@@ -254,19 +253,7 @@ async def test_two_accounts_on_different_nodes_are_independent(flushed):
 
 
 def test_served_proxy_guards_a_call_end_to_end_on_a_cluster(tmp_path: Path, up, flushed):
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: clu, refresh_s: 1, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: 10}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: 0.60, period: null}}]
-            """
-        )
-    )
+    path = alice_policy(tmp_path, account="clu", budget_usd="0.60", refresh_s=1)
     with ServedProxy(path, up.url, flushed.url) as p1, ServedProxy(path, up.url, flushed.url) as p2:
         def call(proxy: ServedProxy, standin: str) -> httpx.Response:
             return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
@@ -300,19 +287,7 @@ def test_a_reserve_retried_by_the_cluster_client_is_not_a_500_and_leaks_no_hold(
     name = next(f"dup{i}" for i in range(1000) if flushed.owner(f"sg:{{dup{i}}}:holds") != flushed.ports[0])
     port = flushed.owner(f"sg:{{{name}}}:holds")
     proc = flushed.procs[flushed.ports.index(port)]
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: {name}, refresh_s: 60, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: 10}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: 50, period: null}}]
-            """
-        )
-    )
+    path = alice_policy(tmp_path, account=name, budget_usd="50", refresh_s=60)
     with ServedProxy(path, up.url, flushed.url) as proxy:
         def call() -> httpx.Response:
             return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},

@@ -336,9 +336,9 @@ def test_no_snapshot_yet_fails_closed(make_proxy, up):
 
 def test_upstream_unreachable_is_502_and_releases(make_proxy, up, monkeypatch):
     p = make_proxy(KEYS)
-    p.runtime.settings.__dict__  # settings are frozen; point the runtime's upstream elsewhere
     from proxy.forward import Upstream
 
+    # point the running proxy at a closed port (and keep it there across policy checks)
     p.runtime.upstream = Upstream(p.runtime.session, "http://127.0.0.1:9", 5, 1)
     monkeypatch.setattr(p.runtime, "apply_policy", lambda policy: None)
     r = p.generate()

@@ -6,7 +6,13 @@ import decimal
 
 import pytest
 
-from proxy.money import MAX_ABS_MICROS, MoneyError, format_usd, usd_to_micros, usd_to_micros_ceil
+from proxy.money import (
+    MAX_ABS_MICROS,
+    MoneyError,
+    format_usd,
+    usd_to_micros,
+    usd_to_micros_ceil,
+)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,8 @@ raw path spellings and shutdown behave as DESIGN §1, §3 and §5 say."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import hashlib
+import json
 import signal
 import socket
 import textwrap
@@ -14,28 +14,14 @@ import httpx
 import pytest
 
 from tests.conftest import KEY_A
-from tests.served import RedisServer, ServedProxy, wait_until
+from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
 
 SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 
-def policy_file(tmp_path, budget_usd: str = "3.00", extra: str = ""):
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: proc, refresh_s: 1, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: 20}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: {budget_usd}, period: null}}]
-            """
-        )
-        + extra
-    )
-    return path
+def policy_file(tmp_path, budget_usd: str = "3.00"):
+    return alice_policy(tmp_path, account="proc", budget_usd=budget_usd, shutdown_grace_s=20)
 
 
 def spent(proxy: ServedProxy) -> str:

@@ -10,7 +10,6 @@ import json
 import os
 import random
 import signal
-import textwrap
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -21,7 +20,13 @@ import pytest
 import redis
 
 from tests.conftest import KEY_A
-from tests.served import PersistentRedisServer, RedisServer, ServedProxy, wait_until
+from tests.served import (
+    PersistentRedisServer,
+    RedisServer,
+    ServedProxy,
+    alice_policy,
+    wait_until,
+)
 from tests.standin import fingerprint
 
 pytestmark = pytest.mark.real
@@ -36,20 +41,7 @@ SCOPE = "budget:key:alice:lifetime"
 
 
 def policy_file(tmp_path: Path, account: str = ACCOUNT) -> Path:
-    path = tmp_path / "policy.yaml"
-    path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: {account}, refresh_s: 1, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: 10}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: 100000, period: null}}]
-            """
-        )
-    )
-    return path
+    return alice_policy(tmp_path, account=account, budget_usd="100000")
 
 
 @dataclass

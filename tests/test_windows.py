@@ -6,7 +6,13 @@ import datetime as dt
 
 import pytest
 
-from proxy.windows import parse_timestamp_ms, to_ms, window_end, window_start, window_start_ms
+from proxy.windows import (
+    parse_timestamp_ms,
+    to_ms,
+    window_end,
+    window_start,
+    window_start_ms,
+)
 
 UTC = dt.timezone.utc
 MS = dt.timedelta(milliseconds=1)
