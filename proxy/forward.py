@@ -39,15 +39,12 @@ _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
 def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
     """Drop hop-by-hop headers and those the `Connection` header names (RFC 9110 §7.6.1)."""
-    pairs = list(headers)
-    listed = {
-        token.strip().lower()
-        for name, value in pairs
-        if name.lower() == "connection"
-        for token in value.split(",")
-    }
-    dropped = HOP_BY_HOP_HEADERS | listed | drop
-    return [(n, v) for n, v in pairs if n.lower() not in dropped]
+    lowered = [(name.lower(), name, value) for name, value in headers]
+    dropped = HOP_BY_HOP_HEADERS | drop
+    for lower, _, value in lowered:
+        if lower == "connection":
+            dropped = dropped | {token.strip().lower() for token in value.split(",")}
+    return [(name, value) for lower, name, value in lowered if lower not in dropped]
 
 
 def create_session(limit: int = 0) -> aiohttp.ClientSession:

@@ -8,6 +8,7 @@ is forwarded exactly as received (DESIGN §1 step 1).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class Match:
     ambiguous: bool = False  # spelled with an encoded separator: refuse, never guess
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical_path(raw_path: bytes) -> str:
     """Percent-decode, fold case, turn `\\` into `/`, resolve `.`/`..`, squeeze `//`, drop the trailing `/`."""
     decoded = unquote_to_bytes(raw_path).decode("utf-8", "replace").replace("\\", "/")
