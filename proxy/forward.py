@@ -33,6 +33,8 @@ HOP_BY_HOP_HEADERS = frozenset(
 # Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
 HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+_DROP_SIZED = frozenset({"host", "content-length"})
+_DROP_STREAMED = frozenset({"host"})
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
@@ -53,6 +55,7 @@ def create_session(limit: int = 0) -> aiohttp.ClientSession:
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
         connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=300, enable_cleanup_closed=True),
+        skip_auto_headers=SKIP_AUTO_HEADERS,  # once for the session, not per request
     )
 
 
@@ -88,14 +91,14 @@ class Upstream:
         body: bytes | AsyncIterable[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """Send the request; return the response with its headers read (body not yet read)."""
-        sent = strip_hop_by_hop(headers, drop=frozenset({"host", "content-length"} if body is None or isinstance(body, bytes) else {"host"}))
+        # A sized body gets its Content-Length from aiohttp; a streamed one keeps the client's.
+        sent = strip_hop_by_hop(headers, drop=_DROP_SIZED if body is None or isinstance(body, bytes) else _DROP_STREAMED)
         try:
             return await self.session.request(
                 method,
                 self.url_for(raw_path, query),
                 headers=sent,
                 data=body,
-                skip_auto_headers=SKIP_AUTO_HEADERS,
                 allow_redirects=False,
                 timeout=self.timeout,
                 compress=False,
