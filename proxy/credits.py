@@ -14,8 +14,8 @@ import logging
 import random
 import uuid
 from collections.abc import Callable
-from typing import TypeVar
 from dataclasses import dataclass
+from typing import TypeVar
 
 import aiohttp
 

@@ -8,22 +8,29 @@ else streams through untouched.
 from __future__ import annotations
 
 import asyncio
-import fnmatch
-import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
 
 import aiohttp
 
 from proxy.body import PriceFields, decode_content, read_price_fields
+from proxy.decisions import (
+    REFUSAL_CODES,
+    Call,
+    budget_holds,
+    budgets_for,
+    log_decision,
+    permits,
+    refusal,
+    stale_reason,
+)
 from proxy.errors import Rejected, StoreError, UpstreamError
 from proxy.forward import response_headers
 from proxy.money import format_usd
 from proxy.observers import observer_for
-from proxy.policy import Budget, KeyPolicy, ModelRules, Policy
+from proxy.policy import KeyPolicy, Policy
 from proxy.request import (
     bearer,
     fingerprint,
@@ -37,55 +44,16 @@ from proxy.request import (
 from proxy.routing import Match
 from proxy.runtime import Flight, Runtime
 from proxy.scanner import Outcome
-from proxy.store import BudgetHold, Decision, Refusal, ReserveRequest, row_ref
+from proxy.store import Decision, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
-from proxy.windows import format_ms, to_ms, window_end, window_start, window_start_ms
+from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
 access_log = logging.getLogger("spend_guard.access")
 
 
 
-@dataclass
-class Call:
-    """One guarded request on its way through; the fields feed the decision log line."""
-
-    request_id: str
-    started: float
-    route: str
-    key: KeyPolicy | None = None
-    key_name: str = "unknown"
-    model: str | None = None
-    hold_micros: int = 0
-    decision: str = "refused"
-    scope: str = ""
-    cost_micros: int | None = None
-    upstream_status: int | None = None
-    outcome: str = ""
-    client_gone: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-def budgets_for(policy: Policy, key: KeyPolicy | None) -> list[Budget]:
-    if key is None:
-        return []
-    group = policy.group_of(key)
-    return list(key.budgets) + (list(group.budgets) if group else [])
-
-
-def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
-    holds = []
-    for b in budgets:
-        start, end = window_start(b.period, now_s), window_end(b.period, now_s)
-        holds.append(
-            BudgetHold(b.id, b.limit_micros, b.shadow, 0 if start is None else to_ms(start), 0 if end is None else to_ms(end))
-        )
-    return holds
-
-
 Refuse = Callable[[Rejected], None]
-# What reserve.lua refuses for; anything else it says is treated as the store being unavailable.
-REFUSAL_CODES = frozenset({"key_inactive", "key_expired", "key_limit", "credits", "budget"})
 # Unguarded request bodies up to this size are read whole and sent with their length; larger
 # ones (and chunked ones) stream through.
 SMALL_REQUEST_BYTES = 256 * 1024
@@ -166,7 +134,7 @@ class Guard:
         except Rejected as exc:
             rt.metrics.decisions.labels("refused" if exc.status != 400 and exc.status != 413 else "invalid", exc.scope or "request", call.key_name).inc()
             call.decision, call.scope = "refused", exc.scope or exc.error_type
-            self.log_call(call, policy, error=exc.error_type)
+            log_decision(call, policy, error=exc.error_type)
             await exc.response(call.headers)(scope, receive, send)
             return
         body, flight = prepared
@@ -210,7 +178,7 @@ class Guard:
         model = prices.resolve(fields.model)
         call.model = model
         for rules in (policy.models.rules, key.rules if key else None):
-            if rules is not None and not _permits(rules, {model, fields.model}):
+            if rules is not None and not permits(rules, {model, fields.model}):
                 refuse(Rejected(403, "policy_violation", f"Model '{model}' is not allowed by policy for this key.", scope="policy"))
                 break
         hold = self.hold_for(match, fields, model, policy, refuse)
@@ -306,16 +274,16 @@ class Guard:
         if not decision.allowed:
             assert decision.refusal is not None
             if decision.refusal.code in ("no_snapshot", "stale"):
-                self.unavailable(self.stale_reason(decision.refusal))
+                self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s))
                 return None
             if decision.refusal.code not in REFUSAL_CODES:
                 self.unavailable(f"reserve answered {decision.refusal.code!r}")
                 return None
-            refuse(self.refusal(decision.refusal, call, budgets, now_s))  # raises unless shadow
+            refuse(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))  # raises unless shadow
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
-            would = self.refusal(decision.refusal, call, budgets, now_s)
+            would = refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
             if policy.mode == "shadow":
                 refuse(would)
             else:
@@ -329,51 +297,6 @@ class Guard:
             call.decision = "allowed"
             rt.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
         return flight
-
-    def stale_reason(self, refusal: Refusal) -> str:
-        if refusal.code == "no_snapshot":
-            return "no credits snapshot has been fetched from ImageRouter yet"
-        return (
-            f"the credits snapshot is {refusal.held_micros // 1000} s old "
-            f"(max_staleness_s={self.rt.policy.account.max_staleness_s:g})"
-        )
-
-    def refusal(self, r: Refusal, call: Call, budgets: list[Budget], now_s: float) -> Rejected:
-        spent, held, limit = format_usd(r.spent_micros), format_usd(r.held_micros), format_usd(r.limit_micros)
-        this = format_usd(call.hold_micros)
-        key = f"Key '{call.key_name}'" if call.key else "This key"
-        if r.code == "key_inactive":
-            return Rejected(403, "key_inactive", f"{key} is inactive at ImageRouter.", scope="key")
-        if r.code == "key_expired":
-            return Rejected(403, "key_expired", f"{key} has expired at ImageRouter.", scope="key")
-        if r.code == "credits":
-            floor = self.rt.policy.account.min_remaining_micros
-            return Rejected(
-                402,
-                "insufficient_credits",
-                f"Account credits would drop below the floor of ${format_usd(floor)}: available above the floor "
-                f"${limit}, settled since the last snapshot ${spent}, held by calls in flight ${held}, "
-                f"this call holds up to ${this}. Top up the ImageRouter account.",
-                scope="account",
-            )
-        period: str | None = None
-        if r.code == "key_limit":
-            period = r.scope.split(":", 1)[1]
-            what = f"{key}'s ImageRouter spend limit of ${limit} per {period}"
-        else:
-            budget_id = r.scope.split(":", 1)[1]
-            budget = next((b for b in budgets if b.id == budget_id), None)
-            period = (budget.period if budget else None) or "lifetime"
-            what = f"Budget '{budget_id}' of ${limit} per {period}"
-        message = f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
-        headers = {}
-        reset = window_end(period if period in ("day", "week", "month") else None, now_s)  # type: ignore[arg-type]
-        if reset is not None:
-            message += f" The window resets at {format_ms(to_ms(reset))}."
-            headers["Retry-After"] = str(max(1, int(reset.timestamp() - now_s) + 1))
-        else:
-            message += " This is a lifetime limit; it does not reset."
-        return Rejected(402, "spend_limit_exceeded", message, scope=r.scope, headers=headers)
 
     def remaining_headers(self, call: Call, decision: Decision) -> None:
         if decision.tight_scope:
@@ -432,7 +355,7 @@ class Guard:
             rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
             if flight is not None:
                 await asyncio.shield(self.settle(flight, outcome, call))
-            self.log_call(call, policy)
+            log_decision(call, policy)
 
     async def settle(self, flight: Flight, outcome: Outcome, call: Call) -> None:
         """Exactly once per reservation: error -> release, cost -> charge it, else charge the hold."""
@@ -458,27 +381,6 @@ class Guard:
             rt.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             rt.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
 
-    def log_call(self, call: Call, policy: Policy, error: str | None = None) -> None:
-        record = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "request_id": call.request_id,
-            "decision": call.decision,
-            "scope": call.scope or None,
-            "key": call.key_name,
-            "route": call.route,
-            "model": call.model,
-            "hold_usd": format_usd(call.hold_micros) if call.hold_micros else None,
-            "cost_usd": None if call.cost_micros is None else format_usd(call.cost_micros),
-            "outcome": call.outcome or None,
-            "upstream_status": call.upstream_status,
-            "latency_ms": round((time.perf_counter() - call.started) * 1000, 1),
-            "policy_version": policy.version,
-        }
-        if error:
-            record["error"] = error
-        access_log.info(json.dumps(record, separators=(",", ":")))
-
-
 class UpstreamBroken(Exception):
     """Raised after the response started, so the server aborts the client's connection."""
 
@@ -491,13 +393,6 @@ async def settle_pending(runtime: Runtime) -> None:
         except StoreError:
             return
         runtime.pending_settles.pop(hold_id, None)
-
-
-def _permits(rules: ModelRules, names: set[str]) -> bool:
-    """Deny wins if any spelling (alias or resolved id) matches; an allow list needs one match."""
-    if any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.deny):
-        return False
-    return not rules.allow or any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.allow)
 
 
 __all__ = ["Guard", "UpstreamBroken", "settle_pending"]

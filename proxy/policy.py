@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-
 from proxy.errors import PolicyError
 
 Period = Literal["day", "week", "month"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from proxy.decisions import budget_holds, budgets_for
 from proxy.errors import Rejected
-from proxy.guard import budget_holds, budgets_for
 from proxy.money import format_usd
 from proxy.policy import KeyPolicy, Policy
 from proxy.request import BEARER_RE, fingerprint
