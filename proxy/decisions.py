@@ -36,7 +36,6 @@ class Call:
     cost_micros: int | None = None
     upstream_status: int | None = None
     outcome: str = ""
-    client_gone: bool = False
     headers: dict[str, str] = field(default_factory=dict)
 
 

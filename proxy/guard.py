@@ -264,13 +264,11 @@ class Guard:
         try:
             decision = await rt.store.reserve(request)
         except StoreError as exc:
-            rt.store_ok = False
             # The script may still run once Redis wakes up: release that hold (or tombstone it)
             # from the settle retry loop, so a call we never forwarded holds nothing.
             rt.pending_settles[request.hold_id] = 0
             self.unavailable(f"store error ({exc})")
             return None
-        rt.store_ok = True
         if not decision.allowed:
             assert decision.refusal is not None
             if decision.refusal.code in ("no_snapshot", "stale"):

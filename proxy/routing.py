@@ -17,7 +17,6 @@ from urllib.parse import unquote_to_bytes
 from proxy.types import RouteKind
 
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c)", re.IGNORECASE)
-OWN_PREFIX = "/-/"
 
 
 @dataclass(frozen=True)

@@ -49,7 +49,6 @@ class Runtime:
     flights: dict[str, Flight] = field(default_factory=dict)
     pending_settles: dict[str, int | None] = field(default_factory=dict)
     draining: bool = False
-    store_ok: bool = True
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
