@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import textwrap
 from collections.abc import Callable, Iterator
@@ -23,6 +24,17 @@ REAL_REDIS_URL = os.environ.get("SPEND_GUARD_TEST_REDIS_URL", "")
 ACCOUNT_KEY = "sk-account-" + "0" * 53
 KEY_A = "sk-a-" + "a" * 59
 KEY_B = "sk-b-" + "b" * 59
+SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
+
+
+def alice_keys(budgets: str) -> str:
+    """A policy `keys:` block with key alice (KEY_A) and the given budgets list, in YAML."""
+    return f"""
+keys:
+  - name: alice
+    key_sha256: {SHA_A}
+    budgets: {budgets}
+"""
 
 
 def _assert_local(url: str) -> None:

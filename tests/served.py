@@ -5,7 +5,6 @@ Everything listens on 127.0.0.1 on a free port and is stopped by the context man
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import signal
@@ -19,10 +18,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import KEY_A
+from tests.conftest import SHA_A
 from tests.standin import DEFAULT_ACCOUNT_KEY
-
-ALICE_SHA = hashlib.sha256(KEY_A.encode()).hexdigest()
 
 
 def alice_policy(
@@ -37,7 +34,7 @@ def alice_policy(
             guard: {{shutdown_grace_s: {shutdown_grace_s}}}
             keys:
               - name: alice
-                key_sha256: {ALICE_SHA}
+                key_sha256: {SHA_A}
                 budgets: [{{limit_usd: {budget_usd}, period: null}}]
             """
         )

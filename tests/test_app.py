@@ -12,10 +12,9 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B
+from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, alice_keys
 from tests.standin import key_row
 
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 TEAM = f"""
 groups:
@@ -69,14 +68,7 @@ def test_global_shadow_mode_forwards_what_it_would_refuse_and_counts_it(make_pro
 
 
 def test_shadow_budget_forwards_while_enforced_budget_refuses(make_proxy, up):
-    p = make_proxy(
-        f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 0.50, period: day, mode: shadow}}, {{limit_usd: 1.00, period: month}}]
-"""
-    )
+    p = make_proxy(alice_keys("[{limit_usd: 0.50, period: day, mode: shadow}, {limit_usd: 1.00, period: month}]"))
     assert p.generate(standin="cost=0.3").status_code == 200
     assert p.generate(standin="cost=0.3").status_code == 200  # over the shadow day budget: forwarded
     assert metric(p, "spend_guard_decisions_total", outcome="would_refuse", scope="budget:key:alice:day", key="alice") == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hashlib
 import shutil
 import signal
 import subprocess
@@ -35,7 +34,6 @@ from tests.served import ServedProxy, alice_policy, free_port, wait_until
 
 pytestmark = pytest.mark.real
 
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 DAY_MS = 86_400_000
 

@@ -6,9 +6,7 @@ import hashlib
 import json
 
 from proxy.forward import strip_hop_by_hop
-from tests.conftest import KEY_A
-
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
+from tests.conftest import KEY_A, alice_keys
 
 
 def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):
@@ -57,14 +55,7 @@ def test_upstream_errors_pass_through_unchanged(make_proxy, up):
 
 
 def test_large_b64_result_streams_through_and_settles(make_proxy, up):
-    p = make_proxy(
-        f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 10, period: null}}]
-"""
-    )
+    p = make_proxy(alice_keys("[{limit_usd: 10, period: null}]"))
     size = 20 * 1024 * 1024
     r = p.generate(standin=f"b64={size},cost=0.2")
     assert r.status_code == 200

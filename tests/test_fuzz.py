@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from proxy.errors import PolicyError
 from proxy.policy import load_policy
 from proxy.routing import canonical_path
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B
+from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
 
 # Hypothesis imports its patch writer (and libcst, which warns on import) only when it reports a
 # falsifying example; under `filterwarnings = error` that turns the report into an INTERNALERROR.
@@ -43,7 +43,6 @@ with warnings.catch_warnings():
         pass
 
 FAKE = pytest.mark.parametrize("store_target", [pytest.param("fake", marks=pytest.mark.fake)], indirect=True)
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEY_C = "sk-c-" + "c" * 59  # a well-formed key the policy does not know
 SECRETS = (KEY_A, KEY_B, KEY_C, ACCOUNT_KEY)

@@ -8,10 +8,9 @@ import json
 
 import pytest
 
-from tests.conftest import KEY_A, KEY_B
+from tests.conftest import KEY_A, KEY_B, SHA_A, alice_keys
 from tests.standin import key_row
 
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEYS = f"""
 keys:
@@ -171,14 +170,7 @@ def test_inactive_or_expired_key_is_403(make_proxy, up, row, error_type):
 
 
 def test_local_budget_refuses_and_names_the_budget(make_proxy, up):
-    p = make_proxy(
-        f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 0.50, period: month}}]
-"""
-    )
+    p = make_proxy(alice_keys("[{limit_usd: 0.50, period: month}]"))
     assert p.generate(standin="cost=0.3").status_code == 200
     r = p.generate()
     assert r.status_code == 402
@@ -268,14 +260,7 @@ def test_multipart_and_gzip_request_bodies_are_priced_and_forwarded_byte_for_byt
 )
 def test_path_spellings_never_reach_a_spending_route_unguarded(make_proxy, up, path):
     # Dot segments and `//` are normalised by httpx itself; test_processes sends them raw.
-    p = make_proxy(
-        f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 0, period: day}}]
-"""
-    )
+    p = make_proxy(alice_keys("[{limit_usd: 0, period: day}]"))
     model = "google/veo-3.1" if "videos" in path else "openai/gpt-image-1"
     r = p.client.post(path, json={"model": model}, headers={"Authorization": f"Bearer {KEY_A}"})
     assert r.status_code in (400, 402), (path, r.status_code, r.text)

@@ -13,10 +13,9 @@ import textwrap
 import httpx
 import pytest
 
-from tests.conftest import KEY_A
+from tests.conftest import KEY_A, SHA_A
 from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
 
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 
 import pytest
 import redis
 
-from tests.conftest import KEY_A, StoreTarget
+from tests.conftest import SHA_A, StoreTarget
 from tests.served import RedisServer
 
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 SENTINEL = "spend-guard-test-done"
 
 
