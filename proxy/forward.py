@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterable, Iterable
+from dataclasses import dataclass
 from urllib.parse import quote_from_bytes
 
 import aiohttp
@@ -30,23 +31,54 @@ HOP_BY_HOP_HEADERS = frozenset(
         "upgrade",
     }
 )
-# Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
 HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
+# Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_DROP_SIZED = frozenset({"host", "content-length"})
-_DROP_STREAMED = frozenset({"host"})
+# Never forwarded as sent: aiohttp writes Host for the upstream and Content-Length for the body it sends.
+_REWRITTEN = frozenset({b"host", b"content-length"})
+_NOTHING: frozenset[bytes] = frozenset()
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
 
-def strip_hop_by_hop(headers: Iterable[tuple[str, str]], *, drop: frozenset[str] = frozenset()) -> list[tuple[str, str]]:
-    """Drop hop-by-hop headers and those the `Connection` header names (RFC 9110 §7.6.1)."""
-    lowered = [(name.lower(), name, value) for name, value in headers]
-    dropped = HOP_BY_HOP_HEADERS | drop
-    for lower, _, value in lowered:
-        if lower == "connection":
-            dropped = dropped | {token.strip().lower() for token in value.split(",")}
-    return [(name, value) for lower, name, value in lowered if lower not in dropped]
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """The client's request headers as they go upstream, read in one pass over the raw pairs."""
+
+    sent: list[tuple[str, str]]  # hop-by-hop, Connection-listed, Host and Content-Length removed
+    content_length: str | None
+    chunked: bool
+
+
+def request_head(raw: Iterable[tuple[bytes, bytes]], *, drop: frozenset[bytes] = _NOTHING) -> RequestHead:
+    """Split the client's headers (RFC 9110 §7.6.1): `drop` names more to leave out (lower-case)."""
+    sent: list[tuple[str, str]] = []
+    length: str | None = None
+    chunked = False
+    listed: set[bytes] | None = None
+    for name, value in raw:
+        lower = name.lower()
+        if lower in HOP_BY_HOP_BYTES or lower in _REWRITTEN or lower in drop:
+            if lower == b"content-length":
+                length = value.decode("latin-1")
+            elif lower == b"transfer-encoding":
+                chunked = True
+            elif lower == b"connection":
+                listed = _connection_tokens(value, listed)
+            continue
+        sent.append((lower.decode("latin-1"), value.decode("latin-1")))
+    if listed:
+        names = {token.decode("latin-1") for token in listed}
+        sent = [(name, value) for name, value in sent if name not in names]
+    return RequestHead(sent, length, chunked)
+
+
+def _connection_tokens(value: bytes, listed: set[bytes] | None) -> set[bytes] | None:
+    """The names a `Connection` header lists, beyond the hop-by-hop ones dropped anyway."""
+    tokens = {token.strip().lower() for token in value.split(b",")} - HOP_BY_HOP_BYTES - {b"close", b""}
+    if not tokens:
+        return listed
+    return tokens if listed is None else listed | tokens
 
 
 def create_session(limit: int = 0) -> aiohttp.ClientSession:
@@ -65,7 +97,7 @@ class Upstream:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float, connect_timeout_s: float) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=timeout_s, connect=connect_timeout_s)
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
 
     def url_for(self, raw_path: bytes, query: bytes) -> URL:
         raw_path = raw_path or b"/"
@@ -87,12 +119,11 @@ class Upstream:
         method: str,
         raw_path: bytes,
         query: bytes,
-        headers: list[tuple[str, str]],
+        sent: list[tuple[str, str]],
         body: bytes | AsyncIterable[bytes] | None,
     ) -> aiohttp.ClientResponse:
-        """Send the request; return the response with its headers read (body not yet read)."""
-        # A sized body gets its Content-Length from aiohttp; a streamed one keeps the client's.
-        sent = strip_hop_by_hop(headers, drop=_DROP_SIZED if body is None or isinstance(body, bytes) else _DROP_STREAMED)
+        """Send the request (`sent`: headers from `request_head`); return the response with its
+        headers read (body not yet read). aiohttp writes Content-Length for a sized body."""
         try:
             return await self.session.request(
                 method,
@@ -112,15 +143,17 @@ class Upstream:
 def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     """Upstream response headers for the client (names lower-cased), hop-by-hop ones removed.
 
-    Works on the raw bytes: this runs for every response, and most carry no `Connection` list."""
-    raw = resp.raw_headers
-    listed: set[bytes] = set()
-    for name, value in raw:
-        if name.lower() == b"connection":
-            listed.update(token.strip().lower() for token in value.split(b","))
+    Works on the raw bytes in one pass: this runs for every response, and a `Connection` header
+    rarely lists anything beyond `keep-alive` or `close`."""
     out = []
-    for name, value in raw:
+    listed: set[bytes] | None = None
+    for name, value in resp.raw_headers:
         lower = name.lower()
-        if lower not in HOP_BY_HOP_BYTES and lower not in listed:
-            out.append((lower, value))
+        if lower in HOP_BY_HOP_BYTES:
+            if lower == b"connection":
+                listed = _connection_tokens(value, listed)
+            continue
+        out.append((lower, value))
+    if listed:
+        out = [(name, value) for name, value in out if name not in listed]
     return out

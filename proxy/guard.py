@@ -27,7 +27,7 @@ from proxy.decisions import (
     stale_reason,
 )
 from proxy.errors import Rejected, StoreError, UpstreamError
-from proxy.forward import response_headers
+from proxy.forward import request_head, response_headers
 from proxy.money import format_usd
 from proxy.observers import observer_for
 from proxy.policy import KeyPolicy, Policy
@@ -57,6 +57,8 @@ Refuse = Callable[[Rejected], None]
 # Unguarded request bodies up to this size are read whole and sent with their length; larger
 # ones (and chunked ones) stream through.
 SMALL_REQUEST_BYTES = 256 * 1024
+# A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed).
+REQUEST_ID_HEADER = frozenset({b"x-request-id"})
 
 
 class Guard:
@@ -66,29 +68,31 @@ class Guard:
         self.rt = runtime
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = self.rt.routes.classify(scope["method"], raw_path(scope))
+        path = raw_path(scope)
+        match = self.rt.routes.classify(scope["method"], path)
         if match.kind is None:
-            await self.passthrough(scope, receive, send)
+            await self.passthrough(scope, receive, send, path)
         else:
-            await self.guarded(scope, receive, send, match)
+            await self.guarded(scope, receive, send, match, path)
 
     # -- unguarded -------------------------------------------------------------------------
 
-    async def passthrough(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = header_pairs(scope)
-        length = header(headers, "content-length")
-        chunked = header(headers, "transfer-encoding") is not None
+    async def passthrough(self, scope: Scope, receive: Receive, send: Send, path: bytes) -> None:
+        head = request_head(scope["headers"])
+        length, sent = head.content_length, head.sent
         body_done = asyncio.Event()
         body: bytes | AsyncIterator[bytes] | None = None
-        if not chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:
-            body = await read_body(receive, headers, SMALL_REQUEST_BYTES)
+        if not head.chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:
+            body = await read_body(receive, length, SMALL_REQUEST_BYTES)
             body_done.set()
-        elif chunked or length is not None:
+        elif head.chunked or length is not None:
             body = stream_body(receive, body_done)  # large uploads stream through
+            if length is not None:
+                sent.append(("content-length", length))  # a streamed body keeps the length it declared
         else:
             body_done.set()
         try:
-            resp = await self.rt.upstream.open(scope["method"], raw_path(scope), scope.get("query_string", b""), headers, body)
+            resp = await self.rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent, body)
         except UpstreamError as exc:
             await exc.response()(scope, receive, send)
             return
@@ -122,7 +126,7 @@ class Guard:
 
     # -- guarded ---------------------------------------------------------------------------
 
-    async def guarded(self, scope: Scope, receive: Receive, send: Send, match: Match) -> None:
+    async def guarded(self, scope: Scope, receive: Receive, send: Send, match: Match, path: bytes) -> None:
         rt = self.rt
         policy = rt.policy
         headers = header_pairs(scope)
@@ -139,7 +143,7 @@ class Guard:
             return
         body, flight = prepared
         rt.metrics.overhead.observe(time.perf_counter() - call.started)
-        await self.forward(scope, receive, send, headers, body, flight, call, policy)
+        await self.forward(scope, receive, send, path, body, flight, call, policy)
 
     async def prepare(
         self, scope: Scope, receive: Receive, headers: list[tuple[str, str]], match: Match, policy: Policy, call: Call
@@ -171,7 +175,7 @@ class Guard:
         if not match.enabled:
             refuse(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
 
-        raw = await read_body(receive, headers, policy.guard.max_body_bytes)
+        raw = await read_body(receive, header(headers, "content-length"), policy.guard.max_body_bytes)
         decoded = decode_content(raw, header(headers, "content-encoding"), policy.guard.max_body_bytes)
         fields = read_price_fields(decoded, header(headers, "content-type"))
         prices = rt.refresher.prices
@@ -306,7 +310,7 @@ class Guard:
         scope: Scope,
         receive: Receive,
         send: Send,
-        headers: list[tuple[str, str]],
+        path: bytes,
         body: bytes,
         flight: Flight | None,
         call: Call,
@@ -315,18 +319,19 @@ class Guard:
         rt = self.rt
         if flight is None and call.decision != "would_refuse":
             call.decision = "unguarded"
-        sent_headers = [(n, v) for n, v in headers if n.lower() != "x-request-id"] + [("X-Request-Id", call.request_id)]
+        sent_headers = request_head(scope["headers"], drop=REQUEST_ID_HEADER).sent + [("X-Request-Id", call.request_id)]
         outcome = Outcome("unknown")
         forwarded_at = time.perf_counter()
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
-                resp = await rt.upstream.open(scope["method"], raw_path(scope), scope.get("query_string", b""), sent_headers, body)
+                resp = await rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent_headers, body)
             except UpstreamError as exc:
-                # Nothing was received from ImageRouter. A connect failure never reached it
-                # (release); a timeout or broken connection might have been billed (charge the hold).
+                # Nothing was received from ImageRouter. A connect that failed or timed out never
+                # reached it (release); a later timeout or broken connection might have been billed
+                # (charge the hold).
                 cause = exc.__cause__
-                if isinstance(cause, aiohttp.ClientConnectorError):
+                if isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
                     outcome = Outcome("error")
                 call.upstream_status, call.outcome = exc.status, "upstream_error"
                 await exc.response(call.headers)(scope, receive, send)

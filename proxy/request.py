@@ -60,8 +60,8 @@ def bearer(headers: list[tuple[str, str]]) -> str | None:
     return m.group(1) if m else None
 
 
-async def read_body(receive: Receive, headers: list[tuple[str, str]], max_bytes: int) -> bytes:
-    declared = header(headers, "content-length")
+async def read_body(receive: Receive, declared: str | None, max_bytes: int) -> bytes:
+    """The whole body; `declared` is the request's Content-Length, if any."""
     if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
         raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
     chunks: list[bytes] = []

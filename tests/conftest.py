@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -154,6 +155,17 @@ def make_proxy(up: StandIn, store_target: StoreTarget, write_policy: Callable[[s
     yield make
     for client in reversed(started):
         client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that never completes a TCP handshake: its one-place accept queue is
+    already full, so Linux drops every further SYN and a connect hangs until its timeout."""
+    with socket.socket() as listener, socket.socket() as filler:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        filler.connect(listener.getsockname())
+        yield listener.getsockname()[1]
 
 
 _real_skipped: list[str] = []

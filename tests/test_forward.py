@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
-from proxy.forward import strip_hop_by_hop
+from proxy.forward import request_head, response_headers
 from tests.conftest import KEY_A, alice_keys
 
 
@@ -41,10 +42,21 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped_on_the_way_up(make
     assert not names & {"x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade"}
 
 
-def test_strip_hop_by_hop_handles_both_directions():
-    pairs = [("Connection", "close, X-A"), ("X-A", "1"), ("Transfer-Encoding", "chunked"), ("Content-Encoding", "gzip"),
-             ("Content-Length", "10"), ("X-B", "2")]
-    assert strip_hop_by_hop(pairs) == [("Content-Encoding", "gzip"), ("Content-Length", "10"), ("X-B", "2")]
+def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
+    raw = [(b"Connection", b"close, X-A"), (b"Host", b"evil.example"), (b"X-A", b"1"), (b"Transfer-Encoding", b"chunked"),
+           (b"Content-Encoding", b"gzip"), (b"Content-Length", b"10"), (b"connection", b"X-C"), (b"X-C", b"3"), (b"X-B", b"2")]
+    head = request_head(raw)
+    assert head.sent == [("content-encoding", "gzip"), ("x-b", "2")]
+    assert head.content_length == "10" and head.chunked
+    assert request_head([(b"x-request-id", b"abc"), (b"x-b", b"2")], drop=frozenset({b"x-request-id"})).sent == [("x-b", "2")]
+
+
+def test_response_headers_drop_hop_by_hop_and_connection_listed_ones():
+    class Resp:
+        raw_headers = ((b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
+                       (b"Content-Length", b"10"), (b"X-B", b"2"))
+
+    assert response_headers(Resp()) == [(b"content-length", b"10"), (b"x-b", b"2")]  # type: ignore[arg-type]
 
 
 def test_upstream_errors_pass_through_unchanged(make_proxy, up):
@@ -74,6 +86,20 @@ def test_unreachable_upstream_on_an_unguarded_route_is_502_in_the_envelope(make_
     r = p.client.get("/v1/models")
     assert r.status_code == 502
     assert r.json()["error"]["type"] == "upstream_error"
+
+
+def test_upstream_that_never_accepts_is_504_after_the_connect_timeout(make_proxy, up, monkeypatch, silent_port):
+    from proxy.forward import Upstream
+
+    p = make_proxy()
+    # connect timeout 0.5 s, read timeout 120 s: the answer must come from the connect timeout
+    p.runtime.upstream = Upstream(p.runtime.session, f"http://127.0.0.1:{silent_port}", 120, 0.5)
+    monkeypatch.setattr(p.runtime, "apply_policy", lambda policy: None)
+    started = time.monotonic()
+    r = p.client.get("/v1/models")
+    assert r.status_code == 504
+    assert r.json() == {"error": {"message": "ImageRouter did not answer in time (upstream timeout).", "type": "upstream_error"}}
+    assert time.monotonic() - started < 60  # half the read timeout: the connect timeout fired
 
 
 def test_healthz_does_not_touch_the_upstream(make_proxy, up):

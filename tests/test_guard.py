@@ -332,6 +332,19 @@ def test_upstream_unreachable_is_502_and_releases(make_proxy, up, monkeypatch):
     assert open_holds(p) == 0
 
 
+def test_upstream_connect_timeout_is_504_and_releases(make_proxy, up, monkeypatch, silent_port):
+    p = make_proxy(KEYS)
+    from proxy.forward import Upstream
+
+    # The handshake never completes, so nothing was sent: the hold is released, not charged.
+    p.runtime.upstream = Upstream(p.runtime.session, f"http://127.0.0.1:{silent_port}", 120, 0.3)
+    monkeypatch.setattr(p.runtime, "apply_policy", lambda policy: None)
+    r = p.generate()
+    assert r.status_code == 504 and envelope(r)["type"] == "upstream_error"
+    assert spent(p, "budget:key:alice:lifetime") == "0.0000"
+    assert open_holds(p) == 0
+
+
 def test_upstream_timeout_is_504_and_charges_the_hold(make_proxy, up):
     p = make_proxy(KEYS + "upstream: {timeout_s: 0.3}\nguard: {hold_ttl_s: 60}\n")
     r = p.generate(standin="slow=2")
