@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import sys
 from collections.abc import Callable
@@ -257,10 +258,16 @@ def create_app(
     redis_factory: Callable[[], aioredis.Redis] | None = None,
 ) -> SpendGuardApp:
     """Build the app; with no arguments everything comes from `SPEND_GUARD_*` (uvicorn factory mode)."""
+    served = settings is None
     if settings is None:
         settings = Settings.from_env()
         configure_logging(settings.log_level)
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
     factory = redis_factory or (lambda: redis_client(settings.redis_url))
-    return SpendGuardApp(settings, policy, clock=clock or SystemClock(), redis_factory=factory)
+    app = SpendGuardApp(settings, policy, clock=clock or SystemClock(), redis_factory=factory)
+    if served:
+        # What exists now (modules, policy, app) lives as long as the worker: keep it out of the
+        # cyclic collector, which would otherwise rescan it on every full collection under load.
+        gc.freeze()
+    return app
