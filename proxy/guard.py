@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
@@ -254,7 +254,7 @@ class Guard:
         now_ms = int(now_s * 1000)
         budgets = budgets_for(policy, key)
         request = ReserveRequest(
-            hold_id=uuid.uuid4().hex,
+            hold_id=os.urandom(16).hex(),  # 128 random bits (uuid4 has 122) at a fifth of its cost
             amount_micros=hold,
             now_ms=now_ms,
             lease_expiry_ms=now_ms + int(policy.guard.hold_ttl_s * 1000),

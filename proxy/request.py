@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import re
-import uuid
 from collections.abc import AsyncIterator
 
 from proxy.errors import Rejected
@@ -49,7 +49,7 @@ def request_id(headers: list[tuple[str, str]]) -> str:
     given = header(headers, "x-request-id")
     if given and REQUEST_ID_RE.match(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def bearer(headers: list[tuple[str, str]]) -> str | None:
