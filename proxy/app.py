@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
@@ -122,7 +122,7 @@ class SpendGuardApp:
         self.runtime = Runtime(self.settings, holder, store, session, refresher, self.metrics, self.clock)
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
-        self.metrics.policy_reload_failures.set_function(lambda: holder.reloads_failed)
+        self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
         if not self.settings.redis_url:
             log.warning("store: embedded in-process store; state is not shared with any other process")
         loop = asyncio.get_running_loop()
@@ -186,6 +186,7 @@ class SpendGuardApp:
         await rt.session.close()
         with contextlib.suppress(Exception):
             await rt.store.client.aclose()
+        self.metrics.close()
         self.guard = None
 
     # -- own endpoints ---------------------------------------------------------------------
@@ -225,7 +226,7 @@ class SpendGuardApp:
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
-        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def me(self, request: Request) -> Response:
         if self.runtime is None:

@@ -6,7 +6,9 @@ import asyncio
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 from typing import Any
 
 import click
@@ -55,9 +57,24 @@ def serve(host: str, port: int, policy_path: str | None, upstream: str | None, r
 
 
 def run(settings: Settings, policy: Policy) -> None:
-    import uvicorn
+    from proxy.metrics import MULTIPROCESS_DIR_ENV
 
     os.environ.update(settings.to_env())
+    metrics_dir = None
+    if settings.workers > 1 and not os.environ.get(MULTIPROCESS_DIR_ENV):
+        # Each worker writes its metrics here and a scrape of any worker sums them all.
+        metrics_dir = tempfile.mkdtemp(prefix="spend-guard-metrics-")
+        os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
+    try:
+        _serve(settings, policy)
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _serve(settings: Settings, policy: Policy) -> None:
+    import uvicorn
+
     uvicorn.run(
         "proxy.app:create_app",
         factory=True,

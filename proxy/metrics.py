@@ -1,22 +1,52 @@
 """Prometheus metrics, one registry per app (tests build many apps in one process).
 
 No secret and no fingerprint is ever a label: keys appear by their policy name, or `unknown`.
+With `--workers N` a scrape reaches one worker, so `serve` points prometheus_client's multiprocess
+mode at a directory the workers share (`PROMETHEUS_MULTIPROC_DIR`) and every scrape reports the
+sum over all workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+from prometheus_client.registry import Collector
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
 
 
+class Computed(Collector):
+    """Gauges computed when scraped, by the process answering the scrape (never stored in files)."""
+
+    def __init__(self) -> None:
+        self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+
+    def add(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        self.gauges[name] = (documentation, value)
+
+    def describe(self) -> list[Metric]:
+        return []  # registering must not call the functions (the app is not started yet)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, (documentation, value) in self.gauges.items():
+            yield GaugeMetricFamily(name, documentation, value=value())
+
+
 class Metrics:
     def __init__(self) -> None:
+        # Set by `serve` for several workers; read here, as prometheus_client read it on import.
+        self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_ENV) or None
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.computed = Computed()
+        r.register(self.computed)
         self.decisions = Counter(
             "spend_guard_decisions",
             "Guarded requests by outcome (allowed, refused, would_refuse, unguarded, invalid), scope and key name.",
@@ -38,18 +68,15 @@ class Metrics:
         self.policy_reloads = Counter(
             "spend_guard_policy_reloads", "Policy reloads by result.", ["result"], registry=r
         )
-        self.policy_reload_failures = Gauge(
-            "spend_guard_policy_reload_failures",
-            "Policy reloads that failed validation since start (the old policy kept serving).",
-            registry=r,
-        )
         self.settle_retries = Counter(
             "spend_guard_settle_retries", "Settles that failed against the store and were retried.", registry=r
         )
-        self.snapshot_age = Gauge(
-            "spend_guard_snapshot_age_seconds", "Age of the credits snapshot this instance last saw.", registry=r
+        self.inflight = Gauge(
+            "spend_guard_inflight_holds",
+            "Reservations open in this instance (all its workers).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
-        self.inflight = Gauge("spend_guard_inflight_holds", "Reservations open in this process.", registry=r)
         self.upstream_latency = Histogram(
             "spend_guard_upstream_latency_seconds",
             "Time from forwarding a guarded call to the end of its response.",
@@ -64,4 +91,25 @@ class Metrics:
         )
 
     def set_snapshot_age(self, fn: Callable[[], float]) -> None:
-        self.snapshot_age.set_function(fn)
+        self.computed.add("spend_guard_snapshot_age_seconds", "Age of the credits snapshot this instance last saw.", fn)
+
+    def set_policy_reload_failures(self, fn: Callable[[], float]) -> None:
+        self.computed.add(
+            "spend_guard_policy_reload_failures",
+            "Policy reloads that failed validation since start (the old policy kept serving).",
+            fn,
+        )
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's registry, or the sum over every worker."""
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self.multiprocess_dir)  # type: ignore[no-untyped-call]
+        merged.register(self.computed)
+        return generate_latest(merged)
+
+    def close(self) -> None:
+        """On a worker's shutdown: its live gauges (holds in flight) stop counting."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]

@@ -12,6 +12,7 @@ import textwrap
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY_A, SHA_A
 from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
@@ -209,3 +210,33 @@ def test_group_budget_shared_by_two_keys_on_two_processes_is_never_exceeded(tmp_
         assert len(lines) == 32
         assert {line["decision"] for line in lines} == {"allowed", "refused"}
         assert all(line["policy_version"] and line["request_id"] for line in lines)
+
+
+def scraped(proxy: ServedProxy, name: str, **labels: str) -> float:
+    """One scrape on a new connection (so any worker may answer): the sum of `name`'s samples
+    whose labels include `labels`."""
+    text = httpx.get(proxy.url + "/-/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@pytest.mark.real
+def test_every_scrape_of_a_two_worker_proxy_counts_both_workers(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url, workers=2) as proxy:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(generate, proxy.url, "gate=m,cost=0.1") for _ in range(16)]
+            up.wait_for_requests(16)
+            # 16 calls held at the upstream, spread over both workers' connections
+            for _ in range(6):
+                assert scraped(proxy, "spend_guard_inflight_holds") == 16
+            up.release("m")
+            assert [f.result().status_code for f in futures] == [200] * 16
+        wait_until(lambda: scraped(proxy, "spend_guard_inflight_holds") == 0, 20, "the last settles")
+        for _ in range(6):
+            assert scraped(proxy, "spend_guard_decisions_total", outcome="allowed", key="alice") == 16
+            assert scraped(proxy, "spend_guard_usd_total", kind="charged", key="alice") == pytest.approx(1.6)
