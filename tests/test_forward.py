@@ -42,6 +42,26 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped_on_the_way_up(make
     assert not names & {"x-secret-hop", "keep-alive", "te", "proxy-authorization", "upgrade"}
 
 
+def test_large_upload_streams_through_with_its_declared_length(make_proxy, up):
+    p = make_proxy()
+    body = bytes(range(256)) * 4096  # 1 MiB: above the size read whole, so it streams
+    r = p.client.put("/echo/upload", content=body, headers={"Content-Type": "application/octet-stream"})
+    seen = r.json()
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest() and seen["body_len"] == len(body)
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers["content-length"] == str(len(body)) and "transfer-encoding" not in headers
+
+
+def test_chunked_upload_streams_through_chunked(make_proxy, up):
+    p = make_proxy()
+    parts = [b"a" * 70_000, b"b" * 3, b"c" * 200_000]
+    r = p.client.post("/echo/chunked", content=iter(parts))  # no length known: httpx sends it chunked
+    seen = r.json()
+    assert seen["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+    headers = {k.lower(): v for k, v in seen["headers"]}
+    assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers
+
+
 def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
     raw = [(b"Connection", b"close, X-A"), (b"Host", b"evil.example"), (b"X-A", b"1"), (b"Transfer-Encoding", b"chunked"),
            (b"Content-Encoding", b"gzip"), (b"Content-Length", b"10"), (b"connection", b"X-C"), (b"X-C", b"3"), (b"X-B", b"2")]
