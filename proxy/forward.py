@@ -34,8 +34,10 @@ HOP_BY_HOP_HEADERS = frozenset(
 HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP_HEADERS)
 # Headers aiohttp would otherwise add on its own: the client's request passes as it was sent.
 SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-# Never forwarded as sent: aiohttp writes Host for the upstream and Content-Length for the body it sends.
-_REWRITTEN = frozenset({b"host", b"content-length"})
+# Never forwarded as sent: aiohttp writes Host for the upstream and Content-Length for the body it
+# sends, and uvicorn has already answered the client's `Expect: 100-continue` (passed on, it would
+# make aiohttp wait for a second 100 Continue that the upstream need not send).
+_REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 _NOTHING: frozenset[bytes] = frozenset()
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
@@ -45,7 +47,7 @@ _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 class RequestHead:
     """The client's request headers as they go upstream, read in one pass over the raw pairs."""
 
-    sent: list[tuple[str, str]]  # hop-by-hop, Connection-listed, Host and Content-Length removed
+    sent: list[tuple[str, str]]  # hop-by-hop, Connection-listed, Host, Content-Length, Expect removed
     content_length: str | None
     chunked: bool
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import socket
 import time
 
 from proxy.forward import request_head, response_headers
 from tests.conftest import KEY_A, alice_keys
+from tests.served import ServedProxy
 
 
 def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):
@@ -60,6 +62,37 @@ def test_chunked_upload_streams_through_chunked(make_proxy, up):
     assert seen["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
     headers = {k.lower(): v for k, v in seen["headers"]}
     assert headers.get("transfer-encoding") == "chunked" and "content-length" not in headers
+
+
+def test_expect_100_continue_is_answered_here_and_not_sent_upstream(make_proxy, up):
+    # The proxy's server already answered the client's Expect; passed on, it would make the
+    # upstream client wait for a second 100 Continue that an upstream need not send.
+    p = make_proxy(alice_keys("[{limit_usd: 10, period: null}]") + "upstream: {timeout_s: 5}\n")
+    r = p.client.put("/echo/expect", content=b"x" * 5000, headers={"Expect": "100-continue"})
+    assert r.status_code == 200
+    assert "expect" not in {k.lower() for k, _ in r.json()["headers"]}
+    r = p.generate(standin="cost=0.01", headers={"Expect": "100-continue"})
+    assert r.status_code == 200
+    assert "expect" not in {k.lower() for k, _ in up.generation_requests[-1].headers}
+
+
+def test_expect_100_continue_from_a_real_client_gets_its_answer(tmp_path, up):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("account: {name: expect}\nupstream: {timeout_s: 5}\n")
+    with ServedProxy(policy, up.url, None, ready=False) as proxy, socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        body = b"y" * 5000
+        sock.sendall(
+            b"PUT /echo/expect HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        )
+        assert sock.recv(1024).startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+        head, _, payload = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert json.loads(payload)["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
 def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
