@@ -68,11 +68,21 @@ def request_head(raw: Iterable[tuple[bytes, bytes]], *, drop: frozenset[bytes] =
             elif lower == b"connection":
                 listed = _connection_tokens(value, listed)
             continue
-        sent.append((lower.decode("latin-1"), value.decode("latin-1")))
+        sent.append((lower.decode("latin-1"), _header_text(value)))
     if listed:
         names = {token.decode("latin-1") for token in listed}
         sent = [(name, value) for name, value in sent if name not in names]
     return RequestHead(sent, length, chunked)
+
+
+def _header_text(value: bytes) -> str:
+    """aiohttp writes header values as UTF-8: decoding them as UTF-8 sends the client's bytes
+    unchanged. Bytes that are not UTF-8 (obsolete Latin-1 text) are read as Latin-1 and so go
+    up re-encoded; no str makes aiohttp write them as they came."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
 
 
 def _connection_tokens(value: bytes, listed: set[bytes] | None) -> set[bytes] | None:

@@ -95,6 +95,18 @@ def test_expect_100_continue_from_a_real_client_gets_its_answer(tmp_path, up):
         assert json.loads(payload)["body_sha256"] == hashlib.sha256(body).hexdigest()
 
 
+def test_utf8_header_values_reach_the_upstream_unchanged(make_proxy, up):
+    p = make_proxy()
+    value = "café ✓ 東京".encode()
+    r = p.client.get("/echo/headers", headers={"X-Name": value})
+    assert r.status_code == 200
+    seen = [v for k, v in r.json()["headers"] if k.lower() == "x-name"]
+    assert seen == [value.decode()]  # the stand-in reads header bytes as UTF-8
+    # obsolete Latin-1 text cannot go up byte for byte (aiohttp writes UTF-8): same text, no error
+    r = p.client.get("/echo/headers", headers={"X-Name": b"caf\xe9"})
+    assert [v for k, v in r.json()["headers"] if k.lower() == "x-name"] == ["café"]
+
+
 def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
     raw = [(b"Connection", b"close, X-A"), (b"Host", b"evil.example"), (b"X-A", b"1"), (b"Transfer-Encoding", b"chunked"),
            (b"Content-Encoding", b"gzip"), (b"Content-Length", b"10"), (b"connection", b"X-C"), (b"X-C", b"3"), (b"X-B", b"2")]
