@@ -8,6 +8,7 @@ sum over all workers.
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Iterator
 
@@ -104,6 +105,7 @@ class Metrics:
         """The text a scrape gets: this process's registry, or the sum over every worker."""
         if self.multiprocess_dir is None:
             return generate_latest(self.registry)
+        forget_dead_workers(self.multiprocess_dir)
         merged = CollectorRegistry()
         MultiProcessCollector(merged, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         merged.register(self.computed)
@@ -113,3 +115,25 @@ class Metrics:
         """On a worker's shutdown: its live gauges (holds in flight) stop counting."""
         if self.multiprocess_dir is not None:
             mark_process_dead(os.getpid(), self.multiprocess_dir)  # type: ignore[no-untyped-call]
+
+
+def forget_dead_workers(directory: str) -> None:
+    """A worker that was killed never ran its shutdown: drop its live gauges (holds in flight)
+    so they stop counting. Its counters stay: what it counted happened."""
+    for path in glob.glob(os.path.join(directory, "gauge_live*_*.db")):
+        try:
+            pid = int(path.rsplit("_", 1)[1].removesuffix(".db"))
+        except ValueError:
+            continue
+        if not _alive(pid):
+            mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

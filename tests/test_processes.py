@@ -6,9 +6,11 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import os
 import signal
 import socket
 import textwrap
+from pathlib import Path
 
 import httpx
 import pytest
@@ -240,3 +242,43 @@ def test_every_scrape_of_a_two_worker_proxy_counts_both_workers(tmp_path, up, re
         for _ in range(6):
             assert scraped(proxy, "spend_guard_decisions_total", outcome="allowed", key="alice") == 16
             assert scraped(proxy, "spend_guard_usd_total", kind="charged", key="alice") == pytest.approx(1.6)
+
+
+def worker_pids(proxy: ServedProxy) -> list[int]:
+    """The uvicorn workers: processes spawned by the proxy's supervisor process."""
+    assert proxy.proc is not None
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == proxy.proc.pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.real
+def test_a_killed_worker_stops_counting_its_holds_in_flight(tmp_path, up, redis_server):
+    path = policy_file(tmp_path, "50")
+    with ServedProxy(path, up.url, redis_server.url, workers=2) as proxy:
+        workers = worker_pids(proxy)
+        assert len(workers) == 2
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            futures = [pool.submit(generate, proxy.url, "gate=w,cost=0.1") for _ in range(16)]
+            up.wait_for_requests(16)
+            assert scraped(proxy, "spend_guard_inflight_holds") == 16
+            os.kill(workers[0], signal.SIGKILL)  # no shutdown: its gauge file stays behind
+            # its clients see their connections drop; the other worker's calls are still held
+            # Until the release, only the killed worker's calls can end: the count in flight must
+            # come down to exactly the calls still held.
+            wait_until(
+                lambda: scraped(proxy, "spend_guard_inflight_holds") == 16 - sum(f.done() for f in futures) < 16,
+                20,
+                "the dead worker's holds to stop counting",
+            )
+            lost = sum(f.done() for f in futures)
+            up.release("w")
+            assert sum(1 for f in futures if f.exception() is None and f.result().status_code == 200) == 16 - lost
+        wait_until(lambda: scraped(proxy, "spend_guard_inflight_holds") == 0, 20, "every hold settled or forgotten")
