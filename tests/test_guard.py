@@ -6,7 +6,9 @@ import gzip
 import hashlib
 import json
 
+import fakeredis
 import pytest
+import redis
 
 from tests.conftest import KEY_A, KEY_B, SHA_A, alice_keys
 from tests.standin import key_row
@@ -317,6 +319,19 @@ def test_no_snapshot_yet_fails_closed(make_proxy, up):
     p = make_proxy(KEYS, refresh=False)
     r = p.generate()
     assert r.status_code == 503 and envelope(r)["type"] == "guard_unavailable"
+
+
+def test_scripts_lost_by_redis_are_loaded_again(make_proxy, up, store_target):
+    p = make_proxy(KEYS)
+    assert p.generate(standin="cost=0.1").status_code == 200
+    # A Redis restart or SCRIPT FLUSH empties its script cache: EVALSHA answers NOSCRIPT.
+    if store_target.server is not None:
+        fakeredis.FakeRedis(server=store_target.server).script_flush()
+    else:
+        redis.Redis.from_url(store_target.url).script_flush()
+    assert p.generate(standin="cost=0.1").status_code == 200
+    assert spent(p, "budget:key:alice:lifetime") == "0.2000"
+    assert open_holds(p) == 0
 
 
 def test_upstream_unreachable_is_502_and_releases(make_proxy, up, monkeypatch):

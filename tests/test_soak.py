@@ -293,7 +293,7 @@ def test_a_reserve_that_timed_out_leaves_no_hold_behind(tmp_path, up):
         assert call().status_code == 200  # the scripts are loaded
         wait_until(lambda: store.hlen("sg:{stall}:holds") == 0, 10, "the first call to settle")
         assert server.proc is not None
-        server.proc.send_signal(signal.SIGSTOP)  # a stall longer than the client's 2 s socket timeout
+        server.proc.send_signal(signal.SIGSTOP)  # a stall longer than the store's 2 s timeout
         try:
             refused = call()
         finally:
