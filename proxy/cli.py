@@ -15,7 +15,7 @@ import click
 
 from proxy.errors import PolicyError
 from proxy.policy import Policy, default_policy, load_policy
-from proxy.settings import Settings
+from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 
 STARTUP_FAILURE = 3
 POLICY_INVALID = 2
@@ -57,11 +57,12 @@ def serve(host: str, port: int, policy_path: str | None, upstream: str | None, r
 
 
 def run(settings: Settings, policy: Policy) -> None:
-    from proxy.metrics import MULTIPROCESS_DIR_ENV
-
     os.environ.update(settings.to_env())
+    # Before prometheus_client is imported (it reads this once): set but empty means unset.
+    if not os.environ.get(MULTIPROCESS_DIR_ENV):
+        os.environ.pop(MULTIPROCESS_DIR_ENV, None)
     metrics_dir = None
-    if settings.workers > 1 and not os.environ.get(MULTIPROCESS_DIR_ENV):
+    if settings.workers > 1 and MULTIPROCESS_DIR_ENV not in os.environ:
         # Each worker writes its metrics here and a scrape of any worker sums them all.
         metrics_dir = tempfile.mkdtemp(prefix="spend-guard-metrics-")
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 ENV_PREFIX = "SPEND_GUARD_"
+# prometheus_client's multiprocess mode: the directory the workers of one `serve` share.
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class Secret:
