@@ -33,6 +33,7 @@ from proxy.types import Clock, Receive, Scope, Send, SystemClock
 
 log = logging.getLogger("spend_guard")
 OWN_PREFIX = "/-/"
+STARTUP_REFRESH_S = 5.0
 
 
 class SpendGuardApp:
@@ -125,9 +126,17 @@ class SpendGuardApp:
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
         if not self.settings.redis_url:
             log.warning("store: embedded in-process store; state is not shared with any other process")
+        # Take calls only once the first refresh round (snapshot, prices) has run, so the first
+        # calls after a start are guarded rather than refused for want of them; each worker
+        # starts this way. Bounded: an unreachable upstream delays the start by STARTUP_REFRESH_S.
+        try:
+            first_delay = await asyncio.wait_for(refresher.tick(), STARTUP_REFRESH_S)
+        except asyncio.TimeoutError:
+            log.warning("first credits/prices refresh took over %g s; starting without it", STARTUP_REFRESH_S)
+            first_delay = 0.0
         loop = asyncio.get_running_loop()
         self.tasks = [
-            asyncio.create_task(refresher.run(), name="refresher"),
+            asyncio.create_task(refresher.run(first_delay), name="refresher"),
             asyncio.create_task(self._settle_retry_loop(), name="settle-retry"),
         ]
         if self.settings.policy:

@@ -141,11 +141,14 @@ class Refresher:
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
 
-    async def run(self) -> None:
-        while not self._stopped.is_set():
-            delay = await self.tick()
+    async def run(self, first_delay: float = 0.0) -> None:
+        delay = first_delay
+        while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), delay)
+            if self._stopped.is_set():
+                return
+            delay = await self.tick()
 
     def stop(self) -> None:
         self._stopped.set()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -154,6 +155,33 @@ def test_readyz_flips_when_the_store_stops(make_proxy, up, store_target):
     assert r.status_code == 503 and r.json()["problems"][0].startswith("store:")
     store_target.server.connected = True
     assert p.client.get("/-/readyz").status_code == 200
+
+
+def test_a_started_instance_is_ready_before_it_takes_its_first_call(make_proxy, up):
+    # Startup waits for the first refresh: the first call after start is guarded, not refused
+    # for want of a snapshot or a price table (with several workers, each starts this way).
+    p = make_proxy(TEAM, refresh=False)
+    assert p.client.get("/-/readyz").status_code == 200
+    assert p.generate(standin="cost=0.1").status_code == 200
+
+
+def test_startup_does_not_wait_forever_for_an_unreachable_upstream(make_proxy, up):
+    up.credits_status = 500
+    p = make_proxy(TEAM, refresh=False)  # starts; spending calls fail closed until a snapshot
+    assert p.client.get("/-/healthz").status_code == 200
+    assert p.generate().status_code == 503
+
+
+def test_startup_waits_for_a_slow_first_refresh_only_so_long(make_proxy, up, monkeypatch):
+    import proxy.app
+
+    monkeypatch.setattr(proxy.app, "STARTUP_REFRESH_S", 0.5)
+    up.credits_delay_s = 30
+    started = time.monotonic()
+    p = make_proxy(TEAM, refresh=False)
+    assert time.monotonic() - started < 15  # half the credits delay: the bound, not the answer
+    assert p.client.get("/-/healthz").status_code == 200
+    assert p.generate().status_code == 503  # no snapshot yet: closed
 
 
 def test_readyz_names_a_wrong_account_key(make_proxy, up, monkeypatch):
