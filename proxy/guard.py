@@ -29,7 +29,7 @@ from proxy.decisions import (
 from proxy.errors import Rejected, StoreError, UpstreamError
 from proxy.forward import request_head, response_headers
 from proxy.money import format_usd
-from proxy.observers import observer_for
+from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
 from proxy.request import (
     bearer,
@@ -57,8 +57,9 @@ Refuse = Callable[[Rejected], None]
 # Unguarded request bodies up to this size are read whole and sent with their length; larger
 # ones (and chunked ones) stream through.
 SMALL_REQUEST_BYTES = 256 * 1024
-# A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed).
-REQUEST_ID_HEADER = frozenset({b"x-request-id"})
+# A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed)
+# and an Accept-Encoding narrowed to codings the guard can read.
+GUARD_SETS = frozenset({b"x-request-id", b"accept-encoding"})
 
 
 class Guard:
@@ -319,7 +320,10 @@ class Guard:
         rt = self.rt
         if flight is None and call.decision != "would_refuse":
             call.decision = "unguarded"
-        sent_headers = request_head(scope["headers"], drop=REQUEST_ID_HEADER).sent + [("X-Request-Id", call.request_id)]
+        sent_headers = request_head(scope["headers"], drop=GUARD_SETS).sent + [("X-Request-Id", call.request_id)]
+        asked = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"accept-encoding"]
+        if asked:
+            sent_headers.append(("Accept-Encoding", readable_accept_encoding(asked)))
         outcome = Outcome("unknown")
         forwarded_at = time.perf_counter()
         resp: aiohttp.ClientResponse | None = None

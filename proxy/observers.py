@@ -237,6 +237,22 @@ def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
+# Content codings observer_for can read a cost through.
+READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+
+
+def readable_accept_encoding(values: list[str]) -> str:
+    """The client's `Accept-Encoding`, cut to the codings whose body the guard can read (order and
+    q-values kept); `identity` if none is left. A brotli or zstd answer would hide its `cost`."""
+    kept = [
+        part.strip()
+        for value in values
+        for part in value.split(",")
+        if part.split(";", 1)[0].strip().lower() in READABLE_CODINGS
+    ]
+    return ", ".join(kept) if kept else "identity"
+
+
 def observer_for(content_type: str | None, content_encoding: str | None = None) -> BodyObserver:
     """The observer for a response with these `Content-Type` and `Content-Encoding` headers."""
     media_type = (content_type or "").split(";", 1)[0].strip().lower()

@@ -321,6 +321,31 @@ def test_no_snapshot_yet_fails_closed(make_proxy, up):
     assert r.status_code == 503 and envelope(r)["type"] == "guard_unavailable"
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [
+        ("br, gzip;q=0.8, zstd", "gzip;q=0.8"),
+        ("gzip, deflate, br, zstd", "gzip, deflate"),
+        ("br", "identity"),
+        ("*", "identity"),
+        ("GZIP", "GZIP"),
+    ],
+)
+def test_a_spending_call_asks_only_for_encodings_whose_cost_the_guard_can_read(make_proxy, up, asked, sent):
+    # A brotli or zstd answer would hide `cost`, and the call would be charged its whole hold.
+    p = make_proxy(KEYS)
+    assert p.generate(standin="cost=0.1", headers={"Accept-Encoding": asked}).status_code == 200
+    seen = [v for k, v in up.generation_requests[-1].headers if k.lower() == "accept-encoding"]
+    assert seen == [sent]
+    assert spent(p, "budget:key:alice:lifetime") == "0.1000"
+
+
+def test_an_unguarded_call_keeps_its_accept_encoding(make_proxy, up):
+    p = make_proxy()
+    r = p.client.get("/echo/x", headers={"Accept-Encoding": "br, zstd"})
+    assert [v for k, v in r.json()["headers"] if k.lower() == "accept-encoding"] == ["br, zstd"]
+
+
 def test_scripts_lost_by_redis_are_loaded_again(make_proxy, up, store_target):
     p = make_proxy(KEYS)
     assert p.generate(standin="cost=0.1").status_code == 200
