@@ -88,8 +88,10 @@ class Guard:
             body_done.set()
         elif head.chunked or length is not None:
             body = stream_body(receive, body_done)  # large uploads stream through
-            if length is not None:
-                sent.append(("content-length", length))  # a streamed body keeps the length it declared
+            if length is not None and not head.chunked:
+                # A streamed body keeps the length it declared; with chunked framing the length
+                # is the server's to ignore (RFC 9112 §6.3), so it never goes up beside it.
+                sent.append(("content-length", length))
         else:
             body_done.set()
         try:

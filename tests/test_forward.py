@@ -107,6 +107,16 @@ def test_utf8_header_values_reach_the_upstream_unchanged(make_proxy, up):
     assert [v for k, v in r.json()["headers"] if k.lower() == "x-name"] == ["café"]
 
 
+def test_a_chunked_body_never_goes_up_with_a_content_length_too(make_proxy, up):
+    # uvicorn refuses such requests from the network; behind another ASGI server the proxy still
+    # must not frame one body two ways to the upstream (request smuggling).
+    p = make_proxy()
+    r = p.client.post("/echo/both", content=b"hello" * 60_000, headers={"Transfer-Encoding": "chunked"})
+    headers = {k.lower(): v for k, v in r.json()["headers"]}
+    assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"
+    assert r.json()["body_len"] == 300_000
+
+
 def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
     raw = [(b"Connection", b"close, X-A"), (b"Host", b"evil.example"), (b"X-A", b"1"), (b"Transfer-Encoding", b"chunked"),
            (b"Content-Encoding", b"gzip"), (b"Content-Length", b"10"), (b"connection", b"X-C"), (b"X-C", b"3"), (b"X-B", b"2")]
