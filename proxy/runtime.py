@@ -48,6 +48,7 @@ class Runtime:
     routes: RouteTable = field(init=False)
     flights: dict[str, Flight] = field(default_factory=dict)
     pending_settles: dict[str, int | None] = field(default_factory=dict)
+    pending_full_logged: bool = False  # the warning that pending_settles is full, once per outage
     draining: bool = False
     _policy_seen: Policy | None = None
 
