@@ -66,6 +66,10 @@ class UpstreamError(Rejected):
         super().__init__(status, "upstream_error", message)
 
 
+class UpstreamBroken(Exception):
+    """Raised after the response started, so the server aborts the client's connection."""
+
+
 def error_response(
     status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:

@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import aiohttp
 
@@ -26,8 +26,9 @@ from proxy.decisions import (
     refusal,
     stale_reason,
 )
-from proxy.errors import Rejected, StoreError, UpstreamError
+from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError
 from proxy.forward import request_head, response_headers
+from proxy.passthrough import passthrough
 from proxy.money import format_usd
 from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
@@ -39,7 +40,6 @@ from proxy.request import (
     raw_path,
     read_body,
     request_id,
-    stream_body,
 )
 from proxy.routing import Match
 from proxy.runtime import Flight, Runtime
@@ -49,14 +49,8 @@ from proxy.types import Receive, Scope, Send
 from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
-access_log = logging.getLogger("spend_guard.access")
-
-
 
 Refuse = Callable[[Rejected], None]
-# Unguarded request bodies up to this size are read whole and sent with their length; larger
-# ones (and chunked ones) stream through.
-SMALL_REQUEST_BYTES = 256 * 1024
 # Releases kept for reserves that failed against the store (each ~120 bytes of memory; one
 # EVALSHA each, ~8,000/s, once the store answers again).
 MAX_PENDING_RELEASES = 10_000
@@ -75,60 +69,9 @@ class Guard:
         path = raw_path(scope)
         match = self.rt.routes.classify(scope["method"], path)
         if match.kind is None:
-            await self.passthrough(scope, receive, send, path)
+            await passthrough(self.rt, scope, receive, send, path)
         else:
             await self.guarded(scope, receive, send, match, path)
-
-    # -- unguarded -------------------------------------------------------------------------
-
-    async def passthrough(self, scope: Scope, receive: Receive, send: Send, path: bytes) -> None:
-        head = request_head(scope["headers"])
-        length, sent = head.content_length, head.sent
-        body_done = asyncio.Event()
-        body: bytes | AsyncIterator[bytes] | None = None
-        if not head.chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:
-            body = await read_body(receive, length, SMALL_REQUEST_BYTES)
-            body_done.set()
-        elif head.chunked or length is not None:
-            body = stream_body(receive, body_done)  # large uploads stream through
-            if length is not None and not head.chunked:
-                # A streamed body keeps the length it declared; with chunked framing the length
-                # is the server's to ignore (RFC 9112 §6.3), so it never goes up beside it.
-                sent.append(("content-length", length))
-        else:
-            body_done.set()
-        try:
-            resp = await self.rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent, body)
-        except UpstreamError as exc:
-            await exc.response()(scope, receive, send)
-            return
-
-        async def watch_disconnect() -> None:
-            # A client that goes away on an unguarded route closes the upstream at once.
-            await body_done.wait()
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    resp.close()
-                    return
-
-        watcher: asyncio.Task[None] | None = None
-        try:
-            await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
-            if not resp.content.is_eof():
-                # Only a response still arriving needs watching; most arrive whole with the headers.
-                watcher = asyncio.create_task(watch_disconnect())
-            async for chunk in resp.content.iter_any():
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            if watcher is None or not watcher.done():
-                # The upstream broke mid-body: abort the client's connection too, so it sees a cut.
-                raise UpstreamBroken() from exc
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            resp.release()
 
     # -- guarded ---------------------------------------------------------------------------
 
@@ -399,10 +342,6 @@ class Guard:
             rt.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             rt.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
 
-class UpstreamBroken(Exception):
-    """Raised after the response started, so the server aborts the client's connection."""
-
-
 async def settle_pending(runtime: Runtime) -> None:
     """Retry settles that failed while the store was down (runs in the lifespan)."""
     for hold_id, cost in list(runtime.pending_settles.items()):
@@ -414,4 +353,4 @@ async def settle_pending(runtime: Runtime) -> None:
     runtime.pending_full_logged = False
 
 
-__all__ = ["Guard", "UpstreamBroken", "settle_pending"]
+__all__ = ["Guard", "settle_pending"]
