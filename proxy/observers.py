@@ -237,8 +237,10 @@ def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
 
 
-# Content codings observer_for can read a cost through.
-READABLE_CODINGS = frozenset({"gzip", "x-gzip", "deflate", "identity"})
+# The compressed codings observer_for reads a cost through, with zlib's wbits for each (None:
+# deflate, zlib-wrapped or raw). With `identity`, the codings a spending call may ask for.
+INFLATE_WBITS: dict[str, int | None] = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": None}
+READABLE_CODINGS = frozenset({"identity", *INFLATE_WBITS})
 
 
 def readable_accept_encoding(values: list[str]) -> str:
@@ -260,8 +262,6 @@ def observer_for(content_type: str | None, content_encoding: str | None = None) 
     encoding = (content_encoding or "").strip().lower()
     if encoding in ("", "identity"):
         return inner
-    if encoding in ("gzip", "x-gzip"):
-        return _Inflating(inner, 16 + zlib.MAX_WBITS)
-    if encoding == "deflate":
-        return _Inflating(inner, None)
+    if encoding in INFLATE_WBITS:
+        return _Inflating(inner, INFLATE_WBITS[encoding])
     return _Opaque()
