@@ -53,17 +53,44 @@ def test_json_text_fields_stream_and_max_tokens():
 
 
 def test_json_odd_types_do_not_pass_as_stream_or_max_tokens():
-    body = json.dumps({"model": " m ", "stream": "yes", "max_tokens": True}).encode()
+    body = json.dumps({"model": "m", "stream": "yes", "max_tokens": True}).encode()
     fields = read_price_fields(body, "application/json")
     assert fields == PriceFields("m", stream=False, max_tokens=None)
 
 
-def test_json_without_content_type_is_sniffed():
-    assert read_price_fields(b' {"model": "m"}', None).model == "m"
+@pytest.mark.parametrize("model", [" m", "m ", "m\n", "m\x00", "\u202em", "m\ud800", "m\x85"])
+def test_a_model_imagerouter_would_not_run_as_priced_is_refused(model):
+    # ImageRouter runs the string as sent; the guard does not trim, it refuses.
+    body = json.dumps({"model": model}).encode()
+    err = rejected(400, read_price_fields, body, "application/json")
+    assert "model" in err.message
 
 
-def test_vendor_json_media_type_is_json():
-    assert read_price_fields(b'{"model": "m"}', "application/vnd.api+json").model == "m"
+@pytest.mark.parametrize(
+    "ctype", [None, "", "application/vnd.api+json", "text/json", "application/json; charset=utf-16le", "application/json; charset=utf8"]
+)
+def test_json_express_json_would_not_parse_is_refused(ctype):
+    # express.json() parses application/json only, and body-parser 415s a charset not "utf-*".
+    rejected(400, read_price_fields, b'{"model": "m"}', ctype)
+
+
+def test_json_last_duplicate_key_wins_as_in_json_parse():
+    assert read_price_fields(b'{"model": "test/test", "model": "google/veo-3.1"}', "application/json").model == "google/veo-3.1"
+
+
+def test_json_unicode_escapes_in_keys_and_values_are_decoded():
+    body = b'{"m\\u006fdel": "google/veo-3.1", "model": "x", "mod\\u0065l": "google/v\\u0065o-3.1"}'
+    assert read_price_fields(body, "application/json").model == "google/veo-3.1"
+
+
+def test_json_one_leading_bom_is_dropped_as_body_parser_does():
+    assert read_price_fields(b'\xef\xbb\xbf{"model": "m"}', "application/json").model == "m"
+    rejected(400, read_price_fields, b'\xef\xbb\xbf\xef\xbb\xbf{"model": "m"}', "application/json")
+
+
+@pytest.mark.parametrize("body", [b'{"model": "m", "n": NaN}', b'{"model": "m", "n": -Infinity}', b'\xff\xfe{\x00}\x00'])
+def test_json_that_json_parse_rejects_is_refused(body):
+    rejected(400, read_price_fields, body, "application/json")
 
 
 @pytest.mark.parametrize("body", [b"not json", b"", b"[1, 2]", b'"model"', b"\xff\xfe{}"])
@@ -99,17 +126,32 @@ def test_multipart_fields_are_read():
 def test_multipart_file_part_containing_the_word_model_is_not_read():
     image = (
         b'Content-Disposition: form-data; name="image"; filename="model.png"\r\nContent-Type: image/png',
-        b'\x89PNG model name="model"\r\n\r\nfree/model\r\n--XyZ-not-a-boundary',
+        b'\x89PNG model name="model"\r\n\r\nfree/model',
     )
     body = multipart([image, field("model", b"openai/gpt-image-1")])
     assert read_price_fields(body, MP).model == "openai/gpt-image-1"
 
 
-def test_multipart_file_part_named_model_is_not_a_model_field():
-    file_part = (b'Content-Disposition: form-data; name="model"; filename="x.txt"', b"cheap/model")
-    body = multipart([file_part, field("model", b"openai/gpt-image-1")])
-    assert read_price_fields(body, MP).model == "openai/gpt-image-1"
-    rejected(400, read_price_fields, multipart([file_part]), MP)
+def test_a_delimiter_followed_by_junk_inside_a_file_is_refused():
+    # busboy ends the file at "\r\n--XyZ" and drops the rest up to the next delimiter.
+    image = (b'Content-Disposition: form-data; name="image"; filename="a.png"', b"\x89PNG\r\n--XyZ-not-a-boundary")
+    rejected(400, read_price_fields, multipart([image, field("model", b"m")]), MP)
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [b'form-data; name="model"; filename="x.txt"', b'form-data; name="model"; filename=""', b"form-data; name=model; filename*=utf-8''x"],
+)
+def test_multipart_model_part_that_is_a_file_is_refused(disposition):
+    file_part = (b"Content-Disposition: " + disposition, b"cheap/model")
+    err = rejected(400, read_price_fields, multipart([file_part, field("model", b"openai/gpt-image-1")]), MP)
+    assert "file" in err.message or "extended" in err.message
+
+
+def test_multipart_model_part_of_type_octet_stream_is_a_file_and_refused():
+    part = (b'Content-Disposition: form-data; name="model"\r\nContent-Type: application/octet-stream', b"m")
+    err = rejected(400, read_price_fields, multipart([part]), MP)
+    assert "file" in err.message
 
 
 def test_multipart_quoted_boundary():
@@ -209,22 +251,13 @@ def test_unreadable_multipart_is_400(body, ctype):
 # -- urlencoded ------------------------------------------------------------------------------
 
 
-def test_urlencoded_fields_are_read():
-    body = b"prompt=a+cat&model=google%2Fveo-3.1&seconds=8&stream=true"
-    fields = read_price_fields(body, "application/x-www-form-urlencoded")
-    assert fields == PriceFields("google/veo-3.1", seconds="8", stream=True)
-
-
-def test_urlencoded_duplicate_model_is_400():
-    rejected(400, read_price_fields, b"model=test/test&model=google/veo-3.1", "application/x-www-form-urlencoded")
-
-
-def test_urlencoded_missing_model_is_400():
-    rejected(400, read_price_fields, b"prompt=x", "application/x-www-form-urlencoded")
-
-
-def test_urlencoded_invalid_utf8_is_400():
-    rejected(400, read_price_fields, b"model=\xff", "application/x-www-form-urlencoded")
+@pytest.mark.parametrize(
+    "body", [b"prompt=a+cat&model=google%2Fveo-3.1", b"model=test/test&model=google/veo-3.1", b"prompt=x", b"model=\xff"]
+)
+def test_urlencoded_is_refused_as_imagerouter_reads_no_model_from_it(body):
+    # ImageRouter mounts no urlencoded parser: it would run without a model, so nothing is priced.
+    err = rejected(400, read_price_fields, body, "application/x-www-form-urlencoded")
+    assert "urlencoded" in err.message
 
 
 # -- Content-Encoding ------------------------------------------------------------------------
