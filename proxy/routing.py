@@ -2,8 +2,11 @@
 
 ImageRouter routes like Express's defaults (case-insensitive, trailing slash optional), and a
 path may reach it spelled many ways. We match on one canonical form so that no spelling reaches
-a spending route unguarded; an encoded `/` or `\\` is ambiguous and refused. The request itself
-is forwarded exactly as received (DESIGN §1 step 1).
+a spending route unguarded; an encoded `/` or `\\` is ambiguous and refused. So is, on every
+method, a path that still holds a percent-escape after one decode and names a spending route
+once decoded further (`/v1/openai/images/%2567enerations`): Express decodes once, but any layer
+in between that decodes twice would turn it into an unguarded spending call (issue #12). The
+request itself is forwarded exactly as received (DESIGN §1 step 1).
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from urllib.parse import unquote_to_bytes
 from proxy.types import RouteKind
 
 _ENCODED_SEPARATOR = re.compile(rb"%(2f|5c)", re.IGNORECASE)
+_ESCAPE = re.compile(rb"%[0-9a-f]{2}", re.IGNORECASE)
+# Decoding rounds tried on a path that stays encoded; `%25` nested deeper than this is refused
+# outright when it sits under a spending route's first segment.
+MAX_DECODES = 8
 
 
 @dataclass(frozen=True)
@@ -26,13 +33,31 @@ class Match:
     kind: RouteKind | None  # None: not a spending route
     path: str  # the canonical form of the route that matched (or of the request)
     enabled: bool = True
-    ambiguous: bool = False  # spelled with an encoded separator: refuse, never guess
+    ambiguous: bool = False  # an encoded separator, or still encoded after one decode: refuse, never guess
 
 
 @functools.lru_cache(maxsize=4096)
 def canonical_path(raw_path: bytes) -> str:
     """Percent-decode, fold case, turn `\\` into `/`, resolve `.`/`..`, squeeze `//`, drop the trailing `/`."""
-    decoded = unquote_to_bytes(raw_path).decode("utf-8", "replace").replace("\\", "/")
+    return _canonical(unquote_to_bytes(raw_path))
+
+
+@functools.lru_cache(maxsize=1024)
+def deep_path(raw_path: bytes) -> str | None:
+    """The canonical form once every layer of percent-encoding is gone, for a path that still
+    holds an escape after one decode (None for any other path, and past MAX_DECODES layers "")."""
+    decoded = unquote_to_bytes(raw_path)
+    if not _ESCAPE.search(decoded):
+        return None
+    for _ in range(MAX_DECODES):
+        decoded = unquote_to_bytes(decoded)
+        if not _ESCAPE.search(decoded):
+            return _canonical(decoded)
+    return ""
+
+
+def _canonical(decoded_bytes: bytes) -> str:
+    decoded = decoded_bytes.decode("utf-8", "replace").replace("\\", "/")
     parts: list[str] = []
     for segment in decoded.split("/"):
         if segment in ("", "."):
@@ -56,9 +81,27 @@ class RouteTable:
     def classify(self, method: str, raw_path: bytes) -> Match:
         path = canonical_path(raw_path)
         found = self._routes.get(path)
-        if found is None or method.upper() != "POST":
+        if found is None:
+            return self._double_encoded(raw_path, path)
+        if method.upper() != "POST":
             # Only POST spends (the upstream registers generation handlers for POST alone).
             return Match(None, path)
         kind, enabled = found
         ambiguous = bool(_ENCODED_SEPARATOR.search(raw_path)) or b"\\" in raw_path
         return Match(kind, path, enabled, ambiguous)
+
+    def _double_encoded(self, raw_path: bytes, path: str) -> Match:
+        """A path still encoded after one decode, on (or under) a spending route once fully decoded:
+        refused on every method. Nested deeper than MAX_DECODES, anything under a route's first
+        segment is refused."""
+        deep = deep_path(raw_path)
+        if deep is None:
+            return Match(None, path)
+        for route, (kind, enabled) in self._routes.items():
+            if deep == route or deep.startswith(route + "/") or (deep == "" and path.startswith(_first_segment(route))):
+                return Match(kind, route, enabled, ambiguous=True)
+        return Match(None, path)
+
+
+def _first_segment(route: str) -> str:
+    return "/" + route.split("/")[1] if route.count("/") > 1 else route

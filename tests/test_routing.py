@@ -123,8 +123,9 @@ def test_method_is_case_insensitive_for_post(table):
         b"/v1/openai/images/generations/..",
         b"/v1/credits",
         b"/v2/models",
-        b"/v1/openai/images/generations%252F",
         b"/v1/openai/images/generations.json",
+        b"/v1/openai/images/%67enerations.json",
+        b"/v1/other/%2567enerations",
     ],
 )
 def test_non_spending_paths(table, raw):
@@ -142,3 +143,32 @@ def test_custom_route_is_matched_on_its_canonical_form():
     routes = RouteTable([("/V2/Custom/Gen/", "video", True)])
     match = routes.classify("POST", b"/v2/custom//gen")
     assert match.kind == "video" and match.path == "/v2/custom/gen"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"/v1/openai/images/%2567enerations",
+        b"/v1/openai/images/%252567enerations",  # three layers
+        b"/v1/openai/images%252fgenerations",
+        b"/v1/openai/images%255Cgenerations",
+        b"/v1/openai/images/generations%252F",
+        b"/%2576%2531/openai/videos/generations",
+        b"/v1/openai/images/generations/%2578",  # under the route once decoded twice
+        b"/v1/openai/%2569mages/x/%252e%252e/generations",
+        b"/v1/openai/images/%25" + b"25" * 12 + b"67enerations",  # nested past MAX_DECODES
+    ],
+)
+@pytest.mark.parametrize("method", ["POST", "GET", "PUT", "delete"])
+def test_a_path_still_encoded_after_one_decode_on_a_spending_route_is_ambiguous_on_every_method(table, raw, method):
+    # Express decodes once; a layer in between that decodes twice must not find an unguarded
+    # spending call here, so the guard refuses these whatever the method.
+    match = table.classify(method, raw)
+    assert match.kind is not None
+    assert match.ambiguous
+
+
+@pytest.mark.parametrize("raw", [b"/v1/credits%2525", b"/v2/models/%2567", b"/v1/openai/images/%2578", b"/other/%252e%252e/x"])
+def test_a_double_encoded_path_elsewhere_passes_through(table, raw):
+    match = table.classify("POST", raw)
+    assert match.kind is None and not match.ambiguous
