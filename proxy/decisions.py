@@ -9,6 +9,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from proxy.echo import echo
 from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy import Budget, KeyPolicy, ModelRules, Policy
@@ -106,12 +107,12 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     """One bare JSON object per guarded call on `spend_guard.access`; never a secret."""
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "request_id": call.request_id,
+        "request_id": echo(call.request_id),
         "decision": call.decision,
         "scope": call.scope or None,
         "key": call.key_name,
-        "route": call.route,
-        "model": call.model,
+        "route": echo(call.route),
+        "model": None if call.model is None else echo(call.model),
         "hold_usd": format_usd(call.hold_micros) if call.hold_micros else None,
         "cost_usd": None if call.cost_micros is None else format_usd(call.cost_micros),
         "outcome": call.outcome or None,

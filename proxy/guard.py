@@ -26,6 +26,7 @@ from proxy.decisions import (
     refusal,
     stale_reason,
 )
+from proxy.echo import echo
 from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError
 from proxy.forward import request_head, response_headers
 from proxy.passthrough import passthrough
@@ -109,7 +110,7 @@ class Guard:
                 raise exc
 
         if match.ambiguous:
-            raise Rejected(400, "invalid_request_error", "Path contains an encoded '/' or '\\'; spell the route plainly.", scope="request")
+            raise Rejected(400, "invalid_request_error", "Path contains an encoded '/' or '\\', or is still percent-encoded after one decode; spell the route plainly.", scope="request")
         if rt.draining:
             raise Rejected(503, "guard_unavailable", "The proxy is shutting down; retry on another instance.", scope="store", headers={"Retry-After": "1"})
         secret = bearer(headers)
@@ -132,7 +133,7 @@ class Guard:
         call.model = model
         for rules in (policy.models.rules, key.rules if key else None):
             if rules is not None and not permits(rules, {model, fields.model}):
-                refuse(Rejected(403, "policy_violation", f"Model '{model}' is not allowed by policy for this key.", scope="policy"))
+                refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' is not allowed by policy for this key.", scope="policy"))
                 break
         hold = self.hold_for(match, fields, model, policy, refuse)
         if hold is None:
@@ -174,7 +175,7 @@ class Guard:
         if price is not None:
             return price
         if policy.guard.unknown_models == "reject":
-            refuse(Rejected(403, "policy_violation", f"Model '{model}' has no published price and unknown models are refused.", scope="policy"))
+            refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' has no published price and unknown models are refused.", scope="policy"))
         return models.default_hold_micros
 
     def caps(self, policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
