@@ -38,9 +38,31 @@ def main() -> None:
 @click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="Redis URL shared by all instances; omit for the embedded store.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="SPEND_GUARD_WORKERS")
 @click.option("--log-level", default="info", show_default=True, envvar="SPEND_GUARD_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]))
-def serve(host: str, port: int, policy_path: str | None, upstream: str | None, redis_url: str | None, workers: int, log_level: str) -> None:
+@click.option("--head-timeout-s", default=Settings.head_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_HEAD_TIMEOUT_S", help="A request head must arrive within this; past it 408 and the connection is closed.")
+@click.option("--body-timeout-s", default=Settings.body_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_BODY_TIMEOUT_S", help="A spending call's body must arrive within this of its head; past it 408.")
+@click.option("--max-connections", default=Settings.max_connections, show_default=True, type=click.IntRange(1), envvar="SPEND_GUARD_MAX_CONNECTIONS", help="Open client connections per process; past it a new connection gets 503 and is closed.")
+@click.option("--max-buffered-bytes", default=Settings.max_buffered_bytes, show_default=True, type=click.IntRange(1), envvar="SPEND_GUARD_MAX_BUFFERED_BYTES", help="Spending calls' request bodies held in memory at once, per process; past it 503 with Retry-After.")
+def serve(
+    host: str,
+    port: int,
+    policy_path: str | None,
+    upstream: str | None,
+    redis_url: str | None,
+    workers: int,
+    log_level: str,
+    head_timeout_s: float,
+    body_timeout_s: float,
+    max_connections: int,
+    max_buffered_bytes: int,
+) -> None:
     """Run the proxy."""
-    settings = Settings(host, port, policy_path, upstream, redis_url, workers, log_level)
+    settings = Settings(
+        host, port, policy_path, upstream, redis_url, workers, log_level,
+        head_timeout_s=head_timeout_s,
+        body_timeout_s=body_timeout_s,
+        max_connections=max_connections,
+        max_buffered_bytes=max_buffered_bytes,
+    )
     try:
         policy = _load(policy_path)
     except PolicyError as exc:
@@ -75,22 +97,39 @@ def run(settings: Settings, policy: Policy) -> None:
 
 def _serve(settings: Settings, policy: Policy) -> None:
     import uvicorn
+    from uvicorn.supervisors import Multiprocess
 
-    uvicorn.run(
+    from proxy.serving import log_config, raise_fd_limit
+
+    raise_fd_limit(settings.max_connections)
+    config = uvicorn.Config(
         "proxy.app:create_app",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        log_config=log_config(),
         access_log=False,
         server_header=False,
         date_header=False,
+        # httptools with a deadline for request heads and a cap on open connections.
+        http="proxy.serving:GuardedHttpProtocol",
         timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
         timeout_keep_alive=30,
         # The guard never reads client addresses; don't rewrite them from X-Forwarded-* either.
         proxy_headers=False,
     )
+    server = uvicorn.Server(config)
+    try:
+        if settings.workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            server.run()
+    except KeyboardInterrupt:
+        pass
+    if settings.workers == 1 and not server.started:
+        sys.exit(STARTUP_FAILURE)
 
 
 @main.command("check-policy")

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterable, Iterable
+from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote_from_bytes
 
 import aiohttp
@@ -39,8 +40,24 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # make aiohttp wait for a second 100 Continue that the upstream need not send).
 _REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 _NOTHING: frozenset[bytes] = frozenset()
+# The scope extension through which the server lets the guard drop a client's connection at once
+# (set by `proxy.serving.GuardedHttpProtocol`).
+ABORT_EXTENSION = "spend_guard.abort"
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
+
+
+class ClientStalled(Exception):
+    """A client stopped reading a guarded response until `upstream.timeout_s` ran out: raised after
+    its connection was dropped, so the call ends and settles (issue 13, item 7)."""
+
+
+def abort_client(scope: Mapping[str, Any]) -> None:
+    """Drop the client's connection now, unsent bytes and all, where the server offers it (a plain
+    close would wait for a client that stopped reading to take what is buffered)."""
+    abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+    if callable(abort):
+        abort()
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ from proxy.decisions import (
 )
 from proxy.echo import echo
 from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError
-from proxy.forward import request_head, response_headers
+from proxy.forward import ClientStalled, abort_client, request_head, response_headers
 from proxy.passthrough import passthrough
 from proxy.money import format_usd
 from proxy.observers import observer_for, readable_accept_encoding
@@ -281,6 +281,7 @@ class Guard:
             sent_headers.append(("Accept-Encoding", readable_accept_encoding(asked)))
         outcome = Outcome("unknown")
         forwarded_at = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + policy.upstream.timeout_s
         resp: aiohttp.ClientResponse | None = None
         try:
             try:
@@ -298,19 +299,34 @@ class Guard:
             call.upstream_status = resp.status
             observer = observer_for(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
             out_headers = response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
-            await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+            # upstream.timeout_s bounds the whole call, time blocked sending to a client that stopped
+            # reading included, so a hold's lease (hold_ttl_s > timeout_s) never ends under it.
+            sending, finished = True, False
             try:
-                async for chunk in resp.content.iter_any():
-                    observer.feed(chunk)
-                    # After a client disconnect uvicorn drops these sends; we keep reading to the
-                    # end so the call settles with ImageRouter's real cost.
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                async with asyncio.timeout_at(deadline):
+                    await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
+                    sending = False
+                    async for chunk in resp.content.iter_any():
+                        observer.feed(chunk)
+                        # After a client disconnect uvicorn drops these sends; we keep reading to the
+                        # end so the call settles with ImageRouter's real cost.
+                        sending = True
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        sending = False
+                    outcome, finished = observer.finish(True), True
+                    sending = True
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                outcome = observer.finish(False)
-                call.outcome = "upstream_broken"
-                raise UpstreamBroken() from exc
-            outcome = observer.finish(True)
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if not finished:
+                    outcome = observer.finish(False)
+                if not sending:
+                    call.outcome = "upstream_broken"
+                    raise UpstreamBroken(f"upstream body of {call.request_id} broke off; the client's connection was cut") from exc
+                call.outcome = "client_stalled"
+                abort_client(scope)
+                raise ClientStalled(
+                    f"client of {call.request_id} stopped reading; dropped after upstream.timeout_s={policy.upstream.timeout_s:g}"
+                ) from exc
         finally:
             if resp is not None:
                 resp.release()

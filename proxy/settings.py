@@ -49,6 +49,11 @@ class Settings:
     redis_url: str | None = None  # None: the embedded in-process store
     workers: int = 1
     log_level: str = "info"
+    # Bounds on what a client can hold open (issue 13): see the README's "Slow and hostile clients".
+    head_timeout_s: float = 10.0  # a request head must arrive within this
+    body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
+    max_connections: int = 2048  # open client connections per process; past it new ones get 503
+    max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -67,6 +72,15 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"{ENV_PREFIX}{name} has value {raw!r}. Not a valid int.") from None
 
+        def number(name: str, default: float) -> float:
+            raw = text(name)
+            if raw is None:
+                return default
+            try:
+                return float(raw)
+            except ValueError:
+                raise SettingsError(f"{ENV_PREFIX}{name} has value {raw!r}. Not a valid number.") from None
+
         return cls(
             host=text("HOST") or cls.host,
             port=integer("PORT", cls.port),
@@ -75,6 +89,10 @@ class Settings:
             redis_url=text("REDIS_URL"),
             workers=integer("WORKERS", cls.workers),
             log_level=(text("LOG_LEVEL") or cls.log_level).lower(),
+            head_timeout_s=number("HEAD_TIMEOUT_S", cls.head_timeout_s),
+            body_timeout_s=number("BODY_TIMEOUT_S", cls.body_timeout_s),
+            max_connections=integer("MAX_CONNECTIONS", cls.max_connections),
+            max_buffered_bytes=integer("MAX_BUFFERED_BYTES", cls.max_buffered_bytes),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -86,6 +104,10 @@ class Settings:
             "REDIS_URL": self.redis_url or "",
             "WORKERS": str(self.workers),
             "LOG_LEVEL": self.log_level,
+            "HEAD_TIMEOUT_S": repr(self.head_timeout_s),
+            "BODY_TIMEOUT_S": repr(self.body_timeout_s),
+            "MAX_CONNECTIONS": str(self.max_connections),
+            "MAX_BUFFERED_BYTES": str(self.max_buffered_bytes),
         }
         return {ENV_PREFIX + k: v for k, v in values.items()}
 

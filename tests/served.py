@@ -103,10 +103,13 @@ class RedisServer:
 class ServedProxy:
     """`python -m proxy serve` in a subprocess, ready (snapshot and prices loaded) on enter."""
 
-    def __init__(self, policy: Path, upstream: str, redis_url: str | None, *, workers: int = 1, ready: bool = True) -> None:
+    def __init__(
+        self, policy: Path, upstream: str, redis_url: str | None, *, workers: int = 1, ready: bool = True, args: tuple[str, ...] = ()
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.policy, self.upstream, self.redis_url, self.workers, self.ready = policy, upstream, redis_url, workers, ready
+        self.args = args  # more `serve` options
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="sg-proxy-", suffix=".log", delete=False)
 
@@ -117,6 +120,7 @@ class ServedProxy:
                "--policy", str(self.policy), "--upstream", self.upstream, "--workers", str(self.workers)]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
+        cmd += self.args
         self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_until(self._up if not self.ready else self._ready, 30, f"proxy on {self.url} ({self.log.name})")
 

@@ -1,0 +1,171 @@
+"""The server side of a connection: limits uvicorn does not set, and quiet logs for cut responses.
+
+uvicorn times out idle kept-alive connections, but not a request head that arrives slowly (or never
+arrives), and its `limit_concurrency` still accepts every connection. `GuardedHttpProtocol` is its
+httptools protocol with both bounds (issue 13, item 5):
+
+- a request head must be complete within `head_timeout_s` of its first byte (or of the connection,
+  for the first request): past it the client gets a 408 in the error envelope and the connection
+  is closed; a connection that never sent a byte is closed;
+- past `max_connections` open connections (per process), a new connection gets a 503 in the
+  envelope and is closed at once, so slow clients cannot use up the process's file descriptors.
+
+Each guarded request also finds `spend_guard.abort` in its scope's `extensions`: the guard calls
+it to drop a client that stopped reading (`transport.close()` would wait for the unread bytes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import resource
+from typing import Any
+
+from uvicorn.config import LOGGING_CONFIG, Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from proxy.errors import UpstreamBroken
+from proxy.forward import ABORT_EXTENSION, ClientStalled
+from proxy.settings import Settings
+
+log = logging.getLogger("spend_guard.serving")
+# File descriptors a process needs beyond its client connections: one upstream connection per
+# guarded call in flight, Redis, logs.
+SPARE_FDS = 256
+
+
+@functools.lru_cache(maxsize=1)
+def _limits() -> Settings:
+    # Workers are started by uvicorn in factory mode: the CLI passed its options in SPEND_GUARD_*.
+    return Settings.from_env()
+
+
+def _raw_response(status: bytes, error_type: str, message: str, extra: bytes = b"") -> bytes:
+    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    return (
+        b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+        + str(len(body)).encode() + b"\r\nconnection: close\r\n" + extra + b"\r\n" + body
+    )
+
+
+HEAD_TIMEOUT_RESPONSE = _raw_response(
+    b"408 Request Timeout", "request_timeout", "The request head did not arrive in time; the connection is closed."
+)
+TOO_MANY_RESPONSE = _raw_response(
+    b"503 Service Unavailable",
+    "guard_unavailable",
+    "The proxy has too many open connections; retry shortly.",
+    b"retry-after: 1\r\n",
+)
+
+
+class GuardedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a deadline for request heads and a connection cap."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        limits = _limits()
+        self.head_timeout_s = limits.head_timeout_s
+        self.max_connections = limits.max_connections
+        self.limit_concurrency = None  # this class's own cap replaces uvicorn's
+        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_begun = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.max_connections and len(self.connections) > self.max_connections:
+            transport.write(TOO_MANY_RESPONSE)
+            transport.close()
+            return
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.head_begun = True
+        self._arm()  # a later request on a kept-alive connection: its own deadline from its first byte
+
+    def on_headers_complete(self) -> None:
+        self._disarm()
+        self.head_begun = False
+        super().on_headers_complete()
+        extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
+        extensions[ABORT_EXTENSION] = self.transport.abort
+
+    def _arm(self) -> None:
+        if self.head_timer is None and self.head_timeout_s > 0:
+            self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _disarm(self) -> None:
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self.head_timer = None
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head behind a response still running: judge it once that one is done.
+            self._arm()
+            return
+        if self.head_begun:
+            self.transport.write(HEAD_TIMEOUT_RESPONSE)
+        log.debug("closed a connection whose request head did not arrive within %g s", self.head_timeout_s)
+        self.transport.close()
+
+
+class CutResponseFilter(logging.Filter):
+    """uvicorn logs "Exception in ASGI application" with a traceback for every exception an app
+    raises; a response the proxy cut on purpose (upstream body broken, client stopped reading)
+    becomes one WARNING line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, (UpstreamBroken, ClientStalled)):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%s", (str(exc) or "response cut: the client's connection was closed",)
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's own logging config, with `CutResponseFilter` on its error logger."""
+    config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))
+    config["filters"] = {"cut_response": {"()": f"{__name__}.CutResponseFilter"}}
+    config["loggers"]["uvicorn.error"]["filters"] = ["cut_response"]
+    return config
+
+
+def raise_fd_limit(max_connections: int) -> None:
+    """Lift the soft file-descriptor limit towards what `max_connections` needs (up to the hard
+    limit, which needs no privilege); warn when even that is short."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max_connections * 2 + SPARE_FDS  # a client connection and its upstream one
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            target = soft
+    if target < wanted:
+        log.warning(
+            "max_connections=%d wants %d file descriptors but the limit is %d; lower --max-connections or raise ulimit -n",
+            max_connections,
+            wanted,
+            target,
+        )
