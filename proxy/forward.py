@@ -7,6 +7,7 @@ own path and query, whatever the Host header or an absolute-form target says.
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 from collections.abc import AsyncIterable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
 # make aiohttp wait for a second 100 Continue that the upstream need not send).
 _REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 _NOTHING: frozenset[bytes] = frozenset()
+# aiohttp's own threshold (payload.TOO_LARGE_BYTES_BODY) for a body sent as one `bytes` write.
+LARGE_BODY_BYTES = 1 << 20
 # The scope extension through which the server lets the guard drop a client's connection at once
 # (set by `proxy.serving.GuardedHttpProtocol`).
 ABORT_EXTENSION = "spend_guard.abort"
@@ -153,12 +156,17 @@ class Upstream:
     ) -> aiohttp.ClientResponse:
         """Send the request (`sent`: headers from `request_head`); return the response with its
         headers read (body not yet read). aiohttp writes Content-Length for a sized body."""
+        data: bytes | io.BytesIO | AsyncIterable[bytes] | None = body
+        if isinstance(body, bytes) and len(body) > LARGE_BODY_BYTES:
+            # Written in pieces, still with its length: aiohttp warns that one write of a large
+            # `bytes` may stall the event loop. BytesIO shares the bytes, it does not copy them.
+            data = io.BytesIO(body)
         try:
             return await self.session.request(
                 method,
                 self.url_for(raw_path, query),
                 headers=sent,
-                data=body,
+                data=data,
                 allow_redirects=False,
                 timeout=self.timeout,
                 compress=False,

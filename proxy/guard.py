@@ -12,6 +12,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from contextvars import ContextVar
 
 import aiohttp
 
@@ -34,6 +35,9 @@ from proxy.money import format_usd
 from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
 from proxy.request import (
+    CLOSE,
+    BodyLease,
+    BodyPool,
     bearer,
     fingerprint,
     header,
@@ -58,6 +62,10 @@ MAX_PENDING_RELEASES = 10_000
 # A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed)
 # and an Accept-Encoding narrowed to codings the guard can read.
 GUARD_SETS = frozenset({b"x-request-id", b"accept-encoding"})
+# Bodies above this are priced on a worker thread (parsing 64 MB of JSON takes ~0.2 s).
+OFF_LOOP_BYTES = 1 << 20
+# The request body the current call holds in memory (set in `prepare`, released when it ends).
+HELD_BODY: ContextVar[BodyLease | None] = ContextVar("HELD_BODY", default=None)
 
 
 class Guard:
@@ -65,6 +73,7 @@ class Guard:
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        self.bodies = BodyPool(runtime.settings.max_buffered_bytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
@@ -109,6 +118,10 @@ class Guard:
             else:
                 raise exc
 
+        if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
+            # Refused before its body is read: close the connection rather than read the rest of
+            # the upload into the void (kept until the body is in).
+            call.headers.update(CLOSE)
         if match.ambiguous:
             raise Rejected(400, "invalid_request_error", "Path contains an encoded '/' or '\\', or is still percent-encoded after one decode; spell the route plainly.", scope="request")
         if rt.draining:
@@ -125,9 +138,38 @@ class Guard:
         if not match.enabled:
             refuse(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
 
-        raw = await read_body(receive, header(headers, "content-length"), policy.guard.max_body_bytes)
-        decoded = decode_content(raw, header(headers, "content-encoding"), policy.guard.max_body_bytes)
-        fields = read_price_fields(decoded, header(headers, "content-type"))
+        # Only now is the body read: every refusal above needed none. Its bytes count against
+        # the process's bound until the call ends (forward) or is refused (here).
+        lease = BodyLease(self.bodies)
+        HELD_BODY.set(lease)
+        try:
+            raw = await read_body(
+                receive,
+                header(headers, "content-length"),
+                policy.guard.max_body_bytes,
+                timeout_s=rt.settings.body_timeout_s,
+                lease=lease,
+            )
+            call.headers.pop("Connection", None)
+            return await self.priced(raw, headers, match, policy, call, key, refuse, shadow_refusals)
+        except BaseException:
+            lease.release()
+            raise
+
+    async def priced(
+        self,
+        raw: bytes,
+        headers: list[tuple[str, str]],
+        match: Match,
+        policy: Policy,
+        call: Call,
+        key: KeyPolicy | None,
+        refuse: Refuse,
+        shadow_refusals: list[Rejected],
+    ) -> tuple[bytes, Flight | None]:
+        """The rest of `prepare` once the body is in: price, check, reserve."""
+        rt = self.rt
+        fields = await read_fields(raw, headers, policy.guard.max_body_bytes)
         prices = rt.refresher.prices
         model = prices.resolve(fields.model)
         call.model = model
@@ -333,6 +375,9 @@ class Guard:
             rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
             if flight is not None:
                 await asyncio.shield(self.settle(flight, outcome, call))
+            held = HELD_BODY.get()
+            if held is not None:
+                held.release()
             log_decision(call, policy)
 
     async def settle(self, flight: Flight, outcome: Outcome, call: Call) -> None:
@@ -358,6 +403,19 @@ class Guard:
         if charged is not None:
             rt.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             rt.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+
+async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int) -> PriceFields:
+    """The price fields of a body; a large one is decoded and parsed on a worker thread, so the
+    event loop keeps serving (json's C parser still holds the GIL for its longest single step)."""
+
+    def read() -> PriceFields:
+        decoded = decode_content(raw, header(headers, "content-encoding"), max_bytes)
+        return read_price_fields(decoded, header(headers, "content-type"))
+
+    if len(raw) > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(read)
+    return read()
+
 
 async def settle_pending(runtime: Runtime) -> None:
     """Retry settles that failed while the store was down (runs in the lifespan)."""

@@ -17,6 +17,9 @@ from proxy.types import Receive, Scope
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 ABSOLUTE_FORM_RE = re.compile(rb"^[A-Za-z][A-Za-z0-9+.-]*://[^/?#]*(/[^?#]*)?")
 BEARER_RE = re.compile(r"^Bearer[ \t]+([\x21-\x7e]+)[ \t]*$", re.IGNORECASE)
+# Sent with refusals made before the body was read, so the server drops the rest of the upload
+# instead of reading it into the void on a kept-alive connection.
+CLOSE = {"Connection": "close"}
 
 
 def fingerprint(secret: str) -> str:
@@ -60,10 +63,83 @@ def bearer(headers: list[tuple[str, str]]) -> str | None:
     return m.group(1) if m else None
 
 
-async def read_body(receive: Receive, declared: str | None, max_bytes: int) -> bytes:
-    """The whole body; `declared` is the request's Content-Length, if any."""
-    if declared is not None and declared.strip().isdigit() and int(declared) > max_bytes:
-        raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
+class BodyPool:
+    """Bytes of guarded request bodies held in memory at once in this process, against one bound:
+    past it a call is refused (503) instead of growing memory (issue 13, item 6)."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.held_bytes = 0
+
+    def take(self, size: int) -> bool:
+        if self.held_bytes + size > self.limit_bytes:
+            return False
+        self.held_bytes += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held_bytes = max(0, self.held_bytes - size)
+
+
+class BodyLease:
+    """One request's share of a `BodyPool`; `release()` is idempotent."""
+
+    __slots__ = ("pool", "size")
+
+    def __init__(self, pool: BodyPool) -> None:
+        self.pool = pool
+        self.size = 0
+
+    def grow(self, size: int) -> None:
+        if not self.pool.take(size):
+            raise Rejected(
+                503,
+                "guard_unavailable",
+                "Too many request bodies are being read at once; retry shortly.",
+                scope="request",
+                headers={"Retry-After": "1", **CLOSE},
+            )
+        self.size += size
+
+    def release(self) -> None:
+        self.pool.give(self.size)
+        self.size = 0
+
+
+def too_large(max_bytes: int) -> Rejected:
+    return Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request", headers=CLOSE)
+
+
+async def read_body(
+    receive: Receive,
+    declared: str | None,
+    max_bytes: int,
+    *,
+    timeout_s: float | None = None,
+    lease: BodyLease | None = None,
+) -> bytes:
+    """The whole body; `declared` is the request's Content-Length, if any. With `timeout_s`, a body
+    that has not all arrived by then is refused (408); with `lease`, its bytes are counted in a
+    pool (all of a declared length at once, before anything is read) and refused (503) past it."""
+    size = int(declared) if declared is not None and declared.strip().isdigit() else None
+    if size is not None and size > max_bytes:
+        raise too_large(max_bytes)
+    if lease is not None and size:
+        lease.grow(size)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await _receive_all(receive, max_bytes, None if size is not None else lease)
+    except TimeoutError:
+        raise Rejected(
+            408,
+            "request_timeout",
+            f"The request body did not arrive within {timeout_s:g} s; nothing was forwarded.",
+            scope="request",
+            headers=CLOSE,
+        ) from None
+
+
+async def _receive_all(receive: Receive, max_bytes: int, lease: BodyLease | None) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -73,7 +149,9 @@ async def read_body(receive: Receive, declared: str | None, max_bytes: int) -> b
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:
-            raise Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request")
+            raise too_large(max_bytes)
+        if lease is not None and chunk:
+            lease.grow(len(chunk))  # a body of unknown length is counted as it arrives
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

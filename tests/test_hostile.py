@@ -142,6 +142,83 @@ def test_connections_past_max_connections_get_503_until_the_slow_ones_are_cut(tm
             sock.close()
 
 
+def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, args=("--body-timeout-s", "1")) as proxy:
+        with connect(proxy.port) as sock:
+            started = time.monotonic()
+            sock.sendall(head(1000) + b'{"model": "openai/gpt-image-1", "prompt": "')
+            reply, closed = read_until_closed(sock, 5)
+            took = time.monotonic() - started
+        status, headers, body = envelope(reply)
+        assert status == 408 and closed and 0.9 < took < 4
+        assert body == {"error": {"message": "The request body did not arrive within 1 s; nothing was forwarded.", "type": "request_timeout"}}
+        assert headers["connection"] == "close"
+        assert up.generation_requests == []
+        assert spent(proxy) == "0.0000"
+
+
+def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_end(tmp_path, up):
+    args = ("--max-buffered-bytes", "3000000", "--body-timeout-s", "30")
+    with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
+        stalled = [connect(proxy.port) for _ in range(2)]
+        for sock in stalled:
+            sock.sendall(head(1_400_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 100_000)
+        time.sleep(0.5)  # noqa: no event crosses the process boundary; the two heads must be read first
+        third = httpx.post(proxy.url + ROUTE, content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
+                           headers={**AUTH, "Content-Type": "application/json"}, timeout=5)
+        assert third.status_code == 503 and third.headers["retry-after"] == "1"
+        assert third.json()["error"]["type"] == "guard_unavailable"
+        for sock in stalled:
+            sock.close()  # their bodies end (client gone): the bytes they held are free again
+
+        def fits() -> bool:
+            r = httpx.post(proxy.url + ROUTE, content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
+                           headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"}, timeout=5)
+            return r.status_code == 200
+
+        wait_until(fits, 5, "a 2 MB body to fit again")
+        assert len(up.generation_requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("extra", "auth", "status"),
+    [("guard: {unknown_keys: reject}\n", "sk-nobody", 401), ("", None, 401),
+     ("routes: [{path: /v1/openai/images/generations, kind: image, enabled: false}]\n", KEY_A, 403)],
+    ids=["unknown-key-rejected", "no-bearer", "route-disabled"],
+)
+def test_a_caller_the_policy_refuses_is_answered_before_its_body_is_sent(tmp_path, up, extra, auth, status):
+    with ServedProxy(write_policy(tmp_path, extra), up.url, None) as proxy, connect(proxy.port) as sock:
+        sock.sendall(head(50_000_000, auth=auth))  # 50 MB announced, not one byte sent
+        reply, closed = read_until_closed(sock, 3)
+        got, headers, _ = envelope(reply)
+        assert got == status and closed and headers["connection"] == "close"
+        assert up.generation_requests == []
+
+
+def test_a_large_body_is_priced_off_the_event_loop(make_proxy, up, monkeypatch):
+    import threading
+
+    from proxy import guard
+
+    threads: list[str] = []
+    real = guard.read_price_fields
+
+    def spy(body, content_type):
+        threads.append(threading.current_thread().name)
+        return real(body, content_type)
+
+    monkeypatch.setattr(guard, "read_price_fields", spy)
+    p = make_proxy(f"keys: [{{name: alice, key_sha256: {SHA_A}, budgets: [{{limit_usd: 5, period: null}}]}}]\n")
+    small = p.client.post(ROUTE, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "cost=0.01"})
+    big = p.client.post(ROUTE, json={"model": "openai/gpt-image-1", "image": "x" * 3_000_000}, headers={**AUTH, "X-Standin": "cost=0.01"})
+    assert small.status_code == big.status_code == 200
+    loop_thread, big_thread = threads
+    assert big_thread != loop_thread and big_thread.startswith("asyncio_")  # the default executor's
+    seen = up.generation_requests[-1]
+    assert len(seen.body) > 3_000_000 and seen.header("content-length") == str(len(seen.body))
+    assert seen.header("transfer-encoding") is None
+
+
 def scraped_inflight(proxy: ServedProxy) -> float:
     text = httpx.get(proxy.url + "/-/metrics", timeout=5).text
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("spend_guard_inflight_holds"))
