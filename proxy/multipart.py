@@ -17,7 +17,8 @@ price one model while the upstream runs another (issue #12). Refused:
   charset other than utf-8/us-ascii (or bytes that are not valid in it), a Content-Type busboy
   cannot parse, a Content-Transfer-Encoding other than 7bit/8bit/binary, a bracketed name such
   as `model[]` (multer's append-field turns it into `model`), a value of 1 MiB or more;
-- a price-deciding field given twice; a body without its close delimiter.
+- a price-deciding field given twice; any field of 1 MiB or more (multer refuses it); a body
+  without its close delimiter.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ _IDENTITY_TRANSFER = frozenset({"7bit", "8bit", "binary"})
 
 
 def invalid(message: str) -> Rejected:
-    return Rejected(400, "invalid_request_error", message)
+    """The 400 for a body the guard will not price (X-Spend-Guard-Scope: request)."""
+    return Rejected(400, "invalid_request_error", message, scope="request")
 
 
 @dataclass(frozen=True)
@@ -245,17 +247,24 @@ def _read_part(segment: bytes) -> tuple[str, str] | None:
         # RFC 5987 names decode differently across parsers (busboy ignores them); a pricing field must be plain.
         raise invalid("multipart part names must not use the extended name* form.")
     name = disp.params.get("name")
-    if name is None:
-        raise invalid("multipart part has no name.")
+    if not name:
+        raise invalid("multipart part has no name.")  # multer refuses it too (MISSING_FIELD_NAME)
     root = name.split("[", 1)[0]
     if root in PRICE_FIELDS and name != root:
         raise invalid(f"Form field '{echo(name)}' would be read as '{root}' by the upstream (multer's bracket syntax).")
     if name not in PRICE_FIELDS:
+        is_file = "filename" in disp.params or "filename*" in disp.params or _media(headers) == "application/octet-stream"
+        if not is_file and len(segment) - head_end - 4 >= MAX_FIELD_BYTES:
+            raise invalid(f"Form field '{echo(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
         return None
     if disp.extended:
         # busboy drops the whole part when it cannot decode an RFC 2231 value; others do not.
         raise invalid(f"Form field '{name}' has an extended (RFC 2231) parameter.")
     return name, _field_value(name, segment[head_end + 4 :], headers, disp)
+
+
+def _media(headers: dict[str, str]) -> str:
+    return headers.get("content-type", "").split(";", 1)[0].strip(" \t").lower()
 
 
 def _field_value(name: str, raw: bytes, headers: dict[str, str], disp: HeaderValue) -> str:
