@@ -29,14 +29,19 @@ class PriceFields:
     max_tokens: int | None = None
 
 
-def decode_content(body: bytes, content_encoding: str | None, max_bytes: int) -> bytes:
-    """Undo a request Content-Encoding the upstream would undo too (gzip, deflate), bounded."""
+def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, content_type: str | None) -> bytes:
+    """Undo a request Content-Encoding the upstream would undo too, bounded: gzip or zlib-wrapped
+    deflate on a JSON body, as body-parser does. multer undoes none: ImageRouter would parse a
+    compressed form's raw bytes (a gzip header's comment can hold a whole other form), so an
+    encoded multipart body is refused (issue #12)."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
-    if encoding not in ("gzip", "x-gzip", "deflate"):
-        raise invalid(f"Request Content-Encoding '{encoding[:40]}' is not supported by the spend guard.")
-    wbits = 16 + zlib.MAX_WBITS if encoding != "deflate" else (zlib.MAX_WBITS if body[:1] == b"\x78" else -zlib.MAX_WBITS)
+    if (content_type or "").strip(" \t").lower().startswith("multipart/"):
+        raise invalid("ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed.")
+    if encoding not in ("gzip", "deflate"):
+        raise invalid(f"Request Content-Encoding '{echo(encoding, 40)}' is not supported; use gzip or deflate.")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS  # deflate: zlib-wrapped, as Node's inflate
     out = bytearray()
     data = body
     try:

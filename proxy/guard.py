@@ -409,7 +409,7 @@ async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int
     event loop keeps serving (json's C parser still holds the GIL for its longest single step)."""
 
     def read() -> PriceFields:
-        decoded = decode_content(raw, header(headers, "content-encoding"), max_bytes)
+        decoded = decode_content(raw, header(headers, "content-encoding"), max_bytes, header(headers, "content-type"))
         return read_price_fields(decoded, header(headers, "content-type"))
 
     if len(raw) > OFF_LOOP_BYTES:
