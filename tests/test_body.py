@@ -267,27 +267,50 @@ JSON_BODY = b'{"model": "openai/gpt-image-1", "prompt": "a cat"}'
 
 @pytest.mark.parametrize("encoding", [None, "", "identity", " Identity "])
 def test_identity_is_returned_untouched(encoding):
-    assert decode_content(b"\x00raw", encoding, 10) == b"\x00raw"
+    assert decode_content(b"\x00raw", encoding, 10, "application/json") == b"\x00raw"
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "x-gzip", "GZIP"])
+@pytest.mark.parametrize("encoding", ["gzip", "GZIP", " gzip "])
 def test_gzip_is_decoded(encoding):
-    assert decode_content(gzip.compress(JSON_BODY), encoding, 1024) == JSON_BODY
+    assert decode_content(gzip.compress(JSON_BODY), encoding, 1024, "application/json") == JSON_BODY
 
 
-def test_deflate_zlib_wrapped_and_raw_are_decoded():
-    assert decode_content(zlib.compress(JSON_BODY), "deflate", 1024) == JSON_BODY
+def test_deflate_is_zlib_wrapped_as_nodes_inflate_reads_it():
+    assert decode_content(zlib.compress(JSON_BODY), "deflate", 1024, "application/json") == JSON_BODY
     raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-    assert decode_content(raw.compress(JSON_BODY) + raw.flush(), "deflate", 1024) == JSON_BODY
+    rejected(400, decode_content, raw.compress(JSON_BODY) + raw.flush(), "deflate", 1024, "application/json")
+
+
+def test_x_gzip_is_refused_as_body_parser_refuses_it():
+    err = rejected(400, decode_content, gzip.compress(JSON_BODY), "x-gzip", 1024, "application/json")
+    assert "Content-Encoding" in err.message
+
+
+def gzip_with_comment(comment: bytes, data: bytes) -> bytes:
+    """A gzip member whose header carries `comment` (FCOMMENT): bytes multer would read as they are."""
+    member = gzip.compress(data, mtime=0)
+    return member[:3] + bytes([member[3] | 0x10]) + member[4:10] + comment + b"\x00" + member[10:]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "GZIP"])
+@pytest.mark.parametrize("ctype", [MP, "Multipart/Form-Data; boundary=XyZ", "multipart/mixed; boundary=XyZ"])
+def test_an_encoded_multipart_body_is_refused_as_multer_reads_it_raw(encoding, ctype):
+    # ImageRouter's multer parses the raw bytes: here the gzip comment is a form naming the
+    # expensive model, the compressed one names the free one.
+    inner = multipart([field("model", b"google/veo-3.1")])
+    body = gzip_with_comment(b"\r\n" + inner, multipart([field("model", b"test/test")]))
+    assert gzip.decompress(body) == multipart([field("model", b"test/test")])
+    err = rejected(400, decode_content, body, encoding, 1 << 20, ctype)
+    assert "multipart" in err.message
 
 
 def test_decoded_body_at_exactly_the_limit_is_accepted():
     body = b"x" * 1000
-    assert decode_content(gzip.compress(body), "gzip", 1000) == body
+    assert decode_content(gzip.compress(body), "gzip", 1000, "application/json") == body
 
 
 def test_decoded_body_one_byte_past_the_limit_is_413():
-    rejected(413, decode_content, gzip.compress(b"x" * 1001), "gzip", 1000)
+    rejected(413, decode_content, gzip.compress(b"x" * 1001), "gzip", 1000, "application/json")
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
@@ -296,7 +319,7 @@ def test_decompression_bomb_is_413(encoding):
     assert len(bomb) < 50_000
     tracemalloc.start()
     try:
-        err = rejected(413, decode_content, bomb, encoding, 64 * 1024)
+        err = rejected(413, decode_content, bomb, encoding, 64 * 1024, "application/json")
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -306,19 +329,19 @@ def test_decompression_bomb_is_413(encoding):
 
 @pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, gzip", "gzip, br"])
 def test_unsupported_encoding_is_400(encoding):
-    err = rejected(400, decode_content, JSON_BODY, encoding, 1024)
+    err = rejected(400, decode_content, JSON_BODY, encoding, 1024, "application/json")
     assert "Content-Encoding" in err.message
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 def test_corrupt_compressed_data_is_400(encoding):
-    rejected(400, decode_content, b"definitely not compressed", encoding, 1024)
+    rejected(400, decode_content, b"definitely not compressed", encoding, 1024, "application/json")
 
 
 def test_multi_member_gzip_is_decoded_whole_or_refused():
     body = gzip.compress(b"model=test/test") + gzip.compress(b"&model=google/veo-3.1")
     try:
-        decoded = decode_content(body, "gzip", 1024)
+        decoded = decode_content(body, "gzip", 1024, "application/json")
     except Rejected as exc:
         assert exc.status == 400
     else:
@@ -326,7 +349,7 @@ def test_multi_member_gzip_is_decoded_whole_or_refused():
 
 
 def test_gzip_then_read_end_to_end():
-    decoded = decode_content(gzip.compress(JSON_BODY), "gzip", 1024)
+    decoded = decode_content(gzip.compress(JSON_BODY), "gzip", 1024, "application/json")
     assert read_price_fields(decoded, "application/json").model == "openai/gpt-image-1"
 
 
