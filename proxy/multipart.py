@@ -214,11 +214,11 @@ def _refuse_delimiters_off_line_start(data: bytes, dash_boundary: bytes) -> None
 
 def _read_part(segment: bytes) -> tuple[str, str] | None:
     """One part between delimiters: (name, value) for a price-deciding field, else None."""
+    if segment.startswith(b"\r\n"):
+        raise invalid("multipart part has no headers.")  # busboy: "Malformed part header"
     head_end = segment.find(b"\r\n\r\n")
     if head_end < 0:
         raise invalid("multipart part headers do not end before the next delimiter.")
-    if head_end == 0 or segment.startswith(b"\r\n"):
-        raise invalid("multipart part has no headers.")
     if head_end + 4 >= MAX_HEADER_BYTES:
         raise invalid("multipart part headers exceed 16 KiB.")
     headers: dict[str, str] = {}

@@ -359,3 +359,86 @@ def test_extended_part_name_is_refused_rather_than_guessed():
         b"--b\r\nContent-Disposition: form-data; name*=utf-8''model\r\n\r\ngoogle/veo-3.1\r\n--b--\r\n"
     )
     rejected(400, read_price_fields, body, "multipart/form-data; boundary=b")
+
+
+# -- ambiguity classes (issue #12): refused with a message naming what was ambiguous ------------
+# tests/test_parity.py checks every class against the real Express + multer stack; these run
+# without Node.
+
+M = b'Content-Disposition: form-data; name="model"'
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "says"),
+    [
+        (b"X--XyZ\r\n" + M + b"\r\n\r\ntest/test\r\n" + multipart([field("prompt", b"x")]), MP, "not right after CRLF"),
+        (multipart([field("model", b"m")]).replace(b"\r\n--XyZ--", b"\n--XyZ--"), MP, "not right after CRLF"),
+        (multipart([field("prompt", b"see --XyZ")]), MP, "not right after CRLF"),
+        (multipart([field("model", b"m")]) + b"--XyZ\r\n", MP, "after the close delimiter"),
+        (multipart([field("model", b"m")]).replace(b"--XyZ\r\n", b"--XyZ \r\n"), MP, "transport padding"),
+        (multipart([field("model", b"m")]).replace(b"--XyZ\r\n", b"--XyZjunk\r\n"), MP, "other than CRLF"),
+        (multipart([(b"Content-Disposition: form-data\r\n ; name=\"model\"", b"m")]), MP, "folded"),
+        (multipart([(b"Content-Type: text/plain\r\n " + M, b"m"), field("prompt", b"x")]), MP, "folded"),
+        (multipart([(M + b"\r\nContent-Type: text/plain; charset=latin1", b"m")]), MP, "charset 'latin1'"),
+        (multipart([(M + b"\r\nContent-Type: text/plain; charset=utf-16le", b"m\x00")]), MP, "charset 'utf-16le'"),
+        (multipart([(M + b"\r\nContent-Type: text/plain; charset=us-ascii", b"m\xe9")]), MP, "not valid us-ascii"),
+        (multipart([(M + b"\r\nContent-Type: text/plain; charset", b"m")]), MP, "malformed"),
+        (multipart([(M + b"\r\nContent-Transfer-Encoding: base64", b"bQ==")]), MP, "Content-Transfer-Encoding"),
+        (multipart([(M + b"\r\nContent-Type: application/octet-stream", b"m")]), MP, "file"),
+        (multipart([(M + b'; filename="m.txt"', b"m")]), MP, "file"),
+        (multipart([(M + b"; x*=bogus''y", b"m")]), MP, "extended"),
+        (multipart([(b'Content-Disposition: form-data; name="model[]"', b"m")]), MP, "bracket"),
+        (multipart([(b'Content-Disposition: form-data; name="model[0]"', b"m")]), MP, "bracket"),
+        (multipart([(b'Content-Disposition: attachment; name="model"', b"m")]), MP, "not form-data"),
+        (multipart([(b"Content-Disposition: form-data", b"m")]), MP, "no name"),
+        (multipart([(b'Content-Disposition: form-data; name=""', b"m")]), MP, "no name"),
+        (multipart([(b'Content-Disposition: form-data; name="model";', b"m")]), MP, "malformed"),
+        (multipart([(b'Content-Disposition: form-data; name = "model"', b"m")]), MP, "around '='"),
+        (multipart([(b'Content-Disposition: form-data; name="mod\\el"', b"m")]), MP, "backslash"),
+        (multipart([(b'Content-Disposition: form-data; name="prompt"\r\n' + M, b"m")]), MP, "more than once"),
+        (multipart([(b'Content-Disposition : form-data; name="model"', b"m")]), MP, "malformed header line"),
+        (multipart([(M + b"\x01", b"m")]), MP, "malformed header line"),
+        (multipart([(b"X: " + b"a" * 17000 + b"\r\n" + M, b"m")]), MP, "16 KiB"),
+        (b"--XyZ\r\n\r\nm\r\n--XyZ--\r\n", MP, "no headers"),
+        (b"--XyZ\r\n" + M + b"\r\n--XyZ--\r\n", MP, "do not end before"),
+        (multipart([field("prompt", b"x" * (1 << 20)), field("model", b"m")]), MP, "1 MiB"),
+        (multipart([field("model", b"m")], boundary=b"x" * 71), "multipart/form-data; boundary=" + "x" * 71, "RFC 2046"),
+        (multipart([field("model", b"m")]), "multipart/form-data;\tboundary=XyZ", "malformed"),
+        (multipart([field("model", b"m")]), "multipart/form-data; boundary=XyZ; boundary=Q", "more than once"),
+    ],
+)
+def test_a_body_a_lenient_parser_could_read_differently_is_refused(body, ctype, says):
+    err = rejected(400, read_price_fields, body, ctype)
+    assert says in err.message
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (multipart([(M + b"\r\nContent-Type: text/plain; charset=US-ASCII", b"m")]), MP),
+        (multipart([(M + b"\r\nContent-Type: text/plain;charset=utf8", b"m")]), MP),
+        (multipart([(M + b"\r\nContent-Transfer-Encoding: 8bit", b"m")]), MP),
+        (multipart([(b"CONTENT-DISPOSITION:FORM-DATA;NAME=model", b"m")]), MP),
+        (multipart([(b'Content-Disposition: form-data; note="a; name=x"; name="model"', b"m")]), MP),
+        (multipart([field("model", b"m")], boundary=b"'()+_,-./:=?"), "multipart/form-data; boundary=\"'()+_,-./:=?\""),
+        (multipart([field("model", b"m")])[:-2] + b" the epilogue", MP),
+        (b"\r\n" + multipart([field("model", b"m")]), MP),
+    ],
+)
+def test_every_parser_reads_these_alike_so_they_are_priced(body, ctype):
+    assert read_price_fields(body, ctype).model == "m"
+
+
+def test_the_issue_bodies_are_refused():
+    from tests.parity.corpus import ISSUE_CASES
+
+    for label, body, ctype in ISSUE_CASES:
+        assert isinstance(rejected(400, read_price_fields, body, ctype), Rejected), label
+
+
+def test_echo_cuts_and_drops_control_characters():
+    from proxy.echo import ECHO_MAX_CHARS, echo
+
+    assert echo("a\x00b\r\nc\x1b[31m\u202ed\x85") == "abc[31md"
+    assert echo("m" * 500) == "m" * ECHO_MAX_CHARS + "…"
+    assert echo("vendor/model é") == "vendor/model é"

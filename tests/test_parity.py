@@ -11,12 +11,14 @@ skips, when they are missing.
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
 import shutil
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,13 +31,13 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.body import PriceFields, read_price_fields
+from proxy.body import PriceFields, decode_content, read_price_fields
 from proxy.echo import ECHO_MAX_CHARS, echo
 from proxy.errors import Rejected
 from proxy.policy import load_policy
 from proxy.settings import Settings
 from tests.conftest import KEY_A, SHA_A
-from tests.parity.corpus import CHEAP, DENIED, ISSUE_CASES, Case, corpus
+from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
 
 PARITY_DIR = Path(__file__).parent / "parity"
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
@@ -61,9 +63,11 @@ class Stack:
     def posts(self) -> int:
         return int(self.http.get("/parity/posts").json()["posts"])
 
-    def parse(self, body: bytes, content_type: str | None, path: str = EDITS) -> dict[str, Any]:
+    def parse(self, body: bytes, content_type: str | None, path: str = EDITS, encoding: str | None = None) -> dict[str, Any]:
         """What ImageRouter's stack makes of a body, sent to it directly."""
         headers = [(b"Content-Type", content_type.encode("latin-1"))] if content_type is not None else []
+        if encoding is not None:
+            headers.append((b"Content-Encoding", encoding.encode()))
         resp = self.http.post(path, content=body, headers=headers)
         data = resp.json()
         return data if data.get("parity") else {"status": resp.status_code, "error": data.get("error")}
@@ -119,24 +123,28 @@ def proxy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Te
             yield client
 
 
-def verdict(body: bytes, content_type: str | None) -> PriceFields | Rejected:
+def verdict(body: bytes, content_type: str | None, encoding: str | None = None) -> PriceFields | Rejected:
     try:
-        return read_price_fields(body, content_type)
+        return read_price_fields(decode_content(body, encoding, 1 << 26, content_type), content_type)
     except Rejected as exc:
         return exc
 
 
-def through_guard(client: TestClient, stack: Stack, caplog: pytest.LogCaptureFixture, case: Case, path: str = EDITS) -> str:
+def through_guard(
+    client: TestClient, stack: Stack, caplog: pytest.LogCaptureFixture, case: Case, path: str = EDITS, encoding: str | None = None
+) -> str:
     """Send one body through the proxy to the stack; assert refused, or priced as the stack read it."""
     label, body, content_type = case
     headers = [(b"Authorization", f"Bearer {KEY_A}".encode())]
     if content_type is not None:
         headers.append((b"Content-Type", content_type.encode("latin-1")))
+    if encoding is not None:
+        headers.append((b"Content-Encoding", encoding.encode()))
     caplog.clear()
     before = stack.posts()
     resp = client.post(path, content=body, headers=headers)
     reached = stack.posts() - before
-    expected = verdict(body, content_type)
+    expected = verdict(body, content_type, encoding)
     if resp.headers.get("x-spend-guard-scope") == "request":
         assert resp.status_code == 400, (label, resp.status_code, resp.text[:300])
         assert resp.json()["error"]["type"] == "invalid_request_error"
@@ -178,6 +186,44 @@ def test_the_corpus_is_large_and_both_outcomes_occur(stack):
     # The stack really reads what the issue says it does (else this test would prove nothing).
     ran = [stack.parse(body, ctype)["model"] for _, body, ctype in ISSUE_CASES]
     assert ran == [None, None, "google/veo-3.1", None, "整瑳琯獥ⅴ", "google/veo-3.1Ã©"]
+
+
+def gzip_with_comment(comment: bytes, data: bytes) -> bytes:
+    """A gzip member whose header carries `comment` (FCOMMENT), which multer reads as it is."""
+    member = gzip.compress(data, mtime=0)
+    return member[:3] + bytes([member[3] | 0x10]) + member[4:10] + comment + b"\x00" + member[10:]
+
+
+JSON_BODY = b'{"model": "google/veo-3.1", "prompt": "a cat"}'
+RAW_DEFLATE = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+SMUGGLED = gzip_with_comment(b"\r\n" + form(part(b'Content-Disposition: form-data; name="model"', DENIED)), form(part(b'Content-Disposition: form-data; name="model"', CHEAP)))
+ENCODED: list[tuple[str, bytes, str, str]] = [
+    ("gzip-json", gzip.compress(JSON_BODY), "application/json", "gzip"),
+    ("gzip-json-two-members", gzip.compress(b'{"model": ') + gzip.compress(b'"google/veo-3.1"}'), "application/json", "gzip"),
+    ("deflate-json", zlib.compress(JSON_BODY), "application/json", "deflate"),
+    ("raw-deflate-json", RAW_DEFLATE.compress(JSON_BODY) + RAW_DEFLATE.flush(), "application/json", "deflate"),
+    ("x-gzip-json", gzip.compress(JSON_BODY), "application/json", "x-gzip"),
+    ("br-json", JSON_BODY, "application/json", "br"),
+    ("identity-json", JSON_BODY, "application/json", "identity"),
+    ("gzip-multipart", gzip.compress(BASE), MP, "gzip"),
+    ("gzip-multipart-comment-smuggles-a-form", SMUGGLED, MP, "gzip"),
+    ("deflate-multipart", zlib.compress(BASE), MP, "deflate"),
+    ("identity-multipart", BASE, MP, "identity"),
+]
+
+
+@pytest.mark.parametrize("case", ENCODED, ids=[c[0] for c in ENCODED])
+def test_an_encoded_body_is_refused_or_priced_as_imagerouter_decodes_it(proxy, stack, caplog, case):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    label, body, content_type, encoding = case
+    through_guard(proxy, stack, caplog, (label, body, content_type), encoding=encoding)
+
+
+def test_multer_reads_an_encoded_form_raw_so_a_gzip_comment_can_smuggle_a_model(stack):
+    # Why an encoded multipart body is refused: the form that decompresses names test/test, yet
+    # ImageRouter's stack runs the one in the gzip header's comment.
+    assert stack.parse(SMUGGLED, MP, encoding="gzip")["model"] == "google/veo-3.1"
+    assert stack.parse(gzip.decompress(SMUGGLED), MP)["model"] == "test/test"
 
 
 @pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
