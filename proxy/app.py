@@ -10,7 +10,7 @@ import contextlib
 import gc
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -21,7 +21,8 @@ from starlette.routing import Route, Router
 from proxy.credits import Refresher
 from proxy.errors import Rejected, error_response
 from proxy.forward import create_session
-from proxy.guard import Guard, settle_pending
+from proxy.errors import StoreError
+from proxy.guard import Guard
 from proxy.metrics import Metrics
 from proxy.policy import Policy, default_policy, load_policy
 from proxy.reload import PolicyHolder
@@ -34,6 +35,12 @@ from proxy.types import Clock, Receive, Scope, Send, SystemClock
 log = logging.getLogger("spend_guard")
 OWN_PREFIX = "/-/"
 STARTUP_REFRESH_S = 5.0
+SETTLE_RETRY_S = 1.0
+MARK_STARTED_S = 0.5
+MAX_LOOP_BACKOFF_S = 30.0
+# After a reserve failed (and none succeeded since), /-/readyz says so for this long; then it
+# lets traffic try again, so a recovered store is noticed even behind a load balancer.
+RESERVE_FAILURE_UNREADY_S = 10.0
 
 
 class SpendGuardApp:
@@ -117,6 +124,7 @@ class SpendGuardApp:
             self.clock,
             upstream_url=lambda: self.runtime.upstream_url() if self.runtime else policy.upstream.base_url,
             on_failure=self._refresh_failed,
+            on_crash=self.metrics.background_errors.labels("refresher").inc,
         )
         if self.settings.upstream:
             refresher.upstream_url = lambda: self.settings.upstream or ""
@@ -135,9 +143,11 @@ class SpendGuardApp:
             log.warning("first credits/prices refresh took over %g s; starting without it", STARTUP_REFRESH_S)
             first_delay = 0.0
         loop = asyncio.get_running_loop()
+        rt = self.runtime
         self.tasks = [
             asyncio.create_task(refresher.run(first_delay), name="refresher"),
-            asyncio.create_task(self._settle_retry_loop(), name="settle-retry"),
+            asyncio.create_task(self._every(SETTLE_RETRY_S, "settle-retry", rt.settle_pending), name="settle-retry"),
+            asyncio.create_task(self._every(MARK_STARTED_S, "mark-started", rt.mark_started), name="mark-started"),
         ]
         if self.settings.policy:
             self.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
@@ -164,11 +174,22 @@ class SpendGuardApp:
             return float("nan")
         return max(0.0, rt.clock() - rt.refresher.state.last_ok_ms / 1000)
 
-    async def _settle_retry_loop(self) -> None:
+    async def _every(self, interval_s: float, name: str, body: Callable[[], Awaitable[None]]) -> None:
+        """Run `body` every `interval_s`, for ever: a store outage is waited out, anything
+        unexpected is logged with its traceback and counted, and the loop goes on (backing off)."""
+        delay = interval_s
         while True:
-            await asyncio.sleep(1.0)
-            if self.runtime is not None and self.runtime.pending_settles:
-                await settle_pending(self.runtime)
+            await asyncio.sleep(delay)
+            try:
+                await body()
+                delay = interval_s
+            except StoreError as exc:
+                log.debug("%s: %s", name, exc)
+                delay = interval_s
+            except Exception:
+                self.metrics.background_errors.labels(name).inc()
+                log.exception("background task %s failed; it continues", name)
+                delay = min(MAX_LOOP_BACKOFF_S, delay * 2)
 
     async def shutdown(self) -> None:
         rt = self.runtime
@@ -180,10 +201,9 @@ class SpendGuardApp:
         # Whatever is still open at the deadline is charged its hold: never left to its lease.
         for flight in list(rt.flights.values()):
             with contextlib.suppress(Exception):
-                await rt.store.settle(flight.hold_id, None, rt.now_ms())
-            rt.flights.pop(flight.hold_id, None)
+                await rt.settle(flight, None)
         with contextlib.suppress(Exception):
-            await settle_pending(rt)
+            await rt.settle_pending()
         rt.refresher.stop()
         for task in self.tasks:
             task.cancel()
@@ -219,11 +239,16 @@ class SpendGuardApp:
                     problems.append(f"snapshot: {age_s:.0f} s old, max_staleness_s={rt.policy.account.max_staleness_s:g}")
         except Exception as exc:  # noqa: BLE001 - any store failure means not ready
             problems.append(f"store: {type(exc).__name__}")
+        if rt.reserve_failed_at and rt.clock() - rt.reserve_failed_at < RESERVE_FAILURE_UNREADY_S:
+            problems.append(f"store: reserves are failing: {rt.reserve_failure}")
         state = rt.refresher.state
         if state.auth_failed:
             problems.append(f"credits: {state.last_error}")
         if not rt.refresher.prices.loaded:
             problems.append("prices: no price table loaded from /v2/models yet")
+        for task in self.tasks:
+            if task.done():
+                problems.append(f"background task {task.get_name()} is not running")
         body = {
             "ready": not problems,
             "problems": problems,

@@ -124,6 +124,7 @@ class Refresher:
         *,
         upstream_url: Callable[[], str],
         on_failure: Callable[[str], None] | None = None,
+        on_crash: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -132,6 +133,7 @@ class Refresher:
         self.clock = clock
         self.upstream_url = upstream_url
         self.on_failure = on_failure
+        self.on_crash = on_crash
         self.owner = uuid.uuid4().hex
         self.state = RefreshState()
         self.prices = PriceTable()
@@ -148,7 +150,14 @@ class Refresher:
                 await asyncio.wait_for(self._stopped.wait(), delay)
             if self._stopped.is_set():
                 return
-            delay = await self.tick()
+            try:
+                delay = await self.tick()
+            except Exception:
+                # Never die: a driver bug or an unexpected answer is logged, counted, retried.
+                log.exception("credits refresh round failed unexpectedly; retrying")
+                if self.on_crash:
+                    self.on_crash()
+                delay = self._backoff(self.policy().account.refresh_s)
 
     def stop(self) -> None:
         self._stopped.set()

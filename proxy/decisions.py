@@ -28,6 +28,7 @@ class Call:
     request_id: str
     started: float
     route: str
+    kind: str = ""  # the route's kind: image, video or text
     key: KeyPolicy | None = None
     key_name: str = "unknown"
     model: str | None = None

@@ -3,6 +3,8 @@
     SpendGuardError
      ├── PolicyError      a policy file failed validation (lists every problem)
      ├── StoreError       Redis (or the embedded store) did not answer
+     │    └── StoreScriptError  it answered, refusing an operation (a script fault)
+     ├── HoldQuarantined  a hold record could not be read; it was moved aside
      ├── UpstreamError    ImageRouter unreachable (502) or timed out (504)
      └── Rejected         a request refused by the guard: status, type, message, headers
 """
@@ -29,6 +31,18 @@ class PolicyError(SpendGuardError):
 
 class StoreError(SpendGuardError):
     """The store did not answer; the guard fails closed or open by `on_store_error`."""
+
+
+class StoreScriptError(StoreError):
+    """Redis ran the operation and refused it: a fault of this one call, not an outage."""
+
+
+class HoldQuarantined(SpendGuardError):
+    """A hold's record could not be read; the store moved it to its quarantine hash."""
+
+    def __init__(self, hold_id: str) -> None:
+        super().__init__(f"hold {hold_id} was unreadable and has been quarantined")
+        self.hold_id = hold_id
 
 
 class Rejected(SpendGuardError):

@@ -31,7 +31,7 @@ from proxy.echo import echo
 from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError
 from proxy.forward import ClientStalled, abort_client, request_head, response_headers
 from proxy.passthrough import passthrough
-from proxy.money import format_usd
+from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
 from proxy.request import (
@@ -47,9 +47,9 @@ from proxy.request import (
     request_id,
 )
 from proxy.routing import Match
-from proxy.runtime import Flight, Runtime
+from proxy.runtime import Flight, Pending, Runtime
 from proxy.scanner import Outcome
-from proxy.store import Decision, ReserveRequest, row_ref
+from proxy.store import Decision, Reclaimed, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.windows import window_start_ms
 
@@ -66,6 +66,9 @@ GUARD_SETS = frozenset({b"x-request-id", b"accept-encoding"})
 OFF_LOOP_BYTES = 1 << 20
 # The request body the current call holds in memory (set in `prepare`, released when it ends).
 HELD_BODY: ContextVar[BodyLease | None] = ContextVar("HELD_BODY", default=None)
+# Routes whose calls ImageRouter pre-charges before it answers (reference §4: the generation
+# handler flushes its 200 only once the pre-charge passed). Text calls are billed afterwards.
+PRECHARGED_KINDS = frozenset({"image", "video"})
 
 
 class Guard:
@@ -89,7 +92,7 @@ class Guard:
         rt = self.rt
         policy = rt.policy
         headers = header_pairs(scope)
-        call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path)
+        call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or "")
         call.headers["X-Request-Id"] = call.request_id
         call.headers["X-Spend-Guard-Policy"] = policy.version
         try:
@@ -181,6 +184,14 @@ class Guard:
         if hold is None:
             return raw, None  # fail-open without a price table: forwarded unguarded, counted
         call.hold_micros = hold
+        if hold > MAX_CALL_MICROS:
+            raise Rejected(
+                403,
+                "policy_violation",
+                f"This call may cost up to ${format_usd(hold)}, above the spend guard's per-call maximum "
+                f"of ${format_usd(MAX_CALL_MICROS)}.",
+                scope="policy",
+            )
         for cap, where in self.caps(policy, key):
             if hold > cap:
                 refuse(
@@ -259,18 +270,26 @@ class Guard:
         )
         try:
             decision = await rt.store.reserve(request)
+            rt.reserve_failed_at = 0.0
         except StoreError as exc:
+            # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
+            # name internal addresses).
+            reason = type(exc.__cause__ or exc).__name__
+            rt.reserve_failed_at, rt.reserve_failure = rt.clock(), reason
+            log.warning("reserve failed: %s", exc)
             # The script may still run once Redis wakes up: release that hold (or tombstone it)
             # from the settle retry loop, so a call we never forwarded holds nothing. Bounded, as
             # a retry loop against a dead Redis adds one per call; past the bound a hold that did
             # land (its reply lost) is left to its lease.
             if len(rt.pending_settles) < MAX_PENDING_RELEASES:
-                rt.pending_settles[request.hold_id] = 0
+                rt.pending_settles[request.hold_id] = Pending(0)
             elif not rt.pending_full_logged:
                 rt.pending_full_logged = True
                 log.warning("%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES)
-            self.unavailable(f"store error ({exc})")
+            self.unavailable(f"store error ({reason})")
             return None
+        if decision.reclaimed.count or decision.reclaimed.quarantined:
+            self.reclaimed(decision.reclaimed)
         if not decision.allowed:
             assert decision.refusal is not None
             if decision.refusal.code in ("no_snapshot", "stale"):
@@ -289,7 +308,7 @@ class Guard:
             else:
                 self.would_refuse(call, would)
         self.remaining_headers(call, decision)
-        flight = Flight(request.hold_id, hold, call.key_name)
+        flight = Flight(request.hold_id, hold, call.key_name, precharged=call.kind in PRECHARGED_KINDS)
         rt.flights[flight.hold_id] = flight
         rt.metrics.inflight.set(len(rt.flights))
         rt.metrics.usd.labels("held", call.key_name).inc(hold / 1e6)
@@ -297,6 +316,19 @@ class Guard:
             call.decision = "allowed"
             rt.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
         return flight
+
+    def reclaimed(self, reclaimed: Reclaimed) -> None:
+        rt = self.rt
+        if reclaimed.count:
+            rt.metrics.reclaimed.inc(reclaimed.count)
+            rt.metrics.usd.labels("charged", "reclaimed").inc(reclaimed.micros / 1e6)
+            log.warning(
+                "reclaimed %d hold(s) whose lease expired, charged $%s in full",
+                reclaimed.count,
+                format_usd(reclaimed.micros),
+            )
+        for hold_id in reclaimed.quarantined:
+            rt.quarantined(hold_id)
 
     def remaining_headers(self, call: Call, decision: Decision) -> None:
         if decision.tight_scope:
@@ -339,6 +371,8 @@ class Guard:
                 await exc.response(call.headers)(scope, receive, send)
                 return
             call.upstream_status = resp.status
+            if flight is not None:
+                flight.started_ms = rt.now_ms()
             observer = observer_for(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
             out_headers = response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
             # upstream.timeout_s bounds the whole call, time blocked sending to a client that stopped
@@ -382,27 +416,10 @@ class Guard:
 
     async def settle(self, flight: Flight, outcome: Outcome, call: Call) -> None:
         """Exactly once per reservation: error -> release, cost -> charge it, else charge the hold."""
-        rt = self.rt
-        if flight.settled:
-            return
-        flight.settled = True
         cost = 0 if outcome.kind == "error" else outcome.cost_micros if outcome.kind == "cost" else None
         call.outcome = call.outcome or outcome.kind
-        try:
-            charged = await rt.store.settle(flight.hold_id, cost, rt.now_ms())
-        except StoreError as exc:
-            # Keep it and retry in the background; the lease is the last resort.
-            rt.pending_settles[flight.hold_id] = cost
-            rt.metrics.settle_retries.inc()
-            log.warning("settle of %s deferred: %s", call.request_id, exc)
-            charged = flight.amount_micros if cost is None else cost
-        finally:
-            rt.flights.pop(flight.hold_id, None)
-            rt.metrics.inflight.set(len(rt.flights))
-        call.cost_micros = charged
-        if charged is not None:
-            rt.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
-            rt.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+        call.cost_micros = await self.rt.settle(flight, cost)
+
 
 async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int) -> PriceFields:
     """The price fields of a body; a large one is decoded and parsed on a worker thread, so the
@@ -419,13 +436,7 @@ async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int
 
 async def settle_pending(runtime: Runtime) -> None:
     """Retry settles that failed while the store was down (runs in the lifespan)."""
-    for hold_id, cost in list(runtime.pending_settles.items()):
-        try:
-            await runtime.store.settle(hold_id, cost, runtime.now_ms())
-        except StoreError:
-            return
-        runtime.pending_settles.pop(hold_id, None)
-    runtime.pending_full_logged = False
+    await runtime.settle_pending()
 
 
 __all__ = ["Guard", "settle_pending"]

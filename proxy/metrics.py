@@ -72,6 +72,32 @@ class Metrics:
         self.settle_retries = Counter(
             "spend_guard_settle_retries", "Settles that failed against the store and were retried.", registry=r
         )
+        self.settle_failures = Counter(
+            "spend_guard_settle_failures",
+            "Deferred settles dropped because the store refused them (its hold falls to its lease).",
+            registry=r,
+        )
+        self.quarantined = Counter(
+            "spend_guard_quarantined_holds",
+            "Hold records the store could not read and moved to its quarantine hash.",
+            registry=r,
+        )
+        self.reclaimed = Counter(
+            "spend_guard_reclaimed_holds",
+            "Holds whose lease expired and that a reserve charged in full.",
+            registry=r,
+        )
+        self.snapshot_rows_rejected = Counter(
+            "spend_guard_snapshot_rows_rejected",
+            "Credits snapshot rows the proxy could not read (that key's upstream scope is disabled).",
+            registry=r,
+        )
+        self.background_errors = Counter(
+            "spend_guard_background_errors",
+            "Unexpected exceptions in a background loop (it logs the traceback and continues).",
+            ["task"],
+            registry=r,
+        )
         self.inflight = Gauge(
             "spend_guard_inflight_holds",
             "Reservations open in this instance (all its workers).",

@@ -16,6 +16,10 @@ MICROS_PER_USD = 1_000_000
 _USD_RE = re.compile(r"^-?(?:\d+(?:\.\d*)?|\.\d+)$")
 # 10^15 micro-dollars = one billion dollars; anything larger is a corrupt figure, not a balance.
 MAX_ABS_MICROS = 10**15
+# The most one call may hold or be charged: $1,000,000. A larger hold is refused (403); a larger
+# cost reported by the upstream is a corrupt figure, charged as this much and logged. With every
+# scope limit at most MAX_ABS_MICROS, sums stay far below 2^53, where Lua's doubles stop being exact.
+MAX_CALL_MICROS = 10**12
 
 
 # Exact arithmetic for any input we accept: the default context rounds at 28 digits.

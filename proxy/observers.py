@@ -114,7 +114,7 @@ class SseScanner:
             return
         if not isinstance(event, dict):
             return
-        if event.get("error") is not None:
+        if isinstance(event.get("error"), dict):
             self._error = True
         cost = event.get("cost")
         response = event.get("response")
@@ -220,12 +220,12 @@ class SmallBodyFirst:
             return UNKNOWN
         if not isinstance(data, dict):
             return UNKNOWN
-        if data.get("error") is not None:
-            return ERROR
-        if "cost" not in data:
-            return UNKNOWN
-        micros = _cost_to_micros(data["cost"])
-        return UNKNOWN if micros is None else Outcome("cost", micros)
+        # The scanner's rules: a `cost` is charged whenever present (an unreadable one charges
+        # the hold); only an `error` that is an object releases it.
+        if "cost" in data:
+            micros = _cost_to_micros(data["cost"])
+            return UNKNOWN if micros is None else Outcome("cost", micros)
+        return ERROR if isinstance(data.get("error"), dict) else UNKNOWN
 
 
 def _number(token: str) -> object:

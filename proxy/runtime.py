@@ -15,10 +15,12 @@ import aiohttp
 from proxy.credits import Refresher
 from proxy.forward import Upstream
 from proxy.metrics import Metrics
+from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.policy import Policy
 from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
+from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.store import Store
 from proxy.types import Clock
 
@@ -33,6 +35,20 @@ class Flight:
     amount_micros: int
     key_name: str
     settled: bool = False
+    # When the upstream answered (it pre-charges first), on the store's clock; 0 = not yet.
+    started_ms: int = 0
+    # Whether the upstream pre-charges this route's calls before answering (images, videos), so
+    # the started time is worth telling the store (see Store.mark_started).
+    precharged: bool = False
+    marked: bool = False
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A settle the store did not take; retried in the background."""
+
+    cost_micros: int | None  # None: charge the hold; 0: release
+    started_ms: int = 0
 
 
 @dataclass
@@ -47,9 +63,12 @@ class Runtime:
     upstream: Upstream = field(init=False)
     routes: RouteTable = field(init=False)
     flights: dict[str, Flight] = field(default_factory=dict)
-    pending_settles: dict[str, int | None] = field(default_factory=dict)
+    pending_settles: dict[str, Pending] = field(default_factory=dict)
     pending_full_logged: bool = False  # the warning that pending_settles is full, once per outage
     draining: bool = False
+    # The last reserve that failed against the store (clock seconds, reason); cleared by a success.
+    reserve_failed_at: float = 0.0
+    reserve_failure: str = ""
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
@@ -78,6 +97,72 @@ class Runtime:
 
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    async def settle(self, flight: Flight, cost_micros: int | None) -> int | None:
+        """The one way a flight ends (request path and shutdown alike): charge `cost_micros`
+        (None: the whole hold; 0: release) exactly once. Returns what was charged: None when
+        the hold was gone (reclaimed) or quarantined; the assumed amount when the store did
+        not answer and the settle was deferred to the retry loop."""
+        if flight.settled:
+            return None
+        flight.settled = True
+        if cost_micros is not None and cost_micros > MAX_CALL_MICROS:
+            log.error(
+                "upstream reported a cost of $%s for hold %s, above the per-call maximum; charging $%s",
+                format_usd(cost_micros),
+                flight.hold_id,
+                format_usd(MAX_CALL_MICROS),
+            )
+            cost_micros = MAX_CALL_MICROS
+        charged: int | None
+        try:
+            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), flight.started_ms)
+        except HoldQuarantined as exc:
+            self.quarantined(exc.hold_id)
+            charged = None
+        except StoreError as exc:
+            # Keep it and retry in the background; the lease is the last resort.
+            self.pending_settles[flight.hold_id] = Pending(cost_micros, flight.started_ms)
+            self.metrics.settle_retries.inc()
+            log.warning("settle of hold %s deferred: %s", flight.hold_id, exc)
+            charged = flight.amount_micros if cost_micros is None else cost_micros
+        finally:
+            self.flights.pop(flight.hold_id, None)
+            self.metrics.inflight.set(len(self.flights))
+        if charged is not None:
+            self.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
+            self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+        return charged
+
+    async def settle_pending(self) -> None:
+        """Retry settles the store did not take. An outage stops the round (the next one
+        retries); a fault of one record never holds back the others."""
+        for hold_id, pending in list(self.pending_settles.items()):
+            try:
+                await self.store.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms)
+            except HoldQuarantined:
+                self.quarantined(hold_id)
+            except StoreScriptError as exc:
+                log.error("deferred settle of hold %s dropped, the store refused it: %s", hold_id, exc)
+                self.metrics.settle_failures.inc()
+            except StoreError:
+                return
+            self.pending_settles.pop(hold_id, None)
+        self.pending_full_logged = False
+
+    async def mark_started(self) -> None:
+        """Tell the store when the upstream answered calls still in flight, so a snapshot fetched
+        after that no longer counts them twice (their pre-charge is in it)."""
+        due = [f for f in self.flights.values() if f.precharged and f.started_ms and not f.marked]
+        if not due:
+            return
+        await self.store.mark_started([(f.hold_id, f.started_ms) for f in due])
+        for f in due:
+            f.marked = True
+
+    def quarantined(self, hold_id: str) -> None:
+        self.metrics.quarantined.inc()
+        log.error("hold %s had an unreadable record: moved to the store's quarantine, charged nothing", hold_id)
 
     async def wait_for_flights(self, timeout_s: float) -> None:
         deadline = asyncio.get_running_loop().time() + timeout_s

@@ -186,10 +186,12 @@ class JsonScanner:
     def finish(self, complete: bool = True) -> Outcome:
         if self._invalid or not complete or self._state != _DONE:
             return UNKNOWN
+        # A top-level `cost` is charged whenever present, beside an error or not; one we cannot
+        # read means the hold is charged. Only an `error` that is an object releases the hold.
+        if self._cost is not None:
+            return UNKNOWN if self._cost == _INVALID_COST else Outcome("cost", self._cost)
         if self._error:
             return ERROR
-        if self._cost is not None and self._cost != _INVALID_COST:
-            return Outcome("cost", self._cost)
         return UNKNOWN
 
     def _scan(self, chunk: bytes) -> None:
@@ -262,8 +264,8 @@ class JsonScanner:
         """Start a value at `pos`; return where scanning resumes, or -1 if the chunk ran out."""
         field = self._key if len(self._stack) == 1 else _OTHER
         self._field = field
-        if field == _ERROR and byte != ord("n"):
-            self._error = True
+        if field == _ERROR:
+            self._error = byte == _LBRACE  # the last `error` key counts, as in JSON.parse
         if byte == _QUOTE:
             self._in_key = False
             self._capture = field == _COST
@@ -380,8 +382,6 @@ class JsonScanner:
         if bytes(self._token) not in (b"true", b"false", b"null"):
             raise _Invalid
         self._state = _AFTER_VALUE
-        if self._field == _ERROR:
-            self._error = self._token != b"null"
         return end
 
     @staticmethod

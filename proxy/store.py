@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 import redis.exceptions
 
-from proxy.errors import StoreError
+from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.pricing import PriceTable
 
 T = TypeVar("T")
@@ -31,6 +31,10 @@ LOCK_MODELS = "lock:models"
 # asyncio timeout per operation, not redis-py's socket_timeout: that wraps each send in
 # asyncio.wait_for, a task per command (~15 us of CPU each on the guarded path).
 STORE_TIMEOUT_S = 2.0
+# A call the upstream answered this long before a credits fetch began is in that snapshot: the
+# upstream pre-charges before it answers (reference §4). The margin covers what is left of clock
+# differences between instances once each measures its offset to the store's clock.
+CONTAIN_MARGIN_MS = 250
 
 
 def _lua(name: str) -> str:
@@ -100,11 +104,21 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Reclaimed:
+    """What a reserve did on the side: expired leases it charged, unreadable holds it moved aside."""
+
+    count: int = 0
+    micros: int = 0
+    quarantined: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Decision:
     allowed: bool
     refusal: Refusal | None = None  # when allowed, a shadow refusal ("would refuse") or None
     tight_scope: str = ""
     tight_remaining_micros: int = -1
+    reclaimed: Reclaimed = Reclaimed()
 
 
 @dataclass(frozen=True)
@@ -165,10 +179,11 @@ class Store:
         self.client = client
         self.account = account
         self.prefix = f"sg:{{{account}}}:"
-        settle_fn = _lua("_settle_hold.lua")
-        self.lua_reserve = Script(client, settle_fn + _lua("reserve.lua"))
-        self.lua_settle = Script(client, settle_fn + _lua("settle.lua"))
-        self.lua_apply_snapshot = Script(client, _lua("apply_snapshot.lua"))
+        common = _lua("_common.lua")
+        self.lua_reserve = Script(client, common + _lua("reserve.lua"))
+        self.lua_settle = Script(client, common + _lua("settle.lua"))
+        self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
+        self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -180,7 +195,14 @@ class Store:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 return await op()
-        except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+        except asyncio.CancelledError:
+            raise
+        except redis.exceptions.ResponseError as exc:
+            # Redis ran the command and refused it: a script fault, not an outage.
+            raise StoreScriptError(f"store refused an operation: {exc}") from exc
+        except Exception as exc:
+            # Any driver failure, including the RuntimeError/AttributeError redis-py's cluster
+            # client raises while a node flaps, is an unavailable store: 503, never 500.
             raise StoreError(f"store unavailable: {type(exc).__name__}: {exc}") from exc
 
     async def ping(self) -> None:
@@ -205,24 +227,41 @@ class Store:
         for b in req.budgets:
             args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
-        values = [v.decode() if isinstance(v, bytes) else v for v in reply]
+        values = [v.decode() if isinstance(v, bytes) else v for v in reply[:-1]]
+        reclaimed = Reclaimed(int(values[-2]), int(values[-1]), tuple(_text(v) for v in reply[-1]))
         if values[0] == 0:
-            return Decision(False, Refusal(values[1], values[2], int(values[3]), int(values[4]), int(values[5])))
+            refused = Refusal(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
+            return Decision(False, refused, reclaimed=reclaimed)
         shadow_refusal = None
         if values[3]:
             shadow_refusal = Refusal(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
-        return Decision(True, shadow_refusal, values[1], int(values[2]))
+        return Decision(True, shadow_refusal, values[1], int(values[2]), reclaimed)
 
-    async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int) -> int | None:
+    async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0) -> int | None:
         """Charge `cost_micros` (None: the whole hold; 0: release). Returns the charge, or None if
-        the hold no longer exists (settled already, or reclaimed after its lease)."""
+        the hold no longer exists (settled already, or reclaimed after its lease). `started_ms`
+        is when the upstream answered (0: it did not), so the next snapshot knows it holds the
+        charge. An unreadable hold record is quarantined and raises `HoldQuarantined`."""
         cost = -1 if cost_micros is None else cost_micros
-        reply = await self._call(lambda: self.lua_settle(keys=[self.key("holds")], args=[hold_id, cost, now_ms]))
-        return None if int(reply) < 0 else int(reply)
+        args = [hold_id, cost, now_ms, started_ms]
+        reply = int(await self._call(lambda: self.lua_settle(keys=[self.key("holds")], args=args)))
+        if reply == -2:
+            raise HoldQuarantined(hold_id)
+        return None if reply < 0 else reply
 
-    async def apply_snapshot(self, snapshot: Snapshot) -> bool:
-        """Store a snapshot unless a later-fetched one is stored; drop charges it already contains."""
-        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros]
+    async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
+        """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""
+        args: list[Any] = [CONTAIN_MARGIN_MS]
+        for hold_id, started_ms in started:
+            args += [hold_id, started_ms]
+        return int(await self._call(lambda: self.lua_mark_started(keys=[self.key("holds")], args=args)))
+
+    async def apply_snapshot(self, snapshot: Snapshot, now_ms: int | None = None) -> bool:
+        """Store a snapshot unless a later-fetched one is stored (one stamped more than 5 s after
+        `now_ms` is from a clock that ran ahead, and is replaced); drop the charges and in-flight
+        holds it already contains."""
+        now = snapshot.fetched_ms if now_ms is None else now_ms
+        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros, CONTAIN_MARGIN_MS, now]
         for ref, row in snapshot.rows.items():
             args += [f"r:{ref}", row.encode()]
         keys = [self.key(n) for n in ("snap", "chsum", "chlog", "chamt")]

@@ -70,17 +70,42 @@ def test_error_body_after_heartbeat_is_an_error():
     assert scan_json(b'   {"error":{"message":"Insufficient credits","type":"billing"}}') == ERROR
 
 
+def both_paths(body: bytes) -> list[Outcome]:
+    """The outcome through the small-body path (parsed whole) and through the streaming scanner."""
+    padded = body[:-1] + b',"pad":"' + b"x" * SMALL_BODY_BYTES + b'"}'
+    return [scan_json(body), scan_json(padded), scan(pieces(padded, 7))]
+
+
 @pytest.mark.parametrize(
-    "body",
+    "body, micros",
     [
-        b'{"cost":0.004,"error":{"message":"x"}}',
-        b'{"error":"boom","cost":0.004}',
-        b'{"error":true,"cost":1}',
-        b'{"error":0,"cost":1}',
+        (b'{"cost":0.004,"error":{"message":"x"}}', 4000),
+        (b'{"error":{"message":"x"},"cost":0.004}', 4000),
+        (b'{"error":"boom","cost":0.004}', 4000),
+        (b'{"error":true,"cost":1}', 1_000_000),
+        (b'{"error":0,"cost":1}', 1_000_000),
+        (b'{"error":{"m":1},"cost":0}', 0),
     ],
 )
-def test_error_wins_over_cost(body):
-    assert scan_json(body) == ERROR
+def test_a_top_level_cost_is_charged_even_beside_an_error(body, micros):
+    assert both_paths(body) == [cost(micros)] * 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"error":false}', b'{"error":""}', b'{"error":0}', b'{"error":true}', b'{"error":[1]}', b'{"error":"boom"}'],
+)
+def test_only_an_error_object_releases_the_hold(body):
+    # Anything else is not an ImageRouter error envelope: charge the hold, as for any unknown body.
+    assert both_paths(body) == [UNKNOWN] * 3
+
+
+def test_an_error_object_without_cost_releases():
+    assert both_paths(b'{"error":{"message":"Insufficient credits"}}') == [ERROR] * 3
+
+
+def test_an_unreadable_cost_beside_an_error_charges_the_hold():
+    assert both_paths(b'{"error":{"m":1},"cost":"lots"}') == [UNKNOWN] * 3
 
 
 def test_null_error_is_not_an_error():
@@ -88,8 +113,8 @@ def test_null_error_is_not_an_error():
 
 
 def test_last_error_key_wins():
-    assert scan_json(b'{"error":{"m":1},"error":null,"cost":1}') == cost(1_000_000)
-    assert scan_json(b'{"error":null,"error":[1]}') == ERROR
+    assert both_paths(b'{"error":{"m":1},"error":null}') == [UNKNOWN] * 3
+    assert both_paths(b'{"error":null,"error":{"m":1}}') == [ERROR] * 3
 
 
 def test_missing_cost_is_unknown():
@@ -143,7 +168,7 @@ def test_escapes_at_every_split_point(body):
 
 
 def test_unicode_escaped_error_key_is_an_error():
-    assert scan_json(b'{"\\u0065rror":{"message":"x"},"cost":1}') == ERROR
+    assert both_paths(b'{"\\u0065rror":{"message":"x"}}') == [ERROR] * 3
 
 
 @pytest.mark.parametrize("run", range(1, 9))
@@ -541,9 +566,9 @@ def reference_outcome(text: bytes) -> Outcome:
     """The outcome computed from the whole body with json.loads."""
     obj = json.loads(text, parse_float=Decimal)
     assert isinstance(obj, dict)
-    if obj.get("error") is not None:
-        return ERROR
-    value = obj.get("cost")
+    if "cost" not in obj:
+        return ERROR if isinstance(obj.get("error"), dict) else UNKNOWN
+    value = obj["cost"]
     if isinstance(value, bool) or not isinstance(value, (int, Decimal, str)):
         return UNKNOWN
     if isinstance(value, str):

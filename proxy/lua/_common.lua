@@ -1,55 +1,131 @@
--- Shared by reserve.lua (to reclaim expired leases) and settle.lua: settle one hold.
--- A hold record is "amount|lease_expiry_ms|row_ref|row_window_ms|budgets" where budgets is
--- "id@window_start_ms@window_end_ms" joined by ",". cost < 0 charges the full hold (the upstream
--- may have billed); cost = 0 releases it. Returns the amount charged, or false if no such hold.
-local function settle_hold(prefix, hold_id, cost, now_ms)
-  local holds, held, leases = prefix .. "holds", prefix .. "held", prefix .. "leases"
-  local rec = redis.call("HGET", holds, hold_id)
-  if not rec then
-    return false
-  end
+-- Shared by every script (prepended by store.py): exact integer text, and settle_hold.
+--
+-- Redis runs Lua 5.1, where every number is a double and `tostring`/`..` print with "%.14g":
+-- 10^14 becomes "1e+14" and -0 becomes "-0", which INCRBY/HINCRBY refuse. Every amount written
+-- to Redis goes through int(); amounts are bounded in Python (money.MAX_ABS_MICROS = 10^15,
+-- below 2^53, so doubles hold them exactly).
+local function int(x)
+  return string.format("%d", x)
+end
+
+-- A hold record is
+--   "amount|lease_expiry_ms|row_ref|row_window_ms|budgets|started_ms|contained"
+-- where budgets is "id@window_start_ms@window_end_ms" joined by ",", started_ms is when the
+-- upstream answered (it pre-charges before answering; 0 = not yet) and contained is "1" once a
+-- credits snapshot fetched after started_ms holds the call's pre-charge: from then on the hold
+-- no longer counts against the upstream scopes (account, key row), only against local budgets.
+-- Records written before the last two fields existed have five fields.
+local function parse_hold(rec)
   local f = {}
   for part in string.gmatch(rec .. "|", "([^|]*)|") do
     f[#f + 1] = part
   end
-  local amount, row_ref, row_win, budgets = tonumber(f[1]), f[3], f[4], f[5]
+  if #f ~= 5 and #f ~= 7 then return nil end
+  if not string.match(f[1], "^%d+$") or not string.match(f[2], "^%-?%d+$")
+    or not string.match(f[4], "^%-?%d+$") then
+    return nil
+  end
+  local budgets = {}
+  for spec in string.gmatch(f[5], "([^,]+)") do
+    local id, win, win_end = string.match(spec, "^(.*)@(%-?%d+)@(%-?%d+)$")
+    if not id then return nil end
+    budgets[#budgets + 1] = {id = id, win = win, win_end = tonumber(win_end)}
+  end
+  local started, contained = 0, false
+  if #f == 7 then
+    if not string.match(f[6], "^%d+$") then return nil end
+    started, contained = tonumber(f[6]), f[7] == "1"
+  end
+  return {amount = tonumber(f[1]), lease = f[2], row_ref = f[3], row_win = f[4], budgets_text = f[5],
+          budgets = budgets, started = started, contained = contained}
+end
+
+local function format_hold(h)
+  local contained = "0"
+  if h.contained then contained = "1" end
+  return int(h.amount) .. "|" .. h.lease .. "|" .. h.row_ref .. "|" .. h.row_win .. "|" .. h.budgets_text
+    .. "|" .. int(h.started) .. "|" .. contained
+end
+
+local function decr(key, field, amount)
+  if redis.call("HINCRBY", key, field, int(0 - amount)) <= 0 then
+    redis.call("HDEL", key, field)
+  end
+end
+
+-- Take a hold out of the upstream scopes' held sums (account, key row): a snapshot now holds it.
+local function contain(prefix, hold_id, h)
+  decr(prefix .. "held", "acct", h.amount)
+  if h.row_ref ~= "" then
+    decr(prefix .. "held", "row:" .. h.row_ref, h.amount)
+  end
+  h.contained = true
+  redis.call("HSET", prefix .. "holds", hold_id, format_hold(h))
+  redis.call("ZREM", prefix .. "started", hold_id)
+end
+
+-- A record that cannot be read is moved aside, never left where every reserve would trip on it.
+local function quarantine(prefix, hold_id, rec)
+  redis.call("HSET", prefix .. "quarantine", hold_id, rec)
+  redis.call("HDEL", prefix .. "holds", hold_id)
+  redis.call("ZREM", prefix .. "leases", hold_id)
+  redis.call("ZREM", prefix .. "started", hold_id)
+end
+
+-- Settle one hold. cost < 0 charges the full hold (the upstream may have billed); cost = 0
+-- releases it. started_ms (0 = unknown) is when the upstream answered; a charge is logged at
+-- that instant, so the first snapshot fetched after it drops the charge (it contains it).
+-- Returns the amount charged; false if there is no such hold; "quarantined" for a bad record.
+local function settle_hold(prefix, hold_id, cost, now_ms, started_ms)
+  local rec = redis.call("HGET", prefix .. "holds", hold_id)
+  if not rec then
+    return false
+  end
+  local h = parse_hold(rec)
+  if h == nil then
+    quarantine(prefix, hold_id, rec)
+    return "quarantined"
+  end
   local charge = cost
   if charge < 0 then
-    charge = amount
+    charge = h.amount
   end
-  local function unhold(field)
-    if redis.call("HINCRBY", held, field, -amount) <= 0 then
-      redis.call("HDEL", held, field)
+  if started_ms <= 0 then
+    started_ms = h.started
+  end
+  local held = prefix .. "held"
+  if not h.contained then
+    decr(held, "acct", h.amount)
+    if h.row_ref ~= "" then
+      decr(held, "row:" .. h.row_ref, h.amount)
     end
-  end
-  unhold("acct")
-  if row_ref ~= "" then
-    unhold("row:" .. row_ref)
-  end
-  if charge > 0 then
-    local chsum, chlog, chamt = prefix .. "chsum", prefix .. "chlog", prefix .. "chamt"
-    local row_field = ""
-    redis.call("HINCRBY", chsum, "acct", charge)
-    if row_ref ~= "" then
-      row_field = "row:" .. row_ref .. ":" .. row_win
-      redis.call("HINCRBY", chsum, row_field, charge)
-    end
-    redis.call("ZADD", chlog, now_ms, hold_id)
-    redis.call("HSET", chamt, hold_id, charge .. "|" .. row_field)
-  end
-  for spec in string.gmatch(budgets, "([^,]+)") do
-    local id, win, win_end = string.match(spec, "^(.*)@(%-?%d+)@(%-?%d+)$")
-    unhold("b:" .. id)
     if charge > 0 then
-      local counter = prefix .. "b:" .. id .. ":" .. win
-      redis.call("INCRBY", counter, charge)
-      if tonumber(win_end) > 0 then
+      local chsum = prefix .. "chsum"
+      local row_field = ""
+      redis.call("HINCRBY", chsum, "acct", int(charge))
+      if h.row_ref ~= "" then
+        row_field = "row:" .. h.row_ref .. ":" .. h.row_win
+        redis.call("HINCRBY", chsum, row_field, int(charge))
+      end
+      local at = now_ms
+      if started_ms > 0 and started_ms < now_ms then at = started_ms end
+      redis.call("ZADD", prefix .. "chlog", int(at), hold_id)
+      redis.call("HSET", prefix .. "chamt", hold_id, int(charge) .. "|" .. row_field)
+    end
+  end
+  for _, b in ipairs(h.budgets) do
+    decr(held, "b:" .. b.id, h.amount)
+    if charge > 0 then
+      local counter = prefix .. "b:" .. b.id .. ":" .. b.win
+      redis.call("INCRBY", counter, int(charge))
+      if b.win_end > 0 then
         -- keep a finished window a day past its end, for `status` and audits
-        redis.call("PEXPIREAT", counter, tonumber(win_end) + 86400000)
+        redis.call("PEXPIREAT", counter, int(b.win_end + 86400000))
       end
     end
   end
-  redis.call("HDEL", holds, hold_id)
-  redis.call("ZREM", leases, hold_id)
+  redis.call("HDEL", prefix .. "holds", hold_id)
+  redis.call("ZREM", prefix .. "leases", hold_id)
+  redis.call("ZREM", prefix .. "started", hold_id)
   return charge
 end

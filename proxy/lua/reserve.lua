@@ -6,9 +6,11 @@
 -- ARGV[5] account floor (micros)  ARGV[6] max_staleness_ms  ARGV[7] row_ref ("" = none)
 -- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)  ARGV[12] n budgets
 -- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
--- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held}
---      or {0, code, scope, limit, spent, held} with code in
+-- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held, R...}
+--      or {0, code, scope, limit, spent, held, R...} with code in
 --      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled
+-- where R... = reclaimed_count, reclaimed_micros, {quarantined hold ids}: expired leases this run
+-- charged, and unreadable hold records it moved aside.
 local prefix = string.sub(KEYS[1], 1, -5)
 local now_ms = tonumber(ARGV[1])
 local hold_id = ARGV[2]
@@ -22,28 +24,42 @@ local shadow_all = ARGV[11] == "1"
 local n_budgets = tonumber(ARGV[12])
 
 -- Reclaim leases of instances that died mid-request: charge the hold (the upstream may have billed).
+local reclaimed, reclaimed_micros, quarantined = 0, 0, {}
 local expired = redis.call("ZRANGEBYSCORE", KEYS[4], "-inf", now_ms, "LIMIT", 0, 100)
 for _, id in ipairs(expired) do
-  settle_hold(prefix, id, -1, now_ms)
+  local charged = settle_hold(prefix, id, -1, now_ms, 0)
+  if charged == "quarantined" then
+    quarantined[#quarantined + 1] = id
+  elseif charged == false then
+    redis.call("ZREM", KEYS[4], id)  -- a lease without its hold
+  else
+    reclaimed, reclaimed_micros = reclaimed + 1, reclaimed_micros + charged
+  end
+end
+local function reply(t)
+  t[#t + 1] = reclaimed
+  t[#t + 1] = reclaimed_micros
+  t[#t + 1] = quarantined
+  return t
 end
 
 -- A client that re-sends this script after a lost reply (Redis Cluster retries) finds its hold:
 -- the first run already decided, so this one is allowed without holding twice.
 if redis.call("HEXISTS", KEYS[2], hold_id) == 1 then
-  return {1, "", -1, "", "", 0, 0, 0}
+  return reply({1, "", -1, "", "", 0, 0, 0})
 end
 -- The proxy gave up on this reserve (its reply timed out) and asked for a release first.
 if redis.call("EXISTS", prefix .. "tomb:" .. hold_id) == 1 then
-  return {0, "cancelled", "store", 0, 0, 0}
+  return reply({0, "cancelled", "store", 0, 0, 0})
 end
 
 local snap = redis.call("HMGET", KEYS[1], "fetched_ms", "remaining")
 if not snap[1] then
-  return {0, "no_snapshot", "account", 0, 0, 0}
+  return reply({0, "no_snapshot", "account", 0, 0, 0})
 end
 local fetched_ms = tonumber(snap[1])
 if now_ms - fetched_ms > max_staleness_ms then
-  return {0, "stale", "account", 0, 0, now_ms - fetched_ms}
+  return reply({0, "stale", "account", 0, 0, now_ms - fetched_ms})
 end
 
 local function held(field)
@@ -112,20 +128,20 @@ for i = 1, n_budgets do
 end
 
 if refusal ~= nil and not refusal.shadow then
-  return {0, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+  return reply({0, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held})
 end
 
-redis.call("HSET", KEYS[2], hold_id,
-  amount .. "|" .. lease_expiry_ms .. "|" .. row_ref .. "|" .. row_win .. "|" .. table.concat(budget_specs, ","))
+redis.call("HSET", KEYS[2], hold_id, format_hold({amount = amount, lease = lease_expiry_ms, row_ref = row_ref,
+  row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false}))
 redis.call("ZADD", KEYS[4], lease_expiry_ms, hold_id)
-redis.call("HINCRBY", KEYS[3], "acct", amount)
+redis.call("HINCRBY", KEYS[3], "acct", ARGV[3])
 if row_ref ~= "" then
-  redis.call("HINCRBY", KEYS[3], "row:" .. row_ref, amount)
+  redis.call("HINCRBY", KEYS[3], "row:" .. row_ref, ARGV[3])
 end
 for i = 1, n_budgets do
-  redis.call("HINCRBY", KEYS[3], "b:" .. ARGV[12 + (i - 1) * 5 + 1], amount)
+  redis.call("HINCRBY", KEYS[3], "b:" .. ARGV[12 + (i - 1) * 5 + 1], ARGV[3])
 end
 if refusal ~= nil then
-  return {1, tight_scope, tight_remaining, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+  return reply({1, tight_scope, tight_remaining, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held})
 end
-return {1, tight_scope, tight_remaining, "", "", 0, 0, 0}
+return reply({1, tight_scope, tight_remaining, "", "", 0, 0, 0})

@@ -1,10 +1,14 @@
 -- settle: end one hold exactly once (see settle_hold above).
 -- KEYS[1] holds (the prefix is derived from it)
 -- ARGV[1] hold_id  ARGV[2] cost (micros; -1 = charge the hold, 0 = release)  ARGV[3] now_ms
--- Returns the amount charged, or -1 if the hold was already settled or reclaimed (or not
--- there yet: see the tombstone below).
+-- ARGV[4] started_ms: when the upstream answered (0 = it did not, or unknown)
+-- Returns the amount charged; -1 if the hold was already settled or reclaimed (or not there
+-- yet: see the tombstone below); -2 if its record was unreadable and has been quarantined.
 local prefix = string.sub(KEYS[1], 1, -6)
-local charged = settle_hold(prefix, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]))
+local charged = settle_hold(prefix, ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4] or "0"))
+if charged == "quarantined" then
+  return -2
+end
 if charged == false then
   if tonumber(ARGV[2]) == 0 then
     -- Releasing a hold that is not there yet: its reserve may still be queued behind a stalled

@@ -1,0 +1,95 @@
+"""Store integrity through the guard (issue 11): in-flight calls are not counted twice, a $0
+model never takes the guard down, one bad deferred settle does not hold back the others, and
+/-/readyz notices failing reserves. Fake and real Redis."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from proxy.runtime import Pending
+from tests.conftest import KEY_A
+from tests.served import wait_until
+from tests.standin import key_row
+from tests.test_guard import KEYS, envelope, open_holds
+
+
+
+def test_calls_in_flight_are_not_counted_twice_after_a_refresh(make_proxy, up):
+    """Key limit $1.00, three $0.30 calls in flight: the upstream's snapshot already holds their
+    pre-charges, so the guard's own holds for them must not count against the key again."""
+    up.key_rows = [key_row("key-a", "alice", spend_limit="1.00", period=None)]
+    up.key_ids = {KEY_A: "key-a"}
+    skew = [0.0]
+    p = make_proxy(KEYS, clock=lambda: time.time() + skew[0])
+    with ThreadPoolExecutor(3) as pool:
+        calls = [pool.submit(p.generate, standin="heartbeat=1,gate=g,cost=0.3") for _ in range(3)]
+        try:
+            flights = p.runtime.flights
+            wait_until(lambda: len(flights) == 3 and all(f.started_ms for f in flights.values()), 10, "3 started")
+            p.run(p.runtime.mark_started)
+            skew[0] = 1.0  # the next credits fetch begins a second after the upstream answered
+            p.refresh()  # the snapshot now says period_spend 0.90 (the pre-charges)
+            r = p.generate(model="google/gemini-2.5-flash", standin="cost=0.039")
+            assert r.status_code == 200, r.text  # was 402: "spent $0.90, held by calls in flight $0.90"
+            over = p.generate(standin="cost=0.3")
+            assert over.status_code == 402 and envelope(over)["type"] == "spend_limit_exceeded"
+        finally:
+            up.release("g")
+        assert [c.result().status_code for c in calls] == [200] * 3
+    assert open_holds(p) == 0
+    # Nothing was let through past the key's limit: 3 x 0.30 + 0.039 reached the upstream.
+    assert len(up.generation_requests) == 4  # the refused one never went up
+    assert up.charged_by_key[up.fingerprint(KEY_A)] == 939_000
+
+
+def test_a_free_model_call_then_paid_calls_keep_working(make_proxy, up):
+    # The issue's reproduction: hold_ttl_s 4, a paid call, a $0 call, 5 s later paid calls.
+    skew = [0.0]
+    p = make_proxy(KEYS + "guard: {hold_ttl_s: 4}\nupstream: {timeout_s: 3}\n", clock=lambda: time.time() + skew[0])
+    assert p.generate(standin="cost=0.05").status_code == 200
+    assert p.generate(model="test/test", standin="cost=0").status_code == 200
+    skew[0] = 5.0  # any lease left behind has expired; the next reserve would reclaim it
+    assert [p.generate(standin="cost=0.05").status_code for _ in range(3)] == [200] * 3
+    assert p.client.get("/-/readyz").status_code == 200
+    assert open_holds(p) == 0
+
+
+def test_one_unsettleable_deferred_settle_does_not_hold_back_the_others(make_proxy, up):
+    p = make_proxy(KEYS)
+    store = p.runtime.store
+    p.run(store.client.hset, store.key("holds"), "bad", "not|a|record")
+    good = []
+    for i in range(3):
+        r = p.generate(standin="cost=0.01")
+        assert r.status_code == 200
+    # Three holds whose settles were deferred, with an unreadable one queued first.
+    for i in range(3):
+        hold_id = f"h{i}"
+        p.run(store.client.hset, store.key("holds"), hold_id, f"10000|{10**13}||0|")
+        p.run(store.client.hincrby, store.key("held"), "acct", 10000)
+        good.append(hold_id)
+    p.runtime.pending_settles.update({"bad": Pending(5), **{h: Pending(10000) for h in good}})
+    p.run(p.runtime.settle_pending)
+    assert p.runtime.pending_settles == {}
+    assert open_holds(p) == 0
+    assert p.run(store.client.hexists, store.key("quarantine"), "bad")
+    metrics = p.client.get("/-/metrics").text
+    assert "spend_guard_quarantined_holds_total 1.0" in metrics
+
+
+@pytest.mark.parametrize("store_target", [pytest.param("fake", marks=pytest.mark.fake)], indirect=True)
+def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
+    p = make_proxy(KEYS)
+    assert p.client.get("/-/readyz").status_code == 200
+    store_target.server.connected = False
+    assert p.generate().status_code == 503
+    store_target.server.connected = True  # Redis answers pings again, but the last reserve failed
+    r = p.client.get("/-/readyz")
+    assert r.status_code == 503
+    assert any(problem.startswith("store: reserves are failing") for problem in r.json()["problems"])
+    assert "127.0.0.1" not in r.text
+    assert p.generate(standin="cost=0.01").status_code == 200
+    assert p.client.get("/-/readyz").status_code == 200
