@@ -7,8 +7,11 @@ httptools protocol with both bounds (issue 13, item 5):
 - a request head must be complete within `head_timeout_s` of its first byte (or of the connection,
   for the first request): past it the client gets a 408 in the error envelope and the connection
   is closed; a connection that never sent a byte is closed;
-- past `max_connections` open connections (per process), a new connection gets a 503 in the
-  envelope and is closed at once, so slow clients cannot use up the process's file descriptors.
+- at `max_connections` open connections (per process) a new connection first makes room by
+  cutting the connection that has waited longest for its request head (a slow client, answered
+  408 as above); only when every connection is busy with a request does the new one get a 503 in
+  the envelope and get closed at once. So slow clients can neither use up the process's file
+  descriptors nor keep a prompt client (or `/-/healthz`) out.
 
 Each guarded request also finds `spend_guard.abort` in its scope's `extensions`: the guard calls
 it to drop a client that stopped reading (`transport.close()` would wait for the unread bytes).
@@ -79,13 +82,20 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.limit_concurrency = None  # this class's own cap replaces uvicorn's
         self.head_timer: asyncio.TimerHandle | None = None
         self.head_begun = False
+        # This process's connections waiting for a request head, oldest first (one server per
+        # process, so its state object is where they are shared).
+        self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self.max_connections and len(self.connections) > self.max_connections:
-            transport.write(TOO_MANY_RESPONSE)
-            transport.close()
-            return
+            # (A head pipelined behind a response still running is never cut here.)
+            oldest = next((p for p in self.waiting if p.cycle is None or p.cycle.response_complete), None)
+            if oldest is None:
+                transport.write(TOO_MANY_RESPONSE)
+                transport.close()
+                return
+            oldest.cut_slow_head()
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -107,23 +117,33 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def _arm(self) -> None:
         if self.head_timer is None and self.head_timeout_s > 0:
             self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+            self.waiting[self] = None
 
     def _disarm(self) -> None:
         if self.head_timer is not None:
             self.head_timer.cancel()
             self.head_timer = None
+            self.waiting.pop(self, None)
 
     def _head_timed_out(self) -> None:
         self.head_timer = None
+        self.waiting.pop(self, None)
         if self.transport.is_closing():
             return
         if self.cycle is not None and not self.cycle.response_complete:
             # A pipelined head behind a response still running: judge it once that one is done.
             self._arm()
             return
+        self.cut_slow_head()
+
+    def cut_slow_head(self) -> None:
+        """Close a connection still waiting for its request head: 408 if part of one came."""
+        self._disarm()
+        if self.transport.is_closing():
+            return
         if self.head_begun:
             self.transport.write(HEAD_TIMEOUT_RESPONSE)
-        log.debug("closed a connection whose request head did not arrive within %g s", self.head_timeout_s)
+        log.debug("closed a connection whose request head did not arrive in time")
         self.transport.close()
 
 

@@ -4,6 +4,7 @@ a call open, and a cut response is one WARNING line."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import selectors
@@ -123,23 +124,34 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
         assert up.generation_requests == []
 
 
-def test_connections_past_max_connections_get_503_until_the_slow_ones_are_cut(tmp_path, up):
-    args = ("--max-connections", "20", "--head-timeout-s", "2")
-    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=args) as proxy:
-        wait_until(lambda: up.requests and True, 5, "the first refresh")
-        hogs = [connect(proxy.port) for _ in range(20)]
-        extra = connect(proxy.port)
-        extra.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        reply, closed = read_until_closed(extra, 2)
-        assert closed
-        if reply:  # the 503 may be lost to a reset when the request was still unread
-            status, headers, body = envelope(reply)
-            assert status == 503 and headers["retry-after"] == "1"
-            assert body["error"]["type"] == "guard_unavailable"  # type: ignore[index]
-        # The silent 20 are cut at the head timeout; then the proxy answers again.
-        wait_until(lambda: httpx.get(proxy.url + "/-/healthz", timeout=1).status_code == 200, 6, "healthz again")
-        for sock in hogs + [extra]:
+def test_at_max_connections_the_slowest_head_makes_room_and_busy_calls_are_never_cut(tmp_path, up):
+    args = ("--max-connections", "20", "--head-timeout-s", "30")
+    with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
+        slow = [connect(proxy.port) for _ in range(20)]
+        for sock in slow:
+            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n")  # never finished
+        # A prompt client still gets in: the connection waiting longest for its head makes room.
+        assert httpx.get(proxy.url + "/-/healthz", timeout=5).status_code == 200
+        reply, closed = read_until_closed(slow[0], 2)
+        assert closed and envelope(reply)[0] == 408
+        assert read_until_closed(slow[1], 0.2) == (b"", False)  # the others are still open
+        for sock in slow:
             sock.close()
+        # 20 connections busy with calls: none is cut; a 21st is refused with 503 and closed.
+        with concurrent.futures.ThreadPoolExecutor(20) as pool:
+            calls = [pool.submit(httpx.post, proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
+                                 headers={**AUTH, "X-Standin": "gate=busy,cost=0.01"}, timeout=20) for _ in range(20)]
+            up.wait_for_requests(20)
+            with connect(proxy.port) as extra:
+                extra.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                reply, closed = read_until_closed(extra, 2)
+            assert closed
+            if reply:  # (a reset can beat the 503 to the client when its request was unread)
+                status, headers, body = envelope(reply)
+                assert status == 503 and headers["retry-after"] == "1"
+                assert body["error"]["type"] == "guard_unavailable"  # type: ignore[index]
+            up.release("busy")
+            assert [c.result().status_code for c in calls] == [200] * 20
 
 
 def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_path, up):
