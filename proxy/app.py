@@ -133,7 +133,11 @@ class SpendGuardApp:
         self.metrics.set_snapshot_age(self._snapshot_age)
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
         if not self.settings.redis_url:
-            log.warning("store: embedded in-process store; state is not shared with any other process")
+            log.info(
+                "store: embedded server, state dir %s (append-only file fsynced every second); "
+                "shared by this proxy's workers only",
+                self.settings.state_dir or "default",
+            )
         # Take calls only once the first refresh round (snapshot, prices) has run, so the first
         # calls after a start are guarded rather than refused for want of them; each worker
         # starts this way. Bounded: an unreachable upstream delays the start by STARTUP_REFRESH_S.
@@ -299,7 +303,7 @@ def create_app(
         configure_logging(settings.log_level)
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
-    factory = redis_factory or (lambda: redis_client(settings.redis_url))
+    factory = redis_factory or (lambda: redis_client(settings.redis_url, state_dir=settings.state_dir))
     app = SpendGuardApp(settings, policy, clock=clock or SystemClock(), redis_factory=factory)
     if served:
         # What exists now (modules, policy, app) lives as long as the worker: keep it out of the

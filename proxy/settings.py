@@ -46,7 +46,7 @@ class Settings:
     port: int = 8080
     policy: str | None = None
     upstream: str | None = None  # overrides the policy's upstream.base_url
-    redis_url: str | None = None  # None: the embedded in-process store
+    redis_url: str | None = None  # None: the embedded store, a private server (proxy/embedded.py)
     workers: int = 1
     log_level: str = "info"
     # Bounds on what a client can hold open (issue 13): see the README's "Slow and hostile clients".
@@ -54,6 +54,7 @@ class Settings:
     body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
+    state_dir: str | None = None  # the embedded store's directory (proxy/embedded.py); None: its default
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -93,6 +94,7 @@ class Settings:
             body_timeout_s=number("BODY_TIMEOUT_S", cls.body_timeout_s),
             max_connections=integer("MAX_CONNECTIONS", cls.max_connections),
             max_buffered_bytes=integer("MAX_BUFFERED_BYTES", cls.max_buffered_bytes),
+            state_dir=text("STATE_DIR"),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -108,6 +110,7 @@ class Settings:
             "BODY_TIMEOUT_S": repr(self.body_timeout_s),
             "MAX_CONNECTIONS": str(self.max_connections),
             "MAX_BUFFERED_BYTES": str(self.max_buffered_bytes),
+            "STATE_DIR": self.state_dir or "",
         }
         return {ENV_PREFIX + k: v for k, v in values.items()}
 

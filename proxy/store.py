@@ -326,27 +326,46 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def embedded_client() -> aioredis.Redis:
-    """An in-process fakeredis with Lua: one process, nothing shared."""
-    import fakeredis
+def embedded_client(state_dir: str | None) -> aioredis.Redis:
+    """The embedded Valkey server `spend-guard serve` runs for `state_dir` (proxy/embedded.py),
+    reached on its unix socket."""
+    from proxy.embedded import socket_url
 
-    client: aioredis.Redis = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-    return client
-
-
-CLUSTER_SCHEME = "redis+cluster://"
+    return _single_client(socket_url(state_dir))
 
 
-def redis_client(url: str | None) -> aioredis.Redis:
-    """The embedded store for no URL; Redis Cluster for `redis+cluster://host:port`; else Redis."""
-    if not url:
-        return embedded_client()
-    if url.startswith(CLUSTER_SCHEME):
-        cluster = aioredis.RedisCluster.from_url(
-            "redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=2.0, socket_connect_timeout=1.0
-        )
-        return cluster  # type: ignore[return-value]  # same command surface for what Store uses
+def _single_client(url: str) -> aioredis.Redis:
     client: aioredis.Redis = aioredis.Redis.from_url(
         url, socket_timeout=None, socket_connect_timeout=1.0, health_check_interval=10  # see STORE_TIMEOUT_S
     )
     return client
+
+
+def _cluster_client(url: str) -> aioredis.Redis:
+    cluster = aioredis.RedisCluster.from_url(
+        "redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=2.0, socket_connect_timeout=1.0
+    )
+    return cluster  # type: ignore[return-value]  # same command surface for what Store uses
+
+
+CLUSTER_SCHEME = "redis+cluster://"
+# The store backend for each URL scheme (as uvicorn maps "httptools" to a protocol class); no URL
+# at all is the embedded server.
+BACKENDS: dict[str, Callable[[str], aioredis.Redis]] = {
+    "redis": _single_client,
+    "rediss": _single_client,
+    "unix": _single_client,
+    "redis+cluster": _cluster_client,
+}
+
+
+def redis_client(url: str | None, *, state_dir: str | None = None) -> aioredis.Redis:
+    """The client for a store URL (`redis://`, `rediss://`, `unix://`, `redis+cluster://host:port`),
+    or for the embedded server of `state_dir` when there is no URL."""
+    if not url:
+        return embedded_client(state_dir)
+    scheme = url.split("://", 1)[0].lower()
+    backend = BACKENDS.get(scheme)
+    if backend is None:
+        raise ValueError(f"store URL {url.split('://', 1)[0]}://...: unknown scheme; expected one of {', '.join(BACKENDS)}")
+    return backend(url)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import socket
+import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
 from proxy.app import SpendGuardApp, create_app
+from proxy.embedded import EmbeddedServer, EmbeddedStoreError, server_binary
 from proxy.policy import load_policy
 from proxy.settings import Settings
 from tests.standin import StandIn
@@ -43,6 +46,16 @@ def _assert_local(url: str) -> None:
     assert host in ("127.0.0.1", "localhost", "::1"), f"tests only ever use a local Redis, not {host}"
 
 
+@pytest.fixture(autouse=True)
+def state_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private XDG_STATE_HOME per test: a served proxy without a Redis URL keeps its embedded
+    store's state dir (default: $XDG_STATE_HOME/spend-guard) there, never in the real home."""
+    home = Path(tempfile.mkdtemp(prefix="sg-state-"))  # short: the server's socket path has a limit
+    monkeypatch.setenv("XDG_STATE_HOME", str(home))
+    yield home
+    shutil.rmtree(home, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def standin_server() -> Iterator[StandIn]:
     with StandIn() as up:
@@ -57,12 +70,13 @@ def up(standin_server: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
 
 
 class StoreTarget:
-    """Where a test's store lives: a fresh FakeServer, or the real Redis (flushed)."""
+    """Where a test's store lives: a fresh FakeServer, the real Redis or the embedded store's server
+    (both flushed)."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, url: str | None = None) -> None:
         self.kind = kind
         self.server = fakeredis.FakeServer() if kind == "fake" else None
-        self.url = REAL_REDIS_URL if kind == "real" else None
+        self.url = url or (REAL_REDIS_URL if kind == "real" else None)
 
     def client(self) -> aioredis.Redis:
         if self.server is not None:
@@ -75,13 +89,31 @@ class StoreTarget:
             redis.Redis.from_url(self.url).flushdb()
 
 
-@pytest.fixture(params=[pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)])
+@pytest.fixture(scope="session")
+def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
+    """The server `spend-guard serve` runs without a Redis URL, in a state dir of its own."""
+    try:
+        server_binary()
+    except EmbeddedStoreError as exc:
+        pytest.skip(str(exc))
+    with EmbeddedServer(str(tmp_path_factory.mktemp("embedded"))) as server:
+        yield server
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("fake", marks=pytest.mark.fake),
+        pytest.param("real", marks=pytest.mark.real),
+        pytest.param("embedded", marks=pytest.mark.embedded),
+    ]
+)
 def store_target(request: pytest.FixtureRequest) -> Iterator[StoreTarget]:
     if request.param == "real":
         if not REAL_REDIS_URL:
             pytest.skip("SPEND_GUARD_TEST_REDIS_URL is not set")
         _assert_local(REAL_REDIS_URL)
-    target = StoreTarget(request.param)
+    url = request.getfixturevalue("embedded_server").url if request.param == "embedded" else None
+    target = StoreTarget(request.param, url)
     target.flush()
     yield target
     target.flush()

@@ -259,14 +259,21 @@ def test_fingerprint_and_check_policy_cli(tmp_path):
     assert result.exit_code == 0 and "ok" in result.output
 
 
-def test_serve_refuses_workers_on_the_embedded_store(monkeypatch):
+def test_serve_options_and_env_reach_the_settings(monkeypatch, state_home, tmp_path):
     called = []
-    monkeypatch.setattr("proxy.cli.run", lambda settings, policy: called.append(settings))
+    monkeypatch.setattr("proxy.cli.run", lambda settings, policy, **kw: called.append(settings))
+    # Several workers share the embedded store's one server, so they need no Redis URL.
     result = CliRunner().invoke(main, ["serve", "--workers", "2"])
-    assert result.exit_code == 3 and "--redis-url" in result.output and not called
+    assert result.exit_code == 0 and called[0].workers == 2 and called[0].redis_url is None
+    assert called[0].state_dir == str(state_home / "spend-guard")  # the documented default
     result = CliRunner().invoke(main, ["serve", "--port", "9999", "--upstream", "http://127.0.0.1:1"])
-    assert result.exit_code == 0 and called[0].port == 9999 and called[0].upstream == "http://127.0.0.1:1"
+    assert result.exit_code == 0 and called[1].port == 9999 and called[1].upstream == "http://127.0.0.1:1"
     monkeypatch.setenv("SPEND_GUARD_PORT", "7777")
     monkeypatch.setenv("SPEND_GUARD_REDIS_URL", "redis://127.0.0.1:6379/3")
+    monkeypatch.setenv("SPEND_GUARD_STATE_DIR", str(tmp_path / "relative-or-not"))
     result = CliRunner().invoke(main, ["serve", "--workers", "2"])
-    assert result.exit_code == 0 and called[1].port == 7777 and called[1].workers == 2
+    assert result.exit_code == 0 and called[2].port == 7777 and called[2].workers == 2
+    assert called[2].state_dir == str(tmp_path / "relative-or-not")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["serve", "--state-dir", "here"])
+    assert called[3].state_dir == str(tmp_path / "here")  # absolute, so every worker finds it
