@@ -132,6 +132,11 @@ class SpendGuardApp:
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
+        self.metrics.computed.add(
+            "spend_guard_snapshot_rows_unreadable",
+            "Rows of the latest credits snapshot this proxy could not read (their keys' upstream limits are not checked).",
+            lambda: len(refresher.bad_rows_logged),
+        )
         if not self.settings.redis_url:
             log.info(
                 "store: embedded server, state dir %s (append-only file fsynced every second); "

@@ -39,7 +39,10 @@ class CreditsError(ValueError):
 
 
 def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
-    """`/v1/credits?by_api_key=true` -> Snapshot, or `CreditsError` naming the first bad field."""
+    """`/v1/credits?by_api_key=true` -> Snapshot, or `CreditsError` naming the first bad
+    account-level field. Rows are read one by one: a row that cannot be understood is kept as
+    unreadable (its key's upstream scope is disabled, see `Snapshot.bad_rows`), never the reason
+    the whole snapshot is thrown away; fields the proxy does not know are ignored."""
     try:
         data = json.loads(document)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -54,25 +57,35 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
     if not isinstance(rows_in, list):
         raise CreditsError("usage_by_api_key is not a list")
     rows: dict[str, RowState] = {}
+    bad: dict[str, str] = {}
     names_seen: dict[str, int] = {}
     for i, raw in enumerate(rows_in):
         if not isinstance(raw, dict):
-            raise CreditsError(f"usage_by_api_key[{i}] is not an object")
+            bad[f"#{i}"] = f"usage_by_api_key[{i}] is not an object"
+            continue
+        refs = []
+        key_id, name = raw.get("api_key_id"), raw.get("api_key_name")
+        if isinstance(key_id, str) and key_id:
+            refs.append(row_ref(key_id, None) or "")
+        if isinstance(name, str) and name:
+            names_seen[name] = names_seen.get(name, 0) + 1
+            refs.append(row_ref(None, name) or "")
         try:
             row = _row(raw)
         except (MoneyError, ValueError, TypeError) as exc:
-            raise CreditsError(f"usage_by_api_key[{i}]: {exc}") from exc
-        key_id, name = raw.get("api_key_id"), raw.get("api_key_name")
-        if isinstance(key_id, str) and key_id:
-            rows[row_ref(key_id, None) or ""] = row
-        if isinstance(name, str) and name:
-            names_seen[name] = names_seen.get(name, 0) + 1
-            rows[row_ref(None, name) or ""] = row
+            for ref in refs or [f"#{i}"]:
+                bad[ref] = f"usage_by_api_key[{i}]: {exc}"
+            continue
+        for ref in refs:
+            rows[ref] = row
     for name, count in names_seen.items():
         if count > 1:
             # Two rows share a name ("Deleted Key"): a policy entry by that name cannot be trusted.
             rows.pop(row_ref(None, name) or "", None)
-    return Snapshot(fetched_ms, remaining, rows)
+            bad.pop(row_ref(None, name) or "", None)
+    for ref in bad:
+        rows.pop(ref, None)
+    return Snapshot(fetched_ms, remaining, rows, bad)
 
 
 def _row(raw: dict[str, object]) -> RowState:
@@ -134,6 +147,8 @@ class Refresher:
         self.upstream_url = upstream_url
         self.on_failure = on_failure
         self.on_crash = on_crash
+        # Unreadable rows of the latest snapshot: each is logged when it first appears.
+        self.bad_rows_logged: set[str] = set()
         self.owner = uuid.uuid4().hex
         self.state = RefreshState()
         self.prices = PriceTable()
@@ -228,7 +243,12 @@ class Refresher:
             snapshot = parse_credits(body, started_ms)
         except CreditsError as exc:
             return self._fail(f"credits answer rejected: {exc}")
-        await self.store.apply_snapshot(snapshot)
+        reasons = set(snapshot.bad_rows.values())  # one reason per row of the answer
+        for reason in reasons - self.bad_rows_logged:
+            refs = ", ".join(sorted(ref for ref, why in snapshot.bad_rows.items() if why == reason))
+            log.error("credits snapshot: a row is unreadable (%s), its key's upstream limit is not checked: %s", refs, reason)
+        self.bad_rows_logged = reasons
+        await self.store.apply_snapshot(snapshot, self._now_ms())
         self.state = RefreshState(last_ok_ms=self._now_ms(), failures_total=self.state.failures_total)
         await self.store.set_status(last_ok_ms=self.state.last_ok_ms)
         return True

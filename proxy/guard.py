@@ -295,6 +295,12 @@ class Guard:
             if decision.refusal.code in ("no_snapshot", "stale"):
                 self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s))
                 return None
+            if decision.refusal.code == "row_unreadable":
+                self.unavailable(
+                    f"ImageRouter's usage row for key '{call.key_name}' could not be read, so its spend limit "
+                    "cannot be checked (the proxy log says why)"
+                )
+                return None
             if decision.refusal.code not in REFUSAL_CODES:
                 self.unavailable(f"reserve answered {decision.refusal.code!r}")
                 return None

@@ -87,11 +87,6 @@ class Metrics:
             "Holds whose lease expired and that a reserve charged in full.",
             registry=r,
         )
-        self.snapshot_rows_rejected = Counter(
-            "spend_guard_snapshot_rows_rejected",
-            "Credits snapshot rows the proxy could not read (that key's upstream scope is disabled).",
-            registry=r,
-        )
         self.background_errors = Counter(
             "spend_guard_background_errors",
             "Unexpected exceptions in a background loop (it logs the traceback and continues).",

@@ -24,6 +24,8 @@ from proxy.pricing import PriceTable
 T = TypeVar("T")
 _SAFE_REF = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 LOCK_REFRESH = "lock:refresh"
+# What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
+UNREADABLE_ROW = "!"
 LOCK_MODELS = "lock:models"
 
 
@@ -96,7 +98,7 @@ class ReserveRequest:
 
 @dataclass(frozen=True)
 class Refusal:
-    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled
+    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled, row_unreadable
     scope: str  # "key", "account", "budget:<id>"
     limit_micros: int
     spent_micros: int
@@ -162,6 +164,10 @@ class Snapshot:
     fetched_ms: int
     remaining_micros: int
     rows: dict[str, RowState] = field(default_factory=dict)
+    # Rows the proxy could not read, by row ref (or "#<index>" when not even the key is known),
+    # with the reason. A policy key on such a row gets no upstream-limit check: its calls are
+    # refused 503 (or forwarded unguarded under on_store_error: open) until the row reads again.
+    bad_rows: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -264,6 +270,9 @@ class Store:
         args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros, CONTAIN_MARGIN_MS, now]
         for ref, row in snapshot.rows.items():
             args += [f"r:{ref}", row.encode()]
+        for ref in snapshot.bad_rows:
+            if not ref.startswith("#"):
+                args += [f"r:{ref}", UNREADABLE_ROW]
         keys = [self.key(n) for n in ("snap", "chsum", "chlog", "chamt")]
         return bool(await self._call(lambda: self.lua_apply_snapshot(keys=keys, args=args)))
 
@@ -272,8 +281,9 @@ class Store:
         if not raw:
             return None
         data = {_text(k): _text(v) for k, v in raw.items()}
-        rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:")}
-        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows)
+        rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:") and v != UNREADABLE_ROW}
+        bad = {k[2:]: "unreadable" for k, v in data.items() if k.startswith("r:") and v == UNREADABLE_ROW}
+        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows, bad)
 
     async def snapshot_fetched_ms(self) -> int | None:
         raw = await self._call(lambda: self.client.hget(self.key("snap"), "fetched_ms"))

@@ -120,24 +120,35 @@ def test_bad_remaining_credits_is_refused_naming_the_field(remaining):
         ("is_active", "yes"),
     ],
 )
-def test_malformed_row_value_is_refused_naming_the_row_and_field(field, value):
+def test_a_malformed_row_disables_only_that_row_naming_the_row_and_field(field, value):
     row = key_row("k1", "a", spend_limit="5", period="day")
     row[field] = value
-    with pytest.raises(CreditsError) as info:
-        parse_credits(credits_doc([key_row("k0", "fine"), row]), 1)
-    assert "usage_by_api_key[1]" in str(info.value)
-    assert field in str(info.value)
+    snap = parse_credits(credits_doc([key_row("k0", "fine"), row]), 1)
+    assert set(snap.rows) == {"id:k0", row_ref(None, "fine")}  # the readable row and the account apply
+    assert set(snap.bad_rows) == {"id:k1", row_ref(None, "a")}
+    reason = snap.bad_rows["id:k1"]
+    assert "usage_by_api_key[1]" in reason and field in reason
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
     [("spend_limit", "abc"), ("spend_limit", "1e3"), ("period_spend", "0.00001234"), ("expires_at", "soon"), ("is_active", 1)],
 )
-def test_malformed_row_value_is_refused(field, value):
+def test_a_malformed_row_is_kept_as_unreadable(field, value):
     row = key_row("k1", "a", spend_limit="5", period="day")
     row[field] = value
-    with pytest.raises(CreditsError, match=r"usage_by_api_key\[0\]"):
-        parse_credits(credits_doc([row]), 1)
+    snap = parse_credits(credits_doc([row]), 1)
+    assert snap.rows == {} and "usage_by_api_key[0]" in snap.bad_rows["id:k1"]
+
+
+def test_a_new_period_value_or_unknown_fields_do_not_reject_the_snapshot():
+    year = key_row("k1", "a", spend_limit="5", period="day")
+    year["spend_limit_period"] = "year"
+    extra = key_row("k2", "b", spend_limit="5", period="day")
+    extra["new_field"] = {"anything": [1, 2]}
+    snap = parse_credits(credits_doc([year, extra], remaining="7.0000"), 1)
+    assert snap.remaining_micros == 7_000_000
+    assert "id:k2" in snap.rows and "id:k1" in snap.bad_rows
 
 
 @pytest.mark.parametrize(
@@ -150,7 +161,6 @@ def test_malformed_row_value_is_refused(field, value):
         (b'"25.5000"', "not an object"),
         (credits_doc({"k1": {}}), "usage_by_api_key is not a list"),
         (credits_doc("rows"), "usage_by_api_key is not a list"),
-        (credits_doc(["row"]), r"usage_by_api_key\[0\] is not an object"),
     ],
 )
 def test_unusable_credits_answer_is_refused(document, message):
@@ -249,7 +259,7 @@ async def test_missing_account_key_fails_without_calling_upstream(env, up):
         (503, b"<html>bad gateway</html>", "HTTP 503"),
         (200, b"{not json", "not JSON"),
         (200, credits_doc(remaining="1e3"), "remaining_credits"),
-        (200, credits_doc([key_row("k1", "a")], remaining="5.0000").replace(b'"0.0000"', b'"0.00.0"'), "usage_by_api_key"),
+        (200, credits_doc("rows", remaining="5.0000"), "usage_by_api_key"),
     ],
 )
 async def test_failed_refresh_keeps_the_last_good_snapshot_and_counts_the_failure(env, up, status, body, error):
@@ -401,3 +411,9 @@ async def test_refresh_status_is_recorded_in_the_store(env, up):
     r = env.refresher()
     assert await r.refresh_credits()
     assert await r.store.client.hget(r.store.key("status"), "last_ok_ms") == str(int(T0 * 1000)).encode()
+
+
+def test_a_row_that_is_not_an_object_is_reported_not_fatal():
+    snap = parse_credits(credits_doc(["row", key_row("k0", "fine")]), 1)
+    assert "id:k0" in snap.rows
+    assert snap.bad_rows == {"#0": "usage_by_api_key[0] is not an object"}

@@ -4,13 +4,14 @@ model never takes the guard down, one bad deferred settle does not hold back the
 
 from __future__ import annotations
 
+import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from proxy.runtime import Pending
-from tests.conftest import KEY_A
+from tests.conftest import KEY_A, KEY_B
 from tests.served import wait_until
 from tests.standin import key_row
 from tests.test_guard import KEYS, envelope, open_holds
@@ -93,3 +94,32 @@ def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
     assert "127.0.0.1" not in r.text
     assert p.generate(standin="cost=0.01").status_code == 200
     assert p.client.get("/-/readyz").status_code == 200
+
+
+TWO_KEYS = KEYS + f"""
+  - name: bob
+    key_sha256: {hashlib.sha256(KEY_B.encode()).hexdigest()}
+    api_key_id: key-b
+"""
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+def test_an_unreadable_snapshot_row_disables_only_that_keys_upstream_scope(make_proxy, up, mode, caplog):
+    bad = key_row("key-a", "alice", spend_limit="1.00", period="day")
+    bad["spend_limit_period"] = "year"  # a period this proxy does not know yet
+    up.key_rows = [bad, key_row("key-b", "bob", spend_limit="5.00", period="day")]
+    p = make_proxy(TWO_KEYS + f"guard: {{on_store_error: {mode}}}\n")
+    r = p.generate(standin="cost=0.01")
+    if mode == "closed":
+        assert r.status_code == 503 and envelope(r)["type"] == "guard_unavailable"
+        assert "usage row for key 'alice' could not be read" in envelope(r)["message"]
+        assert up.generation_requests == []
+    else:
+        assert r.status_code == 200  # forwarded, and counted as unguarded
+        assert 'spend_guard_unguarded_total{reason="ImageRouter' in p.client.get("/-/metrics").text
+    assert p.generate(token=KEY_B, standin="cost=0.01").status_code == 200
+    assert "spend_guard_snapshot_rows_unreadable 1.0" in p.client.get("/-/metrics").text
+    logged = [rec.getMessage() for rec in caplog.records if "a row is unreadable" in rec.getMessage()]
+    assert len(logged) == 1 and "id:key-a" in logged[0] and "'year'" in logged[0]
+    p.refresh()
+    assert sum("a row is unreadable" in rec.getMessage() for rec in caplog.records) == 1  # logged once

@@ -8,7 +8,7 @@
 -- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
 -- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held, R...}
 --      or {0, code, scope, limit, spent, held, R...} with code in
---      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled
+--      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled, row_unreadable
 -- where R... = reclaimed_count, reclaimed_micros, {quarantined hold ids}: expired leases this run
 -- charged, and unreadable hold records it moved aside.
 local prefix = string.sub(KEYS[1], 1, -5)
@@ -85,6 +85,10 @@ end
 local row_win = 0
 if row_ref ~= "" then
   local row = redis.call("HGET", KEYS[1], "r:" .. row_ref)
+  if row == "!" then
+    -- The snapshot had this key's row but could not read it: its limit cannot be checked.
+    return reply({0, "row_unreadable", "key", 0, 0, 0})
+  end
   if row then
     local f = {}
     for part in string.gmatch(row .. "|", "([^|]*)|") do
