@@ -192,7 +192,7 @@ def read_fields(body: bytes, boundary: bytes) -> list[tuple[str, str]]:
         pos = data.find(needle, start)
         if pos < 0:
             raise invalid("multipart body is truncated: no close delimiter.")
-        found = _read_part(data[start:pos])
+        found = _read_part(data, start, pos)
         if found is not None:
             name, value = found
             if name in seen:
@@ -212,17 +212,18 @@ def _refuse_delimiters_off_line_start(data: bytes, dash_boundary: bytes) -> None
         at = data.find(dash_boundary, at + 1)
 
 
-def _read_part(segment: bytes) -> tuple[str, str] | None:
-    """One part between delimiters: (name, value) for a price-deciding field, else None."""
-    if segment.startswith(b"\r\n"):
+def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
+    """One part, `data[start:end]` between delimiters: (name, value) for a price-deciding field,
+    else None. Indices, not a slice: a 25 MB image is not copied to be skipped."""
+    if data.startswith(b"\r\n", start):
         raise invalid("multipart part has no headers.")  # busboy: "Malformed part header"
-    head_end = segment.find(b"\r\n\r\n")
+    head_end = data.find(b"\r\n\r\n", start, end)
     if head_end < 0:
         raise invalid("multipart part headers do not end before the next delimiter.")
-    if head_end + 4 >= MAX_HEADER_BYTES:
+    if head_end + 4 - start >= MAX_HEADER_BYTES:
         raise invalid("multipart part headers exceed 16 KiB.")
     headers: dict[str, str] = {}
-    lines = segment[:head_end].split(b"\r\n")
+    lines = data[start:head_end].split(b"\r\n")
     if len(lines) > MAX_HEADER_LINES:
         raise invalid(f"multipart part has more than {MAX_HEADER_LINES} header lines.")
     for line in lines:
@@ -254,13 +255,13 @@ def _read_part(segment: bytes) -> tuple[str, str] | None:
         raise invalid(f"Form field '{echo(name)}' would be read as '{root}' by the upstream (multer's bracket syntax).")
     if name not in PRICE_FIELDS:
         is_file = "filename" in disp.params or "filename*" in disp.params or _media(headers) == "application/octet-stream"
-        if not is_file and len(segment) - head_end - 4 >= MAX_FIELD_BYTES:
+        if not is_file and end - head_end - 4 >= MAX_FIELD_BYTES:
             raise invalid(f"Form field '{echo(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
         return None
     if disp.extended:
         # busboy drops the whole part when it cannot decode an RFC 2231 value; others do not.
         raise invalid(f"Form field '{name}' has an extended (RFC 2231) parameter.")
-    return name, _field_value(name, segment[head_end + 4 :], headers, disp)
+    return name, _field_value(name, data[head_end + 4 : end], headers, disp)
 
 
 def _media(headers: dict[str, str]) -> str:
