@@ -18,6 +18,7 @@ from proxy.policy import Policy, default_policy, load_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 
 STARTUP_FAILURE = 3
+WORKER_READY_S = 20
 POLICY_INVALID = 2
 
 
@@ -117,6 +118,9 @@ def _serve(settings: Settings, policy: Policy) -> None:
         http="proxy.serving:GuardedHttpProtocol",
         timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
         timeout_keep_alive=30,
+        # A new worker runs its first refresh (up to 5 s) before it is ready; uvicorn's default
+        # of 5 s would abort a SIGHUP rolling restart whenever ImageRouter answers slowly.
+        timeout_worker_healthcheck=WORKER_READY_S,
         # The guard never reads client addresses; don't rewrite them from X-Forwarded-* either.
         proxy_headers=False,
     )
