@@ -133,6 +133,11 @@ class SpendGuardApp:
         self.metrics.set_snapshot_age(self._snapshot_age)
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
         self.metrics.computed.add(
+            "spend_guard_store_state_lost",
+            "1 while the store has lost its local budget state (calls touching a local budget get 503).",
+            lambda: 1.0 if refresher.state_lost else 0.0,
+        )
+        self.metrics.computed.add(
             "spend_guard_snapshot_rows_unreadable",
             "Rows of the latest credits snapshot this proxy could not read (their keys' upstream limits are not checked).",
             lambda: len(refresher.bad_rows_logged),
@@ -250,6 +255,13 @@ class SpendGuardApp:
             problems.append(f"store: {type(exc).__name__}")
         if rt.reserve_failed_at and rt.clock() - rt.reserve_failed_at < RESERVE_FAILURE_UNREADY_S:
             problems.append(f"store: reserves are failing: {rt.reserve_failure}")
+        lost = rt.refresher.state_lost
+        if rt.policy.has_local_budgets:
+            with contextlib.suppress(Exception):  # an unreachable store is reported above
+                lost = rt.refresher.state_lost = await rt.store.state_lost()
+        if lost and rt.policy.has_local_budgets:
+            why, _, at_ms = lost.partition("|")
+            problems.append(f"store: local budget state was lost ({why}); run `spend-guard store recover`")
         state = rt.refresher.state
         if state.auth_failed:
             problems.append(f"credits: {state.last_error}")

@@ -32,6 +32,7 @@ log = logging.getLogger("spend_guard.credits")
 T = TypeVar("T")
 PERIODS = ("day", "week", "month")
 MAX_BACKOFF_S = 60.0
+KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a round early
 
 
 class CreditsError(ValueError):
@@ -154,15 +155,27 @@ class Refresher:
         self.prices = PriceTable()
         self.models_failures = 0
         self._stopped = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._kicked_at = 0.0
+        self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
+
+    def kick(self) -> None:
+        """Run the next round now (a reserve found no snapshot: the store was emptied or is new).
+        Still one fetch across instances: the round takes the refresh lock first."""
+        now = self.clock()
+        if now - self._kicked_at >= KICK_INTERVAL_S:
+            self._kicked_at = now
+            self._wake.set()
 
     async def run(self, first_delay: float = 0.0) -> None:
         delay = first_delay
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopped.wait(), delay)
+                await asyncio.wait_for(self._wake.wait(), delay)
+            self._wake.clear()
             if self._stopped.is_set():
                 return
             try:
@@ -176,12 +189,16 @@ class Refresher:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._wake.set()
 
     async def tick(self) -> float:
         """One round: fetch what is due (if this instance holds the lock), load prices. Returns the delay."""
         account = self.policy().account
         delay = account.refresh_s
         try:
+            if not self.store.epoch:
+                await self.store.adopt_epoch()
+            self.state_lost = await self.store.state_lost()
             if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
                 if not await self.refresh_credits():
                     await self.store.release_lock(LOCK_REFRESH, self.owner)

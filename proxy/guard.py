@@ -292,6 +292,25 @@ class Guard:
             self.reclaimed(decision.reclaimed)
         if not decision.allowed:
             assert decision.refusal is not None
+            if decision.refusal.code == "state_lost":
+                rt.refresher.kick()  # the snapshot went with the rest: have one ready for the recovery
+                # Never failed open: a budget counted from $0 again is no budget at all.
+                if not rt.state_lost_logged:
+                    rt.state_lost_logged = True
+                    log.error(
+                        "STORE LOST ITS BUDGET STATE: calls that touch a local budget are refused (503) "
+                        "until an operator runs `spend-guard store recover`"
+                    )
+                raise Rejected(
+                    503,
+                    "guard_unavailable",
+                    "Spend guard unavailable: the store lost its local budget state, so this key's budgets "
+                    "cannot be enforced until an operator recovers it. The call was not forwarded.",
+                    scope="store",
+                    headers={"Retry-After": "60"},
+                )
+            if decision.refusal.code == "no_snapshot":
+                rt.refresher.kick()  # the store was emptied or is new: fetch now, not at the next round
             if decision.refusal.code in ("no_snapshot", "stale"):
                 self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s))
                 return None

@@ -150,6 +150,10 @@ class Policy:
     def group_of(self, key: KeyPolicy) -> GroupPolicy | None:
         return None if key.group is None else self.groups.get(key.group)
 
+    @property
+    def has_local_budgets(self) -> bool:
+        return any(key.budgets for key in self.keys) or any(group.budgets for group in self.groups.values())
+
 
 def default_policy() -> Policy:
     """Every default, no keys: what runs when no `--policy` is given."""

@@ -69,6 +69,7 @@ class Runtime:
     # The last reserve that failed against the store (clock seconds, reason); cleared by a success.
     reserve_failed_at: float = 0.0
     reserve_failure: str = ""
+    state_lost_logged: bool = False
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:

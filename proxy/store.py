@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib.resources
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -185,11 +186,44 @@ class Store:
         self.client = client
         self.account = account
         self.prefix = f"sg:{{{account}}}:"
+        self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
         common = _lua("_common.lua")
         self.lua_reserve = Script(client, common + _lua("reserve.lua"))
         self.lua_settle = Script(client, common + _lua("settle.lua"))
         self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
         self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
+
+    async def adopt_epoch(self) -> str:
+        """Learn the store's epoch, writing one if the store has none (a new store). Reserves
+        then tell a store that lost its state (the epoch vanished or changed) from a new one."""
+        epoch = os.urandom(8).hex()
+
+        async def adopt() -> Any:
+            await self.client.set(self.key("epoch"), epoch, nx=True)
+            return await self.client.get(self.key("epoch"))
+
+        self.epoch = _text(await self._call(adopt) or epoch)
+        return self.epoch
+
+    async def state_lost(self) -> str | None:
+        """Why and when the store lost its local budget state (`"<why>|<ms>"`), or None."""
+        raw = await self._call(lambda: self.client.get(self.key("lost")))
+        return None if raw is None else _text(raw)
+
+    async def recover(self, counters: Sequence[tuple[BudgetHold, int]] = ()) -> None:
+        """Lift the lost-state marker, first setting each budget's counter for its window."""
+
+        async def write() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            for budget, micros in counters:
+                key = self.budget_key(budget.id, budget.window_start_ms)
+                pipe.set(key, micros)
+                if budget.window_end_ms:
+                    pipe.pexpireat(key, budget.window_end_ms + 86_400_000)  # as settle_hold keeps it
+            pipe.delete(self.key("lost"))
+            await pipe.execute()
+
+        await self._call(write)
 
     def key(self, name: str) -> str:
         return self.prefix + name
@@ -232,6 +266,7 @@ class Store:
         ]
         for b in req.budgets:
             args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
+        args.append(self.epoch)
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
         values = [v.decode() if isinstance(v, bytes) else v for v in reply[:-1]]
         reclaimed = Reclaimed(int(values[-2]), int(values[-1]), tuple(_text(v) for v in reply[-1]))

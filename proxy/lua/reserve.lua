@@ -6,9 +6,11 @@
 -- ARGV[5] account floor (micros)  ARGV[6] max_staleness_ms  ARGV[7] row_ref ("" = none)
 -- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)  ARGV[12] n budgets
 -- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
+-- then the store epoch this instance adopted ("" = none yet; see Store.adopt_epoch)
 -- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held, R...}
 --      or {0, code, scope, limit, spent, held, R...} with code in
---      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled, row_unreadable
+--      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled, row_unreadable,
+--      state_lost (the store lost its local budget state; only calls that touch a local budget)
 -- where R... = reclaimed_count, reclaimed_micros, {quarantined hold ids}: expired leases this run
 -- charged, and unreadable hold records it moved aside.
 local prefix = string.sub(KEYS[1], 1, -5)
@@ -51,6 +53,23 @@ end
 -- The proxy gave up on this reserve (its reply timed out) and asked for a release first.
 if redis.call("EXISTS", prefix .. "tomb:" .. hold_id) == 1 then
   return reply({0, "cancelled", "store", 0, 0, 0})
+end
+
+-- Amnesia: the epoch this instance adopted is gone (a restart without persistence, FLUSHALL, a
+-- failover to an empty replica) or replaced. Budget counters went with it, so local budgets
+-- cannot be enforced until an operator runs `spend-guard store recover`.
+local epoch_arg = ARGV[13 + n_budgets * 5] or ""
+if epoch_arg ~= "" then
+  local epoch = redis.call("GET", prefix .. "epoch")
+  if epoch ~= epoch_arg then
+    local why = "the store's state was emptied"
+    if epoch then why = "the store's epoch changed" end
+    redis.call("SET", prefix .. "lost", why .. "|" .. int(now_ms), "NX")
+    if not epoch then redis.call("SET", prefix .. "epoch", epoch_arg) end
+  end
+end
+if n_budgets > 0 and redis.call("EXISTS", prefix .. "lost") == 1 then
+  return reply({0, "state_lost", "store", 0, 0, 0})
 end
 
 local snap = redis.call("HMGET", KEYS[1], "fetched_ms", "remaining")
