@@ -137,7 +137,11 @@ class ServedProxy:
         return self._probe("/-/healthz") == 200
 
     def _ready(self) -> bool:
-        return self._probe("/-/readyz") == 200
+        # With several workers, /-/readyz answers from whichever worker accepts: every worker
+        # must have logged that it is ready, or calls queue behind one still starting.
+        if self._probe("/-/readyz") != 200:
+            return False
+        return self.workers == 1 or self.output().count("spend guard ready") >= self.workers
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import os
 import re
 from pathlib import Path
@@ -336,7 +337,18 @@ def test_model_rules_permits_globs_with_deny_winning(
 
 @given(st.text(min_size=1))
 def test_a_denied_model_is_never_permitted_whatever_the_allow_list(model: str) -> None:
+    # Deny entries are globs: `[0]` matches "0", not "[0]". glob.escape spells the model literally.
+    assert not ModelRules(allow=(model, "*"), deny=(glob.escape(model),)).permits(model)
+
+
+@given(st.text(alphabet=st.characters(blacklist_characters="[]*?"), min_size=1))
+def test_a_model_named_in_deny_without_glob_characters_is_never_permitted(model: str) -> None:
     assert not ModelRules(allow=(model, "*"), deny=(model,)).permits(model)
+
+
+def test_deny_entries_are_globs_not_literals() -> None:
+    assert ModelRules(allow=("*",), deny=("[0]",)).permits("[0]")  # `[0]` is the set {"0"}
+    assert not ModelRules(allow=("*",), deny=("[0]",)).permits("0")
 
 
 def test_directory_merges_yaml_files_in_sorted_order(tmp_path: Path) -> None:
