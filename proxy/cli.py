@@ -189,3 +189,68 @@ def status(policy_path: str | None, redis_url: str, as_json: bool) -> None:
         sys.exit(POLICY_INVALID)
     rows: list[dict[str, Any]] = asyncio.run(collect(policy, redis_url))
     click.echo(json.dumps(rows, indent=2) if as_json else render_table(rows))
+
+
+@main.group()
+def store() -> None:
+    """Operations on the shared store."""
+
+
+@store.command("recover")
+@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve.")
+@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share.")
+@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", help="Without --redis-url: the running proxy's embedded store.")
+@click.option("--accept-loss", is_flag=True, help="Start every budget's current window from $0.")
+@click.option("--seed", "seeds", multiple=True, metavar="BUDGET=USD", help="Spent so far in BUDGET's current window, e.g. key:alice:day=0.30 (repeatable).")
+@click.option("--from-log", "log_file", type=click.File("r"), default=None, help="Sum each budget's current window from the proxy's JSON access log ('-' for stdin).")
+def store_recover(
+    policy_path: str | None,
+    redis_url: str | None,
+    state_dir: str | None,
+    accept_loss: bool,
+    seeds: tuple[str, ...],
+    log_file: Any,
+) -> None:
+    """Let calls touching local budgets through again after the store lost its state."""
+    from proxy.embedded import socket_url
+    from proxy.errors import StoreError
+    from proxy.recovery import Plan, RecoveryError, from_access_log, from_seeds, recover
+    from proxy.store import Store, redis_client
+    from proxy.types import SystemClock
+
+    if sum([accept_loss, bool(seeds), log_file is not None]) != 1:
+        click.echo("spend-guard store recover: give exactly one of --accept-loss, --seed, --from-log", err=True)
+        sys.exit(POLICY_INVALID)
+    try:
+        policy = _load(policy_path)
+        now = SystemClock()()
+        plan = Plan([])
+        if seeds:
+            plan = from_seeds(policy, seeds, now)
+        elif log_file is not None:
+            plan = from_access_log(policy, log_file, now)
+    except (PolicyError, RecoveryError) as exc:
+        click.echo(f"spend-guard store recover: {exc}", err=True)
+        sys.exit(POLICY_INVALID)
+    url = redis_url or socket_url(state_dir)
+
+    async def run() -> str | None:
+        target = Store(redis_client(url), policy.account.name)
+        try:
+            return await recover(target, plan)
+        finally:
+            await target.client.aclose()
+
+    try:
+        lost = asyncio.run(run())
+    except StoreError as exc:
+        click.echo(f"spend-guard store recover: cannot reach the store at {url}: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    if lost is None:
+        click.echo("the store had not lost its state; nothing to recover (seeds, if any, were written)")
+    else:
+        click.echo(f"recovered: {lost.partition('|')[0]}; local budgets are enforced again")
+    for hold, micros in plan.counters:
+        click.echo(f"  budget:{hold.id} window from {hold.window_start_ms} ms: spent ${micros / 1e6:.4f}")
+    if log_file is not None:
+        click.echo(f"  ({plan.lines_used} access log lines counted)")
