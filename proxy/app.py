@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from proxy.credits import Refresher
+from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.errors import Rejected, error_response
 from proxy.forward import create_session
 from proxy.errors import StoreError
@@ -30,7 +30,7 @@ from proxy.report import me_report
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store import Store, redis_client
-from proxy.types import Clock, Receive, Scope, Send, SystemClock
+from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
 log = logging.getLogger("spend_guard")
 OWN_PREFIX = "/-/"
@@ -132,6 +132,11 @@ class SpendGuardApp:
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
+        self.metrics.computed.add(
+            "spend_guard_clock_offset_seconds",
+            "The store's clock minus this machine's (the proxy judges time on the store's clock).",
+            lambda: float(getattr(self.clock, "offset_s", 0.0)),
+        )
         self.metrics.computed.add(
             "spend_guard_store_state_lost",
             "1 while the store has lost its local budget state (calls touching a local budget get 503).",
@@ -270,9 +275,15 @@ class SpendGuardApp:
         for task in self.tasks:
             if task.done():
                 problems.append(f"background task {task.get_name()} is not running")
+        warnings = []
+        clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
+        if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
+            warnings.append(f"clock: this machine's clock is {-clock_offset_s:+.1f} s off the store's; the store's is used")
         body = {
             "ready": not problems,
             "problems": problems,
+            "warnings": warnings,
+            "clock_offset_s": round(clock_offset_s, 3),
             "snapshot_age_s": None if age_s is None else round(age_s, 1),
             "refresh_failures": state.failures,
             "last_refresh_error": state.last_error or None,
@@ -321,7 +332,8 @@ def create_app(
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
     factory = redis_factory or (lambda: redis_client(settings.redis_url, state_dir=settings.state_dir))
-    app = SpendGuardApp(settings, policy, clock=clock or SystemClock(), redis_factory=factory)
+    # Served, every instance takes its time from the store; a test's injected clock is used as is.
+    app = SpendGuardApp(settings, policy, clock=clock or StoreClock(), redis_factory=factory)
     if served:
         # What exists now (modules, policy, app) lives as long as the worker: keep it out of the
         # cyclic collector, which would otherwise rescan it on every full collection under load.

@@ -25,13 +25,14 @@ from proxy.policy import Policy
 from proxy.pricing import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
 from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, Store, row_ref
-from proxy.types import Clock
+from proxy.types import Clock, StoreClock
 from proxy.windows import parse_timestamp_ms
 
 log = logging.getLogger("spend_guard.credits")
 T = TypeVar("T")
 PERIODS = ("day", "week", "month")
 MAX_BACKOFF_S = 60.0
+CLOCK_SKEW_WARN_S = 2.0  # past this, /-/readyz and the log say the machine's clock is off
 KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a round early
 
 
@@ -157,6 +158,7 @@ class Refresher:
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
         self._kicked_at = 0.0
+        self.skew_logged = False
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
 
     def _now_ms(self) -> int:
@@ -196,6 +198,8 @@ class Refresher:
         account = self.policy().account
         delay = account.refresh_s
         try:
+            if isinstance(self.clock, StoreClock):
+                await self.sync_clock(self.clock)
             if not self.store.epoch:
                 await self.store.adopt_epoch()
             self.state_lost = await self.store.state_lost()
@@ -212,6 +216,17 @@ class Refresher:
             log.warning("refresh skipped: %s", exc)
             delay = min(delay, 1.0)
         return delay
+
+    async def sync_clock(self, clock: StoreClock) -> None:
+        before = clock.base()
+        store_s = await self.store.time_s()
+        clock.update(before, store_s, clock.base())
+        if abs(clock.offset_s) > CLOCK_SKEW_WARN_S and not self.skew_logged:
+            self.skew_logged = True
+            log.warning(
+                "this machine's clock is %.1f s off the store's; the proxy uses the store's time (fix NTP)",
+                -clock.offset_s,
+            )
 
     def _backoff(self, refresh_s: float) -> float:
         base = min(MAX_BACKOFF_S, refresh_s, 0.5 * 2 ** min(self.state.failures, 10))

@@ -205,6 +205,11 @@ class Store:
         self.epoch = _text(await self._call(adopt) or epoch)
         return self.epoch
 
+    async def time_s(self) -> float:
+        """The store's clock (Redis TIME), in seconds since the epoch."""
+        seconds, micros = await self._call(self.client.time)
+        return float(seconds) + float(micros) / 1e6
+
     async def state_lost(self) -> str | None:
         """Why and when the store lost its local budget state (`"<why>|<ms>"`), or None."""
         raw = await self._call(lambda: self.client.get(self.key("lost")))

@@ -104,19 +104,30 @@ class ServedProxy:
     """`python -m proxy serve` in a subprocess, ready (snapshot and prices loaded) on enter."""
 
     def __init__(
-        self, policy: Path, upstream: str, redis_url: str | None, *, workers: int = 1, ready: bool = True, args: tuple[str, ...] = ()
+        self,
+        policy: Path,
+        upstream: str,
+        redis_url: str | None,
+        *,
+        workers: int = 1,
+        ready: bool = True,
+        args: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.policy, self.upstream, self.redis_url, self.workers, self.ready = policy, upstream, redis_url, workers, ready
         self.args = args  # more `serve` options
+        self.wrap, self.extra_env = wrap, env or {}  # e.g. ("faketime", "-f", "+20m")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="sg-proxy-", suffix=".log", delete=False)
 
     def start(self) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPEND_GUARD_")}
         env["IMAGEROUTER_API_KEY"] = DEFAULT_ACCOUNT_KEY
-        cmd = [sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(self.port),
+        env.update(self.extra_env)
+        cmd = [*self.wrap, sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(self.port),
                "--policy", str(self.policy), "--upstream", self.upstream, "--workers", str(self.workers)]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
