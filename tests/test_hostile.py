@@ -83,7 +83,7 @@ def envelope(reply: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
 
 
 def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(tmp_path, up):
-    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--head-timeout-s", "2")) as proxy:
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--head-timeout-s", "3")) as proxy:
         opened = time.monotonic()
         partial = [connect(proxy.port) for _ in range(600)]
         for sock in partial:
@@ -91,7 +91,7 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
         silent = [connect(proxy.port) for _ in range(100)]
         # The proxy's own endpoints still answer while all 700 are open.
         assert httpx.get(proxy.url + "/-/healthz", timeout=2).status_code == 200
-        assert time.monotonic() - opened < 2, "the check above must run while the connections are open"
+        assert time.monotonic() - opened < 2.5, "the check above must run while the connections are open"
         selector = selectors.DefaultSelector()
         replies: dict[socket.socket, bytes] = {}
         closed_at: dict[socket.socket, float] = {}
@@ -99,7 +99,7 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ)
             replies[sock] = b""
-        deadline = opened + 8
+        deadline = opened + 10
         while len(closed_at) < len(replies) and time.monotonic() < deadline:
             for key, _ in selector.select(timeout=0.5):
                 sock = key.fileobj  # type: ignore[assignment]
@@ -111,9 +111,9 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
                 if not chunk:
                     closed_at[sock] = time.monotonic()
                     selector.unregister(sock)
-        assert len(closed_at) == 700, f"{700 - len(closed_at)} connections still open 8 s later"
-        latest = max(closed_at.values()) - opened
-        assert 1.5 < latest < 5, latest
+        assert len(closed_at) == 700, f"{700 - len(closed_at)} connections still open 10 s later"
+        earliest, latest = min(closed_at.values()) - opened, max(closed_at.values()) - opened
+        assert 2.5 < earliest and latest < 7, (earliest, latest)
         for sock in partial:
             status, headers, body = envelope(replies[sock])
             assert status == 408 and headers["connection"] == "close"
@@ -248,9 +248,9 @@ def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_time
         assert got.startswith(b"HTTP/1.1 200")
         # ...and the client reads no more, holding its socket open. The proxy is soon blocked
         # sending to it; upstream.timeout_s (5 s) still ends the call and settles its hold.
-        wait_until(lambda: spent(proxy) != "0.0000", 12, "the stalled call to settle")
+        wait_until(lambda: spent(proxy) != "0.0000", 15, "the stalled call to settle")
         settled = time.monotonic() - started
-        assert 4.5 < settled < 9, settled
+        assert 4.5 < settled < 12, settled
         # the cost was never reached (it ends the 20 MB body): the $0.30 hold is charged
         assert spent(proxy) == "0.3000"
         assert scraped_inflight(proxy) == 0
