@@ -34,6 +34,10 @@ LOCK_MODELS = "lock:models"
 # asyncio timeout per operation, not redis-py's socket_timeout: that wraps each send in
 # asyncio.wait_for, a task per command (~15 us of CPU each on the guarded path).
 STORE_TIMEOUT_S = 2.0
+# Store operations in flight at once per process; more wait their turn. Each takes ~20-100 us
+# of Redis time, so 64 connections keep a Redis busy while staying under redis-py's pool limits
+# (its cluster client allows 100 connections per node and raises past them).
+MAX_CONCURRENT_OPS = 64
 # A call the upstream answered this long before a credits fetch began is in that snapshot: the
 # upstream pre-charges before it answers (reference §4). The margin covers what is left of clock
 # differences between instances once each measures its offset to the store's clock.
@@ -187,6 +191,7 @@ class Store:
         self.account = account
         self.prefix = f"sg:{{{account}}}:"
         self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)
         common = _lua("_common.lua")
         self.lua_reserve = Script(client, common + _lua("reserve.lua"))
         self.lua_settle = Script(client, common + _lua("settle.lua"))
@@ -239,7 +244,10 @@ class Store:
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
-                return await op()
+                # A burst waits here for its turn (within the same timeout) rather than asking
+                # the driver's pool for more connections than it allows (MaxConnectionsError).
+                async with self._slots:
+                    return await op()
         except asyncio.CancelledError:
             raise
         except redis.exceptions.ResponseError as exc:
