@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import shutil
 import signal
 import subprocess
@@ -307,3 +308,69 @@ def test_a_reserve_retried_by_the_cluster_client_is_not_a_500_and_leaks_no_hold(
         if response.status_code == 503:
             assert response.json()["error"]["type"] == "guard_unavailable"
         wait_until(lambda: node.hlen(f"sg:{{{name}}}:holds") == 0, 10, "no hold left")
+
+
+def restart_node(c: Cluster, port: int) -> None:
+    """Kill one node (SIGKILL, it keeps nothing: no persistence) and start it again on its port;
+    its nodes-<port>.conf brings it back into the cluster with its slots."""
+    i = c.ports.index(port)
+    c.procs[i].kill()
+    c.procs[i].wait(10)
+    server = shutil.which("redis-server")
+    assert server
+    c.procs[i] = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+         "--cluster-config-file", f"nodes-{port}.conf", "--cluster-port", str(c.bus_ports[i]),
+         "--save", "", "--appendonly", "no", "--dir", c.dirs[i]],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_until(lambda: c._ping(port), 10, f"node {port} to restart")
+
+
+def test_a_flapping_slot_owner_never_gets_a_500_and_the_proxy_recovers_by_itself(tmp_path: Path, up):
+    """The account's node killed and restarted three times under load: redis-py's cluster client
+    raised RuntimeError/AttributeError (500s), and the refresher and settle-retry loops died, so
+    the proxy stayed down until restarted. Now every answer is 200 or 503, and calls work again
+    within a few seconds of the cluster being healthy."""
+    flap = Cluster()
+    flap.start()
+    try:
+        name = next(f"flap{i}" for i in range(1000) if flap.owner(f"sg:{{flap{i}}}:holds") != flap.ports[0])
+        port = flap.owner(f"sg:{{{name}}}:holds")
+        path = tmp_path / "policy.yaml"
+        # No local budget: a node that restarts empty loses nothing the upstream snapshot can't restore.
+        path.write_text(
+            f"account: {{name: {name}, refresh_s: 2, max_staleness_s: 300}}\n"
+            f"keys:\n  - {{name: alice, key_sha256: {hashlib.sha256(KEY_A.encode()).hexdigest()}}}\n"
+        )
+        statuses: list[int] = []
+        with ServedProxy(path, up.url, flap.url) as proxy:
+            def call() -> int:
+                try:
+                    return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
+                                      headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=30).status_code
+                except httpx.HTTPError:
+                    return 0
+
+            stop = time.monotonic() + 60
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                load = [pool.submit(lambda: [statuses.append(call()) for _ in range(400) if time.monotonic() < stop])
+                        for _ in range(16)]
+                for _ in range(3):
+                    restart_node(flap, port)
+                    wait_until(flap._all_ok, 30, "cluster_state:ok after the restart")
+                stop = time.monotonic()  # the load threads finish their current call and stop
+                for job in load:
+                    job.result(60)
+            assert statuses and set(statuses) <= {200, 503}, sorted(set(statuses))
+            # Healthy again: calls work within a few seconds, without restarting the proxy.
+            deadline = time.monotonic() + 10
+            while call() != 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert call() == 200
+            ready = httpx.get(proxy.url + "/-/readyz", timeout=5).json()
+            assert ready["ready"] is True, ready
+            assert "is not running" not in " ".join(ready["problems"])
+    finally:
+        flap.stop()
