@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 
 from proxy.errors import UpstreamBroken, UpstreamError
-from proxy.forward import request_head, response_headers
+from proxy.forward import ClientStalled, abort_client, request_head, response_headers
 from proxy.request import read_body, stream_body
 from proxy.runtime import Runtime
 from proxy.types import Receive, Scope, Send
@@ -28,7 +28,7 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
     body_done = asyncio.Event()
     body: bytes | AsyncIterator[bytes] | None = None
     if not head.chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:
-        body = await read_body(receive, length, SMALL_REQUEST_BYTES)
+        body = await read_body(receive, length, SMALL_REQUEST_BYTES, timeout_s=rt.settings.body_timeout_s)
         body_done.set()
     elif head.chunked or length is not None:
         body = stream_body(receive, body_done)  # large uploads stream through
@@ -38,6 +38,9 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
             sent.append(("content-length", length))
     else:
         body_done.set()
+    # upstream.timeout_s bounds the whole exchange, time blocked sending to a client that stopped
+    # reading included (aiohttp's own timeout covers only the upstream side).
+    deadline = asyncio.get_running_loop().time() + rt.policy.upstream.timeout_s
     try:
         resp = await rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent, body)
     except UpstreamError as exc:
@@ -54,18 +57,27 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
                 return
 
     watcher: asyncio.Task[None] | None = None
+    sending = True
     try:
-        await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
-        if not resp.content.is_eof():
-            # Only a response still arriving needs watching; most arrive whole with the headers.
-            watcher = asyncio.create_task(watch_disconnect())
-        async for chunk in resp.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        async with asyncio.timeout_at(deadline):
+            await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
+            sending = False
+            if not resp.content.is_eof():
+                # Only a response still arriving needs watching; most arrive whole with the headers.
+                watcher = asyncio.create_task(watch_disconnect())
+            async for chunk in resp.content.iter_any():
+                sending = True
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sending = False
+            sending = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        if sending:
+            abort_client(scope)
+            raise ClientStalled("the client of an unguarded response stopped reading; dropped after upstream.timeout_s") from exc
         if watcher is None or not watcher.done():
             # The upstream broke mid-body: abort the client's connection too, so it sees a cut.
-            raise UpstreamBroken() from exc
+            raise UpstreamBroken("the upstream body of an unguarded response broke off; the client's connection was cut") from exc
     finally:
         if watcher is not None:
             watcher.cancel()

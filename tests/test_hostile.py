@@ -169,6 +169,17 @@ def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_pa
         assert spent(proxy) == "0.0000"
 
 
+def test_a_slow_small_upload_on_an_unguarded_route_is_refused_with_408_too(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--body-timeout-s", "1")) as proxy:
+        with connect(proxy.port) as sock:
+            sock.sendall(b"PUT /echo/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+            reply, closed = read_until_closed(sock, 5)
+        status, headers, body = envelope(reply)
+        assert status == 408 and closed and headers["connection"] == "close"
+        assert body["error"]["type"] == "request_timeout"  # type: ignore[index]
+        assert [r.path for r in up.requests if r.path.startswith("/echo")] == []
+
+
 def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_end(tmp_path, up):
     args = ("--max-buffered-bytes", "3000000", "--body-timeout-s", "30")
     with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
