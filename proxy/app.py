@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
+from proxy.decisions import budget_holds
 from proxy.errors import Rejected, error_response
 from proxy.forward import create_session
 from proxy.errors import StoreError
@@ -161,6 +162,7 @@ class SpendGuardApp:
         except asyncio.TimeoutError:
             log.warning("first credits/prices refresh took over %g s; starting without it", STARTUP_REFRESH_S)
             first_delay = 0.0
+        await self._adopt_name_counters(policy)
         loop = asyncio.get_running_loop()
         rt = self.runtime
         self.tasks = [
@@ -173,6 +175,25 @@ class SpendGuardApp:
             with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
                 holder.install_sighup(loop)
         log.info("spend guard ready: policy %s, upstream %s", policy.version, self.runtime.upstream_url())
+
+    async def _adopt_name_counters(self, policy: Policy) -> None:
+        """Key budgets used to be counted under the key's name; they are counted under its
+        fingerprint now (renaming a key keeps its budget). Carry over this window's figures."""
+        assert self.runtime is not None
+        now_s = self.runtime.clock()
+        moves = [
+            (budget.id, hold)
+            for key in policy.keys
+            for budget, hold in zip(key.budgets, budget_holds(list(key.budgets), now_s))
+            if budget.counter != budget.id
+        ]
+        try:
+            copied = await self.runtime.store.adopt_counters(moves)
+        except StoreError as exc:
+            log.warning("could not carry name-keyed budget counters over: %s", exc)
+            return
+        if copied:
+            log.warning("carried %d budget counter(s) kept under key names over to key fingerprints", copied)
 
     def _refresh_failed(self, message: str) -> None:
         self.metrics.refresh_failures.inc()

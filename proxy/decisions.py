@@ -53,7 +53,7 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
     for b in budgets:
         start, end = window_start(b.period, now_s), window_end(b.period, now_s)
         holds.append(
-            BudgetHold(b.id, b.limit_micros, b.shadow, 0 if start is None else to_ms(start), 0 if end is None else to_ms(end))
+            BudgetHold(b.counter, b.limit_micros, b.shadow, 0 if start is None else to_ms(start), 0 if end is None else to_ms(end))
         )
     return holds
 

@@ -271,6 +271,8 @@ class Guard:
         try:
             decision = await rt.store.reserve(request)
             rt.reserve_failed_at = 0.0
+            if budgets:
+                decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
         except StoreError as exc:
             # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
             # name internal addresses).

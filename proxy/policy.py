@@ -105,6 +105,12 @@ class Budget:
     limit_micros: int
     period: Period | None  # None = lifetime
     shadow: bool
+    # The store counter's identity: survives renaming the key or group (policy_build._counter_owner).
+    counter: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.counter:
+            object.__setattr__(self, "counter", self.id)
 
 
 @dataclass(frozen=True, slots=True)

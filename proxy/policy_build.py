@@ -113,8 +113,10 @@ class _File:
             globs[key] = tuple(found)
         return ModelRules(**globs)
 
-    def budgets(self, data: Mapping[Any, Any], where: str, owner: str) -> tuple[Budget, ...]:
-        """`owner` is `key:<name>` or `group:<name>`; two budgets with one period are an error."""
+    def budgets(self, data: Mapping[Any, Any], where: str, owner: str, counter_owner: str) -> tuple[Budget, ...]:
+        """`owner` is `key:<name>` or `group:<name>` (how refusals name the budget), `counter_owner`
+        what its store counter is keyed by (see `_counter_owner`); two budgets with one period
+        are an error."""
         budgets: list[Budget] = []
         first: dict[Period | None, str] = {}
         for item_where, item in self.items(data.get("budgets"), f"{where}.budgets"):
@@ -133,8 +135,19 @@ class _File:
             if "limit_micros" not in values:
                 continue
             shadow = values.get("mode") == "shadow"
-            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow))
+            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow, f"{counter_owner}:{label}"))
         return tuple(budgets)
+
+
+def _counter_owner(kind: str, values: Mapping[str, Any]) -> str:
+    """What a budget's counter is keyed by, so that renaming its key or group keeps the money it
+    counted: an explicit `id`; else a key's fingerprint (renaming keeps it, a new secret starts
+    afresh); else the group's name (give a group an `id` before renaming it)."""
+    if values.get("budget_id"):
+        return f"{kind}-id:{values['budget_id']}"
+    if kind == "key" and values.get("key_sha256"):
+        return f"key-fp:{values['key_sha256'][:24]}"
+    return f"{kind}:{values.get('name')}"
 
 
 def _join(where: str, key: object) -> str:
@@ -204,7 +217,7 @@ class Builder:
             return values
         required = ("name", "key_sha256") if kind == "key" else ("name",)
         values = file.fields(raw, where, kind, required)
-        values["budgets"] = file.budgets(raw, where, f"{kind}:{values.get('name')}")
+        values["budgets"] = file.budgets(raw, where, f"{kind}:{values.get('name')}", _counter_owner(kind, values))
         if kind == "key":
             rules = file.mapping(_or_empty(raw.get("models")), f"{where}.models", "rules")
             values["rules"] = ModelRules() if rules is None else file.rules(rules, f"{where}.models")

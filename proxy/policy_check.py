@@ -286,9 +286,14 @@ FIELDS: Mapping[str, _Spec] = {
         "period": ("period", _period),
         "mode": ("mode", _mode),
     },
-    "group": {"name": ("name", _entry_name), "max_request_usd": ("max_request_micros", _optional_money)},
+    "group": {
+        "name": ("name", _entry_name),
+        "id": ("budget_id", _entry_name),
+        "max_request_usd": ("max_request_micros", _optional_money),
+    },
     "key": {
         "name": ("name", _entry_name),
+        "id": ("budget_id", _entry_name),
         "key_sha256": ("key_sha256", _sha256),
         "api_key_id": ("api_key_id", _optional(_text)),
         "api_key_name": ("api_key_name", _optional(_text)),

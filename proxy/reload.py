@@ -13,7 +13,7 @@ import signal
 from collections.abc import Callable
 
 from proxy.errors import PolicyError
-from proxy.policy import Policy, load_policy, policy_files
+from proxy.policy import Budget, Policy, load_policy, policy_files
 
 logger = logging.getLogger("spend_guard.policy")
 
@@ -65,6 +65,8 @@ class PolicyHolder:
             return True
         old, self.policy = self.policy, policy
         logger.info("policy reloaded from %s: version %s -> %s", self.path, old.version, policy.version)
+        for line in budget_changes(old, policy):
+            logger.warning("policy reload: %s", line)
         if self._on_change is not None:
             self._on_change(policy)
         return True
@@ -107,3 +109,30 @@ class PolicyHolder:
             else:
                 stats.append((file, stat.st_mtime_ns, stat.st_size))
         return tuple(stats)
+
+
+def _budgets(policy: Policy) -> dict[str, Budget]:
+    """Every budget of `policy` by its counter (a group budget once, however many keys share it)."""
+    found = {b.counter: b for key in policy.keys for b in key.budgets}
+    found.update({b.counter: b for group in policy.groups.values() for b in group.budgets})
+    return found
+
+
+def budget_changes(old: Policy, new: Policy) -> list[str]:
+    """What a reload does to the money budgets counted: renamed budgets keep their counter; a
+    removed budget, or one whose period changed, leaves its counter behind (never enforced again)."""
+    before, after = _budgets(old), _budgets(new)
+    lines = []
+    for counter, budget in sorted(before.items()):
+        kept = after.get(counter)
+        if kept is None:
+            lines.append(
+                f"budget {budget.id} is gone (removed, its period changed, or its key/group got a new id or "
+                f"secret): what it counted this window stays in the store but no longer limits anything"
+            )
+        elif kept.id != budget.id:
+            lines.append(f"budget {budget.id} is now {kept.id}; it keeps counting what it counted")
+    for counter, budget in sorted(after.items()):
+        if counter not in before:
+            lines.append(f"budget {budget.id} is new: it counts from what its store counter holds ($0 if never used)")
+    return lines

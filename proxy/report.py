@@ -79,7 +79,7 @@ async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s:
                 _scope(f"key:{row.period or 'lifetime'}", row.limit_micros, spent, used.held_micros, _reset(row.period, now_s))
             )
     for budget in budgets:
-        used = usage[f"b:{budget.id}"]
+        used = usage[f"b:{budget.counter}"]
         scopes.append(
             _scope(
                 f"budget:{budget.id}",

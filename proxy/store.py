@@ -8,6 +8,7 @@ touches one cluster slot. Amounts are integer micro-dollars. Driver errors leave
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import importlib.resources
 import os
@@ -127,6 +128,13 @@ class Decision:
     tight_remaining_micros: int = -1
     reclaimed: Reclaimed = Reclaimed()
 
+    def renamed(self, names: dict[str, str]) -> Decision:
+        """The same decision with scopes spelled for people (`budget:<counter>` -> `budget:<id>`)."""
+        refusal = self.refusal
+        if refusal is not None and refusal.scope in names:
+            refusal = dataclasses.replace(refusal, scope=names[refusal.scope])
+        return dataclasses.replace(self, refusal=refusal, tight_scope=names.get(self.tight_scope, self.tight_scope))
+
 
 @dataclass(frozen=True)
 class RowState:
@@ -237,6 +245,34 @@ class Store:
 
     def key(self, name: str) -> str:
         return self.prefix + name
+
+    async def adopt_counters(self, moves: Sequence[tuple[str, BudgetHold]]) -> int:
+        """Copy each `(old counter id, budget)` counter of the budget's current window to the
+        budget's own counter when only the old one exists (budgets were counted by name before
+        they were counted by key fingerprint). Returns how many were copied."""
+
+        async def run() -> int:
+            olds = [self.budget_key(old, b.window_start_ms) for old, b in moves]
+            news = [self.budget_key(b.id, b.window_start_ms) for _, b in moves]
+            pipe = self.client.pipeline(transaction=False)
+            for old_key, new_key in zip(olds, news):
+                pipe.get(old_key)
+                pipe.exists(new_key)
+            found = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            copied = 0
+            for i, (new_key, (_, budget)) in enumerate(zip(news, moves)):
+                value, exists = found[2 * i], found[2 * i + 1]
+                if value is not None and not exists:
+                    pipe.set(new_key, value, nx=True)
+                    if budget.window_end_ms:
+                        pipe.pexpireat(new_key, budget.window_end_ms + 86_400_000)
+                    copied += 1
+            if copied:
+                await pipe.execute()
+            return copied
+
+        return await self._call(run) if moves else 0
 
     def budget_key(self, budget_id: str, window_start_ms: int) -> str:
         return self.key(f"b:{budget_id}:{window_start_ms}")

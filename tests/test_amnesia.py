@@ -83,7 +83,8 @@ def test_recover_from_the_access_log_sums_the_current_window(make_proxy):
         json.dumps({"time": stamp, "key": "alice", "cost_usd": None, "decision": "refused"}),
     ]
     plan = from_access_log(p.runtime.policy, lines, now)
-    assert [(hold.id, micros) for hold, micros in plan.counters] == [("key:alice:day", 150_000)]
+    (budget,) = p.runtime.policy.keys[0].budgets
+    assert [(hold.id, micros) for hold, micros in plan.counters] == [(budget.counter, 150_000)]
     assert plan.lines_used == 2
 
 

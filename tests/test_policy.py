@@ -217,8 +217,9 @@ def test_full_policy_loads_every_field() -> None:
             api_key_name="renderer",
             group="design-team",
             budgets=(
-                Budget("key:batch-renderer:day", 2_000_000, "day", shadow=False),
-                Budget("key:batch-renderer:week", 10_000_000, "week", shadow=False),
+                # The counters follow the key's fingerprint, so a rename keeps what they counted.
+                Budget("key:batch-renderer:day", 2_000_000, "day", shadow=False, counter=f"key-fp:{SHA_1[:24]}:day"),
+                Budget("key:batch-renderer:week", 10_000_000, "week", shadow=False, counter=f"key-fp:{SHA_1[:24]}:week"),
             ),
             max_request_micros=1_000_000,
             rules=ModelRules(("openai/*",), ("openai/dall-e-2",)),
@@ -229,7 +230,7 @@ def test_full_policy_loads_every_field() -> None:
             api_key_id=None,
             api_key_name=None,
             group=None,
-            budgets=(Budget("key:intern:lifetime", 0, None, shadow=False),),
+            budgets=(Budget("key:intern:lifetime", 0, None, shadow=False, counter=f"key-fp:{SHA_2[:24]}:lifetime"),),
             max_request_micros=None,
             rules=ModelRules(),
         ),
