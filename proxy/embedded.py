@@ -17,6 +17,7 @@ import fcntl
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,6 +39,8 @@ MAX_SOCKET_PATH = 107
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 PR_SET_PDEATHSIG = 1
+# "<pid>:<role> <day> <month> <year> <time> <level> " before each message of the server's log.
+_LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.\-*#] ")
 
 
 class EmbeddedStoreError(SpendGuardError):
@@ -205,7 +208,7 @@ class EmbeddedServer:
             lines = Path(self.state_dir, LOG_NAME).read_text(errors="replace").strip().splitlines()
         except OSError:
             return "no log"
-        return lines[-1].strip() if lines else "no log"
+        return _LOG_PREFIX.sub("", lines[-1].strip()) if lines else "no log"
 
     def stop(self) -> None:
         """SIGTERM: the server fsyncs its append-only file, removes its socket and exits."""

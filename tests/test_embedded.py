@@ -130,17 +130,33 @@ def test_a_second_proxy_on_the_same_state_dir_fails_with_one_line(tmp_path, up, 
     [
         (["--embedded-server", "/nonexistent/valkey-server"], "server binary /nonexistent/valkey-server does not exist"),
         (["--state-dir", "{file}/state"], "cannot use state dir {file}/state: Not a directory"),
+        (["--state-dir", "{dir}/" + "d" * 120], "is too long a path for the server's unix socket"),
     ],
-    ids=["binary-missing", "state-dir-unwritable"],
+    ids=["binary-missing", "state-dir-unwritable", "state-dir-too-long"],
 )
 def test_startup_failures_are_one_clear_line_and_exit_3(tmp_path, state_home, args, message):
     a_file = tmp_path / "plain-file"
     a_file.write_text("")
-    result = serve_once(*[a.format(file=a_file) for a in args])
+    result = serve_once(*[a.format(file=a_file, dir=tmp_path) for a in args])
     assert result.returncode == 3
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("spend-guard: embedded store: "), result.stderr
     assert message.format(file=a_file) in lines[0]
+
+
+def test_a_server_that_cannot_load_its_file_is_one_line_quoting_its_log(tmp_path):
+    state_dir = tmp_path / "state"
+    with EmbeddedServer(str(state_dir)) as server:
+        redis.Redis.from_url(server.url).set("spent", "300000")
+    manifest = state_dir / "appendonlydir" / "appendonly.aof.manifest"
+    manifest.write_text("this is not a manifest\n")  # a damaged disk, a bad copy
+    result = serve_once("--state-dir", str(state_dir))
+    assert result.returncode == 3
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    # the server's own last words, without its log prefix, then where its whole log is
+    assert lines[0].startswith("spend-guard: embedded store: server exited with status 1: Invalid AOF manifest")
+    assert lines[0].endswith(f"(log: {state_dir}/valkey.log)")
 
 
 def test_two_workers_share_the_embedded_store_exactly(tmp_path, up, state_home):
