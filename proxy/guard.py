@@ -446,6 +446,8 @@ class Guard:
         cost = 0 if outcome.kind == "error" else outcome.cost_micros if outcome.kind == "cost" else None
         call.outcome = call.outcome or outcome.kind
         call.cost_micros = await self.rt.settle(flight, cost)
+        if flight.reclaimed:
+            call.outcome, call.cost_micros = "reclaimed", flight.amount_micros
 
 
 async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int) -> PriceFields:

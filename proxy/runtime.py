@@ -41,6 +41,7 @@ class Flight:
     # the started time is worth telling the store (see Store.mark_started).
     precharged: bool = False
     marked: bool = False
+    reclaimed: bool = False  # its lease expired first: another reserve charged the hold
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,12 @@ class Runtime:
         charged: int | None
         try:
             charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), flight.started_ms)
+            if charged is None:
+                # Its lease expired and a reserve reclaimed it, charging the whole hold (counted
+                # there, in spend_guard_reclaimed_holds_total).
+                flight.reclaimed = True
+                log.warning("hold %s was reclaimed before it settled: charged its hold of $%s",
+                            flight.hold_id, format_usd(flight.amount_micros))
         except HoldQuarantined as exc:
             self.quarantined(exc.hold_id)
             charged = None

@@ -5,6 +5,8 @@ model never takes the guard down, one bad deferred settle does not hold back the
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -123,3 +125,24 @@ def test_an_unreadable_snapshot_row_disables_only_that_keys_upstream_scope(make_
     assert len(logged) == 1 and "id:key-a" in logged[0] and "'year'" in logged[0]
     p.refresh()
     assert sum("a row is unreadable" in rec.getMessage() for rec in caplog.records) == 1  # logged once
+
+
+def test_a_reclaimed_hold_is_logged_and_counted_as_charged(make_proxy, up, caplog):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    skew = [0.0]
+    p = make_proxy(KEYS, clock=lambda: time.time() + skew[0])
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(p.generate, standin="heartbeat=1,gate=r,cost=0.05")
+        try:
+            wait_until(lambda: any(f.started_ms for f in p.runtime.flights.values()), 10, "the call to start")
+            skew[0] = p.runtime.policy.guard.hold_ttl_s + 1  # its lease has run out
+            assert p.generate(standin="cost=0.01").status_code == 200  # this reserve reclaims it
+        finally:
+            up.release("r")
+        assert slow.result().status_code == 200
+    metrics = p.client.get("/-/metrics").text
+    assert "spend_guard_reclaimed_holds_total 1.0" in metrics
+    assert 'spend_guard_usd_total{key="reclaimed",kind="charged"} 0.3' in metrics
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "spend_guard.access"]
+    first = next(line for line in lines if line["hold_usd"] == "0.3000" and line["outcome"] == "reclaimed")
+    assert first["cost_usd"] == "0.3000"  # what was charged, not null
