@@ -117,8 +117,11 @@ class Runtime:
             )
             cost_micros = MAX_CALL_MICROS
         charged: int | None
+        # Only a pre-charged call is in a snapshot fetched after it started; a text call is
+        # billed when it ends, so its charge is logged at the settle.
+        started_ms = flight.started_ms if flight.precharged else 0
         try:
-            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), flight.started_ms)
+            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), started_ms)
             if charged is None:
                 # Its lease expired and a reserve reclaimed it, charging the whole hold (counted
                 # there, in spend_guard_reclaimed_holds_total).
@@ -130,7 +133,7 @@ class Runtime:
             charged = None
         except StoreError as exc:
             # Keep it and retry in the background; the lease is the last resort.
-            self.pending_settles[flight.hold_id] = Pending(cost_micros, flight.started_ms)
+            self.pending_settles[flight.hold_id] = Pending(cost_micros, started_ms)
             self.metrics.settle_retries.inc()
             log.warning("settle of hold %s deferred: %s", flight.hold_id, exc)
             charged = flight.amount_micros if cost_micros is None else cost_micros

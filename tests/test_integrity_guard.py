@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from proxy.runtime import Pending
+from proxy.runtime import Flight, Pending
 from tests.conftest import KEY_A, KEY_B
 from tests.served import wait_until
 from tests.standin import key_row
@@ -146,3 +146,21 @@ def test_a_reclaimed_hold_is_logged_and_counted_as_charged(make_proxy, up, caplo
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "spend_guard.access"]
     first = next(line for line in lines if line["hold_usd"] == "0.3000" and line["outcome"] == "reclaimed")
     assert first["cost_usd"] == "0.3000"  # what was charged, not null
+
+
+
+@pytest.mark.parametrize(("precharged", "told"), [(True, 1234), (False, 0)])
+def test_only_a_precharged_call_tells_the_store_when_it_started(make_proxy, precharged, told):
+    """Text calls are billed when they end, not pre-charged: a snapshot fetched while one runs
+    does not hold its charge, so its settle must not claim a start time the snapshot covers."""
+    p = make_proxy(KEYS)
+    seen = []
+
+    async def settle(hold_id, cost, now_ms, started_ms=0):
+        seen.append(started_ms)
+        return cost
+
+    p.runtime.store.settle = settle
+    flight = Flight("h", 300_000, "alice", started_ms=1234, precharged=precharged)
+    assert p.run(p.runtime.settle, flight, 20_000) == 20_000
+    assert seen == [told]

@@ -185,3 +185,12 @@ async def test_a_future_stamped_snapshot_is_replaced(store):
     assert (await store.read_snapshot()).remaining_micros == 2 * USD  # type: ignore[union-attr]
     # An ordinary later snapshot still wins over an earlier one.
     assert not await store.apply_snapshot(snap(fetched_ms=NOW_MS - 10, remaining=3 * USD), now_ms=NOW_MS + 200)
+
+
+async def test_a_charge_settled_without_a_start_time_survives_a_snapshot_fetched_before_it(store):
+    # A text call: billed when it ends, so a snapshot whose fetch began before the settle lacks it.
+    await store.apply_snapshot(snap(fetched_ms=NOW_MS - 5000))
+    assert (await store.reserve(req("t", 300_000))).allowed
+    assert await store.settle("t", 20_000, NOW_MS + 3000, 0) == 20_000
+    await store.apply_snapshot(snap(fetched_ms=NOW_MS + 2000))
+    assert await charged(store, "acct") == 20_000
