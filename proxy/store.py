@@ -39,6 +39,8 @@ STORE_TIMEOUT_S = 2.0
 # of Redis time, so 64 connections keep a Redis busy while staying under redis-py's pool limits
 # (its cluster client allows 100 connections per node and raises past them).
 MAX_CONCURRENT_OPS = 64
+# How long a burst may wait for a free slot; each operation then has STORE_TIMEOUT_S of its own.
+QUEUE_TIMEOUT_S = 10.0
 # A call the upstream answered this long before a credits fetch began is in that snapshot: the
 # upstream pre-charges before it answers (reference §4). The margin covers what is left of clock
 # differences between instances once each measures its offset to the store's clock.
@@ -200,6 +202,7 @@ class Store:
         self.prefix = f"sg:{{{account}}}:"
         self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)
+        self._failing = False  # the last operation failed: don't queue behind a dead store
         common = _lua("_common.lua")
         self.lua_reserve = Script(client, common + _lua("reserve.lua"))
         self.lua_settle = Script(client, common + _lua("settle.lua"))
@@ -278,12 +281,12 @@ class Store:
         return self.key(f"b:{budget_id}:{window_start_ms}")
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        await self._take_slot()
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
-                # A burst waits here for its turn (within the same timeout) rather than asking
-                # the driver's pool for more connections than it allows (MaxConnectionsError).
-                async with self._slots:
-                    return await op()
+                result = await op()
+            self._failing = False
+            return result
         except asyncio.CancelledError:
             raise
         except redis.exceptions.ResponseError as exc:
@@ -292,7 +295,22 @@ class Store:
         except Exception as exc:
             # Any driver failure, including the RuntimeError/AttributeError redis-py's cluster
             # client raises while a node flaps, is an unavailable store: 503, never 500.
+            self._failing = True
             raise StoreError(f"store unavailable: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        """Wait for one of the MAX_CONCURRENT_OPS slots: a burst queues here (up to
+        QUEUE_TIMEOUT_S) instead of asking the driver's pool for more connections than it allows
+        (MaxConnectionsError). While the store is failing, nobody queues: they fail at once."""
+        if self._slots.locked() and self._failing:
+            raise StoreError("store unavailable: the last operation failed and every connection is busy")
+        try:
+            async with asyncio.timeout(QUEUE_TIMEOUT_S):
+                await self._slots.acquire()
+        except TimeoutError as exc:
+            raise StoreError(f"store busy: no connection free within {QUEUE_TIMEOUT_S:g} s") from exc
 
     async def ping(self) -> None:
         await self._call(self.client.ping)

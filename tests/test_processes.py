@@ -9,6 +9,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -66,7 +68,7 @@ def test_two_processes_let_exactly_k_calls_through(tmp_path, up, redis_server):
 
 
 @pytest.mark.real
-def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers(tmp_path, up, redis_server):
+def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers_once_recovered(tmp_path, up, redis_server):
     path = policy_file(tmp_path, "50")
     with ServedProxy(path, up.url, redis_server.url) as proxy:
         assert generate(proxy.url, "cost=0.01").status_code == 200
@@ -78,9 +80,21 @@ def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers(tmp
         # unguarded routes keep working without the store
         assert httpx.get(proxy.url + "/echo/x", timeout=5).status_code == 200
         assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 503
-        redis_server.start()  # empty: the refresher must lay down a snapshot again
+        redis_server.start()  # empty: alice's budget counter is gone with the rest
+        # The loss is noticed, not absorbed as a budget back at $0 (issue 11).
+        lost = generate(proxy.url, "cost=0.01")
+        assert lost.status_code == 503 and "lost its local budget state" in lost.json()["error"]["message"]
+        assert len(up.generation_requests) == 1
+        recovered = subprocess.run(
+            [sys.executable, "-m", "proxy", "store", "recover", "--policy", str(path), "--redis-url", redis_server.url,
+             "--seed", "key:alice:lifetime=0.01"],
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+        assert recovered.returncode == 0, recovered.stderr
+        # The refresher lays a snapshot down again; the seed is what alice had spent.
         wait_until(lambda: generate(proxy.url, "cost=0.01").status_code == 200, 20, "the guard to recover")
         assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 200
+        assert spent(proxy) == "0.0200"
 
 
 def raw_request(port: int, target: str, body: bytes) -> bytes:
