@@ -222,7 +222,7 @@ class Guard:
             return models.text_hold_micros
         prices = self.rt.refresher.prices
         if not prices.loaded:
-            self.unavailable("no price table has been loaded from /v2/models yet")
+            self.unavailable("no price table has been loaded from /v2/models yet", "no_prices")
             return None
         price = prices.hold_for(model)
         if price is not None:
@@ -243,10 +243,10 @@ class Guard:
                 caps.append((group.max_request_micros, f"group {group.name}"))
         return caps
 
-    def unavailable(self, reason: str) -> None:
+    def unavailable(self, reason: str, kind: str) -> None:
         """Fail closed (raise 503) or open (return; the caller forwards without a hold)."""
         if self.rt.policy.guard.on_store_error == "open":
-            self.rt.metrics.unguarded.labels(reason.split(" ")[0]).inc()
+            self.rt.metrics.unguarded.labels(kind).inc()
             log.warning("UNGUARDED: forwarding a spending call without a hold: %s", reason)
             return
         raise Rejected(503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store")
@@ -288,7 +288,7 @@ class Guard:
             elif not rt.pending_full_logged:
                 rt.pending_full_logged = True
                 log.warning("%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES)
-            self.unavailable(f"store error ({reason})")
+            self.unavailable(f"store error ({reason})", "store")
             return None
         if decision.reclaimed.count or decision.reclaimed.quarantined:
             self.reclaimed(decision.reclaimed)
@@ -314,16 +314,17 @@ class Guard:
             if decision.refusal.code == "no_snapshot":
                 rt.refresher.kick()  # the store was emptied or is new: fetch now, not at the next round
             if decision.refusal.code in ("no_snapshot", "stale"):
-                self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s))
+                self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s), decision.refusal.code)
                 return None
             if decision.refusal.code == "row_unreadable":
                 self.unavailable(
                     f"ImageRouter's usage row for key '{call.key_name}' could not be read, so its spend limit "
-                    "cannot be checked (the proxy log says why)"
+                    "cannot be checked (the proxy log says why)",
+                    "row_unreadable",
                 )
                 return None
             if decision.refusal.code not in REFUSAL_CODES:
-                self.unavailable(f"reserve answered {decision.refusal.code!r}")
+                self.unavailable(f"reserve answered {decision.refusal.code!r}", "store")
                 return None
             refuse(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))  # raises unless shadow
             return None

@@ -118,7 +118,7 @@ def test_an_unreadable_snapshot_row_disables_only_that_keys_upstream_scope(make_
         assert up.generation_requests == []
     else:
         assert r.status_code == 200  # forwarded, and counted as unguarded
-        assert 'spend_guard_unguarded_total{reason="ImageRouter' in p.client.get("/-/metrics").text
+        assert 'spend_guard_unguarded_total{reason="row_unreadable"} 1.0' in p.client.get("/-/metrics").text
     assert p.generate(token=KEY_B, standin="cost=0.01").status_code == 200
     assert "spend_guard_snapshot_rows_unreadable 1.0" in p.client.get("/-/metrics").text
     logged = [rec.getMessage() for rec in caplog.records if "a row is unreadable" in rec.getMessage()]
