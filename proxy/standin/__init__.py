@@ -1,0 +1,64 @@
+"""A realistic ImageRouter stand-in, served on 127.0.0.1 from a background thread: the tests'
+upstream, and the upstream of `spend-guard serve --demo` (proxy/demo.py).
+
+    with StandIn() as up:
+        up.url                     # "http://127.0.0.1:<port>"
+        ...                        # point the proxy at it, send requests with `X-Standin: ...`
+        up.charged_micros          # what ImageRouter would have billed
+
+The server runs an aiohttp low-level `web.Server` on its own event loop in its own thread, so sync
+tests (starlette `TestClient`), async tests and proxy subprocesses can all use it. It behaves like
+the real upstream where the proxy depends on it (docs/reference imagerouter-api.md §2-5):
+
+- generation routes pre-charge `price.max` (`ceil(usd * 10000)` units of $0.0001, float artefact
+  included, as ImageRouter computes it), answer `200` + `Content-Type: application/json` and
+  then heartbeat spaces, and report failures as `200` + `{"error": ...}`; a failure is refunded,
+  a success refunds `pre-charge - cost` (which can be negative: the actual cost may exceed it);
+- the upstream finishes a generation even when the client goes away, so a request whose client
+  disconnected is settled as its planned outcome would have been;
+- `GET /v1/credits` reflects in-flight pre-charges, as the real one does.
+
+Behaviour is chosen per request by the `X-Standin` header, a comma-separated list of `name` or
+`name=value` (see `Plan`), so a test picks it through the proxy, which forwards headers untouched.
+An unknown behaviour or a contradictory combination is answered `500` with type `standin_error`
+rather than ignored, so a typo in a test cannot pass silently.
+
+State a test sets (`credits_remaining_micros`, `key_rows`, `models`, ...) is read by the server
+under `lock`; wrap compound updates in `with up.lock:`.
+"""
+
+from __future__ import annotations
+
+from proxy.standin.server import StandIn
+from proxy.standin.wire import (
+    DEFAULT_ACCOUNT_KEY,
+    DEFAULT_BALANCE_MICROS,
+    GENERATION_ROUTES,
+    IMAGE_ROUTES,
+    TEXT_ROUTES,
+    Plan,
+    Recorded,
+    StandinError,
+    b64_text,
+    default_models,
+    fingerprint,
+    format_usd,
+    key_row,
+)
+
+__all__ = [
+    "DEFAULT_ACCOUNT_KEY",
+    "DEFAULT_BALANCE_MICROS",
+    "GENERATION_ROUTES",
+    "IMAGE_ROUTES",
+    "TEXT_ROUTES",
+    "Plan",
+    "Recorded",
+    "StandIn",
+    "StandinError",
+    "b64_text",
+    "default_models",
+    "fingerprint",
+    "format_usd",
+    "key_row",
+]

@@ -1,0 +1,381 @@
+"""The stand-in server: an aiohttp low-level server on its own loop and thread, its ledger, and
+the non-generation routes (/v1/credits, /v2/models, echo, unbilled streams)."""
+
+from __future__ import annotations
+
+import asyncio
+import decimal
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+from aiohttp import web
+
+from proxy.standin.generate import Generation
+from proxy.standin.wire import (
+    DEFAULT_ACCOUNT_KEY,
+    DEFAULT_BALANCE_MICROS,
+    GENERATION_ROUTES,
+    SHUTDOWN_TIMEOUT_S,
+    UNAUTHORIZED,
+    Plan,
+    Recorded,
+    StandinError,
+    _error_json,
+    _json_response,
+    b64_text,
+    default_models,
+    fingerprint,
+    format_usd,
+)
+
+
+class StandIn(Generation):
+    """ImageRouter stand-in. Start with `with StandIn() as up:`; `up.url` is "http://127.0.0.1:<port>"."""
+
+    url: str
+    credits_remaining_micros: int
+    total_deposits_micros: int | None  # None: remaining + charged, so credit_usage == charged
+    key_rows: list[dict[str, Any]]
+    key_ids: dict[str, str]  # bearer token -> api_key_id: billing also moves that row's figures
+    models: dict[str, dict[str, Any]]
+    models_as_array: bool
+    account_key: str
+    credits_status: int
+    credits_body: bytes | None
+    credits_delay_s: float
+    requests: list[Recorded]
+    credits_calls: int
+    models_calls: int
+    generation_calls: int
+    charged_micros: int
+    charged_by_key: dict[str, int]
+    active_streams: int
+    closed_early: int
+
+    def __init__(self, *, default_behaviour: str = "", max_records: int | None = None) -> None:
+        # `X-Standin` for a request that sends none (the demo gives every call a heartbeat).
+        self.default_behaviour = default_behaviour
+        # Keep only the latest `max_records` requests (a long-running demo must not grow).
+        self.max_records = max_records
+        Plan.parse(default_behaviour)  # a bad default fails here, not on every request
+        self.lock = threading.Lock()
+        self._cond = threading.Condition(self.lock)
+        self.url = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        # Gates live on the server loop: touched only there once it runs.
+        self._gates: dict[str, asyncio.Event] = {}
+        self._released: set[str] = set()
+        self._serial = 0
+        self.active_streams = 0  # a live count, so reset() leaves it alone
+        self.reset()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> StandIn:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            raise RuntimeError("stand-in already started")
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                asyncio.run(self._serve(ready))
+            except BaseException as exc:  # reported to start() if it happened during startup
+                failure.append(exc)
+                ready.set()
+
+        self._thread = threading.Thread(target=run, name="imagerouter-standin", daemon=True)
+        self._thread.start()
+        if not ready.wait(10) or failure:
+            self._thread.join(1)
+            self._thread = None
+            raise RuntimeError("stand-in failed to start") from (failure[0] if failure else None)
+
+    def stop(self) -> None:
+        thread, loop, stop = self._thread, self._loop, self._stop
+        if thread is None or loop is None or stop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._open_all_gates)
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:  # loop already closed
+            pass
+        thread.join(10)
+        self._thread = self._loop = self._stop = None
+
+    async def _serve(self, ready: threading.Event) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        # handler_cancellation: a client that goes away cancels its handler, which is how
+        # `closed_early` and `active_streams` see a proxy that dropped its upstream connection.
+        server = web.Server(self._handle, handler_cancellation=True)
+        runner = web.ServerRunner(server, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+            ready.set()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def reset(self) -> None:
+        """Back to defaults: balance, models, overrides, ledger, records, gates."""
+        with self.lock:
+            self.credits_remaining_micros = DEFAULT_BALANCE_MICROS
+            self.total_deposits_micros = None
+            self.key_rows = []
+            self.key_ids = {}
+            self.models = default_models()
+            self.models_as_array = False
+            self.account_key = DEFAULT_ACCOUNT_KEY
+            self.credits_status = 200
+            self.credits_body = None
+            self.credits_delay_s = 0.0
+            self.requests = []
+            self.credits_calls = 0
+            self.models_calls = 0
+            self.generation_calls = 0
+            self.charged_micros = 0
+            self.charged_by_key = {}
+            self.closed_early = 0
+        self._in_loop(self._reset_gates)
+
+    # -- test helpers ------------------------------------------------------------------------
+
+    def release(self, tag: str) -> None:
+        """Open gate `tag`: waiting responses go on, and later ones with it no longer wait."""
+        self._in_loop(lambda: self._release_now(tag))
+
+    def wait_for_requests(self, n: int, timeout: float = 10) -> None:
+        """Block until at least `n` generation requests have arrived."""
+        self._wait(lambda: self.generation_calls >= n, timeout, lambda: f"{self.generation_calls} generation requests, wanted {n}")
+
+    def wait_for_streams(self, n: int, timeout: float = 10) -> None:
+        """Block until exactly `n` generation responses are open."""
+        self._wait(lambda: self.active_streams == n, timeout, lambda: f"{self.active_streams} active streams, wanted {n}")
+
+    @property
+    def generation_requests(self) -> list[Recorded]:
+        with self.lock:
+            return [r for r in self.requests if r.path in GENERATION_ROUTES]
+
+    fingerprint = staticmethod(fingerprint)
+    b64_text = staticmethod(b64_text)
+
+    def _wait(self, done: Callable[[], bool], timeout: float, describe: Callable[[], str]) -> None:
+        with self._cond:
+            if not self._cond.wait_for(done, timeout):
+                raise TimeoutError(f"stand-in: {describe()} after {timeout} s")
+
+    def _in_loop(self, fn: Callable[[], None]) -> None:
+        loop = self._loop
+        if loop is None or self._thread is None:
+            fn()
+            return
+        done = threading.Event()
+
+        def call() -> None:
+            try:
+                fn()
+            finally:
+                done.set()
+
+        try:
+            loop.call_soon_threadsafe(call)
+        except RuntimeError:  # loop closed under us
+            fn()
+            return
+        done.wait(5)
+
+    def _release_now(self, tag: str) -> None:
+        self._released.add(tag)
+        gate = self._gates.get(tag)
+        if gate is not None:
+            gate.set()
+
+    def _open_all_gates(self) -> None:
+        for gate in self._gates.values():
+            gate.set()
+
+    def _reset_gates(self) -> None:
+        self._open_all_gates()  # a response left waiting by a previous test finishes now
+        self._gates = {}
+        self._released = set()
+
+    async def _wait_gate(self, tag: str | None) -> None:
+        if tag is None or tag in self._released:
+            return
+        await self._gates.setdefault(tag, asyncio.Event()).wait()
+
+    # -- ledger ------------------------------------------------------------------------------
+
+    def _bill(self, token: str, micros: int, *, new_request: bool = False) -> None:
+        """Move `micros` from the balance to the ledger (negative = refund). Caller holds lock."""
+        self.credits_remaining_micros -= micros
+        self.charged_micros += micros
+        fp = fingerprint(token)
+        self.charged_by_key[fp] = self.charged_by_key.get(fp, 0) + micros
+        key_id = self.key_ids.get(token)
+        row = next((r for r in self.key_rows if r.get("api_key_id") == key_id), None) if key_id else None
+        if row is not None:
+            delta = decimal.Decimal(micros) / 1_000_000
+            for name in ("credit_usage", "period_spend"):
+                row[name] = f"{decimal.Decimal(row.get(name) or 0) + delta:.4f}"
+            if new_request:
+                row["total_requests"] = int(row.get("total_requests") or 0) + 1
+
+    # -- HTTP --------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, _, query = request.raw_path.partition("?")
+        body = await request.content.read()
+        record = Recorded(
+            request.method, path, query, [(str(k), v) for k, v in request.headers.items()], body, time.monotonic()
+        )
+        with self._cond:
+            self.requests.append(record)
+            if self.max_records is not None and len(self.requests) > self.max_records:
+                del self.requests[: len(self.requests) - self.max_records]
+            if path in GENERATION_ROUTES:
+                self.generation_calls += 1
+            self._cond.notify_all()
+        try:
+            plan = Plan.parse(",".join(request.headers.getall("X-Standin", [])) or self.default_behaviour)
+        except StandinError as exc:
+            return _json_response(500, _error_json(f"stand-in: {exc}", "standin_error"))
+
+        if plan.echo or path.startswith("/echo/"):
+            return self._echo(record)
+        if path.startswith("/stream/"):
+            return await self._unbilled_stream(request, plan)
+        if path in GENERATION_ROUTES and request.method == "POST":
+            return await self._generate(request, record, plan)
+        if path == "/v1/credits" and request.method == "GET":
+            return await self._credits(request, query)
+        if path == "/v2/models" and request.method == "GET":
+            return self._models()
+        if path.startswith("/v2/models/") and request.method == "GET":
+            return self._model(unquote(path.removeprefix("/v2/models/")))
+        return _json_response(404, _error_json("not found", "invalid_request_error"))
+
+    def _echo(self, record: Recorded) -> web.Response:
+        payload = {
+            "method": record.method,
+            "path": record.path,
+            "query": record.query,
+            "headers": [[k, v] for k, v in record.headers],
+            "body_sha256": hashlib.sha256(record.body).hexdigest(),
+            "body_len": len(record.body),
+            "cost": 0,
+        }
+        return _json_response(200, json.dumps(payload).encode())
+
+    async def _credits(self, request: web.BaseRequest, query: str) -> web.Response:
+        with self.lock:
+            self.credits_calls += 1
+            delay_s = self.credits_delay_s
+        if delay_s:
+            await asyncio.sleep(delay_s)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not token:
+            return _json_response(401, _error_json(UNAUTHORIZED, "unauthorized"))
+        with self.lock:
+            if token != self.account_key:
+                return _json_response(401, _error_json("Invalid API key", "unauthorized"))
+            status, override = self.credits_status, self.credits_body
+            remaining = self.credits_remaining_micros
+            deposits = self.total_deposits_micros
+            if deposits is None:
+                deposits = remaining + self.charged_micros
+            rows = json.loads(json.dumps(self.key_rows))
+        if override is not None:
+            return web.Response(status=status, body=override, content_type="application/json")
+        if status != 200:
+            if status == 401:
+                return _json_response(401, _error_json("Invalid API key", "unauthorized"))
+            return _json_response(status, _error_json("Failed to fetch credit information", "internal_error"))
+        payload: dict[str, Any] = {
+            "remaining_credits": format_usd(remaining),
+            "credit_usage": format_usd(deposits - remaining),
+            "total_deposits": format_usd(deposits),
+        }
+        if parse_qs(query).get("by_api_key") == ["true"]:
+            payload["usage_by_api_key"] = rows
+        return _json_response(200, json.dumps(payload).encode())
+
+    def _models(self) -> web.Response:
+        with self.lock:
+            self.models_calls += 1
+            models = json.loads(json.dumps(self.models))
+            as_array = self.models_as_array
+        document: object = list(models.values()) if as_array else models
+        return _json_response(200, json.dumps(document).encode())
+
+    def _model(self, model_id: str) -> web.Response:
+        with self.lock:
+            self.models_calls += 1
+            entry = self.models.get(model_id)
+            body = json.dumps(entry).encode()
+        if entry is None:
+            return _json_response(404, json.dumps({"error": {
+                "message": f"The model '{model_id}' does not exist.", "type": "invalid_request_error",
+                "param": "model", "code": "model_not_found"}}).encode())
+        return _json_response(200, body)
+
+    def _lookup(self, name: str) -> dict[str, Any] | None:
+        with self.lock:
+            entry = self.models.get(name)
+            if entry is None:
+                entry = next((m for m in self.models.values() if name in (m.get("aliases") or ())), None)
+            return json.loads(json.dumps(entry)) if entry is not None else None
+
+
+    async def _unbilled_stream(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
+        """`/stream/...`: an unbilled, non-spending response (heartbeat, gate, then `{}`), for
+        passthrough tests: counts in `active_streams` and `closed_early` like a generation."""
+        with self._cond:
+            self.active_streams += 1
+            self._cond.notify_all()
+        finished = False
+        try:
+            response = web.StreamResponse(status=200)
+            response.content_type = "application/json"
+            await response.prepare(request)
+            for i in range(max(1, plan.heartbeat)):
+                if i:
+                    await asyncio.sleep(plan.interval_s)
+                await response.write(b" ")
+                if i == 0:
+                    await self._wait_gate(plan.gate)
+            await response.write(b"{}")
+            await response.write_eof()
+            finished = True
+            return response
+        except asyncio.CancelledError:
+            with self.lock:
+                self.closed_early += 0 if finished else 1
+            raise
+        except ConnectionError:
+            with self.lock:
+                self.closed_early += 0 if finished else 1
+            return web.Response(status=499)
+        finally:
+            with self._cond:
+                self.active_streams -= 1
+                self._cond.notify_all()

@@ -1,0 +1,247 @@
+"""The stand-in's wire format: ImageRouter's models, key rows, money strings, and `X-Standin` plans."""
+
+from __future__ import annotations
+
+import base64
+import decimal
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from typing import Any
+from urllib.parse import parse_qs
+
+from aiohttp import web
+
+IMAGE_ROUTES = {
+    "/v1/openai/images/generations": "image",
+    "/v1/openai/images/edits": "image",
+    "/v1/openai/videos/generations": "video",
+}
+TEXT_ROUTES = {
+    "/v1/openai/chat/completions": "chat",
+    "/v1/openai/responses": "responses",
+}
+GENERATION_ROUTES = {**IMAGE_ROUTES, **TEXT_ROUTES}
+
+DEFAULT_ACCOUNT_KEY = "sk-account-" + "0" * 53
+DEFAULT_BALANCE_MICROS = 100_000_000
+DEFAULT_INTERVAL_S = 0.05
+# A text model missing from `models` (the models list only covers image and video) is accepted
+# with no pre-charge and this default cost, the docs' example chat charge.
+TEXT_DEFAULT_COST_UNITS = 1
+WRITE_CHUNK = 64 * 1024
+MICROS_PER_UNIT = 100  # ImageRouter counts credits in 1/10,000 USD
+SHUTDOWN_TIMEOUT_S = 0.2
+PARTIAL_BODY = b'{"created":1,"data":[{"url":"ht'
+PARTIAL_SSE = b'data: {"id":"chatcmpl-1","choi'
+INSUFFICIENT = (
+    "Insufficient credits (this model needs minimum ${usd} credits), "
+    "please topup your ImageRouter account: https://imagerouter.io/pricing"
+)
+UNAUTHORIZED = "Authorization header must be provided as Bearer token"
+
+# 64 KiB of valid base64 (4 | 65536), written repeatedly for `b64=`.
+_B64_CHUNK = base64.b64encode(bytes(range(256)) * 192)
+assert len(_B64_CHUNK) == WRITE_CHUNK
+
+
+def default_models() -> dict[str, dict[str, Any]]:
+    def model(model_id: str, low: float, avg: float, high: float, output: str, aliases: list[str] | None = None) -> dict[str, Any]:
+        return {
+            "id": model_id,
+            "price": {"min": low, "average": avg, "max": high},
+            "aliases": aliases or [],
+            "output": [output],
+        }
+
+    return {
+        "test/test": model("test/test", 0, 0, 0, "image"),
+        "openai/gpt-image-1": model("openai/gpt-image-1", 0.011, 0.167, 0.3, "image"),
+        "google/gemini-2.5-flash": model(
+            "google/gemini-2.5-flash", 0.039, 0.039, 0.039, "image", ["gemini-2.5-flash-image"]
+        ),
+        "ir/test-video": model("ir/test-video", 0, 0, 0, "video"),
+        "google/veo-3.1": model("google/veo-3.1", 1.2, 1.6, 3.2, "video"),
+    }
+
+
+def format_usd(micros: int) -> str:
+    """Micro-dollars as ImageRouter prints money: a string with exactly four decimals."""
+    return f"{decimal.Decimal(micros) / 1_000_000:.4f}"
+
+
+def fingerprint(token: str) -> str:
+    """The key `charged_by_key` uses for a bearer token: its sha256 hex digest."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def b64_text(n: int) -> str:
+    """The `b64_json` string a `b64=n` response carries (for checking a passed-through body)."""
+    full, rest = divmod(n, WRITE_CHUNK)
+    return (_B64_CHUNK * full + _B64_CHUNK[:rest]).decode()
+
+
+def key_row(
+    api_key_id: str,
+    name: str,
+    *,
+    spend_limit: str | float | None = None,
+    period: str | None = None,
+    period_spend: str = "0.0000",
+    period_start: str | None = None,
+    expires_at: str | None = None,
+    is_active: bool = True,
+    credit_usage: str = "0.0000",
+    total_requests: int = 0,
+    created_at: str = "2026-01-01T00:00:00.000Z",
+) -> dict[str, Any]:
+    """A `usage_by_api_key` row in ImageRouter's format (money as 4-decimal strings)."""
+    limit = None if spend_limit is None else f"{decimal.Decimal(str(spend_limit)):.4f}"
+    return {
+        "api_key_id": api_key_id,
+        "api_key_name": name,
+        "credit_usage": f"{decimal.Decimal(credit_usage):.4f}",
+        "total_requests": total_requests,
+        "created_at": created_at,
+        "is_active": is_active,
+        "spend_limit": limit,
+        "spend_limit_period": period,
+        "period_spend": f"{decimal.Decimal(period_spend):.4f}",
+        "period_start": period_start,
+        "expires_at": expires_at,
+    }
+
+
+@dataclass
+class Recorded:
+    """One request as received: raw path (percent-encoding kept), raw query, headers in order."""
+
+    method: str
+    path: str
+    query: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    time: float  # time.monotonic() on arrival
+
+    def header(self, name: str) -> str | None:
+        lower = name.lower()
+        return next((v for k, v in self.headers if k.lower() == lower), None)
+
+
+class StandinError(Exception):
+    """A test asked for something the stand-in cannot do (bad `X-Standin`)."""
+
+
+@dataclass
+class Plan:
+    """What one request should do, parsed from `X-Standin`."""
+
+    heartbeat: int = 0
+    interval_s: float = DEFAULT_INTERVAL_S
+    gate: str | None = None
+    cost_units: int | None = None  # actual cost in 1/10,000 USD
+    nocost: bool = False
+    error: bool = False
+    status: int | None = None
+    cut: bool = False
+    b64: int | None = None
+    gzip: bool = False
+    sse: bool = False
+    slow_s: float = 0.0
+    echo: bool = False
+
+    @classmethod
+    def parse(cls, header: str) -> Plan:
+        plan = cls()
+        for item in header.split(","):
+            name, eq, value = item.strip().partition("=")
+            name, value = name.strip(), value.strip()
+            if not name:
+                continue
+            flag = name in ("nocost", "error", "cut", "gzip", "sse", "echo")
+            if flag == bool(eq):
+                raise StandinError(f"behaviour {item.strip()!r}: unknown, or value missing/unexpected")
+            try:
+                if flag:
+                    setattr(plan, name, True)
+                elif name == "heartbeat":
+                    plan.heartbeat = int(value)
+                elif name == "interval":
+                    plan.interval_s = float(value)
+                elif name == "gate":
+                    plan.gate = value
+                elif name == "cost":
+                    usd = decimal.Decimal(value)
+                    if not usd.is_finite() or usd < 0:
+                        raise ValueError(value)
+                    plan.cost_units = int((usd * 10000).to_integral_value(rounding=decimal.ROUND_CEILING))
+                elif name == "status":
+                    plan.status = int(value)
+                elif name == "b64":
+                    plan.b64 = int(value)
+                elif name == "slow":
+                    plan.slow_s = float(value)
+                else:
+                    raise StandinError(f"unknown behaviour {name!r}")
+            except (ValueError, decimal.InvalidOperation) as exc:
+                raise StandinError(f"behaviour {item.strip()!r}: bad value") from exc
+        if plan.status is not None and not plan.error:
+            raise StandinError("status= only goes with error")
+        if plan.status is not None and plan.heartbeat:
+            raise StandinError("status= cannot follow a heartbeat: the 200 headers already went")
+        if plan.gzip and (plan.heartbeat or plan.sse):
+            raise StandinError("gzip cannot be combined with heartbeat or sse")
+        return plan
+
+    @property
+    def streamed(self) -> bool:
+        """Headers go first and the body follows in chunks (else one response with a length)."""
+        if self.status is not None:
+            return False
+        return bool(self.heartbeat or self.gate or self.sse or self.b64 is not None or self.cut)
+
+
+def _price_units(usd: float | int | str | None) -> int:
+    # ImageRouter's own conversion, float artefact included: ceil(0.07 * 10000) == 701.
+    return math.ceil(float(usd or 0) * 10000)
+
+
+def _error_json(message: str, type_: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": type_}}).encode()
+
+
+def _json_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def _form_fields(content_type: str, body: bytes) -> dict[str, str]:
+    """Non-file fields of a multipart/form-data body (enough to find `model`)."""
+    params = BytesHeaderParser().parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n")
+    boundary = params.get_param("boundary")
+    if not isinstance(boundary, str) or not boundary:
+        raise ValueError("multipart body without boundary")
+    fields: dict[str, str] = {}
+    for part in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        if part.startswith(b"--"):
+            break
+        head, sep, value = part.lstrip(b"\r\n").partition(b"\r\n\r\n")
+        if not sep:
+            continue
+        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        name = headers.get_param("name", header="content-disposition")
+        if isinstance(name, str) and headers.get_param("filename", header="content-disposition") is None:
+            fields[name] = value.removesuffix(b"\r\n").decode("utf-8", "replace")
+    return fields
+
+
+def _model_field(content_type: str, body: bytes) -> object:
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return _form_fields(content_type, body).get("model")
+    if ctype == "application/x-www-form-urlencoded":
+        values = parse_qs(body.decode("utf-8", "replace")).get("model")
+        return values[0] if values else None
+    data = json.loads(body)
+    return data.get("model") if isinstance(data, dict) else None
