@@ -42,7 +42,10 @@ with warnings.catch_warnings():
     except ImportError:
         pass
 
-FAKE = pytest.mark.parametrize("store_target", [pytest.param("fake", marks=pytest.mark.fake)], indirect=True)
+# The request fuzzer runs on fakeredis and on the real Redis: fakeredis is not Redis.
+FAKE_AND_REAL = pytest.mark.parametrize(
+    "store_target", [pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)], indirect=True
+)
 SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEY_C = "sk-c-" + "c" * 59  # a well-formed key the policy does not know
 SECRETS = (KEY_A, KEY_B, KEY_C, ACCOUNT_KEY)
@@ -389,7 +392,7 @@ def fuzz_proxy(make_proxy, up):
     return make_proxy(POLICY)
 
 
-@FAKE
+@FAKE_AND_REAL
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(req=requests())
 def test_any_request_gets_a_sane_answer_and_leaves_the_ledger_exact(fuzz_proxy, up, caplog, req):
@@ -560,7 +563,7 @@ def test_any_policy_text_loads_or_raises_policy_error(tmp_path, lines, raw):
 # --- bugs the properties found, pinned one by one ---------------------------------------------
 
 
-@FAKE
+@FAKE_AND_REAL
 def test_deeply_nested_json_body_is_refused_not_a_500(fuzz_proxy, up):
     body = b"[" * 1500 + b"]" * 1500
     req = {"method": "POST", "raw_path": b"/v1/openai/images/generations", "query": b"", "chunks": 1,
