@@ -102,10 +102,16 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.head_begun and self.head_timer is None and not self.transport.is_closing():
+            # A head split across reads (a later request on a kept-alive connection): its own
+            # deadline from its first bytes. A head that comes whole, the usual case, needs no timer.
+            self._arm()
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_begun = True
-        self._arm()  # a later request on a kept-alive connection: its own deadline from its first byte
 
     def on_headers_complete(self) -> None:
         self._disarm()

@@ -124,6 +124,23 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
         assert up.generation_requests == []
 
 
+def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--head-timeout-s", "2")) as proxy:
+        with connect(proxy.port) as sock:
+            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while not first.endswith(b'{"status":"ok"}'):
+                first += sock.recv(4096)
+            assert first.startswith(b"HTTP/1.1 200")
+            time.sleep(1.5)  # idle, well inside the 30 s keep-alive: no head has begun yet
+            started = time.monotonic()
+            sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+            reply, closed = read_until_closed(sock, 6)
+            took = time.monotonic() - started
+        assert closed and envelope(reply)[0] == 408
+        assert 1.8 < took < 5, took  # timed from the second head's first bytes
+
+
 def test_at_max_connections_the_slowest_head_makes_room_and_busy_calls_are_never_cut(tmp_path, up):
     args = ("--max-connections", "20", "--head-timeout-s", "30")
     with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
