@@ -1,12 +1,21 @@
 """Exceptions, and the one place that renders ImageRouter's error envelope.
 
     SpendGuardError
-     ├── PolicyError      a policy file failed validation (lists every problem)
-     ├── StoreError       Redis (or the embedded store) did not answer
-     │    └── StoreScriptError  it answered, refusing an operation (a script fault)
-     ├── HoldQuarantined  a hold record could not be read; it was moved aside
-     ├── UpstreamError    ImageRouter unreachable (502) or timed out (504)
-     └── Rejected         a request refused by the guard: status, type, message, headers
+     ├── PolicyError           a policy file failed validation (lists every problem)
+     ├── StoreError            Redis (or the embedded store) did not answer
+     │    └── StoreScriptError     it answered, refusing an operation (a script fault)
+     ├── HoldQuarantined       a hold record could not be read; it was moved aside
+     ├── EmbeddedStoreError    the embedded store's server could not start (embedded.py)
+     └── Rejected              a request refused by the guard: status, type, message, headers
+          └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
+               └── UpstreamNotSent     the connection never opened: nothing can have been billed
+    UpstreamBroken             raised on purpose after a response started, to cut the client
+    ValueError
+     ├── MoneyError            an amount that does not convert exactly (money.py)
+     ├── CreditsError          a credits answer that is not stored (credits.py)
+     ├── PriceTableError       a /v2/models answer that is not stored (pricing.py)
+     ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
+     └── RecoveryError         a `store recover` seed or log line to fix (recovery.py)
 """
 
 from __future__ import annotations
@@ -78,6 +87,10 @@ class UpstreamError(Rejected):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(status, "upstream_error", message)
+
+
+class UpstreamNotSent(UpstreamError):
+    """The connection to ImageRouter never opened: the call cannot have been billed."""
 
 
 class UpstreamBroken(Exception):

@@ -17,7 +17,7 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 from yarl import URL
 
-from proxy.errors import UpstreamError
+from proxy.errors import UpstreamError, UpstreamNotSent
 
 # RFC 9110 §7.6.1, plus the pre-standard ones proxies still see.
 HOP_BY_HOP_HEADERS = frozenset(
@@ -171,6 +171,10 @@ class Upstream:
                 timeout=self.timeout,
                 compress=False,
             )
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise UpstreamNotSent(504, "ImageRouter did not answer in time (upstream timeout).") from exc
+        except aiohttp.ClientConnectorError as exc:
+            raise UpstreamNotSent(502, f"ImageRouter could not be reached ({type(exc).__name__}).") from exc
         except asyncio.TimeoutError as exc:
             raise UpstreamError(504, "ImageRouter did not answer in time (upstream timeout).") from exc
         except (aiohttp.ClientError, OSError) as exc:

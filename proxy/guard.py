@@ -28,7 +28,7 @@ from proxy.decisions import (
     stale_reason,
 )
 from proxy.echo import echo
-from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError
+from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError, UpstreamNotSent
 from proxy.forward import ClientStalled, abort_client, request_head, response_headers
 from proxy.passthrough import passthrough
 from proxy.money import MAX_CALL_MICROS, format_usd
@@ -392,8 +392,7 @@ class Guard:
                 # Nothing was received from ImageRouter. A connect that failed or timed out never
                 # reached it (release); a later timeout or broken connection might have been billed
                 # (charge the hold).
-                cause = exc.__cause__
-                if isinstance(cause, (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)):
+                if isinstance(exc, UpstreamNotSent):
                     outcome = Outcome("error")
                 call.upstream_status, call.outcome = exc.status, "upstream_error"
                 await exc.response(call.headers)(scope, receive, send)
