@@ -315,3 +315,25 @@ def test_a_cut_upstream_body_is_one_warning_line_not_a_traceback(tmp_path, up):
         assert len(lines) == 1 and "WARNING" in lines[0], lines
         assert "Traceback" not in output and "Exception in ASGI application" not in output
         assert KEY_A not in output
+
+
+def test_client_limits_come_from_serve_options_or_spend_guard_env(monkeypatch):
+    from click.testing import CliRunner
+
+    from proxy.cli import main
+    from proxy.settings import Settings
+
+    seen: list[Settings] = []
+    monkeypatch.setattr("proxy.cli.run", lambda settings, policy, **kw: seen.append(settings))
+    result = CliRunner().invoke(
+        main,
+        ["serve", "--head-timeout-s", "2.5", "--max-connections", "7"],
+        env={"SPEND_GUARD_BODY_TIMEOUT_S": "12", "SPEND_GUARD_MAX_BUFFERED_BYTES": "1000"},
+    )
+    assert result.exit_code == 0, result.output
+    (settings,) = seen
+    assert (settings.head_timeout_s, settings.body_timeout_s, settings.max_connections, settings.max_buffered_bytes) == (2.5, 12, 7, 1000)
+    # ...and reach the workers (uvicorn factory mode) through the same variables
+    assert Settings.from_env(settings.to_env()) == settings
+    assert CliRunner().invoke(main, ["serve", "--max-connections", "0"]).exit_code == 2
+    assert "--head-timeout-s" in CliRunner().invoke(main, ["serve", "--help"]).output
