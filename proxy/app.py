@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 
 import redis.asyncio as aioredis
@@ -18,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
+from proxy import logs
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.decisions import budget_holds
 from proxy.errors import Rejected, error_response
@@ -325,17 +325,10 @@ class SpendGuardApp:
         return JSONResponse(report)
 
 
-def configure_logging(level: str) -> None:
-    """Plain lines for the proxy's own messages (stderr); one bare JSON object per guarded call on
-    `spend_guard.access` (stdout), so log shippers can parse it as is."""
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    access = logging.getLogger("spend_guard.access")
-    if not access.handlers:
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access.addHandler(handler)
-        access.propagate = False
-    access.setLevel(logging.INFO)
+def configure_logging(level: str, log_format: str = "text") -> None:
+    """The proxy's own loggers in `log_format` (proxy/logs.py); access lines are one bare JSON
+    object per guarded call on `spend_guard.access` (stdout) either way."""
+    logs.configure_logging(level, "json" if log_format == "json" else "text")
 
 
 def create_app(
@@ -349,7 +342,7 @@ def create_app(
     served = settings is None
     if settings is None:
         settings = Settings.from_env()
-        configure_logging(settings.log_level)
+        configure_logging(settings.log_level, settings.log_format)
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
     factory = redis_factory or (lambda: redis_client(settings.redis_url, state_dir=settings.state_dir))

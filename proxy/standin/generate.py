@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -31,6 +32,16 @@ from proxy.standin.wire import (
 )
 
 
+def _wants_stream(content_type: str, body: bytes) -> bool:
+    if not content_type.lower().startswith("application/json"):
+        return False
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return False
+    return isinstance(data, dict) and data.get("stream") is True
+
+
 class Generation:
     """The generation routes of `StandIn` (proxy/standin/server.py), which provides the state."""
 
@@ -40,6 +51,7 @@ class Generation:
     closed_early: int
     credits_remaining_micros: int
     _serial: int
+    sse_from_body: bool
 
     if TYPE_CHECKING:
 
@@ -52,6 +64,8 @@ class Generation:
     async def _generate(self, request: web.BaseRequest, record: Recorded, plan: Plan) -> web.StreamResponse:
         route = GENERATION_ROUTES[record.path]
         text = route in ("chat", "responses")
+        if text and self.sse_from_body and not plan.sse and _wants_stream(request.headers.get("Content-Type", ""), record.body):
+            plan = dataclasses.replace(plan, sse=True)  # as ImageRouter answers `"stream": true`
         if plan.sse and not text:
             return _json_response(500, _error_json("stand-in: sse is only for chat and responses", "standin_error"))
         if plan.b64 is not None and text:

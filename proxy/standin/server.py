@@ -57,9 +57,11 @@ class StandIn(Generation):
     active_streams: int
     closed_early: int
 
-    def __init__(self, *, default_behaviour: str = "", max_records: int | None = None) -> None:
+    def __init__(self, *, default_behaviour: str = "", max_records: int | None = None, sse_from_body: bool = False) -> None:
         # `X-Standin` for a request that sends none (the demo gives every call a heartbeat).
         self.default_behaviour = default_behaviour
+        # Answer a text call whose JSON body says `"stream": true` with SSE, without `sse` in X-Standin.
+        self.sse_from_body = sse_from_body
         # Keep only the latest `max_records` requests (a long-running demo must not grow).
         self.max_records = max_records
         Plan.parse(default_behaviour)  # a bad default fails here, not on every request
