@@ -71,7 +71,14 @@ def serve(
 ) -> None:
     """Run the proxy."""
     if demo:
-        _serve_demo(host, port, policy_path, upstream, redis_url, state_dir, embedded_server, workers, log_level, log_format)
+        # The demo brings its own policy and upstream; SPEND_GUARD_POLICY set for real serving
+        # (as the image sets it) is set aside, an option on the command line is an error.
+        context = click.get_current_context()
+        given = [name for name in ("policy_path", "upstream") if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        if given:
+            click.echo("spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream", err=True)
+            sys.exit(POLICY_INVALID)
+        _serve_demo(host, port, redis_url, state_dir, embedded_server, workers, log_level, log_format)
         return
     settings = Settings(
         host, port, policy_path, upstream, redis_url, workers, log_level,
@@ -107,8 +114,6 @@ serve.epilog = _environment_epilog(serve)
 def _serve_demo(
     host: str,
     port: int,
-    policy_path: str | None,
-    upstream: str | None,
     redis_url: str | None,
     state_dir: str | None,
     embedded_server: str | None,
@@ -119,9 +124,6 @@ def _serve_demo(
     """`serve --demo`: the demo upstream and its policy (proxy/demo.py), then the proxy as usual."""
     from proxy.demo import Demo
 
-    if policy_path or upstream:
-        click.echo("spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream", err=True)
-        sys.exit(POLICY_INVALID)
     with Demo(os.path.abspath(state_dir) if state_dir else None) as demo:
         settings = Settings(
             host, port, demo.policy_path, demo.upstream_url, redis_url, workers, log_level,
@@ -228,20 +230,29 @@ def fingerprint() -> None:
 
 
 @main.command()
-@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY")
-@click.option("--redis-url", default=None, required=True, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share.")
+@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve (file or directory): its keys and groups are listed.")
+@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share; omit to read a running proxy's embedded store (--state-dir).")
+@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard", help="Without --redis-url: the running proxy's embedded store.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def status(policy_path: str | None, redis_url: str, as_json: bool) -> None:
-    """Budgets and holds of every configured key and group."""
-    from proxy.status import collect, render_table
+def status(policy_path: str | None, redis_url: str | None, state_dir: str | None, as_json: bool) -> None:
+    """Budgets and holds of every configured key and group, read from the store.
+
+    Exits 3 with one line when the store cannot be read or holds nothing for the account."""
+    from proxy.status import StatusError, collect, render, store_url
 
     try:
         policy = _load(policy_path)
     except PolicyError as exc:
         click.echo(str(exc), err=True)
         sys.exit(POLICY_INVALID)
-    rows: list[dict[str, Any]] = asyncio.run(collect(policy, redis_url))
-    click.echo(json.dumps(rows, indent=2) if as_json else render_table(rows))
+    label = f"{policy_path} (version {policy.version})" if policy_path else "none given (defaults: no keys)"
+    try:
+        url = store_url(redis_url, os.path.abspath(state_dir or default_state_dir()))
+        result = asyncio.run(collect(policy, url, policy_label=label))
+    except (StatusError, ValueError) as exc:
+        click.echo(f"spend-guard status: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else render(result))
 
 
 @main.group()

@@ -238,12 +238,14 @@ def test_status_cli_prints_every_key_and_group(make_proxy, up, store_target):
     result = runner.invoke(main, ["status", "--policy", p.app.settings.policy, "--redis-url", store_target.url])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["owner", "scope", "mode", "limit", "$", "spent", "$", "held", "$", "remaining", "$", "resets", "at"]
-    team = next(line for line in lines if "group team" in line)
+    assert lines[0] == f"store: {store_target.url}"
+    assert lines[3].split() == ["owner", "scope", "mode", "limit", "$", "spent", "$", "held", "$", "remaining", "$", "over", "$", "resets", "at"]
+    team = next(line for line in lines if line.startswith("group team"))
     assert team.split()[2:8] == ["budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500"]
     result = runner.invoke(main, ["status", "--policy", p.app.settings.policy, "--redis-url", store_target.url, "--json"])
-    rows = json.loads(result.output)
-    assert {r["owner"] for r in rows} >= {"account t", "group team", "holds in flight"}
+    status = json.loads(result.output)
+    assert status["holds_in_flight"] == 0
+    assert {r["owner"] for r in status["rows"]} == {"account t", "key alice", "key bob", "group team"}
 
 
 def test_fingerprint_and_check_policy_cli(tmp_path):

@@ -32,6 +32,8 @@ class Demo:
         self.out, self.err = tmp / "stdout.log", tmp / "stderr.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SPEND_GUARD_", "IMAGEROUTER_"))}
         env["XDG_STATE_HOME"] = str(tmp / "state-home")  # the demo must not need (or touch) it
+        # Set for real serving (the image sets it): the demo sets it aside for its own policy.
+        env["SPEND_GUARD_POLICY"] = str(tmp / "no-such-policy.yaml")
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(self.port), *args],
