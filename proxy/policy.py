@@ -65,6 +65,9 @@ class GuardPolicy:
     max_body_bytes: int = 64 * 1024 * 1024
     hold_ttl_s: float = 960.0
     shutdown_grace_s: float = 900.0
+    # /-/me to a bearer token the policy does not list: nothing (the default), or the account's
+    # credits and floor as a listed key sees them.
+    show_account_to_unknown_keys: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,6 +32,7 @@ from proxy.policy_check import (  # the value checks and field specs
     _money,
     _short_hash,
     _show,
+    glob_problem,
 )
 
 # --- building: one _Builder per load, fed each file in order -----------------------------------
@@ -107,6 +108,8 @@ class _File:
             found = []
             for item_where, item in self.items(data.get(key), _join(where, key)):
                 if isinstance(item, str) and item:
+                    if (problem := glob_problem(item)) is not None:
+                        self.problem(item_where, problem)
                     found.append(item)
                 else:
                     self.problem(item_where, f"expected a model id or glob, got {_show(item)}")

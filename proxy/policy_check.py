@@ -181,7 +181,24 @@ def _period(value: object) -> Period | None:
         return None
     if value == "day" or value == "week" or value == "month":
         return value
-    raise _Invalid(f"unknown period {_show(value)}; expected day, week, month or null")
+    raise _Invalid(f"unknown period {_show(value)}; expected day, week, month, lifetime or null")
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why `glob` would not match what it seems to (fnmatch reads an unclosed '[' as a plain
+    character, so `openai/[sora` silently matches nothing), or None."""
+    i = 0
+    while (i := glob.find("[", i)) != -1:
+        j = i + 1
+        if j < len(glob) and glob[j] == "!":
+            j += 1
+        if j < len(glob) and glob[j] == "]":
+            j += 1  # a ']' first in a class is a member, not its end
+        end = glob.find("]", j)
+        if end == -1:
+            return f"glob {_show(glob)} has an unclosed '[' at position {i + 1}; write '[[]' for a literal '['"
+        i = end + 1
+    return None
 
 
 def _text(value: object) -> str:
@@ -270,6 +287,7 @@ FIELDS: Mapping[str, _Spec] = {
         "max_body_bytes": ("max_body_bytes", _body_bytes),
         "hold_ttl_s": ("hold_ttl_s", _positive_s),
         "shutdown_grace_s": ("shutdown_grace_s", _non_negative_s),
+        "show_account_to_unknown_keys": ("show_account_to_unknown_keys", _bool),
     },
     "models": {
         "default_hold_usd": ("default_hold_micros", _money),

@@ -110,6 +110,14 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
     key = policy.key_for(fingerprint(m.group(1)))
     if key is None and policy.guard.unknown_keys == "reject":
         raise Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
+    if key is None and not policy.guard.show_account_to_unknown_keys:
+        # Any made-up token gets here: it learns nothing about the account (issue 16).
+        return {
+            "key": None,
+            "scopes": [],
+            "message": "This API key is not listed in the spend guard's policy: its calls are checked against the "
+            "account's credits only, which are not shown to unlisted keys.",
+        }
     try:
         return await scopes_for(runtime.store, policy, key, runtime.clock())
     except Exception as exc:

@@ -123,6 +123,25 @@ def test_me_requires_a_bearer_token(make_proxy, up):
     assert r.status_code == 401 and r.json()["error"]["type"] == "unauthorized"
 
 
+def test_me_tells_a_token_the_policy_does_not_list_nothing_about_the_account(make_proxy, up):
+    p = make_proxy(TEAM)  # unknown_keys: account_only, the default: such a token can still call
+    made_up = "sk-made-up-" + "q" * 30
+    r = p.client.get("/-/me", headers={"Authorization": f"Bearer {made_up}"})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["key"] is None and body["scopes"] == []
+    assert "not listed" in body["message"]
+    for secret_of_the_account in ("99.0000", "100.0000", "floor", "snapshot", p.runtime.policy.version):
+        assert secret_of_the_account not in r.text
+
+
+def test_me_shows_the_account_to_unlisted_tokens_when_the_policy_opts_in(make_proxy, up):
+    p = make_proxy(TEAM + "guard: {show_account_to_unknown_keys: true}\n")
+    r = p.client.get("/-/me", headers={"Authorization": "Bearer sk-made-up-" + "q" * 30})
+    assert r.status_code == 200 and r.json()["key"] is None
+    assert [s["scope"] for s in r.json()["scopes"]] == ["account"]
+
+
 def test_metrics_move_with_decisions(make_proxy, up):
     p = make_proxy(TEAM)
     assert p.generate(standin="cost=0.25").status_code == 200

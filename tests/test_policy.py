@@ -58,6 +58,10 @@ EXPECTED = {
     ),
     "glob_list_is_string.yaml": "models.deny: expected a list, got '*:free'",
     "glob_not_string.yaml": "models.allow[1]: expected a model id or glob, got 5",
+    "glob_unclosed.yaml": (
+        "models.deny[1]: glob 'openai/[sora' has an unclosed '[' at position 8; write '[[]' for a literal '['"
+    ),
+    "show_account_not_bool.yaml": "guard.show_account_to_unknown_keys: expected true or false, got 'yes'",
     "group_name_invalid.yaml": (
         "groups[0].name: expected a name of 1-64 letters, digits or _ . @ -, got 'design team'"
     ),
@@ -96,7 +100,7 @@ EXPECTED = {
     "period_lifetime_duplicate.yaml": (
         "groups[0].budgets[1].period: duplicate period 'lifetime'; groups[0].budgets[0] has it already"
     ),
-    "period_unknown.yaml": "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month or null",
+    "period_unknown.yaml": "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null",
     "refresh_not_positive.yaml": "account.refresh_s: must be greater than 0, got 0",
     "route_duplicate_path.yaml": (
         "routes[1].path: duplicate route '/v1/openai/responses'; first defined at {file}: routes[0]"
@@ -115,7 +119,7 @@ EXPECTED = {
     "top_level_list.yaml": "top level: expected a mapping of sections, got a list",
     "unknown_nested_key.yaml": (
         "guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, unknown_models, "
-        "max_body_bytes, hold_ttl_s, shutdown_grace_s"
+        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys"
     ),
     "unknown_top_key.yaml": (
         "acount: unknown key; expected one of mode, upstream, account, guard, models, routes, groups, keys"
@@ -152,8 +156,8 @@ def test_all_problems_are_collected_in_one_pass() -> None:
     assert problems_of(path) == [
         f"{path}: account.refresh_s: expected a number, got 'fast'",
         f"{path}: guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, unknown_models, "
-        "max_body_bytes, hold_ttl_s, shutdown_grace_s",
-        f"{path}: keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month or null",
+        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys",
+        f"{path}: keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null",
     ]
     assert str(PolicyError(problems_of(path))).count("\n") == 2
 
