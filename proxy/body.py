@@ -67,7 +67,10 @@ def read_price_fields(body: bytes, content_type: str | None) -> PriceFields:
     The guard prices what ImageRouter's own parsers will read (express.json(), multer over
     busboy; reference/imagerouter-api.md §9), or refuses: issue #12."""
     if content_type is None:
-        raise invalid("Request has no Content-Type; ImageRouter reads only application/json and multipart/form-data.")
+        raise invalid(
+            "Request has no Content-Type, so its body was not read as JSON; send Content-Type: application/json "
+            "(or multipart/form-data). ImageRouter reads only those two."
+        )
     # Node strips the header's surrounding whitespace; media-typer (which decides whether
     # express.json() or multer runs) allows no tab inside it.
     ctype = parse_header_value(content_type.strip(" \t"), media_type=True, tabs=False, what="Content-Type")
@@ -76,10 +79,15 @@ def read_price_fields(body: bytes, content_type: str | None) -> PriceFields:
     if ctype.head == "multipart/form-data":
         return _build(dict(read_fields(body, boundary_of(ctype.params))))
     if ctype.head == "application/x-www-form-urlencoded":
-        # ImageRouter mounts no urlencoded parser: such a body reaches it without a model.
-        raise invalid("ImageRouter does not read application/x-www-form-urlencoded bodies; send application/json or multipart/form-data.")
+        # ImageRouter mounts no urlencoded parser: such a body reaches it without a model. It is
+        # what `curl -d` sends unless told otherwise.
+        raise invalid(
+            "Request body was sent as application/x-www-form-urlencoded (curl -d's default), so it was not read as "
+            "JSON; send Content-Type: application/json (curl: -H 'Content-Type: application/json') or multipart/form-data."
+        )
     raise invalid(
-        f"Content-Type '{echo(ctype.head, 60)}' cannot be priced; send application/json or multipart/form-data."
+        f"Request body was sent as '{echo(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
+        "application/json or multipart/form-data."
     )
 
 
