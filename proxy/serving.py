@@ -39,6 +39,10 @@ log = logging.getLogger("spend_guard.serving")
 # File descriptors a process needs beyond its client connections: one upstream connection per
 # guarded call in flight, Redis, logs.
 SPARE_FDS = 256
+# Cut heads and refused connections are logged in one WARNING line at most this often, the first
+# this long after the first of them (so a burst is one line).
+TALLY_LOG_S = 60.0
+TALLY_FIRST_S = 2.0
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,6 +70,36 @@ TOO_MANY_RESPONSE = _raw_response(
 )
 
 
+class _Tally:
+    """Slow heads cut and connections refused since the last WARNING line (one per process)."""
+
+    def __init__(self) -> None:
+        self.cut = 0
+        self.refused = 0
+        self.logged_at = float("-inf")
+        self.pending: asyncio.TimerHandle | None = None
+
+    def count(self, protocol: GuardedHttpProtocol, *, cut: int = 0, refused: int = 0) -> None:
+        self.cut += cut
+        self.refused += refused
+        if self.pending is None:
+            now = protocol.loop.time()
+            delay = max(TALLY_FIRST_S, self.logged_at + TALLY_LOG_S - now)
+            self.pending = protocol.loop.call_later(delay, self.flush, protocol.head_timeout_s, protocol.max_connections, protocol.loop)
+
+    def flush(self, head_timeout_s: float, max_connections: int, loop: asyncio.AbstractEventLoop) -> None:
+        log.warning(
+            "slow clients: %d connection(s) cut for a request head slower than %g s, %d refused at max_connections=%d",
+            self.cut,
+            head_timeout_s,
+            self.refused,
+            max_connections,
+        )
+        self.cut = self.refused = 0
+        self.logged_at = loop.time()
+        self.pending = None
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for request heads and a connection cap."""
 
@@ -86,6 +120,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
         self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
+        self.tally: _Tally = server_state.__dict__.setdefault("spend_guard_tally", _Tally())
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -95,6 +130,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             if oldest is None:
                 transport.write(TOO_MANY_RESPONSE)
                 transport.close()
+                self.tally.count(self, refused=1)
                 return
             oldest.cut_slow_head()
         self._arm()
@@ -150,8 +186,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             return
         if self.head_begun:
             self.transport.write(HEAD_TIMEOUT_RESPONSE)
-        log.debug("closed a connection whose request head did not arrive in time")
         self.transport.close()
+        self.tally.count(self, cut=1)
 
 
 class CutResponseFilter(logging.Filter):

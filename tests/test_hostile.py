@@ -119,6 +119,10 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
             assert status == 408 and headers["connection"] == "close"
             assert body["error"]["type"] == "request_timeout"  # type: ignore[index]
         assert all(replies[sock] == b"" for sock in silent)  # nothing asked, nothing answered
+        # one WARNING line for the lot (at most one a minute), not one per connection
+        wait_until(lambda: "slow clients:" in proxy.output(), 5, "the warning")
+        warned = [line for line in proxy.output().splitlines() if "slow clients:" in line]
+        assert len(warned) == 1 and "WARNING" in warned[0] and "700 connection(s) cut" in warned[0], warned
         for sock in partial + silent:
             sock.close()
         assert up.generation_requests == []
