@@ -1,7 +1,10 @@
 """Keep the current policy, and swap in a new one on SIGHUP or when the files change.
 
 A new policy that fails to load never replaces the running one: the failure is logged on one line
-and counted, and the proxy goes on enforcing what it had.
+and counted, and the proxy goes on enforcing what it had. A file change is taken only once the
+files have stayed unchanged for `POLICY_STABLE_S`, so a file being written in pieces is not
+loaded half-written (write elsewhere and rename into place to be safe whatever the timing; SIGHUP
+reloads at once). Each reload logs one line summing up what changed.
 """
 
 from __future__ import annotations
@@ -10,15 +13,19 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable
 
 from proxy.errors import PolicyError
+from proxy.money import format_usd
 from proxy.policy import Budget, Policy, load_policy, policy_files
 
 logger = logging.getLogger("spend_guard.policy")
 
 # (path, mtime_ns, size) per policy file; None for a file that could not be stat'ed.
 Fingerprint = tuple[tuple[str, int | None, int | None], ...]
+# A changed policy is loaded once its files have looked the same for this long.
+POLICY_STABLE_S = 5.0
 
 
 class PolicyHolder:
@@ -30,8 +37,13 @@ class PolicyHolder:
         policy: Policy,
         *,
         on_change: Callable[[Policy], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.path = path
+        self.clock = clock
+        # A change seen but not yet loaded, and since when it has looked like this.
+        self._pending: Fingerprint | None = None
+        self._pending_since = 0.0
         self.policy = policy
         self.reloads_ok = 0
         self.reloads_failed = 0
@@ -65,23 +77,41 @@ class PolicyHolder:
             return True
         old, self.policy = self.policy, policy
         logger.info("policy reloaded from %s: version %s -> %s", self.path, old.version, policy.version)
+        line, removed = summary(old, policy)
+        logger.log(logging.WARNING if removed else logging.INFO, "policy reload changed: %s", line)
         for line in budget_changes(old, policy):
             logger.warning("policy reload: %s", line)
         if self._on_change is not None:
             self._on_change(policy)
         return True
 
-    async def watch(self, interval_s: float = 1.0) -> None:
-        """Poll the policy files every `interval_s` and reload when any changed; runs until cancelled."""
+    async def watch(self, interval_s: float = 1.0, stable_s: float = POLICY_STABLE_S) -> None:
+        """Poll the policy files every `interval_s` and reload once a change has held for
+        `stable_s`; runs until cancelled."""
         if self.path is None:
             return
         while True:
             await asyncio.sleep(interval_s)
-            current = self._fingerprint()
-            if current != self._seen:
-                # Remember what was seen before loading, so an edit during the load is caught next time.
-                self._seen = current
-                self.reload()
+            self.poll(stable_s)
+
+    def poll(self, stable_s: float = POLICY_STABLE_S) -> bool:
+        """One look at the files: reload if they changed and have looked the same for `stable_s`
+        (a file still being written keeps moving its size or mtime). True if it reloaded."""
+        current = self._fingerprint()
+        now = self.clock()
+        if current == self._seen:
+            self._pending = None
+            return False
+        if current != self._pending:
+            self._pending, self._pending_since = current, now
+            if stable_s > 0:
+                return False
+        if now - self._pending_since < stable_s:
+            return False
+        # Remember what was seen before loading, so an edit during the load is caught next time.
+        self._seen, self._pending = current, None
+        self.reload()
+        return True
 
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload on SIGHUP; a no-op where the platform or the loop has no such signal."""
@@ -136,3 +166,33 @@ def budget_changes(old: Policy, new: Policy) -> list[str]:
         if counter not in before:
             lines.append(f"budget {budget.id} is new: it counts from what its store counter holds ($0 if never used)")
     return lines
+
+
+def summary(old: Policy, new: Policy) -> tuple[str, bool]:
+    """One line of what a reload changed (keys, groups, budgets added, removed, changed), and
+    whether anything was removed (logged as a warning: an accidental removal must be seen)."""
+    parts: list[str] = []
+    removed_any = False
+
+    def compare(what: str, before: dict[str, object], after: dict[str, object], show: Callable[[str, object], str]) -> None:
+        nonlocal removed_any
+        added = [show(n, after[n]) for n in after if n not in before]
+        removed = [show(n, before[n]) for n in before if n not in after]
+        changed = [n if show(n, before[n]) == n else f"{show(n, before[n])} -> {show(n, after[n]).removeprefix(n + ' ')}"
+                   for n in before if n in after and before[n] != after[n]]
+        removed_any = removed_any or bool(removed)
+        found = [f"{label} {', '.join(names)}" for label, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+        if found:
+            parts.append(f"{what} " + "; ".join(found))
+
+    compare("keys", {k.name: k for k in old.keys}, {k.name: k for k in new.keys}, lambda name, _: name)
+    compare("groups", dict(old.groups), dict(new.groups), lambda name, _: name)
+    compare("budgets", {b.id: b for b in _budgets(old).values()}, {b.id: b for b in _budgets(new).values()}, _show_budget)
+    if old.mode != new.mode:
+        parts.append(f"mode {old.mode} -> {new.mode}")
+    return ("; ".join(parts) or "no key, group or budget changed"), removed_any
+
+
+def _show_budget(budget_id: str, budget: object) -> str:
+    assert isinstance(budget, Budget)
+    return f"{budget_id} (${format_usd(budget.limit_micros)}{', shadow' if budget.shadow else ''})"

@@ -55,7 +55,7 @@ def holder_for(path: Path, on_change: Callable[[Policy], None] | None = None) ->
 
 @asynccontextmanager
 async def watching(holder: PolicyHolder) -> AsyncIterator[None]:
-    task = asyncio.create_task(holder.watch(interval_s=0.01))
+    task = asyncio.create_task(holder.watch(interval_s=0.01, stable_s=0.05))
     try:
         yield
     finally:
@@ -79,7 +79,7 @@ def test_reload_with_a_broken_file_keeps_the_old_policy_and_counts_the_failure(
     problems = [
         f"{policy_file}: mode: unknown mode 'dry-run'; expected enforce or shadow",
         f"{policy_file}: guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, "
-        "unknown_models, max_body_bytes, hold_ttl_s, shutdown_grace_s",
+        "unknown_models, max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys",
     ]
     assert holder.last_error == "; ".join(problems)
     (record,) = [r for r in caplog.records if r.name == "spend_guard.policy"]
@@ -114,7 +114,10 @@ def test_reload_with_a_good_change_swaps_and_calls_on_change(
     assert changes == [holder.policy]
     assert (holder.reloads_ok, holder.reloads_failed, holder.last_error) == (1, 0, None)
     messages = [r.getMessage() for r in caplog.records if r.name == "spend_guard.policy"]
-    assert messages == [f"policy reloaded from {policy_file}: version {old.version} -> {holder.policy.version}"]
+    assert messages == [
+        f"policy reloaded from {policy_file}: version {old.version} -> {holder.policy.version}",
+        "policy reload changed: mode enforce -> shadow",
+    ]
 
 
 def test_reload_of_unchanged_content_does_not_swap(policy_file: Path) -> None:
@@ -224,3 +227,53 @@ def test_install_sighup_is_a_no_op_on_a_loop_without_signal_handlers(policy_file
             raise NotImplementedError
 
     holder_for(policy_file).install_sighup(ProactorLike())  # type: ignore[arg-type]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+HALF = "keys:\n  - name: alice\n    key_sha256: " + "a" * 64 + "\n"
+WHOLE = HALF + "    budgets: [{limit_usd: 1.00, period: day}]\n"
+
+
+def test_a_file_still_being_written_is_not_loaded_until_it_holds_still(policy_file: Path) -> None:
+    # The first half of the file is a valid policy on its own: alice without her budget.
+    clock = FakeClock()
+    changes = Changes()
+    holder = PolicyHolder(str(policy_file), load_policy(policy_file), on_change=changes, clock=clock)
+    write(policy_file, HALF)
+    assert holder.poll(stable_s=5) is False  # just changed: wait
+    clock.now += 3
+    write(policy_file, WHOLE)  # the second half, 3 s later
+    assert holder.poll(stable_s=5) is False  # changed again: the wait starts over
+    clock.now += 4.9
+    assert holder.poll(stable_s=5) is False
+    clock.now += 0.1
+    assert holder.poll(stable_s=5) is True
+    assert len(changes.policies) == 1  # the half-written policy never ran
+    assert [b.limit_micros for b in holder.policy.keys[0].budgets] == [1_000_000]
+    assert holder.poll(stable_s=5) is False  # nothing new
+
+
+def test_a_reload_logs_one_line_of_what_changed(policy_file: Path, caplog: pytest.LogCaptureFixture) -> None:
+    write(policy_file, WHOLE + "  - name: bob\n    key_sha256: " + "b" * 64 + "\ngroups: [{name: design}]\n")
+    holder = holder_for(policy_file)
+    caplog.set_level(logging.INFO, logger="spend_guard.policy")
+    write(policy_file, WHOLE.replace("1.00", "2.50") + "  - name: carol\n    key_sha256: " + "c" * 64 + "\n")
+    assert holder.reload() is True
+    lines = [r for r in caplog.records if r.getMessage().startswith("policy reload changed:")]
+    assert len(lines) == 1 and lines[0].levelno == logging.WARNING  # something was removed
+    assert lines[0].getMessage() == (
+        "policy reload changed: keys added carol; removed bob; changed alice; groups removed design; "
+        "budgets changed key:alice:day ($1.0000) -> ($2.5000)"
+    )
+    caplog.clear()
+    write(policy_file, policy_file.read_text() + "mode: shadow\n")
+    assert holder.reload() is True
+    line = next(r for r in caplog.records if r.getMessage().startswith("policy reload changed:"))
+    assert line.levelno == logging.INFO and line.getMessage() == "policy reload changed: mode enforce -> shadow"
