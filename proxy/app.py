@@ -92,23 +92,30 @@ class SpendGuardApp:
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
         assert message["type"] == "lifespan.startup"
-        try:
-            await self.startup()
-        except Exception as exc:
-            log.exception("startup failed")
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-            return
-        await send({"type": "lifespan.startup.complete"})
-        message = await receive()
-        assert message["type"] == "lifespan.shutdown"
-        await self.shutdown()
+        # Everything startup opens is closed by this stack, in reverse order, also when startup
+        # fails halfway (starlette runs its lifespan inside `async with` the same way).
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await self.startup(stack)
+            except Exception as exc:
+                log.exception("startup failed")
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            assert message["type"] == "lifespan.shutdown"
+            await self.shutdown()
         await send({"type": "lifespan.shutdown.complete"})
 
-    async def startup(self) -> None:
+    async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         policy = self.initial_policy
+        stack.callback(self._forget_runtime)
+        stack.callback(self.metrics.close)
         client = self.redis_factory()
+        stack.push_async_callback(_quietly, client.aclose)
         store = Store(client, policy.account.name)
         session = create_session()
+        stack.push_async_callback(session.close)
         holder = PolicyHolder(self.settings.policy, policy, on_change=self._policy_changed)
         key = account_key(policy.account.api_key_env)
         if key is None:
@@ -165,6 +172,7 @@ class SpendGuardApp:
         await self._adopt_name_counters(policy)
         loop = asyncio.get_running_loop()
         rt = self.runtime
+        stack.push_async_callback(self._stop_tasks)
         self.tasks = [
             asyncio.create_task(refresher.run(first_delay), name="refresher"),
             asyncio.create_task(self._every(SETTLE_RETRY_S, "settle-retry", rt.settle_pending), name="settle-retry"),
@@ -244,18 +252,22 @@ class SpendGuardApp:
                 await rt.settle(flight, None)
         with contextlib.suppress(Exception):
             await rt.settle_pending()
-        rt.refresher.stop()
+        # The lifespan's exit stack then stops the background tasks and closes the clients.
+
+    async def _stop_tasks(self) -> None:
+        if self.runtime is not None:
+            self.runtime.refresher.stop()
         for task in self.tasks:
             task.cancel()
         # A cancel can be swallowed inside a driver's own timeout handling; the refresher also
         # watches its stop event, and nothing here waits forever.
-        _, pending = await asyncio.wait(self.tasks, timeout=5)
-        for task in pending:
-            log.warning("background task %s did not stop", task.get_name())
-        await rt.session.close()
-        with contextlib.suppress(Exception):
-            await rt.store.client.aclose()
-        self.metrics.close()
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=5)
+            for task in pending:
+                log.warning("background task %s did not stop", task.get_name())
+        self.tasks = []
+
+    def _forget_runtime(self) -> None:
         self.guard = None
 
     # -- own endpoints ---------------------------------------------------------------------
@@ -323,6 +335,12 @@ class SpendGuardApp:
         except Rejected as exc:
             return exc.response()
         return JSONResponse(report)
+
+
+async def _quietly(close: Callable[[], Awaitable[None]]) -> None:
+    """Close a client whose connection may already be gone; shutting down must not fail on it."""
+    with contextlib.suppress(Exception):
+        await close()
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

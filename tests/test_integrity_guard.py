@@ -164,3 +164,61 @@ def test_only_a_precharged_call_tells_the_store_when_it_started(make_proxy, prec
     flight = Flight("h", 300_000, "alice", started_ms=1234, precharged=precharged)
     assert p.run(p.runtime.settle, flight, 20_000) == 20_000
     assert seen == [told]
+
+
+def test_a_startup_that_fails_halfway_closes_what_it_opened(up, store_target, write_policy, monkeypatch):
+    import asyncio
+
+    import proxy.app
+    from proxy.app import create_app
+    from proxy.policy import load_policy
+    from proxy.settings import Settings
+
+    closed = []
+    real_factory = store_target.client
+
+    def factory():
+        client = real_factory()
+        original = client.aclose
+
+        async def aclose(*args, **kwargs):
+            closed.append("redis")
+            return await original(*args, **kwargs)
+
+        client.aclose = aclose
+        return client
+
+    sessions = []
+    real_session = proxy.app.create_session
+
+    def session():
+        made = real_session()
+        sessions.append(made)
+        return made
+
+    async def broken_adopt(self, policy):
+        raise RuntimeError("startup broke halfway")
+
+    monkeypatch.setattr(proxy.app, "create_session", session)
+    monkeypatch.setattr(proxy.app.SpendGuardApp, "_adopt_name_counters", broken_adopt)
+    path = write_policy(KEYS)
+    app = create_app(Settings(policy=str(path), upstream=up.url), policy=load_policy(path), redis_factory=factory)
+
+    async def lifespan() -> list[dict]:
+        inbox, sent = [{"type": "lifespan.startup"}], []
+
+        async def receive():
+            return inbox.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        await app({"type": "lifespan"}, receive, send)
+        return sent
+
+    sent = asyncio.run(lifespan())
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "startup broke halfway" in sent[0]["message"]
+    assert closed == ["redis"]
+    assert sessions and sessions[0].closed
+    assert not app.tasks and app.guard is None
