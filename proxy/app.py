@@ -111,9 +111,8 @@ class SpendGuardApp:
         policy = self.initial_policy
         stack.callback(self._forget_runtime)
         stack.callback(self.metrics.close)
-        client = self.redis_factory()
-        stack.push_async_callback(_quietly, client.aclose)
-        store = Store(client, policy.account.name)
+        store = Store(self.redis_factory(), policy.account.name)
+        stack.push_async_callback(store.aclose)
         session = create_session()
         stack.push_async_callback(session.close)
         holder = PolicyHolder(self.settings.policy, policy, on_change=self._policy_changed)
@@ -335,12 +334,6 @@ class SpendGuardApp:
         except Rejected as exc:
             return exc.response()
         return JSONResponse(report)
-
-
-async def _quietly(close: Callable[[], Awaitable[None]]) -> None:
-    """Close a client whose connection may already be gone; shutting down must not fail on it."""
-    with contextlib.suppress(Exception):
-        await close()
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

@@ -303,7 +303,7 @@ def store_recover(
         try:
             return await recover(target, plan)
         finally:
-            await target.client.aclose()
+            await target.aclose()
 
     try:
         lost = asyncio.run(run())

@@ -91,7 +91,7 @@ async def collect(policy: Policy, url: str, *, policy_label: str = "default", st
         raise StatusError(f"cannot read the store at {shown}: {exc}") from exc
     finally:
         if own:
-            await store.client.aclose()
+            await store.aclose()
     return status
 
 

@@ -312,6 +312,13 @@ class Store:
         except TimeoutError as exc:
             raise StoreError(f"store busy: no connection free within {QUEUE_TIMEOUT_S:g} s") from exc
 
+    async def aclose(self) -> None:
+        """Close the connection(s); one already gone is not an error here."""
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001 - closing a dead connection must not fail a shutdown
+            pass
+
     async def ping(self) -> None:
         await self._call(self.client.ping)
 
