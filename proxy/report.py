@@ -1,6 +1,7 @@
 """Budget reports: what `/-/me` shows a caller and `spend-guard status` shows an operator.
 
-The numbers are computed exactly as reserve.lua computes them, from the same store state.
+The numbers come from the store's `levels` script, which shares reserve.lua's scope rules, so
+they are what the guard enforces; many keys are read in one round trip.
 """
 
 from __future__ import annotations
@@ -11,23 +12,12 @@ from typing import Any
 from proxy.decisions import budget_holds, budgets_for
 from proxy.errors import Rejected
 from proxy.money import format_usd
-from proxy.policy import KeyPolicy, Policy
+from proxy.policy import Budget, KeyPolicy, Policy
 from proxy.request import BEARER_RE, fingerprint
-from proxy.store import RowState, Snapshot, Store, row_ref
+from proxy.store import Levels, RowLevel, Store, row_ref
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 PERIOD_NAMES = ("day", "week", "month")
-
-
-def counted_spend(row: RowState, window_ms: int, fetched_ms: int) -> int:
-    """The snapshot's period spend that still counts in the current window (reserve.lua's rule)."""
-    if window_ms > 0:
-        if row.period_start_ms is not None:
-            if row.period_start_ms < window_ms:
-                return 0
-        elif fetched_ms < window_ms:
-            return 0
-    return row.spend_micros
 
 
 def _reset(period: str | None, now_s: float) -> str | None:
@@ -49,37 +39,49 @@ def _scope(name: str, limit: int, spent: int, held: int, resets_at: str | None, 
 
 async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
     """Every scope a call by `key` is checked against, with limit, spent, held, remaining, reset."""
-    snapshot: Snapshot | None = await store.read_snapshot()
-    ref = row_ref(key.api_key_id, key.api_key_name) if key else None
-    row = snapshot.rows.get(ref) if snapshot and ref else None
-    row_win = window_start_ms(row.period, now_s) if row and row.period in PERIOD_NAMES else 0  # type: ignore[arg-type]
-    fields = ["acct"] + ([f"row:{ref}:{row_win}"] if row else [])
-    budgets = budgets_for(policy, key)
-    holds = budget_holds(budgets, now_s)
-    usage = await store.usage(fields, holds)
+    return (await scopes_for_many(store, policy, [key], now_s))[0]
+
+
+async def scopes_for_many(
+    store: Store, policy: Policy, keys: Sequence[KeyPolicy | None], now_s: float
+) -> list[dict[str, Any]]:
+    """`scopes_for` of each key, read in one round trip (the store's `levels`)."""
+    refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
+    budgets = {key.name if key else "": budgets_for(policy, key) for key in keys}
+    holds = {hold.id: hold for each in budgets.values() for hold in budget_holds(each, now_s)}
+    windows = (window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s))
+    levels = await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows)
+    return [_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
+            for key in keys]
+
+
+def _report(
+    policy: Policy, key: KeyPolicy | None, levels: Levels, ref: str | None, budgets: list[Budget], now_s: float
+) -> dict[str, Any]:
     scopes: list[dict[str, Any]] = []
-    if snapshot is not None:
-        acct = usage["acct"]
+    level = levels.rows.get(ref) if ref else None
+    row = level if isinstance(level, RowLevel) else None
+    if levels.fetched_ms is not None:
         floor = policy.account.min_remaining_micros
         scopes.append(
             _scope(
                 "account",
-                snapshot.remaining_micros - floor,
-                acct.charged_micros,
-                acct.held_micros,
+                levels.remaining_micros - floor,
+                levels.account.charged_micros,
+                levels.account.held_micros,
                 None,
                 floor_usd=format_usd(floor),
-                snapshot_at=format_ms(snapshot.fetched_ms),
+                snapshot_at=format_ms(levels.fetched_ms),
             )
         )
         if row is not None and row.limit_micros is not None:
-            used = usage[f"row:{ref}:{row_win}"]
-            spent = counted_spend(row, row_win, snapshot.fetched_ms) + used.charged_micros
             scopes.append(
-                _scope(f"key:{row.period or 'lifetime'}", row.limit_micros, spent, used.held_micros, _reset(row.period, now_s))
+                _scope(
+                    f"key:{row.period or 'lifetime'}", row.limit_micros, row.spent_micros, row.held_micros, _reset(row.period, now_s)
+                )
             )
     for budget in budgets:
-        used = usage[f"b:{budget.counter}"]
+        used = levels.budgets[budget.counter]
         scopes.append(
             _scope(
                 f"budget:{budget.id}",
@@ -94,7 +96,7 @@ async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s:
         "key": key.name if key else None,
         "policy_version": policy.version,
         "scopes": scopes,
-        "snapshot": snapshot is not None,
+        "snapshot": levels.fetched_ms is not None,
     }
     if row is not None:
         result["key_active"] = row.active

@@ -186,6 +186,30 @@ class Snapshot:
 
 
 @dataclass(frozen=True)
+class RowLevel:
+    """A key row's upstream spend limit as reserve.lua sees it (levels.lua, row_level)."""
+
+    active: bool
+    expires_ms: int | None
+    limit_micros: int | None
+    period: str | None  # None: lifetime
+    window_start_ms: int  # 0: lifetime
+    spent_micros: int  # the period spend that counts in this window, plus charges since
+    held_micros: int
+
+
+@dataclass(frozen=True)
+class Levels:
+    """Every scope's level in one read: the account, key rows (None: no row; "unreadable"), budgets."""
+
+    fetched_ms: int | None
+    remaining_micros: int
+    account: ScopeUsage
+    rows: dict[str, RowLevel | str | None]
+    budgets: dict[str, ScopeUsage]
+
+
+@dataclass(frozen=True)
 class ScopeUsage:
     """What `/-/me` and `status` show for one scope."""
 
@@ -208,6 +232,7 @@ class Store:
         self.lua_settle = Script(client, common + _lua("settle.lua"))
         self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
         self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
+        self.lua_levels = Script(client, common + _lua("levels.lua"))
 
     async def adopt_epoch(self) -> str:
         """Learn the store's epoch, writing one if the store has none (a new store). Reserves
@@ -414,6 +439,41 @@ class Store:
         values = [int(v or 0) for v in await self._call(read)]
         names = list(fields) + [f"b:{b.id}" for b in budgets]
         return {n: ScopeUsage(values[2 * i], values[2 * i + 1]) for i, n in enumerate(names)}
+
+    async def levels(self, row_refs: Sequence[str], budgets: Sequence[BudgetHold], windows_ms: tuple[int, int, int]) -> Levels:
+        """Limit, spent and held of the account, of key rows and of budgets in their current
+        windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
+        keys = [self.key("snap")] + [self.budget_key(b.id, b.window_start_ms) for b in budgets]
+        args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
+        reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))
+        fetched, remaining, acct_charged, acct_held, rows_in, budgets_in = reply
+        rows: dict[str, RowLevel | str | None] = {}
+        for ref, row in zip(row_refs, rows_in, strict=True):
+            status = _text(row[0])
+            if status == "none":
+                rows[ref] = None
+            elif status == "unreadable":
+                rows[ref] = "unreadable"
+            else:
+                expires, limit, period, win = int(row[2]), int(row[3]), _text(row[4]), int(row[5])
+                rows[ref] = RowLevel(
+                    bool(int(row[1])),
+                    None if expires < 0 else expires,
+                    None if limit < 0 else limit,
+                    None if period == "-" else period,
+                    win,
+                    int(row[6]),
+                    int(row[7]),
+                )
+        levels = {b.id: ScopeUsage(int(v[0]), int(v[1])) for b, v in zip(budgets, budgets_in, strict=True)}
+        fetched_ms = int(fetched)
+        return Levels(
+            None if fetched_ms < 0 else fetched_ms,
+            int(remaining),
+            ScopeUsage(int(acct_charged), int(acct_held)),
+            rows,
+            levels,
+        )
 
     async def open_holds(self) -> int:
         return int(await self._call(lambda: self.client.hlen(self.key("holds"))))

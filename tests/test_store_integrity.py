@@ -194,3 +194,48 @@ async def test_a_charge_settled_without_a_start_time_survives_a_snapshot_fetched
     assert await store.settle("t", 20_000, NOW_MS + 3000, 0) == 20_000
     await store.apply_snapshot(snap(fetched_ms=NOW_MS + 2000))
     assert await charged(store, "acct") == 20_000
+
+
+# -- levels: one read of every scope, by reserve.lua's rules ---------------------------------
+
+
+async def test_levels_read_what_reserve_enforces_for_many_keys_in_one_round_trip(store):
+    from tests.test_store import win, windows
+
+    day = row(USD, "day", 400_000, win("day"))
+    stale = row(USD, "day", 900_000, win("day") - 1)  # its period spend is from an earlier window
+    await store.apply_snapshot(snap(rows={REF: day, "id:old": stale, "id:life": row(5 * USD, None, 2 * USD, None)}))
+    b = budget("k", 3 * USD)
+    assert (await store.reserve(req("h1", 250_000, row=REF, budgets=(b,)))).allowed
+    assert await store.settle("h1", 100_000, NOW_MS) == 100_000
+    assert (await store.reserve(req("h2", 200_000, row=REF, budgets=(b,)))).allowed
+    calls = []
+    original = store._call
+
+    async def counting(op):
+        calls.append(op)
+        return await original(op)
+
+    store._call = counting
+    levels = await store.levels([REF, "id:old", "id:life", "id:none"], [b], windows(NOW_MS))
+    assert len(calls) == 1
+    assert levels.fetched_ms == NOW_MS - 1000
+    assert (levels.account.charged_micros, levels.account.held_micros) == (100_000, 200_000)
+    key = levels.rows[REF]
+    assert (key.limit_micros, key.period, key.spent_micros, key.held_micros) == (USD, "day", 500_000, 200_000)
+    assert levels.rows["id:old"].spent_micros == 0  # as reserve.lua counts it
+    assert levels.rows["id:life"].period is None and levels.rows["id:life"].spent_micros == 2 * USD
+    assert levels.rows["id:none"] is None
+    assert (levels.budgets["k"].charged_micros, levels.budgets["k"].held_micros) == (100_000, 200_000)
+    # The key row has 1.00 - 0.50 spent - 0.20 held = 0.30 left: reserve agrees to the micro-dollar.
+    assert (await store.reserve(req("fits", 300_000, row=REF))).allowed
+    assert not (await store.reserve(req("over", 1, row=REF))).allowed
+
+
+async def test_levels_without_a_snapshot_and_with_an_unreadable_row(store):
+    from tests.test_store import windows
+
+    levels = await store.levels([REF], [], windows(NOW_MS))
+    assert levels.fetched_ms is None and levels.rows[REF] is None
+    await store.client.hset(store.key("snap"), mapping={"fetched_ms": NOW_MS, "remaining": USD, f"r:{REF}": "!"})
+    assert (await store.levels([REF], [], windows(NOW_MS))).rows[REF] == "unreadable"

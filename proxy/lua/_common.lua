@@ -129,3 +129,33 @@ local function settle_hold(prefix, hold_id, cost, now_ms, started_ms)
   redis.call("ZREM", prefix .. "started", hold_id)
   return charge
 end
+
+-- The level of a key row's upstream spend limit, by the one rule reserve.lua and levels.lua share.
+-- Returns nil when the snapshot has no such row, "!" when the row was unreadable, else
+-- {active, expires_ms (-1 = never), limit (-1 = none), period ("-" = lifetime), win (window start
+-- ms, 0 = lifetime), spent, held}: spent is the snapshot's period spend that still counts in the
+-- current window (a snapshot from before the window started counts as zero) plus the charges
+-- settled here since; held is what calls in flight hold against it.
+local function row_level(prefix, row_ref, windows, fetched_ms)
+  local row = redis.call("HGET", prefix .. "snap", "r:" .. row_ref)
+  if not row then return nil end
+  if row == "!" then return "!" end
+  local f = {}
+  for part in string.gmatch(row .. "|", "([^|]*)|") do
+    f[#f + 1] = part
+  end
+  local period, spend, period_start_ms = f[4], tonumber(f[5]), tonumber(f[6])
+  local win = windows[period] or 0
+  local counted = spend
+  if win > 0 then
+    if period_start_ms >= 0 then
+      if period_start_ms < win then counted = 0 end
+    elseif fetched_ms < win then
+      counted = 0
+    end
+  end
+  local charged = tonumber(redis.call("HGET", prefix .. "chsum", "row:" .. row_ref .. ":" .. win) or "0")
+  local held = tonumber(redis.call("HGET", prefix .. "held", "row:" .. row_ref) or "0")
+  return {active = f[1] == "1", expires_ms = tonumber(f[2]), limit = tonumber(f[3]), period = period,
+          win = win, spent = counted + charged, held = held}
+end

@@ -103,38 +103,22 @@ end
 
 local row_win = 0
 if row_ref ~= "" then
-  local row = redis.call("HGET", KEYS[1], "r:" .. row_ref)
+  local row = row_level(prefix, row_ref, windows, fetched_ms)
   if row == "!" then
     -- The snapshot had this key's row but could not read it: its limit cannot be checked.
     return reply({0, "row_unreadable", "key", 0, 0, 0})
   end
   if row then
-    local f = {}
-    for part in string.gmatch(row .. "|", "([^|]*)|") do
-      f[#f + 1] = part
-    end
-    local active, expires_ms, limit, period = f[1], tonumber(f[2]), tonumber(f[3]), f[4]
-    local spend, period_start_ms = tonumber(f[5]), tonumber(f[6])
-    if active ~= "1" then
+    if not row.active then
       refusal = {code = "key_inactive", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
-    elseif expires_ms >= 0 and expires_ms <= now_ms then
+    elseif row.expires_ms >= 0 and row.expires_ms <= now_ms then
       refusal = {code = "key_expired", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
     end
-    row_win = windows[period] or 0
-    if limit >= 0 then
-      -- A snapshot from before the current window started counts as zero period spend.
-      local counted = spend
-      if row_win > 0 then
-        if period_start_ms >= 0 then
-          if period_start_ms < row_win then counted = 0 end
-        elseif fetched_ms < row_win then
-          counted = 0
-        end
-      end
-      local spent = counted + charged("row:" .. row_ref .. ":" .. row_win)
+    row_win = row.win
+    if row.limit >= 0 then
       local scope = "key:lifetime"
-      if row_win > 0 then scope = "key:" .. period end
-      consider("key_limit", scope, limit, spent, held("row:" .. row_ref), shadow_all)
+      if row_win > 0 then scope = "key:" .. row.period end
+      consider("key_limit", scope, row.limit, row.spent, row.held, shadow_all)
     end
   end
 end
