@@ -38,6 +38,8 @@ NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MIN_BODY_BYTES = 1024
+# Bound on any token count in a policy (a rate's max_output_tokens, text_media_input_tokens).
+MAX_TOKENS = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,12 +89,28 @@ def _empty_overrides() -> Mapping[str, int]:
 
 
 @dataclass(frozen=True, slots=True)
+class TextRate:
+    """`models.text_rates[glob]`: what a text model's tokens cost, and its longest answer.
+    Rates are micro-dollars per million tokens (`input_usd_per_mtok: 2.50` -> 2_500_000)."""
+
+    glob: str
+    input_micros_per_mtok: int
+    output_micros_per_mtok: int
+    max_output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelsPolicy:
     default_hold_micros: int = 500_000
     text_hold_micros: int = 50_000
     overrides: Mapping[str, int] = field(default_factory=_empty_overrides)
     rules: ModelRules = field(default_factory=ModelRules)
     max_request_micros: int | None = None
+    # In file order; the most specific glob wins (proxy.pricing.text_rate_for).
+    text_rates: tuple[TextRate, ...] = ()
+    # Input tokens counted for each input a body does not carry as text (an image, audio or file
+    # part, a stored response or conversation it refers to) instead of its bytes.
+    text_media_input_tokens: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from proxy.policy import (
     Period,
     Policy,
     RoutePolicy,
+    TextRate,
     UpstreamPolicy,
 )
 from proxy.policy_check import (  # the value checks and field specs
@@ -101,6 +102,27 @@ class _File:
             except _Invalid as exc:
                 self.problem(item_where, str(exc))
         return MappingProxyType(prices)
+
+    def text_rates(self, value: object, where: str) -> tuple[TextRate, ...]:
+        """Token rates per model glob, in file order (the most specific glob wins when priced)."""
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.problem(where, f"expected a mapping of model glob to rates, got {_show(value)}")
+            return ()
+        rates = []
+        for glob, entry in value.items():
+            item_where = f"{where}[{_show(glob)}]"
+            if not isinstance(glob, str) or not glob:
+                self.problem(item_where, "expected a model id or glob")
+                continue
+            if (raw := self.mapping(entry, item_where, "text_rate")) is None:
+                continue
+            required = tuple(FIELDS["text_rate"])
+            values = self.fields(raw, item_where, "text_rate", required=required)
+            if len(values) == len(required):
+                rates.append(TextRate(glob, **values))
+        return tuple(rates)
 
     def rules(self, data: Mapping[Any, Any], where: str) -> ModelRules:
         globs: dict[str, tuple[str, ...]] = {}
@@ -200,6 +222,7 @@ class Builder:
                 values = file.fields(raw, section, section)
                 if section == "models":
                     values["overrides"] = file.overrides(raw.get("overrides"), "models.overrides")
+                    values["text_rates"] = file.text_rates(raw.get("text_rates"), "models.text_rates")
                     values["rules"] = file.rules(raw, section)
                 self.sections[section] = _Section(file, raw, values)
         for kind, plural in (("route", "routes"), ("group", "groups"), ("key", "keys")):

@@ -19,6 +19,7 @@ from proxy.policy import (
     ACCOUNT_NAME_RE,
     ENV_NAME_RE,
     LISTS,
+    MAX_TOKENS,
     MIN_BODY_BYTES,
     NAME_RE,
     SECTIONS,
@@ -149,6 +150,14 @@ def _body_bytes(value: object) -> int:
         raise _Invalid(f"expected a whole number of bytes, got {_show(value)}")
     if value < MIN_BODY_BYTES:
         raise _Invalid(f"must be at least {MIN_BODY_BYTES} bytes, got {value}")
+    return value
+
+
+def _tokens(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a whole number of tokens, got {_show(value)}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise _Invalid(f"must be between 1 and {MAX_TOKENS} tokens, got {value}")
     return value
 
 
@@ -293,6 +302,13 @@ FIELDS: Mapping[str, _Spec] = {
         "default_hold_usd": ("default_hold_micros", _money),
         "text_hold_usd": ("text_hold_micros", _money),
         "max_request_usd": ("max_request_micros", _optional_money),
+        "text_media_input_tokens": ("text_media_input_tokens", _tokens),
+    },
+    # One `models.text_rates` entry. These names are a contract other tools rely on (issue #15).
+    "text_rate": {
+        "input_usd_per_mtok": ("input_micros_per_mtok", _money),
+        "output_usd_per_mtok": ("output_micros_per_mtok", _money),
+        "max_output_tokens": ("max_output_tokens", _tokens),
     },
     "route": {
         "path": ("path", _route_path),
@@ -323,7 +339,7 @@ RULES_KEYS = ("allow", "deny")
 # Keys each mapping accepts beyond its flat FIELDS: nested lists and mappings parsed on their own.
 NESTED_KEYS: Mapping[str, tuple[str, ...]] = {
     "policy": (*SECTIONS, *LISTS),
-    "models": ("overrides", *RULES_KEYS),
+    "models": ("overrides", "text_rates", *RULES_KEYS),
     "rules": RULES_KEYS,
     "group": ("budgets",),
     "key": ("budgets", "models"),

@@ -21,6 +21,7 @@ from proxy.policy import (
     ModelRules,
     ModelsPolicy,
     RoutePolicy,
+    TextRate,
     UpstreamPolicy,
     default_policy,
     load_policy,
@@ -124,6 +125,23 @@ EXPECTED = {
     "unknown_top_key.yaml": (
         "acount: unknown key; expected one of mode, upstream, account, guard, models, routes, groups, keys"
     ),
+    "text_media_input_tokens_bool.yaml": "models.text_media_input_tokens: expected a whole number of tokens, got true",
+    "text_rate_glob_not_string.yaml": "models.text_rates[7]: expected a model id or glob",
+    "text_rate_missing_field.yaml": "models.text_rates['openai/gpt-4o*']: missing required key 'max_output_tokens'",
+    "text_rate_money_not_decimal.yaml": (
+        "models.text_rates['anthropic/*'].input_usd_per_mtok: not a plain decimal USD amount: '$3'"
+    ),
+    "text_rate_negative.yaml": "models.text_rates['*'].output_usd_per_mtok: USD amount -75 is negative",
+    "text_rate_not_mapping.yaml": "models.text_rates['*']: expected a mapping, got 15",
+    "text_rate_tokens_fractional.yaml": (
+        "models.text_rates['*'].max_output_tokens: expected a whole number of tokens, got 8192.5"
+    ),
+    "text_rate_tokens_zero.yaml": "models.text_rates['*'].max_output_tokens: must be between 1 and 100000000 tokens, got 0",
+    "text_rate_unknown_field.yaml": (
+        "models.text_rates['openai/gpt-4o*'].max_input_tokens: unknown key; "
+        "expected one of input_usd_per_mtok, output_usd_per_mtok, max_output_tokens"
+    ),
+    "text_rates_not_mapping.yaml": "models.text_rates: expected a mapping of model glob to rates, got a list",
     "yaml_duplicate_key.yaml": "line 3: duplicate key 'refresh_s'; first defined on line 2",
     "yaml_syntax.yaml": (
         "line 3, column 2: invalid YAML: while parsing a block mapping, "
@@ -241,6 +259,34 @@ def test_full_policy_loads_every_field() -> None:
     )
     assert policy.sources == (path,)
     assert len(policy.version) == 12 and int(policy.version, 16) >= 0
+
+
+def test_text_rates_load_in_file_order_with_their_pinned_field_names(tmp_path: Path) -> None:
+    path = tmp_path / "rates.yaml"
+    path.write_text(
+        "models:\n"
+        "  text_media_input_tokens: 2500\n"
+        "  text_rates:\n"
+        '    "openai/gpt-4o*": {input_usd_per_mtok: 2.50, output_usd_per_mtok: 10.00, max_output_tokens: 16384}\n'
+        '    "*":              {input_usd_per_mtok: 15, output_usd_per_mtok: "75.000001", max_output_tokens: 8192}\n'
+    )
+    models = load_policy(path).models
+    assert models.text_rates == (
+        TextRate("openai/gpt-4o*", 2_500_000, 10_000_000, 16384),
+        TextRate("*", 15_000_000, 75_000_001, 8192),
+    )
+    assert models.text_media_input_tokens == 2500
+    assert (ModelsPolicy().text_rates, ModelsPolicy().text_media_input_tokens) == ((), 10_000)
+
+
+def test_a_glob_given_twice_in_text_rates_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "models:\n  text_rates:\n"
+        '    "*": {input_usd_per_mtok: 1, output_usd_per_mtok: 1, max_output_tokens: 1}\n'
+        '    "*": {input_usd_per_mtok: 2, output_usd_per_mtok: 2, max_output_tokens: 2}\n'
+    )
+    assert problems_of(path) == [f"{path}: line 4: duplicate key '*'; first defined on line 3"]
 
 
 def test_sparse_policy_fills_defaults() -> None:
