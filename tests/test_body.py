@@ -442,3 +442,121 @@ def test_echo_cuts_and_drops_control_characters():
     assert echo("a\x00b\r\nc\x1b[31m\u202ed\x85") == "abc[31md"
     assert echo("m" * 500) == "m" * ECHO_MAX_CHARS + "…"
     assert echo("vendor/model é") == "vendor/model é"
+
+
+# -- text routes: what bounds a call's tokens (issue #15) -------------------------------------
+
+
+def text_fields(body: bytes, ctype: str = "application/json") -> PriceFields:
+    return read_price_fields(body, ctype, text=True)
+
+
+def test_text_fields_are_read_from_json():
+    body = json.dumps({"model": "m", "max_tokens": 10, "max_completion_tokens": 20, "max_output_tokens": 30, "n": 3}).encode()
+    fields = text_fields(body)
+    assert (fields.max_tokens, fields.max_completion_tokens, fields.max_output_tokens, fields.n) == (10, 20, 30, 3)
+    assert fields.input_bytes == len(body) and fields.media_parts == 0
+
+
+@pytest.mark.parametrize(
+    ("literal", "count"),
+    [
+        # JSON.parse reads every number as a double: these are all 100.
+        (b"100", 100), (b"100.0", 100), (b"1e2", 100), (b"1E+2", 100), (b"100.000000000000001", 100),
+        (b"0.5", 1), (b"99.01", 100),  # a fraction is rounded up: a hold never guesses low
+        (b"9007199254740993", 9007199254740992),  # past 2^53, as the double JSON.parse makes
+        # Not a positive finite number: the request names no maximum.
+        (b"0", None), (b"-0", None), (b"-5", None), (b"1e400", None), (b"1" + b"0" * 400, None),
+        (b"true", None), (b"null", None), (b'"100"', None), (b"[100]", None), (b'{"n": 1}', None),
+    ],
+)
+def test_token_counts_are_read_as_json_parse_reads_numbers(literal, count):
+    body = b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}' % (literal, literal, literal)
+    fields = text_fields(body)
+    assert fields.max_tokens == fields.max_completion_tokens == fields.max_output_tokens == count
+
+
+def test_text_fields_follow_json_parse_on_duplicates_and_escapes():
+    body = b'{"model": "m", "max_tokens": 10, "max_tokens": 90000, "\\u006e": 2, "n": 5, "max_\\u006futput_tokens": 7}'
+    fields = text_fields(body)
+    assert (fields.max_tokens, fields.n, fields.max_output_tokens) == (90000, 5, 7)
+    # The last duplicate wins even when it is not a number: then there is no maximum.
+    assert text_fields(b'{"model": "m", "max_tokens": 10, "max_tokens": null}').max_tokens is None
+    # Nested or prototype-shaped keys are not top-level fields.
+    assert text_fields(b'{"model": "m", "__proto__": {"max_tokens": 5}, "extra": {"n": 9}}').max_tokens is None
+
+
+@pytest.mark.parametrize(("literal", "n"), [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b"0", None), (b'"x"', None), (b"true", None)])
+def test_n_is_read_as_a_number_or_a_numeric_string(literal, n):
+    # A numeric string counts too: a provider that coerced it would bill every choice.
+    assert text_fields(b'{"model": "m", "n": %s}' % literal).n == n
+
+
+def test_text_fields_are_not_read_for_image_routes():
+    body = b'{"model": "m", "max_output_tokens": 5, "n": 3, "messages": [{"role": "user", "content": "hello"}]}'
+    assert read_price_fields(body, "application/json") == PriceFields("m")
+
+
+def test_input_bytes_bound_the_texts_utf8_bytes():
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}, ensure_ascii=False).encode()
+    assert text_fields(body).input_bytes == len(body)
+    # Escapes are never shorter than what they decode to: the body's length still bounds the text.
+    escaped = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}).encode()
+    assert text_fields(escaped).input_bytes == len(escaped) > len("héllo 世界".encode())
+    assert text_fields(b'\xef\xbb\xbf{"model": "m"}').input_bytes == len(b'{"model": "m"}')  # the BOM is not input
+
+
+IMAGE = "data:image/png;base64," + "A" * 40_000
+
+
+def test_media_parts_are_counted_apart_and_their_payload_is_not_input():
+    chat = {
+        "model": "m",
+        "messages": [
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is in these?"},
+                {"type": "image_url", "image_url": {"url": IMAGE, "detail": "high"}},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                {"type": "input_audio", "input_audio": {"data": "UklGR" * 1000, "format": "wav"}},
+                {"type": "file", "file": {"file_data": "JVBER" * 1000, "filename": "a.pdf"}},
+            ]},
+        ],
+    }
+    body = json.dumps(chat).encode()
+    fields = text_fields(body)
+    # Every string inside a media part is its payload, its `type` included.
+    types = len("image_url") * 2 + len("input_audio") + len("file")
+    payload = types + len(IMAGE) + len("high") + len("https://example.com/cat.png") + 5000 + len("wav") + 5000 + len("a.pdf")
+    assert fields.media_parts == 4
+    assert fields.input_bytes == len(body) - payload
+    assert fields.input_bytes < 1000  # the text and the JSON around it, not 50 kB of base64
+
+
+def test_responses_media_parts_and_stored_context_count_apart():
+    body = json.dumps({
+        "model": "m",
+        "previous_response_id": "resp_123",
+        "prompt": {"id": "pmpt_1", "version": "2"},
+        "input": [{"role": "user", "content": [
+            {"type": "input_text", "text": "describe"},
+            {"type": "input_image", "image_url": IMAGE},
+            {"type": "input_file", "file_id": "file-abc"},
+        ]}],
+    }).encode()
+    fields = text_fields(body)
+    assert fields.media_parts == 4  # two parts, the stored response, the stored prompt
+    assert fields.input_bytes == len(body) - len("input_image" + IMAGE) - len("input_file" + "file-abc")
+    # A plain-text prompt field is text, counted by its bytes, not a stored template.
+    assert text_fields(b'{"model": "m", "prompt": "hi", "conversation": ""}').media_parts == 0
+
+
+def test_a_deeply_nested_text_body_is_measured_without_recursion():
+    body = b'{"model": "m", "input": ' + b"[" * 900 + b"]" * 900 + b"}"
+    assert text_fields(body).input_bytes == len(body)
+
+
+def test_a_multipart_text_body_counts_its_whole_length_as_input():
+    body = multipart([field("model", b"m"), field("max_tokens", b"5"), field("prompt", b"x" * 100)])
+    fields = read_price_fields(body, MP, text=True)
+    # Form values are strings, never token counts; every byte of a form may be text.
+    assert (fields.model, fields.max_tokens, fields.input_bytes) == ("m", None, len(body))
