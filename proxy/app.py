@@ -22,6 +22,7 @@ from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.decisions import budget_holds
 from proxy.errors import Rejected, error_response
 from proxy.forward import create_session
+from proxy.gauges import LevelGauges
 from proxy.errors import StoreError
 from proxy.guard import Guard
 from proxy.metrics import Metrics
@@ -60,6 +61,8 @@ class SpendGuardApp:
         self.clock = clock
         self.redis_factory = redis_factory
         self.metrics = Metrics()
+        self.levels = LevelGauges()
+        self.metrics.add_collector(self.levels)
         self.runtime: Runtime | None = None
         self.guard: Guard | None = None
         self.tasks: list[asyncio.Task[None]] = []
@@ -324,6 +327,8 @@ class SpendGuardApp:
         return JSONResponse(body, status_code=200 if not problems else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        if self.runtime is not None:
+            await self.levels.refresh(self.runtime.store, self.runtime.policy, self.runtime.clock())
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def me(self, request: Request) -> Response:

@@ -7,6 +7,7 @@ they are what the guard enforces; many keys are read in one round trip.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from proxy.decisions import budget_holds, budgets_for
@@ -25,16 +26,63 @@ def _reset(period: str | None, now_s: float) -> str | None:
     return None if end is None else format_ms(to_ms(end))
 
 
-def _scope(name: str, limit: int, spent: int, held: int, resets_at: str | None, **extra: Any) -> dict[str, Any]:
-    return {
-        "scope": name,
-        "limit_usd": format_usd(limit),
-        "spent_usd": format_usd(spent),
-        "held_usd": format_usd(held),
-        "remaining_usd": format_usd(max(0, limit - spent - held)),
-        "resets_at": resets_at,
-        **extra,
-    }
+@dataclass(frozen=True)
+class ScopeLevel:
+    """One scope's level in micro-dollars: what `/-/me`, `status` and the gauges show."""
+
+    scope: str  # as /-/me spells it ("key:day" for the caller's own row, "budget:key:alice:day")
+    limit_micros: int
+    spent_micros: int
+    held_micros: int
+    period: str | None = None  # None: no reset (lifetime, account)
+    mode: str | None = None  # budgets only: enforce or shadow
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.spent_micros - self.held_micros)
+
+    def as_json(self, now_s: float, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "scope": self.scope,
+            "limit_usd": format_usd(self.limit_micros),
+            "spent_usd": format_usd(self.spent_micros),
+            "held_usd": format_usd(self.held_micros),
+            "remaining_usd": format_usd(self.remaining_micros),
+            "resets_at": _reset(self.period, now_s),
+            **extra,
+        }
+        if self.mode is not None:
+            body["mode"] = self.mode
+        return body
+
+
+def account_level(policy: Policy, levels: Levels) -> ScopeLevel:
+    floor = policy.account.min_remaining_micros
+    return ScopeLevel("account", levels.remaining_micros - floor, levels.account.charged_micros, levels.account.held_micros)
+
+
+def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
+    """The key's ImageRouter spend limit, if its row has one."""
+    if not isinstance(level, RowLevel) or level.limit_micros is None:
+        return None
+    name = f"key:{level.period or 'lifetime'}"
+    return ScopeLevel(name, level.limit_micros, level.spent_micros, level.held_micros, level.period)
+
+
+def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
+    used = levels.budgets[budget.counter]
+    mode = "shadow" if budget.shadow else "enforce"
+    return ScopeLevel(f"budget:{budget.id}", budget.limit_micros, used.charged_micros, used.held_micros, budget.period, mode)
+
+
+async def read_levels(
+    store: Store, policy: Policy, keys: Sequence[KeyPolicy | None], budgets: Sequence[Budget], now_s: float
+) -> tuple[Levels, dict[str, str | None]]:
+    """One round trip: the key rows of `keys` and every budget in `budgets`, in their windows."""
+    refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
+    holds = {hold.id: hold for hold in budget_holds(list(budgets), now_s)}
+    windows = (window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s))
+    return await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows), refs
 
 
 async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
@@ -46,11 +94,9 @@ async def scopes_for_many(
     store: Store, policy: Policy, keys: Sequence[KeyPolicy | None], now_s: float
 ) -> list[dict[str, Any]]:
     """`scopes_for` of each key, read in one round trip (the store's `levels`)."""
-    refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
     budgets = {key.name if key else "": budgets_for(policy, key) for key in keys}
-    holds = {hold.id: hold for each in budgets.values() for hold in budget_holds(each, now_s)}
-    windows = (window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s))
-    levels = await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows)
+    every = [budget for each in budgets.values() for budget in each]
+    levels, refs = await read_levels(store, policy, keys, every, now_s)
     return [_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
             for key in keys]
 
@@ -62,36 +108,11 @@ def _report(
     level = levels.rows.get(ref) if ref else None
     row = level if isinstance(level, RowLevel) else None
     if levels.fetched_ms is not None:
-        floor = policy.account.min_remaining_micros
-        scopes.append(
-            _scope(
-                "account",
-                levels.remaining_micros - floor,
-                levels.account.charged_micros,
-                levels.account.held_micros,
-                None,
-                floor_usd=format_usd(floor),
-                snapshot_at=format_ms(levels.fetched_ms),
-            )
-        )
-        if row is not None and row.limit_micros is not None:
-            scopes.append(
-                _scope(
-                    f"key:{row.period or 'lifetime'}", row.limit_micros, row.spent_micros, row.held_micros, _reset(row.period, now_s)
-                )
-            )
-    for budget in budgets:
-        used = levels.budgets[budget.counter]
-        scopes.append(
-            _scope(
-                f"budget:{budget.id}",
-                budget.limit_micros,
-                used.charged_micros,
-                used.held_micros,
-                _reset(budget.period, now_s),
-                mode="shadow" if budget.shadow else "enforce",
-            )
-        )
+        floor = format_usd(policy.account.min_remaining_micros)
+        scopes.append(account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms)))
+        if (limit := row_scope(row)) is not None:
+            scopes.append(limit.as_json(now_s))
+    scopes += [budget_level(budget, levels).as_json(now_s) for budget in budgets]
     result: dict[str, Any] = {
         "key": key.name if key else None,
         "policy_version": policy.version,
@@ -102,6 +123,24 @@ def _report(
         result["key_active"] = row.active
         result["key_expires_at"] = None if row.expires_ms is None else format_ms(row.expires_ms)
     return result
+
+
+async def every_level(store: Store, policy: Policy, now_s: float) -> tuple[list[ScopeLevel], int | None]:
+    """Every scope of the policy, spelled as refusals spell it (a key's ImageRouter limit as
+    `key:<name>:<period>`), and the account's remaining credits (None: no snapshot): the gauges."""
+    budgets = {b.id: b for key in policy.keys for b in budgets_for(policy, key)}
+    budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
+    levels, refs = await read_levels(store, policy, policy.keys, list(budgets.values()), now_s)
+    if levels.fetched_ms is None:
+        return [budget_level(b, levels) for b in budgets.values()], None
+    found = [account_level(policy, levels)]
+    for key in policy.keys:
+        ref = refs.get(key.name)
+        if (limit := row_scope(levels.rows.get(ref) if ref else None)) is not None:
+            found.append(ScopeLevel(f"key:{key.name}:{limit.period or 'lifetime'}", limit.limit_micros,
+                                    limit.spent_micros, limit.held_micros, limit.period))
+    found += [budget_level(b, levels) for b in budgets.values()]
+    return found, levels.remaining_micros
 
 
 async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any]:
