@@ -48,6 +48,7 @@ class Metrics:
         r = self.registry
         self.computed = Computed()
         r.register(self.computed)
+        self.computed_collectors: list[Collector] = []  # see add_collector
         self.decisions = Counter(
             "spend_guard_decisions",
             "Guarded requests by outcome (allowed, refused, would_refuse, unguarded, invalid), scope and key name.",
@@ -112,6 +113,11 @@ class Metrics:
             registry=r,
         )
 
+    def add_collector(self, collector: Collector) -> None:
+        """A collector read when scraped, by whichever process answers (never summed over workers)."""
+        self.registry.register(collector)
+        self.computed_collectors.append(collector)
+
     def set_snapshot_age(self, fn: Callable[[], float]) -> None:
         self.computed.add("spend_guard_snapshot_age_seconds", "Age of the credits snapshot this instance last saw.", fn)
 
@@ -130,6 +136,8 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged, self.multiprocess_dir)  # type: ignore[no-untyped-call]
         merged.register(self.computed)
+        for collector in self.computed_collectors:
+            merged.register(collector)
         return generate_latest(merged)
 
     def close(self) -> None:
