@@ -1,0 +1,147 @@
+"""The shipped monitoring (issue 17, part 3): Prometheus alert rules and a Grafana dashboard under
+docker/, wired into compose as the `monitoring` profile. Every metric they query must exist in a
+live `/-/metrics` scrape, so a renamed metric cannot silently turn an alert off."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import KEY_A, KEY_B, SHA_A
+from tests.standin import key_row
+
+DOCKER = Path(__file__).parent.parent / "docker"
+RULES = DOCKER / "prometheus" / "alerts.yml"
+DASHBOARD = DOCKER / "grafana" / "dashboards" / "spend-guard.json"
+# Series Prometheus makes itself, not the proxy.
+PROMETHEUS_OWN = {"up"}
+PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
+SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
+SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ()}
+
+POLICY = f"""
+account: {{name: t, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200, min_remaining_usd: 1}}
+groups:
+  - {{name: design, budgets: [{{limit_usd: 10.00, period: month}}]}}
+keys:
+  - name: alice
+    key_sha256: {SHA_A}
+    api_key_id: key-a
+    group: design
+    budgets: [{{limit_usd: 2.00, period: day}}]
+  - name: bob
+    key_sha256: {SHA_B}
+    budgets: [{{limit_usd: 0.01, period: week}}]
+"""
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression reads: identifiers that are not functions,
+    keywords, label names in matchers or grouping clauses, or durations."""
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)  # strings (label values)
+    expr = re.sub(r"\{[^}]*\}", "", expr)  # label matchers
+    expr = re.sub(r"\[[^\]]*\]", "", expr)  # ranges and subqueries, Grafana's $__rate_interval
+    expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    names = set()
+    for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
+        word, rest = match.group(), expr[match.end():].lstrip()
+        if word in PROMQL_WORDS or rest.startswith("(") or expr[match.start() - 1 : match.start()] == "$":
+            continue
+        names.add(word)
+    return names
+
+
+def rule_exprs() -> dict[str, str]:
+    groups = yaml.safe_load(RULES.read_text())["groups"]
+    return {rule["alert"]: rule["expr"] for group in groups for rule in group["rules"]}
+
+
+def dashboard_exprs() -> dict[str, str]:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    return {f"{panel['title']} {t['refId']}": t["expr"] for panel in panels for t in panel["targets"]}
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every series name a scrape can carry: each family's samples, and the suffixed names of
+    families that have no sample yet (a labelled counter before its first increment)."""
+    names = set()
+    for family in text_string_to_metric_families(text):
+        names.add(family.name)
+        names.update(sample.name for sample in family.samples)
+        names.update(family.name + suffix for suffix in SUFFIXES.get(family.type, ()))
+    return names
+
+
+def test_metric_names_are_read_from_promql() -> None:
+    expr = (
+        'sum by (scope) (rate(spend_guard_decisions_total{outcome="refused",scope!="store"}[5m]))'
+        ' / on () group_left () histogram_quantile(0.9, sum by (le) (rate(x_bucket[$__rate_interval])))'
+        ' and up{job="a"} == 0 > bool 1'
+    )
+    assert metric_names(expr) == {"spend_guard_decisions_total", "x_bucket", "up"}
+
+
+def test_every_alert_the_issue_names_is_shipped() -> None:
+    alerts = rule_exprs()
+    for wanted in ("CreditsLow", "BudgetAbove80Percent", "Unavailable", "RefusalsSpiking", "SnapshotStale", "UnguardedCalls"):
+        assert f"SpendGuard{wanted}" in alerts
+
+
+def test_every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape(make_proxy, up) -> None:
+    up.key_rows = [key_row("key-a", "alice", spend_limit="5.00", period="week", period_start=None)]
+    up.key_ids = {KEY_A: "key-a"}
+    proxy = make_proxy(POLICY)
+    assert proxy.generate(standin="cost=0.05").status_code == 200
+    assert proxy.generate(token=KEY_B).status_code == 402  # bob's $0.01 week budget refuses
+    text = proxy.client.get("/-/metrics").text
+    exposed = exposed_names(text)
+    queries = {**{f"rule {k}": v for k, v in rule_exprs().items()}, **{f"panel {k}": v for k, v in dashboard_exprs().items()}}
+    assert len(queries) >= 20
+    missing = {where: sorted(metric_names(expr) - exposed - PROMETHEUS_OWN) for where, expr in queries.items()}
+    assert {where: names for where, names in missing.items() if names} == {}
+    read = set().union(*(metric_names(expr) for expr in queries.values()))
+    for name in ("spend_guard_account_credits_usd", "spend_guard_scope_spent_usd", "spend_guard_decisions_total",
+                 "spend_guard_upstream_latency_seconds_bucket", "spend_guard_unguarded_total", "spend_guard_snapshot_age_seconds"):
+        assert name in read
+    # The budget alert's scopes are the ones the policy defines, as refusals spell them.
+    scopes = {s.labels["scope"] for f in text_string_to_metric_families(text) if f.name == "spend_guard_scope_limit_usd" for s in f.samples}
+    assert {"account", "key:alice:week", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"} <= scopes
+
+
+def test_compose_monitoring_profile_mounts_the_shipped_files() -> None:
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (DOCKER / source).exists(), volume
+    assert "profiles" not in services["spend-guard"] and "profiles" not in services["redis"]
+    config = yaml.safe_load((DOCKER / "prometheus" / "prometheus.yml").read_text())
+    assert config["scrape_configs"][0]["metrics_path"] == "/-/metrics"
+
+
+def promtool() -> str:
+    found = shutil.which("promtool")
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("promtool is not installed (.ci/run installs Debian's prometheus package)")
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    return found
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    binary = promtool()
+    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"], ["test", "rules", "alerts_test.yml"]):
+        done = subprocess.run([binary, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
