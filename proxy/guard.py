@@ -34,6 +34,7 @@ from proxy.passthrough import passthrough
 from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
+from proxy.pricing import quote_hold
 from proxy.request import (
     CLOSE,
     BodyLease,
@@ -175,7 +176,7 @@ class Guard:
     ) -> tuple[bytes, Flight | None]:
         """The rest of `prepare` once the body is in: price, check, reserve."""
         rt = self.rt
-        fields = await read_fields(raw, headers, policy.guard.max_body_bytes)
+        fields = await read_fields(raw, headers, policy.guard.max_body_bytes, text=match.kind == "text")
         prices = rt.refresher.prices
         model = prices.resolve(fields.model)
         call.model = model
@@ -217,22 +218,15 @@ class Guard:
         log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
     def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, refuse: Refuse) -> int | None:
-        models = policy.models
-        override = models.overrides.get(model, models.overrides.get(fields.model))
-        if override is not None:
-            return override
-        if match.kind == "text":
-            return models.text_hold_micros
-        prices = self.rt.refresher.prices
-        if not prices.loaded:
+        """The call's hold (proxy.pricing.quote_hold); None: forward unguarded (failed open)."""
+        quote = quote_hold(match.kind or "", match.path, fields, model, self.rt.refresher.prices, policy.models)
+        if quote.micros is None:
             self.unavailable("no price table has been loaded from /v2/models yet", "no_prices")
             return None
-        price = prices.hold_for(model)
-        if price is not None:
-            return price
-        if policy.guard.unknown_models == "reject":
-            refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' has no published price and unknown models are refused.", scope="policy"))
-        return models.default_hold_micros
+        if quote.unpriced and policy.guard.unknown_models == "reject":
+            why = "matches no models.text_rates entry" if quote.basis == "text_default" else "has no published price"
+            refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' {why} and unknown models are refused.", scope="policy"))
+        return quote.micros
 
     def caps(self, policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
         caps = []
@@ -339,7 +333,9 @@ class Guard:
             else:
                 self.would_refuse(call, would)
         self.remaining_headers(call, decision)
-        flight = Flight(request.hold_id, hold, call.key_name, precharged=call.kind in PRECHARGED_KINDS)
+        flight = Flight(
+            request.hold_id, hold, call.key_name, precharged=call.kind in PRECHARGED_KINDS, kind=call.kind, model=call.model or ""
+        )
         rt.flights[flight.hold_id] = flight
         rt.metrics.inflight.set(len(rt.flights))
         rt.metrics.usd.labels("held", call.key_name).inc(hold / 1e6)
@@ -453,13 +449,14 @@ class Guard:
             call.outcome, call.cost_micros = "reclaimed", flight.amount_micros
 
 
-async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int) -> PriceFields:
+async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int, *, text: bool = False) -> PriceFields:
     """The price fields of a body; a large one is decoded and parsed on a worker thread, so the
-    event loop keeps serving (json's C parser still holds the GIL for its longest single step)."""
+    event loop keeps serving (json's C parser still holds the GIL for its longest single step).
+    `text`: a text route's call, whose input size bounds its hold."""
 
     def read() -> PriceFields:
         decoded = decode_content(raw, header(headers, "content-encoding"), max_bytes, header(headers, "content-type"))
-        return read_price_fields(decoded, header(headers, "content-type"))
+        return read_price_fields(decoded, header(headers, "content-type"), text=text)
 
     if len(raw) > OFF_LOOP_BYTES:
         return await asyncio.to_thread(read)

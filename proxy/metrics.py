@@ -21,6 +21,8 @@ from proxy.settings import MULTIPROCESS_DIR_ENV
 
 OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
+# Charged / held at a settle: 0 is a release, 1 a hold charged in full, above 1 an underheld call.
+RATIO_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
 
 
 class Computed(Collector):
@@ -86,6 +88,19 @@ class Metrics:
         self.reclaimed = Counter(
             "spend_guard_reclaimed_holds",
             "Holds whose lease expired and that a reserve charged in full.",
+            registry=r,
+        )
+        self.held_ratio = Histogram(
+            "spend_guard_charged_to_held_ratio",
+            "At each settle, the amount charged divided by the hold, by route kind (above 1: the call cost more than its hold).",
+            ["kind"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.underheld = Counter(
+            "spend_guard_underheld",
+            "Calls whose real cost exceeded their hold, by model: its text rate or hold is too low.",
+            ["model"],
             registry=r,
         )
         self.background_errors = Counter(

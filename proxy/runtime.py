@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from proxy.credits import Refresher
+from proxy.echo import echo
 from proxy.forward import Upstream
 from proxy.metrics import Metrics
 from proxy.money import MAX_CALL_MICROS, format_usd
@@ -42,6 +43,9 @@ class Flight:
     precharged: bool = False
     marked: bool = False
     reclaimed: bool = False  # its lease expired first: another reserve charged the hold
+    # Route kind (image, video, text) and model, for the settle's hold-vs-bill metrics.
+    kind: str = ""
+    model: str = ""
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,28 @@ class Runtime:
         if charged is not None:
             self.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+        self.compare_to_hold(flight, cost_micros, charged)
         return charged
+
+    def compare_to_hold(self, flight: Flight, cost_micros: int | None, charged: int | None) -> None:
+        """How the hold compared with the bill (issue #15), so an operator sees a rate that is too
+        low before it costs money: charged / held per route kind, and a call whose real cost
+        exceeded its hold logged at WARNING and counted per model (the hold bounds nothing then)."""
+        if charged is None and flight.reclaimed:
+            charged = flight.amount_micros  # the reclaiming reserve charged the hold
+        if charged is not None and flight.amount_micros > 0:
+            self.metrics.held_ratio.labels(flight.kind or "unknown").observe(charged / flight.amount_micros)
+        if cost_micros is not None and cost_micros > flight.amount_micros:
+            model = echo(flight.model or "unknown")
+            self.metrics.underheld.labels(model).inc()
+            log.warning(
+                "UNDERHELD: a %s call to model %s cost $%s, above its hold of $%s (hold %s); raise its rate or hold",
+                flight.kind or "guarded",
+                model,
+                format_usd(cost_micros),
+                format_usd(flight.amount_micros),
+                flight.hold_id,
+            )
 
     async def settle_pending(self) -> None:
         """Retry settles the store did not take. An outage stops the round (the next one
