@@ -31,7 +31,7 @@ DEFAULT_ROUTES: tuple[tuple[str, RouteKind], ...] = (
     ("/v1/openai/responses", "text"),
 )
 POLICY_SUFFIXES = (".yaml", ".yml")
-SECTIONS = ("mode", "upstream", "account", "guard", "models")
+SECTIONS = ("mode", "upstream", "account", "guard", "models", "alerts")
 LISTS = ("routes", "groups", "keys")
 ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -113,6 +113,31 @@ class ModelsPolicy:
     text_media_input_tokens: int = 10_000
 
 
+DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)
+# Largest threshold a policy may name: a shadow budget runs past its limit, so 1.5 means something.
+MAX_THRESHOLD = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookPolicy:
+    """`alerts.webhooks[i]`: where alert events are POSTed, and the env var holding the signing
+    secret (Standard Webhooks; never the secret itself)."""
+
+    url: str
+    secret_env: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AlertsPolicy:
+    """`alerts:` (issue 17). These YAML names are a contract: thresholds, credits_below_usd,
+    key_expiry_days, webhooks."""
+
+    thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # fractions of a scope's limit, ascending
+    credits_below_micros: int | None = None
+    key_expiry_days: float | None = None
+    webhooks: tuple[WebhookPolicy, ...] = ()
+
+
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     path: str
@@ -165,6 +190,7 @@ class Policy:
     keys: tuple[KeyPolicy, ...]
     sources: tuple[str, ...]
     version: str
+    alerts: AlertsPolicy = AlertsPolicy()
     _by_fingerprint: Mapping[str, KeyPolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

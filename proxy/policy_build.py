@@ -13,6 +13,7 @@ from proxy.policy import (
     LISTS,
     SECTIONS,
     AccountPolicy,
+    AlertsPolicy,
     Budget,
     GroupPolicy,
     GuardPolicy,
@@ -24,6 +25,7 @@ from proxy.policy import (
     RoutePolicy,
     TextRate,
     UpstreamPolicy,
+    WebhookPolicy,
 )
 from proxy.policy_check import (  # the value checks and field specs
     FIELDS,
@@ -31,6 +33,7 @@ from proxy.policy_check import (  # the value checks and field specs
     RULES_KEYS,
     _Invalid,
     _money,
+    _threshold,
     _short_hash,
     _show,
     glob_problem,
@@ -123,6 +126,28 @@ class _File:
             if len(values) == len(required):
                 rates.append(TextRate(glob, **values))
         return tuple(rates)
+
+    def alerts(self, raw: Mapping[Any, Any], values: dict[str, Any]) -> None:
+        """`alerts.thresholds` (distinct fractions, kept ascending) and `alerts.webhooks`."""
+        if "thresholds" in raw:
+            found: dict[float, str] = {}
+            for item_where, item in self.items(raw["thresholds"], "alerts.thresholds"):
+                try:
+                    fraction = _threshold(item)
+                except _Invalid as exc:
+                    self.problem(item_where, str(exc))
+                    continue
+                if fraction in found:
+                    self.problem(item_where, f"duplicate threshold {_show(item)}; {found[fraction]} has it already")
+                found.setdefault(fraction, item_where)
+            values["thresholds"] = tuple(sorted(found))
+        hooks = []
+        for item_where, item in self.items(raw.get("webhooks"), "alerts.webhooks"):
+            if (hook := self.mapping(item, item_where, "webhook")) is not None:
+                hook_values = self.fields(hook, item_where, "webhook", required=("url",))
+                if "url" in hook_values:
+                    hooks.append(WebhookPolicy(**hook_values))
+        values["webhooks"] = tuple(hooks)
 
     def rules(self, data: Mapping[Any, Any], where: str) -> ModelRules:
         globs: dict[str, tuple[str, ...]] = {}
@@ -224,6 +249,8 @@ class Builder:
                     values["overrides"] = file.overrides(raw.get("overrides"), "models.overrides")
                     values["text_rates"] = file.text_rates(raw.get("text_rates"), "models.text_rates")
                     values["rules"] = file.rules(raw, section)
+                if section == "alerts":
+                    file.alerts(raw, values)
                 self.sections[section] = _Section(file, raw, values)
         for kind, plural in (("route", "routes"), ("group", "groups"), ("key", "keys")):
             for where, item in file.items(data.get(plural), plural):
@@ -306,6 +333,7 @@ class Builder:
             keys=tuple(keys),
             sources=sources,
             version=version,
+            alerts=AlertsPolicy(**built["alerts"]),
         )
 
     def _unique(self, plural: str, *fields: tuple[str, str], required: Sequence[str]) -> list[_Entry]:

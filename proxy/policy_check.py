@@ -19,6 +19,7 @@ from proxy.policy import (
     ACCOUNT_NAME_RE,
     ENV_NAME_RE,
     LISTS,
+    MAX_THRESHOLD,
     MAX_TOKENS,
     MIN_BODY_BYTES,
     NAME_RE,
@@ -245,6 +246,26 @@ def _base_url(value: object) -> str:
     return value.rstrip("/")
 
 
+def webhook_url(value: object) -> str:
+    """An alert webhook's URL, kept exactly as written (a trailing slash may matter to a receiver)."""
+    _base_url(value)
+    assert isinstance(value, str)
+    return value
+
+
+def _secret_env(value: object) -> str:
+    name = _env_name(value)
+    if name.lower().startswith("whsec_"):
+        raise _Invalid("expected the name of an environment variable holding the secret, got what looks like the secret itself (value not shown)")
+    return name
+
+
+def _threshold(value: object) -> float:
+    if (fraction := _number(value)) <= 0 or fraction > MAX_THRESHOLD:
+        raise _Invalid(f"expected a fraction of the limit above 0 and at most {MAX_THRESHOLD:g} (0.8 is 80 %), got {_show(value)}")
+    return fraction
+
+
 def _short_hash(value: str) -> str:
     # Fingerprints are not secrets, but a mistyped one may be a raw API key: show a prefix only.
     return f"'{value[:8]}...'"
@@ -310,6 +331,15 @@ FIELDS: Mapping[str, _Spec] = {
         "output_usd_per_mtok": ("output_micros_per_mtok", _money),
         "max_output_tokens": ("max_output_tokens", _tokens),
     },
+    # `alerts:` (issue 17). These names are a contract: keep them.
+    "alerts": {
+        "credits_below_usd": ("credits_below_micros", _optional_money),
+        "key_expiry_days": ("key_expiry_days", _optional(_positive_s)),
+    },
+    "webhook": {
+        "url": ("url", webhook_url),
+        "secret_env": ("secret_env", _optional(_secret_env)),
+    },
     "route": {
         "path": ("path", _route_path),
         "kind": ("kind", _choice("route kind", ("image", "video", "text"))),
@@ -340,6 +370,7 @@ RULES_KEYS = ("allow", "deny")
 NESTED_KEYS: Mapping[str, tuple[str, ...]] = {
     "policy": (*SECTIONS, *LISTS),
     "models": ("overrides", "text_rates", *RULES_KEYS),
+    "alerts": ("thresholds", "webhooks"),
     "rules": RULES_KEYS,
     "group": ("budgets",),
     "key": ("budgets", "models"),

@@ -37,6 +37,19 @@ SHA_2 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 # One file per failure in tests/policies/bad/, and the one line each must produce after
 # "<file>: ". `{file}` stands for the file's own path where a message names a second place.
 EXPECTED = {
+    "alerts_key_expiry_negative.yaml": "alerts.key_expiry_days: must be greater than 0, got -7",
+    "alerts_threshold_duplicate.yaml": "alerts.thresholds[2]: duplicate threshold 0.8; alerts.thresholds[1] has it already",
+    "alerts_threshold_percent.yaml": (
+        "alerts.thresholds[1]: expected a fraction of the limit above 0 and at most 10 (0.8 is 80 %), got 80"
+    ),
+    "alerts_unknown_key.yaml": (
+        "alerts.threshold: unknown key; expected one of credits_below_usd, key_expiry_days, thresholds, webhooks"
+    ),
+    "alerts_webhook_secret_inline.yaml": (
+        "alerts.webhooks[0].secret_env: expected the name of an environment variable holding the secret, "
+        "got what looks like the secret itself (value not shown)"
+    ),
+    "alerts_webhook_url_missing.yaml": "alerts.webhooks[0]: missing required key 'url'",
     "account_name_invalid.yaml": "account.name: expected a name of 1-64 letters, digits or _ . -, got 'main account'",
     "api_key_env_invalid.yaml": (
         "account.api_key_env: expected an environment variable name such as IMAGEROUTER_API_KEY (value not shown)"
@@ -123,7 +136,7 @@ EXPECTED = {
         "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys"
     ),
     "unknown_top_key.yaml": (
-        "acount: unknown key; expected one of mode, upstream, account, guard, models, routes, groups, keys"
+        "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, routes, groups, keys"
     ),
     "text_media_input_tokens_bool.yaml": "models.text_media_input_tokens: expected a whole number of tokens, got true",
     "text_rate_glob_not_string.yaml": "models.text_rates[7]: expected a model id or glob",
@@ -183,6 +196,24 @@ def test_all_problems_are_collected_in_one_pass() -> None:
 def test_problem_names_a_relative_file_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(BAD)
     assert problems_of("mode_unknown.yaml") == ["mode_unknown.yaml: " + EXPECTED["mode_unknown.yaml"]]
+
+
+def test_alerts_section_loads_with_its_defaults(tmp_path: Path) -> None:
+    from proxy.policy import AlertsPolicy, WebhookPolicy
+
+    assert default_policy().alerts == AlertsPolicy((0.5, 0.8, 1.0), None, None, ())
+    path = tmp_path / "alerts.yaml"
+    path.write_text(
+        "alerts:\n  thresholds: [0.9, 0.25]\n  credits_below_usd: 10.00\n  key_expiry_days: 7\n"
+        "  webhooks:\n    - {url: 'https://hooks.example.com/spend/', secret_env: SPEND_GUARD_WEBHOOK_SECRET}\n"
+        "    - {url: 'http://127.0.0.1:9000/hook'}\n"
+    )
+    assert load_policy(path).alerts == AlertsPolicy(
+        (0.25, 0.9),
+        10_000_000,
+        7.0,
+        (WebhookPolicy("https://hooks.example.com/spend/", "SPEND_GUARD_WEBHOOK_SECRET"), WebhookPolicy("http://127.0.0.1:9000/hook")),
+    )
 
 
 def test_key_fingerprints_are_never_printed_in_full() -> None:
