@@ -97,6 +97,12 @@ class Metrics:
             buckets=RATIO_BUCKETS,
             registry=r,
         )
+        self.charged_by_model = Counter(
+            "spend_guard_charged_usd",
+            "Money charged, by model (a label appears only once the upstream billed that model).",
+            ["model"],
+            registry=r,
+        )
         self.underheld = Counter(
             "spend_guard_underheld",
             "Calls whose real cost exceeded their hold, by model: its text rate or hold is too low.",

@@ -147,6 +147,9 @@ class Runtime:
         if charged is not None:
             self.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+            if charged > 0:
+                # Only a billed call names its model: a client's made-up names never become series.
+                self.metrics.charged_by_model.labels(echo(flight.model or "unknown")).inc(charged / 1e6)
         self.compare_to_hold(flight, cost_micros, charged)
         return charged
 

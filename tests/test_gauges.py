@@ -102,3 +102,12 @@ def test_no_levels_while_the_store_is_unreadable(make_proxy, up, monkeypatch):
     levels = scrape(p)
     assert not any(name.startswith("spend_guard_scope_") for name, _ in levels)
     assert p.client.get("/-/metrics").status_code == 200  # the scrape itself never fails
+
+
+def test_charged_money_carries_the_model(make_proxy, up):
+    p = make_proxy(POLICY)
+    assert p.generate(model="google/gemini-2.5-flash", standin="cost=0.039").status_code == 200
+    assert p.generate(standin="error").status_code == 200  # released: no charge, no series
+    text = p.client.get("/-/metrics").text
+    assert 'spend_guard_charged_usd_total{model="google/gemini-2.5-flash"} 0.039' in text
+    assert 'spend_guard_charged_usd_total{model="openai/gpt-image-1"}' not in text
