@@ -26,6 +26,7 @@ from proxy.policy import (
     default_policy,
     load_policy,
 )
+from proxy.pricing import text_rate_for
 
 POLICIES = Path(__file__).parent / "policies"
 BAD = POLICIES / "bad"
@@ -530,6 +531,14 @@ def test_shipped_policy_loads_on_its_own(name: str) -> None:
     assert policy.account.min_remaining_micros == 1_000_000
     assert policy.guard.on_store_error == "closed"
     assert policy.guard.unknown_keys == "account_only"
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "teams.yaml"])
+def test_shipped_policy_prices_text_calls_by_tokens(name: str) -> None:
+    models = load_policy(SHIPPED / name).models
+    assert models.text_rates and models.text_rates[-1].glob == "*"
+    gpt4o = text_rate_for(models.text_rates, "openai/gpt-4o")
+    assert gpt4o is not None and (gpt4o.input_micros_per_mtok, gpt4o.output_micros_per_mtok) == (2_500_000, 10_000_000)
 
 
 def test_shipped_teams_policy_shows_each_feature() -> None:
