@@ -217,6 +217,28 @@ class ScopeUsage:
     held_micros: int
 
 
+@dataclass(frozen=True)
+class MarkRequest:
+    """One scope's alert marks to claim or release (alert_marks.lua), with what it has spent now."""
+
+    window_start_ms: int  # 0: lifetime, or a scope without windows
+    expire_at_ms: int  # 0: the marks never expire
+    now_ms: int
+    spent_micros: int = 0
+    limit_micros: int = 0  # 0: no projection
+    window_end_ms: int = 0  # 0: no projection
+    claim: Sequence[str] = ()
+    release: Sequence[str] = ()
+    rate_span_ms: tuple[int, int, int] = (600_000, 3_600_000, 60_000)  # minimum span, horizon, sample spacing
+
+
+@dataclass(frozen=True)
+class Marks:
+    claimed: tuple[str, ...]
+    released: tuple[str, ...]
+    recovered: bool  # a newer window cleared marks that included a threshold
+
+
 class Store:
     """Reserve, settle and snapshot operations on one account's state."""
 
@@ -233,6 +255,7 @@ class Store:
         self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
         self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
         self.lua_levels = Script(client, common + _lua("levels.lua"))
+        self.lua_alert_marks = Script(client, _lua("alert_marks.lua"))
 
     async def adopt_epoch(self) -> str:
         """Learn the store's epoch, writing one if the store has none (a new store). Reserves
@@ -474,6 +497,15 @@ class Store:
             rows,
             levels,
         )
+
+    async def alert_marks(self, scope: str, req: MarkRequest) -> Marks:
+        """Claim (HSETNX) and release alert marks of `scope` in its window, exactly once across
+        every instance; also samples its spend and claims "projected" (alert_marks.lua)."""
+        keys = [self.key(f"alert:{scope}"), self.key(f"alert-rate:{scope}")]
+        args: list[Any] = [req.window_start_ms, req.expire_at_ms, req.now_ms, req.spent_micros, req.limit_micros,
+                           req.window_end_ms, *req.rate_span_ms, len(req.claim), *req.claim, len(req.release), *req.release]
+        claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))
+        return Marks(tuple(_text(v) for v in claimed), tuple(_text(v) for v in released), bool(recovered))
 
     async def open_holds(self) -> int:
         return int(await self._call(lambda: self.client.hlen(self.key("holds"))))
