@@ -216,6 +216,14 @@ def test_a_per_request_cap_catches_a_text_call(make_proxy, up):
     assert post(p, chat_body("openai/gpt-4o", max_tokens=1000), "cost=0.01").status_code == 200
 
 
+def test_an_absurd_maximum_is_refused_never_a_500(make_proxy, up):
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    r = post(p, chat_body("openai/gpt-4o", max_tokens=1e300, n=1e300), "cost=0.01")
+    assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
+    assert "above the spend guard's per-call maximum of $1000000.0000" in envelope(r)["message"]
+    assert up.generation_requests == []
+
+
 def test_shadow_mode_forwards_an_over_budget_text_call_and_counts_it(make_proxy, up, caplog):
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy("mode: shadow\n" + RATES + alice_keys("[{limit_usd: 0.50, period: day}]"))
