@@ -175,7 +175,7 @@ def quote_hold(kind: str, route: str, fields: PriceFields, model: str, prices: P
 
 def text_api(route: str) -> TextApi:
     """Which OpenAI API a text route speaks, by its path: `.../chat/completions`, `.../responses`
-    or another (a policy-defined route), whose body is read by both APIs' rules."""
+    or another (a route the policy adds), whose maximums the guard does not know to be obeyed."""
     if route.endswith("/chat/completions"):
         return "chat"
     if route.endswith("/responses"):
