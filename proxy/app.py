@@ -18,6 +18,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from proxy import logs
+from proxy.alerts import Alerts, start_alerts
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.decisions import budget_holds
 from proxy.errors import Rejected, error_response
@@ -31,6 +32,7 @@ from proxy.reload import PolicyHolder
 from proxy.report import me_report
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
+from proxy.statuspage import authorize, page_response, status_data
 from proxy.store import Store, redis_client
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
@@ -65,6 +67,7 @@ class SpendGuardApp:
         self.metrics.add_collector(self.levels)
         self.runtime: Runtime | None = None
         self.guard: Guard | None = None
+        self.alerts: Alerts | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.router = Router(
             routes=[
@@ -72,6 +75,8 @@ class SpendGuardApp:
                 Route("/-/readyz", self.readyz),
                 Route("/-/metrics", self.metrics_endpoint),
                 Route("/-/me", self.me),
+                Route("/-/status", self.status_page),
+                Route("/-/status.json", self.status_json),
             ]
         )
 
@@ -174,9 +179,11 @@ class SpendGuardApp:
         await self._adopt_name_counters(policy)
         loop = asyncio.get_running_loop()
         rt = self.runtime
+        self.alerts = await start_alerts(stack, rt)  # closed after the tasks below stop
         stack.push_async_callback(self._stop_tasks)
         self.tasks = [
             asyncio.create_task(refresher.run(first_delay), name="refresher"),
+            asyncio.create_task(self.alerts.run(), name="alerts"),
             asyncio.create_task(self._every(SETTLE_RETRY_S, "settle-retry", rt.settle_pending), name="settle-retry"),
             asyncio.create_task(self._every(MARK_STARTED_S, "mark-started", rt.mark_started), name="mark-started"),
         ]
@@ -339,6 +346,22 @@ class SpendGuardApp:
         except Rejected as exc:
             return exc.response()
         return JSONResponse(report)
+
+    async def status_page(self, request: Request) -> Response:
+        """The status page (proxy/statuspage.py): a shell that fetches /-/status.json."""
+        if self.runtime is None:
+            return error_response(503, "guard_unavailable", "The proxy is starting.")
+        return authorize(self.runtime.policy, request.headers.getlist("authorization")) or page_response()
+
+    async def status_json(self, request: Request) -> Response:
+        rt, guard = self.runtime, self.guard
+        if rt is None or guard is None:
+            return error_response(503, "guard_unavailable", "The proxy is starting.")
+        policy = rt.policy
+        if (denied := authorize(policy, request.headers.getlist("authorization"))) is not None:
+            return denied
+        body = await status_data(rt.store, policy, guard.refusals, rt.clock())
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
 def configure_logging(level: str, log_format: str = "text") -> None:

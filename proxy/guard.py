@@ -34,6 +34,7 @@ from proxy.passthrough import passthrough
 from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.observers import observer_for, readable_accept_encoding
 from proxy.policy import KeyPolicy, Policy
+from proxy.refusals import RecentRefusals, Refusal
 from proxy.pricing import quote_hold
 from proxy.request import (
     CLOSE,
@@ -78,6 +79,7 @@ class Guard:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
         self.bodies = BodyPool(runtime.settings.max_buffered_bytes)
+        self.refusals = RecentRefusals()  # the latest, for /-/status
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
@@ -104,6 +106,8 @@ class Guard:
         except Rejected as exc:
             rt.metrics.decisions.labels("refused" if exc.status != 400 and exc.status != 413 else "invalid", exc.scope or "request", call.key_name).inc()
             call.decision, call.scope = "refused", exc.scope or exc.error_type
+            if exc.status not in (400, 413):
+                self.refusals.add(Refusal(rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id))
             log_decision(call, policy, error=exc.error_type)
             await exc.response(call.headers)(scope, receive, send)
             return
@@ -354,6 +358,8 @@ class Guard:
                 reclaimed.count,
                 format_usd(reclaimed.micros),
             )
+            if rt.on_settled is not None:
+                rt.on_settled(None)  # whose scopes the reclaimed holds were charged to is not known here
         for hold_id in reclaimed.quarantined:
             rt.quarantined(hold_id)
 

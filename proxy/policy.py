@@ -31,7 +31,7 @@ DEFAULT_ROUTES: tuple[tuple[str, RouteKind], ...] = (
     ("/v1/openai/responses", "text"),
 )
 POLICY_SUFFIXES = (".yaml", ".yml")
-SECTIONS = ("mode", "upstream", "account", "guard", "models", "alerts")
+SECTIONS = ("mode", "upstream", "account", "guard", "models", "alerts", "admin")
 LISTS = ("routes", "groups", "keys")
 ACCOUNT_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 NAME_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
@@ -139,6 +139,14 @@ class AlertsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminPolicy:
+    """`admin:` enables `/-/status`: a browser sends the admin token as its HTTP Basic password;
+    only its sha256 is in the policy (issue 17)."""
+
+    token_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
 class RoutePolicy:
     path: str
     kind: RouteKind
@@ -191,6 +199,7 @@ class Policy:
     sources: tuple[str, ...]
     version: str
     alerts: AlertsPolicy = AlertsPolicy()
+    admin: AdminPolicy | None = None  # None: /-/status answers 404
     _by_fingerprint: Mapping[str, KeyPolicy] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

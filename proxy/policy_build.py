@@ -13,6 +13,7 @@ from proxy.policy import (
     LISTS,
     SECTIONS,
     AccountPolicy,
+    AdminPolicy,
     AlertsPolicy,
     Budget,
     GroupPolicy,
@@ -40,6 +41,9 @@ from proxy.policy_check import (  # the value checks and field specs
 )
 
 # --- building: one _Builder per load, fed each file in order -----------------------------------
+
+# Keys a section must have when it is present at all.
+REQUIRED: Mapping[str, tuple[str, ...]] = {"admin": ("token_sha256",)}
 
 
 @dataclass(slots=True)
@@ -244,7 +248,7 @@ class Builder:
                 self.sections[section] = _Section(file, data, file.fields(data, "", "mode"))
             # `guard:` with nothing under it is an empty section.
             elif (raw := file.mapping(_or_empty(data[section]), section, section)) is not None:
-                values = file.fields(raw, section, section)
+                values = file.fields(raw, section, section, required=REQUIRED.get(section, ()))
                 if section == "models":
                     values["overrides"] = file.overrides(raw.get("overrides"), "models.overrides")
                     values["text_rates"] = file.text_rates(raw.get("text_rates"), "models.text_rates")
@@ -334,6 +338,7 @@ class Builder:
             sources=sources,
             version=version,
             alerts=AlertsPolicy(**built["alerts"]),
+            admin=AdminPolicy(**built["admin"]) if "token_sha256" in built["admin"] else None,
         )
 
     def _unique(self, plural: str, *fields: tuple[str, str], required: Sequence[str]) -> list[_Entry]:

@@ -340,6 +340,8 @@ FIELDS: Mapping[str, _Spec] = {
         "url": ("url", webhook_url),
         "secret_env": ("secret_env", _optional(_secret_env)),
     },
+    # `admin:` enables /-/status (issue 17): the sha256 of the token a browser sends as its password.
+    "admin": {"token_sha256": ("token_sha256", _sha256)},
     "route": {
         "path": ("path", _route_path),
         "kind": ("kind", _choice("route kind", ("image", "video", "text"))),

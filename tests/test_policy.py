@@ -51,6 +51,12 @@ EXPECTED = {
         "got what looks like the secret itself (value not shown)"
     ),
     "alerts_webhook_url_missing.yaml": "alerts.webhooks[0]: missing required key 'url'",
+    "admin_token_missing.yaml": "admin: missing required key 'token_sha256'",
+    "admin_token_short.yaml": (
+        "admin.token_sha256: expected 64 lowercase hex characters, got 'not-a-di...' (12 characters); "
+        "compute it with `spend-guard fingerprint`"
+    ),
+    "admin_unknown_key.yaml": "admin.user: unknown key; expected one of token_sha256",
     "account_name_invalid.yaml": "account.name: expected a name of 1-64 letters, digits or _ . -, got 'main account'",
     "api_key_env_invalid.yaml": (
         "account.api_key_env: expected an environment variable name such as IMAGEROUTER_API_KEY (value not shown)"
@@ -137,7 +143,7 @@ EXPECTED = {
         "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys"
     ),
     "unknown_top_key.yaml": (
-        "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, routes, groups, keys"
+        "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, admin, routes, groups, keys"
     ),
     "text_media_input_tokens_bool.yaml": "models.text_media_input_tokens: expected a whole number of tokens, got true",
     "text_rate_glob_not_string.yaml": "models.text_rates[7]: expected a model id or glob",
@@ -215,6 +221,15 @@ def test_alerts_section_loads_with_its_defaults(tmp_path: Path) -> None:
         7.0,
         (WebhookPolicy("https://hooks.example.com/spend/", "SPEND_GUARD_WEBHOOK_SECRET"), WebhookPolicy("http://127.0.0.1:9000/hook")),
     )
+
+
+def test_admin_section_enables_the_status_page_by_a_token_digest(tmp_path: Path) -> None:
+    from proxy.policy import AdminPolicy
+
+    assert default_policy().admin is None
+    path = tmp_path / "admin.yaml"
+    path.write_text(f"admin: {{token_sha256: '{SHA_1}'}}\n")
+    assert load_policy(path).admin == AdminPolicy(SHA_1)
 
 
 def test_key_fingerprints_are_never_printed_in_full() -> None:
