@@ -109,6 +109,18 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.alerts = Counter(
+            "spend_guard_alerts",
+            "Alert events decided (each once per scope, window and threshold across every instance), by type.",
+            ["type"],
+            registry=r,
+        )
+        self.webhook_deliveries = Counter(
+            "spend_guard_webhook_deliveries",
+            "Alert webhook deliveries by result: sent (2xx), retried, failed (gave up), dropped (queue full).",
+            ["result"],
+            registry=r,
+        )
         self.background_errors = Counter(
             "spend_guard_background_errors",
             "Unexpected exceptions in a background loop (it logs the traceback and continues).",

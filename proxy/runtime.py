@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -75,6 +76,9 @@ class Runtime:
     reserve_failed_at: float = 0.0
     reserve_failure: str = ""
     state_lost_logged: bool = False
+    # Told the key name of each charge the store took (None: any scope may have changed), at once
+    # and without waiting: the alert loop (proxy/alerts.py) evaluates in the background.
+    on_settled: Callable[[str | None], None] | None = None
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
@@ -144,6 +148,8 @@ class Runtime:
         finally:
             self.flights.pop(flight.hold_id, None)
             self.metrics.inflight.set(len(self.flights))
+        if self.on_settled is not None and (charged or flight.reclaimed) and flight.hold_id not in self.pending_settles:
+            self.on_settled(flight.key_name)
         if charged is not None:
             self.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
             self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
@@ -187,6 +193,8 @@ class Runtime:
             except StoreError:
                 return
             self.pending_settles.pop(hold_id, None)
+            if self.on_settled is not None:
+                self.on_settled(None)
         self.pending_full_logged = False
 
     async def mark_started(self) -> None:
