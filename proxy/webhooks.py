@@ -174,6 +174,8 @@ class Deliveries:
             return None, ""
         if status == 410:  # Gone: the receiver wants no more (spec: stop sending)
             return -1.0, "answered 410 Gone"
+        if 300 <= status < 400:  # spec: a redirect is a failure; fix the URL instead
+            return -1.0, f"answered HTTP {status} (redirects are not followed)"
         wait = float(retry_header) if retry_header.isdigit() else 0.0
         return min(wait, self.backoff_s[-1] if self.backoff_s else 0.0), f"answered HTTP {status}"
 
