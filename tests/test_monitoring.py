@@ -12,11 +12,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import KEY_A, KEY_B, SHA_A
+from tests.served import RedisServer, ServedProxy, free_port, wait_until
 from tests.standin import key_row
 
 DOCKER = Path(__file__).parent.parent / "docker"
@@ -145,3 +147,61 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"], ["test", "rules", "alerts_test.yml"]):
         done = subprocess.run([binary, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_real_prometheus_scraping_a_served_proxy_fires_the_budget_alert(up, tmp_path: Path) -> None:
+    """The shipped rules, evaluated by a real Prometheus every second against a served proxy: the
+    budget alert fires for the budget a call took past 80 % and for no other scope. The rules'
+    `for:` durations are cut to 0 here (promtool's unit tests cover them)."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("prometheus is not installed (.ci/run installs Debian's prometheus package)")
+        pytest.skip("prometheus is not installed (apt-get install prometheus)")
+    rules = yaml.safe_load(RULES.read_text())
+    for group in rules["groups"]:
+        group["interval"] = "1s"
+        for rule in group["rules"]:
+            rule.pop("for", None)
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("account: {name: t,", "account: {name: prom,").replace("refresh_s: 3600,", "refresh_s: 1,", 1))
+    with RedisServer() as redis, ServedProxy(policy, up.url, redis.url) as proxy:
+        assert httpx.post(
+            proxy.url + "/v1/openai/images/generations",
+            json={"model": "openai/gpt-image-1", "prompt": "a cat"},
+            headers={"Authorization": f"Bearer {KEY_A}", "X-Standin": "cost=1.70"},
+            timeout=30,
+        ).status_code == 200  # alice's $2.00 day budget: 85 %
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+            "rule_files": ["alerts.yml"],
+            "scrape_configs": [{"job_name": "spend-guard", "metrics_path": "/-/metrics",
+                                "static_configs": [{"targets": [proxy.url.removeprefix("http://")]}]}],
+        }
+        (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+        port = free_port()
+        log = open(tmp_path / "prometheus.log", "wb")
+        prom = subprocess.Popen(
+            [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
+             f"--web.listen-address=127.0.0.1:{port}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )
+        firing: list[dict[str, str]] = []
+
+        def budget_alert_fires() -> bool:
+            assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
+            try:
+                alerts = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=2).json()["data"]["alerts"]
+            except httpx.HTTPError:
+                return False
+            firing[:] = [a["labels"] for a in alerts if a["state"] == "firing" and a["labels"]["alertname"] == "SpendGuardBudgetAbove80Percent"]
+            return bool(firing)
+
+        try:
+            wait_until(budget_alert_fires, 60, "Prometheus to fire SpendGuardBudgetAbove80Percent")
+        finally:
+            prom.terminate()
+            prom.wait(10)
+            log.close()
+    assert [labels["scope"] for labels in firing] == ["budget:key:alice:day"]
