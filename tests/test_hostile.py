@@ -247,9 +247,9 @@ def test_a_large_body_is_priced_off_the_event_loop(make_proxy, up, monkeypatch):
     threads: list[str] = []
     real = guard.read_price_fields
 
-    def spy(body, content_type):
+    def spy(*args, **kwargs):
         threads.append(threading.current_thread().name)
-        return real(body, content_type)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(guard, "read_price_fields", spy)
     p = make_proxy(f"keys: [{{name: alice, key_sha256: {SHA_A}, budgets: [{{limit_usd: 5, period: null}}]}}]\n")
