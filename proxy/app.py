@@ -45,6 +45,7 @@ MAX_LOOP_BACKOFF_S = 30.0
 # After a reserve failed (and none succeeded since), /-/readyz says so for this long; then it
 # lets traffic try again, so a recovered store is noticed even behind a load balancer.
 RESERVE_FAILURE_UNREADY_S = 10.0
+ALERTS_DRAIN_S = 2.0
 
 
 class SpendGuardApp:
@@ -261,6 +262,11 @@ class SpendGuardApp:
                 await rt.settle(flight, None)
         with contextlib.suppress(Exception):
             await rt.settle_pending()
+        if self.alerts is not None:
+            # Alerts for those last settles go out now if they can; unclaimed ones a sweep of
+            # another instance (or the next start) sends, claimed ones get the deliveries' grace.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.alerts.drain(), ALERTS_DRAIN_S)
         # The lifespan's exit stack then stops the background tasks and closes the clients.
 
     async def _stop_tasks(self) -> None:

@@ -242,3 +242,11 @@ async def test_a_full_queue_drops_and_counts(receiver):
     assert metrics.webhook_deliveries.labels("sent")._value.get() == 2
     assert sorted(d.event["id"] for d in receiver.deliveries) == ["msg_0", "msg_1"]
     assert "webhook-signature" not in receiver.deliveries[0].headers  # no secret_env: unsigned
+
+
+def test_an_alert_for_the_last_call_before_a_shutdown_still_goes_out(make_proxy, up, receiver):
+    p = make_proxy(policy(receiver.url, hold="0.60"))
+    assert p.generate(standin="cost=0.6").status_code == 200
+    p.client.__exit__(None, None, None)  # shutdown right after the settle that crossed 50 %
+    [delivery] = receiver.deliveries  # already there: the shutdown waited for it
+    assert (delivery.event["type"], delivery.event["threshold"]) == ("budget.threshold", 0.5)
