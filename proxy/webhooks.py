@@ -162,13 +162,12 @@ class Deliveries:
         if endpoint.key is not None:
             headers["webhook-signature"] = sign(endpoint.key, msg_id, timestamp, body)
         try:
-            async with self._sending:
-                async with self.session.post(
-                    endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-                ) as resp:
-                    await resp.read()
-                    status, retry_header = resp.status, resp.headers.get("Retry-After", "")
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            async with self._sending, self.session.post(
+                endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+            ) as resp:
+                await resp.read()
+                status, retry_header = resp.status, resp.headers.get("Retry-After", "")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             return 0.0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         if 200 <= status < 300:
             return None, ""

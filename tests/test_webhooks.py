@@ -11,7 +11,14 @@ import pytest
 
 from proxy.metrics import Metrics
 from proxy.policy import WebhookPolicy
-from proxy.webhooks import Deliveries, Endpoint, SecretError, endpoints, sign, signing_key
+from proxy.webhooks import (
+    Deliveries,
+    Endpoint,
+    SecretError,
+    endpoints,
+    sign,
+    signing_key,
+)
 from tests.webhook_receiver import Receiver
 
 
