@@ -17,7 +17,7 @@ import click
 from proxy import __version__
 from proxy.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 from proxy.errors import PolicyError
-from proxy.logs import LOG_FORMATS
+from proxy.logs import LOG_FORMATS, configure_logging
 from proxy.policy import Policy, default_policy, load_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 
@@ -135,6 +135,9 @@ def _serve_demo(
 
 
 def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:
+    # This process's own lines (the embedded store, the worker supervisor) in the chosen format
+    # too; each worker sets up its own the same way (app.create_app).
+    configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
     os.environ.update(settings.to_env())
     # Before prometheus_client is imported (it reads this once): set but empty means unset.
     if not os.environ.get(MULTIPROCESS_DIR_ENV):

@@ -133,6 +133,18 @@ def test_json_log_format_makes_every_line_one_json_object(demo: Demo) -> None:
     assert not [line for line in demo.err.read_text().splitlines() if line.startswith(("INFO", "{"))]
 
 
+def test_json_log_format_covers_the_worker_supervisor_and_its_workers(tmp_path: Path) -> None:
+    demo = Demo(tmp_path, "--log-format", "json", "--workers", "2")
+    try:
+        assert demo.image(BOB, "test/test").status_code == 200
+        wait_until(lambda: '"decision":"allowed"' in demo.out.read_text(), 10, "the call's access line")
+    finally:
+        assert demo.stop() == 0
+    records = [json.loads(line) for line in demo.out.read_text().splitlines()]
+    assert {r["logger"] for r in records if "logger" in r} >= {"uvicorn.error", "spend_guard"}
+    assert not [line for line in demo.err.read_text().splitlines() if line.startswith(("INFO", "WARNING", "{"))]
+
+
 def test_demo_refuses_a_policy_or_upstream_of_its_own(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--demo", "--upstream", "http://127.0.0.1:9"],
