@@ -37,7 +37,7 @@ from proxy.windows import format_ms
 
 REALM = 'Basic realm="spend-guard"'
 NO_STORE = {"Cache-Control": "no-store"}
-INLINE_RE = re.compile(rb"<(script|style)>(.*?)</\1>", re.S)
+INLINE_RE = re.compile(rb"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
 def authorize(policy: Policy, authorization: Sequence[str]) -> Response | None:

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -73,8 +74,7 @@ class Page:
 
     async def screenshot(self, path: str) -> None:
         shot = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
-        with open(path, "wb") as out:
-            out.write(base64.b64decode(shot["data"]))
+        await asyncio.to_thread(Path(path).write_bytes, base64.b64decode(shot["data"]))
 
     async def _read(self) -> None:
         async for message in self.ws:
@@ -159,7 +159,7 @@ async def chromium_page(credentials: tuple[str, str] | None = None, width: int =
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 10)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 proc.kill()
                 await proc.wait()
         shutil.rmtree(profile, ignore_errors=True)
