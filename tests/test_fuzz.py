@@ -421,8 +421,9 @@ def test_any_request_gets_a_sane_answer_and_leaves_the_ledger_exact(fuzz_proxy, 
         opaque = not content_type.startswith(b"application/json") or upstream_broke(req, status, body)
         assert billed == 0 and opaque, (req, status, body[:200], charged, billed)
     # ... and, on image and video routes, never more than it held: the proxy priced the model the
-    # upstream billed for. (Text routes hold a flat `text_hold_usd` by design, DESIGN §1 step 4,
-    # whatever the model; the stand-in bills an image model named there at its image price.)
+    # upstream billed for. (The fuzz policy gives text routes no `text_rates`, so they hold the
+    # fallback `text_hold_usd` whatever the model; the stand-in bills an image model named there
+    # at its image price.)
     access = [json.loads(r.getMessage()) for r in caplog.records[first_record:] if r.name == "spend_guard.access"]
     if billed:
         event("billed by the upstream")
