@@ -3,7 +3,8 @@
 One self-contained HTML file (proxy/static/status.html: inline CSS and JS, no build step, nothing
 fetched from elsewhere) that fetches `/-/status.json` and redraws itself every few seconds. The
 JSON is the same data: account credits, every scope's limit, spent, held and reset, holds in
-flight, and this process's latest refusals.
+flight, the alerts sent in each scope's current window (by any instance) and this process's latest
+refusals.
 
 Protected: the policy's `admin: {token_sha256}` enables both; a browser sends the admin token as
 the password of HTTP Basic authentication (any user name). Without an `admin` section they answer
@@ -31,9 +32,9 @@ from proxy.errors import StoreError, error_response
 from proxy.money import format_usd
 from proxy.policy import Policy
 from proxy.refusals import RecentRefusals
-from proxy.report import every_level
+from proxy.report import ScopeLevel, every_level
 from proxy.store import Store
-from proxy.windows import format_ms
+from proxy.windows import format_ms, window_start_ms
 
 REALM = 'Basic realm="spend-guard"'
 NO_STORE = {"Cache-Control": "no-store"}
@@ -90,11 +91,39 @@ async def status_data(store: Store, policy: Policy, refusals: RecentRefusals, no
     body["account"]["credits_usd"] = None if credits is None else format_usd(credits)
     body["account"]["snapshot_at"] = None if fetched_ms is None else format_ms(fetched_ms)
     body["holds_in_flight"] = holds
+    body["alerts"] = await _alerts_sent(store, policy, levels, now_s)
     for level in levels:
         used = level.spent_micros + level.held_micros
         fraction = used / level.limit_micros if level.limit_micros > 0 else (1.0 if level.limit_micros == 0 else 0.0)
         body["scopes"].append(level.as_json(now_s, used_fraction=round(fraction, 4)))
     return body
+
+
+async def _alerts_sent(store: Store, policy: Policy, levels: list[ScopeLevel], now_s: float) -> list[dict[str, Any]] | None:
+    """The alerts claimed (so sent, by whichever instance) in each scope's current window, newest
+    first; None when they cannot be read."""
+    scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]  # type: ignore[arg-type]
+    scopes.append(("account", 0))  # credits.low
+    scopes += [(f"key:{key.name}", 0) for key in policy.keys]  # key.expiring
+    try:
+        sent = await store.alerts_sent(scopes)
+    except StoreError:
+        return None
+    rows = [
+        {"scope": scope, "alert": _alert_name(mark), "at": format_ms(at_ms)}
+        for scope, marks in sent.items()
+        for mark, at_ms in marks.items()
+    ]
+    return sorted(rows, key=lambda row: row["at"], reverse=True)
+
+
+def _alert_name(mark: str) -> str:
+    """alert_marks.lua's mark names, as the webhook event types say them."""
+    if mark.startswith("t:"):
+        return f"budget.threshold {float(mark[2:]):.0%}"
+    if mark.startswith("exp:"):
+        return "key.expiring"
+    return {"projected": "budget.projected", "low": "credits.low"}.get(mark, mark)
 
 
 @functools.cache

@@ -498,6 +498,26 @@ class Store:
             levels,
         )
 
+    async def alerts_sent(self, scopes: Sequence[tuple[str, int]]) -> dict[str, dict[str, int]]:
+        """The alert marks claimed so far in each `(scope, window start ms)`: mark -> when (ms).
+        A hash that belongs to another window says nothing about this one."""
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for scope, _ in scopes:
+                pipe.hgetall(self.key(f"alert:{scope}"))
+            return list(await pipe.execute())
+
+        found: dict[str, dict[str, int]] = {}
+        for (scope, window_ms), raw in zip(scopes, await self._call(read), strict=True):
+            marks = {_text(k): _text(v) for k, v in raw.items()}
+            if marks.pop("win", None) != str(window_ms):
+                continue
+            sent = {name: int(at) for name, at in marks.items() if at.lstrip("-").isdigit()}
+            if sent:
+                found[scope] = sent
+        return found
+
     async def alert_marks(self, scope: str, req: MarkRequest) -> Marks:
         """Claim (HSETNX) and release alert marks of `scope` in its window, exactly once across
         every instance; also samples its spend and claims "projected" (alert_marks.lua)."""

@@ -126,3 +126,32 @@ def test_the_refusal_ring_keeps_only_the_latest() -> None:
     assert len(latest) == MAX_RECENT_REFUSALS and ring.count == MAX_RECENT_REFUSALS + 7
     assert latest[0].message == f"#{MAX_RECENT_REFUSALS + 6}" and latest[-1].message == "#7"
     assert latest[0].as_json()["at"] == "2023-11-14T22:14:16Z"
+
+
+def test_status_json_lists_the_alerts_sent_in_each_scopes_current_window(make_proxy) -> None:
+    import time
+
+    from proxy.store import MarkRequest
+    from proxy.windows import window_start_ms
+
+    proxy = make_proxy(POLICY)
+    store, now_s = proxy.runtime.store, time.time()
+    day = window_start_ms("day", now_s)
+    # What the alert loop claims when alice's day budget crosses 50 % and 80 % (any instance) ...
+    proxy.run(store.alert_marks, "budget:key:alice:day", MarkRequest(day, 0, int(now_s * 1000) - 5000, claim=["t:0.5"]))
+    proxy.run(store.alert_marks, "budget:key:alice:day", MarkRequest(day, 0, int(now_s * 1000), claim=["t:0.8"]))
+    proxy.run(store.alert_marks, "account", MarkRequest(0, 0, int(now_s * 1000), claim=["low"]))
+    # ... and a mark of a week that is over: not this window's.
+    old_week = window_start_ms("week", now_s) - 7 * 86_400_000
+    proxy.run(store.alert_marks, "budget:key:bob:week", MarkRequest(old_week, 0, int(now_s * 1000), claim=["t:1"]))
+    data = proxy.client.get("/-/status.json", headers=basic("ops", ADMIN_TOKEN)).json()
+    # newest first: the 50 % mark, claimed five seconds earlier, comes last
+    assert (data["alerts"][-1]["scope"], data["alerts"][-1]["alert"]) == ("budget:key:alice:day", "budget.threshold 50%")
+    assert sorted((a["scope"], a["alert"]) for a in data["alerts"]) == [
+        ("account", "credits.low"),
+        ("budget:key:alice:day", "budget.threshold 50%"),
+        ("budget:key:alice:day", "budget.threshold 80%"),
+    ]
+    assert all(a["at"].endswith("Z") for a in data["alerts"])
+    page = proxy.client.get("/-/status", headers=basic("ops", ADMIN_TOKEN)).text
+    assert 'id="alerts"' in page and "Alerts sent this window" in page
