@@ -21,13 +21,13 @@ from proxy import logs
 from proxy.alerts import Alerts, start_alerts
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.decisions import budget_holds
-from proxy.errors import Rejected, error_response
+from proxy.errors import Rejected, StoreError, error_response
 from proxy.forward import create_session
 from proxy.gauges import LevelGauges
-from proxy.errors import StoreError
 from proxy.guard import Guard
 from proxy.metrics import Metrics
-from proxy.policy import Policy, default_policy, load_policy
+from proxy.policy import Policy, default_policy
+from proxy.policy_load import load_policy
 from proxy.reload import PolicyHolder
 from proxy.report import me_report
 from proxy.runtime import Runtime

@@ -18,7 +18,8 @@ from proxy import __version__
 from proxy.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 from proxy.errors import PolicyError
 from proxy.logs import LOG_FORMATS, configure_logging
-from proxy.policy import Policy, default_policy, load_policy
+from proxy.policy import Policy, default_policy
+from proxy.policy_load import load_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 
 STARTUP_FAILURE = 3

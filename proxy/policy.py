@@ -1,23 +1,21 @@
-"""Load and validate YAML policy files into frozen dataclasses.
+"""The policy's data model: frozen dataclasses, and the defaults (`default_policy`).
 
+Loading lives in policy_load.py (files, merge, version), checking values in policy_check.py and
+building these dataclasses in policy_build.py; each imports only downwards, ending here.
 A policy path is one file or a directory whose `*.yaml` / `*.yml` files are merged in sorted order.
 Unknown keys, wrong types and impossible values are all collected in one pass and raised as one
 `PolicyError`, each line `<file>: <location>: <message>` naming the bad value, so a typo never
-silently disables a limit. Money is converted to micro-dollars here and nowhere else.
+silently disables a limit. Money is converted to micro-dollars at loading and nowhere else.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import hashlib
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
-
-from proxy.errors import PolicyError
 
 Period = Literal["day", "week", "month"]
 Mode = Literal["enforce", "shadow"]
@@ -231,52 +229,3 @@ def default_policy() -> Policy:
         sources=(),
         version="default",
     )
-
-
-def policy_files(path: str | os.PathLike[str]) -> list[str]:
-    """The files `path` names: itself, or a directory's `*.yaml`/`*.yml` in sorted order."""
-    root = os.fspath(path)
-    if not os.path.isdir(root):
-        return [root]
-    names = sorted(
-        name
-        for name in os.listdir(root)
-        # Dot files are editor backups and lock files, not policies.
-        if name.endswith(POLICY_SUFFIXES) and not name.startswith(".")
-    )
-    return [os.path.join(root, name) for name in names if os.path.isfile(os.path.join(root, name))]
-
-
-def load_policy(path: str | os.PathLike[str]) -> Policy:
-    """Load a policy file, or merge every policy file in a directory, and validate it.
-
-    Raises `PolicyError` listing every problem found, each `<file>: <location>: <message>`.
-    """
-    root = os.fspath(path)
-    if not os.path.exists(root):
-        raise PolicyError([f"{root}: no such file or directory"])
-    files = policy_files(root)
-    if not files:
-        raise PolicyError([f"{root}: directory has no *.yaml or *.yml policy files"])
-    problems: list[str] = []
-    from proxy.policy_build import Builder  # these modules import the dataclasses above
-    from proxy.policy_check import parse_yaml
-
-    builder = Builder(problems)
-    digest = hashlib.sha256()
-    for file in files:
-        try:
-            with open(file, "rb") as stream:
-                content = stream.read()
-        except OSError as exc:
-            problems.append(f"{file}: cannot read: {exc.strerror}")
-            continue
-        for part in (os.path.basename(file).encode(), content):
-            digest.update(len(part).to_bytes(8, "big") + part)
-        data = parse_yaml(file, content, problems)
-        if data is not None:
-            builder.add(file, data)
-    policy = builder.finish(tuple(files), digest.hexdigest()[:12])
-    if problems:
-        raise PolicyError(problems)
-    return policy

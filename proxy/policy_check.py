@@ -1,7 +1,7 @@
 """Policy validation: strict YAML parsing and one check per value (the builder is policy_build.py).
 
 Every problem is collected (never the first only) as `<file>: <location>: <message>`; see
-`proxy.policy.load_policy`, the public entry point.
+`proxy.policy_load.load_policy`, the public entry point.
 """
 
 from __future__ import annotations

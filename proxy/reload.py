@@ -18,7 +18,8 @@ from collections.abc import Callable
 
 from proxy.errors import PolicyError
 from proxy.money import format_usd
-from proxy.policy import Budget, Policy, load_policy, policy_files
+from proxy.policy import Budget, Policy
+from proxy.policy_load import load_policy, policy_files
 
 logger = logging.getLogger("spend_guard.policy")
 

@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 
 from proxy.app import SpendGuardApp, create_app
 from proxy.embedded import EmbeddedServer, EmbeddedStoreError, server_binary
-from proxy.policy import load_policy
+from proxy.policy_load import load_policy
 from proxy.settings import Settings
 from tests.standin import StandIn
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import PolicyError
-from proxy.policy import load_policy
+from proxy.policy_load import load_policy
 from proxy.routing import canonical_path
 from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
 

@@ -24,8 +24,8 @@ from proxy.policy import (
     TextRate,
     UpstreamPolicy,
     default_policy,
-    load_policy,
 )
+from proxy.policy_load import load_policy
 from proxy.pricing import text_rate_for
 
 POLICIES = Path(__file__).parent / "policies"

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from proxy.policy import Policy, default_policy, load_policy
+from proxy.policy import Policy, default_policy
+from proxy.policy_load import load_policy
 from proxy.reload import PolicyHolder
 
 WAIT_S = 5.0
