@@ -11,7 +11,6 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
 from contextvars import ContextVar
 
 import aiohttp
@@ -30,12 +29,12 @@ from proxy.decisions import (
 from proxy.echo import echo
 from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError, UpstreamNotSent
 from proxy.forward import ClientStalled, abort_client, request_head, response_headers
-from proxy.passthrough import passthrough
 from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.observers import observer_for, readable_accept_encoding
+from proxy.passthrough import passthrough
 from proxy.policy import KeyPolicy, Policy
-from proxy.refusals import RecentRefusals, Refusal
 from proxy.pricing import quote_hold
+from proxy.refusals import RecentRefusals, Refusal
 from proxy.request import (
     CLOSE,
     BodyLease,
@@ -57,7 +56,24 @@ from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
 
-Refuse = Callable[[Rejected], None]
+
+
+class Verdicts:
+    """Policy refusals collected as the checks run, then enforced at a checkpoint (before the body
+    is read, before the reserve): in global shadow mode they are recorded, never raised, and the
+    first one is logged as would_refuse (Envoy ratelimit applies shadow mode once, at the end)."""
+
+    def __init__(self, shadow: bool) -> None:
+        self.shadow = shadow
+        self.refusals: list[Rejected] = []
+
+    def add(self, refusal: Rejected) -> None:
+        self.refusals.append(refusal)
+
+    def enforce(self) -> None:
+        """Raise the first refusal, unless in shadow mode."""
+        if self.refusals and not self.shadow:
+            raise self.refusals[0]
 # Releases kept for reserves that failed against the store (each ~120 bytes of memory; one
 # EVALSHA each, ~8,000/s, once the store answers again).
 MAX_PENDING_RELEASES = 10_000
@@ -120,14 +136,8 @@ class Guard:
     ) -> tuple[bytes, Flight | None]:
         """Everything before forwarding: identify, read, price, reserve. Raises `Rejected`."""
         rt = self.rt
-        shadow_refusals: list[Rejected] = []
-
-        def refuse(exc: Rejected) -> None:
-            # In global shadow mode a policy refusal is forwarded and counted, not enforced.
-            if policy.mode == "shadow":
-                shadow_refusals.append(exc)
-            else:
-                raise exc
+        # In global shadow mode a policy refusal is forwarded and counted, not enforced.
+        verdicts = Verdicts(policy.mode == "shadow")
 
         if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
             # Refused before its body is read: close the connection rather than read the rest of
@@ -145,9 +155,10 @@ class Guard:
         call.key = key
         call.key_name = key.name if key else "unknown"
         if key is None and policy.guard.unknown_keys == "reject":
-            refuse(Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth"))
+            verdicts.add(Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth"))
         if not match.enabled:
-            refuse(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
+            verdicts.add(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
+        verdicts.enforce()
 
         # Only now is the body read: every refusal above needed none. Its bytes count against
         # the process's bound until the call ends (forward) or is refused (here).
@@ -162,7 +173,7 @@ class Guard:
                 lease=lease,
             )
             call.headers.pop("Connection", None)
-            return await self.priced(raw, headers, match, policy, call, key, refuse, shadow_refusals)
+            return await self.priced(raw, headers, match, policy, call, key, verdicts)
         except BaseException:
             lease.release()
             raise
@@ -175,8 +186,7 @@ class Guard:
         policy: Policy,
         call: Call,
         key: KeyPolicy | None,
-        refuse: Refuse,
-        shadow_refusals: list[Rejected],
+        verdicts: Verdicts,
     ) -> tuple[bytes, Flight | None]:
         """The rest of `prepare` once the body is in: price, check, reserve."""
         rt = self.rt
@@ -186,9 +196,9 @@ class Guard:
         call.model = model
         for rules in (policy.models.rules, key.rules if key else None):
             if rules is not None and not permits(rules, {model, fields.model}):
-                refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' is not allowed by policy for this key.", scope="policy"))
+                verdicts.add(Rejected(403, "policy_violation", f"Model '{echo(model)}' is not allowed by policy for this key.", scope="policy"))
                 break
-        hold = self.hold_for(match, fields, model, policy, refuse)
+        hold = self.hold_for(match, fields, model, policy, verdicts)
         if hold is None:
             return raw, None  # fail-open without a price table: forwarded unguarded, counted
         call.hold_micros = hold
@@ -202,7 +212,7 @@ class Guard:
             )
         for cap, where in self.caps(policy, key):
             if hold > cap:
-                refuse(
+                verdicts.add(
                     Rejected(
                         403,
                         "policy_violation",
@@ -211,9 +221,10 @@ class Guard:
                     )
                 )
                 break
-        flight = await self.reserve(call, policy, key, hold, refuse)
-        if shadow_refusals:
-            self.would_refuse(call, shadow_refusals[0])
+        verdicts.enforce()
+        flight = await self.reserve(call, policy, key, hold, verdicts)
+        if verdicts.refusals:
+            self.would_refuse(call, verdicts.refusals[0])
         return raw, flight
 
     def would_refuse(self, call: Call, refusal: Rejected) -> None:
@@ -221,7 +232,7 @@ class Guard:
         call.decision, call.scope = "would_refuse", refusal.scope or "policy"
         log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
-    def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, refuse: Refuse) -> int | None:
+    def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, verdicts: Verdicts) -> int | None:
         """The call's hold (proxy.pricing.quote_hold); None: forward unguarded (failed open)."""
         quote = quote_hold(match.kind or "", match.path, fields, model, self.rt.refresher.prices, policy.models)
         if quote.micros is None:
@@ -229,7 +240,7 @@ class Guard:
             return None
         if quote.unpriced and policy.guard.unknown_models == "reject":
             why = "matches no models.text_rates entry" if quote.basis == "text_default" else "has no published price"
-            refuse(Rejected(403, "policy_violation", f"Model '{echo(model)}' {why} and unknown models are refused.", scope="policy"))
+            verdicts.add(Rejected(403, "policy_violation", f"Model '{echo(model)}' {why} and unknown models are refused.", scope="policy"))
         return quote.micros
 
     def caps(self, policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
@@ -252,7 +263,7 @@ class Guard:
             return
         raise Rejected(503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store")
 
-    async def reserve(self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, refuse: Refuse) -> Flight | None:
+    async def reserve(self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, verdicts: Verdicts) -> Flight | None:
         rt = self.rt
         now_s = rt.clock()
         now_ms = int(now_s * 1000)
@@ -327,13 +338,14 @@ class Guard:
             if decision.refusal.code not in REFUSAL_CODES:
                 self.unavailable(f"reserve answered {decision.refusal.code!r}", "store")
                 return None
-            refuse(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))  # raises unless shadow
+            verdicts.add(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
+            verdicts.enforce()  # raises unless in shadow mode
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
             would = refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
-            if policy.mode == "shadow":
-                refuse(would)
+            if verdicts.shadow:
+                verdicts.add(would)  # recorded once, at the end of prepare
             else:
                 self.would_refuse(call, would)
         self.remaining_headers(call, decision)
