@@ -192,9 +192,12 @@ def test_a_real_prometheus_scraping_a_served_proxy_fires_the_budget_alert(up, tm
             def budget_alert_fires() -> bool:
                 assert prom.poll() is None, (tmp_path / "prometheus.log").read_text()
                 try:
-                    alerts = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=2).json()["data"]["alerts"]
+                    response = httpx.get(f"http://127.0.0.1:{port}/api/v1/alerts", timeout=2)
                 except httpx.HTTPError:
                     return False
+                if response.status_code != 200:
+                    return False  # a starting Prometheus answers 503 "Service Unavailable" in plain text
+                alerts = response.json()["data"]["alerts"]
                 firing[:] = [a["labels"] for a in alerts if a["state"] == "firing" and a["labels"]["alertname"] == "SpendGuardBudgetAbove80Percent"]
                 return bool(firing)
 
