@@ -8,23 +8,42 @@ touches one cluster slot. Amounts are integer micro-dollars. Driver errors leave
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import importlib.resources
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from proxy.backends import BACKENDS, CLUSTER_SCHEME, embedded_client, redis_client
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.pricing import PriceTable
+from proxy.records import (
+    BudgetHold,
+    Decision,
+    Levels,
+    MarkRequest,
+    Marks,
+    Reclaimed,
+    Refusal,
+    ReserveRequest,
+    RowLevel,
+    RowState,
+    ScopeUsage,
+    Snapshot,
+    row_ref,
+)
+
+# The records and backends are part of the store's interface; callers import them from here.
+__all__ = [
+    "BACKENDS", "CLUSTER_SCHEME", "CONTAIN_MARGIN_MS", "LOCK_MODELS", "LOCK_REFRESH", "STORE_TIMEOUT_S", "UNREADABLE_ROW",
+    "BudgetHold", "Decision", "Levels", "MarkRequest", "Marks", "Reclaimed", "Refusal", "ReserveRequest", "RowLevel",
+    "RowState", "ScopeUsage", "Snapshot", "Store", "embedded_client", "redis_client", "row_ref",
+]
 
 T = TypeVar("T")
-_SAFE_REF = re.compile(r"^[A-Za-z0-9_.-]{1,80}$")
 LOCK_REFRESH = "lock:refresh"
 # What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
 UNREADABLE_ROW = "!"
@@ -66,177 +85,6 @@ class Script:
         except redis.exceptions.NoScriptError:
             await self.client.script_load(self.source)
             return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-
-
-def row_ref(api_key_id: str | None, api_key_name: str | None) -> str | None:
-    """Redis-safe reference to an upstream key row: `id:<uuid>`, or a hash of its name."""
-    if api_key_id is not None:
-        if _SAFE_REF.match(api_key_id):
-            return f"id:{api_key_id}"
-        return "id#" + hashlib.sha256(api_key_id.encode()).hexdigest()[:24]
-    if api_key_name is not None:
-        return "name#" + hashlib.sha256(api_key_name.encode()).hexdigest()[:24]
-    return None
-
-
-@dataclass(frozen=True)
-class BudgetHold:
-    """A local budget a reservation counts against, in its current window."""
-
-    id: str
-    limit_micros: int
-    shadow: bool
-    window_start_ms: int  # 0 for a lifetime budget
-    window_end_ms: int  # 0 for a lifetime budget
-
-
-@dataclass(frozen=True)
-class ReserveRequest:
-    hold_id: str
-    amount_micros: int
-    now_ms: int
-    lease_expiry_ms: int
-    floor_micros: int
-    max_staleness_ms: int
-    row_ref: str | None
-    windows_ms: tuple[int, int, int]  # day, week, month starts
-    shadow: bool = False
-    budgets: Sequence[BudgetHold] = ()
-
-
-@dataclass(frozen=True)
-class Refusal:
-    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled, row_unreadable
-    scope: str  # "key", "account", "budget:<id>"
-    limit_micros: int
-    spent_micros: int
-    held_micros: int
-
-
-@dataclass(frozen=True)
-class Reclaimed:
-    """What a reserve did on the side: expired leases it charged, unreadable holds it moved aside."""
-
-    count: int = 0
-    micros: int = 0
-    quarantined: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    refusal: Refusal | None = None  # when allowed, a shadow refusal ("would refuse") or None
-    tight_scope: str = ""
-    tight_remaining_micros: int = -1
-    reclaimed: Reclaimed = Reclaimed()
-
-    def renamed(self, names: dict[str, str]) -> Decision:
-        """The same decision with scopes spelled for people (`budget:<counter>` -> `budget:<id>`)."""
-        refusal = self.refusal
-        if refusal is not None and refusal.scope in names:
-            refusal = dataclasses.replace(refusal, scope=names[refusal.scope])
-        return dataclasses.replace(self, refusal=refusal, tight_scope=names.get(self.tight_scope, self.tight_scope))
-
-
-@dataclass(frozen=True)
-class RowState:
-    active: bool
-    expires_ms: int | None
-    limit_micros: int | None
-    period: str | None
-    spend_micros: int
-    period_start_ms: int | None
-
-    def encode(self) -> str:
-        return "|".join(
-            [
-                "1" if self.active else "0",
-                str(-1 if self.expires_ms is None else self.expires_ms),
-                str(-1 if self.limit_micros is None else self.limit_micros),
-                self.period or "-",
-                str(self.spend_micros),
-                str(-1 if self.period_start_ms is None else self.period_start_ms),
-            ]
-        )
-
-    @classmethod
-    def decode(cls, text: str) -> RowState:
-        active, expires, limit, period, spend, start = text.split("|")
-        return cls(
-            active == "1",
-            None if int(expires) < 0 else int(expires),
-            None if int(limit) < 0 else int(limit),
-            None if period == "-" else period,
-            int(spend),
-            None if int(start) < 0 else int(start),
-        )
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """One `/v1/credits?by_api_key=true` answer, converted; `fetched_ms` is when the fetch began."""
-
-    fetched_ms: int
-    remaining_micros: int
-    rows: dict[str, RowState] = field(default_factory=dict)
-    # Rows the proxy could not read, by row ref (or "#<index>" when not even the key is known),
-    # with the reason. A policy key on such a row gets no upstream-limit check: its calls are
-    # refused 503 (or forwarded unguarded under on_store_error: open) until the row reads again.
-    bad_rows: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class RowLevel:
-    """A key row's upstream spend limit as reserve.lua sees it (levels.lua, row_level)."""
-
-    active: bool
-    expires_ms: int | None
-    limit_micros: int | None
-    period: str | None  # None: lifetime
-    window_start_ms: int  # 0: lifetime
-    spent_micros: int  # the period spend that counts in this window, plus charges since
-    held_micros: int
-
-
-@dataclass(frozen=True)
-class Levels:
-    """Every scope's level in one read: the account, key rows (None: no row; "unreadable"), budgets."""
-
-    fetched_ms: int | None
-    remaining_micros: int
-    account: ScopeUsage
-    rows: dict[str, RowLevel | str | None]
-    budgets: dict[str, ScopeUsage]
-
-
-@dataclass(frozen=True)
-class ScopeUsage:
-    """What `/-/me` and `status` show for one scope."""
-
-    charged_micros: int  # charges since the snapshot (upstream scopes) or in the window (budgets)
-    held_micros: int
-
-
-@dataclass(frozen=True)
-class MarkRequest:
-    """One scope's alert marks to claim or release (alert_marks.lua), with what it has spent now."""
-
-    window_start_ms: int  # 0: lifetime, or a scope without windows
-    expire_at_ms: int  # 0: the marks never expire
-    now_ms: int
-    spent_micros: int = 0
-    limit_micros: int = 0  # 0: no projection
-    window_end_ms: int = 0  # 0: no projection
-    claim: Sequence[str] = ()
-    release: Sequence[str] = ()
-    rate_span_ms: tuple[int, int, int] = (600_000, 3_600_000, 60_000)  # minimum span, horizon, sample spacing
-
-
-@dataclass(frozen=True)
-class Marks:
-    claimed: tuple[str, ...]
-    released: tuple[str, ...]
-    recovered: bool  # a newer window cleared marks that included a threshold
 
 
 class Store:
@@ -555,48 +403,3 @@ class Store:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def embedded_client(state_dir: str | None) -> aioredis.Redis:
-    """The embedded Valkey server `spend-guard serve` runs for `state_dir` (proxy/embedded.py),
-    reached on its unix socket."""
-    from proxy.embedded import socket_url
-
-    return _single_client(socket_url(state_dir))
-
-
-def _single_client(url: str) -> aioredis.Redis:
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url, socket_timeout=None, socket_connect_timeout=1.0, health_check_interval=10  # see STORE_TIMEOUT_S
-    )
-    return client
-
-
-def _cluster_client(url: str) -> aioredis.Redis:
-    cluster = aioredis.RedisCluster.from_url(
-        "redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=2.0, socket_connect_timeout=1.0
-    )
-    return cluster  # type: ignore[return-value]  # same command surface for what Store uses
-
-
-CLUSTER_SCHEME = "redis+cluster://"
-# The store backend for each URL scheme (as uvicorn maps "httptools" to a protocol class); no URL
-# at all is the embedded server.
-BACKENDS: dict[str, Callable[[str], aioredis.Redis]] = {
-    "redis": _single_client,
-    "rediss": _single_client,
-    "unix": _single_client,
-    "redis+cluster": _cluster_client,
-}
-
-
-def redis_client(url: str | None, *, state_dir: str | None = None) -> aioredis.Redis:
-    """The client for a store URL (`redis://`, `rediss://`, `unix://`, `redis+cluster://host:port`),
-    or for the embedded server of `state_dir` when there is no URL."""
-    if not url:
-        return embedded_client(state_dir)
-    scheme = url.split("://", 1)[0].lower()
-    backend = BACKENDS.get(scheme)
-    if backend is None:
-        raise ValueError(f"store URL {url.split('://', 1)[0]}://...: unknown scheme; expected one of {', '.join(BACKENDS)}")
-    return backend(url)
