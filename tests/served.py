@@ -154,6 +154,14 @@ class ServedProxy:
             return False
         return self.workers == 1 or self.output().count("spend guard ready") >= self.workers
 
+    def wait_for_upstream_requests(self, up: object, n: int, timeout: float = 30) -> None:
+        """`up.wait_for_requests(n)`, naming this proxy's log when they do not all arrive (a
+        multi-worker start under a loaded CI box has been seen to stall some calls for 10 s)."""
+        try:
+            up.wait_for_requests(n, timeout=timeout)  # type: ignore[attr-defined]
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; proxy log:\n{self.output()[-4000:]}") from exc
+
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")
 

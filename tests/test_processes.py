@@ -246,7 +246,7 @@ def test_every_scrape_of_a_two_worker_proxy_counts_both_workers(tmp_path, up, re
     with ServedProxy(path, up.url, redis_server.url, workers=2) as proxy:
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(generate, proxy.url, "gate=m,cost=0.1") for _ in range(16)]
-            up.wait_for_requests(16)
+            proxy.wait_for_upstream_requests(up, 16)
             # 16 calls held at the upstream, spread over both workers' connections
             for _ in range(6):
                 assert scraped(proxy, "spend_guard_inflight_holds") == 16
@@ -281,7 +281,7 @@ def test_a_killed_worker_stops_counting_its_holds_in_flight(tmp_path, up, redis_
         assert len(workers) == 2
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             futures = [pool.submit(generate, proxy.url, "gate=w,cost=0.1") for _ in range(16)]
-            up.wait_for_requests(16)
+            proxy.wait_for_upstream_requests(up, 16)
             assert scraped(proxy, "spend_guard_inflight_holds") == 16
             os.kill(workers[0], signal.SIGKILL)  # no shutdown: its gauge file stays behind
             # its clients see their connections drop; the other worker's calls are still held

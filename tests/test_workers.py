@@ -63,7 +63,7 @@ def test_sigterm_during_a_rolling_restart_stops_within_one_grace_period(tmp_path
             # Calls held open at the upstream on both workers: each old worker drains for the
             # whole grace period when the restart retires it.
             calls = [pool.submit(generate, proxy.url, "gate=hold,cost=0.1") for _ in range(16)]
-            up.wait_for_requests(16)
+            proxy.wait_for_upstream_requests(up, 16)
             os.kill(proxy.proc.pid, signal.SIGHUP)
             wait_until(lambda: "Terminated child process" in proxy.output(), 30, "the first old worker to be retired")
             stopped = time.monotonic()
