@@ -481,9 +481,4 @@ async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int
     return read()
 
 
-async def settle_pending(runtime: Runtime) -> None:
-    """Retry settles that failed while the store was down (runs in the lifespan)."""
-    await runtime.settle_pending()
-
-
-__all__ = ["Guard", "settle_pending"]
+__all__ = ["Guard"]

@@ -6,36 +6,7 @@ Tests import it from here (`from tests.standin import StandIn, key_row`); its be
 
 from __future__ import annotations
 
-from proxy.standin import (
-    DEFAULT_ACCOUNT_KEY,
-    DEFAULT_BALANCE_MICROS,
-    GENERATION_ROUTES,
-    IMAGE_ROUTES,
-    TEXT_ROUTES,
-    Plan,
-    Recorded,
-    StandIn,
-    StandinError,
-    b64_text,
-    default_models,
-    fingerprint,
-    format_usd,
-    key_row,
-)
+import proxy.standin
+from proxy.standin import *  # noqa: F403 - the package's whole public surface, as listed there
 
-__all__ = [
-    "DEFAULT_ACCOUNT_KEY",
-    "DEFAULT_BALANCE_MICROS",
-    "GENERATION_ROUTES",
-    "IMAGE_ROUTES",
-    "TEXT_ROUTES",
-    "Plan",
-    "Recorded",
-    "StandIn",
-    "StandinError",
-    "b64_text",
-    "default_models",
-    "fingerprint",
-    "format_usd",
-    "key_row",
-]
+__all__ = proxy.standin.__all__

@@ -300,15 +300,13 @@ def test_a_long_outage_keeps_a_bounded_number_of_pending_releases(make_proxy, up
     # a retry loop against a dead Redis must not grow that list without end.
     import proxy.guard
 
-    from proxy.guard import settle_pending
-
     monkeypatch.setattr(proxy.guard, "MAX_PENDING_RELEASES", 5)
     p = make_proxy(KEYS)
     store_target.server.connected = False
     assert [p.generate().status_code for _ in range(20)] == [503] * 20
     assert len(p.runtime.pending_settles) == 5
     store_target.server.connected = True
-    p.run(settle_pending, p.runtime)
+    p.run(p.runtime.settle_pending)
     assert p.runtime.pending_settles == {}
     assert p.generate(standin="cost=0.01").status_code == 200
     assert open_holds(p) == 0
