@@ -48,7 +48,7 @@ from proxy.request import (
     request_id,
 )
 from proxy.routing import Match
-from proxy.runtime import Flight, Pending, Runtime
+from proxy.runtime import Flight, Pending, Runtime, counters_of
 from proxy.scanner import Outcome
 from proxy.store import Decision, Reclaimed, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
@@ -296,7 +296,7 @@ class Guard:
             # a retry loop against a dead Redis adds one per call; past the bound a hold that did
             # land (its reply lost) is left to its lease.
             if len(rt.pending_settles) < MAX_PENDING_RELEASES:
-                rt.pending_settles[request.hold_id] = Pending(0)
+                rt.pending_settles[request.hold_id] = Pending(0, counters=counters_of(request.budgets))
             elif not rt.pending_full_logged:
                 rt.pending_full_logged = True
                 log.warning("%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES)
@@ -350,7 +350,13 @@ class Guard:
                 self.would_refuse(call, would)
         self.remaining_headers(call, decision)
         flight = Flight(
-            request.hold_id, hold, call.key_name, precharged=call.kind in PRECHARGED_KINDS, kind=call.kind, model=call.model or ""
+            request.hold_id,
+            hold,
+            call.key_name,
+            precharged=call.kind in PRECHARGED_KINDS,
+            kind=call.kind,
+            model=call.model or "",
+            counters=counters_of(request.budgets),
         )
         rt.flights[flight.hold_id] = flight
         rt.metrics.inflight.set(len(rt.flights))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -23,10 +23,15 @@ from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
-from proxy.store import Store
+from proxy.store import BudgetHold, Store
 from proxy.types import Clock
 
 log = logging.getLogger("spend_guard")
+
+
+def counters_of(budgets: Sequence[BudgetHold]) -> tuple[tuple[str, int], ...]:
+    """The store keys budget holds count in: (budget id, window start ms)."""
+    return tuple((b.id, b.window_start_ms) for b in budgets)
 
 
 @dataclass
@@ -47,6 +52,8 @@ class Flight:
     # Route kind (image, video, text) and model, for the settle's hold-vs-bill metrics.
     kind: str = ""
     model: str = ""
+    # The budget counters it holds against, (budget id, window start ms): the settle's keys.
+    counters: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class Pending:
 
     cost_micros: int | None  # None: charge the hold; 0: release
     started_ms: int = 0
+    counters: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -129,7 +137,7 @@ class Runtime:
         # billed when it ends, so its charge is logged at the settle.
         started_ms = flight.started_ms if flight.precharged else 0
         try:
-            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), started_ms)
+            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), started_ms, flight.counters)
             if charged is None:
                 # Its lease expired and a reserve reclaimed it, charging the whole hold (counted
                 # there, in spend_guard_reclaimed_holds_total).
@@ -141,7 +149,7 @@ class Runtime:
             charged = None
         except StoreError as exc:
             # Keep it and retry in the background; the lease is the last resort.
-            self.pending_settles[flight.hold_id] = Pending(cost_micros, started_ms)
+            self.pending_settles[flight.hold_id] = Pending(cost_micros, started_ms, flight.counters)
             self.metrics.settle_retries.inc()
             log.warning("settle of hold %s deferred: %s", flight.hold_id, exc)
             charged = flight.amount_micros if cost_micros is None else cost_micros
@@ -184,7 +192,7 @@ class Runtime:
         retries); a fault of one record never holds back the others."""
         for hold_id, pending in list(self.pending_settles.items()):
             try:
-                await self.store.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms)
+                await self.store.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters)
             except HoldQuarantined:
                 self.quarantined(hold_id)
             except StoreScriptError as exc:

@@ -1,8 +1,8 @@
-"""The only module that talks to Redis: key names, the Lua scripts, typed results.
+"""The only module that talks to Redis: the Lua scripts and typed results.
 
-Every key of an account carries the hash tag `{<account>}` (`sg:{main}:holds`), so each script
-touches one cluster slot. Amounts are integer micro-dollars. Driver errors leave this module as
-`StoreError` (DESIGN §3).
+Key names come from proxy/keys.py (one builder; every script receives each key it touches in
+KEYS). Amounts are integer micro-dollars. Driver errors leave this module as `StoreError`
+(DESIGN §3).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import redis.exceptions
 
 from proxy.backends import BACKENDS, CLUSTER_SCHEME, embedded_client, redis_client
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
+from proxy.keys import Keys, parse_spec, spec
 from proxy.pricing import PriceTable
 from proxy.records import (
     BudgetHold,
@@ -93,12 +94,14 @@ class Store:
     def __init__(self, client: aioredis.Redis, account: str) -> None:
         self.client = client
         self.account = account
-        self.prefix = f"sg:{{{account}}}:"
+        self.keys = Keys(account)
+        self.prefix = self.keys.prefix
         self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
         self._slots = asyncio.Semaphore(MAX_CONCURRENT_OPS)
         self._failing = False  # the last operation failed: don't queue behind a dead store
-        common = _lua("_common.lua")
+        common = Keys.lua_binding() + _lua("_common.lua")
         self.lua_reserve = Script(client, common + _lua("reserve.lua"))
+        self.lua_reclaim = Script(client, common + _lua("reclaim.lua"))
         self.lua_settle = Script(client, common + _lua("settle.lua"))
         self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
         self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
@@ -143,7 +146,7 @@ class Store:
         await self._call(write)
 
     def key(self, name: str) -> str:
-        return self.prefix + name
+        return self.keys(name)
 
     async def adopt_counters(self, moves: Sequence[tuple[str, BudgetHold]]) -> int:
         """Copy each `(old counter id, budget)` counter of the budget's current window to the
@@ -174,7 +177,7 @@ class Store:
         return await self._call(run) if moves else 0
 
     def budget_key(self, budget_id: str, window_start_ms: int) -> str:
-        return self.key(f"b:{budget_id}:{window_start_ms}")
+        return self.keys.budget(budget_id, window_start_ms)
 
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         await self._take_slot()
@@ -219,9 +222,10 @@ class Store:
         await self._call(self.client.ping)
 
     async def reserve(self, req: ReserveRequest) -> Decision:
-        """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse."""
-        keys = [self.key(n) for n in ("snap", "holds", "held", "leases", "chsum")]
-        keys += [self.budget_key(b.id, b.window_start_ms) for b in req.budgets]
+        """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse.
+        Expired leases are reclaimed first (two more round trips, only when some expired)."""
+        counters = [(b.id, b.window_start_ms) for b in req.budgets]
+        keys = [*self.keys.base, self.keys.tomb(req.hold_id), *self.keys.budgets(counters)]
         args: list[Any] = [
             req.now_ms,
             req.hold_id,
@@ -236,10 +240,14 @@ class Store:
         ]
         for b in req.budgets:
             args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
-        args.append(self.epoch)
+        args += [self.epoch, 1]
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
-        values = [v.decode() if isinstance(v, bytes) else v for v in reply[:-1]]
-        reclaimed = Reclaimed(int(values[-2]), int(values[-1]), tuple(_text(v) for v in reply[-1]))
+        reclaimed = Reclaimed()
+        if reply[0] == 2:
+            reclaimed = await self.reclaim(req.now_ms, [parse_spec(_text(v)) for v in reply[1]])
+            args[-1] = 0
+            reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+        values = [_text(v) if isinstance(v, bytes) else v for v in reply]
         if values[0] == 0:
             refused = Refusal(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
             return Decision(False, refused, reclaimed=reclaimed)
@@ -248,24 +256,59 @@ class Store:
             shadow_refusal = Refusal(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
         return Decision(True, shadow_refusal, values[1], int(values[2]), reclaimed)
 
-    async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0) -> int | None:
+    async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:
+        """Charge the holds whose lease expired by `now_ms` (their instance died mid-request),
+        up to 100 a call (reclaim.lua). `counters` are the budget counters they charge; one that
+        needs others is charged on a second run given those."""
+        found = Reclaimed()
+        for _ in range(2):
+            keys = [*self.keys.base, *self.keys.budgets(counters)]
+            args = [now_ms, *(spec(*c) for c in counters)]
+            count, micros, quarantined, missing = await self._call(lambda: self.lua_reclaim(keys=keys, args=args))
+            found = Reclaimed(
+                found.count + int(count),
+                found.micros + int(micros),
+                found.quarantined + tuple(_text(v) for v in quarantined),
+            )
+            if not missing:
+                break
+            counters = [parse_spec(_text(v)) for v in missing]
+        return found
+
+    async def settle(
+        self,
+        hold_id: str,
+        cost_micros: int | None,
+        now_ms: int,
+        started_ms: int = 0,
+        counters: Sequence[tuple[str, int]] = (),
+    ) -> int | None:
         """Charge `cost_micros` (None: the whole hold; 0: release). Returns the charge, or None if
         the hold no longer exists (settled already, or reclaimed after its lease). `started_ms`
         is when the upstream answered (0: it did not), so the next snapshot knows it holds the
-        charge. An unreadable hold record is quarantined and raises `HoldQuarantined`."""
+        charge. `counters` are the hold's budget counters, `(budget id, window start ms)`; a
+        charge that needs counters not given is run again with them (one more round trip). An
+        unreadable hold record is quarantined and raises `HoldQuarantined`."""
         cost = -1 if cost_micros is None else cost_micros
-        args = [hold_id, cost, now_ms, started_ms]
-        reply = int(await self._call(lambda: self.lua_settle(keys=[self.key("holds")], args=args)))
+        for _ in range(2):
+            keys = [*self.keys.base, self.keys.tomb(hold_id), *self.keys.budgets(counters)]
+            args = [hold_id, cost, now_ms, started_ms, *(spec(*c) for c in counters)]
+            reply = await self._call(lambda: self.lua_settle(keys=keys, args=args))
+            if not isinstance(reply, list):
+                break
+            counters = [parse_spec(_text(v)) for v in reply]
+        else:
+            raise StoreScriptError(f"settle of hold {hold_id} still needs budget counters {counters}")
         if reply == -2:
             raise HoldQuarantined(hold_id)
-        return None if reply < 0 else reply
+        return None if reply < 0 else int(reply)
 
     async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
         """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""
         args: list[Any] = [CONTAIN_MARGIN_MS]
         for hold_id, started_ms in started:
             args += [hold_id, started_ms]
-        return int(await self._call(lambda: self.lua_mark_started(keys=[self.key("holds")], args=args)))
+        return int(await self._call(lambda: self.lua_mark_started(keys=self.keys.base, args=args)))
 
     async def apply_snapshot(self, snapshot: Snapshot, now_ms: int | None = None) -> bool:
         """Store a snapshot unless a later-fetched one is stored (one stamped more than 5 s after
@@ -278,8 +321,7 @@ class Store:
         for ref in snapshot.bad_rows:
             if not ref.startswith("#"):
                 args += [f"r:{ref}", UNREADABLE_ROW]
-        keys = [self.key(n) for n in ("snap", "chsum", "chlog", "chamt")]
-        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=keys, args=args)))
+        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=self.keys.base, args=args)))
 
     async def read_snapshot(self) -> Snapshot | None:
         raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
@@ -314,7 +356,7 @@ class Store:
     async def levels(self, row_refs: Sequence[str], budgets: Sequence[BudgetHold], windows_ms: tuple[int, int, int]) -> Levels:
         """Limit, spent and held of the account, of key rows and of budgets in their current
         windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
-        keys = [self.key("snap")] + [self.budget_key(b.id, b.window_start_ms) for b in budgets]
+        keys = [*self.keys.base, *self.keys.budgets([(b.id, b.window_start_ms) for b in budgets])]
         args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
         reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))
         fetched, remaining, acct_charged, acct_held, rows_in, budgets_in = reply
@@ -353,7 +395,7 @@ class Store:
         async def read() -> list[Any]:
             pipe = self.client.pipeline(transaction=False)
             for scope, _ in scopes:
-                pipe.hgetall(self.key(f"alert:{scope}"))
+                pipe.hgetall(self.keys.alert(scope))
             return list(await pipe.execute())
 
         found: dict[str, dict[str, int]] = {}
@@ -369,7 +411,7 @@ class Store:
     async def alert_marks(self, scope: str, req: MarkRequest) -> Marks:
         """Claim (HSETNX) and release alert marks of `scope` in its window, exactly once across
         every instance; also samples its spend and claims "projected" (alert_marks.lua)."""
-        keys = [self.key(f"alert:{scope}"), self.key(f"alert-rate:{scope}")]
+        keys = [self.keys.alert(scope), self.keys.alert_rate(scope)]
         args: list[Any] = [req.window_start_ms, req.expire_at_ms, req.now_ms, req.spent_micros, req.limit_micros,
                            req.window_end_ms, *req.rate_span_ms, len(req.claim), *req.claim, len(req.release), *req.release]
         claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))

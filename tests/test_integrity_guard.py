@@ -19,7 +19,6 @@ from tests.standin import key_row
 from tests.test_guard import KEYS, envelope, open_holds
 
 
-
 def test_calls_in_flight_are_not_counted_twice_after_a_refresh(make_proxy, up):
     """Key limit $1.00, three $0.30 calls in flight: the upstream's snapshot already holds their
     pre-charges, so the guard's own holds for them must not count against the key again."""
@@ -65,7 +64,7 @@ def test_one_unsettleable_deferred_settle_does_not_hold_back_the_others(make_pro
     store = p.runtime.store
     p.run(store.client.hset, store.key("holds"), "bad", "not|a|record")
     good = []
-    for i in range(3):
+    for _i in range(3):
         r = p.generate(standin="cost=0.01")
         assert r.status_code == 200
     # Three holds whose settles were deferred, with an unreadable one queued first.
@@ -156,7 +155,7 @@ def test_only_a_precharged_call_tells_the_store_when_it_started(make_proxy, prec
     p = make_proxy(KEYS)
     seen = []
 
-    async def settle(hold_id, cost, now_ms, started_ms=0):
+    async def settle(hold_id, cost, now_ms, started_ms=0, counters=()):
         seen.append(started_ms)
         return cost
 

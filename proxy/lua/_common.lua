@@ -1,4 +1,8 @@
--- Shared by every script (prepended by store.py): exact integer text, and settle_hold.
+-- Shared by every script (store.py prepends it, after the key binding `K` from proxy/keys.py):
+-- exact integer text, hold records, settle_hold and the key row level.
+--
+-- Keys: a script touches only keys it received in KEYS. K names the account's fixed keys
+-- (KEYS[1..N_BASE]); a script's own keys follow (each script's header says which).
 --
 -- Redis runs Lua 5.1, where every number is a double and `tostring`/`..` print with "%.14g":
 -- 10^14 becomes "1e+14" and -0 becomes "-0", which INCRBY/HINCRBY refuse. Every amount written
@@ -54,69 +58,93 @@ local function decr(key, field, amount)
 end
 
 -- Take a hold out of the upstream scopes' held sums (account, key row): a snapshot now holds it.
-local function contain(prefix, hold_id, h)
-  decr(prefix .. "held", "acct", h.amount)
+local function contain(hold_id, h)
+  decr(K.held, "acct", h.amount)
   if h.row_ref ~= "" then
-    decr(prefix .. "held", "row:" .. h.row_ref, h.amount)
+    decr(K.held, "row:" .. h.row_ref, h.amount)
   end
   h.contained = true
-  redis.call("HSET", prefix .. "holds", hold_id, format_hold(h))
-  redis.call("ZREM", prefix .. "started", hold_id)
+  redis.call("HSET", K.holds, hold_id, format_hold(h))
+  redis.call("ZREM", K.started, hold_id)
 end
 
 -- A record that cannot be read is moved aside, never left where every reserve would trip on it.
-local function quarantine(prefix, hold_id, rec)
-  redis.call("HSET", prefix .. "quarantine", hold_id, rec)
-  redis.call("HDEL", prefix .. "holds", hold_id)
-  redis.call("ZREM", prefix .. "leases", hold_id)
-  redis.call("ZREM", prefix .. "started", hold_id)
+local function quarantine(hold_id, rec)
+  redis.call("HSET", K.quarantine, hold_id, rec)
+  redis.call("HDEL", K.holds, hold_id)
+  redis.call("ZREM", K.leases, hold_id)
+  redis.call("ZREM", K.started, hold_id)
+end
+
+-- The budget counters a script received: KEYS[first..] with their specs ("<id>@<window start>",
+-- proxy/keys.py spec()) in ARGV[first_arg..], in the same order.
+local function declared_counters(first_key, first_arg)
+  local counters = {}
+  for i = first_key, #KEYS do
+    counters[ARGV[first_arg + i - first_key]] = KEYS[i]
+  end
+  return counters
+end
+
+-- The counters charging hold h needs that are not among those given, as specs ({} = none).
+local function missing_counters(h, counters)
+  local missing = {}
+  for _, b in ipairs(h.budgets) do
+    local s = b.id .. "@" .. b.win
+    if not counters[s] then missing[#missing + 1] = s end
+  end
+  return missing
 end
 
 -- Settle one hold. cost < 0 charges the full hold (the upstream may have billed); cost = 0
 -- releases it. started_ms (0 = unknown) is when the upstream answered; a charge is logged at
 -- that instant, so the first snapshot fetched after it drops the charge (it contains it).
--- Returns the amount charged; false if there is no such hold; "quarantined" for a bad record.
-local function settle_hold(prefix, hold_id, cost, now_ms, started_ms)
-  local rec = redis.call("HGET", prefix .. "holds", hold_id)
+-- counters: the budget counter keys the caller declared, by spec (declared_counters).
+-- Returns the amount charged; false if there is no such hold; "quarantined" for a bad record;
+-- a table of specs when a charge needs counters it was not given (then nothing changed).
+local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
+  local rec = redis.call("HGET", K.holds, hold_id)
   if not rec then
     return false
   end
   local h = parse_hold(rec)
   if h == nil then
-    quarantine(prefix, hold_id, rec)
+    quarantine(hold_id, rec)
     return "quarantined"
   end
   local charge = cost
   if charge < 0 then
     charge = h.amount
   end
+  if charge > 0 then
+    local missing = missing_counters(h, counters)
+    if #missing > 0 then return missing end
+  end
   if started_ms <= 0 then
     started_ms = h.started
   end
-  local held = prefix .. "held"
   if not h.contained then
-    decr(held, "acct", h.amount)
+    decr(K.held, "acct", h.amount)
     if h.row_ref ~= "" then
-      decr(held, "row:" .. h.row_ref, h.amount)
+      decr(K.held, "row:" .. h.row_ref, h.amount)
     end
     if charge > 0 then
-      local chsum = prefix .. "chsum"
       local row_field = ""
-      redis.call("HINCRBY", chsum, "acct", int(charge))
+      redis.call("HINCRBY", K.chsum, "acct", int(charge))
       if h.row_ref ~= "" then
         row_field = "row:" .. h.row_ref .. ":" .. h.row_win
-        redis.call("HINCRBY", chsum, row_field, int(charge))
+        redis.call("HINCRBY", K.chsum, row_field, int(charge))
       end
       local at = now_ms
       if started_ms > 0 and started_ms < now_ms then at = started_ms end
-      redis.call("ZADD", prefix .. "chlog", int(at), hold_id)
-      redis.call("HSET", prefix .. "chamt", hold_id, int(charge) .. "|" .. row_field)
+      redis.call("ZADD", K.chlog, int(at), hold_id)
+      redis.call("HSET", K.chamt, hold_id, int(charge) .. "|" .. row_field)
     end
   end
   for _, b in ipairs(h.budgets) do
-    decr(held, "b:" .. b.id, h.amount)
+    decr(K.held, "b:" .. b.id, h.amount)
     if charge > 0 then
-      local counter = prefix .. "b:" .. b.id .. ":" .. b.win
+      local counter = counters[b.id .. "@" .. b.win]
       redis.call("INCRBY", counter, int(charge))
       if b.win_end > 0 then
         -- keep a finished window a day past its end, for `status` and audits
@@ -124,9 +152,9 @@ local function settle_hold(prefix, hold_id, cost, now_ms, started_ms)
       end
     end
   end
-  redis.call("HDEL", prefix .. "holds", hold_id)
-  redis.call("ZREM", prefix .. "leases", hold_id)
-  redis.call("ZREM", prefix .. "started", hold_id)
+  redis.call("HDEL", K.holds, hold_id)
+  redis.call("ZREM", K.leases, hold_id)
+  redis.call("ZREM", K.started, hold_id)
   return charge
 end
 
@@ -136,8 +164,8 @@ end
 -- ms, 0 = lifetime), spent, held}: spent is the snapshot's period spend that still counts in the
 -- current window (a snapshot from before the window started counts as zero) plus the charges
 -- settled here since; held is what calls in flight hold against it.
-local function row_level(prefix, row_ref, windows, fetched_ms)
-  local row = redis.call("HGET", prefix .. "snap", "r:" .. row_ref)
+local function row_level(row_ref, windows, fetched_ms)
+  local row = redis.call("HGET", K.snap, "r:" .. row_ref)
   if not row then return nil end
   if row == "!" then return "!" end
   local f = {}
@@ -154,8 +182,8 @@ local function row_level(prefix, row_ref, windows, fetched_ms)
       counted = 0
     end
   end
-  local charged = tonumber(redis.call("HGET", prefix .. "chsum", "row:" .. row_ref .. ":" .. win) or "0")
-  local held = tonumber(redis.call("HGET", prefix .. "held", "row:" .. row_ref) or "0")
+  local charged = tonumber(redis.call("HGET", K.chsum, "row:" .. row_ref .. ":" .. win) or "0")
+  local held = tonumber(redis.call("HGET", K.held, "row:" .. row_ref) or "0")
   return {active = f[1] == "1", expires_ms = tonumber(f[2]), limit = tonumber(f[3]), period = period,
           win = win, spent = counted + charged, held = held}
 end

@@ -1,12 +1,11 @@
 -- apply_snapshot: replace the credits snapshot, and forget charges and holds the upstream now contains.
--- KEYS[1] snap  KEYS[2] chsum  KEYS[3] chlog  KEYS[4] chamt
+-- KEYS: the account's (K)
 -- ARGV[1] fetch start (ms, store clock)  ARGV[2] remaining (micros)  ARGV[3] containment margin (ms)
 -- ARGV[4] now (ms, store clock)  ARGV[5..] row field, row value pairs
 -- Returns 1 when applied, 0 when ignored because the stored snapshot was fetched later.
-local prefix = string.sub(KEYS[1], 1, -5)
 local fetched_ms = tonumber(ARGV[1])
 local margin = tonumber(ARGV[3])
-local stored = redis.call("HGET", KEYS[1], "fetched_ms")
+local stored = redis.call("HGET", K.snap, "fetched_ms")
 if stored and tonumber(stored) >= fetched_ms then
   -- A stamp from the future (written by an instance whose clock ran ahead) must not freeze the
   -- snapshot: it is replaced.
@@ -14,37 +13,37 @@ if stored and tonumber(stored) >= fetched_ms then
     return 0
   end
 end
-redis.call("DEL", KEYS[1])
-redis.call("HSET", KEYS[1], "fetched_ms", ARGV[1], "remaining", ARGV[2])
+redis.call("DEL", K.snap)
+redis.call("HSET", K.snap, "fetched_ms", ARGV[1], "remaining", ARGV[2])
 for i = 5, #ARGV, 2 do
-  redis.call("HSET", KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call("HSET", K.snap, ARGV[i], ARGV[i + 1])
 end
 -- Charges of calls the upstream answered before the fetch started are in its figures now.
-local done = redis.call("ZRANGEBYSCORE", KEYS[3], "-inf", "(" .. ARGV[1])
+local done = redis.call("ZRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
 for _, id in ipairs(done) do
-  local rec = redis.call("HGET", KEYS[4], id)
+  local rec = redis.call("HGET", K.chamt, id)
   if rec then
     local amount, row_field = string.match(rec, "^(%d+)|(.*)$")
     if amount then
       for _, field in ipairs({"acct", row_field}) do
-        if field ~= "" then decr(KEYS[2], field, tonumber(amount)) end
+        if field ~= "" then decr(K.chsum, field, tonumber(amount)) end
       end
     end
-    redis.call("HDEL", KEYS[4], id)
+    redis.call("HDEL", K.chamt, id)
   end
 end
-redis.call("ZREMRANGEBYSCORE", KEYS[3], "-inf", "(" .. ARGV[1])
+redis.call("ZREMRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
 -- So are the pre-charges of calls still in flight that the upstream answered before it.
-local started = redis.call("ZRANGEBYSCORE", prefix .. "started", "-inf", int(fetched_ms - margin))
+local started = redis.call("ZRANGEBYSCORE", K.started, "-inf", int(fetched_ms - margin))
 for _, id in ipairs(started) do
-  local rec = redis.call("HGET", prefix .. "holds", id)
+  local rec = redis.call("HGET", K.holds, id)
   local h = rec and parse_hold(rec)
   if h and not h.contained then
-    contain(prefix, id, h)
+    contain(id, h)
   elseif rec and h == nil then
-    quarantine(prefix, id, rec)
+    quarantine(id, rec)
   else
-    redis.call("ZREM", prefix .. "started", id)
+    redis.call("ZREM", K.started, id)
   end
 end
 return 1

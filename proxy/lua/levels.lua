@@ -1,22 +1,21 @@
 -- levels: every scope's limit, spent and held for many keys, in one round trip, by the rules
 -- reserve.lua enforces (row_level above; budgets are their window's counter plus their holds).
--- KEYS[1] snap (the prefix is derived from it)   KEYS[1+i] counter of budget i in its window
+-- KEYS: the account's (K), then KEYS[N_BASE + i] the counter of budget i in its window
 -- ARGV[1..3] day, week, month window starts (ms)  ARGV[4] n rows, then that many row refs,
 -- then one budget id per budget counter in KEYS order
 -- Returns {fetched_ms (-1: no snapshot), remaining, account charged, account held, {row...}, {budget...}}
 -- with row = {status ("none", "unreadable", "ok"), active (0/1), expires_ms, limit, period, win, spent, held}
 -- and budget = {spent, held}
-local prefix = string.sub(KEYS[1], 1, -5)
 local windows = {day = tonumber(ARGV[1]), week = tonumber(ARGV[2]), month = tonumber(ARGV[3])}
 local n_rows = tonumber(ARGV[4])
-local snap = redis.call("HMGET", KEYS[1], "fetched_ms", "remaining")
+local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining")
 local fetched_ms = tonumber(snap[1] or "-1")
-local acct_charged = tonumber(redis.call("HGET", prefix .. "chsum", "acct") or "0")
-local acct_held = tonumber(redis.call("HGET", prefix .. "held", "acct") or "0")
+local acct_charged = tonumber(redis.call("HGET", K.chsum, "acct") or "0")
+local acct_held = tonumber(redis.call("HGET", K.held, "acct") or "0")
 local rows = {}
 for i = 1, n_rows do
   local level = nil
-  if fetched_ms >= 0 then level = row_level(prefix, ARGV[4 + i], windows, fetched_ms) end
+  if fetched_ms >= 0 then level = row_level(ARGV[4 + i], windows, fetched_ms) end
   if level == nil then
     rows[i] = {"none", 0, -1, -1, "-", 0, 0, 0}
   elseif level == "!" then
@@ -28,9 +27,9 @@ for i = 1, n_rows do
   end
 end
 local budgets = {}
-for i = 2, #KEYS do
-  local id = ARGV[4 + n_rows + i - 1]
-  budgets[i - 1] = {tonumber(redis.call("GET", KEYS[i]) or "0"),
-                    tonumber(redis.call("HGET", prefix .. "held", "b:" .. id) or "0")}
+for i = 1, #KEYS - N_BASE do
+  local id = ARGV[4 + n_rows + i]
+  budgets[i] = {tonumber(redis.call("GET", KEYS[N_BASE + i]) or "0"),
+                    tonumber(redis.call("HGET", K.held, "b:" .. id) or "0")}
 end
 return {fetched_ms, tonumber(snap[2] or "0"), acct_charged, acct_held, rows, budgets}

@@ -1,26 +1,25 @@
 -- mark_started: record that the upstream answered these holds' calls (it pre-charges first).
--- KEYS[1] holds (the prefix is derived from it)
+-- KEYS: the account's (K)
 -- ARGV[1] containment margin (ms)  ARGV[2..] pairs of hold_id, started_ms
 -- A hold whose call started at least `margin` before the stored snapshot's fetch began is in
 -- that snapshot already and leaves the upstream scopes' held sums at once; the others wait in
 -- the `started` sorted set for the next snapshot (apply_snapshot.lua). Returns how many were marked.
-local prefix = string.sub(KEYS[1], 1, -6)
 local margin = tonumber(ARGV[1])
-local fetched = tonumber(redis.call("HGET", prefix .. "snap", "fetched_ms") or "-1")
+local fetched = tonumber(redis.call("HGET", K.snap, "fetched_ms") or "-1")
 local marked = 0
 for i = 2, #ARGV, 2 do
   local hold_id, started = ARGV[i], tonumber(ARGV[i + 1])
-  local rec = redis.call("HGET", KEYS[1], hold_id)
+  local rec = redis.call("HGET", K.holds, hold_id)
   local h = rec and parse_hold(rec)
   if rec and h == nil then
-    quarantine(prefix, hold_id, rec)
+    quarantine(hold_id, rec)
   elseif h and h.started == 0 and not h.contained then
     h.started = started
     if fetched >= 0 and started + margin <= fetched then
-      contain(prefix, hold_id, h)
+      contain(hold_id, h)
     else
-      redis.call("HSET", KEYS[1], hold_id, format_hold(h))
-      redis.call("ZADD", prefix .. "started", int(started), hold_id)
+      redis.call("HSET", K.holds, hold_id, format_hold(h))
+      redis.call("ZADD", K.started, int(started), hold_id)
     end
     marked = marked + 1
   end

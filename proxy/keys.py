@@ -1,0 +1,73 @@
+"""Every Redis key the guard uses, named in one place.
+
+All of an account's keys carry the hash tag `{<account>}` (`sg:{main}:holds`), so Redis Cluster
+keeps them on one node and one script may touch several. A script touches only keys it receives
+in KEYS: first the account's fixed keys in `BASE` order (store.py writes the Lua binding
+`local K = {snap = KEYS[1], ...}` in front of every script from `Keys.lua_binding`, so the two
+cannot disagree), then its own (a hold's tombstone, budget counters; each script's header says
+which). A script that would need a counter it was not given says so instead of touching it
+(`SETTLE_NEEDS`), and the caller runs it again with those keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+# The account's fixed keys, in the order every script receives them.
+BASE = (
+    "snap",  # hash: the credits snapshot (fetched_ms, remaining, "r:<row_ref>" rows)
+    "holds",  # hash: hold_id -> hold record (see _common.lua)
+    "held",  # hash: what calls in flight hold, per scope ("acct", "row:<ref>", "b:<budget>")
+    "leases",  # sorted set: hold_id by lease expiry (ms)
+    "started",  # sorted set: hold_id by when the upstream answered, until a snapshot holds it
+    "chsum",  # hash: charges since the snapshot ("acct", "row:<ref>:<window>")
+    "chlog",  # sorted set: charged hold_id by the instant it counts from
+    "chamt",  # hash: charged hold_id -> "amount|row field"
+    "quarantine",  # hash: hold_id -> an unreadable record moved aside
+    "epoch",  # string: the store's identity (amnesia check)
+    "lost",  # string: why and when the store lost its local budget state
+)
+
+
+def spec(budget_id: str, window_start_ms: int) -> str:
+    """A budget counter as hold records and scripts spell it: `<id>@<window start ms>`."""
+    return f"{budget_id}@{window_start_ms}"
+
+
+def parse_spec(text: str) -> tuple[str, int]:
+    budget_id, _, window = text.rpartition("@")
+    return budget_id, int(window)
+
+
+class Keys:
+    """The key names of one account."""
+
+    def __init__(self, account: str) -> None:
+        self.prefix = f"sg:{{{account}}}:"
+        self.base = tuple(self.prefix + name for name in BASE)
+
+    def __call__(self, name: str) -> str:
+        """A fixed key by name (`snap`, `epoch`, `prices`, `status`, a lock)."""
+        return self.prefix + name
+
+    def budget(self, budget_id: str, window_start_ms: int) -> str:
+        """A local budget's counter (micro-dollars charged) in the window starting then (0: lifetime)."""
+        return f"{self.prefix}b:{budget_id}:{window_start_ms}"
+
+    def budgets(self, counters: Sequence[tuple[str, int]]) -> list[str]:
+        return [self.budget(budget_id, window) for budget_id, window in counters]
+
+    def tomb(self, hold_id: str) -> str:
+        """Left by a release that found no hold: its reserve, if it still runs, holds nothing."""
+        return f"{self.prefix}tomb:{hold_id}"
+
+    def alert(self, scope: str) -> str:
+        return f"{self.prefix}alert:{scope}"
+
+    def alert_rate(self, scope: str) -> str:
+        return f"{self.prefix}alert-rate:{scope}"
+
+    @staticmethod
+    def lua_binding() -> str:
+        names = ", ".join(f"{name} = KEYS[{i}]" for i, name in enumerate(BASE, 1))
+        return f"local K = {{{names}}}\nlocal N_BASE = {len(BASE)}\n"
