@@ -126,7 +126,7 @@ class Alerts:
         budgets: dict[str, Budget] = {b.id: b for key in keys for b in budgets_for(policy, key)}
         if names is None:
             budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
-        levels, refs = await read_levels(self.rt.store, policy, keys, list(budgets.values()), now_s)
+        levels, refs = await read_levels(self.rt.ledger, policy, keys, list(budgets.values()), now_s)
         found = await asyncio.gather(
             *(self._scope(policy, level, now_s) for level in self._levels(keys, refs, levels, budgets.values())),
             self._credits(policy, levels, now_s),

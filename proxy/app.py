@@ -341,7 +341,7 @@ class SpendGuardApp:
 
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.runtime is not None:
-            await self.levels.refresh(self.runtime.store, self.runtime.policy, self.runtime.clock())
+            await self.levels.refresh(self.runtime.ledger, self.runtime.policy, self.runtime.clock())
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def me(self, request: Request) -> Response:

@@ -24,7 +24,8 @@ from proxy.money import MoneyError, usd_to_micros
 from proxy.policy import Policy
 from proxy.pricing import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
-from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, Store, row_ref
+from proxy.contract import SnapshotStore
+from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, row_ref
 from proxy.types import Clock, StoreClock
 from proxy.windows import parse_timestamp_ms
 
@@ -131,7 +132,7 @@ class Refresher:
 
     def __init__(
         self,
-        store: Store,
+        store: SnapshotStore,
         session: aiohttp.ClientSession,
         policy: Callable[[], Policy],
         api_key: Secret | None,

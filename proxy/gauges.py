@@ -18,7 +18,7 @@ from proxy import __version__
 from proxy.errors import StoreError
 from proxy.policy import Policy
 from proxy.report import ScopeLevel, every_level
-from proxy.store import Store
+from proxy.contract import Ledger
 
 log = logging.getLogger("spend_guard.gauges")
 LEVELS = (
@@ -36,7 +36,7 @@ class LevelGauges(Collector):
         self.levels: list[ScopeLevel] = []
         self.credits_micros: int | None = None
 
-    async def refresh(self, store: Store, policy: Policy, now_s: float) -> None:
+    async def refresh(self, store: Ledger, policy: Policy, now_s: float) -> None:
         try:
             self.levels, self.credits_micros = await every_level(store, policy, now_s)
         except StoreError as exc:

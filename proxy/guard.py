@@ -281,7 +281,7 @@ class Guard:
             budgets=budget_holds(budgets, now_s),
         )
         try:
-            decision = await rt.store.reserve(request)
+            decision = await rt.ledger.reserve(request)
             rt.reserve_failed_at = 0.0
             if budgets:
                 decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})

@@ -15,7 +15,8 @@ from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy import Budget, KeyPolicy, Policy
 from proxy.request import BEARER_RE, fingerprint
-from proxy.store import Levels, RowLevel, Store, row_ref
+from proxy.contract import Ledger
+from proxy.store import Levels, RowLevel, row_ref
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 PERIOD_NAMES = ("day", "week", "month")
@@ -76,7 +77,7 @@ def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
 
 
 async def read_levels(
-    store: Store, policy: Policy, keys: Sequence[KeyPolicy | None], budgets: Sequence[Budget], now_s: float
+    store: Ledger, policy: Policy, keys: Sequence[KeyPolicy | None], budgets: Sequence[Budget], now_s: float
 ) -> tuple[Levels, dict[str, str | None]]:
     """One round trip: the key rows of `keys` and every budget in `budgets`, in their windows."""
     refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
@@ -85,25 +86,26 @@ async def read_levels(
     return await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows), refs
 
 
-async def scopes_for(store: Store, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
+async def scopes_for(store: Ledger, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
     """Every scope a call by `key` is checked against, with limit, spent, held, remaining, reset."""
     return (await scopes_for_many(store, policy, [key], now_s))[0]
 
 
 async def scopes_for_many(
-    store: Store, policy: Policy, keys: Sequence[KeyPolicy | None], now_s: float
+    store: Ledger, policy: Policy, keys: Sequence[KeyPolicy | None], now_s: float
 ) -> list[dict[str, Any]]:
     """`scopes_for` of each key, read in one round trip (the store's `levels`)."""
     budgets = {key.name if key else "": budgets_for(policy, key) for key in keys}
     every = [budget for each in budgets.values() for budget in each]
     levels, refs = await read_levels(store, policy, keys, every, now_s)
-    return [_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
+    return [key_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
             for key in keys]
 
 
-def _report(
+def key_report(
     policy: Policy, key: KeyPolicy | None, levels: Levels, ref: str | None, budgets: list[Budget], now_s: float
 ) -> dict[str, Any]:
+    """The scopes a call by `key` is checked against, from levels already read (`read_levels`)."""
     scopes: list[dict[str, Any]] = []
     level = levels.rows.get(ref) if ref else None
     row = level if isinstance(level, RowLevel) else None
@@ -125,7 +127,7 @@ def _report(
     return result
 
 
-async def every_level(store: Store, policy: Policy, now_s: float) -> tuple[list[ScopeLevel], int | None]:
+async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list[ScopeLevel], int | None]:
     """Every scope of the policy, spelled as refusals spell it (a key's ImageRouter limit as
     `key:<name>:<period>`), and the account's remaining credits (None: no snapshot): the gauges."""
     budgets = {b.id: b for key in policy.keys for b in budgets_for(policy, key)}
@@ -160,6 +162,6 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
             "account's credits only, which are not shown to unlisted keys.",
         }
     try:
-        return await scopes_for(runtime.store, policy, key, runtime.clock())
+        return await scopes_for(runtime.ledger, policy, key, runtime.clock())
     except Exception as exc:
         raise Rejected(503, "guard_unavailable", "The spend guard's store is unavailable.", scope="store") from exc

@@ -23,6 +23,7 @@ from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
+from proxy.contract import Ledger
 from proxy.store import BudgetHold, Store
 from proxy.types import Clock
 
@@ -75,6 +76,9 @@ class Runtime:
     metrics: Metrics
     clock: Clock
     upstream: Upstream = field(init=False)
+    # The money path: reserves, settles and level reads go through it. The store itself unless a
+    # layer is put in front of it (see proxy/contract.py); everything else uses `store`.
+    ledger: Ledger = field(init=False)
     routes: RouteTable = field(init=False)
     flights: dict[str, Flight] = field(default_factory=dict)
     pending_settles: dict[str, Pending] = field(default_factory=dict)
@@ -90,6 +94,7 @@ class Runtime:
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
+        self.ledger = self.store
         self.apply_policy(self.holder.policy)
 
     @property
@@ -137,7 +142,7 @@ class Runtime:
         # billed when it ends, so its charge is logged at the settle.
         started_ms = flight.started_ms if flight.precharged else 0
         try:
-            charged = await self.store.settle(flight.hold_id, cost_micros, self.now_ms(), started_ms, flight.counters)
+            charged = await self.ledger.settle(flight.hold_id, cost_micros, self.now_ms(), started_ms, flight.counters)
             if charged is None:
                 # Its lease expired and a reserve reclaimed it, charging the whole hold (counted
                 # there, in spend_guard_reclaimed_holds_total).
@@ -192,7 +197,7 @@ class Runtime:
         retries); a fault of one record never holds back the others."""
         for hold_id, pending in list(self.pending_settles.items()):
             try:
-                await self.store.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters)
+                await self.ledger.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters)
             except HoldQuarantined:
                 self.quarantined(hold_id)
             except StoreScriptError as exc:
@@ -211,7 +216,7 @@ class Runtime:
         due = [f for f in self.flights.values() if f.precharged and f.started_ms and not f.marked]
         if not due:
             return
-        await self.store.mark_started([(f.hold_id, f.started_ms) for f in due])
+        await self.ledger.mark_started([(f.hold_id, f.started_ms) for f in due])
         for f in due:
             f.marked = True
 

@@ -12,13 +12,13 @@ import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.decisions import budget_holds
+from proxy.decisions import budgets_for
 from proxy.embedded import socket_path, socket_url
 from proxy.errors import StoreError
 from proxy.money import format_usd
 from proxy.policy import Budget, Policy
-from proxy.report import _reset, scopes_for
-from proxy.store import Store, redis_client
+from proxy.report import budget_level, key_report, read_levels
+from proxy.store import Levels, Store, redis_client
 from proxy.types import SystemClock
 
 COLUMNS = ("owner", "scope", "mode", "limit_usd", "spent_usd", "held_usd", "remaining_usd", "over_usd", "resets_at")
@@ -76,16 +76,19 @@ async def collect(policy: Policy, url: str, *, policy_label: str = "default", st
     now = SystemClock()() if now_s is None else now_s
     shown = describe_url(url)
     try:
-        snapshot = await store.read_snapshot()
+        # Two round trips: the open holds, and every scope's level by the rules the guard enforces.
         holds = await store.open_holds()
-        if snapshot is None and holds == 0 and not await _any_budget_counted(store, policy, now):
+        budgets = _all_budgets(policy)
+        levels, refs = await read_levels(store, policy, policy.keys, budgets, now)
+        counted = any(u.charged_micros or u.held_micros for u in levels.budgets.values())
+        if levels.fetched_ms is None and holds == 0 and not counted:
             raise StatusError(
                 f"the store at {shown} holds nothing for account '{policy.account.name}' (no credits snapshot, no holds, "
                 "no budget spend): a wrong URL or DB number, a different account.name, or no proxy has run against it yet"
             )
         status = Status(shown, policy.account.name, policy_label, None, holds)
-        await _rows(status, store, policy, now)
-        if snapshot is not None:
+        _rows(status, policy, levels, refs, now)
+        if levels.fetched_ms is not None:
             status.snapshot_at = next((r["snapshot_at"] for r in status.rows if r["scope"] == "account"), None)
     except StoreError as exc:
         raise StatusError(f"cannot read the store at {shown}: {exc}") from exc
@@ -95,46 +98,29 @@ async def collect(policy: Policy, url: str, *, policy_label: str = "default", st
     return status
 
 
-async def _any_budget_counted(store: Store, policy: Policy, now_s: float) -> bool:
-    budgets = _all_budgets(policy)
-    usage = await store.usage([], budget_holds(budgets, now_s))
-    return any(u.charged_micros or u.held_micros for u in usage.values())
-
-
 def _all_budgets(policy: Policy) -> list[Budget]:
-    found = {b.counter: b for key in policy.keys for b in key.budgets}
+    """Every budget a key or group is checked against (the policy's defaults included)."""
+    found = {b.counter: b for key in policy.keys for b in budgets_for(policy, key)}
     found.update({b.counter: b for group in policy.groups.values() for b in group.budgets})
     return list(found.values())
 
 
-async def _rows(status: Status, store: Store, policy: Policy, now_s: float) -> None:
+def _rows(status: Status, policy: Policy, levels: Levels, refs: dict[str, str | None], now_s: float) -> None:
     rows = status.rows
-    report = await scopes_for(store, policy, None, now_s)
+    report = key_report(policy, None, levels, None, [], now_s)
     rows += [_row(f"account {policy.account.name}", s) for s in report["scopes"] if s["scope"] == "account"]
     if not rows:
         rows.append(_blank(f"account {policy.account.name}", "account", "no credits snapshot fetched yet"))
     for key in policy.keys:
-        report = await scopes_for(store, policy, key, now_s)
+        report = key_report(policy, key, levels, refs.get(key.name), budgets_for(policy, key), now_s)
         own = [s for s in report["scopes"] if s["scope"] != "account" and not s["scope"].startswith("budget:group:")]
         rows += [_row(f"key {key.name}", s) for s in own]
         if not own:
             covered = f"group {key.group}" if key.group else "the account only"
             rows.append(_blank(f"key {key.name}", "-", f"limited by {covered}"))
     for group in policy.groups.values():
-        holds = budget_holds(list(group.budgets), now_s)
-        usage = await store.usage([], holds)
         for budget in group.budgets:
-            used = usage[f"b:{budget.counter}"]
-            scope = {
-                "scope": f"budget:{budget.id}",
-                "limit_usd": format_usd(budget.limit_micros),
-                "spent_usd": format_usd(used.charged_micros),
-                "held_usd": format_usd(used.held_micros),
-                "remaining_usd": format_usd(max(0, budget.limit_micros - used.charged_micros - used.held_micros)),
-                "resets_at": _reset(budget.period, now_s),
-                "mode": "shadow" if budget.shadow else "enforce",
-            }
-            rows.append(_row(f"group {group.name}", scope))
+            rows.append(_row(f"group {group.name}", budget_level(budget, levels).as_json(now_s)))
         if not group.budgets:
             rows.append(_blank(f"group {group.name}", "-", "no budgets"))
 

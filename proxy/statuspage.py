@@ -33,7 +33,7 @@ from proxy.money import format_usd
 from proxy.policy import Policy
 from proxy.refusals import RecentRefusals
 from proxy.report import ScopeLevel, every_level
-from proxy.store import Store
+from proxy.contract import StatusStore
 from proxy.windows import format_ms, window_start_ms
 
 REALM = 'Basic realm="spend-guard"'
@@ -69,7 +69,7 @@ def _password_digest(header: str) -> str | None:
     return hashlib.sha256(password.encode()).hexdigest() if colon else None
 
 
-async def status_data(store: Store, policy: Policy, refusals: RecentRefusals, now_s: float) -> dict[str, Any]:
+async def status_data(store: StatusStore, policy: Policy, refusals: RecentRefusals, now_s: float) -> dict[str, Any]:
     """What the page shows; scopes are read in one round trip (the store's `levels`)."""
     body: dict[str, Any] = {
         "generated_at": format_ms(int(now_s * 1000)),
@@ -99,7 +99,7 @@ async def status_data(store: Store, policy: Policy, refusals: RecentRefusals, no
     return body
 
 
-async def _alerts_sent(store: Store, policy: Policy, levels: list[ScopeLevel], now_s: float) -> list[dict[str, Any]] | None:
+async def _alerts_sent(store: StatusStore, policy: Policy, levels: list[ScopeLevel], now_s: float) -> list[dict[str, Any]] | None:
     """The alerts claimed (so sent, by whichever instance) in each scope's current window, newest
     first; None when they cannot be read."""
     scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]  # type: ignore[arg-type]

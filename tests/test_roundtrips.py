@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import pytest
@@ -53,3 +54,37 @@ keys:
         # HELLO: the handshake of the admin connection that sends the sentinel
         names = [c["command"].split()[0].upper() for c in seen if not c["command"].upper().startswith("HELLO")]
         assert names == ["EVALSHA"] * 6, names  # reserve + settle, three times
+
+
+@pytest.mark.parametrize("store_target", [pytest.param("real", marks=pytest.mark.real)], indirect=True)
+def test_status_reads_every_key_and_group_in_two_round_trips(store_target, tmp_path):
+    """`spend-guard status` with 20 keys in 4 groups: the open holds, then one levels read."""
+    from proxy.policy_load import load_policy
+    from proxy.status import collect
+
+    groups = "".join(f"  - name: g{i}\n    budgets: [{{limit_usd: 5, period: day}}]\n" for i in range(4))
+    keys = "".join(
+        f"  - name: k{i}\n    key_sha256: \"{i:064x}\"\n    group: g{i % 4}\n    budgets: [{{limit_usd: 1, period: month}}]\n"
+        for i in range(20)
+    )
+    path = tmp_path / "policy.yaml"
+    path.write_text(f"account: {{name: rt}}\ngroups:\n{groups}keys:\n{keys}")
+    policy = load_policy(path)
+    with RedisServer() as server:
+        admin = redis.Redis.from_url(server.url)
+        admin.hset("sg:{rt}:holds", "h1", "1|0||0|")  # the store holds something for the account
+        seen: list[dict] = []
+        ready = threading.Event()
+        thread = threading.Thread(target=watch, args=(server.url, seen, ready), daemon=True)
+        thread.start()
+        assert ready.wait(10)
+        status = asyncio.run(collect(policy, server.url))
+        admin.echo(SENTINEL)
+        thread.join(10)
+        admin.close()
+    assert len([r for r in status.rows if r["owner"].startswith("key ")]) == 20
+    assert len([r for r in status.rows if r["owner"].startswith("group ")]) == 4
+    names = [c["command"].split()[0].upper() for c in seen if not c["command"].upper().startswith(("HELLO", "CLIENT", "PING"))]
+    # (PING, HELLO, CLIENT: the connection handshake) EVALSHA fails once with NOSCRIPT on a new
+    # server, then SCRIPT LOAD and EVALSHA again
+    assert [n for n in names if n != "SCRIPT"] in (["HLEN", "EVALSHA"], ["HLEN", "EVALSHA", "EVALSHA"]), names
