@@ -67,7 +67,9 @@ class Stack:
     def posts(self) -> int:
         return int(self.http.get("/parity/posts").json()["posts"])
 
-    def parse(self, body: bytes, content_type: str | None, path: str = EDITS, encoding: str | None = None) -> dict[str, Any]:
+    def parse(
+        self, body: bytes, content_type: str | None, path: str = EDITS, encoding: str | None = None
+    ) -> dict[str, Any]:
         """What ImageRouter's stack makes of a body, sent to it directly."""
         headers = [(b"Content-Type", content_type.encode("latin-1"))] if content_type is not None else []
         if encoding is not None:
@@ -89,7 +91,8 @@ def stack() -> Iterator[Stack]:
         pytest.skip(missing)
     assert node is not None
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen([node, "app.js"], cwd=PARITY_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+        proc = subprocess.Popen([node, "app.js"], cwd=PARITY_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=errors)
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # the app prints its port once it listens
@@ -135,7 +138,12 @@ def verdict(body: bytes, content_type: str | None, encoding: str | None = None) 
 
 
 def through_guard(
-    client: TestClient, stack: Stack, caplog: pytest.LogCaptureFixture, case: Case, path: str = EDITS, encoding: str | None = None
+    client: TestClient,
+    stack: Stack,
+    caplog: pytest.LogCaptureFixture,
+    case: Case,
+    path: str = EDITS,
+    encoding: str | None = None,
 ) -> str:
     """Send one body through the proxy to the stack; assert refused, or priced as the stack read it."""
     label, body, content_type = case
@@ -169,7 +177,8 @@ def through_guard(
     assert report["model"] == expected.model, (
         f"{label}: the guard priced {expected.model!r}, ImageRouter ran {report['model']!r}"
     )
-    assert access and access[-1]["model"] == echo(expected.model) and access[-1]["decision"] == "allowed", (label, access)
+    assert access and access[-1]["model"] == echo(expected.model) and access[-1]["decision"] == "allowed", (
+        label, access)
     return "priced"
 
 
@@ -204,10 +213,14 @@ def gzip_with_comment(comment: bytes, data: bytes) -> bytes:
 
 JSON_BODY = b'{"model": "google/veo-3.1", "prompt": "a cat"}'
 RAW_DEFLATE = zlib.compressobj(wbits=-zlib.MAX_WBITS)
-SMUGGLED = gzip_with_comment(b"\r\n" + form(part(b'Content-Disposition: form-data; name="model"', DENIED)), form(part(b'Content-Disposition: form-data; name="model"', CHEAP)))
+SMUGGLED = gzip_with_comment(
+    b"\r\n" + form(part(b'Content-Disposition: form-data; name="model"', DENIED)),
+    form(part(b'Content-Disposition: form-data; name="model"', CHEAP)),
+)
 ENCODED: list[tuple[str, bytes, str, str]] = [
     ("gzip-json", gzip.compress(JSON_BODY), "application/json", "gzip"),
-    ("gzip-json-two-members", gzip.compress(b'{"model": ') + gzip.compress(b'"google/veo-3.1"}'), "application/json", "gzip"),
+    ("gzip-json-two-members", gzip.compress(b'{"model": ') + gzip.compress(b'"google/veo-3.1"}'), "application/json",
+     "gzip"),
     ("deflate-json", zlib.compress(JSON_BODY), "application/json", "deflate"),
     ("raw-deflate-json", RAW_DEFLATE.compress(JSON_BODY) + RAW_DEFLATE.flush(), "application/json", "deflate"),
     ("x-gzip-json", gzip.compress(JSON_BODY), "application/json", "x-gzip"),
@@ -243,12 +256,15 @@ def test_multer_reads_an_encoded_form_raw_so_a_gzip_comment_can_smuggle_a_model(
 
 
 @pytest.mark.parametrize("method", ["POST", "GET", "DELETE"])
-@pytest.mark.parametrize("path", [b"/v1/openai/images/%2567enerations", b"/v1/openai/videos%252Fgenerations", b"/v1/openai/%2569mages/edits"])
+@pytest.mark.parametrize(
+    "path", [b"/v1/openai/images/%2567enerations", b"/v1/openai/videos%252Fgenerations", b"/v1/openai/%2569mages/edits"]
+)
 def test_a_double_encoded_spending_path_is_refused_on_every_method(proxy, stack, method, path):
     before = stack.posts()
     body = form_body(DENIED)
     resp = proxy.request(
-        method, path.decode(), content=body, headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "multipart/form-data; boundary=B"}
+        method, path.decode(), content=body,
+        headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "multipart/form-data; boundary=B"},
     )
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
     assert stack.posts() == before
@@ -265,7 +281,8 @@ def test_a_long_model_is_echoed_bounded_in_the_message_and_the_log(proxy, stack,
 
 # -- generated bodies ---------------------------------------------------------------------------
 
-NAMES = [b"model", b"model", b"model", b"prompt", b"image", b"mask", b"model[]", b"Model", b"seconds", b"model ", b"image[]"]
+NAMES = [b"model", b"model", b"model", b"prompt", b"image", b"mask", b"model[]", b"Model", b"seconds", b"model ",
+         b"image[]"]
 VALUES = [CHEAP, DENIED, b"", b"a cat", "модель".encode(), b"test/test!", b"m\xe9", b"x\r\ny", b"--B", b"\r\n--B"]
 DISPOSITIONS = [
     b'form-data; name="%s"', b"form-data; name=%s", b'Form-Data; NAME="%s"', b'form-data; name="%s"; filename="a.png"',
@@ -277,8 +294,9 @@ EXTRA_HEADERS = [
     b"", b"", b"", b"\r\nContent-Type: text/plain", b"\r\nContent-Type: text/plain; charset=utf-8",
     b"\r\nContent-Type: text/plain; charset=latin1", b"\r\nContent-Type: text/plain; charset=utf-16le",
     b"\r\nContent-Type: application/octet-stream", b"\r\nContent-Transfer-Encoding: base64",
-    b"\r\nContent-Transfer-Encoding: 8bit", b"\r\nX-Note: a\r\n b", b"\r\ncontent-disposition: form-data; name=\"model\"",
-    b"\r\nContent-Type: text/plain; charset=US-ASCII", b"\r\nContent-Type: image/png",
+    b"\r\nContent-Transfer-Encoding: 8bit", b"\r\nX-Note: a\r\n b",
+    b"\r\ncontent-disposition: form-data; name=\"model\"", b"\r\nContent-Type: text/plain; charset=US-ASCII",
+    b"\r\nContent-Type: image/png",
 ]
 DELIMITER_TAILS = [b"\r\n"] * 8 + [b" \r\n", b"\t\r\n", b"x\r\n", b"\n", b"-\r\n", b"\r\n\r\n"]
 BOUNDARIES = [b"B", b"----WebKitFormBoundaryx", b"a b", b"'()+_,-./:=?", b"b"]
@@ -305,7 +323,8 @@ def multipart_bodies(draw: st.DrawFn) -> Case:
             headers = draw(st.sampled_from([b"X-First: 1\r\n", b" folded\r\n"])) + headers
         value = draw(st.sampled_from(VALUES[:2] * 20 + VALUES)).replace(b"--B", b"--" + boundary)
         ending = draw(mostly(b"\r\n\r\n", b"\n\n", b"\r\n\n", weight=20))
-        body += b"--" + boundary + draw(mostly(b"\r\n", *DELIMITER_TAILS[8:], weight=40)) + headers + ending + value + b"\r\n"
+        delimiter_tail = draw(mostly(b"\r\n", *DELIMITER_TAILS[8:], weight=40))
+        body += b"--" + boundary + delimiter_tail + headers + ending + value + b"\r\n"
     body += b"--" + boundary + draw(mostly(b"--\r\n", b"--", b"-- x", b"\r\n", b"", weight=8))
     mutation = draw(mostly("none", "cut", "flip", "insert", "delete", "lf", weight=10))
     if mutation != "none" and body:
@@ -315,14 +334,16 @@ def multipart_bodies(draw: st.DrawFn) -> Case:
         elif mutation == "flip":
             body = body[:at] + bytes([draw(st.sampled_from(b"\r\n -\t\"';=:\x00\xe9"))]) + body[at + 1 :]
         elif mutation == "insert":
-            body = body[:at] + draw(st.sampled_from([b"\r\n", b" ", b"--" + boundary, b"\r\n--" + boundary + b"\r\n"])) + body[at:]
+            inserted = draw(st.sampled_from([b"\r\n", b" ", b"--" + boundary, b"\r\n--" + boundary + b"\r\n"]))
+            body = body[:at] + inserted + body[at:]
         elif mutation == "delete":
             body = body[:at] + body[at + 1 :]
         else:
             body = body.replace(b"\r\n", b"\n", 1)
     quoted = draw(st.booleans()) or any(ch in boundary for ch in b" '()+,/:=?")
     declared = ('"' + boundary.decode() + '"') if quoted else boundary.decode()
-    ctype = draw(st.sampled_from(["multipart/form-data; boundary=%s", "Multipart/Form-Data;boundary=%s", "multipart/form-data; charset=utf-8; boundary=%s"]))
+    ctype = draw(st.sampled_from(["multipart/form-data; boundary=%s", "Multipart/Form-Data;boundary=%s",
+                                  "multipart/form-data; charset=utf-8; boundary=%s"]))
     return "generated", body, ctype % declared
 
 
@@ -331,12 +352,14 @@ def json_bodies(draw: st.DrawFn) -> Case:
     keys = [b'"model"', b'"m\\u006fdel"', b'"prompt"', b'"__proto__"', b'"Model"', b'"model "']
     values = [b'"test/test"', b'"google/veo-3.1"', b'"google\\/veo-3.1"', b'"\\u0067oogle/veo-3.1"', b"null", b"3",
               b'["google/veo-3.1"]', b'{"model": "x"}', b'" test/test"', b'"test/test\\n"', b"NaN", b'"\\ud800"']
-    pairs = draw(st.lists(st.tuples(mostly(keys[0], *keys[1:], weight=4), mostly(values[0], *values[1:], weight=4)), min_size=1, max_size=4))
+    pairs = draw(st.lists(st.tuples(mostly(keys[0], *keys[1:], weight=4), mostly(values[0], *values[1:], weight=4)),
+                          min_size=1, max_size=4))
     text = b"{" + b", ".join(k + b": " + v for k, v in pairs) + b"}"
     text = draw(mostly(b"", b"\xef\xbb\xbf", b" \r\n", b"\xef\xbb\xbf\xef\xbb\xbf")) + text
     text += draw(mostly(b"", b"\n", b" x", b","))
-    ctype = draw(st.sampled_from(["application/json", "application/json; charset=utf-8", "application/json; charset=UTF-8",
-                                  "Application/JSON", "application/json; charset=latin1", "application/json;charset=utf-8"]))
+    ctype = draw(st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                  "application/json; charset=UTF-8", "Application/JSON",
+                                  "application/json; charset=latin1", "application/json;charset=utf-8"]))
     return "generated-json", text, ctype
 
 
@@ -349,17 +372,21 @@ def sane_multipart_bodies(draw: st.DrawFn) -> Case:
     body = draw(st.sampled_from([b"", b"preamble\r\n", b"\r\n"]))
     for name in names:
         disposition = draw(st.sampled_from([b'form-data; name="%s"', b"form-data; name=%s", b'FORM-DATA; Name="%s"',
-                                            b'form-data;name="%s"', b'form-data; x="y;z"; name="%s"', b'form-data; name="%s"  ']))
+                                            b'form-data;name="%s"', b'form-data; x="y;z"; name="%s"',
+                                            b'form-data; name="%s"  ']))
         if name == b"image":
             disposition += b'; filename="a.png"'
-        extra = draw(st.sampled_from([b"", b"\r\nContent-Type: text/plain", b"\r\ncontent-type: text/plain; charset=UTF-8",
-                                      b"\r\nX-Note: x", b"\r\nContent-Transfer-Encoding: 8bit", b"\r\nContent-Type: text/plain;charset=us-ascii"]))
+        extra = draw(st.sampled_from([b"", b"\r\nContent-Type: text/plain",
+                                      b"\r\ncontent-type: text/plain; charset=UTF-8", b"\r\nX-Note: x",
+                                      b"\r\nContent-Transfer-Encoding: 8bit",
+                                      b"\r\nContent-Type: text/plain;charset=us-ascii"]))
         value = draw(st.sampled_from([CHEAP, DENIED, b"openai/gpt-image-1", "модель".encode(), b"a b", b"x" * 300]))
         body += b"--" + boundary + b"\r\n" + draw(st.sampled_from([b"Content-Disposition: ", b"content-disposition:"]))
         body += disposition % name + extra + b"\r\n\r\n" + value + b"\r\n"
     body += b"--" + boundary + draw(st.sampled_from([b"--\r\n", b"--", b"--\r\nepilogue"]))
     declared = draw(st.sampled_from([boundary.decode(), '"' + boundary.decode() + '"']))
-    return "generated-sane", body, draw(st.sampled_from(["multipart/form-data; boundary=", "multipart/form-data;boundary="])) + declared
+    ctype = draw(st.sampled_from(["multipart/form-data; boundary=", "multipart/form-data;boundary="]))
+    return "generated-sane", body, ctype + declared
 
 
 GENERATED = st.one_of(sane_multipart_bodies(), multipart_bodies(), multipart_bodies(), json_bodies())
@@ -379,7 +406,8 @@ def test_generated_bodies_are_read_alike_by_the_guard_and_imagerouters_stack(sta
         }, (body, content_type)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(case=GENERATED)
 def test_generated_bodies_through_the_guard(proxy, stack, caplog, case):
     caplog.set_level(logging.INFO, logger="spend_guard.access")
