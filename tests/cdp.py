@@ -94,7 +94,8 @@ class Page:
 
     def _note(self, method: str, params: dict[str, Any]) -> None:
         if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
-            self.errors.append("console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+            self.errors.append(
+                "console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
         elif method == "Runtime.exceptionThrown":
             self.errors.append("exception: " + json.dumps(params["exceptionDetails"])[:500])
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
@@ -107,8 +108,10 @@ class Page:
             if self.credentials is None:
                 answer = {"response": "CancelAuth"}
             else:
-                answer = {"response": "ProvideCredentials", "username": self.credentials[0], "password": self.credentials[1]}
-            self._spawn(self.call("Fetch.continueWithAuth", requestId=params["requestId"], authChallengeResponse=answer))
+                answer = {"response": "ProvideCredentials", "username": self.credentials[0],
+                          "password": self.credentials[1]}
+            self._spawn(self.call("Fetch.continueWithAuth", requestId=params["requestId"],
+                                  authChallengeResponse=answer))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -117,7 +120,9 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def chromium_page(credentials: tuple[str, str] | None = None, width: int = 1280, height: int = 900) -> AsyncIterator[Page]:
+async def chromium_page(
+    credentials: tuple[str, str] | None = None, width: int = 1280, height: int = 900
+) -> AsyncIterator[Page]:
     """A fresh headless Chromium (own profile, no network but loopback use) with one tab."""
     binary = chromium_binary()
     profile = tempfile.mkdtemp(prefix="sg-chromium-")

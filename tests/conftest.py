@@ -159,7 +159,9 @@ class Proxy:
         assert self.client.portal is not None
         return self.client.portal.call(fn, *args)
 
-    def generate(self, token: str | None = KEY_A, model: str = "openai/gpt-image-1", standin: str = "", **kw: Any) -> Any:
+    def generate(
+        self, token: str | None = KEY_A, model: str = "openai/gpt-image-1", standin: str = "", **kw: Any
+    ) -> Any:
         headers = {"X-Standin": standin} if standin else {}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -169,10 +171,14 @@ class Proxy:
 
 
 @pytest.fixture
-def make_proxy(up: StandIn, store_target: StoreTarget, write_policy: Callable[[str], Path]) -> Iterator[Callable[..., Proxy]]:
+def make_proxy(
+    up: StandIn, store_target: StoreTarget, write_policy: Callable[[str], Path]
+) -> Iterator[Callable[..., Proxy]]:
     started: list[TestClient] = []
 
-    def make(policy_text: str = "", *, clock: Any = None, refresh: bool = True, store: StoreTarget | None = None) -> Proxy:
+    def make(
+        policy_text: str = "", *, clock: Any = None, refresh: bool = True, store: StoreTarget | None = None
+    ) -> Proxy:
         text = textwrap.dedent(policy_text)
         path = write_policy(text if "\naccount:" in text else POLICY_BASE + text)
         settings = Settings(policy=str(path), upstream=up.url, redis_url=(store or store_target).url)

@@ -71,7 +71,8 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed"
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no", "--dir", self.dir],
+            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
+             "--dir", self.dir],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -117,7 +118,8 @@ class ServedProxy:
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.policy, self.upstream, self.redis_url, self.workers, self.ready = policy, upstream, redis_url, workers, ready
+        self.policy, self.upstream, self.redis_url = policy, upstream, redis_url
+        self.workers, self.ready = workers, ready
         self.args = args  # more `serve` options
         self.wrap, self.extra_env = wrap, env or {}  # e.g. ("faketime", "-f", "+20m")
         self.proc: subprocess.Popen[bytes] | None = None
