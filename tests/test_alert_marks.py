@@ -9,7 +9,7 @@ import datetime as dt
 from proxy.store import MarkRequest, Store
 from proxy.windows import to_ms
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 MINUTE_MS = 60_000
 DAY_MS = 86_400_000
 # Redis expires marks on its own clock: the instants here lie in the future.

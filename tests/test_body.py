@@ -67,7 +67,9 @@ def test_a_model_imagerouter_would_not_run_as_priced_is_refused(model):
 
 
 @pytest.mark.parametrize(
-    "ctype", [None, "", "application/vnd.api+json", "text/json", "application/json; charset=utf-16le", "application/json; charset=utf8"]
+    "ctype",
+    [None, "", "application/vnd.api+json", "text/json", "application/json; charset=utf-16le",
+     "application/json; charset=utf8"],
 )
 def test_json_express_json_would_not_parse_is_refused(ctype):
     # express.json() parses application/json only, and body-parser 415s a charset not "utf-*".
@@ -75,7 +77,8 @@ def test_json_express_json_would_not_parse_is_refused(ctype):
 
 
 def test_json_last_duplicate_key_wins_as_in_json_parse():
-    assert read_price_fields(b'{"model": "test/test", "model": "google/veo-3.1"}', "application/json").model == "google/veo-3.1"
+    fields = read_price_fields(b'{"model": "test/test", "model": "google/veo-3.1"}', "application/json")
+    assert fields.model == "google/veo-3.1"
 
 
 def test_json_unicode_escapes_in_keys_and_values_are_decoded():
@@ -88,7 +91,9 @@ def test_json_one_leading_bom_is_dropped_as_body_parser_does():
     rejected(400, read_price_fields, b'\xef\xbb\xbf\xef\xbb\xbf{"model": "m"}', "application/json")
 
 
-@pytest.mark.parametrize("body", [b'{"model": "m", "n": NaN}', b'{"model": "m", "n": -Infinity}', b'\xff\xfe{\x00}\x00'])
+@pytest.mark.parametrize(
+    "body", [b'{"model": "m", "n": NaN}', b'{"model": "m", "n": -Infinity}', b'\xff\xfe{\x00}\x00']
+)
 def test_json_that_json_parse_rejects_is_refused(body):
     rejected(400, read_price_fields, body, "application/json")
 
@@ -99,7 +104,9 @@ def test_unreadable_json_is_400(body):
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"prompt": "a cat"}', b'{"model": ""}', b'{"model": "   "}', b'{"model": 5}', b'{"model": null}', b'{"model": ["a"]}']
+    "body",
+    [b'{"prompt": "a cat"}', b'{"model": ""}', b'{"model": "   "}', b'{"model": 5}', b'{"model": null}',
+     b'{"model": ["a"]}'],
 )
 def test_missing_model_is_400(body):
     err = rejected(400, read_price_fields, body, "application/json")
@@ -140,7 +147,8 @@ def test_a_delimiter_followed_by_junk_inside_a_file_is_refused():
 
 @pytest.mark.parametrize(
     "disposition",
-    [b'form-data; name="model"; filename="x.txt"', b'form-data; name="model"; filename=""', b"form-data; name=model; filename*=utf-8''x"],
+    [b'form-data; name="model"; filename="x.txt"', b'form-data; name="model"; filename=""',
+     b"form-data; name=model; filename*=utf-8''x"],
 )
 def test_multipart_model_part_that_is_a_file_is_refused(disposition):
     file_part = (b"Content-Disposition: " + disposition, b"cheap/model")
@@ -252,7 +260,8 @@ def test_unreadable_multipart_is_400(body, ctype):
 
 
 @pytest.mark.parametrize(
-    "body", [b"prompt=a+cat&model=google%2Fveo-3.1", b"model=test/test&model=google/veo-3.1", b"prompt=x", b"model=\xff"]
+    "body",
+    [b"prompt=a+cat&model=google%2Fveo-3.1", b"model=test/test&model=google/veo-3.1", b"prompt=x", b"model=\xff"],
 )
 def test_urlencoded_is_refused_as_imagerouter_reads_no_model_from_it(body):
     # ImageRouter mounts no urlencoded parser: it would run without a model, so nothing is priced.
@@ -402,7 +411,8 @@ M = b'Content-Disposition: form-data; name="model"'
         (b"--XyZ\r\n\r\nm\r\n--XyZ--\r\n", MP, "no headers"),
         (b"--XyZ\r\n" + M + b"\r\n--XyZ--\r\n", MP, "do not end before"),
         (multipart([field("prompt", b"x" * (1 << 20)), field("model", b"m")]), MP, "1 MiB"),
-        (multipart([field("model", b"m")], boundary=b"x" * 71), "multipart/form-data; boundary=" + "x" * 71, "RFC 2046"),
+        (multipart([field("model", b"m")], boundary=b"x" * 71), "multipart/form-data; boundary=" + "x" * 71,
+         "RFC 2046"),
         (multipart([field("model", b"m")]), "multipart/form-data;\tboundary=XyZ", "malformed"),
         (multipart([field("model", b"m")]), "multipart/form-data; boundary=XyZ; boundary=Q", "more than once"),
     ],
@@ -452,7 +462,9 @@ def text_fields(body: bytes, ctype: str = "application/json") -> PriceFields:
 
 
 def test_text_fields_are_read_from_json():
-    body = json.dumps({"model": "m", "max_tokens": 10, "max_completion_tokens": 20, "max_output_tokens": 30, "n": 3}).encode()
+    body = json.dumps(
+        {"model": "m", "max_tokens": 10, "max_completion_tokens": 20, "max_output_tokens": 30, "n": 3}
+    ).encode()
     fields = text_fields(body)
     assert (fields.max_tokens, fields.max_completion_tokens, fields.max_output_tokens, fields.n) == (10, 20, 30, 3)
     assert fields.input_bytes == len(body) and fields.media_parts == 0
@@ -471,7 +483,8 @@ def test_text_fields_are_read_from_json():
     ],
 )
 def test_token_counts_are_read_as_json_parse_reads_numbers(literal, count):
-    body = b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}' % (literal, literal, literal)
+    body = (b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}'
+            % (literal, literal, literal))
     fields = text_fields(body)
     assert fields.max_tokens == fields.max_completion_tokens == fields.max_output_tokens == count
 
@@ -486,7 +499,10 @@ def test_text_fields_follow_json_parse_on_duplicates_and_escapes():
     assert text_fields(b'{"model": "m", "__proto__": {"max_tokens": 5}, "extra": {"n": 9}}').max_tokens is None
 
 
-@pytest.mark.parametrize(("literal", "n"), [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b"0", None), (b'"x"', None), (b"true", None)])
+@pytest.mark.parametrize(
+    ("literal", "n"),
+    [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b"0", None), (b'"x"', None), (b"true", None)],
+)
 def test_n_is_read_as_a_number_or_a_numeric_string(literal, n):
     # A numeric string counts too: a provider that coerced it would bill every choice.
     assert text_fields(b'{"model": "m", "n": %s}' % literal).n == n
@@ -498,7 +514,8 @@ def test_text_fields_are_not_read_for_image_routes():
 
 
 def test_input_bytes_bound_the_texts_utf8_bytes():
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}, ensure_ascii=False).encode()
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]},
+                      ensure_ascii=False).encode()
     assert text_fields(body).input_bytes == len(body)
     # Escapes are never shorter than what they decode to: the body's length still bounds the text.
     escaped = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}).encode()
@@ -526,7 +543,8 @@ def test_media_parts_are_counted_apart_and_their_payload_is_not_input():
     fields = text_fields(body)
     # Every string inside a media part is its payload, its `type` included.
     types = len("image_url") * 2 + len("input_audio") + len("file")
-    payload = types + len(IMAGE) + len("high") + len("https://example.com/cat.png") + 5000 + len("wav") + 5000 + len("a.pdf")
+    payload = (types + len(IMAGE) + len("high") + len("https://example.com/cat.png") + 5000 + len("wav") + 5000
+               + len("a.pdf"))
     assert fields.media_parts == 4
     assert fields.input_bytes == len(body) - payload
     assert fields.input_bytes < 1000  # the text and the JSON around it, not 50 kB of base64

@@ -44,7 +44,8 @@ def test_1500_concurrent_calls_wait_for_the_store_instead_of_failing(tmp_path, u
         answers = asyncio.run(burst(proxy.url))
     statuses = [status for status, _ in answers]
     counts = {status: statuses.count(status) for status in set(statuses)}
-    assert set(counts) <= {200, 402}, (counts, sorted({text for _, text in answers if text})[:3])  # before: 101 x 200 and 1,399 x 503 (MaxConnectionsError)
+    # before: 101 x 200 and 1,399 x 503 (MaxConnectionsError)
+    assert set(counts) <= {200, 402}, (counts, sorted({text for _, text in answers if text})[:3])
     assert counts.get(200) == 1000, counts
     assert len(up.generation_requests) == 1000
     assert redis.Redis.from_url(redis_server.url).hlen("sg:{burst}:holds") == 0

@@ -23,7 +23,8 @@ def test_serve_help_lists_every_environment_variable_it_reads():
     assert names == ["IMAGEROUTER_API_KEY", *(p.envvar for p in options)]
     assert {"SPEND_GUARD_REDIS_URL", "SPEND_GUARD_POLICY", "SPEND_GUARD_PORT", "SPEND_GUARD_LOG_FORMAT"} <= set(names)
     # each with the option it stands for
-    assert "SPEND_GUARD_REDIS_URL" in environment and "--redis-url" in environment.split("SPEND_GUARD_REDIS_URL")[1].split("\n")[0]
+    assert "SPEND_GUARD_REDIS_URL" in environment
+    assert "--redis-url" in environment.split("SPEND_GUARD_REDIS_URL")[1].split("\n")[0]
 
 
 def test_serve_takes_a_log_format_of_text_or_json_only(monkeypatch):

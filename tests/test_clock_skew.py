@@ -50,7 +50,10 @@ def readyz(proxy: ServedProxy) -> dict:
 def test_an_instance_20_minutes_ahead_neither_freezes_the_snapshot_nor_reclaims_live_holds(tmp_path, up, redis_server):
     path = policy(tmp_path)
     store = redis.Redis.from_url(redis_server.url)
-    with ServedProxy(path, up.url, redis_server.url, **skewed("+20m")) as ahead, ServedProxy(path, up.url, redis_server.url) as correct:
+    with (
+        ServedProxy(path, up.url, redis_server.url, **skewed("+20m")) as ahead,
+        ServedProxy(path, up.url, redis_server.url) as correct,
+    ):
         report = readyz(ahead)
         assert report["ready"] is True
         assert -1210 < report["clock_offset_s"] < -1190

@@ -132,7 +132,8 @@ def test_a_malformed_row_disables_only_that_row_naming_the_row_and_field(field, 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("spend_limit", "abc"), ("spend_limit", "1e3"), ("period_spend", "0.00001234"), ("expires_at", "soon"), ("is_active", 1)],
+    [("spend_limit", "abc"), ("spend_limit", "1e3"), ("period_spend", "0.00001234"), ("expires_at", "soon"),
+     ("is_active", 1)],
 )
 def test_a_malformed_row_is_kept_as_unreadable(field, value):
     row = key_row("k1", "a", spend_limit="5", period="day")
@@ -372,7 +373,8 @@ async def test_models_refresh_is_shared_with_other_instances(env, up):
 @pytest.mark.parametrize("as_array", [False, True])
 async def test_models_as_array_or_object(env, up, as_array):
     up.models_as_array = as_array
-    up.models["vendor/seven"] = {"id": "vendor/seven", "price": {"min": 0.07, "average": 0.07, "max": 0.07}, "aliases": ["seven"]}
+    up.models["vendor/seven"] = {"id": "vendor/seven", "price": {"min": 0.07, "average": 0.07, "max": 0.07},
+                                 "aliases": ["seven"]}
     r = env.refresher()
     assert await r.refresh_models()
     stored = await r.store.load_prices()

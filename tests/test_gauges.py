@@ -63,7 +63,8 @@ def test_two_proxies_report_the_levels_me_shows_to_the_micro_dollar(make_proxy, 
         for field in ("limit", "spent", "held", "remaining"):
             gauge = first[(f"spend_guard_scope_{field}_usd", label)]
             assert gauge == decimal.Decimal(scopes[scope][f"{field}_usd"]), (label, field)
-    assert first[("spend_guard_scope_spent_usd", "budget:key:alice:day")] == decimal.Decimal("0.1625")  # the stand-in bills in $0.0001 steps, as ImageRouter does
+    # the stand-in bills in $0.0001 steps, as ImageRouter does
+    assert first[("spend_guard_scope_spent_usd", "budget:key:alice:day")] == decimal.Decimal("0.1625")
     assert first[("spend_guard_build_info", __version__)] == 1
     credits = first[("spend_guard_account_credits_usd", "")]  # as of the last snapshot
     account = scopes["account"]

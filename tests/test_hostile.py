@@ -184,7 +184,10 @@ def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_pa
             took = time.monotonic() - started
         status, headers, body = envelope(reply)
         assert status == 408 and closed and 0.9 < took < 4
-        assert body == {"error": {"message": "The request body did not arrive within 1 s; nothing was forwarded.", "type": "request_timeout"}}
+        assert body == {
+            "error": {"message": "The request body did not arrive within 1 s; nothing was forwarded.",
+                      "type": "request_timeout"}
+        }
         assert headers["connection"] == "close"
         assert up.generation_requests == []
         assert spent(proxy) == "0.0000"
@@ -207,8 +210,9 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
         stalled = [connect(proxy.port) for _ in range(2)]
         for sock in stalled:
             sock.sendall(head(1_400_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 100_000)
-        time.sleep(0.5)  # noqa: no event crosses the process boundary; the two heads must be read first
-        third = httpx.post(proxy.url + ROUTE, content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
+        time.sleep(0.5)  # a sleep: no event crosses the process boundary; the two heads must be read first
+        third = httpx.post(proxy.url + ROUTE,
+                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
                            headers={**AUTH, "Content-Type": "application/json"}, timeout=5)
         assert third.status_code == 503 and third.headers["retry-after"] == "1"
         assert third.json()["error"]["type"] == "guard_unavailable"
@@ -216,7 +220,8 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
             sock.close()  # their bodies end (client gone): the bytes they held are free again
 
         def fits() -> bool:
-            r = httpx.post(proxy.url + ROUTE, content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
+            r = httpx.post(proxy.url + ROUTE,
+                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
                            headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"}, timeout=5)
             return r.status_code == 200
 
@@ -254,7 +259,8 @@ def test_a_large_body_is_priced_off_the_event_loop(make_proxy, up, monkeypatch):
     monkeypatch.setattr(guard, "read_price_fields", spy)
     p = make_proxy(f"keys: [{{name: alice, key_sha256: {SHA_A}, budgets: [{{limit_usd: 5, period: null}}]}}]\n")
     small = p.client.post(ROUTE, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "cost=0.01"})
-    big = p.client.post(ROUTE, json={"model": "openai/gpt-image-1", "image": "x" * 3_000_000}, headers={**AUTH, "X-Standin": "cost=0.01"})
+    big = p.client.post(ROUTE, json={"model": "openai/gpt-image-1", "image": "x" * 3_000_000},
+                        headers={**AUTH, "X-Standin": "cost=0.01"})
     assert small.status_code == big.status_code == 200
     loop_thread, big_thread = threads
     assert big_thread != loop_thread and big_thread.startswith("asyncio_")  # the default executor's
@@ -310,7 +316,8 @@ def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_time
 def test_a_cut_upstream_body_is_one_warning_line_not_a_traceback(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None) as proxy:
         with pytest.raises(httpx.RemoteProtocolError):
-            httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "heartbeat=1,cut"}, timeout=10)
+            httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
+                       headers={**AUTH, "X-Standin": "heartbeat=1,cut"}, timeout=10)
         # the cut call settles by charging its hold; its log line comes with the settle
         wait_until(lambda: spent(proxy) == "0.3000", 5, "the cut call to settle")
         wait_until(lambda: "broke off" in proxy.output(), 5, "the warning")
@@ -336,7 +343,8 @@ def test_client_limits_come_from_serve_options_or_spend_guard_env(monkeypatch):
     )
     assert result.exit_code == 0, result.output
     (settings,) = seen
-    assert (settings.head_timeout_s, settings.body_timeout_s, settings.max_connections, settings.max_buffered_bytes) == (2.5, 12, 7, 1000)
+    assert (settings.head_timeout_s, settings.body_timeout_s, settings.max_connections,
+            settings.max_buffered_bytes) == (2.5, 12, 7, 1000)
     # ...and reach the workers (uvicorn factory mode) through the same variables
     assert Settings.from_env(settings.to_env()) == settings
     assert CliRunner().invoke(main, ["serve", "--max-connections", "0"]).exit_code == 2

@@ -39,7 +39,9 @@ SHA_2 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 # "<file>: ". `{file}` stands for the file's own path where a message names a second place.
 EXPECTED = {
     "alerts_key_expiry_negative.yaml": "alerts.key_expiry_days: must be greater than 0, got -7",
-    "alerts_threshold_duplicate.yaml": "alerts.thresholds[2]: duplicate threshold 0.8; alerts.thresholds[1] has it already",
+    "alerts_threshold_duplicate.yaml": (
+        "alerts.thresholds[2]: duplicate threshold 0.8; alerts.thresholds[1] has it already"
+    ),
     "alerts_threshold_percent.yaml": (
         "alerts.thresholds[1]: expected a fraction of the limit above 0 and at most 10 (0.8 is 80 %), got 80"
     ),
@@ -72,7 +74,9 @@ EXPECTED = {
         "keys[1].api_key_id: duplicate api_key_id 'd9eb93dc-56b1-4216-91b5-a44944508bbc'; "
         "first defined at {file}: keys[0]"
     ),
-    "duplicate_group_name.yaml": "groups[1].name: duplicate group name 'design-team'; first defined at {file}: groups[0]",
+    "duplicate_group_name.yaml": (
+        "groups[1].name: duplicate group name 'design-team'; first defined at {file}: groups[0]"
+    ),
     "duplicate_key_name.yaml": "keys[1].name: duplicate key name 'renderer'; first defined at {file}: keys[0]",
     "duplicate_key_sha256.yaml": (
         "keys[1].key_sha256: duplicate key_sha256 '9f86d081...'; first defined at {file}: keys[0]"
@@ -121,7 +125,9 @@ EXPECTED = {
     "period_lifetime_duplicate.yaml": (
         "groups[0].budgets[1].period: duplicate period 'lifetime'; groups[0].budgets[0] has it already"
     ),
-    "period_unknown.yaml": "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null",
+    "period_unknown.yaml": (
+        "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null"
+    ),
     "refresh_not_positive.yaml": "account.refresh_s: must be greater than 0, got 0",
     "route_duplicate_path.yaml": (
         "routes[1].path: duplicate route '/v1/openai/responses'; first defined at {file}: routes[0]"
@@ -143,7 +149,8 @@ EXPECTED = {
         "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys"
     ),
     "unknown_top_key.yaml": (
-        "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, admin, routes, groups, keys"
+        "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, admin, routes, "
+        "groups, keys"
     ),
     "text_media_input_tokens_bool.yaml": "models.text_media_input_tokens: expected a whole number of tokens, got true",
     "text_rate_glob_not_string.yaml": "models.text_rates[7]: expected a model id or glob",
@@ -156,7 +163,9 @@ EXPECTED = {
     "text_rate_tokens_fractional.yaml": (
         "models.text_rates['*'].max_output_tokens: expected a whole number of tokens, got 8192.5"
     ),
-    "text_rate_tokens_zero.yaml": "models.text_rates['*'].max_output_tokens: must be between 1 and 100000000 tokens, got 0",
+    "text_rate_tokens_zero.yaml": (
+        "models.text_rates['*'].max_output_tokens: must be between 1 and 100000000 tokens, got 0"
+    ),
     "text_rate_unknown_field.yaml": (
         "models.text_rates['openai/gpt-4o*'].max_input_tokens: unknown key; "
         "expected one of input_usd_per_mtok, output_usd_per_mtok, max_output_tokens"
@@ -233,7 +242,8 @@ def test_admin_section_enables_the_status_page_by_a_token_digest(tmp_path: Path)
 
 
 def test_key_fingerprints_are_never_printed_in_full() -> None:
-    for name in ("duplicate_key_sha256.yaml", "key_sha256_uppercase.yaml", "key_sha256_short.yaml", "key_sha256_number.yaml"):
+    for name in ("duplicate_key_sha256.yaml", "key_sha256_uppercase.yaml", "key_sha256_short.yaml",
+                 "key_sha256_number.yaml"):
         hashes = re.findall(r"[0-9a-fA-F]{40,}", (BAD / name).read_text())
         assert hashes
         for problem in problems_of(BAD / name):
@@ -288,7 +298,8 @@ def test_full_policy_loads_every_field() -> None:
             budgets=(
                 # The counters follow the key's fingerprint, so a rename keeps what they counted.
                 Budget("key:batch-renderer:day", 2_000_000, "day", shadow=False, counter=f"key-fp:{SHA_1[:24]}:day"),
-                Budget("key:batch-renderer:week", 10_000_000, "week", shadow=False, counter=f"key-fp:{SHA_1[:24]}:week"),
+                Budget("key:batch-renderer:week", 10_000_000, "week", shadow=False,
+                       counter=f"key-fp:{SHA_1[:24]}:week"),
             ),
             max_request_micros=1_000_000,
             rules=ModelRules(("openai/*",), ("openai/dall-e-2",)),

@@ -56,7 +56,9 @@ def test_data_wrapper_is_unwrapped():
 
 
 def test_array_entries_without_a_string_id_are_ignored():
-    table = parse_models(doc([{"price": {"max": 1}}, {"id": 7, "price": {"max": 1}}, "x", {"id": "a/b", "price": {"max": 0.5}}]), 1)
+    table = parse_models(
+        doc([{"price": {"max": 1}}, {"id": 7, "price": {"max": 1}}, "x", {"id": "a/b", "price": {"max": 0.5}}]), 1
+    )
     assert dict(table.holds) == {"a/b": 500_000}
 
 
@@ -101,7 +103,8 @@ def test_max_is_preferred_over_value_and_average():
 
 def test_float_artefact_of_imagerouter_is_mirrored():
     # ImageRouter charges Math.ceil(0.07 * 10000) = 701 ticks: hold $0.0701, not $0.0700.
-    models = {"m/seven": {"price": {"max": 0.07}}, "m/thirty-five": {"price": {"max": 0.035}}, "m/exact": {"price": {"max": 0.3}}}
+    models = {"m/seven": {"price": {"max": 0.07}}, "m/thirty-five": {"price": {"max": 0.035}},
+              "m/exact": {"price": {"max": 0.3}}}
     table = parse_models(doc(models), 1)
     assert table.hold_for("m/seven") == 70_100
     assert table.hold_for("m/thirty-five") == 35_100
@@ -110,7 +113,8 @@ def test_float_artefact_of_imagerouter_is_mirrored():
 
 @pytest.mark.parametrize(
     "price",
-    [None, {}, {"max": None}, {"max": "abc"}, {"max": -1}, {"max": "1e3"}, {"max": [1]}, {"max": {"usd": 1}}, {"max": 10**10}, "free"],
+    [None, {}, {"max": None}, {"max": "abc"}, {"max": -1}, {"max": "1e3"}, {"max": [1]}, {"max": {"usd": 1}},
+     {"max": 10**10}, "free"],
 )
 def test_missing_or_malformed_price_is_left_out(price):
     models = {"good/one": {"price": {"max": 0.5}}, "bad/one": {"price": price} if price is not None else {}}
@@ -167,7 +171,9 @@ CHAT, RESPONSES = "/v1/openai/chat/completions", "/v1/openai/responses"
 TABLE = parse_models(doc(default_models()), 1)
 
 
-def quote(fields: PriceFields, route: str = CHAT, models: ModelsPolicy = RATES, kind: str = "text", table: PriceTable = TABLE):
+def quote(
+    fields: PriceFields, route: str = CHAT, models: ModelsPolicy = RATES, kind: str = "text", table: PriceTable = TABLE
+):
     return quote_hold(kind, route, fields, fields.model, table, models)
 
 
@@ -206,8 +212,10 @@ def test_n_multiplies_the_output_bound():
 
 def test_chat_takes_the_larger_of_max_tokens_and_max_completion_tokens():
     assert quote(PriceFields("m", max_completion_tokens=300)).bound == TextBound(INPUT_FRAMING_TOKENS, 300)
-    assert quote(PriceFields("m", max_tokens=200, max_completion_tokens=300)).bound == TextBound(INPUT_FRAMING_TOKENS, 300)
-    assert quote(PriceFields("m", max_tokens=400, max_completion_tokens=300)).bound == TextBound(INPUT_FRAMING_TOKENS, 400)
+    assert quote(PriceFields("m", max_tokens=200, max_completion_tokens=300)).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 300)
+    assert quote(PriceFields("m", max_tokens=400, max_completion_tokens=300)).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 400)
     # max_output_tokens is the Responses API's field: a chat call does not stop at it.
     assert quote(PriceFields("m", max_output_tokens=10)).bound == TextBound(INPUT_FRAMING_TOKENS, 8192)
 
@@ -215,7 +223,8 @@ def test_chat_takes_the_larger_of_max_tokens_and_max_completion_tokens():
 def test_responses_reads_max_output_tokens_only():
     assert quote(PriceFields("m", max_output_tokens=700), RESPONSES).bound == TextBound(INPUT_FRAMING_TOKENS, 700)
     # max_tokens and max_completion_tokens are chat fields: a responses call runs to the model's maximum.
-    assert quote(PriceFields("m", max_tokens=10, max_completion_tokens=10), RESPONSES).bound == TextBound(INPUT_FRAMING_TOKENS, 8192)
+    assert quote(PriceFields("m", max_tokens=10, max_completion_tokens=10), RESPONSES).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 8192)
 
 
 def test_a_text_route_of_neither_api_holds_the_rates_maximum():
@@ -305,6 +314,8 @@ def test_no_call_within_its_bounds_costs_more_than_its_hold(input_bytes, media, 
     # whole $0.0001 that covers the bounds.
     input_tokens, output_tokens = int(q.bound.input_tokens * used[0]), int(q.bound.output_tokens * used[1])
     cost = Fraction(input_tokens * rate.input_micros_per_mtok + output_tokens * rate.output_micros_per_mtok, 10**6)
-    worst = Fraction(q.bound.input_tokens * rate.input_micros_per_mtok + q.bound.output_tokens * rate.output_micros_per_mtok, 10**6)
+    worst = Fraction(
+        q.bound.input_tokens * rate.input_micros_per_mtok + q.bound.output_tokens * rate.output_micros_per_mtok, 10**6
+    )
     assert cost <= worst <= q.micros < worst + 100 and q.micros % 100 == 0
     assert q.bound.output_tokens == (asked or rate.max_output_tokens) * (n or 1)

@@ -37,7 +37,8 @@ def generate(base: str, standin: str = "", model: str = "openai/gpt-image-1", ti
     headers = dict(AUTH)
     if standin:
         headers["X-Standin"] = standin
-    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers, timeout=timeout)
+    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers,
+                      timeout=timeout)
 
 
 @pytest.fixture

@@ -168,7 +168,9 @@ def test_a_path_still_encoded_after_one_decode_on_a_spending_route_is_ambiguous_
     assert match.ambiguous
 
 
-@pytest.mark.parametrize("raw", [b"/v1/credits%2525", b"/v2/models/%2567", b"/v1/openai/images/%2578", b"/other/%252e%252e/x"])
+@pytest.mark.parametrize(
+    "raw", [b"/v1/credits%2525", b"/v2/models/%2567", b"/v1/openai/images/%2578", b"/other/%252e%252e/x"]
+)
 def test_a_double_encoded_path_elsewhere_passes_through(table, raw):
     match = table.classify("POST", raw)
     assert match.kind is None and not match.ambiguous

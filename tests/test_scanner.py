@@ -612,7 +612,7 @@ def bodies(draw):
 @given(body=bodies(), data=st.data())
 def test_random_chunking_matches_json_loads(body, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=8)))
-    chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)])]
+    chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     assert scan(chunks) == reference_outcome(body)
     cut = data.draw(st.integers(0, len(body) - 1))
     assert scan([body[:cut], b""]) == UNKNOWN
@@ -622,7 +622,7 @@ def test_random_chunking_matches_json_loads(body, data):
 @given(body=bodies(), data=st.data())
 def test_small_body_fast_path_agrees_with_the_streaming_scanner(body, data):
     cuts = sorted(data.draw(st.lists(st.integers(0, len(body)), max_size=8)))
-    chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)])]
+    chunks = [body[i:j] for i, j in zip([0, *cuts], [*cuts, len(body)], strict=True)]
     fast = SmallBodyFirst()
     for chunk in chunks:
         fast.feed(chunk)
@@ -639,7 +639,8 @@ def test_small_body_fast_path_agrees_with_the_streaming_scanner(body, data):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"cost": NaN}', b'{"cost": Infinity}', b'{"cost": 0.1} x', b"[1]", b'{"cost": 0.1', b'{"error": null, "cost": -1}'],
+    [b'{"cost": NaN}', b'{"cost": Infinity}', b'{"cost": 0.1} x', b"[1]", b'{"cost": 0.1',
+     b'{"error": null, "cost": -1}'],
 )
 def test_small_body_fast_path_refuses_what_the_scanner_refuses(body):
     fast = SmallBodyFirst()

@@ -92,7 +92,8 @@ def send(base: str, call: Call) -> None:
     body = json.dumps({"model": "openai/gpt-image-1", "prompt": "soak"}).encode()
     try:
         with httpx.Client(timeout=30) as client, client.stream(
-            "POST", base + "/v1/openai/images/generations", content=body, headers={**headers, "Content-Type": "application/json"}
+            "POST", base + "/v1/openai/images/generations", content=body,
+            headers={**headers, "Content-Type": "application/json"},
         ) as response:
             call.status, call.headers = response.status_code, dict(response.headers)
             if call.disconnect and response.status_code == 200:
@@ -179,7 +180,8 @@ def test_soak_mixed_calls_across_three_proxies_and_a_redis_restart_keep_the_ledg
         # Calls in flight across the stop: held before it, answered while Redis is down (so their
         # settles fail and are retried in the background), two clients gone before the answer.
         gated = [
-            Call(1000 + i, i % len(proxies), kind, f"heartbeat=2,interval=0.01,gate=outage,{extra}", bill, disconnect=gone)
+            Call(1000 + i, i % len(proxies), kind, f"heartbeat=2,interval=0.01,gate=outage,{extra}", bill,
+                 disconnect=gone)
             for i, (kind, extra, bill, gone) in enumerate([
                 ("cost", "cost=0.0555", 55_500, False),
                 ("cost", "cost=0.0777", 77_700, True),

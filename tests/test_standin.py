@@ -62,7 +62,8 @@ def test_heartbeat_spaces_arrive_before_the_body_while_the_gate_is_closed(up, cl
 
 
 def test_success_bills_the_actual_cost_and_credits_show_in_flight_holds(up, client):
-    with client.stream("POST", IMAGES, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "gate=g"}) as resp:
+    with client.stream("POST", IMAGES, json={"model": "openai/gpt-image-1"},
+                       headers={**AUTH, "X-Standin": "gate=g"}) as resp:
         up.wait_for_requests(1)
         assert credits(client, up).json()["remaining_credits"] == "99.7000"
         up.release("g")
@@ -175,7 +176,8 @@ def test_b64_and_gzip_bodies(up, client):
     body = generate(client, "b64=200001").json()
     assert body["data"][0]["b64_json"] == b64_text(200_001) and body["cost"] == 0.167
     for behaviour in ("gzip", "gzip,b64=10"):
-        with client.stream("POST", IMAGES, json={"model": "test/test"}, headers={**AUTH, "X-Standin": behaviour}) as resp:
+        with client.stream("POST", IMAGES, json={"model": "test/test"},
+                           headers={**AUTH, "X-Standin": behaviour}) as resp:
             assert resp.headers["content-encoding"] == "gzip"
             raw = b"".join(resp.iter_raw())
         assert json.loads(gzip.decompress(raw))["cost"] == 0
@@ -183,7 +185,8 @@ def test_b64_and_gzip_bodies(up, client):
 
 
 def test_sse_streams_carry_cost_in_the_final_event(up, client):
-    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"}, headers={**AUTH, "X-Standin": "sse,cost=0.0012"})
+    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
+                       headers={**AUTH, "X-Standin": "sse,cost=0.0012"})
     assert chat.headers["content-type"].startswith("text/event-stream")
     events = [line.removeprefix("data: ") for line in chat.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

@@ -60,7 +60,8 @@ def test_status_lists_every_key_and_group_and_says_what_it_read(make_proxy, stor
     table = {line.split()[0] + " " + line.split()[1]: line for line in lines[5:]}
     assert set(table) == {"account st", "key alice", "key bob", "key carol", "group team", "group idle"}
     assert table["key alice"].endswith("(limited by group team)")
-    assert table["group team"].split()[2:9] == ["budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500", "-"]
+    assert table["group team"].split()[2:9] == [
+        "budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500", "-"]
     assert table["group idle"].split()[4:6] == ["5.0000", "0.0000"]
     assert table["key carol"].split()[2:4] == ["budget:key:carol:lifetime", "shadow"]
 

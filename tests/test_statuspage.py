@@ -70,7 +70,8 @@ def test_the_admin_token_opens_the_page_with_any_user_name(make_proxy) -> None:
         assert response.headers["content-type"].startswith("text/html")
     page = response.text
     # Self-contained: nothing is loaded from anywhere else, and only its own inline code runs.
-    assert not re.search(r"\bsrc=|@import|url\(|//[a-z0-9.-]+[:/]", page), re.findall(r"\bsrc=|@import|url\(|//[a-z0-9.-]+[:/]", page)
+    loads = r"\bsrc=|@import|url\(|//[a-z0-9.-]+[:/]"
+    assert not re.search(loads, page), re.findall(loads, page)
     assert re.findall(r'\bhref="([^"]*)"', page) == ["data:,"]
     csp = response.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
@@ -89,7 +90,8 @@ def test_status_json_shows_every_scope_credits_holds_and_the_latest_refusals(mak
     scopes = {scope["scope"]: scope for scope in data["scopes"]}
     assert set(scopes) == {"account", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"}
     day = scopes["budget:key:alice:day"]
-    assert (day["limit_usd"], day["spent_usd"], day["held_usd"], day["remaining_usd"]) == ("2.0000", "0.2500", "0.0000", "1.7500")
+    assert (day["limit_usd"], day["spent_usd"], day["held_usd"], day["remaining_usd"]) == (
+        "2.0000", "0.2500", "0.0000", "1.7500")
     assert day["used_fraction"] == 0.125 and day["resets_at"].endswith("T00:00:00Z")
     assert scopes["budget:group:design:month"]["spent_usd"] == "0.2500"
     assert scopes["account"]["resets_at"] is None
@@ -121,7 +123,8 @@ def test_status_json_says_when_the_store_cannot_be_read(make_proxy, monkeypatch)
 def test_the_refusal_ring_keeps_only_the_latest() -> None:
     ring = RecentRefusals()
     for n in range(MAX_RECENT_REFUSALS + 7):
-        ring.add(Refusal(1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}", f"r{n}"))
+        ring.add(Refusal(1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}",
+                         f"r{n}"))
     latest = ring.latest()
     assert len(latest) == MAX_RECENT_REFUSALS and ring.count == MAX_RECENT_REFUSALS + 7
     assert latest[0].message == f"#{MAX_RECENT_REFUSALS + 6}" and latest[-1].message == "#7"
@@ -146,7 +149,8 @@ def test_status_json_lists_the_alerts_sent_in_each_scopes_current_window(make_pr
     proxy.run(store.alert_marks, "budget:key:bob:week", MarkRequest(old_week, 0, int(now_s * 1000), claim=["t:1"]))
     data = proxy.client.get("/-/status.json", headers=basic("ops", ADMIN_TOKEN)).json()
     # newest first: the 50 % mark, claimed five seconds earlier, comes last
-    assert (data["alerts"][-1]["scope"], data["alerts"][-1]["alert"]) == ("budget:key:alice:day", "budget.threshold 50%")
+    assert (data["alerts"][-1]["scope"], data["alerts"][-1]["alert"]) == (
+        "budget:key:alice:day", "budget.threshold 50%")
     assert sorted((a["scope"], a["alert"]) for a in data["alerts"]) == [
         ("account", "credits.low"),
         ("budget:key:alice:day", "budget.threshold 50%"),

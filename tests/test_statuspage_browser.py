@@ -32,7 +32,9 @@ def refreshed_after(count: int) -> str:
     return f"""new Promise((resolve, reject) => {{
       const done = () => Number(document.body.dataset.refreshes) > {count};
       if (done()) return resolve(Number(document.body.dataset.refreshes));
-      const watch = new MutationObserver(() => {{ if (done()) {{ watch.disconnect(); resolve(Number(document.body.dataset.refreshes)); }} }});
+      const watch = new MutationObserver(() => {{
+        if (done()) {{ watch.disconnect(); resolve(Number(document.body.dataset.refreshes)); }}
+      }});
       watch.observe(document.body, {{attributes: true, attributeFilter: ['data-refreshes']}});
       setTimeout(() => reject(new Error('the page did not refresh itself within 15 s')), 15000);
     }})"""
@@ -82,13 +84,15 @@ async def test_status_page_in_a_browser_shows_the_budgets_and_updates_after_call
             assert page.auth_challenges >= 1  # the browser was asked, and signed in with the token
 
             before = await rows(page)
-            assert set(before) == {"account", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"}
+            assert set(before) == {
+                "account", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"}
             day = before["budget:key:alice:day"]
             assert (day["spent"], day["held"], day["limit"], day["remaining"], day["pct"]) == (
                 "$1.7000", "$0.0000", "$2.0000", "$0.3000", "85 %")
             assert day["level"] == "amber" and day["bar"] == "85%" and day["resets"].startswith("in ")
             month = before["budget:group:design:month"]
-            assert (month["spent"], month["limit"], month["pct"], month["level"]) == ("$1.7000", "$2.3000", "74 %", "ok")
+            assert (month["spent"], month["limit"], month["pct"], month["level"]) == (
+                "$1.7000", "$2.3000", "74 %", "ok")
             assert before["budget:key:bob:week"]["spent"] == "$0.0000"
             # The credits snapshot is refetched every second: the balance before or after that call.
             assert await page.evaluate("document.getElementById('credits').textContent") in ("$100.0000", "$98.3000")

@@ -29,7 +29,8 @@ models:
     "anthropic/claude-haiku*":  {input_usd_per_mtok: 3.00, output_usd_per_mtok: 15.00, max_output_tokens: 16384}
     "openai/*":                 {input_usd_per_mtok: 15.00, output_usd_per_mtok: 75.00, max_output_tokens: 8192}
 """
-MESSAGES = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Write a long essay on budgets."}]
+MESSAGES = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Write a long essay on budgets."}]
 
 
 def chat_body(model: str, **fields: object) -> bytes:
@@ -168,7 +169,8 @@ def test_responses_is_bounded_by_max_output_tokens(make_proxy, up, caplog):
 
 def test_the_body_is_forwarded_byte_for_byte(make_proxy, up):
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
-    body = b'{ "model" : "openai/gpt-4o",\n "max_tokens": 5, "max_tokens": 1.0e3, "n": "2",\t"messages": [{"role":"user","content":"h\\u00e9"}] }'
+    body = (b'{ "model" : "openai/gpt-4o",\n "max_tokens": 5, "max_tokens": 1.0e3, "n": "2",'
+            b'\t"messages": [{"role":"user","content":"h\\u00e9"}] }')
     assert post(p, body, "cost=0.01").status_code == 200
     assert up.generation_requests[-1].body == body
 
@@ -202,13 +204,15 @@ def test_a_model_matching_no_rate_is_refused_under_unknown_models_reject(make_pr
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]") + "guard: {unknown_models: reject}\n")
     r = post(p, chat_body("mistral/large"), "cost=0.01")
     assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
-    assert envelope(r)["message"] == "Model 'mistral/large' matches no models.text_rates entry and unknown models are refused."
+    assert envelope(r)["message"] == (
+        "Model 'mistral/large' matches no models.text_rates entry and unknown models are refused.")
     assert up.generation_requests == []
     assert post(p, chat_body("openai/gpt-4o", max_tokens=10), "cost=0.01").status_code == 200  # a rate: priced
 
 
 def test_a_per_request_cap_catches_a_text_call(make_proxy, up):
-    p = make_proxy(RATES.replace("models:\n", "models:\n  max_request_usd: 0.50\n") + alice_keys("[{limit_usd: 10, period: day}]"))
+    p = make_proxy(RATES.replace("models:\n", "models:\n  max_request_usd: 0.50\n")
+                   + alice_keys("[{limit_usd: 10, period: day}]"))
     r = post(p, chat_body("openai/gpt-4o", max_tokens=90_000), "cost=0.01")
     assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
     assert "above the per-request cap of $0.5000 (models.max_request_usd)" in envelope(r)["message"]

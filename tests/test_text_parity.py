@@ -26,7 +26,7 @@ FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")
 # One body per line (base64) in, one line of JSON out: each field's typeof and its value as text.
 NODE = r"""
 const readline = require('readline');
-const fields = %s;
+const fields = FIELDS_JSON;
 readline.createInterface({ input: process.stdin }).on('line', (line) => {
   let out;
   try {
@@ -40,7 +40,7 @@ readline.createInterface({ input: process.stdin }).on('line', (line) => {
   }
   process.stdout.write(JSON.stringify(out) + '\n');
 });
-""" % json.dumps(list(FIELDS))
+""".replace("FIELDS_JSON", json.dumps(list(FIELDS)))
 
 
 class JsonParse:
@@ -102,8 +102,9 @@ def test_text_fields_are_read_as_json_parse_reads_them(node, body):
     parsed = node.fields(body)
     fields = read_price_fields(body, "application/json", text=True)
     assert parsed != "error", body
-    expected = [count(kind, text, strings=name == "n") for name, (kind, text) in zip(FIELDS, parsed)]
-    assert [fields.max_tokens, fields.max_completion_tokens, fields.max_output_tokens, fields.n] == expected, (body, parsed)
+    expected = [count(kind, text, strings=name == "n") for name, (kind, text) in zip(FIELDS, parsed, strict=True)]
+    assert [fields.max_tokens, fields.max_completion_tokens, fields.max_output_tokens, fields.n] == expected, (
+        body, parsed)
 
 
 def test_the_differential_sees_json_parse_not_python(node):
@@ -112,5 +113,6 @@ def test_the_differential_sees_json_parse_not_python(node):
     assert node.fields(b'{"max_tokens": 5, "m\\u0061x_tokens": 9007199254740993, "n": 1e400}') == [
         ["number", "9007199254740992"], ["undefined", None], ["undefined", None], ["number", "Infinity"]
     ]
-    fields = read_price_fields(b'{"model": "m", "max_tokens": 5, "m\\u0061x_tokens": 9007199254740993, "n": 1e400}', "application/json", text=True)
+    fields = read_price_fields(b'{"model": "m", "max_tokens": 5, "m\\u0061x_tokens": 9007199254740993, "n": 1e400}',
+                               "application/json", text=True)
     assert (fields.max_tokens, fields.n) == (9007199254740992, None)

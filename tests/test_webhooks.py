@@ -75,6 +75,7 @@ async def test_an_unusable_secret_sends_nothing_and_says_so_once(caplog):
         await sender.aclose()
     assert metrics.webhook_deliveries.labels("failed")._value.get() == 3
     assert [r.getMessage() for r in caplog.records] == [
-        "alert webhook http://127.0.0.1:9/hook is not sent: SG_BAD: the secret starts with whsec_ but the rest is not base64"
+        "alert webhook http://127.0.0.1:9/hook is not sent: SG_BAD: the secret starts with whsec_ "
+        "but the rest is not base64"
     ]
     assert "%%%" not in caplog.text

@@ -14,7 +14,7 @@ from proxy.windows import (
     window_start_ms,
 )
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 MS = dt.timedelta(milliseconds=1)
 
 
@@ -137,7 +137,8 @@ def test_parse_timestamp_ms_keeps_none():
 
 
 @pytest.mark.parametrize(
-    "value", ["garbage", "", "   ", "2026-13-01T00:00:00Z", "2026-01-32", "yesterday", "12:00", 1767225600, 1.5, True, []]
+    "value",
+    ["garbage", "", "   ", "2026-13-01T00:00:00Z", "2026-01-32", "yesterday", "12:00", 1767225600, 1.5, True, []],
 )
 def test_parse_timestamp_ms_rejects_garbage(value):
     with pytest.raises(ValueError):
