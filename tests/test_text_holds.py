@@ -278,7 +278,7 @@ def test_the_one_settle_path_compares_every_end_of_a_flight(make_proxy, store_ta
     p = make_proxy(RATES)
     answers = iter([None, 40_000])  # reclaimed (None), then charged what it cost
 
-    async def settle(hold_id, cost, now_ms, started_ms=0):
+    async def settle(hold_id, cost, now_ms, started_ms=0, counters=()):
         return next(answers)
 
     p.runtime.store.settle = settle
