@@ -135,3 +135,21 @@ def permits(rules: ModelRules, names: set[str]) -> bool:
     if any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.deny):
         return False
     return not rules.allow or any(fnmatch.fnmatchcase(n, g) for n in names for g in rules.allow)
+
+
+class Verdicts:
+    """Policy refusals collected as the checks run, then enforced at a checkpoint (before the body
+    is read, before the reserve): in global shadow mode they are recorded, never raised, and the
+    first one is logged as would_refuse (Envoy ratelimit applies shadow mode once, at the end)."""
+
+    def __init__(self, shadow: bool) -> None:
+        self.shadow = shadow
+        self.refusals: list[Rejected] = []
+
+    def add(self, refusal: Rejected) -> None:
+        self.refusals.append(refusal)
+
+    def enforce(self) -> None:
+        """Raise the first refusal, unless in shadow mode."""
+        if self.refusals and not self.shadow:
+            raise self.refusals[0]

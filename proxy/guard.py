@@ -1,4 +1,5 @@
-"""The guard: classify each request, reserve before forwarding, stream, settle exactly once.
+"""The guard: classify each request; identify, read, price and check a spending call, and
+reserve its hold before it goes up (forwarding and the settle are proxy/relay.py's).
 
 A spending call is forwarded only after one Lua script has held its estimated cost against the
 account floor, the key's upstream spend limit and every local budget (DESIGN §1, §3). Everything
@@ -11,14 +12,12 @@ import asyncio
 import logging
 import os
 import time
-from contextvars import ContextVar
-
-import aiohttp
 
 from proxy.body import PriceFields, decode_content, read_price_fields
 from proxy.decisions import (
     REFUSAL_CODES,
     Call,
+    Verdicts,
     budget_holds,
     budgets_for,
     log_decision,
@@ -27,14 +26,13 @@ from proxy.decisions import (
     stale_reason,
 )
 from proxy.echo import echo
-from proxy.errors import Rejected, StoreError, UpstreamBroken, UpstreamError, UpstreamNotSent
-from proxy.forward import ClientStalled, abort_client, request_head, response_headers
+from proxy.errors import Rejected, StoreError
 from proxy.money import MAX_CALL_MICROS, format_usd
-from proxy.observers import observer_for, readable_accept_encoding
 from proxy.passthrough import passthrough
 from proxy.policy import KeyPolicy, Policy
 from proxy.pricing import quote_hold
 from proxy.refusals import RecentRefusals, Refusal
+from proxy.relay import HELD_BODY, relay
 from proxy.request import (
     CLOSE,
     BodyLease,
@@ -49,41 +47,17 @@ from proxy.request import (
 )
 from proxy.routing import Match
 from proxy.runtime import Flight, Pending, Runtime, counters_of
-from proxy.scanner import Outcome
 from proxy.store import Decision, Reclaimed, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
 
-
-
-class Verdicts:
-    """Policy refusals collected as the checks run, then enforced at a checkpoint (before the body
-    is read, before the reserve): in global shadow mode they are recorded, never raised, and the
-    first one is logged as would_refuse (Envoy ratelimit applies shadow mode once, at the end)."""
-
-    def __init__(self, shadow: bool) -> None:
-        self.shadow = shadow
-        self.refusals: list[Rejected] = []
-
-    def add(self, refusal: Rejected) -> None:
-        self.refusals.append(refusal)
-
-    def enforce(self) -> None:
-        """Raise the first refusal, unless in shadow mode."""
-        if self.refusals and not self.shadow:
-            raise self.refusals[0]
 # Releases kept for reserves that failed against the store (each ~120 bytes of memory; one
 # EVALSHA each, ~8,000/s, once the store answers again).
 MAX_PENDING_RELEASES = 10_000
-# A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed)
-# and an Accept-Encoding narrowed to codings the guard can read.
-GUARD_SETS = frozenset({b"x-request-id", b"accept-encoding"})
 # Bodies above this are priced on a worker thread (parsing 64 MB of JSON takes ~0.2 s).
 OFF_LOOP_BYTES = 1 << 20
-# The request body the current call holds in memory (set in `prepare`, released when it ends).
-HELD_BODY: ContextVar[BodyLease | None] = ContextVar("HELD_BODY", default=None)
 # Routes whose calls ImageRouter pre-charges before it answers (reference §4: the generation
 # handler flushes its 200 only once the pre-charge passed). Text calls are billed afterwards.
 PRECHARGED_KINDS = frozenset({"image", "video"})
@@ -129,7 +103,7 @@ class Guard:
             return
         body, flight = prepared
         rt.metrics.overhead.observe(time.perf_counter() - call.started)
-        await self.forward(scope, receive, send, path, body, flight, call, policy)
+        await relay(rt, scope, receive, send, path, body, flight, call, policy)
 
     async def prepare(
         self, scope: Scope, receive: Receive, headers: list[tuple[str, str]], match: Match, policy: Policy, call: Call
@@ -385,92 +359,6 @@ class Guard:
         if decision.tight_scope:
             call.headers["X-Spend-Guard-Remaining"] = format_usd(decision.tight_remaining_micros)
             call.headers["X-Spend-Guard-Remaining-Scope"] = decision.tight_scope
-
-    async def forward(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        path: bytes,
-        body: bytes,
-        flight: Flight | None,
-        call: Call,
-        policy: Policy,
-    ) -> None:
-        rt = self.rt
-        if flight is None and call.decision != "would_refuse":
-            call.decision = "unguarded"
-        sent_headers = request_head(scope["headers"], drop=GUARD_SETS).sent + [("X-Request-Id", call.request_id)]
-        asked = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"accept-encoding"]
-        if asked:
-            sent_headers.append(("Accept-Encoding", readable_accept_encoding(asked)))
-        outcome = Outcome("unknown")
-        forwarded_at = time.perf_counter()
-        deadline = asyncio.get_running_loop().time() + policy.upstream.timeout_s
-        resp: aiohttp.ClientResponse | None = None
-        try:
-            try:
-                resp = await rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent_headers, body)
-            except UpstreamError as exc:
-                # Nothing was received from ImageRouter. A connect that failed or timed out never
-                # reached it (release); a later timeout or broken connection might have been billed
-                # (charge the hold).
-                if isinstance(exc, UpstreamNotSent):
-                    outcome = Outcome("error")
-                call.upstream_status, call.outcome = exc.status, "upstream_error"
-                await exc.response(call.headers)(scope, receive, send)
-                return
-            call.upstream_status = resp.status
-            if flight is not None:
-                flight.started_ms = rt.now_ms()
-            observer = observer_for(resp.headers.get("Content-Type"), resp.headers.get("Content-Encoding"))
-            out_headers = response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
-            # upstream.timeout_s bounds the whole call, time blocked sending to a client that stopped
-            # reading included, so a hold's lease (hold_ttl_s > timeout_s) never ends under it.
-            sending, finished = True, False
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
-                    sending = False
-                    async for chunk in resp.content.iter_any():
-                        observer.feed(chunk)
-                        # After a client disconnect uvicorn drops these sends; we keep reading to the
-                        # end so the call settles with ImageRouter's real cost.
-                        sending = True
-                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                        sending = False
-                    outcome, finished = observer.finish(True), True
-                    sending = True
-                    await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if not finished:
-                    outcome = observer.finish(False)
-                if not sending:
-                    call.outcome = "upstream_broken"
-                    raise UpstreamBroken(f"upstream body of {call.request_id} broke off; the client's connection was cut") from exc
-                call.outcome = "client_stalled"
-                abort_client(scope)
-                raise ClientStalled(
-                    f"client of {call.request_id} stopped reading; dropped after upstream.timeout_s={policy.upstream.timeout_s:g}"
-                ) from exc
-        finally:
-            if resp is not None:
-                resp.release()
-            rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
-            if flight is not None:
-                await asyncio.shield(self.settle(flight, outcome, call))
-            held = HELD_BODY.get()
-            if held is not None:
-                held.release()
-            log_decision(call, policy)
-
-    async def settle(self, flight: Flight, outcome: Outcome, call: Call) -> None:
-        """Exactly once per reservation: error -> release, cost -> charge it, else charge the hold."""
-        cost = 0 if outcome.kind == "error" else outcome.cost_micros if outcome.kind == "cost" else None
-        call.outcome = call.outcome or outcome.kind
-        call.cost_micros = await self.rt.settle(flight, cost)
-        if flight.reclaimed:
-            call.outcome, call.cost_micros = "reclaimed", flight.amount_micros
 
 
 async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int, *, text: bool = False) -> PriceFields:
