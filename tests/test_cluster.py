@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import shutil
 import signal
@@ -63,7 +64,7 @@ class Cluster:
     def start(self) -> None:
         server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
         assert server and cli
-        for port, bus, where in zip(self.ports, self.bus_ports, self.dirs):
+        for port, bus, where in zip(self.ports, self.bus_ports, self.dirs, strict=True):
             self.procs.append(
                 subprocess.Popen(
                     [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
@@ -76,12 +77,14 @@ class Cluster:
         for port in self.ports:
             wait_until(lambda p=port: self._ping(p), 10, f"cluster node {port} to start")
         created = subprocess.run(
-            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "0", "--cluster-yes"],
+            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+             "--cluster-replicas", "0", "--cluster-yes"],
             capture_output=True,
             timeout=60,
             check=False,
         )
-        assert created.returncode == 0, created.stdout.decode(errors="replace") + created.stderr.decode(errors="replace")
+        output = created.stdout.decode(errors="replace") + created.stderr.decode(errors="replace")
+        assert created.returncode == 0, output
         wait_until(self._all_ok, 30, "cluster_state:ok on every node")
 
     def _ping(self, port: int) -> bool:
@@ -144,7 +147,9 @@ def two_accounts_on_different_nodes(cluster: Cluster) -> tuple[str, str]:
     raise AssertionError("no account name on another node")
 
 
-def request(hold_id: str, amount: int, now_ms: int, *, lease_ms: int = 60_000, budgets=(), ref="id:key-a") -> ReserveRequest:
+def request(
+    hold_id: str, amount: int, now_ms: int, *, lease_ms: int = 60_000, budgets=(), ref="id:key-a"
+) -> ReserveRequest:
     day = now_ms - now_ms % DAY_MS
     return ReserveRequest(
         hold_id=hold_id,
@@ -228,13 +233,15 @@ async def test_two_accounts_on_different_nodes_are_independent(flushed):
     now = int(time.time() * 1000)
     try:
         stores = {name: Store(client, name) for name in (a, b)}
-        for name, store in stores.items():
+        for store in stores.values():
             assert await store.apply_snapshot(Snapshot(now, 2_000_000, {}))
         # 1.00 above a 1.00 floor each: three 0.30 holds fit, the fourth does not, per account
         names = [(name, f"{name}-{i}") for name in (a, b) for i in range(4)]
-        results = await asyncio.gather(*[stores[name].reserve(request(hold, 300_000, now, ref=None)) for name, hold in names])
+        results = await asyncio.gather(
+            *[stores[name].reserve(request(hold, 300_000, now, ref=None)) for name, hold in names]
+        )
         for name, store in stores.items():
-            mine = [(hold, r) for (owner, hold), r in zip(names, results) if owner == name]
+            mine = [(hold, r) for (owner, hold), r in zip(names, results, strict=True) if owner == name]
             assert sorted(r.allowed for _, r in mine) == [False, True, True, True], mine
             assert all(r.refusal is not None and r.refusal.code == "credits" for _, r in mine if not r.allowed)
             for hold, r in mine:
@@ -280,34 +287,185 @@ def test_served_proxy_guards_a_call_end_to_end_on_a_cluster(tmp_path: Path, up, 
         assert owner.hlen("sg:{clu}:holds") == 0
 
 
-def test_a_reserve_retried_by_the_cluster_client_is_not_a_500_and_leaks_no_hold(tmp_path: Path, up, flushed):
-    # The account lives on a node other than the startup node, so the client can rediscover the
-    # layout while that node is paused.
-    name = next(f"dup{i}" for i in range(1000) if flushed.owner(f"sg:{{dup{i}}}:holds") != flushed.ports[0])
-    port = flushed.owner(f"sg:{{{name}}}:holds")
-    proc = flushed.procs[flushed.ports.index(port)]
-    path = alice_policy(tmp_path, account=name, budget_usd="50", refresh_s=60)
-    with ServedProxy(path, up.url, flushed.url) as proxy:
-        def call() -> httpx.Response:
-            return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                              headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=60)
+def queued_bytes(port: int) -> int:
+    """Bytes that reached a node's accepted connections and wait, unread, in their receive queues
+    (Linux /proc/net/tcp and tcp6: ESTABLISHED sockets whose local port is `port`, column
+    `tx_queue:rx_queue` in hex). Non-zero while the node is stopped means a command has arrived."""
+    total = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                local, _, state, queues = row.split()[1:5]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    total += int(queues.split(":")[1], 16)
+    return total
 
-        assert call().status_code == 200  # scripts loaded on the node
-        node = flushed.node(port)
-        wait_until(lambda: node.hlen(f"sg:{{{name}}}:holds") == 0, 10, "the first call to settle")
-        proc.send_signal(signal.SIGSTOP)  # a stalled node: replies come after socket_timeout (2 s)
-        try:
-            with concurrent.futures.ThreadPoolExecutor(1) as pool:
-                pending = pool.submit(call)
-                time.sleep(2.5)  # the first EVALSHA timed out; the client re-sent it
-                proc.send_signal(signal.SIGCONT)
-                response = pending.result(30)
-        finally:
-            proc.send_signal(signal.SIGCONT)
-        assert response.status_code in (200, 503), (response.status_code, response.text)
-        if response.status_code == 503:
-            assert response.json()["error"]["type"] == "guard_unavailable"
-        wait_until(lambda: node.hlen(f"sg:{{{name}}}:holds") == 0, 10, "no hold left")
+
+def resp_length(args: list[str]) -> int:
+    """Length of a command as the client sends it (RESP array of bulk strings)."""
+    return len(f"*{len(args)}\r\n") + sum(len(f"${len(a.encode())}\r\n{a}\r\n".encode()) for a in args)
+
+
+class ScriptFeed:
+    """The reserve and settle scripts one node runs, read from its MONITOR feed. Opened before
+    the node is paused, so nothing it runs after it resumes is missed; each entry is
+    `(unix time, "reserve" | "settle", hold id, cost micros (settle) or None, the command's args)`."""
+
+    def __init__(self, port: int, account: str) -> None:
+        probe = Store(None, account)  # type: ignore[arg-type]  # only for the scripts' SHA1s
+        self.kinds = {probe.lua_reserve.sha: "reserve", probe.lua_settle.sha: "settle"}
+        # Reads block until the node runs something: a long timeout is the test's deadline.
+        self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=20)
+        self.monitor = self.client.monitor()
+        self.seen: list[tuple[float, str, str, int | None, list[str]]] = []
+
+    def __enter__(self) -> ScriptFeed:
+        self.monitor.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.monitor.__exit__()
+        self.client.close()
+
+    def of(self, hold_id: str) -> list[tuple[float, str, int | None]]:
+        return [(at, kind, cost) for at, kind, hold, cost, _ in self.seen if hold == hold_id]
+
+    def reserves(self) -> list[str]:
+        return [hold for _, kind, hold, _, _ in self.seen if kind == "reserve"]
+
+    def wait_for(self, done, what: str) -> None:
+        """Read the feed until `done(self)` holds."""
+        while not done(self):
+            try:
+                command = self.monitor.next_command()
+            except redis.TimeoutError as exc:
+                raise TimeoutError(f"the node ran nothing more in 20 s, waiting for {what}; ran {self.seen}") from exc
+            args = command["command"].split(" ")
+            if command["client_type"] == "lua" or args[0].upper() != "EVALSHA" or args[1] not in self.kinds:
+                continue
+            kind, n_keys = self.kinds[args[1]], int(args[2])
+            argv = args[3 + n_keys:]
+            if kind == "reserve":  # ARGV[1] now_ms, ARGV[2] hold_id
+                self.seen.append((command["time"], kind, argv[1], None, args))
+            else:  # ARGV[1] hold_id, ARGV[2] cost
+                self.seen.append((command["time"], kind, argv[0], int(argv[1]), args))
+
+
+class PausedNode:
+    """A served proxy whose account lives on a node other than the startup node (so the client
+    can rediscover the layout while that node is paused), after one call that loaded the scripts
+    and opened the connections; `pause()` stops that node with SIGSTOP while a feed of the
+    scripts it runs is open, and makes sure it is resumed."""
+
+    def __init__(self, tmp_path: Path, cluster: Cluster, up) -> None:
+        self.name = next(f"dup{i}" for i in range(1000) if cluster.owner(f"sg:{{dup{i}}}:holds") != cluster.ports[0])
+        self.port = cluster.owner(f"sg:{{{self.name}}}:holds")
+        self.proc = cluster.procs[cluster.ports.index(self.port)]
+        self.node = cluster.node(self.port)
+        self.policy = alice_policy(tmp_path, account=self.name, budget_usd="50", refresh_s=60)
+        self.up, self.cluster_url = up, cluster.url
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[ServedProxy]:
+        if not Path("/proc/net/tcp").exists():
+            pytest.skip("needs Linux /proc/net/tcp to see the reserve reach the paused node")
+        with ServedProxy(self.policy, self.up.url, self.cluster_url) as proxy:
+            self.proxy = proxy
+            assert self.call().status_code == 200
+            wait_until(lambda: self.holds() == 0, 10, "the first call to settle")
+            assert budget_ledger(proxy) == ("0.0100", "0.0000")
+            yield proxy
+
+    def call(self) -> httpx.Response:
+        return httpx.post(self.proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
+                          headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=60)
+
+    def holds(self) -> int:
+        return int(self.node.hlen(f"sg:{{{self.name}}}:holds"))
+
+    @contextlib.contextmanager
+    def pause(self) -> Iterator[ScriptFeed]:
+        with ScriptFeed(self.port, self.name) as feed:
+            self.proc.send_signal(signal.SIGSTOP)
+            try:
+                yield feed
+            finally:
+                self.proc.send_signal(signal.SIGCONT)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
+    def wait_for_the_reserve_to_arrive(self) -> int:
+        """Wait until bytes wait in the paused node's receive queue; returns how many."""
+        wait_until(lambda: queued_bytes(self.port) > 0, 10, "the reserve to reach the paused node")
+        return queued_bytes(self.port)
+
+
+def budget_ledger(proxy: ServedProxy) -> tuple[str, str]:
+    me = httpx.get(proxy.url + "/-/me", headers=AUTH, timeout=5).json()
+    scope = next(s for s in me["scopes"] if s["scope"] == "budget:key:alice:lifetime")
+    return scope["spent_usd"], scope["held_usd"]
+
+
+def test_a_reserve_stalled_past_the_store_timeout_is_a_503_and_holds_nothing_once_the_node_resumes(
+    tmp_path: Path, up, flushed
+):
+    """A node paused for good: the reserve reaches it and waits. At STORE_TIMEOUT_S (2 s) the
+    proxy answers 503 without forwarding; when the node resumes, the queued reserve runs, and the
+    release the guard queued in its settle retry loop (or its tombstone) leaves no hold."""
+    paused = PausedNode(tmp_path, flushed, up)
+    with paused.serving() as proxy:
+        with paused.pause() as feed, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(paused.call)
+            paused.wait_for_the_reserve_to_arrive()
+            response = pending.result(30)  # the node is still paused
+            paused.resume()
+            assert response.status_code == 503, (response.status_code, response.text)
+            assert response.json() == {"error": {
+                "message": "Spend guard unavailable: store error (TimeoutError). The call was not forwarded.",
+                "type": "guard_unavailable",
+            }}
+            assert response.headers["x-spend-guard-scope"] == "store"
+            # The queued reserve ran once the node resumed, and so did a release of its hold.
+            feed.wait_for(lambda f: f.reserves(), "the queued reserve to run")
+            (hold_id,) = feed.reserves()
+            feed.wait_for(lambda f: any(kind == "settle" for _, kind, _ in f.of(hold_id)), "the release of its hold")
+        # Released, never charged: run after the reserve, the release deleted the hold; run
+        # before it (both queued in the paused node), it left a tombstone the reserve obeyed.
+        runs = feed.of(hold_id)
+        assert [kind for _, kind, _ in runs].count("reserve") == 1, runs
+        assert {cost for _, kind, cost in runs if kind == "settle"} == {0}, runs
+        tombstone = paused.node.exists(f"sg:{{{paused.name}}}:tomb:{hold_id}") == 1
+        assert tombstone == (runs[0][1] == "settle"), (runs, tombstone)
+        assert paused.holds() == 0
+        assert budget_ledger(proxy) == ("0.0100", "0.0000")  # nothing charged, nothing held
+    assert len(up.generation_requests) == 1  # the refused call never reached ImageRouter
+
+
+def test_a_reserve_that_reached_a_paused_node_completes_once_it_resumes(tmp_path: Path, up, flushed):
+    """The node is paused until the reserve has reached it (its bytes wait in the node's receive
+    queue), then resumed well within STORE_TIMEOUT_S: the reserve runs once, the call is
+    forwarded and answered 200, its cost is charged and no hold is left."""
+    paused = PausedNode(tmp_path, flushed, up)
+    with paused.serving() as proxy:
+        with paused.pause() as feed, concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(paused.call)
+            arrived = paused.wait_for_the_reserve_to_arrive()
+            resumed_at = time.time()
+            paused.resume()
+            response = pending.result(30)
+            assert response.status_code == 200, (response.status_code, response.text)
+            assert response.json()["cost"] == 0.01
+            feed.wait_for(lambda f: f.reserves(), "the reserve to run")
+            (hold_id,) = feed.reserves()
+            feed.wait_for(lambda f: any(kind == "settle" for _, kind, _ in f.of(hold_id)), "the settle")
+        # What waited in the paused node's queue was exactly the reserve, run after the resume.
+        reserve_at, _, _, _, reserve_args = feed.seen[0]
+        assert arrived == resp_length(reserve_args) and reserve_at >= resumed_at, (arrived, feed.seen)
+        assert [(kind, cost) for _, kind, cost in feed.of(hold_id)] == [("reserve", None), ("settle", 10_000)]
+        assert paused.holds() == 0
+        assert budget_ledger(proxy) == ("0.0200", "0.0000")
+    assert len(up.generation_requests) == 2
 
 
 def restart_node(c: Cluster, port: int) -> None:
