@@ -142,7 +142,9 @@ class Alerts:
         return events
 
     @staticmethod
-    def _levels(keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]) -> list[Level]:
+    def _levels(
+        keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
+    ) -> list[Level]:
         found = []
         for key in keys:
             row = levels.rows.get(refs.get(key.name) or "")
@@ -155,30 +157,65 @@ class Alerts:
         return found
 
     async def _scope(self, policy: Policy, level: Level, now_s: float) -> list[dict[str, Any]]:
-        crossed = [t for t in policy.alerts.thresholds if level.limit_micros > 0 and level.spent_micros * PPM >= round(t * PPM) * level.limit_micros]
+        crossed = [
+            t
+            for t in policy.alerts.thresholds
+            if level.limit_micros > 0 and level.spent_micros * PPM >= round(t * PPM) * level.limit_micros
+        ]
         start_ms = window_start_ms(level.period, now_s)  # type: ignore[arg-type]
         end = window_end(level.period, now_s)  # type: ignore[arg-type]
         end_ms = 0 if end is None else to_ms(end)
         request = MarkRequest(
-            start_ms, end_ms + DAY_MS if end_ms else 0, int(now_s * 1000), level.spent_micros, level.limit_micros, end_ms,
+            start_ms,
+            end_ms + DAY_MS if end_ms else 0,
+            int(now_s * 1000),
+            level.spent_micros,
+            level.limit_micros,
+            end_ms,
             claim=[f"t:{t:g}" for t in crossed],
         )
         marks = await self.rt.store.alert_marks(level.scope, request)
-        window = {"window_start": format_ms(start_ms) if start_ms else None, "resets_at": format_ms(end_ms) if end_ms else None}
+        window = {
+            "window_start": format_ms(start_ms) if start_ms else None,
+            "resets_at": format_ms(end_ms) if end_ms else None,
+        }
         events = []
         if marks.recovered:
-            events.append(self._event(policy, "budget.recovered", level, None, now_s, window,
-                                      f"{level.scope}: a new window started, ${format_usd(level.limit_micros)} available again"))
+            events.append(
+                self._event(
+                    policy,
+                    "budget.recovered",
+                    level,
+                    None,
+                    now_s,
+                    window,
+                    f"{level.scope}: a new window started, ${format_usd(level.limit_micros)} available again",
+                )
+            )
         for name in marks.claimed:
             if name == "projected":
-                message = f"{level.scope}: at the last hour's rate it runs out before it resets at {window['resets_at']}"
+                message = (
+                    f"{level.scope}: at the last hour's rate it runs out before it resets at {window['resets_at']}"
+                )
                 events.append(self._event(policy, "budget.projected", level, 1.0, now_s, window, message))
             else:
                 t = float(name[2:])
-                message = (f"{level.scope} has spent {t:.0%} of its ${format_usd(level.limit_micros)} limit "
-                           f"(${format_usd(level.spent_micros)})")
-                events.append(self._event(policy, "budget.threshold", level, t, now_s, window, message,
-                                          threshold_usd=format_usd(-(-round(t * PPM) * level.limit_micros // PPM))))
+                message = (
+                    f"{level.scope} has spent {t:.0%} of its ${format_usd(level.limit_micros)} limit "
+                    f"(${format_usd(level.spent_micros)})"
+                )
+                events.append(
+                    self._event(
+                        policy,
+                        "budget.threshold",
+                        level,
+                        t,
+                        now_s,
+                        window,
+                        message,
+                        threshold_usd=format_usd(-(-round(t * PPM) * level.limit_micros // PPM)),
+                    )
+                )
         return events
 
     async def _credits(self, policy: Policy, levels: Levels, now_s: float) -> list[dict[str, Any]]:
@@ -200,8 +237,9 @@ class Alerts:
             return [self._event(policy, "budget.recovered", level, None, now_s, window, message, **extra)]
         return []
 
-    async def _expiry(self, policy: Policy, keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels,
-                      now_s: float) -> list[dict[str, Any]]:
+    async def _expiry(
+        self, policy: Policy, keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, now_s: float
+    ) -> list[dict[str, Any]]:
         days = policy.alerts.key_expiry_days
         if days is None:
             return []
@@ -222,13 +260,33 @@ class Alerts:
                 verb = "expired" if row.expires_ms <= now_ms else "expires"
                 message = f"ImageRouter key of {key.name} {verb} at {expires}"
                 window = {"window_start": None, "resets_at": None}
-                events.append(self._event(policy, "key.expiring", level, None, now_s, window, message,
-                                          expires_at=expires, threshold_days=days,
-                                          limit_usd=None if row.limit_micros is None else format_usd(limit)))
+                events.append(
+                    self._event(
+                        policy,
+                        "key.expiring",
+                        level,
+                        None,
+                        now_s,
+                        window,
+                        message,
+                        expires_at=expires,
+                        threshold_days=days,
+                        limit_usd=None if row.limit_micros is None else format_usd(limit),
+                    )
+                )
         return events
 
-    def _event(self, policy: Policy, kind: str, level: Level, threshold: float | None, now_s: float,
-               window: dict[str, Any], message: str, **extra: Any) -> dict[str, Any]:
+    def _event(
+        self,
+        policy: Policy,
+        kind: str,
+        level: Level,
+        threshold: float | None,
+        now_s: float,
+        window: dict[str, Any],
+        message: str,
+        **extra: Any,
+    ) -> dict[str, Any]:
         remaining = max(0, level.limit_micros - level.spent_micros - level.held_micros)
         event: dict[str, Any] = {
             "id": "msg_" + uuid.uuid4().hex,

@@ -160,7 +160,8 @@ class SpendGuardApp:
         )
         self.metrics.computed.add(
             "spend_guard_snapshot_rows_unreadable",
-            "Rows of the latest credits snapshot this proxy could not read (their keys' upstream limits are not checked).",
+            "Rows of the latest credits snapshot this proxy could not read "
+            "(their keys' upstream limits are not checked).",
             lambda: len(refresher.bad_rows_logged),
         )
         if not self.settings.redis_url:
@@ -174,7 +175,7 @@ class SpendGuardApp:
         # starts this way. Bounded: an unreachable upstream delays the start by STARTUP_REFRESH_S.
         try:
             first_delay = await asyncio.wait_for(refresher.tick(), STARTUP_REFRESH_S)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("first credits/prices refresh took over %g s; starting without it", STARTUP_REFRESH_S)
             first_delay = 0.0
         await self._adopt_name_counters(policy)
@@ -202,7 +203,7 @@ class SpendGuardApp:
         moves = [
             (budget.id, hold)
             for key in policy.keys
-            for budget, hold in zip(key.budgets, budget_holds(list(key.budgets), now_s))
+            for budget, hold in zip(key.budgets, budget_holds(list(key.budgets), now_s), strict=True)
             if budget.counter != budget.id
         ]
         try:
@@ -303,7 +304,9 @@ class SpendGuardApp:
             else:
                 age_s = max(0.0, rt.clock() - fetched / 1000)
                 if age_s > rt.policy.account.max_staleness_s:
-                    problems.append(f"snapshot: {age_s:.0f} s old, max_staleness_s={rt.policy.account.max_staleness_s:g}")
+                    problems.append(
+                        f"snapshot: {age_s:.0f} s old, max_staleness_s={rt.policy.account.max_staleness_s:g}"
+                    )
         except Exception as exc:  # noqa: BLE001 - any store failure means not ready
             problems.append(f"store: {type(exc).__name__}")
         if rt.reserve_failed_at and rt.clock() - rt.reserve_failed_at < RESERVE_FAILURE_UNREADY_S:
@@ -326,7 +329,9 @@ class SpendGuardApp:
         warnings = []
         clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
         if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
-            warnings.append(f"clock: this machine's clock is {-clock_offset_s:+.1f} s off the store's; the store's is used")
+            warnings.append(
+                f"clock: this machine's clock is {-clock_offset_s:+.1f} s off the store's; the store's is used"
+            )
         body = {
             "ready": not problems,
             "problems": problems,

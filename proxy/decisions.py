@@ -55,7 +55,13 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
     for b in budgets:
         start, end = window_start(b.period, now_s), window_end(b.period, now_s)
         holds.append(
-            BudgetHold(b.counter, b.limit_micros, b.shadow, 0 if start is None else to_ms(start), 0 if end is None else to_ms(end))
+            BudgetHold(
+                b.counter,
+                b.limit_micros,
+                b.shadow,
+                0 if start is None else to_ms(start),
+                0 if end is None else to_ms(end),
+            )
         )
     return holds
 
@@ -95,7 +101,9 @@ def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_m
         budget = next((b for b in budgets if b.id == budget_id), None)
         period = (budget.period if budget else None) or "lifetime"
         what = f"Budget '{budget_id}' of ${limit} per {period}"
-    message = f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
+    message = (
+        f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
+    )
     headers = {}
     reset = window_end(period if period in ("day", "week", "month") else None, now_s)  # type: ignore[arg-type]
     if reset is not None:

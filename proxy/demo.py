@@ -95,7 +95,9 @@ class Demo:
             up = self.standin
             with up.lock:
                 up.key_rows = [
-                    key_row(k.api_key_id, k.name, spend_limit=k.spend_limit_usd, period="day" if k.spend_limit_usd else None)
+                    key_row(
+                        k.api_key_id, k.name, spend_limit=k.spend_limit_usd, period="day" if k.spend_limit_usd else None
+                    )
                     for k in KEYS
                 ]
                 up.key_ids = {k.token: k.api_key_id for k in KEYS}
@@ -133,9 +135,9 @@ class Demo:
             "google/veo-3.1 (video), any text model on /v1/openai/chat/completions.",
             "Try (allowed, then refused with 402 by bob's $0.10 limit):",
             f"  curl -s {proxy_url}/v1/openai/images/generations -H 'Authorization: Bearer {KEYS[1].token}' "
-            "-H 'Content-Type: application/json' -d '{\"model\": \"test/test\", \"prompt\": \"a lighthouse\"}'",
+            '-H \'Content-Type: application/json\' -d \'{"model": "test/test", "prompt": "a lighthouse"}\'',
             f"  curl -s {proxy_url}/v1/openai/images/generations -H 'Authorization: Bearer {KEYS[1].token}' "
-            "-H 'Content-Type: application/json' -d '{\"model\": \"openai/gpt-image-1\", \"prompt\": \"a lighthouse\"}'",
+            '-H \'Content-Type: application/json\' -d \'{"model": "openai/gpt-image-1", "prompt": "a lighthouse"}\'',
             f"  curl -s {proxy_url}/-/me -H 'Authorization: Bearer {KEYS[1].token}'",
         ]
         return "\n".join(lines)

@@ -201,7 +201,9 @@ class EmbeddedServer:
                 return
             time.sleep(delay)
             delay = min(0.05, delay * 2)
-        raise EmbeddedStoreError(f"embedded store: server did not answer within {START_TIMEOUT_S:g} s ({self._last_log_line()})")
+        raise EmbeddedStoreError(
+            f"embedded store: server did not answer within {START_TIMEOUT_S:g} s ({self._last_log_line()})"
+        )
 
     def _last_log_line(self) -> str:
         try:

@@ -6,7 +6,6 @@ own path and query, whatever the Host header or an absolute-form target says.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import re
 from collections.abc import AsyncIterable, Iterable, Mapping
@@ -126,7 +125,9 @@ def create_session(limit: int = 0) -> aiohttp.ClientSession:
 class Upstream:
     """Opens requests to the configured upstream and maps failures to 502/504."""
 
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float, connect_timeout_s: float) -> None:
+    def __init__(
+        self, session: aiohttp.ClientSession, base_url: str, timeout_s: float, connect_timeout_s: float
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_timeout_s)
@@ -175,7 +176,7 @@ class Upstream:
             raise UpstreamNotSent(504, "ImageRouter did not answer in time (upstream timeout).") from exc
         except aiohttp.ClientConnectorError as exc:
             raise UpstreamNotSent(502, f"ImageRouter could not be reached ({type(exc).__name__}).") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise UpstreamError(504, "ImageRouter did not answer in time (upstream timeout).") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise UpstreamError(502, f"ImageRouter could not be reached ({type(exc).__name__}).") from exc

@@ -15,14 +15,18 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy import __version__
+from proxy.contract import Ledger
 from proxy.errors import StoreError
 from proxy.policy import Policy
 from proxy.report import ScopeLevel, every_level
-from proxy.contract import Ledger
 
 log = logging.getLogger("spend_guard.gauges")
 LEVELS = (
-    ("spend_guard_scope_limit_usd", "limit_micros", "A scope's limit (the account's: remaining credits above the floor), USD."),
+    (
+        "spend_guard_scope_limit_usd",
+        "limit_micros",
+        "A scope's limit (the account's: remaining credits above the floor), USD.",
+    ),
     ("spend_guard_scope_spent_usd", "spent_micros", "Spent in a scope's current window, USD."),
     ("spend_guard_scope_held_usd", "held_micros", "Held by calls in flight against a scope, USD."),
     ("spend_guard_scope_remaining_usd", "remaining_micros", "Left in a scope: limit - spent - held, at least 0, USD."),
@@ -53,10 +57,14 @@ class LevelGauges(Collector):
             for level in self.levels:
                 family.add_metric([level.scope], getattr(level, field) / 1e6)
             yield family
-        credits = GaugeMetricFamily("spend_guard_account_credits_usd", "The account's remaining credits (last snapshot), USD.")
+        credits = GaugeMetricFamily(
+            "spend_guard_account_credits_usd", "The account's remaining credits (last snapshot), USD."
+        )
         if self.credits_micros is not None:
             credits.add_metric([], self.credits_micros / 1e6)
         yield credits
-        info = GaugeMetricFamily("spend_guard_build_info", "The running spend guard's version (value 1).", labels=["version"])
+        info = GaugeMetricFamily(
+            "spend_guard_build_info", "The running spend guard's version (value 1).", labels=["version"]
+        )
         info.add_metric([__version__], 1.0)
         yield info

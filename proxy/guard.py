@@ -85,7 +85,9 @@ class Guard:
         rt = self.rt
         policy = rt.policy
         headers = header_pairs(scope)
-        call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or "")
+        call = Call(
+            request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or ""
+        )
         client = scope.get("client")
         call.client = f"{client[0]}:{client[1]}" if client else None
         call.user_agent = header(headers, "user-agent")
@@ -94,10 +96,18 @@ class Guard:
         try:
             prepared = await self.prepare(scope, receive, headers, match, policy, call)
         except Rejected as exc:
-            rt.metrics.decisions.labels("refused" if exc.status != 400 and exc.status != 413 else "invalid", exc.scope or "request", call.key_name).inc()
+            rt.metrics.decisions.labels(
+                "refused" if exc.status != 400 and exc.status != 413 else "invalid",
+                exc.scope or "request",
+                call.key_name,
+            ).inc()
             call.decision, call.scope = "refused", exc.scope or exc.error_type
             if exc.status not in (400, 413):
-                self.refusals.add(Refusal(rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id))
+                self.refusals.add(
+                    Refusal(
+                        rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id
+                    )
+                )
             log_decision(call, policy, error=exc.error_type)
             await exc.response(call.headers)(scope, receive, send)
             return
@@ -118,9 +128,21 @@ class Guard:
             # the upload into the void (kept until the body is in).
             call.headers.update(CLOSE)
         if match.ambiguous:
-            raise Rejected(400, "invalid_request_error", "Path contains an encoded '/' or '\\', or is still percent-encoded after one decode; spell the route plainly.", scope="request")
+            raise Rejected(
+                400,
+                "invalid_request_error",
+                "Path contains an encoded '/' or '\\', or is still percent-encoded after one decode; "
+                "spell the route plainly.",
+                scope="request",
+            )
         if rt.draining:
-            raise Rejected(503, "guard_unavailable", "The proxy is shutting down; retry on another instance.", scope="store", headers={"Retry-After": "1"})
+            raise Rejected(
+                503,
+                "guard_unavailable",
+                "The proxy is shutting down; retry on another instance.",
+                scope="store",
+                headers={"Retry-After": "1"},
+            )
         secret = bearer(headers)
         if secret is None:
             raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
@@ -129,9 +151,13 @@ class Guard:
         call.key = key
         call.key_name = key.name if key else "unknown"
         if key is None and policy.guard.unknown_keys == "reject":
-            verdicts.add(Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth"))
+            verdicts.add(
+                Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
+            )
         if not match.enabled:
-            verdicts.add(Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy"))
+            verdicts.add(
+                Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy")
+            )
         verdicts.enforce()
 
         # Only now is the body read: every refusal above needed none. Its bytes count against
@@ -170,7 +196,14 @@ class Guard:
         call.model = model
         for rules in (policy.models.rules, key.rules if key else None):
             if rules is not None and not permits(rules, {model, fields.model}):
-                verdicts.add(Rejected(403, "policy_violation", f"Model '{echo(model)}' is not allowed by policy for this key.", scope="policy"))
+                verdicts.add(
+                    Rejected(
+                        403,
+                        "policy_violation",
+                        f"Model '{echo(model)}' is not allowed by policy for this key.",
+                        scope="policy",
+                    )
+                )
                 break
         hold = self.hold_for(match, fields, model, policy, verdicts)
         if hold is None:
@@ -190,7 +223,8 @@ class Guard:
                     Rejected(
                         403,
                         "policy_violation",
-                        f"This call may cost up to ${format_usd(hold)}, above the per-request cap of ${format_usd(cap)} ({where}).",
+                        f"This call may cost up to ${format_usd(hold)}, above the per-request cap of "
+                        f"${format_usd(cap)} ({where}).",
                         scope="policy",
                     )
                 )
@@ -214,7 +248,14 @@ class Guard:
             return None
         if quote.unpriced and policy.guard.unknown_models == "reject":
             why = "matches no models.text_rates entry" if quote.basis == "text_default" else "has no published price"
-            verdicts.add(Rejected(403, "policy_violation", f"Model '{echo(model)}' {why} and unknown models are refused.", scope="policy"))
+            verdicts.add(
+                Rejected(
+                    403,
+                    "policy_violation",
+                    f"Model '{echo(model)}' {why} and unknown models are refused.",
+                    scope="policy",
+                )
+            )
         return quote.micros
 
     def caps(self, policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
@@ -235,9 +276,13 @@ class Guard:
             self.rt.metrics.unguarded.labels(kind).inc()
             log.warning("UNGUARDED: forwarding a spending call without a hold: %s", reason)
             return
-        raise Rejected(503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store")
+        raise Rejected(
+            503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store"
+        )
 
-    async def reserve(self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, verdicts: Verdicts) -> Flight | None:
+    async def reserve(
+        self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, verdicts: Verdicts
+    ) -> Flight | None:
         rt = self.rt
         now_s = rt.clock()
         now_ms = int(now_s * 1000)
@@ -273,7 +318,9 @@ class Guard:
                 rt.pending_settles[request.hold_id] = Pending(0, counters=counters_of(request.budgets))
             elif not rt.pending_full_logged:
                 rt.pending_full_logged = True
-                log.warning("%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES)
+                log.warning(
+                    "%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES
+                )
             self.unavailable(f"store error ({reason})", "store")
             return None
         if decision.reclaimed.count or decision.reclaimed.quarantined:

@@ -92,7 +92,8 @@ class Metrics:
         )
         self.held_ratio = Histogram(
             "spend_guard_charged_to_held_ratio",
-            "At each settle, the amount charged divided by the hold, by route kind (above 1: the call cost more than its hold).",
+            "At each settle, the amount charged divided by the hold, by route kind "
+            "(above 1: the call cost more than its hold).",
             ["kind"],
             buckets=RATIO_BUCKETS,
             registry=r,

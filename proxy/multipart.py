@@ -187,7 +187,9 @@ def read_fields(body: bytes, boundary: bytes) -> list[tuple[str, str]]:
         if tail != b"\r\n":
             if len(tail) < 2:
                 raise invalid("multipart body is truncated: no close delimiter.")
-            raise invalid("multipart delimiter is followed by bytes other than CRLF or '--' (transport padding included).")
+            raise invalid(
+                "multipart delimiter is followed by bytes other than CRLF or '--' (transport padding included)."
+            )
         start = after + 2
         pos = data.find(needle, start)
         if pos < 0:
@@ -232,7 +234,11 @@ def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
         name_end = 0
         while name_end < len(line) and line[name_end] in TOKEN:
             name_end += 1
-        if name_end == 0 or line[name_end : name_end + 1] != b":" or any(b not in _FIELD_VCHAR for b in line[name_end + 1 :]):
+        if (
+            name_end == 0
+            or line[name_end : name_end + 1] != b":"
+            or any(b not in _FIELD_VCHAR for b in line[name_end + 1 :])
+        ):
             raise invalid("multipart part has a malformed header line.")
         key = line[:name_end].decode("ascii").lower()
         if key in headers:
@@ -254,7 +260,9 @@ def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
     if root in PRICE_FIELDS and name != root:
         raise invalid(f"Form field '{echo(name)}' would be read as '{root}' by the upstream (multer's bracket syntax).")
     if name not in PRICE_FIELDS:
-        is_file = "filename" in disp.params or "filename*" in disp.params or _media(headers) == "application/octet-stream"
+        is_file = (
+            "filename" in disp.params or "filename*" in disp.params or _media(headers) == "application/octet-stream"
+        )
         if not is_file and end - head_end - 4 >= MAX_FIELD_BYTES:
             raise invalid(f"Form field '{echo(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
         return None
@@ -273,7 +281,9 @@ def _field_value(name: str, raw: bytes, headers: dict[str, str], disp: HeaderVal
         raise invalid(f"Form field '{name}' is sent as a file (it has a filename).")
     charset = "utf-8"
     if "content-type" in headers:
-        ctype = parse_header_value(headers["content-type"], media_type=True, tabs=True, what=f"Form field '{name}''s Content-Type")
+        ctype = parse_header_value(
+            headers["content-type"], media_type=True, tabs=True, what=f"Form field '{name}''s Content-Type"
+        )
         if ctype.extended:
             raise invalid(f"Form field '{name}' has an extended (RFC 2231) Content-Type parameter.")
         if ctype.head == "application/octet-stream":
@@ -281,7 +291,10 @@ def _field_value(name: str, raw: bytes, headers: dict[str, str], disp: HeaderVal
         charset = ctype.params.get("charset", charset).lower()
     codec = _CHARSETS.get(charset)
     if codec is None:
-        raise invalid(f"Form field '{name}' has charset '{echo(charset)}'; the spend guard reads price fields in utf-8 or us-ascii only.")
+        raise invalid(
+            f"Form field '{name}' has charset '{echo(charset)}'; "
+            "the spend guard reads price fields in utf-8 or us-ascii only."
+        )
     encoding = headers.get("content-transfer-encoding")
     if encoding is not None and encoding.strip(" \t").lower() not in _IDENTITY_TRANSFER:
         raise invalid(f"Form field '{name}' has a Content-Transfer-Encoding; send it unencoded.")

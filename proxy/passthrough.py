@@ -71,13 +71,17 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
                 sending = False
             sending = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError) as exc:
         if sending:
             abort_client(scope)
-            raise ClientStalled("the client of an unguarded response stopped reading; dropped after upstream.timeout_s") from exc
+            raise ClientStalled(
+                "the client of an unguarded response stopped reading; dropped after upstream.timeout_s"
+            ) from exc
         if watcher is None or not watcher.done():
             # The upstream broke mid-body: abort the client's connection too, so it sees a cut.
-            raise UpstreamBroken("the upstream body of an unguarded response broke off; the client's connection was cut") from exc
+            raise UpstreamBroken(
+                "the upstream body of an unguarded response broke off; the client's connection was cut"
+            ) from exc
     finally:
         if watcher is not None:
             watcher.cancel()

@@ -34,9 +34,9 @@ from proxy.policy_check import (  # the value checks and field specs
     RULES_KEYS,
     _Invalid,
     _money,
-    _threshold,
     _short_hash,
     _show,
+    _threshold,
     glob_problem,
 )
 
@@ -189,7 +189,8 @@ class _File:
             if "limit_micros" not in values:
                 continue
             shadow = values.get("mode") == "shadow"
-            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow, f"{counter_owner}:{label}"))
+            counter = f"{counter_owner}:{label}"
+            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow, counter))
         return tuple(budgets)
 
 

@@ -256,13 +256,18 @@ def webhook_url(value: object) -> str:
 def _secret_env(value: object) -> str:
     name = _env_name(value)
     if name.lower().startswith("whsec_"):
-        raise _Invalid("expected the name of an environment variable holding the secret, got what looks like the secret itself (value not shown)")
+        raise _Invalid(
+            "expected the name of an environment variable holding the secret, "
+            "got what looks like the secret itself (value not shown)"
+        )
     return name
 
 
 def _threshold(value: object) -> float:
     if (fraction := _number(value)) <= 0 or fraction > MAX_THRESHOLD:
-        raise _Invalid(f"expected a fraction of the limit above 0 and at most {MAX_THRESHOLD:g} (0.8 is 80 %), got {_show(value)}")
+        raise _Invalid(
+            f"expected a fraction of the limit above 0 and at most {MAX_THRESHOLD:g} (0.8 is 80 %), got {_show(value)}"
+        )
     return fraction
 
 
@@ -280,9 +285,7 @@ def _sha256(value: object) -> str:
         got = "a number (put the digest in quotes)"  # all-digit digests read as YAML integers
     else:
         got = _show(value)
-    raise _Invalid(
-        f"expected 64 lowercase hex characters, got {got}; compute it with `spend-guard fingerprint`"
-    )
+    raise _Invalid(f"expected 64 lowercase hex characters, got {got}; compute it with `spend-guard fingerprint`")
 
 
 def _route_path(value: object) -> str:

@@ -59,7 +59,9 @@ class PriceTable:
         return self.holds.get(self.resolve(model))
 
     def to_json(self) -> str:
-        return json.dumps({"holds": dict(self.holds), "aliases": dict(self.aliases), "fetched_at_ms": self.fetched_at_ms})
+        return json.dumps(
+            {"holds": dict(self.holds), "aliases": dict(self.aliases), "fetched_at_ms": self.fetched_at_ms}
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PriceTable:
@@ -151,7 +153,9 @@ class Quote:
         return self.basis in ("default", "text_default")
 
 
-def quote_hold(kind: str, route: str, fields: PriceFields, model: str, prices: PriceTable, models: ModelsPolicy) -> Quote:
+def quote_hold(
+    kind: str, route: str, fields: PriceFields, model: str, prices: PriceTable, models: ModelsPolicy
+) -> Quote:
     """The hold for a call to `route` (canonical path) of route kind `kind`, for `model` (the
     requested id resolved through the table's aliases). In order: a policy override for the
     model; on text routes its most specific `text_rates` entry, else `text_hold_usd`; else the
@@ -214,7 +218,11 @@ def text_rate_for(rates: Sequence[TextRate], *models: str) -> TextRate | None:
     less its wildcards, then the earliest in the policy. Globs match case-sensitively, as
     `allow`/`deny` do."""
     for model in models:
-        matching = [(glob_specificity(rate.glob), index) for index, rate in enumerate(rates) if fnmatch.fnmatchcase(model, rate.glob)]
+        matching = [
+            (glob_specificity(rate.glob), index)
+            for index, rate in enumerate(rates)
+            if fnmatch.fnmatchcase(model, rate.glob)
+        ]
         if matching:
             return rates[min(matching)[1]]
     return None

@@ -86,16 +86,19 @@ async def relay(
                 outcome, finished = observer.finish(True), True
                 sending = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             if not finished:
                 outcome = observer.finish(False)
             if not sending:
                 call.outcome = "upstream_broken"
-                raise UpstreamBroken(f"upstream body of {call.request_id} broke off; the client's connection was cut") from exc
+                raise UpstreamBroken(
+                    f"upstream body of {call.request_id} broke off; the client's connection was cut"
+                ) from exc
             call.outcome = "client_stalled"
             abort_client(scope)
             raise ClientStalled(
-                f"client of {call.request_id} stopped reading; dropped after upstream.timeout_s={policy.upstream.timeout_s:g}"
+                f"client of {call.request_id} stopped reading; "
+                f"dropped after upstream.timeout_s={policy.upstream.timeout_s:g}"
             ) from exc
     finally:
         if resp is not None:
@@ -107,6 +110,7 @@ async def relay(
         if held is not None:
             held.release()
         log_decision(call, policy)
+
 
 async def settle(rt: Runtime, flight: Flight, outcome: Outcome, call: Call) -> None:
     """Exactly once per reservation: error -> release, cost -> charge it, else charge the hold."""

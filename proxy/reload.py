@@ -175,20 +175,31 @@ def summary(old: Policy, new: Policy) -> tuple[str, bool]:
     parts: list[str] = []
     removed_any = False
 
-    def compare(what: str, before: dict[str, object], after: dict[str, object], show: Callable[[str, object], str]) -> None:
+    def compare(
+        what: str, before: dict[str, object], after: dict[str, object], show: Callable[[str, object], str]
+    ) -> None:
         nonlocal removed_any
         added = [show(n, after[n]) for n in after if n not in before]
         removed = [show(n, before[n]) for n in before if n not in after]
-        changed = [n if show(n, before[n]) == n else f"{show(n, before[n])} -> {show(n, after[n]).removeprefix(n + ' ')}"
-                   for n in before if n in after and before[n] != after[n]]
+        changed = [
+            n if show(n, before[n]) == n else f"{show(n, before[n])} -> {show(n, after[n]).removeprefix(n + ' ')}"
+            for n in before
+            if n in after and before[n] != after[n]
+        ]
         removed_any = removed_any or bool(removed)
-        found = [f"{label} {', '.join(names)}" for label, names in (("added", added), ("removed", removed), ("changed", changed)) if names]
+        found = [
+            f"{label} {', '.join(names)}"
+            for label, names in (("added", added), ("removed", removed), ("changed", changed))
+            if names
+        ]
         if found:
             parts.append(f"{what} " + "; ".join(found))
 
     compare("keys", {k.name: k for k in old.keys}, {k.name: k for k in new.keys}, lambda name, _: name)
     compare("groups", dict(old.groups), dict(new.groups), lambda name, _: name)
-    compare("budgets", {b.id: b for b in _budgets(old).values()}, {b.id: b for b in _budgets(new).values()}, _show_budget)
+    compare(
+        "budgets", {b.id: b for b in _budgets(old).values()}, {b.id: b for b in _budgets(new).values()}, _show_budget
+    )
     if old.mode != new.mode:
         parts.append(f"mode {old.mode} -> {new.mode}")
     return ("; ".join(parts) or "no key, group or budget changed"), removed_any

@@ -10,12 +10,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.contract import Ledger
 from proxy.decisions import budget_holds, budgets_for
 from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy import Budget, KeyPolicy, Policy
 from proxy.request import BEARER_RE, fingerprint
-from proxy.contract import Ledger
 from proxy.store import Levels, RowLevel, row_ref
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
@@ -59,7 +59,9 @@ class ScopeLevel:
 
 def account_level(policy: Policy, levels: Levels) -> ScopeLevel:
     floor = policy.account.min_remaining_micros
-    return ScopeLevel("account", levels.remaining_micros - floor, levels.account.charged_micros, levels.account.held_micros)
+    return ScopeLevel(
+        "account", levels.remaining_micros - floor, levels.account.charged_micros, levels.account.held_micros
+    )
 
 
 def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
@@ -73,7 +75,9 @@ def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
 def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
     used = levels.budgets[budget.counter]
     mode = "shadow" if budget.shadow else "enforce"
-    return ScopeLevel(f"budget:{budget.id}", budget.limit_micros, used.charged_micros, used.held_micros, budget.period, mode)
+    return ScopeLevel(
+        f"budget:{budget.id}", budget.limit_micros, used.charged_micros, used.held_micros, budget.period, mode
+    )
 
 
 async def read_levels(
@@ -98,8 +102,10 @@ async def scopes_for_many(
     budgets = {key.name if key else "": budgets_for(policy, key) for key in keys}
     every = [budget for each in budgets.values() for budget in each]
     levels, refs = await read_levels(store, policy, keys, every, now_s)
-    return [key_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
-            for key in keys]
+    return [
+        key_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
+        for key in keys
+    ]
 
 
 def key_report(
@@ -111,7 +117,9 @@ def key_report(
     row = level if isinstance(level, RowLevel) else None
     if levels.fetched_ms is not None:
         floor = format_usd(policy.account.min_remaining_micros)
-        scopes.append(account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms)))
+        scopes.append(
+            account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms))
+        )
         if (limit := row_scope(row)) is not None:
             scopes.append(limit.as_json(now_s))
     scopes += [budget_level(budget, levels).as_json(now_s) for budget in budgets]
@@ -139,8 +147,15 @@ async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list
     for key in policy.keys:
         ref = refs.get(key.name)
         if (limit := row_scope(levels.rows.get(ref) if ref else None)) is not None:
-            found.append(ScopeLevel(f"key:{key.name}:{limit.period or 'lifetime'}", limit.limit_micros,
-                                    limit.spent_micros, limit.held_micros, limit.period))
+            found.append(
+                ScopeLevel(
+                    f"key:{key.name}:{limit.period or 'lifetime'}",
+                    limit.limit_micros,
+                    limit.spent_micros,
+                    limit.held_micros,
+                    limit.period,
+                )
+            )
     found += [budget_level(b, levels) for b in budgets.values()]
     return found, levels.remaining_micros
 

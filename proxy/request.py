@@ -107,7 +107,13 @@ class BodyLease:
 
 
 def too_large(max_bytes: int) -> Rejected:
-    return Rejected(413, "invalid_request_error", f"Request body exceeds the {max_bytes}-byte limit.", scope="request", headers=CLOSE)
+    return Rejected(
+        413,
+        "invalid_request_error",
+        f"Request body exceeds the {max_bytes}-byte limit.",
+        scope="request",
+        headers=CLOSE,
+    )
 
 
 async def read_body(
@@ -145,7 +151,9 @@ async def _receive_all(receive: Receive, max_bytes: int, lease: BodyLease | None
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise Rejected(400, "invalid_request_error", "Client went away before sending the whole body.", scope="request")
+            raise Rejected(
+                400, "invalid_request_error", "Client went away before sending the whole body.", scope="request"
+            )
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > max_bytes:

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from proxy.contract import Ledger
 from proxy.credits import Refresher
 from proxy.echo import echo
+from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.forward import Upstream
 from proxy.metrics import Metrics
 from proxy.money import MAX_CALL_MICROS, format_usd
@@ -22,8 +24,6 @@ from proxy.policy import Policy
 from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
-from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
-from proxy.contract import Ledger
 from proxy.store import BudgetHold, Store
 from proxy.types import Clock
 
@@ -197,7 +197,9 @@ class Runtime:
         retries); a fault of one record never holds back the others."""
         for hold_id, pending in list(self.pending_settles.items()):
             try:
-                await self.ledger.settle(hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters)
+                await self.ledger.settle(
+                    hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters
+                )
             except HoldQuarantined:
                 self.quarantined(hold_id)
             except StoreScriptError as exc:

@@ -85,7 +85,9 @@ class _Tally:
         if self.pending is None:
             now = protocol.loop.time()
             delay = max(TALLY_FIRST_S, self.logged_at + TALLY_LOG_S - now)
-            self.pending = protocol.loop.call_later(delay, self.flush, protocol.head_timeout_s, protocol.max_connections, protocol.loop)
+            self.pending = protocol.loop.call_later(
+                delay, self.flush, protocol.head_timeout_s, protocol.max_connections, protocol.loop
+            )
 
     def flush(self, head_timeout_s: float, max_connections: int, loop: asyncio.AbstractEventLoop) -> None:
         log.warning(
@@ -224,7 +226,8 @@ def raise_fd_limit(max_connections: int) -> None:
             target = soft
     if target < wanted:
         log.warning(
-            "max_connections=%d wants %d file descriptors but the limit is %d; lower --max-connections or raise ulimit -n",
+            "max_connections=%d wants %d file descriptors but the limit is %d; "
+            "lower --max-connections or raise ulimit -n",
             max_connections,
             wanted,
             target,

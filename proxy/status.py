@@ -69,7 +69,9 @@ def store_url(redis_url: str | None, state_dir: str) -> str:
     return socket_url(state_dir)
 
 
-async def collect(policy: Policy, url: str, *, policy_label: str = "default", store: Store | None = None, now_s: float | None = None) -> Status:
+async def collect(
+    policy: Policy, url: str, *, policy_label: str = "default", store: Store | None = None, now_s: float | None = None
+) -> Status:
     """Read every scope of every configured key and group from the store at `url`."""
     own = store is None
     store = store or Store(redis_client(url), policy.account.name)
@@ -83,8 +85,9 @@ async def collect(policy: Policy, url: str, *, policy_label: str = "default", st
         counted = any(u.charged_micros or u.held_micros for u in levels.budgets.values())
         if levels.fetched_ms is None and holds == 0 and not counted:
             raise StatusError(
-                f"the store at {shown} holds nothing for account '{policy.account.name}' (no credits snapshot, no holds, "
-                "no budget spend): a wrong URL or DB number, a different account.name, or no proxy has run against it yet"
+                f"the store at {shown} holds nothing for account '{policy.account.name}' "
+                "(no credits snapshot, no holds, no budget spend): a wrong URL or DB number, "
+                "a different account.name, or no proxy has run against it yet"
             )
         status = Status(shown, policy.account.name, policy_label, None, holds)
         _rows(status, policy, levels, refs, now)
@@ -135,8 +138,18 @@ def _row(owner: str, scope: dict[str, Any]) -> dict[str, Any]:
 
 
 def _blank(owner: str, scope: str, note: str) -> dict[str, Any]:
-    return {"owner": owner, "scope": scope, "mode": "-", "limit_usd": None, "spent_usd": None, "held_usd": None,
-            "remaining_usd": None, "over_usd": None, "resets_at": None, "note": note}
+    return {
+        "owner": owner,
+        "scope": scope,
+        "mode": "-",
+        "limit_usd": None,
+        "spent_usd": None,
+        "held_usd": None,
+        "remaining_usd": None,
+        "over_usd": None,
+        "resets_at": None,
+        "note": note,
+    }
 
 
 def _micros(usd: str) -> int:
@@ -160,11 +173,14 @@ def render_table(rows: list[dict[str, Any]]) -> str:
     cells = [[str(row.get(c) if row.get(c) is not None else "-") for c in COLUMNS] for row in rows]
     notes = [row.get("note") for row in rows]
     header = [c.replace("_usd", " $").replace("_", " ") for c in COLUMNS]
-    widths = [max(len(header[i]), *(len(r[i]) for r in cells)) if cells else len(header[i]) for i in range(len(COLUMNS))]
+    widths = [
+        max(len(header[i]), *(len(r[i]) for r in cells)) if cells else len(header[i]) for i in range(len(COLUMNS))
+    ]
     numeric = {3, 4, 5, 6, 7}
 
     def line(values: list[str], note: str | None = None) -> str:
         text = "  ".join(v.rjust(widths[i]) if i in numeric else v.ljust(widths[i]) for i, v in enumerate(values))
         return (text + (f"  ({note})" if note else "")).rstrip()
 
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r, n) for r, n in zip(cells, notes)])
+    body = [line(r, n) for r, n in zip(cells, notes, strict=True)]
+    return "\n".join([line(header), line(["-" * w for w in widths]), *body])

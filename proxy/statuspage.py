@@ -28,12 +28,12 @@ from typing import Any
 from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from proxy import __version__
+from proxy.contract import StatusStore
 from proxy.errors import StoreError, error_response
 from proxy.money import format_usd
 from proxy.policy import Policy
 from proxy.refusals import RecentRefusals
 from proxy.report import ScopeLevel, every_level
-from proxy.contract import StatusStore
 from proxy.windows import format_ms, window_start_ms
 
 REALM = 'Basic realm="spend-guard"'
@@ -99,7 +99,9 @@ async def status_data(store: StatusStore, policy: Policy, refusals: RecentRefusa
     return body
 
 
-async def _alerts_sent(store: StatusStore, policy: Policy, levels: list[ScopeLevel], now_s: float) -> list[dict[str, Any]] | None:
+async def _alerts_sent(
+    store: StatusStore, policy: Policy, levels: list[ScopeLevel], now_s: float
+) -> list[dict[str, Any]] | None:
     """The alerts claimed (so sent, by whichever instance) in each scope's current window, newest
     first; None when they cannot be read."""
     scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]  # type: ignore[arg-type]

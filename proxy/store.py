@@ -8,6 +8,7 @@ KEYS). Amounts are integer micro-dollars. Driver errors leave this module as `St
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import importlib.resources
 import os
@@ -39,9 +40,29 @@ from proxy.records import (
 
 # The records and backends are part of the store's interface; callers import them from here.
 __all__ = [
-    "BACKENDS", "CLUSTER_SCHEME", "CONTAIN_MARGIN_MS", "LOCK_MODELS", "LOCK_REFRESH", "STORE_TIMEOUT_S", "UNREADABLE_ROW",
-    "BudgetHold", "Decision", "Levels", "MarkRequest", "Marks", "Reclaimed", "Refusal", "ReserveRequest", "RowLevel",
-    "RowState", "ScopeUsage", "Snapshot", "Store", "embedded_client", "redis_client", "row_ref",
+    "BACKENDS",
+    "CLUSTER_SCHEME",
+    "CONTAIN_MARGIN_MS",
+    "LOCK_MODELS",
+    "LOCK_REFRESH",
+    "STORE_TIMEOUT_S",
+    "UNREADABLE_ROW",
+    "BudgetHold",
+    "Decision",
+    "Levels",
+    "MarkRequest",
+    "Marks",
+    "Reclaimed",
+    "Refusal",
+    "ReserveRequest",
+    "RowLevel",
+    "RowState",
+    "ScopeUsage",
+    "Snapshot",
+    "Store",
+    "embedded_client",
+    "redis_client",
+    "row_ref",
 ]
 
 T = TypeVar("T")
@@ -157,13 +178,13 @@ class Store:
             olds = [self.budget_key(old, b.window_start_ms) for old, b in moves]
             news = [self.budget_key(b.id, b.window_start_ms) for _, b in moves]
             pipe = self.client.pipeline(transaction=False)
-            for old_key, new_key in zip(olds, news):
+            for old_key, new_key in zip(olds, news, strict=True):
                 pipe.get(old_key)
                 pipe.exists(new_key)
             found = await pipe.execute()
             pipe = self.client.pipeline(transaction=False)
             copied = 0
-            for i, (new_key, (_, budget)) in enumerate(zip(news, moves)):
+            for i, (new_key, (_, budget)) in enumerate(zip(news, moves, strict=True)):
                 value, exists = found[2 * i], found[2 * i + 1]
                 if value is not None and not exists:
                     pipe.set(new_key, value, nx=True)
@@ -264,7 +285,8 @@ class Store:
         for _ in range(2):
             keys = [*self.keys.base, *self.keys.budgets(counters)]
             args = [now_ms, *(spec(*c) for c in counters)]
-            count, micros, quarantined, missing = await self._call(lambda: self.lua_reclaim(keys=keys, args=args))
+            run = functools.partial(self.lua_reclaim, keys=keys, args=args)
+            count, micros, quarantined, missing = await self._call(run)
             found = Reclaimed(
                 found.count + int(count),
                 found.micros + int(micros),
@@ -293,7 +315,7 @@ class Store:
         for _ in range(2):
             keys = [*self.keys.base, self.keys.tomb(hold_id), *self.keys.budgets(counters)]
             args = [hold_id, cost, now_ms, started_ms, *(spec(*c) for c in counters)]
-            reply = await self._call(lambda: self.lua_settle(keys=keys, args=args))
+            reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
             if not isinstance(reply, list):
                 break
             counters = [parse_spec(_text(v)) for v in reply]
@@ -353,7 +375,9 @@ class Store:
         names = list(fields) + [f"b:{b.id}" for b in budgets]
         return {n: ScopeUsage(values[2 * i], values[2 * i + 1]) for i, n in enumerate(names)}
 
-    async def levels(self, row_refs: Sequence[str], budgets: Sequence[BudgetHold], windows_ms: tuple[int, int, int]) -> Levels:
+    async def levels(
+        self, row_refs: Sequence[str], budgets: Sequence[BudgetHold], windows_ms: tuple[int, int, int]
+    ) -> Levels:
         """Limit, spent and held of the account, of key rows and of budgets in their current
         windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
         keys = [*self.keys.base, *self.keys.budgets([(b.id, b.window_start_ms) for b in budgets])]
@@ -412,8 +436,19 @@ class Store:
         """Claim (HSETNX) and release alert marks of `scope` in its window, exactly once across
         every instance; also samples its spend and claims "projected" (alert_marks.lua)."""
         keys = [self.keys.alert(scope), self.keys.alert_rate(scope)]
-        args: list[Any] = [req.window_start_ms, req.expire_at_ms, req.now_ms, req.spent_micros, req.limit_micros,
-                           req.window_end_ms, *req.rate_span_ms, len(req.claim), *req.claim, len(req.release), *req.release]
+        args: list[Any] = [
+            req.window_start_ms,
+            req.expire_at_ms,
+            req.now_ms,
+            req.spent_micros,
+            req.limit_micros,
+            req.window_end_ms,
+            *req.rate_span_ms,
+            len(req.claim),
+            *req.claim,
+            len(req.release),
+            *req.release,
+        ]
         claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))
         return Marks(tuple(_text(v) for v in claimed), tuple(_text(v) for v in released), bool(recovered))
 

@@ -134,7 +134,9 @@ class Deliveries:
                 continue
             if self._closed or len(self.tasks) >= self.max_pending:
                 self.metrics.webhook_deliveries.labels("dropped").inc()
-                log.warning("alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.url, len(self.tasks))
+                log.warning(
+                    "alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.url, len(self.tasks)
+                )
                 continue
             task = asyncio.create_task(self._deliver(endpoint, str(event["id"]), body), name="webhook")
             self.tasks.add(task)
@@ -162,9 +164,12 @@ class Deliveries:
         if endpoint.key is not None:
             headers["webhook-signature"] = sign(endpoint.key, msg_id, timestamp, body)
         try:
-            async with self._sending, self.session.post(
-                endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-            ) as resp:
+            async with (
+                self._sending,
+                self.session.post(
+                    endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+                ) as resp,
+            ):
                 await resp.read()
                 status, retry_header = resp.status, resp.headers.get("Retry-After", "")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

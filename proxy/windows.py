@@ -12,7 +12,7 @@ import math
 
 from proxy.types import Period
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _midnight(day: dt.date) -> dt.datetime:

@@ -61,7 +61,11 @@ class Supervisor(Multiprocess):
                 new.kill()
                 new.join()
                 if not self.stop.is_set():
-                    log.error("New worker [%s] was not ready in time; keeping [%s] and aborting the restart.", new.pid, old.pid)
+                    log.error(
+                        "New worker [%s] was not ready in time; keeping [%s] and aborting the restart.",
+                        new.pid,
+                        old.pid,
+                    )
                 return
             self.processes[idx] = new
             old.terminate()

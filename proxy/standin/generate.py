@@ -64,7 +64,12 @@ class Generation:
     async def _generate(self, request: web.BaseRequest, record: Recorded, plan: Plan) -> web.StreamResponse:
         route = GENERATION_ROUTES[record.path]
         text = route in ("chat", "responses")
-        if text and self.sse_from_body and not plan.sse and _wants_stream(request.headers.get("Content-Type", ""), record.body):
+        if (
+            text
+            and self.sse_from_body
+            and not plan.sse
+            and _wants_stream(request.headers.get("Content-Type", ""), record.body)
+        ):
             plan = dataclasses.replace(plan, sse=True)  # as ImageRouter answers `"stream": true`
         if plan.sse and not text:
             return _json_response(500, _error_json("stand-in: sse is only for chat and responses", "standin_error"))
@@ -90,7 +95,9 @@ class Generation:
                 return _json_response(400, _error_json("model is required", "invalid_request_error"))
             model = self._lookup(model_name)
             if model is None and not text:
-                return _json_response(400, _error_json(f"model '{model_name}' is not supported", "invalid_request_error"))
+                return _json_response(
+                    400, _error_json(f"model '{model_name}' is not supported", "invalid_request_error")
+                )
             price = (model or {}).get("price") or {}
             hold_units = _price_units(price.get("max"))
             if plan.cost_units is not None:
@@ -159,7 +166,6 @@ class Generation:
                 self.active_streams -= 1
                 self._cond.notify_all()
 
-
     def _final_body(self, route: str, model: str, plan: Plan, cost: float, started: float) -> bytes:
         self._serial += 1
         usage_cost = {} if plan.nocost else {"cost": cost}
@@ -177,7 +183,9 @@ class Generation:
                 "object": "response",
                 "status": "completed",
                 "model": model,
-                "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}],
+                "output": [
+                    {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "hi"}]}
+                ],
                 "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7, **usage_cost},
             }
         else:
@@ -273,13 +281,23 @@ class Generation:
 
         def delta(content: str) -> bytes:
             if chat:
-                return event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
-                              "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}]})
+                return event(
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion.chunk",
+                        "model": model,
+                        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+                    }
+                )
             return event({"type": "response.output_text.delta", "delta": content}, "response.output_text.delta")
 
         if not chat:
-            await response.write(event({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
-                                       "response.created"))
+            await response.write(
+                event(
+                    {"type": "response.created", "response": {"id": "resp_1", "status": "in_progress"}},
+                    "response.created",
+                )
+            )
         await response.write(delta("h"))
         await self._wait_gate(plan.gate)
         if plan.cut:
@@ -290,14 +308,26 @@ class Generation:
         settle()
         if plan.error:
             failure = {"message": "provider failed", "type": "generation_failed"}
-            await response.write(event({"error": failure}) if chat else event({"type": "error", "error": failure}, "error"))
+            await response.write(
+                event({"error": failure}) if chat else event({"type": "error", "error": failure}, "error")
+            )
             return
         await response.write(delta("i"))
         usage_cost = {} if plan.nocost else {"cost": cost}
         if chat:
             usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, **usage_cost}
-            await response.write(event({"id": "chatcmpl-1", "object": "chat.completion.chunk", "model": model,
-                                        "choices": [], "usage": usage, **usage_cost}))
+            await response.write(
+                event(
+                    {
+                        "id": "chatcmpl-1",
+                        "object": "chat.completion.chunk",
+                        "model": model,
+                        "choices": [],
+                        "usage": usage,
+                        **usage_cost,
+                    }
+                )
+            )
             await response.write(b"data: [DONE]\n\n")
         else:
             usage = {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7, **usage_cost}

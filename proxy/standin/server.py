@@ -57,7 +57,9 @@ class StandIn(Generation):
     active_streams: int
     closed_early: int
 
-    def __init__(self, *, default_behaviour: str = "", max_records: int | None = None, sse_from_body: bool = False) -> None:
+    def __init__(
+        self, *, default_behaviour: str = "", max_records: int | None = None, sse_from_body: bool = False
+    ) -> None:
         # `X-Standin` for a request that sends none (the demo gives every call a heartbeat).
         self.default_behaviour = default_behaviour
         # Answer a text call whose JSON body says `"stream": true` with SSE, without `sse` in X-Standin.
@@ -166,11 +168,17 @@ class StandIn(Generation):
 
     def wait_for_requests(self, n: int, timeout: float = 10) -> None:
         """Block until at least `n` generation requests have arrived."""
-        self._wait(lambda: self.generation_calls >= n, timeout, lambda: f"{self.generation_calls} generation requests, wanted {n}")
+        self._wait(
+            lambda: self.generation_calls >= n,
+            timeout,
+            lambda: f"{self.generation_calls} generation requests, wanted {n}",
+        )
 
     def wait_for_streams(self, n: int, timeout: float = 10) -> None:
         """Block until exactly `n` generation responses are open."""
-        self._wait(lambda: self.active_streams == n, timeout, lambda: f"{self.active_streams} active streams, wanted {n}")
+        self._wait(
+            lambda: self.active_streams == n, timeout, lambda: f"{self.active_streams} active streams, wanted {n}"
+        )
 
     @property
     def generation_requests(self) -> list[Recorded]:
@@ -335,9 +343,19 @@ class StandIn(Generation):
             entry = self.models.get(model_id)
             body = json.dumps(entry).encode()
         if entry is None:
-            return _json_response(404, json.dumps({"error": {
-                "message": f"The model '{model_id}' does not exist.", "type": "invalid_request_error",
-                "param": "model", "code": "model_not_found"}}).encode())
+            return _json_response(
+                404,
+                json.dumps(
+                    {
+                        "error": {
+                            "message": f"The model '{model_id}' does not exist.",
+                            "type": "invalid_request_error",
+                            "param": "model",
+                            "code": "model_not_found",
+                        }
+                    }
+                ).encode(),
+            )
         return _json_response(200, body)
 
     def _lookup(self, name: str) -> dict[str, Any] | None:
@@ -346,7 +364,6 @@ class StandIn(Generation):
             if entry is None:
                 entry = next((m for m in self.models.values() if name in (m.get("aliases") or ())), None)
             return json.loads(json.dumps(entry)) if entry is not None else None
-
 
     async def _unbilled_stream(self, request: web.BaseRequest, plan: Plan) -> web.StreamResponse:
         """`/stream/...`: an unbilled, non-spending response (heartbeat, gate, then `{}`), for

@@ -48,7 +48,9 @@ assert len(_B64_CHUNK) == WRITE_CHUNK
 
 
 def default_models() -> dict[str, dict[str, Any]]:
-    def model(model_id: str, low: float, avg: float, high: float, output: str, aliases: list[str] | None = None) -> dict[str, Any]:
+    def model(
+        model_id: str, low: float, avg: float, high: float, output: str, aliases: list[str] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": model_id,
             "price": {"min": low, "average": avg, "max": high},
