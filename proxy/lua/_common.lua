@@ -154,7 +154,10 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
   end
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
-  redis.call("ZREM", K.started, hold_id)
+  if h.started > 0 and not h.contained then
+    -- only mark_started puts a hold in `started`, and contain() takes it out
+    redis.call("ZREM", K.started, hold_id)
+  end
   return charge
 end
 
