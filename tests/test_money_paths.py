@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import KEY_A, SHA_A
+from tests.conftest import SHA_A
 from tests.standin import key_row
 from tests.test_guard import envelope, open_holds, spent
 
@@ -119,7 +119,8 @@ def test_calls_open_at_the_shutdown_deadline_are_charged_their_hold(tmp_path, up
     import redis
 
     from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-    from tests.test_processes import generate, spent as served_spent
+    from tests.test_processes import generate
+    from tests.test_processes import spent as served_spent
 
     path = alice_policy(tmp_path, account="sd", budget_usd="50", shutdown_grace_s=1)
     with RedisServer() as server, ServedProxy(path, up.url, server.url) as proxy:

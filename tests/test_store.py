@@ -29,7 +29,7 @@ from tests.standin import key_row
 ACCOUNT = "acct"
 USD = 1_000_000
 HOUR_MS = 3_600_000
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def _future_day(accept) -> dt.date:
@@ -92,7 +92,9 @@ def row(
     return RowState(active, expires, limit, period, spend, start)
 
 
-def snap(fetched_ms: int = NOW_MS - 1000, remaining: int = 100 * USD, rows: dict[str, RowState] | None = None) -> Snapshot:
+def snap(
+    fetched_ms: int = NOW_MS - 1000, remaining: int = 100 * USD, rows: dict[str, RowState] | None = None
+) -> Snapshot:
     return Snapshot(fetched_ms, remaining, rows or {})
 
 
@@ -182,7 +184,9 @@ async def test_negative_remaining_credits_refuse_everything(store):
 # -- key rows -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("period", "scope"), [("day", "key:day"), ("week", "key:week"), ("month", "key:month"), (None, "key:lifetime")])
+@pytest.mark.parametrize(
+    ("period", "scope"), [("day", "key:day"), ("week", "key:week"), ("month", "key:month"), (None, "key:lifetime")]
+)
 async def test_key_limit_per_period(store, period, scope):
     await store.apply_snapshot(snap(rows={REF: row(USD, period, 400_000, win(period) or None)}))
     d = await store.reserve(req("h1", 600_000, row=REF))
@@ -582,7 +586,11 @@ async def test_every_key_of_an_account_shares_its_hash_tag(store_target, store):
 
 def dump(store_target: Any) -> bytes:
     """Every key name and value in the target Redis, as one blob."""
-    sync: Any = fakeredis.FakeRedis(server=store_target.server) if store_target.server else redis.Redis.from_url(store_target.url)
+    sync: Any = (
+        fakeredis.FakeRedis(server=store_target.server)
+        if store_target.server
+        else redis.Redis.from_url(store_target.url)
+    )
     out: list[bytes] = []
     try:
         for key in sync.keys("*"):
