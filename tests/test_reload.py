@@ -222,12 +222,23 @@ def test_install_sighup_is_a_no_op_without_sighup(policy_file: Path, monkeypatch
     assert loop.handlers == []
 
 
-def test_install_sighup_is_a_no_op_on_a_loop_without_signal_handlers(policy_file: Path) -> None:
+def test_install_sighup_is_a_no_op_on_a_loop_without_signal_handlers(
+    policy_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     class ProactorLike:
         def add_signal_handler(self, *args: Any) -> None:
             raise NotImplementedError
 
-    holder_for(policy_file).install_sighup(ProactorLike())  # type: ignore[arg-type]
+    holder = holder_for(policy_file)
+    with caplog.at_level(logging.DEBUG, logger="spend_guard.policy"):
+        holder.install_sighup(ProactorLike())  # type: ignore[arg-type]
+    assert [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "spend_guard.policy"] == [
+        (logging.DEBUG, "event loop has no signal handlers; policy reload on SIGHUP is off")
+    ]
+    # The proxy still starts and still picks up an edited file.
+    write(policy_file, "mode: shadow\n")
+    assert holder.poll(stable_s=0) is True
+    assert holder.policy.mode == "shadow" and holder.reloads_ok == 1
 
 
 class FakeClock:
