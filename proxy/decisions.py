@@ -94,13 +94,12 @@ def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_m
         )
     period: str | None = None
     if r.code == "key_limit":
-        period = r.scope.split(":", 1)[1]
+        period = r.period or "lifetime"
         what = f"{key}'s ImageRouter spend limit of ${limit} per {period}"
     else:
-        budget_id = r.scope.split(":", 1)[1]
-        budget = next((b for b in budgets if b.id == budget_id), None)
+        budget = next((b for b in budgets if b.counter == r.budget), None)
         period = (budget.period if budget else None) or "lifetime"
-        what = f"Budget '{budget_id}' of ${limit} per {period}"
+        what = f"Budget '{budget.id if budget else r.budget}' of ${limit} per {period}"
     message = (
         f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
     )

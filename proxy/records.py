@@ -52,10 +52,21 @@ class ReserveRequest:
 @dataclass(frozen=True)
 class Refusal:
     code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled, row_unreadable
-    scope: str  # "key", "account", "budget:<id>"
+    scope: str  # "key", "account", "key:<period>", "budget:<id>"
     limit_micros: int
     spent_micros: int
     held_micros: int
+    # The scope as values, read once from the script's answer (Refusal.of), never parsed again:
+    period: str | None = None  # key_limit: the key row's period ("day", "week", "month", "lifetime")
+    budget: str | None = None  # budget: the budget's counter id
+
+    @classmethod
+    def of(cls, code: str, scope: str, limit: int, spent: int, held: int) -> Refusal:
+        """A refusal as reserve.lua spells it (`key:<period>`, `budget:<counter>`), typed."""
+        kind, _, rest = scope.partition(":")
+        period = rest if code == "key_limit" and kind == "key" else None
+        budget = rest if code == "budget" and kind == "budget" else None
+        return cls(code, scope, limit, spent, held, period, budget)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ class Recording:
     async def reserve(self, req: Any) -> Decision:
         self.calls.append("reserve")
         if self.refuse:
-            return Decision(False, Refusal("budget", "budget:key:alice:lifetime", 1, 1, 0))
+            return Decision(False, Refusal.of("budget", "budget:key:alice:lifetime", 1_000_000, 1_000_000, 0))
         return await self.inner.reserve(req)
 
     async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0,
@@ -61,6 +61,7 @@ def test_a_ledger_in_front_of_the_store_sees_the_money_path_and_decides_it(make_
     forwarded = len(up.generation_requests)
     r = p.generate(standin="cost=0.25")
     assert r.status_code == 402 and r.json()["error"]["type"] == "spend_limit_exceeded", r.text
+    assert r.json()["error"]["message"].startswith("Budget 'key:alice:lifetime' of $1.0000 per lifetime"), r.text
     assert len(up.generation_requests) == forwarded  # the layer's refusal stopped the call
     assert open_holds(p) == 0
     assert p.client.get("/-/me", headers={"Authorization": f"Bearer {KEY_A}"}).status_code == 200
