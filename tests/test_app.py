@@ -72,7 +72,8 @@ def test_shadow_budget_forwards_while_enforced_budget_refuses(make_proxy, up):
     p = make_proxy(alice_keys("[{limit_usd: 0.50, period: day, mode: shadow}, {limit_usd: 1.00, period: month}]"))
     assert p.generate(standin="cost=0.3").status_code == 200
     assert p.generate(standin="cost=0.3").status_code == 200  # over the shadow day budget: forwarded
-    assert metric(p, "spend_guard_decisions_total", outcome="would_refuse", scope="budget:key:alice:day", key="alice") == 1
+    day = "budget:key:alice:day"
+    assert metric(p, "spend_guard_decisions_total", outcome="would_refuse", scope=day, key="alice") == 1
     assert p.generate(standin="cost=0.3").status_code == 200
     r = p.generate()
     assert r.status_code == 402 and r.headers["x-spend-guard-scope"] == "budget:key:alice:month"
@@ -147,7 +148,8 @@ def test_metrics_move_with_decisions(make_proxy, up):
     assert p.generate(standin="cost=0.25").status_code == 200
     p.generate(token=None)
     assert p.generate(standin="error").status_code == 200
-    assert metric(p, "spend_guard_decisions_total", outcome="allowed", scope="budget:group:team:month", key="alice") == 2
+    team = "budget:group:team:month"
+    assert metric(p, "spend_guard_decisions_total", outcome="allowed", scope=team, key="alice") == 2
     assert metric(p, "spend_guard_decisions_total", outcome="refused", scope="auth", key="unknown") == 1
     assert metric(p, "spend_guard_usd_total", kind="held", key="alice") == pytest.approx(0.6)
     assert metric(p, "spend_guard_usd_total", kind="charged", key="alice") == pytest.approx(0.25)
@@ -180,27 +182,51 @@ def test_a_started_instance_is_ready_before_it_takes_its_first_call(make_proxy, 
     # Startup waits for the first refresh: the first call after start is guarded, not refused
     # for want of a snapshot or a price table (with several workers, each starts this way).
     p = make_proxy(TEAM, refresh=False)
-    assert p.client.get("/-/readyz").status_code == 200
-    assert p.generate(standin="cost=0.1").status_code == 200
+    ready = p.client.get("/-/readyz")
+    assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["problems"] == []
+    r = p.generate(standin="cost=0.1")
+    assert r.status_code == 200 and r.json()["cost"] == 0.1
+    assert r.headers["x-spend-guard-remaining-scope"] == "budget:group:team:month"
+    assert len(up.generation_requests) == 1
+    assert me(p)["budget:group:team:month"]["spent_usd"] == "0.1000"
 
 
 def test_startup_does_not_wait_forever_for_an_unreachable_upstream(make_proxy, up):
     up.credits_status = 500
     p = make_proxy(TEAM, refresh=False)  # starts; spending calls fail closed until a snapshot
     assert p.client.get("/-/healthz").status_code == 200
-    assert p.generate().status_code == 503
+    assert_refused_for_want_of_a_snapshot(p.generate())
+    assert up.generation_requests == []
+    ready = p.client.get("/-/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["problems"] == ["snapshot: no credits snapshot fetched yet"]
+    assert ready.json()["last_refresh_error"] == "credits fetch: HTTP 500"
 
 
-def test_startup_waits_for_a_slow_first_refresh_only_so_long(make_proxy, up, monkeypatch):
+def test_startup_waits_for_a_slow_first_refresh_only_so_long(make_proxy, up, monkeypatch, caplog):
     import proxy.app
 
     monkeypatch.setattr(proxy.app, "STARTUP_REFRESH_S", 0.5)
     up.credits_delay_s = 30
+    caplog.set_level(logging.WARNING, logger="spend_guard")
     started = time.monotonic()
     p = make_proxy(TEAM, refresh=False)
     assert time.monotonic() - started < 15  # half the credits delay: the bound, not the answer
+    assert [r.getMessage() for r in caplog.records if r.name == "spend_guard"] == [
+        "first credits/prices refresh took over 0.5 s; starting without it"
+    ]
     assert p.client.get("/-/healthz").status_code == 200
-    assert p.generate().status_code == 503  # no snapshot yet: closed
+    assert_refused_for_want_of_a_snapshot(p.generate())  # no snapshot yet: closed
+    assert up.generation_requests == []
+
+
+def assert_refused_for_want_of_a_snapshot(r) -> None:
+    assert r.status_code == 503 and r.headers["x-spend-guard-scope"] == "store"
+    assert r.json() == {"error": {
+        "message": "Spend guard unavailable: no credits snapshot has been fetched from ImageRouter yet. "
+                   "The call was not forwarded.",
+        "type": "guard_unavailable",
+    }}
 
 
 def test_readyz_names_a_wrong_account_key(make_proxy, up, monkeypatch):
@@ -258,10 +284,14 @@ def test_status_cli_prints_every_key_and_group(make_proxy, up, store_target):
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0] == f"store: {store_target.url}"
-    assert lines[3].split() == ["owner", "scope", "mode", "limit", "$", "spent", "$", "held", "$", "remaining", "$", "over", "$", "resets", "at"]
+    assert lines[3].split() == [
+        "owner", "scope", "mode", "limit", "$", "spent", "$", "held", "$", "remaining", "$", "over", "$", "resets", "at"
+    ]
     team = next(line for line in lines if line.startswith("group team"))
     assert team.split()[2:8] == ["budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500"]
-    result = runner.invoke(main, ["status", "--policy", p.app.settings.policy, "--redis-url", store_target.url, "--json"])
+    result = runner.invoke(
+        main, ["status", "--policy", p.app.settings.policy, "--redis-url", store_target.url, "--json"]
+    )
     status = json.loads(result.output)
     assert status["holds_in_flight"] == 0
     assert {r["owner"] for r in status["rows"]} == {"account t", "key alice", "key bob", "group team"}
