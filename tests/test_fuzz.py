@@ -29,6 +29,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import PolicyError
+from proxy.policy import Policy
 from proxy.policy_load import load_policy
 from proxy.routing import canonical_path
 from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
@@ -44,7 +45,9 @@ with warnings.catch_warnings():
 
 # The request fuzzer runs on fakeredis and on the real Redis: fakeredis is not Redis.
 FAKE_AND_REAL = pytest.mark.parametrize(
-    "store_target", [pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)], indirect=True
+    "store_target",
+    [pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)],
+    indirect=True,
 )
 SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEY_C = "sk-c-" + "c" * 59  # a well-formed key the policy does not know
@@ -162,7 +165,8 @@ def multipart_body(draw: st.DrawFn) -> tuple[bytes, str]:
     parts = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["model", "prompt", "image", "stream", "seconds", "Model", "model\""]) | st.text(max_size=6),
+                st.sampled_from(["model", "prompt", "image", "stream", "seconds", "Model", "model\""])
+                | st.text(max_size=6),
                 models.map(str) | st.text(max_size=20),
                 st.booleans(),  # a file part
             ),
@@ -172,7 +176,8 @@ def multipart_body(draw: st.DrawFn) -> tuple[bytes, str]:
     chunks = []
     for name, value, is_file in parts:
         disposition = f'form-data; name="{name}"' + ('; filename="a.png"' if is_file else "")
-        chunks.append(f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n".encode("utf-8", "replace"))
+        part = f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n{value}\r\n"
+        chunks.append(part.encode("utf-8", "replace"))
     body = b"".join(chunks) + (f"--{boundary}--\r\n".encode() if draw(st.booleans()) else b"")
     if draw(st.booleans()) and body:
         body = body[: draw(st.integers(0, len(body)))]  # truncated
@@ -197,7 +202,9 @@ bodies = st.one_of(
     json_body(),
     multipart_body(),
     form_body(),
-    st.tuples(st.binary(max_size=200), st.sampled_from(["application/json", "text/plain", "", "application/octet-stream"])),
+    st.tuples(
+        st.binary(max_size=200), st.sampled_from(["application/json", "text/plain", "", "application/octet-stream"])
+    ),
     st.tuples(st.just(b""), st.sampled_from(["application/json", ""])),
 )
 
@@ -231,7 +238,9 @@ def paths(draw: st.DrawFn) -> bytes:
             i = draw(st.integers(0, len(chars) - 1))
             chars[i] = spell(draw, chars[i])
     # a request target is ASCII: what is not (and what would end the path) goes percent-encoded
-    path = "".join(c if 0x21 <= ord(c) <= 0x7E and c not in "#?" else urllib.parse.quote(c, safe="") for c in "".join(chars))
+    path = "".join(
+        c if 0x21 <= ord(c) <= 0x7E and c not in "#?" else urllib.parse.quote(c, safe="") for c in "".join(chars)
+    )
     if mode != "exact":
         path += draw(st.sampled_from(["", "/", "//", "/.", "%20"]))
         if draw(st.integers(0, 10)) == 0:
@@ -250,7 +259,9 @@ def good_body(draw: st.DrawFn) -> tuple[bytes, str]:
         return json.dumps(fields).encode(), "application/json"
     if kind == "form":
         return urllib.parse.urlencode(fields).encode(), "application/x-www-form-urlencoded"
-    parts = b"".join(f'--b0undary\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items())
+    parts = b"".join(
+        f'--b0undary\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()
+    )
     return parts + b"--b0undary--\r\n", "multipart/form-data; boundary=b0undary"
 
 
@@ -258,7 +269,8 @@ def good_body(draw: st.DrawFn) -> tuple[bytes, str]:
 def requests(draw: st.DrawFn) -> dict[str, Any]:
     # Half the requests are well formed (so the guard reserves, forwards and settles), half wild.
     good = draw(st.booleans())
-    method = "POST" if good else draw(st.sampled_from(["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
+    methods = ["POST"] * 6 + ["GET", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]
+    method = "POST" if good else draw(st.sampled_from(methods))
     raw_path = draw(st.sampled_from(SPENDING).map(str.encode) | paths()) if good else draw(paths())
     assume(not raw_path.startswith(b"/echo/"))  # the stand-in echoes headers there, secrets included
     body, ctype = draw(good_body() if good else bodies)
@@ -267,12 +279,15 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         body = b""  # a body on GET/HEAD leaves even the stand-in's HTTP layer confused
     headers: list[tuple[str, str]] = []
     if good:
-        headers.append(("authorization", draw(st.sampled_from([f"Bearer {KEY_A}", f"Bearer {KEY_B}", f"Bearer {KEY_C}"]))))
+        token = draw(st.sampled_from([KEY_A, KEY_B, KEY_C]))
+        headers.append(("authorization", f"Bearer {token}"))
     for _ in range(0 if good else draw(st.sampled_from([0, 1, 1, 1, 1, 1, 2]))):
         headers.append(("authorization", draw(authorization)))
     if ctype or draw(st.booleans()):
         headers.append(("content-type", ctype or draw(latin1)))
-    encoding = draw(st.sampled_from([None, None, None, "gzip", "deflate", "GZIP", "x-gzip", "br", "identity", "gzip, gzip"]))
+    encoding = draw(
+        st.sampled_from([None, None, None, "gzip", "deflate", "GZIP", "x-gzip", "br", "identity", "gzip, gzip"])
+    )
     if encoding is not None and method in ("POST", "PUT", "PATCH") and not good:
         headers.append(("content-encoding", encoding))
         if draw(st.booleans()) and encoding.lower() in ("gzip", "x-gzip"):
@@ -286,8 +301,8 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         headers.append(("content-length", str(len(body))))
     query = draw(st.sampled_from([b"", b"", b"a=1", b"by_api_key=true&x=%ff", b"model=openai%2Fgpt-image-1"]))
     chunking = draw(st.integers(1, 4))
-    return {"method": method, "raw_path": raw_path, "query": query, "headers": headers, "body": body, "chunks": chunking,
-            "deep": deep}
+    return {"method": method, "raw_path": raw_path, "query": query, "headers": headers, "body": body,
+            "chunks": chunking, "deep": deep}
 
 
 async def drive(app: Any, req: dict[str, Any]) -> tuple[int | None, list[tuple[bytes, bytes]], bytes]:
@@ -367,7 +382,9 @@ def check_response(req: dict[str, Any], status: int | None, headers: list[tuple[
     # With the stand-in and the store up, the proxy itself never answers 5xx; an upstream 5xx
     # (the stand-in's HTTP layer refusing a body it cannot decode) passes through unchanged, and
     # the stand-in dropping the connection over such a body is a 502.
-    assert status < 500 or own_error(body) is None or upstream_broke(req, status, body), f"{where}: {status} {body[:300]!r}"
+    assert status < 500 or own_error(body) is None or upstream_broke(req, status, body), (
+        f"{where}: {status} {body[:300]!r}"
+    )
     assert status != 500 or b"Server got itself in trouble" in body, f"{where}: {status} {body[:300]!r}"
     if "x-spend-guard-scope" in names:  # the proxy's own refusal
         assert status in REFUSAL_STATUSES, f"{where}: refusal with {status}"
@@ -393,7 +410,9 @@ def fuzz_proxy(make_proxy, up):
 
 
 @FAKE_AND_REAL
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(req=requests())
 def test_any_request_gets_a_sane_answer_and_leaves_the_ledger_exact(fuzz_proxy, up, caplog, req):
     proxy = fuzz_proxy
@@ -466,11 +485,46 @@ top_level = st.dictionaries(st.sampled_from(SCHEMA_KEYS[:8]) | st.text(max_size=
 
 
 def loads_or_policy_error(path: Path) -> None:
-    """load_policy either loads or raises PolicyError; any other exception fails the test."""
+    """load_policy either loads a policy the guard may rely on, or raises a PolicyError an operator
+    can act on; any other exception fails the test."""
     try:
-        load_policy(path)
-    except PolicyError:
-        pass
+        policy = load_policy(path)
+    except PolicyError as exc:
+        event("refused")
+        assert_operator_can_act_on(exc, path)
+        return
+    event("loaded")
+    assert_guard_can_rely_on(policy)
+
+
+def assert_operator_can_act_on(exc: PolicyError, path: Path) -> None:
+    """The message lists every problem, one line each, as `<file>: <location>: <message>`."""
+    assert exc.problems and str(exc) == "\n".join(exc.problems), exc.problems
+    for problem in exc.problems:
+        assert problem.splitlines() == [problem], problem  # one line: a log line or a terminal line
+        assert problem.startswith(f"{path}: "), problem
+        location, _, message = problem[len(f"{path}: "):].partition(": ")
+        assert location.strip() and message.strip(), problem
+
+
+def assert_guard_can_rely_on(policy: Policy) -> None:
+    """What loads is what the guard may rely on."""
+    assert policy.account.refresh_s <= policy.account.max_staleness_s
+    assert policy.guard.hold_ttl_s > policy.upstream.timeout_s
+    assert policy.guard.max_body_bytes >= 1024
+    assert policy.mode in ("enforce", "shadow")
+    budgets = [b for k in policy.keys for b in k.budgets] + [b for g in policy.groups.values() for b in g.budgets]
+    for budget in budgets:
+        assert isinstance(budget.limit_micros, int) and budget.limit_micros >= 0, budget
+        assert budget.period in (None, "day", "week", "month"), budget
+    for key in policy.keys:
+        assert re.fullmatch(r"[0-9a-f]{64}", key.key_sha256), key
+        assert key.group is None or key.group in policy.groups, key
+        assert policy.key_for(key.key_sha256) is key
+    assert len({k.name for k in policy.keys}) == len(policy.keys)
+    models = policy.models
+    for micros in (models.default_hold_micros, models.text_hold_micros, *models.overrides.values()):
+        assert isinstance(micros, int) and micros >= 0
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -520,34 +574,14 @@ def mutated_policies(draw: st.DrawFn) -> object:
 def test_a_mutated_policy_loads_with_its_invariants_or_raises_policy_error(tmp_path, document):
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(document, allow_unicode=True, sort_keys=False))
-    try:
-        policy = load_policy(path)
-    except PolicyError:
-        event("refused")
-        return
-    event("loaded")
-    # What loads is what the guard may rely on.
-    assert policy.account.refresh_s <= policy.account.max_staleness_s
-    assert policy.guard.hold_ttl_s > policy.upstream.timeout_s
-    assert policy.guard.max_body_bytes >= 1024
-    assert policy.mode in ("enforce", "shadow")
-    budgets = [b for k in policy.keys for b in k.budgets] + [b for g in policy.groups.values() for b in g.budgets]
-    for budget in budgets:
-        assert isinstance(budget.limit_micros, int) and budget.limit_micros >= 0, budget
-        assert budget.period in (None, "day", "week", "month"), budget
-    for key in policy.keys:
-        assert re.fullmatch(r"[0-9a-f]{64}", key.key_sha256), key
-        assert key.group is None or key.group in policy.groups, key
-        assert policy.key_for(key.key_sha256) is key
-    assert len({k.name for k in policy.keys}) == len(policy.keys)
-    for micros in (policy.models.default_hold_micros, policy.models.text_hold_micros, *policy.models.overrides.values()):
-        assert isinstance(micros, int) and micros >= 0
+    loads_or_policy_error(path)
 
 
 YAML_SNIPPETS = [
     "account:", " name: a", "  refresh_s: 1", "keys:", "- name: k", "  key_sha256: " + SHA_A, "  budgets:",
     "  - {limit_usd: 1, period: day}", "&a [1, 2]", "*a", "<<: *a", "!!binary aGVsbG8=", "!!set {a, b}",
-    "!!python/object:os.system x", "!!timestamp 2001-12-14", "!!int x", "!!bool maybe", "!!set [a]", "!!map [1]", "? [a, b]\n: 1", "{", "]", "'", '"\\x', "\t",
+    "!!python/object:os.system x", "!!timestamp 2001-12-14", "!!int x", "!!bool maybe", "!!set [a]", "!!map [1]",
+    "? [a, b]\n: 1", "{", "]", "'", '"\\x', "\t",
     "---", "...", "%YAML 1.1", "a: &x {b: *x}", "1" + "0" * 400, "1" * 5000, "[" * 2000, "{a: " * 300,
     "timeout_s: 1" + "0" * 400, "upstream: {timeout_s: " + "9" * 400 + "}", ".inf", ".nan", "- - -", ": :",
 ]
@@ -580,6 +614,22 @@ def write(tmp_path: Path, content: bytes) -> Path:
     path = tmp_path / "policy.yaml"
     path.write_bytes(content)
     return path
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'"": 1\n', b'"mode\\nguard": 1\n', b'account: {name: a, "refresh\\n_s": 1}\n'],
+    ids=["empty-key", "key-with-a-newline", "nested-key-with-a-newline"],
+)
+def test_an_unknown_key_is_named_on_one_line_that_names_it(tmp_path, content):
+    # Found by the properties above: an unknown key printed raw as the location leaves it empty
+    # ("policy.yaml: : unknown key"), and a newline in it splits the problem over two lines, the
+    # second looking like a problem of another section ("guard: unknown key; ...").
+    path = write(tmp_path, content)
+    with pytest.raises(PolicyError) as refused:
+        load_policy(path)
+    assert len(refused.value.problems) == 1 and "unknown key" in refused.value.problems[0]
+    assert_operator_can_act_on(refused.value, path)
 
 
 @pytest.mark.parametrize("content", [b"account: {name: \x80}\n", b"mode: enforce\x00\n"])
