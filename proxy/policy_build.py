@@ -206,7 +206,12 @@ def _counter_owner(kind: str, values: Mapping[str, Any]) -> str:
 
 
 def _join(where: str, key: object) -> str:
-    return f"{where}.{key}" if where else str(key)
+    """A location, `where.key`; a key that is blank, padded, long or not printable on one line (a newline
+    in it would read as a second problem) is shown quoted, as values are."""
+    name = str(key)
+    if not name.strip() or name.strip() != name or len(name) > 60 or not name.isprintable():
+        name = _show(name)
+    return f"{where}.{name}" if where else name
 
 
 def _or_empty(value: object) -> object:
