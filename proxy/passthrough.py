@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 
+from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.forward import ClientStalled, abort_client, request_head, response_headers
 from proxy.request import read_body, stream_body
@@ -59,7 +60,7 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
     watcher: asyncio.Task[None] | None = None
     sending = True
     try:
-        async with asyncio.timeout_at(deadline):
+        async with deadline_at(deadline):
             await send({"type": "http.response.start", "status": resp.status, "headers": response_headers(resp)})
             sending = False
             if not resp.content.is_eof():

@@ -11,6 +11,7 @@ from contextvars import ContextVar
 
 import aiohttp
 
+from proxy.deadlines import deadline_at
 from proxy.decisions import Call, log_decision
 from proxy.errors import UpstreamBroken, UpstreamError, UpstreamNotSent
 from proxy.forward import ClientStalled, abort_client, request_head, response_headers
@@ -73,7 +74,7 @@ async def relay(
         # reading included, so a hold's lease (hold_ttl_s > timeout_s) never ends under it.
         sending, finished = True, False
         try:
-            async with asyncio.timeout_at(deadline):
+            async with deadline_at(deadline):
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                 sending = False
                 async for chunk in resp.content.iter_any():

@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import AsyncIterator
 
+from proxy.deadlines import deadline
 from proxy.errors import Rejected
 from proxy.types import Receive, Scope
 
@@ -133,7 +134,7 @@ async def read_body(
     if lease is not None and size:
         lease.grow(size)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with deadline(timeout_s):
             return await _receive_all(receive, max_bytes, None if size is not None else lease)
     except TimeoutError:
         raise Rejected(

@@ -26,6 +26,9 @@ _ESCAPE = re.compile(rb"%[0-9a-f]{2}", re.IGNORECASE)
 MAX_DECODES = 8
 
 
+CLASSIFIED_CACHE = 1024
+
+
 @dataclass(frozen=True)
 class Match:
     """The outcome of classifying one request path."""
@@ -77,8 +80,19 @@ class RouteTable:
         self._routes: dict[str, tuple[RouteKind, bool]] = {}
         for path, kind, enabled in routes:
             self._routes[canonical_path(path.encode())] = (kind, enabled)
+        # The answers for the paths seen last: clients call a few paths over and over, and
+        # canonicalising one costs more than the rest of an unguarded call's own work.
+        self._seen: dict[tuple[str, bytes], Match] = {}
 
     def classify(self, method: str, raw_path: bytes) -> Match:
+        found = self._seen.get((method, raw_path))
+        if found is None:
+            if len(self._seen) >= CLASSIFIED_CACHE:
+                self._seen.clear()
+            found = self._seen[(method, raw_path)] = self._classify(method, raw_path)
+        return found
+
+    def _classify(self, method: str, raw_path: bytes) -> Match:
         path = canonical_path(raw_path)
         found = self._routes.get(path)
         if found is None:

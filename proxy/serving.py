@@ -30,6 +30,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.deadlines import unwatch, watch
 from proxy.errors import UpstreamBroken
 from proxy.forward import ABORT_EXTENSION, ClientStalled
 from proxy.logs import LogFormat, uvicorn_log_config
@@ -102,6 +103,18 @@ class _Tally:
         self.pending = None
 
 
+class _HeadDeadline:
+    """A request head's deadline in the sweep (proxy/deadlines.py)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: GuardedHttpProtocol) -> None:
+        self.protocol = protocol
+
+    def expire(self) -> None:
+        self.protocol.head_timed_out()
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline for request heads and a connection cap."""
 
@@ -117,7 +130,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.head_timeout_s = limits.head_timeout_s
         self.max_connections = limits.max_connections
         self.limit_concurrency = None  # this class's own cap replaces uvicorn's
-        self.head_timer: asyncio.TimerHandle | None = None
+        self.head_deadline: _HeadDeadline | None = None
         self.head_begun = False
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
@@ -135,22 +148,18 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.tally.count(self, refused=1)
                 return
             oldest.cut_slow_head()
-        self._arm()
+        self._arm()  # the first request's head is due within head_timeout_s of the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
 
-    def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self.head_begun and self.head_timer is None and not self.transport.is_closing():
-            # A head split across reads (a later request on a kept-alive connection): its own
-            # deadline from its first bytes. A head that comes whole, the usual case, needs no timer.
-            self._arm()
-
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_begun = True
+        # A later request's head is due within head_timeout_s of its first bytes (an idle
+        # kept-alive connection is uvicorn's timeout_keep_alive's to close).
+        self._arm()
 
     def on_headers_complete(self) -> None:
         self._disarm()
@@ -160,18 +169,21 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         extensions[ABORT_EXTENSION] = self.transport.abort
 
     def _arm(self) -> None:
-        if self.head_timer is None and self.head_timeout_s > 0:
-            self.head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+        # No loop timer per head (a timer armed and cancelled per request cost ~4 us): the
+        # deadline sweep of proxy/deadlines.py checks open heads every RESOLUTION_S.
+        if self.head_deadline is None and self.head_timeout_s > 0:
+            self.head_deadline = _HeadDeadline(self)
+            watch(self.head_deadline, self.loop.time() + self.head_timeout_s, self.loop)
             self.waiting[self] = None
 
     def _disarm(self) -> None:
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        if self.head_deadline is not None:
+            unwatch(self.head_deadline, self.loop)
+            self.head_deadline = None
             self.waiting.pop(self, None)
 
-    def _head_timed_out(self) -> None:
-        self.head_timer = None
+    def head_timed_out(self) -> None:
+        self.head_deadline = None
         self.waiting.pop(self, None)
         if self.transport.is_closing():
             return

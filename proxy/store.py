@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from proxy.backends import BACKENDS, CLUSTER_SCHEME, embedded_client, redis_client
+from proxy.deadlines import deadline
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.keys import Keys, parse_spec, spec
 from proxy.pricing import PriceTable
@@ -73,7 +74,7 @@ LOCK_MODELS = "lock:models"
 
 
 # Every store operation, connection included, answers within this or fails as StoreError. One
-# asyncio timeout per operation, not redis-py's socket_timeout: that wraps each send in
+# deadline per operation (proxy/deadlines.py), not redis-py's socket_timeout: that wraps each send in
 # asyncio.wait_for, a task per command (~15 us of CPU each on the guarded path).
 STORE_TIMEOUT_S = 2.0
 # Store operations in flight at once per process; more wait their turn. Each takes ~20-100 us
@@ -203,7 +204,7 @@ class Store:
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         await self._take_slot()
         try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
+            async with deadline(STORE_TIMEOUT_S):
                 result = await op()
             self._failing = False
             return result
