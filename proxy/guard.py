@@ -47,7 +47,7 @@ from proxy.request import (
 )
 from proxy.routing import Match
 from proxy.runtime import Flight, Pending, Runtime, counters_of
-from proxy.store import Decision, Reclaimed, ReserveRequest, row_ref
+from proxy.store import Decision, ReserveRequest, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.windows import window_start_ms
 
@@ -324,7 +324,7 @@ class Guard:
             self.unavailable(f"store error ({reason})", "store")
             return None
         if decision.reclaimed.count or decision.reclaimed.quarantined:
-            self.reclaimed(decision.reclaimed)
+            rt.reclaimed(decision.reclaimed)
         if not decision.allowed:
             assert decision.refusal is not None
             if decision.refusal.code == "state_lost":
@@ -386,21 +386,6 @@ class Guard:
             call.decision = "allowed"
             rt.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
         return flight
-
-    def reclaimed(self, reclaimed: Reclaimed) -> None:
-        rt = self.rt
-        if reclaimed.count:
-            rt.metrics.reclaimed.inc(reclaimed.count)
-            rt.metrics.usd.labels("charged", "reclaimed").inc(reclaimed.micros / 1e6)
-            log.warning(
-                "reclaimed %d hold(s) whose lease expired, charged $%s in full",
-                reclaimed.count,
-                format_usd(reclaimed.micros),
-            )
-            if rt.on_settled is not None:
-                rt.on_settled(None)  # whose scopes the reclaimed holds were charged to is not known here
-        for hold_id in reclaimed.quarantined:
-            rt.quarantined(hold_id)
 
     def remaining_headers(self, call: Call, decision: Decision) -> None:
         if decision.tight_scope:

@@ -24,7 +24,7 @@ from proxy.policy import Policy
 from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
-from proxy.store import BudgetHold, Store
+from proxy.store import BudgetHold, Reclaimed, Store
 from proxy.types import Clock
 
 log = logging.getLogger("spend_guard")
@@ -171,6 +171,22 @@ class Runtime:
                 self.metrics.charged_by_model.labels(echo(flight.model or "unknown")).inc(charged / 1e6)
         self.compare_to_hold(flight, cost_micros, charged)
         return charged
+
+    def reclaimed(self, reclaimed: Reclaimed) -> None:
+        """Holds a reserve ended on the way (reclaim.lua): expired leases charged in full, and
+        unreadable records moved aside. Counted and told to the alerts like any settle."""
+        if reclaimed.count:
+            self.metrics.reclaimed.inc(reclaimed.count)
+            self.metrics.usd.labels("charged", "reclaimed").inc(reclaimed.micros / 1e6)
+            log.warning(
+                "reclaimed %d hold(s) whose lease expired, charged $%s in full",
+                reclaimed.count,
+                format_usd(reclaimed.micros),
+            )
+            if self.on_settled is not None:
+                self.on_settled(None)  # whose scopes the reclaimed holds were charged to is not known here
+        for hold_id in reclaimed.quarantined:
+            self.quarantined(hold_id)
 
     def compare_to_hold(self, flight: Flight, cost_micros: int | None, charged: int | None) -> None:
         """How the hold compared with the bill (issue #15), so an operator sees a rate that is too
