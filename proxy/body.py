@@ -10,6 +10,7 @@ size in bytes, with image, audio and file parts counted apart.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import zlib
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 from proxy.echo import echo
 from proxy.errors import Rejected
-from proxy.multipart import PRICE_FIELDS, boundary_of, invalid, parse_header_value, read_fields
+from proxy.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
 
 __all__ = ["PRICE_FIELDS", "PriceFields", "decode_content", "invalid", "read_price_fields"]
 
@@ -98,7 +99,7 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
         )
     # Node strips the header's surrounding whitespace; media-typer (which decides whether
     # express.json() or multer runs) allows no tab inside it.
-    ctype = parse_header_value(content_type.strip(" \t"), media_type=True, tabs=False, what="Content-Type")
+    ctype = _content_type(content_type.strip(" \t"))
     if ctype.head == "application/json":
         data, size = _from_json(body, ctype.params)
         if not text:
@@ -244,3 +245,9 @@ def _opt_str(value: object) -> str | None:
     if value is None:
         return None
     return str(value)[:64]
+
+
+@functools.lru_cache(maxsize=256)
+def _content_type(value: str) -> HeaderValue:
+    """A Content-Type parsed once: clients send the same few (its parameters are only read)."""
+    return parse_header_value(value, media_type=True, tabs=False, what="Content-Type")

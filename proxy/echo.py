@@ -14,5 +14,7 @@ def echo(text: str, limit: int = ECHO_MAX_CHARS) -> str:
     """`text` with every non-printable character (C0/C1 controls, DEL, format and separator
     characters other than space, lone surrogates) removed, cut at `limit` characters; an ellipsis
     marks a cut."""
+    if len(text) <= limit and text.isprintable():
+        return text  # the usual case, without a character loop
     kept = "".join(ch for ch in text[: limit * 4] if ch.isprintable())
     return kept if len(kept) <= limit else kept[:limit] + "…"
