@@ -402,4 +402,9 @@ def create_app(
         # What exists now (modules, policy, app) lives as long as the worker: keep it out of the
         # cyclic collector, which would otherwise rescan it on every full collection under load.
         gc.freeze()
+        # A request allocates a few hundred short-lived objects, nearly none in cycles: collect
+        # the young generation every 10,000 allocations, not 700. Under a guarded load the
+        # collector took 4.2 % of the CPU at the default (1,365 young, 124 middle and 11 full
+        # collections in 9.3 s of CPU).
+        gc.set_threshold(10_000, 10, 10)
     return app
