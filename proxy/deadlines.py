@@ -53,6 +53,7 @@ class _Sweeper:
 
 
 _SWEEPERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = weakref.WeakKeyDictionary()
+_last: _Sweeper | None = None
 
 
 class Expiring(Protocol):
@@ -70,9 +71,13 @@ def unwatch(entry: Expiring, loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _sweeper(loop: asyncio.AbstractEventLoop) -> _Sweeper:
+    global _last
+    if _last is not None and _last.loop is loop:
+        return _last  # a process serves from one loop: skip the weak dictionary's lookup
     found = _SWEEPERS.get(loop)
     if found is None:
         found = _SWEEPERS[loop] = _Sweeper(loop)
+    _last = found
     return found
 
 

@@ -2,11 +2,11 @@
 
 All of an account's keys carry the hash tag `{<account>}` (`sg:{main}:holds`), so Redis Cluster
 keeps them on one node and one script may touch several. A script touches only keys it receives
-in KEYS: first the account's fixed keys in `BASE` order (store.py writes the Lua binding
-`local K = {snap = KEYS[1], ...}` in front of every script from `Keys.lua_binding`, so the two
-cannot disagree), then its own (a hold's tombstone, budget counters; each script's header says
-which). A script that would need a counter it was not given says so instead of touching it
-(`SETTLE_NEEDS`), and the caller runs it again with those keys.
+in KEYS: first the account's fixed keys it uses (`SCRIPT_KEYS`; store.py writes the Lua binding
+`local K = {snap = KEYS[1], ...}` in front of each script from `Keys.lua_binding`, and passes
+`Keys.fixed`, both from that one tuple), then its own (a hold's tombstone, budget counters; each
+script's header says which). A script that would need a counter it was not given says so instead
+of touching it, and the caller runs it again with those keys.
 """
 
 from __future__ import annotations
@@ -29,6 +29,19 @@ BASE = (
 )
 
 
+# The fixed keys each script touches, in the order it receives them: its `K` binding
+# (`lua_binding`) and the keys the store passes (`Keys.fixed`) come from the same tuple. Fewer
+# keys per call is less to encode and send (a reserve and a settle run on every guarded call).
+SCRIPT_KEYS = {
+    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost"),
+    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine"),
+    "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "levels": ("snap", "held", "chsum"),
+}
+
+
 def spec(budget_id: str, window_start_ms: int) -> str:
     """A budget counter as hold records and scripts spell it: `<id>@<window start ms>`."""
     return f"{budget_id}@{window_start_ms}"
@@ -45,6 +58,13 @@ class Keys:
     def __init__(self, account: str) -> None:
         self.prefix = f"sg:{{{account}}}:"
         self.base = tuple(self.prefix + name for name in BASE)
+        self._fixed = {
+            script: tuple((self.prefix + name).encode() for name in names) for script, names in SCRIPT_KEYS.items()
+        }
+
+    def fixed(self, script: str) -> tuple[bytes, ...]:
+        """The fixed keys `script` receives first, encoded once."""
+        return self._fixed[script]
 
     def __call__(self, name: str) -> str:
         """A fixed key by name (`snap`, `epoch`, `prices`, `status`, a lock)."""
@@ -68,6 +88,8 @@ class Keys:
         return f"{self.prefix}alert-rate:{scope}"
 
     @staticmethod
-    def lua_binding() -> str:
-        names = ", ".join(f"{name} = KEYS[{i}]" for i, name in enumerate(BASE, 1))
-        return f"local K = {{{names}}}\nlocal N_BASE = {len(BASE)}\n"
+    def lua_binding(script: str) -> str:
+        """`local K = {snap = KEYS[1], ...}` for the fixed keys of `script`, and their count."""
+        names = SCRIPT_KEYS[script]
+        bound = ", ".join(f"{name} = KEYS[{i}]" for i, name in enumerate(names, 1))
+        return f"local K = {{{bound}}}\nlocal N_BASE = {len(names)}\n"

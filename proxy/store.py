@@ -104,7 +104,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def __call__(self, keys: Sequence[str], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         try:
             return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
         except redis.exceptions.NoScriptError:
@@ -124,13 +124,15 @@ class Store:
         self._in_flight = 0  # operations holding one of the MAX_CONCURRENT_OPS slots
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failing = False  # the last operation failed: don't queue behind a dead store
-        common = Keys.lua_binding() + _lua("_common.lua")
-        self.lua_reserve = Script(client, common + _lua("reserve.lua"))
-        self.lua_reclaim = Script(client, common + _lua("reclaim.lua"))
-        self.lua_settle = Script(client, common + _lua("settle.lua"))
-        self.lua_mark_started = Script(client, common + _lua("mark_started.lua"))
-        self.lua_apply_snapshot = Script(client, common + _lua("apply_snapshot.lua"))
-        self.lua_levels = Script(client, common + _lua("levels.lua"))
+        common = _lua("_common.lua")
+        self.lua_reserve = Script(client, Keys.lua_binding("reserve") + common + _lua("reserve.lua"))
+        self.lua_reclaim = Script(client, Keys.lua_binding("reclaim") + common + _lua("reclaim.lua"))
+        self.lua_settle = Script(client, Keys.lua_binding("settle") + common + _lua("settle.lua"))
+        self.lua_mark_started = Script(client, Keys.lua_binding("mark_started") + common + _lua("mark_started.lua"))
+        self.lua_apply_snapshot = Script(
+            client, Keys.lua_binding("apply_snapshot") + common + _lua("apply_snapshot.lua")
+        )
+        self.lua_levels = Script(client, Keys.lua_binding("levels") + common + _lua("levels.lua"))
         self.lua_alert_marks = Script(client, _lua("alert_marks.lua"))
 
     async def adopt_epoch(self) -> str:
@@ -273,7 +275,9 @@ class Store:
         """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse.
         Expired leases are reclaimed first (two more round trips, only when some expired)."""
         counters = [(b.id, b.window_start_ms) for b in req.budgets]
-        keys = [*self.keys.base, self.keys.tomb(req.hold_id), *self.keys.budgets(counters)]
+        keys: list[str | bytes] = [
+            *self.keys.fixed("reserve"), self.keys.tomb(req.hold_id), *self.keys.budgets(counters)
+        ]
         args: list[Any] = [
             req.now_ms,
             req.hold_id,
@@ -310,7 +314,7 @@ class Store:
         needs others is charged on a second run given those."""
         found = Reclaimed()
         for _ in range(2):
-            keys = [*self.keys.base, *self.keys.budgets(counters)]
+            keys: list[str | bytes] = [*self.keys.fixed("reclaim"), *self.keys.budgets(counters)]
             args = [now_ms, *(spec(*c) for c in counters)]
             run = functools.partial(self.lua_reclaim, keys=keys, args=args)
             count, micros, quarantined, missing = await self._call(run)
@@ -340,7 +344,11 @@ class Store:
         unreadable hold record is quarantined and raises `HoldQuarantined`."""
         cost = -1 if cost_micros is None else cost_micros
         for _ in range(2):
-            keys = [*self.keys.base, self.keys.tomb(hold_id), *self.keys.budgets(counters)]
+            keys: list[str | bytes] = [
+                *self.keys.fixed("settle"),
+                self.keys.tomb(hold_id),
+                *self.keys.budgets(counters),
+            ]
             args = [hold_id, cost, now_ms, started_ms, *(spec(*c) for c in counters)]
             reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
             if not isinstance(reply, list):
@@ -357,7 +365,7 @@ class Store:
         args: list[Any] = [CONTAIN_MARGIN_MS]
         for hold_id, started_ms in started:
             args += [hold_id, started_ms]
-        return int(await self._call(lambda: self.lua_mark_started(keys=self.keys.base, args=args)))
+        return int(await self._call(lambda: self.lua_mark_started(keys=self.keys.fixed("mark_started"), args=args)))
 
     async def apply_snapshot(self, snapshot: Snapshot, now_ms: int | None = None) -> bool:
         """Store a snapshot unless a later-fetched one is stored (one stamped more than 5 s after
@@ -370,7 +378,8 @@ class Store:
         for ref in snapshot.bad_rows:
             if not ref.startswith("#"):
                 args += [f"r:{ref}", UNREADABLE_ROW]
-        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=self.keys.base, args=args)))
+        keys = self.keys.fixed("apply_snapshot")
+        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=keys, args=args)))
 
     async def read_snapshot(self) -> Snapshot | None:
         raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
@@ -407,7 +416,10 @@ class Store:
     ) -> Levels:
         """Limit, spent and held of the account, of key rows and of budgets in their current
         windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
-        keys = [*self.keys.base, *self.keys.budgets([(b.id, b.window_start_ms) for b in budgets])]
+        keys: list[str | bytes] = [
+            *self.keys.fixed("levels"),
+            *self.keys.budgets([(b.id, b.window_start_ms) for b in budgets]),
+        ]
         args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
         reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))
         fetched, remaining, acct_charged, acct_held, rows_in, budgets_in = reply

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import HoldQuarantined, StoreScriptError
-from proxy.keys import BASE, Keys
+from proxy.keys import BASE, SCRIPT_KEYS, Keys
 from proxy.records import MarkRequest
 from proxy.store import Script, Store
 from tests.test_store import NOW_MS, REF, USD, budget, req, row, snap, windows
@@ -60,13 +60,15 @@ async def test_the_shim_fails_a_script_on_an_undeclared_key(store):
         await store._call(lambda: probe(keys=["sg:{acct}:snap"], args=[]))
 
 
-def test_the_lua_binding_names_the_base_keys_in_order():
-    binding = Keys.lua_binding()
-    assert binding.startswith("local K = {snap = KEYS[1], holds = KEYS[2],")
-    assert f"local N_BASE = {len(BASE)}" in binding
-    assert Keys("a").base == tuple(f"sg:{{a}}:{name}" for name in BASE)
-    # all of one account's keys share its hash tag: one cluster slot
+def test_each_script_is_bound_to_the_fixed_keys_it_is_passed_in_order():
     keys = Keys("a")
+    for script, names in SCRIPT_KEYS.items():
+        binding = Keys.lua_binding(script)
+        bound = ", ".join(f"{name} = KEYS[{i}]" for i, name in enumerate(names, 1))
+        assert binding.startswith(f"local K = {{{bound}}}") and f"local N_BASE = {len(names)}" in binding
+        assert keys.fixed(script) == tuple(f"sg:{{a}}:{name}".encode() for name in names)
+        assert set(names) <= set(BASE)
+    # all of one account's keys share its hash tag: one cluster slot
     for key in (*keys.base, keys.budget("b", 0), keys.tomb("h"), keys.alert("s"), keys.alert_rate("s")):
         assert key.startswith("sg:{a}:")
 
