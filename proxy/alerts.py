@@ -35,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from proxy.deadlines import deadline_at
 from proxy.decisions import budgets_for
 from proxy.errors import StoreError
 from proxy.money import format_usd
@@ -74,7 +75,11 @@ class Alerts:
         self.round_done = asyncio.Event()
 
     def touched(self, key_name: str | None) -> None:
-        """A settle (or reclaim: None, every scope) changed what was spent. Never blocks or raises."""
+        """A settle (or reclaim: None, every scope) changed what was spent. Never blocks or raises.
+        Without webhooks there is nothing to evaluate: the loop is not woken (each wake cost a
+        guarded call ~5 % of its CPU under load)."""
+        if not self.rt.policy.alerts.webhooks:
+            return
         if key_name is None:
             self.sweep_due = True
         else:
@@ -86,7 +91,8 @@ class Alerts:
         next_sweep = loop.time() + SWEEP_S
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), max(0.0, next_sweep - loop.time()))
+                async with deadline_at(next_sweep):  # no task per wait, as wait_for makes
+                    await self.wake.wait()
             self.wake.clear()
             names, self.pending = self.pending, set()
             sweep = self.sweep_due or loop.time() >= next_sweep
