@@ -86,6 +86,16 @@ local function declared_counters(first_key, first_arg)
   return counters
 end
 
+-- Append to `list` each of `items` not yet in `seen` (a set of the same strings).
+local function add_new(list, seen, items)
+  for _, s in ipairs(items) do
+    if not seen[s] then
+      seen[s] = true
+      list[#list + 1] = s
+    end
+  end
+end
+
 -- The counters charging hold h needs that are not among those given, as specs ({} = none).
 local function missing_counters(h, counters)
   local missing = {}

@@ -15,12 +15,7 @@ for _, id in ipairs(redis.call("ZRANGEBYSCORE", K.leases, "-inf", now_ms, "LIMIT
   elseif charged == false then
     redis.call("ZREM", K.leases, id)  -- a lease without its hold
   elseif type(charged) == "table" then
-    for _, s in ipairs(charged) do
-      if not seen[s] then
-        seen[s] = true
-        missing[#missing + 1] = s
-      end
-    end
+    add_new(missing, seen, charged)
   else
     reclaimed, micros = reclaimed + 1, micros + charged
   end

@@ -36,12 +36,7 @@ if ARGV[14 + n_budgets * 5] == "1" then
     for _, id in ipairs(expired) do
       local rec = redis.call("HGET", K.holds, id)
       local h = rec and parse_hold(rec)
-      for _, s in ipairs(h and missing_counters(h, seen) or {}) do
-        if not seen[s] then
-          seen[s] = true
-          specs[#specs + 1] = s
-        end
-      end
+      if h then add_new(specs, seen, missing_counters(h, seen)) end
     end
     return {2, specs}
   end
