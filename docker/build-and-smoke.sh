@@ -26,8 +26,9 @@ buildah() { command buildah --storage-driver "$STORAGE_DRIVER" "$@"; }
 step() { printf '== %s (%ss)\n' "$*" "$(( $(date +%s) - started ))"; }
 
 need=()
-command -v buildah >/dev/null 2>&1 || need+=(buildah)
-command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
+# `type -P`: the binaries on PATH (`command -v buildah` finds the wrapper function above).
+type -P buildah >/dev/null 2>&1 || need+=(buildah)
+type -P debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 if ((${#need[@]})); then
   step "installing ${need[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
