@@ -46,8 +46,8 @@ from proxy.request import (
     request_id,
 )
 from proxy.routing import Match
-from proxy.runtime import Flight, Pending, Runtime, counters_of
-from proxy.store import Decision, ReserveRequest, row_ref
+from proxy.runtime import Flight, Pending, Runtime
+from proxy.store import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.windows import window_start_ms
 

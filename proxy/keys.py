@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-# The account's fixed keys, in the order every script receives them.
+# The account's fixed keys (each script receives those of them it uses: SCRIPT_KEYS).
 BASE = (
     "snap",  # hash: the credits snapshot (fetched_ms, remaining, "r:<row_ref>" rows)
     "holds",  # hash: hold_id -> hold record (see _common.lua)
@@ -57,7 +57,6 @@ class Keys:
 
     def __init__(self, account: str) -> None:
         self.prefix = f"sg:{{{account}}}:"
-        self.base = tuple(self.prefix + name for name in BASE)
         self._fixed = {
             script: tuple((self.prefix + name).encode() for name in names) for script, names in SCRIPT_KEYS.items()
         }

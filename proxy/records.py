@@ -35,6 +35,11 @@ class BudgetHold:
     window_end_ms: int  # 0 for a lifetime budget
 
 
+def counters_of(budgets: Sequence[BudgetHold]) -> tuple[tuple[str, int], ...]:
+    """The store counters budget holds count in: (budget id, window start ms)."""
+    return tuple((b.id, b.window_start_ms) for b in budgets)
+
+
 @dataclass(frozen=True)
 class ReserveRequest:
     hold_id: str

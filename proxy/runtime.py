@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,15 +24,10 @@ from proxy.policy import Policy
 from proxy.reload import PolicyHolder
 from proxy.routing import RouteTable
 from proxy.settings import Settings
-from proxy.store import BudgetHold, Reclaimed, Store
+from proxy.store import Reclaimed, Store
 from proxy.types import Clock
 
 log = logging.getLogger("spend_guard")
-
-
-def counters_of(budgets: Sequence[BudgetHold]) -> tuple[tuple[str, int], ...]:
-    """The store keys budget holds count in: (budget id, window start ms)."""
-    return tuple((b.id, b.window_start_ms) for b in budgets)
 
 
 @dataclass

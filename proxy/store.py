@@ -38,6 +38,7 @@ from proxy.records import (
     RowState,
     ScopeUsage,
     Snapshot,
+    counters_of,
     row_ref,
 )
 
@@ -65,6 +66,7 @@ __all__ = [
     "Store",
     "embedded_client",
     "redis_client",
+    "counters_of",
     "row_ref",
 ]
 
@@ -119,20 +121,21 @@ class Store:
         self.client = client
         self.account = account
         self.keys = Keys(account)
-        self.prefix = self.keys.prefix
         self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
         self._in_flight = 0  # operations holding one of the MAX_CONCURRENT_OPS slots
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failing = False  # the last operation failed: don't queue behind a dead store
         common = _lua("_common.lua")
-        self.lua_reserve = Script(client, Keys.lua_binding("reserve") + common + _lua("reserve.lua"))
-        self.lua_reclaim = Script(client, Keys.lua_binding("reclaim") + common + _lua("reclaim.lua"))
-        self.lua_settle = Script(client, Keys.lua_binding("settle") + common + _lua("settle.lua"))
-        self.lua_mark_started = Script(client, Keys.lua_binding("mark_started") + common + _lua("mark_started.lua"))
-        self.lua_apply_snapshot = Script(
-            client, Keys.lua_binding("apply_snapshot") + common + _lua("apply_snapshot.lua")
-        )
-        self.lua_levels = Script(client, Keys.lua_binding("levels") + common + _lua("levels.lua"))
+
+        def script(name: str) -> Script:  # its key binding, the shared functions, its own body
+            return Script(client, Keys.lua_binding(name) + common + _lua(f"{name}.lua"))
+
+        self.lua_reserve = script("reserve")
+        self.lua_reclaim = script("reclaim")
+        self.lua_settle = script("settle")
+        self.lua_mark_started = script("mark_started")
+        self.lua_apply_snapshot = script("apply_snapshot")
+        self.lua_levels = script("levels")
         self.lua_alert_marks = Script(client, _lua("alert_marks.lua"))
 
     async def adopt_epoch(self) -> str:
@@ -274,7 +277,7 @@ class Store:
     async def reserve(self, req: ReserveRequest) -> Decision:
         """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse.
         Expired leases are reclaimed first (two more round trips, only when some expired)."""
-        counters = [(b.id, b.window_start_ms) for b in req.budgets]
+        counters = counters_of(req.budgets)
         keys: list[str | bytes] = [
             *self.keys.fixed("reserve"), self.keys.tomb(req.hold_id), *self.keys.budgets(counters)
         ]
@@ -418,7 +421,7 @@ class Store:
         windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
         keys: list[str | bytes] = [
             *self.keys.fixed("levels"),
-            *self.keys.budgets([(b.id, b.window_start_ms) for b in budgets]),
+            *self.keys.budgets(counters_of(budgets)),
         ]
         args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
         reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))

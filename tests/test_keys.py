@@ -69,7 +69,8 @@ def test_each_script_is_bound_to_the_fixed_keys_it_is_passed_in_order():
         assert keys.fixed(script) == tuple(f"sg:{{a}}:{name}".encode() for name in names)
         assert set(names) <= set(BASE)
     # all of one account's keys share its hash tag: one cluster slot
-    for key in (*keys.base, keys.budget("b", 0), keys.tomb("h"), keys.alert("s"), keys.alert_rate("s")):
+    others = (keys.budget("b", 0), keys.tomb("h"), keys.alert("s"), keys.alert_rate("s"))
+    for key in (*(keys(name) for name in BASE), *others):
         assert key.startswith("sg:{a}:")
 
 
