@@ -18,22 +18,23 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from proxy import logs
-from proxy.alerts import Alerts, start_alerts
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
-from proxy.decisions import budget_holds
 from proxy.errors import Rejected, StoreError, error_response
-from proxy.forward import create_session
-from proxy.gauges import LevelGauges
-from proxy.guard import Guard
-from proxy.metrics import Metrics
-from proxy.policy import Policy, default_policy
-from proxy.policy_load import load_policy
-from proxy.reload import PolicyHolder
-from proxy.report import me_report
+from proxy.guard.guard import Guard
+from proxy.guard.verdicts import budget_holds
+from proxy.http.upstream import create_session
+from proxy.ops.alerts import Alerts, start_alerts
+from proxy.ops.gauges import LevelGauges
+from proxy.ops.levels import me_report
+from proxy.ops.metrics import Metrics
+from proxy.ops.statuspage import authorize, page_response, status_data
+from proxy.policy.load import load_policy
+from proxy.policy.model import Policy, default_policy
+from proxy.policy.reload import PolicyHolder
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
-from proxy.statuspage import authorize, page_response, status_data
-from proxy.store import Store, redis_client
+from proxy.store.backends import redis_client
+from proxy.store.redis import Store
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
 log = logging.getLogger("spend_guard")
@@ -359,7 +360,7 @@ class SpendGuardApp:
         return JSONResponse(report)
 
     async def status_page(self, request: Request) -> Response:
-        """The status page (proxy/statuspage.py): a shell that fetches /-/status.json."""
+        """The status page (proxy/ops/statuspage.py): a shell that fetches /-/status.json."""
         if self.runtime is None:
             return error_response(503, "guard_unavailable", "The proxy is starting.")
         return authorize(self.runtime.policy, request.headers.getlist("authorization")) or page_response()

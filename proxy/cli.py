@@ -15,12 +15,12 @@ from typing import Any
 import click
 
 from proxy import __version__
-from proxy.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 from proxy.errors import PolicyError
 from proxy.logs import LOG_FORMATS, configure_logging
-from proxy.policy import Policy, default_policy
-from proxy.policy_load import load_policy
+from proxy.policy.load import load_policy
+from proxy.policy.model import Policy, default_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
+from proxy.store.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 
 STARTUP_FAILURE = 3
 WORKER_READY_S = 20
@@ -211,8 +211,8 @@ def _serve_demo(
     log_level: str,
     log_format: str,
 ) -> None:
-    """`serve --demo`: the demo upstream and its policy (proxy/demo.py), then the proxy as usual."""
-    from proxy.demo import Demo
+    """`serve --demo`: the demo upstream and its policy (proxy/commands/demo.py), then the proxy as usual."""
+    from proxy.commands.demo import Demo
 
     with Demo(os.path.abspath(state_dir) if state_dir else None) as demo:
         settings = Settings(
@@ -245,7 +245,7 @@ def run(settings: Settings, policy: Policy, *, embedded_server: str | None = Non
         metrics_dir = tempfile.mkdtemp(prefix="spend-guard-metrics-")
         os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
     try:
-        # Without a Redis URL the store is a private server, shared by every worker (proxy/embedded.py).
+        # Without a Redis URL the store is a private server, shared by every worker (proxy/store/embedded.py).
         with _embedded_store(settings, embedded_server):
             _serve(settings, policy)
     except EmbeddedStoreError as exc:
@@ -265,8 +265,8 @@ def _embedded_store(settings: Settings, binary: str | None) -> contextlib.Abstra
 def _serve(settings: Settings, policy: Policy) -> None:
     import uvicorn
 
-    from proxy.serving import log_config, raise_fd_limit
-    from proxy.workers import Supervisor
+    from proxy.http.protocol import log_config, raise_fd_limit
+    from proxy.http.supervisor import Supervisor
 
     raise_fd_limit(settings.max_connections)
     config = uvicorn.Config(
@@ -281,7 +281,7 @@ def _serve(settings: Settings, policy: Policy) -> None:
         server_header=False,
         date_header=False,
         # httptools with a deadline for request heads and a cap on open connections.
-        http="proxy.serving:GuardedHttpProtocol",
+        http="proxy.http.protocol:GuardedHttpProtocol",
         timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
         timeout_keep_alive=30,
         # A new worker runs its first refresh (up to 5 s) before it is ready; uvicorn's default
@@ -353,7 +353,7 @@ def status(policy_path: str | None, redis_url: str | None, state_dir: str | None
     """Budgets and holds of every configured key and group, read from the store.
 
     Exits 3 with one line when the store cannot be read or holds nothing for the account."""
-    from proxy.status import StatusError, collect, render, store_url
+    from proxy.commands.status import StatusError, collect, render, store_url
 
     try:
         policy = _load(policy_path)
@@ -410,10 +410,11 @@ def store_recover(
     log_file: Any,
 ) -> None:
     """Let calls touching local budgets through again after the store lost its state."""
-    from proxy.embedded import socket_url
+    from proxy.commands.recover import Plan, RecoveryError, from_access_log, from_seeds, recover
     from proxy.errors import StoreError
-    from proxy.recovery import Plan, RecoveryError, from_access_log, from_seeds, recover
-    from proxy.store import Store, redis_client
+    from proxy.store.backends import redis_client
+    from proxy.store.embedded import socket_url
+    from proxy.store.redis import Store
     from proxy.types import SystemClock
 
     if sum([accept_loss, bool(seeds), log_file is not None]) != 1:

@@ -19,13 +19,14 @@ from typing import TypeVar
 
 import aiohttp
 
-from proxy.contract import SnapshotStore
 from proxy.errors import StoreError
 from proxy.money import MoneyError, usd_to_micros
-from proxy.policy import Policy
-from proxy.pricing import PriceTable, PriceTableError, parse_models
+from proxy.policy.model import Policy
+from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
-from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Snapshot, row_ref
+from proxy.store.contract import SnapshotStore
+from proxy.store.records import RowState, Snapshot, row_ref
+from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH
 from proxy.types import Clock, StoreClock
 from proxy.windows import parse_timestamp_ms
 

@@ -14,7 +14,7 @@ seconds) do not notice.
 The semantics are `asyncio.timeout`'s: the task is cancelled, and the CancelledError becomes
 TimeoutError at the block's exit; a cancellation from elsewhere passes through untouched.
 `watch(entry, when)` puts any object with an `expire()` method under the same sweep (the
-server's request-head deadlines, proxy/serving.py).
+server's request-head deadlines, proxy/http/protocol.py).
 """
 
 from __future__ import annotations

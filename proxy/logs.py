@@ -2,7 +2,7 @@
 line, uvicorn's included, one JSON object on stdout), chosen by `--log-format`.
 
 The access logger (`spend_guard.access`) always writes a bare JSON object per guarded call
-(proxy/decisions.py); in `json` mode every other logger is formatted by `JsonFormatter`, so a log
+(proxy/guard/verdicts.py); in `json` mode every other logger is formatted by `JsonFormatter`, so a log
 shipper reads one stream of one format.
 """
 

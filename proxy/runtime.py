@@ -13,19 +13,20 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from proxy.contract import Ledger
 from proxy.credits import Refresher
-from proxy.echo import echo
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
-from proxy.forward import Upstream
-from proxy.metrics import Metrics
+from proxy.http.routing import RouteTable
+from proxy.http.upstream import Upstream
 from proxy.money import MAX_CALL_MICROS, format_usd
-from proxy.policy import Policy
-from proxy.reload import PolicyHolder
-from proxy.routing import RouteTable
+from proxy.ops.metrics import Metrics
+from proxy.policy.model import Policy
+from proxy.policy.reload import PolicyHolder
 from proxy.settings import Settings
-from proxy.store import Reclaimed, Store
+from proxy.store.contract import Ledger
+from proxy.store.records import Reclaimed
+from proxy.store.redis import Store
 from proxy.types import Clock
+from proxy.untrusted import echo
 
 log = logging.getLogger("spend_guard")
 
@@ -72,7 +73,7 @@ class Runtime:
     clock: Clock
     upstream: Upstream = field(init=False)
     # The money path: reserves, settles and level reads go through it. The store itself unless a
-    # layer is put in front of it (see proxy/contract.py); everything else uses `store`.
+    # layer is put in front of it (see proxy/store/contract.py); everything else uses `store`.
     ledger: Ledger = field(init=False)
     routes: RouteTable = field(init=False)
     flights: dict[str, Flight] = field(default_factory=dict)
@@ -84,7 +85,7 @@ class Runtime:
     reserve_failure: str = ""
     state_lost_logged: bool = False
     # Told the key name of each charge the store took (None: any scope may have changed), at once
-    # and without waiting: the alert loop (proxy/alerts.py) evaluates in the background.
+    # and without waiting: the alert loop (proxy/ops/alerts.py) evaluates in the background.
     on_settled: Callable[[str | None], None] | None = None
     _policy_seen: Policy | None = None
 

@@ -46,7 +46,7 @@ class Settings:
     port: int = 8080
     policy: str | None = None
     upstream: str | None = None  # overrides the policy's upstream.base_url
-    redis_url: str | None = None  # None: the embedded store, a private server (proxy/embedded.py)
+    redis_url: str | None = None  # None: the embedded store, a private server (proxy/store/embedded.py)
     workers: int = 1
     log_level: str = "info"
     # Bounds on what a client can hold open (issue 13): see the README's "Slow and hostile clients".
@@ -54,7 +54,7 @@ class Settings:
     body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
-    state_dir: str | None = None  # the embedded store's directory (proxy/embedded.py); None: its default
+    state_dir: str | None = None  # the embedded store's directory (proxy/store/embedded.py); None: its default
     log_format: str = "text"  # text or json (proxy/logs.py)
 
     @classmethod

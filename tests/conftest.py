@@ -19,9 +19,9 @@ import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
 from proxy.app import SpendGuardApp, create_app
-from proxy.embedded import EmbeddedServer, EmbeddedStoreError, server_binary
-from proxy.policy_load import load_policy
+from proxy.policy.load import load_policy
 from proxy.settings import Settings
+from proxy.store.embedded import EmbeddedServer, EmbeddedStoreError, server_binary
 from tests.standin import StandIn
 
 REAL_REDIS_URL = os.environ.get("SPEND_GUARD_TEST_REDIS_URL", "")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from proxy.store import MarkRequest, Store
+from proxy.store.records import MarkRequest
+from proxy.store.redis import Store
 from proxy.windows import to_ms
 
 UTC = dt.UTC

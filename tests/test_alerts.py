@@ -194,7 +194,7 @@ def test_credits_low_and_topped_up_and_a_key_about_to_expire(make_proxy, up, rec
 
 
 def test_a_failing_receiver_is_retried_with_backoff_and_counted(make_proxy, up, receiver, monkeypatch):
-    monkeypatch.setattr("proxy.webhooks.BACKOFF_S", (0.2, 0.4))
+    monkeypatch.setattr("proxy.ops.webhooks.BACKOFF_S", (0.2, 0.4))
     p = make_proxy(policy(receiver.url, alerts="  thresholds: [0.5, 0.8]"))
     receiver.statuses = [500, 503]
     for _ in range(5):
@@ -230,8 +230,8 @@ def test_calls_never_wait_for_a_receiver(make_proxy, up, receiver):
 async def test_a_full_queue_drops_and_counts(receiver):
     import aiohttp
 
-    from proxy.metrics import Metrics
-    from proxy.webhooks import Deliveries, Endpoint
+    from proxy.ops.metrics import Metrics
+    from proxy.ops.webhooks import Deliveries, Endpoint
 
     receiver.hold()
     metrics = Metrics()

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from proxy.recovery import from_access_log, from_seeds, recover
+from proxy.commands.recover import from_access_log, from_seeds, recover
 from tests.conftest import KEY_B, SHA_A
 from tests.test_guard import envelope
 

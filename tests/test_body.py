@@ -9,8 +9,8 @@ import zlib
 
 import pytest
 
-from proxy.body import PriceFields, decode_content, read_price_fields
 from proxy.errors import Rejected
+from proxy.http.body import PriceFields, decode_content, read_price_fields
 
 MP = "multipart/form-data; boundary=XyZ"
 
@@ -447,7 +447,7 @@ def test_the_issue_bodies_are_refused():
 
 
 def test_echo_cuts_and_drops_control_characters():
-    from proxy.echo import ECHO_MAX_CHARS, echo
+    from proxy.untrusted import ECHO_MAX_CHARS, echo
 
     assert echo("a\x00b\r\nc\x1b[31m\u202ed\x85") == "abc[31md"
     assert echo("m" * 500) == "m" * ECHO_MAX_CHARS + "…"

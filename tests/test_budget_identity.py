@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import logging
 
-from proxy.decisions import budget_holds
-from proxy.policy_load import load_policy
-from proxy.reload import budget_changes
+from proxy.guard.verdicts import budget_holds
+from proxy.policy.load import load_policy
+from proxy.policy.reload import budget_changes
 from tests.conftest import KEY_A, SHA_A
 
 ALICE = f"""

@@ -21,16 +21,10 @@ import pytest
 import redis
 from redis.crc import key_slot
 
-from proxy.pricing import PriceTable
-from proxy.store import (
-    LOCK_REFRESH,
-    BudgetHold,
-    ReserveRequest,
-    RowState,
-    Snapshot,
-    Store,
-    redis_client,
-)
+from proxy.prices import PriceTable
+from proxy.store.backends import redis_client
+from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot
+from proxy.store.redis import LOCK_REFRESH, Store
 from tests.conftest import KEY_A
 from tests.served import ServedProxy, alice_policy, free_port, wait_until
 

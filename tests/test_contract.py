@@ -1,4 +1,4 @@
-"""The store contract (proxy/contract.py): a layer put in front of the store as `Runtime.ledger`
+"""The store contract (proxy/store/contract.py): a layer put in front of the store as `Runtime.ledger`
 sees every reserve, settle and level read of the money path, and its answers are what clients
 get. This is the seam batching and the degraded mode plug into."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from proxy.contract import Ledger, SnapshotStore, StatusStore
-from proxy.records import Decision, Refusal
+from proxy.store.contract import Ledger, SnapshotStore, StatusStore
+from proxy.store.records import Decision, Refusal
 from tests.conftest import KEY_A
 from tests.test_guard import KEYS, open_holds, spent
 

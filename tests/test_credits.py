@@ -11,10 +11,11 @@ import aiohttp
 import pytest
 
 from proxy.credits import CreditsError, Refresher, parse_credits
-from proxy.policy import Policy, default_policy
-from proxy.pricing import PriceTable
+from proxy.policy.model import Policy, default_policy
+from proxy.prices import PriceTable
 from proxy.settings import Secret
-from proxy.store import LOCK_MODELS, LOCK_REFRESH, RowState, Store, row_ref
+from proxy.store.records import RowState, row_ref
+from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, Store
 from proxy.windows import parse_timestamp_ms
 from tests.standin import key_row
 

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from proxy.demo import KEYS
+from proxy.commands.demo import KEYS
 from tests.served import free_port, wait_until
 
 ALICE, BOB = (key.token for key in KEYS)

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import redis
 
-from proxy.embedded import SOCKET_NAME, EmbeddedServer, server_binary
+from proxy.store.embedded import SOCKET_NAME, EmbeddedServer, server_binary
 from tests.conftest import KEY_A, SHA_A
 from tests.served import ServedProxy, alice_policy, free_port, wait_until
 

@@ -7,7 +7,7 @@ import json
 import socket
 import time
 
-from proxy.forward import request_head, response_headers
+from proxy.http.upstream import request_head, response_headers
 from tests.conftest import KEY_A, alice_keys
 from tests.served import ServedProxy
 
@@ -158,7 +158,7 @@ def test_large_b64_result_streams_through_and_settles(make_proxy, up):
 
 
 def test_unreachable_upstream_on_an_unguarded_route_is_502_in_the_envelope(make_proxy, up, monkeypatch):
-    from proxy.forward import Upstream
+    from proxy.http.upstream import Upstream
 
     p = make_proxy()
     p.runtime.upstream = Upstream(p.runtime.session, "http://127.0.0.1:9", 5, 1)
@@ -169,7 +169,7 @@ def test_unreachable_upstream_on_an_unguarded_route_is_502_in_the_envelope(make_
 
 
 def test_upstream_that_never_accepts_is_504_after_the_connect_timeout(make_proxy, up, monkeypatch, silent_port):
-    from proxy.forward import Upstream
+    from proxy.http.upstream import Upstream
 
     p = make_proxy()
     # connect timeout 0.5 s, read timeout 120 s: the answer must come from the connect timeout
@@ -194,7 +194,7 @@ def test_healthz_does_not_touch_the_upstream(make_proxy, up):
 def test_response_headers_drop_hop_by_hop_and_connection_listed_ones():
     from types import SimpleNamespace
 
-    from proxy.forward import response_headers
+    from proxy.http.upstream import response_headers
 
     resp = SimpleNamespace(
         raw_headers=(

@@ -29,9 +29,9 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from proxy.errors import PolicyError
-from proxy.policy import Policy
-from proxy.policy_load import load_policy
-from proxy.routing import canonical_path
+from proxy.http.routing import canonical_path
+from proxy.policy.load import load_policy
+from proxy.policy.model import Policy
 from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
 
 # Hypothesis imports its patch writer (and libcst, which warns on import) only when it reports a

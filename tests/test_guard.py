@@ -315,9 +315,9 @@ def test_store_down_fails_closed_then_recovers(make_proxy, up, store_target):
 def test_a_long_outage_keeps_a_bounded_number_of_pending_releases(make_proxy, up, store_target, monkeypatch):
     # Each reserve that failed might still run once Redis wakes, so its hold is released later;
     # a retry loop against a dead Redis must not grow that list without end.
-    import proxy.guard
+    import proxy.guard.guard
 
-    monkeypatch.setattr(proxy.guard, "MAX_PENDING_RELEASES", 5)
+    monkeypatch.setattr(proxy.guard.guard, "MAX_PENDING_RELEASES", 5)
     p = make_proxy(KEYS)
     store_target.server.connected = False
     assert [p.generate().status_code for _ in range(20)] == [503] * 20
@@ -396,7 +396,7 @@ def test_scripts_lost_by_redis_are_loaded_again(make_proxy, up, store_target):
 
 def test_upstream_unreachable_is_502_and_releases(make_proxy, up, monkeypatch):
     p = make_proxy(KEYS)
-    from proxy.forward import Upstream
+    from proxy.http.upstream import Upstream
 
     # point the running proxy at a closed port (and keep it there across policy checks)
     p.runtime.upstream = Upstream(p.runtime.session, "http://127.0.0.1:9", 5, 1)
@@ -409,7 +409,7 @@ def test_upstream_unreachable_is_502_and_releases(make_proxy, up, monkeypatch):
 
 def test_upstream_connect_timeout_is_504_and_releases(make_proxy, up, monkeypatch, silent_port):
     p = make_proxy(KEYS)
-    from proxy.forward import Upstream
+    from proxy.http.upstream import Upstream
 
     # The handshake never completes, so nothing was sent: the hold is released, not charged.
     p.runtime.upstream = Upstream(p.runtime.session, f"http://127.0.0.1:{silent_port}", 120, 0.3)

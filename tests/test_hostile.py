@@ -247,7 +247,7 @@ def test_a_caller_the_policy_refuses_is_answered_before_its_body_is_sent(tmp_pat
 def test_a_large_body_is_priced_off_the_event_loop(make_proxy, up, monkeypatch):
     import threading
 
-    from proxy import guard
+    from proxy.guard import guard
 
     threads: list[str] = []
     real = guard.read_price_fields

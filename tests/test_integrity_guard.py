@@ -170,7 +170,7 @@ def test_a_startup_that_fails_halfway_closes_what_it_opened(up, store_target, wr
 
     import proxy.app
     from proxy.app import create_app
-    from proxy.policy_load import load_policy
+    from proxy.policy.load import load_policy
     from proxy.settings import Settings
 
     closed = []

@@ -1,4 +1,4 @@
-"""Every key a Lua script touches arrives in KEYS (proxy/keys.py builds them all).
+"""Every key a Lua script touches arrives in KEYS (proxy/store/keyspace.py builds them all).
 
 Redis enforces none of this on one node, so each script runs here behind a shim that fails it
 on the first command naming a key it was not given, while the store's operations take every
@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 
 from proxy.errors import HoldQuarantined, StoreScriptError
-from proxy.keys import BASE, SCRIPT_KEYS, Keys
-from proxy.records import MarkRequest
-from proxy.store import Script, Store
+from proxy.store.keyspace import BASE, SCRIPT_KEYS, Keys
+from proxy.store.records import MarkRequest
+from proxy.store.redis import Script, Store
 from tests.test_store import NOW_MS, REF, USD, budget, req, row, snap, windows
 
 # Wraps redis.call for the rest of the chunk: commands whose keys are all their arguments (DEL,

@@ -31,11 +31,11 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from proxy.app import create_app
-from proxy.body import PriceFields, decode_content, read_price_fields
-from proxy.echo import ECHO_MAX_CHARS, echo
 from proxy.errors import Rejected
-from proxy.policy_load import load_policy
+from proxy.http.body import PriceFields, decode_content, read_price_fields
+from proxy.policy.load import load_policy
 from proxy.settings import Settings
+from proxy.untrusted import ECHO_MAX_CHARS, echo
 from tests.conftest import KEY_A, SHA_A
 from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
 

@@ -11,7 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy.errors import PolicyError
-from proxy.policy import (
+from proxy.guard.pricing import text_rate_for
+from proxy.policy.load import load_policy
+from proxy.policy.model import (
     DEFAULT_ROUTES,
     AccountPolicy,
     Budget,
@@ -25,8 +27,6 @@ from proxy.policy import (
     UpstreamPolicy,
     default_policy,
 )
-from proxy.policy_load import load_policy
-from proxy.pricing import text_rate_for
 
 POLICIES = Path(__file__).parent / "policies"
 BAD = POLICIES / "bad"
@@ -215,7 +215,7 @@ def test_problem_names_a_relative_file_as_given(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_alerts_section_loads_with_its_defaults(tmp_path: Path) -> None:
-    from proxy.policy import AlertsPolicy, WebhookPolicy
+    from proxy.policy.model import AlertsPolicy, WebhookPolicy
 
     assert default_policy().alerts == AlertsPolicy((0.5, 0.8, 1.0), None, None, ())
     path = tmp_path / "alerts.yaml"
@@ -233,7 +233,7 @@ def test_alerts_section_loads_with_its_defaults(tmp_path: Path) -> None:
 
 
 def test_admin_section_enables_the_status_page_by_a_token_digest(tmp_path: Path) -> None:
-    from proxy.policy import AdminPolicy
+    from proxy.policy.model import AdminPolicy
 
     assert default_policy().admin is None
     path = tmp_path / "admin.yaml"

@@ -12,20 +12,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.body import PriceFields
-from proxy.policy import ModelsPolicy, TextRate
-from proxy.pricing import (
+from proxy.guard.pricing import (
     INPUT_FRAMING_TOKENS,
-    PriceTable,
-    PriceTableError,
     Quote,
     TextBound,
     glob_specificity,
-    parse_models,
     quote_hold,
     text_api,
     text_rate_for,
 )
+from proxy.http.body import PriceFields
+from proxy.policy.model import ModelsPolicy, TextRate
+from proxy.prices import PriceTable, PriceTableError, parse_models
 from tests.standin import default_models
 
 

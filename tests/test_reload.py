@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from proxy.policy import Policy, default_policy
-from proxy.policy_load import load_policy
-from proxy.reload import PolicyHolder
+from proxy.policy.load import load_policy
+from proxy.policy.model import Policy, default_policy
+from proxy.policy.reload import PolicyHolder
 
 WAIT_S = 5.0
 

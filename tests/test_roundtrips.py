@@ -59,8 +59,8 @@ keys:
 @pytest.mark.parametrize("store_target", [pytest.param("real", marks=pytest.mark.real)], indirect=True)
 def test_status_reads_every_key_and_group_in_two_round_trips(store_target, tmp_path):
     """`spend-guard status` with 20 keys in 4 groups: the open holds, then one levels read."""
-    from proxy.policy_load import load_policy
-    from proxy.status import collect
+    from proxy.commands.status import collect
+    from proxy.policy.load import load_policy
 
     groups = "".join(f"  - name: g{i}\n    budgets: [{{limit_usd: 5, period: day}}]\n" for i in range(4))
     keys = "".join(

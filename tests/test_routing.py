@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.policy import default_policy
-from proxy.routing import RouteTable, canonical_path
+from proxy.http.routing import RouteTable, canonical_path
+from proxy.policy.model import default_policy
 
 GEN = "/v1/openai/images/generations"
 

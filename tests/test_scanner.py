@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.observers import SMALL_BODY_BYTES, SmallBodyFirst, SseScanner, observer_for
-from proxy.scanner import JsonScanner, Outcome
+from proxy.cost.observers import SMALL_BODY_BYTES, SmallBodyFirst, observer_for
+from proxy.cost.scanner import JsonScanner, Outcome
+from proxy.cost.sse import SseScanner
 
 UNKNOWN = Outcome("unknown")
 ERROR = Outcome("error")

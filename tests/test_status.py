@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from proxy.status import describe_url
+from proxy.commands.status import describe_url
 from tests.conftest import KEY_A, KEY_B, SHA_A
 from tests.served import free_port
 

@@ -10,7 +10,7 @@ import logging
 import re
 
 from proxy.errors import StoreError
-from proxy.refusals import MAX_RECENT_REFUSALS, RecentRefusals, Refusal
+from proxy.guard.refusals import MAX_RECENT_REFUSALS, RecentRefusals, Refusal
 from tests.conftest import KEY_A, KEY_B, SHA_A
 
 ADMIN_TOKEN = "sg-admin-" + "q" * 40
@@ -134,7 +134,7 @@ def test_the_refusal_ring_keeps_only_the_latest() -> None:
 def test_status_json_lists_the_alerts_sent_in_each_scopes_current_window(make_proxy) -> None:
     import time
 
-    from proxy.store import MarkRequest
+    from proxy.store.records import MarkRequest
     from proxy.windows import window_start_ms
 
     proxy = make_proxy(POLICY)

@@ -12,16 +12,9 @@ import pytest
 import redis
 
 from proxy.errors import StoreError
-from proxy.pricing import PriceTable
-from proxy.store import (
-    LOCK_REFRESH,
-    BudgetHold,
-    ReserveRequest,
-    RowState,
-    Snapshot,
-    Store,
-    row_ref,
-)
+from proxy.prices import PriceTable
+from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot, row_ref
+from proxy.store.redis import LOCK_REFRESH, Store
 from proxy.windows import to_ms, window_end, window_start_ms
 from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B
 from tests.standin import key_row

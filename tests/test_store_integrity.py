@@ -8,7 +8,7 @@ import pytest
 
 from proxy.errors import HoldQuarantined
 from proxy.money import MAX_ABS_MICROS
-from proxy.store import CONTAIN_MARGIN_MS, Store
+from proxy.store.redis import CONTAIN_MARGIN_MS, Store
 from tests.test_store import NOW_MS, REF, USD, budget, charged, held, req, row, snap
 
 ACCOUNT = "acct"

@@ -15,7 +15,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from proxy.pricing import INPUT_FRAMING_TOKENS
+from proxy.guard.pricing import INPUT_FRAMING_TOKENS
 from proxy.runtime import Flight
 from tests.conftest import KEY_A, SHA_A, alice_keys
 from tests.test_guard import envelope, open_holds, spent

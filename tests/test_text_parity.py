@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.body import read_price_fields
+from proxy.http.body import read_price_fields
 
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
 FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")

@@ -1,4 +1,4 @@
-"""Webhook signing and delivery rules (proxy/webhooks.py): the Standard Webhooks test vector,
+"""Webhook signing and delivery rules (proxy/ops/webhooks.py): the Standard Webhooks test vector,
 secrets read from the environment and never shown, what is retried and what is not."""
 
 from __future__ import annotations
@@ -9,16 +9,9 @@ import time
 import aiohttp
 import pytest
 
-from proxy.metrics import Metrics
-from proxy.policy import WebhookPolicy
-from proxy.webhooks import (
-    Deliveries,
-    Endpoint,
-    SecretError,
-    endpoints,
-    sign,
-    signing_key,
-)
+from proxy.ops.metrics import Metrics
+from proxy.ops.webhooks import Deliveries, Endpoint, SecretError, endpoints, sign, signing_key
+from proxy.policy.model import WebhookPolicy
 from tests.webhook_receiver import Receiver
 
 

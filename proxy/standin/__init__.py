@@ -1,5 +1,5 @@
 """A realistic ImageRouter stand-in, served on 127.0.0.1 from a background thread: the tests'
-upstream, and the upstream of `spend-guard serve --demo` (proxy/demo.py).
+upstream, and the upstream of `spend-guard serve --demo` (proxy/commands/demo.py).
 
     with StandIn() as up:
         up.url                     # "http://127.0.0.1:<port>"

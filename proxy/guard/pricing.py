@@ -1,0 +1,142 @@
+"""The price table from `GET /v2/models`, and the hold a request must reserve.
+
+Image and video: hold = `price.max` rounded up to $0.0001, one output per request (the API has
+no `n`): the most ImageRouter itself pre-charges for the model, so a hold is never below the
+upstream's bill while the published maximum holds (DESIGN §1 step 4).
+
+Text (issue #15): ImageRouter publishes no token prices, so the policy's `models.text_rates`
+gives them per model glob, and hold = input bound × input rate + output bound × output rate,
+rounded up to $0.0001 (`text_hold`). `quote_hold` is the whole decision, a pure function of the
+route, the request's fields, the price table and the policy.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from proxy.http.body import PriceFields
+from proxy.policy.model import ModelsPolicy, TextRate
+from proxy.prices import PriceTable
+
+# Holds are whole ten-thousandths of a dollar, as ImageRouter bills (reference §2.3).
+QUANTUM_MICROS = 100
+TOKENS_PER_MTOK = 1_000_000
+# Input tokens a provider may add around what the body carries: the chat template's few tokens
+# per message and the reply's priming, and a tool-use system prompt (Anthropic's is ~350 tokens).
+INPUT_FRAMING_TOKENS = 1024
+GLOB_WILDCARDS = "*?"  # a `[...]` set matches one character of a list: narrower, not counted
+
+TextApi = Literal["chat", "responses", "other"]
+Basis = Literal["override", "text_rate", "text_default", "price", "default", "no_table"]
+
+
+# --- holds ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextBound:
+    """Worst-case token counts of one text call."""
+
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True)
+class Quote:
+    """The hold for one call and what it rests on. `micros` is None only for `no_table` (an
+    image or video call before any price table loaded)."""
+
+    micros: int | None
+    basis: Basis
+    rate: TextRate | None = None
+    bound: TextBound | None = None
+
+    @property
+    def unpriced(self) -> bool:
+        """The model has no price of its own (`unknown_models: reject` refuses it)."""
+        return self.basis in ("default", "text_default")
+
+
+def quote_hold(
+    kind: str, route: str, fields: PriceFields, model: str, prices: PriceTable, models: ModelsPolicy
+) -> Quote:
+    """The hold for a call to `route` (canonical path) of route kind `kind`, for `model` (the
+    requested id resolved through the table's aliases). In order: a policy override for the
+    model; on text routes its most specific `text_rates` entry, else `text_hold_usd`; else the
+    table's `price.max`, else `default_hold_usd`."""
+    override = models.overrides.get(model, models.overrides.get(fields.model))
+    if override is not None:
+        return Quote(override, "override")
+    if kind == "text":
+        rate = text_rate_for(models.text_rates, model, fields.model)
+        if rate is None:
+            return Quote(models.text_hold_micros, "text_default")
+        bound = text_bound(text_api(route), fields, rate, models.text_media_input_tokens)
+        return Quote(text_hold(bound, rate), "text_rate", rate, bound)
+    if not prices.loaded:
+        return Quote(None, "no_table")
+    price = prices.hold_for(model)
+    if price is not None:
+        return Quote(price, "price")
+    return Quote(models.default_hold_micros, "default")
+
+
+def text_api(route: str) -> TextApi:
+    """Which OpenAI API a text route speaks, by its path: `.../chat/completions`, `.../responses`
+    or another (a route the policy adds), whose maximums the guard does not know to be obeyed."""
+    if route.endswith("/chat/completions"):
+        return "chat"
+    if route.endswith("/responses"):
+        return "responses"
+    return "other"
+
+
+def text_bound(api: TextApi, fields: PriceFields, rate: TextRate, media_input_tokens: int) -> TextBound:
+    """Output: the request's own maximum (`max_tokens`/`max_completion_tokens` on chat,
+    `max_output_tokens` on responses; the larger where several apply), else the rate's
+    `max_output_tokens`; times `n` (each choice is billed). On a route of neither API the request
+    is not trusted to stop the model: the rate's maximum. Input: the text's UTF-8 bytes (a BPE
+    token covers at least one byte), `media_input_tokens` per image, audio or file part, plus
+    `INPUT_FRAMING_TOKENS`."""
+    asked: list[int | None] = []
+    if api == "chat":
+        asked = [fields.max_tokens, fields.max_completion_tokens]
+    elif api == "responses":
+        asked = [fields.max_output_tokens]
+    given = [count for count in asked if count is not None]
+    per_choice = max(given) if given else rate.max_output_tokens
+    input_tokens = fields.input_bytes + fields.media_parts * media_input_tokens + INPUT_FRAMING_TOKENS
+    return TextBound(input_tokens, per_choice * (fields.n or 1))
+
+
+def text_hold(bound: TextBound, rate: TextRate) -> int:
+    """input × input rate + output × output rate, in micro-dollars rounded up to $0.0001."""
+    scaled = bound.input_tokens * rate.input_micros_per_mtok + bound.output_tokens * rate.output_micros_per_mtok
+    return -(-scaled // (TOKENS_PER_MTOK * QUANTUM_MICROS)) * QUANTUM_MICROS
+
+
+def text_rate_for(rates: Sequence[TextRate], *models: str) -> TextRate | None:
+    """The most specific rate whose glob matches the first of `models` any glob matches (the
+    resolved id before the id as requested). Most specific: fewest wildcard characters (`*` and
+    `?`), then the longest literal text before the first `*`, `?` or `[`, then the longest glob
+    less its wildcards, then the earliest in the policy. Globs match case-sensitively, as
+    `allow`/`deny` do."""
+    for model in models:
+        matching = [
+            (glob_specificity(rate.glob), index)
+            for index, rate in enumerate(rates)
+            if fnmatch.fnmatchcase(model, rate.glob)
+        ]
+        if matching:
+            return rates[min(matching)[1]]
+    return None
+
+
+def glob_specificity(glob: str) -> tuple[int, int, int]:
+    """Sort key of a glob, most specific first (see `text_rate_for`)."""
+    wildcards = sum(glob.count(char) for char in GLOB_WILDCARDS)
+    first = min((i for i, char in enumerate(glob) if char in "*?["), default=len(glob))
+    return wildcards, -first, -(len(glob) - wildcards)

@@ -1,0 +1,253 @@
+"""Read what decides the price from a request body; the body itself is forwarded byte for byte.
+
+Only `model`, `seconds`, `quality`, `size`, `stream` and `max_tokens` are read, from JSON (as
+express.json() reads it) or multipart/form-data (as busboy does; proxy/http/multipart.py). A body we
+cannot read exactly as ImageRouter will is refused (400), never forwarded on a guess (DESIGN §1
+step 3, issue #12). For a text route the reader also takes what bounds the call's tokens
+(issue #15): `max_completion_tokens`, `max_output_tokens`, `n`, and an upper bound on the input's
+size in bytes, with image, audio and file parts counted apart.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import zlib
+from dataclasses import dataclass
+
+from proxy.errors import Rejected
+from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
+from proxy.untrusted import echo
+
+__all__ = ["PRICE_FIELDS", "PriceFields", "decode_content", "invalid", "read_price_fields"]
+
+# JSON-only fields a text hold needs (multipart bodies never reach ImageRouter's text handlers
+# with fields: those routes mount only express.json()).
+TEXT_FIELDS = frozenset({"max_completion_tokens", "max_output_tokens", "n"})
+# Content parts (chat `content[]`, responses `input[]`) whose payload is not text: an image, an
+# audio clip or a file, sent inline (base64, a data: URI) or by reference (a URL, a file id).
+MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
+
+
+@dataclass(frozen=True)
+class PriceFields:
+    """What prices a call. Token counts are JSON numbers as JSON.parse reads them (a double),
+    kept only when positive and finite, rounded up (`100.0` and `1e2` are 100); else None."""
+
+    model: str
+    seconds: str | None = None
+    quality: str | None = None
+    size: str | None = None
+    stream: bool = False
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    max_output_tokens: int | None = None
+    n: int | None = None  # chat choices: a positive number (or numeric string), rounded up
+    # Text routes only: an upper bound on the UTF-8 bytes of the input's text (the body's length,
+    # less the payloads of media parts), and the number of inputs not carried as text.
+    input_bytes: int = 0
+    media_parts: int = 0
+
+
+def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, content_type: str | None) -> bytes:
+    """Undo a request Content-Encoding the upstream would undo too, bounded: gzip or zlib-wrapped
+    deflate on a JSON body, as body-parser does. multer undoes none: ImageRouter would parse a
+    compressed form's raw bytes (a gzip header's comment can hold a whole other form), so an
+    encoded multipart body is refused (issue #12)."""
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if (content_type or "").strip(" \t").lower().startswith("multipart/"):
+        raise invalid(
+            "ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed."
+        )
+    if encoding not in ("gzip", "deflate"):
+        raise invalid(f"Request Content-Encoding '{echo(encoding, 40)}' is not supported; use gzip or deflate.")
+    wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS  # deflate: zlib-wrapped, as Node's inflate
+    out = bytearray()
+    data = body
+    try:
+        # Every gzip member, as Node's zlib decodes them: a second member must not hide a field.
+        while data:
+            decompressor = zlib.decompressobj(wbits)
+            out += decompressor.decompress(data, max_bytes + 1 - len(out))
+            if len(out) > max_bytes:
+                raise Rejected(
+                    413, "invalid_request_error", f"Request body exceeds {max_bytes} bytes once decompressed."
+                )
+            if not decompressor.eof:
+                raise invalid(f"Request body is truncated {encoding} data.")
+            data = decompressor.unused_data
+            if encoding == "deflate" and data:
+                raise invalid("Request body has data after its deflate stream.")
+    except zlib.error as exc:
+        raise invalid(f"Request body is not valid {encoding} data.") from exc
+    return bytes(out)
+
+
+def read_price_fields(body: bytes, content_type: str | None, *, text: bool = False) -> PriceFields:
+    """Pull the pricing fields out of a JSON or multipart body, or raise `Rejected(400)`.
+
+    The guard prices what ImageRouter's own parsers will read (express.json(), multer over
+    busboy; reference/imagerouter-api.md §9), or refuses: issue #12. `text`: a text route's
+    call, whose input size is measured too (issue #15)."""
+    if content_type is None:
+        raise invalid(
+            "Request has no Content-Type, so its body was not read as JSON; send Content-Type: application/json "
+            "(or multipart/form-data). ImageRouter reads only those two."
+        )
+    # Node strips the header's surrounding whitespace; media-typer (which decides whether
+    # express.json() or multer runs) allows no tab inside it.
+    ctype = _content_type(content_type.strip(" \t"))
+    if ctype.head == "application/json":
+        data, size = _from_json(body, ctype.params)
+        if not text:
+            return _build({k: v for k, v in data.items() if k in PRICE_FIELDS})
+        return _build(
+            {k: v for k, v in data.items() if k in PRICE_FIELDS or k in TEXT_FIELDS}, *_input_size(data, size)
+        )
+    if ctype.head == "multipart/form-data":
+        # Every byte of a form may be text: its whole length bounds the input.
+        return _build(dict(read_fields(body, boundary_of(ctype.params))), len(body) if text else 0)
+    if ctype.head == "application/x-www-form-urlencoded":
+        # ImageRouter mounts no urlencoded parser: such a body reaches it without a model. It is
+        # what `curl -d` sends unless told otherwise.
+        raise invalid(
+            "Request body was sent as application/x-www-form-urlencoded (curl -d's default), so it was not read as "
+            "JSON; send Content-Type: application/json (curl: -H 'Content-Type: application/json') "
+            "or multipart/form-data."
+        )
+    raise invalid(
+        f"Request body was sent as '{echo(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
+        "application/json or multipart/form-data."
+    )
+
+
+def _from_json(body: bytes, params: dict[str, str]) -> tuple[dict[str, object], int]:
+    # body-parser decodes by the charset parameter (anything `utf-*`, through iconv-lite); we read
+    # UTF-8 only, strictly, and drop one leading BOM as iconv-lite does. Then JSON.parse: the last
+    # of duplicate keys wins (as in a dict), `\u` escapes decode, NaN/Infinity are not JSON.
+    charset = params.get("charset", "utf-8").lower()
+    if charset != "utf-8":
+        raise invalid(f"JSON charset '{echo(charset)}' is not supported by the spend guard; send UTF-8.")
+    if body.startswith(b"\xef\xbb\xbf"):
+        body = body[3:]
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_not_json)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise invalid("Request body is not valid JSON.") from exc
+    if not isinstance(data, dict):
+        raise invalid("Request body must be a JSON object.")
+    return data, len(body)
+
+
+def _input_size(data: dict[str, object], size: int) -> tuple[int, int]:
+    """(input bytes, media parts) of a parsed text request of `size` bytes.
+
+    Every BPE token covers at least one byte, so the bytes of the input's text bound its tokens.
+    The body's own length bounds those bytes (a JSON escape is never shorter than what it
+    decodes to; keys, quotes and brackets are slack for the few tokens a chat template adds per
+    message). A media part's payload is no measure of its tokens (a 20-byte URL can be a
+    1,000-token image), so its strings are taken out of the count and the part is counted apart.
+    A stored response, conversation or prompt template the body refers to counts as one too."""
+    media = 0
+    payload = 0
+    stack: list[object] = [data]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if value.get("type") in MEDIA_PART_TYPES:
+                media += 1
+                payload += _string_bytes(value)
+            else:
+                stack.extend(value.values())
+        elif isinstance(value, list):
+            stack.extend(value)
+    for name in ("previous_response_id", "conversation"):
+        if data.get(name) not in (None, ""):
+            media += 1
+    if isinstance(data.get("prompt"), dict):  # a stored prompt template, not prompt text
+        media += 1
+    return max(0, size - payload), media
+
+
+def _string_bytes(value: object) -> int:
+    """UTF-8 bytes of every string value inside `value` (a lone surrogate counts 3, as in JSON)."""
+    total = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return total
+
+
+def _not_json(constant: str) -> object:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _build(fields: dict[str, object], input_bytes: int = 0, media_parts: int = 0) -> PriceFields:
+    model = fields.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise invalid("Request has no 'model'; the spend guard prices every call by its model.")
+    if model != model.strip() or not model.isprintable():
+        # ImageRouter runs the string as sent (no trimming): price that string, or nothing.
+        raise invalid("'model' has surrounding whitespace or control characters; send the model id as listed.")
+    stream = fields.get("stream", False)
+    if isinstance(stream, str):
+        stream = stream.strip().lower() in ("true", "1")
+    return PriceFields(
+        model=model,
+        seconds=_opt_str(fields.get("seconds")),
+        quality=_opt_str(fields.get("quality")),
+        size=_opt_str(fields.get("size")),
+        stream=stream is True,
+        max_tokens=_count(fields.get("max_tokens")),
+        max_completion_tokens=_count(fields.get("max_completion_tokens")),
+        max_output_tokens=_count(fields.get("max_output_tokens")),
+        n=_count(_numeric(fields.get("n"))),
+        input_bytes=input_bytes,
+        media_parts=media_parts,
+    )
+
+
+def _count(value: object) -> int | None:
+    """A JSON number as JSON.parse reads it (a double: 1e400 is Infinity), if positive and
+    finite, rounded up; anything else (a string, a bool, null, 0, -1) is None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond a double's range: JSON.parse makes it Infinity
+        return None
+    if not math.isfinite(number) or number <= 0:
+        return None
+    return math.ceil(number)
+
+
+def _numeric(value: object) -> object:
+    """A numeric string as its number (`"3"` -> 3.0): where a larger value only holds more, a
+    provider that coerces strings must not get a call held as if it sent nothing."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            return value
+    return value
+
+
+def _opt_str(value: object) -> str | None:
+    if value is None:
+        return None
+    return str(value)[:64]
+
+
+@functools.lru_cache(maxsize=256)
+def _content_type(value: str) -> HeaderValue:
+    """A Content-Type parsed once: clients send the same few (its parameters are only read)."""
+    return parse_header_value(value, media_type=True, tabs=False, what="Content-Type")

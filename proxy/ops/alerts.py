@@ -1,0 +1,327 @@
+"""Threshold alerts (issue 17): decided on the settle path, exactly once per (scope, window,
+threshold) across every instance and restart, and sent by webhook (proxy/ops/webhooks.py).
+
+`Runtime.settle` calls `touched(key name)` after the store took the charge: it adds the name to
+a set (bounded by the policy's keys; a burst of settles collapses into one evaluation) and wakes
+the background loop, so a settle never waits on alerts. The loop reads the touched scopes' levels
+in one round trip (`report.read_levels`, the guard's own rules) and asks the store to claim the
+marks the levels call for (`Store.alert_marks`); only a claimed mark becomes an event. Every
+SWEEP_S the loop evaluates every scope, which sends what no settle triggers: a new window's
+`budget.recovered`, credits topped up, a key nearing expiry, and what a reclaim or a deferred
+settle charged.
+
+Events:
+- `budget.threshold`: a key's ImageRouter limit or a local budget has spent (charged; holds do not
+  count) at least `threshold` x its limit in its window;
+- `budget.projected`: the spend rate of the last hour (spent now minus the oldest sample of the
+  last hour, over its age, once that is 10 minutes or more) would reach the limit before the
+  window resets; once per window;
+- `budget.recovered`: a new window started for a scope that fired a threshold in the previous
+  one; or, for scope `account`, credits back at or above `credits_below_usd` after `credits.low`;
+- `credits.low`: the account's credits (last snapshot minus charges since) below
+  `credits_below_usd`; once until they recover;
+- `key.expiring`: a key's ImageRouter row expires within `key_expiry_days`; once per expiry date.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from proxy.deadlines import deadline_at
+from proxy.errors import StoreError
+from proxy.guard.verdicts import budgets_for
+from proxy.money import format_usd
+from proxy.ops.levels import budget_level, read_levels
+from proxy.ops.webhooks import Deliveries, endpoints
+from proxy.policy.model import Budget, KeyPolicy, Policy
+from proxy.store.records import Levels, MarkRequest, RowLevel
+from proxy.windows import format_ms, to_ms, window_end, window_start_ms
+
+log = logging.getLogger("spend_guard.alerts")
+SWEEP_S = 30.0
+DAY_MS = 86_400_000
+PPM = 1_000_000
+
+
+@dataclass(frozen=True)
+class Level:
+    """One scope that can cross thresholds: a key's ImageRouter limit or a local budget."""
+
+    scope: str
+    limit_micros: int
+    spent_micros: int
+    held_micros: int
+    period: str | None
+
+
+class Alerts:
+    """The evaluation loop of one process; `evaluate` is also what tests call to run one round."""
+
+    def __init__(self, runtime: Any, deliveries: Deliveries) -> None:
+        self.rt = runtime
+        self.deliveries = deliveries
+        self.pending: set[str] = set()
+        self.sweep_due = False
+        self.wake = asyncio.Event()
+        self.evaluating = False
+        self.round_done = asyncio.Event()
+
+    def touched(self, key_name: str | None) -> None:
+        """A settle (or reclaim: None, every scope) changed what was spent. Never blocks or raises.
+        Without webhooks there is nothing to evaluate: the loop is not woken (each wake cost a
+        guarded call ~5 % of its CPU under load)."""
+        if not self.rt.policy.alerts.webhooks:
+            return
+        if key_name is None:
+            self.sweep_due = True
+        else:
+            self.pending.add(key_name)
+        self.wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time() + SWEEP_S
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with deadline_at(next_sweep):  # no task per wait, as wait_for makes
+                    await self.wake.wait()
+            self.wake.clear()
+            names, self.pending = self.pending, set()
+            sweep = self.sweep_due or loop.time() >= next_sweep
+            if sweep:
+                self.sweep_due, next_sweep = False, loop.time() + SWEEP_S
+            self.evaluating = True
+            try:
+                await self.evaluate(None if sweep else names)
+            except StoreError as exc:
+                log.debug("alerts not evaluated: %s", exc)  # the next sweep catches up
+            except Exception:
+                self.rt.metrics.background_errors.labels("alerts").inc()
+                log.exception("alert evaluation failed; it continues")
+            finally:
+                self.evaluating = False
+                self.round_done.set()
+
+    async def drain(self) -> None:
+        """Wait until every settle told so far is evaluated and what it sent is delivered or
+        given up (tests await this instead of sleeping)."""
+        while self.pending or self.sweep_due or self.evaluating or self.wake.is_set():
+            self.round_done.clear()
+            await self.round_done.wait()
+        if self.deliveries.tasks:
+            await asyncio.wait(set(self.deliveries.tasks))
+
+    async def evaluate(self, key_names: Iterable[str] | None = None) -> list[dict[str, Any]]:
+        """Evaluate the scopes of `key_names` (None: every scope) and send what the store lets this
+        instance claim. Returns the events sent."""
+        policy: Policy = self.rt.policy
+        alerts = policy.alerts
+        if not alerts.webhooks:
+            return []
+        now_s = self.rt.clock()
+        names = None if key_names is None else set(key_names)
+        keys = [k for k in policy.keys if names is None or k.name in names]
+        budgets: dict[str, Budget] = {b.id: b for key in keys for b in budgets_for(policy, key)}
+        if names is None:
+            budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
+        levels, refs = await read_levels(self.rt.ledger, policy, keys, list(budgets.values()), now_s)
+        found = await asyncio.gather(
+            *(self._scope(policy, level, now_s) for level in self._levels(keys, refs, levels, budgets.values())),
+            self._credits(policy, levels, now_s),
+            self._expiry(policy, keys, refs, levels, now_s),
+        )
+        events = [event for each in found for event in each]
+        if events:
+            to = endpoints(alerts.webhooks)
+            for event in events:
+                self.rt.metrics.alerts.labels(event["type"]).inc()
+                log.info("alert %s %s: %s", event["type"], event["scope"], event["message"])
+                self.deliveries.send(event, to)
+        return events
+
+    @staticmethod
+    def _levels(
+        keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
+    ) -> list[Level]:
+        found = []
+        for key in keys:
+            row = levels.rows.get(refs.get(key.name) or "")
+            if isinstance(row, RowLevel) and row.limit_micros is not None and levels.fetched_ms is not None:
+                scope = f"key:{key.name}:{row.period or 'lifetime'}"
+                found.append(Level(scope, row.limit_micros, row.spent_micros, row.held_micros, row.period))
+        for budget in budgets:
+            b = budget_level(budget, levels)
+            found.append(Level(b.scope, b.limit_micros, b.spent_micros, b.held_micros, b.period))
+        return found
+
+    async def _scope(self, policy: Policy, level: Level, now_s: float) -> list[dict[str, Any]]:
+        crossed = [
+            t
+            for t in policy.alerts.thresholds
+            if level.limit_micros > 0 and level.spent_micros * PPM >= round(t * PPM) * level.limit_micros
+        ]
+        start_ms = window_start_ms(level.period, now_s)  # type: ignore[arg-type]
+        end = window_end(level.period, now_s)  # type: ignore[arg-type]
+        end_ms = 0 if end is None else to_ms(end)
+        request = MarkRequest(
+            start_ms,
+            end_ms + DAY_MS if end_ms else 0,
+            int(now_s * 1000),
+            level.spent_micros,
+            level.limit_micros,
+            end_ms,
+            claim=[f"t:{t:g}" for t in crossed],
+        )
+        marks = await self.rt.store.alert_marks(level.scope, request)
+        window = {
+            "window_start": format_ms(start_ms) if start_ms else None,
+            "resets_at": format_ms(end_ms) if end_ms else None,
+        }
+        events = []
+        if marks.recovered:
+            events.append(
+                self._event(
+                    policy,
+                    "budget.recovered",
+                    level,
+                    None,
+                    now_s,
+                    window,
+                    f"{level.scope}: a new window started, ${format_usd(level.limit_micros)} available again",
+                )
+            )
+        for name in marks.claimed:
+            if name == "projected":
+                message = (
+                    f"{level.scope}: at the last hour's rate it runs out before it resets at {window['resets_at']}"
+                )
+                events.append(self._event(policy, "budget.projected", level, 1.0, now_s, window, message))
+            else:
+                t = float(name[2:])
+                message = (
+                    f"{level.scope} has spent {t:.0%} of its ${format_usd(level.limit_micros)} limit "
+                    f"(${format_usd(level.spent_micros)})"
+                )
+                events.append(
+                    self._event(
+                        policy,
+                        "budget.threshold",
+                        level,
+                        t,
+                        now_s,
+                        window,
+                        message,
+                        threshold_usd=format_usd(-(-round(t * PPM) * level.limit_micros // PPM)),
+                    )
+                )
+        return events
+
+    async def _credits(self, policy: Policy, levels: Levels, now_s: float) -> list[dict[str, Any]]:
+        line = policy.alerts.credits_below_micros
+        if line is None or levels.fetched_ms is None:
+            return []
+        credits = levels.remaining_micros - levels.account.charged_micros
+        low = credits < line
+        request = MarkRequest(0, 0, int(now_s * 1000), claim=("low",) if low else (), release=() if low else ("low",))
+        marks = await self.rt.store.alert_marks("account", request)
+        level = Level("account", 0, levels.account.charged_micros, levels.account.held_micros, None)
+        extra = {"credits_usd": format_usd(credits), "threshold_usd": format_usd(line), "limit_usd": None}
+        window = {"window_start": None, "resets_at": None}
+        if "low" in marks.claimed:
+            message = f"account credits are ${format_usd(credits)}, below ${format_usd(line)}"
+            return [self._event(policy, "credits.low", level, None, now_s, window, message, **extra)]
+        if "low" in marks.released:
+            message = f"account credits are ${format_usd(credits)} again, at or above ${format_usd(line)}"
+            return [self._event(policy, "budget.recovered", level, None, now_s, window, message, **extra)]
+        return []
+
+    async def _expiry(
+        self, policy: Policy, keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, now_s: float
+    ) -> list[dict[str, Any]]:
+        days = policy.alerts.key_expiry_days
+        if days is None:
+            return []
+        now_ms = int(now_s * 1000)
+        events = []
+        for key in keys:
+            row = levels.rows.get(refs.get(key.name) or "")
+            if not isinstance(row, RowLevel) or row.expires_ms is None:
+                continue
+            # Warned from `days` before it expires until a day after (then its mark expires).
+            if not now_ms - DAY_MS < row.expires_ms <= now_ms + days * DAY_MS:
+                continue
+            request = MarkRequest(0, row.expires_ms + DAY_MS, now_ms, claim=(f"exp:{row.expires_ms}",))
+            if (await self.rt.store.alert_marks(f"key:{key.name}", request)).claimed:
+                limit = row.limit_micros or 0
+                level = Level(f"key:{key.name}", limit, row.spent_micros, row.held_micros, row.period)
+                expires = format_ms(row.expires_ms)
+                verb = "expired" if row.expires_ms <= now_ms else "expires"
+                message = f"ImageRouter key of {key.name} {verb} at {expires}"
+                window = {"window_start": None, "resets_at": None}
+                events.append(
+                    self._event(
+                        policy,
+                        "key.expiring",
+                        level,
+                        None,
+                        now_s,
+                        window,
+                        message,
+                        expires_at=expires,
+                        threshold_days=days,
+                        limit_usd=None if row.limit_micros is None else format_usd(limit),
+                    )
+                )
+        return events
+
+    def _event(
+        self,
+        policy: Policy,
+        kind: str,
+        level: Level,
+        threshold: float | None,
+        now_s: float,
+        window: dict[str, Any],
+        message: str,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        remaining = max(0, level.limit_micros - level.spent_micros - level.held_micros)
+        event: dict[str, Any] = {
+            "id": "msg_" + uuid.uuid4().hex,
+            "type": kind,
+            "timestamp": format_ms(int(now_s * 1000)),
+            "account": policy.account.name,
+            "scope": level.scope,
+            "threshold": threshold,
+            "limit_usd": format_usd(level.limit_micros),
+            "spent_usd": format_usd(level.spent_micros),
+            "held_usd": format_usd(level.held_micros),
+            "remaining_usd": format_usd(remaining),
+            "policy_version": policy.version,
+            "message": message,
+            **window,
+        }
+        event.update(extra)
+        if event["limit_usd"] is None:
+            event["remaining_usd"] = None
+        return event
+
+
+async def start_alerts(stack: contextlib.AsyncExitStack, runtime: Any) -> Alerts:
+    """The alert loop's parts, closed by the lifespan's stack: a session of its own (a slow
+    receiver never competes with upstream calls) and the deliveries; hooks `runtime.on_settled`."""
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    stack.push_async_callback(session.close)
+    deliveries = Deliveries(session, runtime.metrics, runtime.clock)
+    stack.push_async_callback(deliveries.aclose)
+    alerts = Alerts(runtime, deliveries)
+    runtime.on_settled = alerts.touched
+    return alerts

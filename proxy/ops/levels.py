@@ -1,0 +1,182 @@
+"""Budget reports: what `/-/me` shows a caller and `spend-guard status` shows an operator.
+
+The numbers come from the store's `levels` script, which shares reserve.lua's scope rules, so
+they are what the guard enforces; many keys are read in one round trip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.errors import Rejected
+from proxy.guard.verdicts import budget_holds, budgets_for
+from proxy.http.request import BEARER_RE, fingerprint
+from proxy.money import format_usd
+from proxy.policy.model import Budget, KeyPolicy, Policy
+from proxy.store.contract import Ledger
+from proxy.store.records import Levels, RowLevel, row_ref
+from proxy.windows import format_ms, to_ms, window_end, window_start_ms
+
+PERIOD_NAMES = ("day", "week", "month")
+
+
+def _reset(period: str | None, now_s: float) -> str | None:
+    end = window_end(period if period in PERIOD_NAMES else None, now_s)  # type: ignore[arg-type]
+    return None if end is None else format_ms(to_ms(end))
+
+
+@dataclass(frozen=True)
+class ScopeLevel:
+    """One scope's level in micro-dollars: what `/-/me`, `status` and the gauges show."""
+
+    scope: str  # as /-/me spells it ("key:day" for the caller's own row, "budget:key:alice:day")
+    limit_micros: int
+    spent_micros: int
+    held_micros: int
+    period: str | None = None  # None: no reset (lifetime, account)
+    mode: str | None = None  # budgets only: enforce or shadow
+
+    @property
+    def remaining_micros(self) -> int:
+        return max(0, self.limit_micros - self.spent_micros - self.held_micros)
+
+    def as_json(self, now_s: float, **extra: Any) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "scope": self.scope,
+            "limit_usd": format_usd(self.limit_micros),
+            "spent_usd": format_usd(self.spent_micros),
+            "held_usd": format_usd(self.held_micros),
+            "remaining_usd": format_usd(self.remaining_micros),
+            "resets_at": _reset(self.period, now_s),
+            **extra,
+        }
+        if self.mode is not None:
+            body["mode"] = self.mode
+        return body
+
+
+def account_level(policy: Policy, levels: Levels) -> ScopeLevel:
+    floor = policy.account.min_remaining_micros
+    return ScopeLevel(
+        "account", levels.remaining_micros - floor, levels.account.charged_micros, levels.account.held_micros
+    )
+
+
+def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
+    """The key's ImageRouter spend limit, if its row has one."""
+    if not isinstance(level, RowLevel) or level.limit_micros is None:
+        return None
+    name = f"key:{level.period or 'lifetime'}"
+    return ScopeLevel(name, level.limit_micros, level.spent_micros, level.held_micros, level.period)
+
+
+def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
+    used = levels.budgets[budget.counter]
+    mode = "shadow" if budget.shadow else "enforce"
+    return ScopeLevel(
+        f"budget:{budget.id}", budget.limit_micros, used.charged_micros, used.held_micros, budget.period, mode
+    )
+
+
+async def read_levels(
+    store: Ledger, policy: Policy, keys: Sequence[KeyPolicy | None], budgets: Sequence[Budget], now_s: float
+) -> tuple[Levels, dict[str, str | None]]:
+    """One round trip: the key rows of `keys` and every budget in `budgets`, in their windows."""
+    refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
+    holds = {hold.id: hold for hold in budget_holds(list(budgets), now_s)}
+    windows = (window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s))
+    return await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows), refs
+
+
+async def scopes_for(store: Ledger, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
+    """Every scope a call by `key` is checked against, with limit, spent, held, remaining, reset."""
+    return (await scopes_for_many(store, policy, [key], now_s))[0]
+
+
+async def scopes_for_many(
+    store: Ledger, policy: Policy, keys: Sequence[KeyPolicy | None], now_s: float
+) -> list[dict[str, Any]]:
+    """`scopes_for` of each key, read in one round trip (the store's `levels`)."""
+    budgets = {key.name if key else "": budgets_for(policy, key) for key in keys}
+    every = [budget for each in budgets.values() for budget in each]
+    levels, refs = await read_levels(store, policy, keys, every, now_s)
+    return [
+        key_report(policy, key, levels, refs.get(key.name) if key else None, budgets[key.name if key else ""], now_s)
+        for key in keys
+    ]
+
+
+def key_report(
+    policy: Policy, key: KeyPolicy | None, levels: Levels, ref: str | None, budgets: list[Budget], now_s: float
+) -> dict[str, Any]:
+    """The scopes a call by `key` is checked against, from levels already read (`read_levels`)."""
+    scopes: list[dict[str, Any]] = []
+    level = levels.rows.get(ref) if ref else None
+    row = level if isinstance(level, RowLevel) else None
+    if levels.fetched_ms is not None:
+        floor = format_usd(policy.account.min_remaining_micros)
+        scopes.append(
+            account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms))
+        )
+        if (limit := row_scope(row)) is not None:
+            scopes.append(limit.as_json(now_s))
+    scopes += [budget_level(budget, levels).as_json(now_s) for budget in budgets]
+    result: dict[str, Any] = {
+        "key": key.name if key else None,
+        "policy_version": policy.version,
+        "scopes": scopes,
+        "snapshot": levels.fetched_ms is not None,
+    }
+    if row is not None:
+        result["key_active"] = row.active
+        result["key_expires_at"] = None if row.expires_ms is None else format_ms(row.expires_ms)
+    return result
+
+
+async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list[ScopeLevel], int | None]:
+    """Every scope of the policy, spelled as refusals spell it (a key's ImageRouter limit as
+    `key:<name>:<period>`), and the account's remaining credits (None: no snapshot): the gauges."""
+    budgets = {b.id: b for key in policy.keys for b in budgets_for(policy, key)}
+    budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
+    levels, refs = await read_levels(store, policy, policy.keys, list(budgets.values()), now_s)
+    if levels.fetched_ms is None:
+        return [budget_level(b, levels) for b in budgets.values()], None
+    found = [account_level(policy, levels)]
+    for key in policy.keys:
+        ref = refs.get(key.name)
+        if (limit := row_scope(levels.rows.get(ref) if ref else None)) is not None:
+            found.append(
+                ScopeLevel(
+                    f"key:{key.name}:{limit.period or 'lifetime'}",
+                    limit.limit_micros,
+                    limit.spent_micros,
+                    limit.held_micros,
+                    limit.period,
+                )
+            )
+    found += [budget_level(b, levels) for b in budgets.values()]
+    return found, levels.remaining_micros
+
+
+async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any]:
+    """`/-/me`: the caller's own scopes, identified by its bearer token (never echoed)."""
+    if len(authorization) != 1 or not (m := BEARER_RE.match(authorization[0])):
+        raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
+    policy = runtime.policy
+    key = policy.key_for(fingerprint(m.group(1)))
+    if key is None and policy.guard.unknown_keys == "reject":
+        raise Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
+    if key is None and not policy.guard.show_account_to_unknown_keys:
+        # Any made-up token gets here: it learns nothing about the account (issue 16).
+        return {
+            "key": None,
+            "scopes": [],
+            "message": "This API key is not listed in the spend guard's policy: its calls are checked against the "
+            "account's credits only, which are not shown to unlisted keys.",
+        }
+    try:
+        return await scopes_for(runtime.ledger, policy, key, runtime.clock())
+    except Exception as exc:
+        raise Rejected(503, "guard_unavailable", "The spend guard's store is unavailable.", scope="store") from exc

@@ -1,0 +1,387 @@
+"""Policy building: one `Builder` per load, fed each parsed file in order; merges sections and
+lists, reports duplicates naming both places, and produces the frozen `Policy`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from proxy.policy.check import (
+    FIELDS,
+    NESTED_KEYS,
+    RULES_KEYS,
+    _Invalid,
+    _money,
+    _short_hash,
+    _show,
+    _threshold,
+    glob_problem,
+)
+from proxy.policy.model import (
+    DEFAULT_ROUTES,
+    LISTS,
+    SECTIONS,
+    AccountPolicy,
+    AdminPolicy,
+    AlertsPolicy,
+    Budget,
+    GroupPolicy,
+    GuardPolicy,
+    KeyPolicy,
+    ModelRules,
+    ModelsPolicy,
+    Period,
+    Policy,
+    RoutePolicy,
+    TextRate,
+    UpstreamPolicy,
+    WebhookPolicy,
+)
+
+# --- building: one _Builder per load, fed each file in order -----------------------------------
+
+# Keys a section must have when it is present at all.
+REQUIRED: Mapping[str, tuple[str, ...]] = {"admin": ("token_sha256",)}
+
+
+@dataclass(slots=True)
+class _File:
+    """Problem reporting for one file: every message is `<file>: <location>: <message>`."""
+
+    name: str
+    problems: list[str]
+
+    def problem(self, where: str, message: str) -> None:
+        self.problems.append(f"{self.name}: {where}: {message}")
+
+    def mapping(self, value: object, where: str, kind: str) -> dict[Any, Any] | None:
+        """`value` if it is a mapping of known keys for `kind`; unknown keys are reported."""
+        if not isinstance(value, dict):
+            self.problem(where, f"expected a mapping, got {_show(value)}")
+            return None
+        known = (*FIELDS.get(kind, {}), *NESTED_KEYS.get(kind, ()))
+        for key in value:
+            if key not in known:
+                self.problem(_join(where, key), f"unknown key; expected one of {', '.join(known)}")
+        return value
+
+    def items(self, value: object, where: str) -> list[tuple[str, Any]]:
+        """`(location, item)` per list item; null is an empty list, anything else is reported."""
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.problem(where, f"expected a list, got {_show(value)}")
+            return []
+        return [(f"{where}[{index}]", item) for index, item in enumerate(value)]
+
+    def fields(
+        self, data: Mapping[Any, Any], where: str, kind: str, required: Sequence[str] = ()
+    ) -> dict[str, Any]:
+        """The valid flat fields of `data` by attribute name; missing or invalid ones are reported."""
+        for key in required:
+            if key not in data:
+                self.problem(where, f"missing required key '{key}'")
+        values: dict[str, Any] = {}
+        for key, (attr, check) in FIELDS[kind].items():
+            if key in data:
+                try:
+                    values[attr] = check(data[key])
+                except _Invalid as exc:
+                    self.problem(_join(where, key), str(exc))
+        return values
+
+    def overrides(self, value: object, where: str) -> Mapping[str, int]:
+        """Per-model hold prices: model id -> USD, as micro-dollars."""
+        prices: dict[str, int] = {}
+        if not isinstance(value, dict):
+            if value is not None:
+                self.problem(where, f"expected a mapping of model id to USD amount, got {_show(value)}")
+            return MappingProxyType(prices)
+        for model, price in value.items():
+            item_where = f"{where}[{_show(model)}]"
+            if not isinstance(model, str) or not model:
+                self.problem(item_where, "expected a model id")
+                continue
+            try:
+                prices[model] = _money(price)
+            except _Invalid as exc:
+                self.problem(item_where, str(exc))
+        return MappingProxyType(prices)
+
+    def text_rates(self, value: object, where: str) -> tuple[TextRate, ...]:
+        """Token rates per model glob, in file order (the most specific glob wins when priced)."""
+        if value is None:
+            return ()
+        if not isinstance(value, dict):
+            self.problem(where, f"expected a mapping of model glob to rates, got {_show(value)}")
+            return ()
+        rates = []
+        for glob, entry in value.items():
+            item_where = f"{where}[{_show(glob)}]"
+            if not isinstance(glob, str) or not glob:
+                self.problem(item_where, "expected a model id or glob")
+                continue
+            if (raw := self.mapping(entry, item_where, "text_rate")) is None:
+                continue
+            required = tuple(FIELDS["text_rate"])
+            values = self.fields(raw, item_where, "text_rate", required=required)
+            if len(values) == len(required):
+                rates.append(TextRate(glob, **values))
+        return tuple(rates)
+
+    def alerts(self, raw: Mapping[Any, Any], values: dict[str, Any]) -> None:
+        """`alerts.thresholds` (distinct fractions, kept ascending) and `alerts.webhooks`."""
+        if "thresholds" in raw:
+            found: dict[float, str] = {}
+            for item_where, item in self.items(raw["thresholds"], "alerts.thresholds"):
+                try:
+                    fraction = _threshold(item)
+                except _Invalid as exc:
+                    self.problem(item_where, str(exc))
+                    continue
+                if fraction in found:
+                    self.problem(item_where, f"duplicate threshold {_show(item)}; {found[fraction]} has it already")
+                found.setdefault(fraction, item_where)
+            values["thresholds"] = tuple(sorted(found))
+        hooks = []
+        for item_where, item in self.items(raw.get("webhooks"), "alerts.webhooks"):
+            if (hook := self.mapping(item, item_where, "webhook")) is not None:
+                hook_values = self.fields(hook, item_where, "webhook", required=("url",))
+                if "url" in hook_values:
+                    hooks.append(WebhookPolicy(**hook_values))
+        values["webhooks"] = tuple(hooks)
+
+    def rules(self, data: Mapping[Any, Any], where: str) -> ModelRules:
+        globs: dict[str, tuple[str, ...]] = {}
+        for key in RULES_KEYS:
+            found = []
+            for item_where, item in self.items(data.get(key), _join(where, key)):
+                if isinstance(item, str) and item:
+                    if (problem := glob_problem(item)) is not None:
+                        self.problem(item_where, problem)
+                    found.append(item)
+                else:
+                    self.problem(item_where, f"expected a model id or glob, got {_show(item)}")
+            globs[key] = tuple(found)
+        return ModelRules(**globs)
+
+    def budgets(self, data: Mapping[Any, Any], where: str, owner: str, counter_owner: str) -> tuple[Budget, ...]:
+        """`owner` is `key:<name>` or `group:<name>` (how refusals name the budget), `counter_owner`
+        what its store counter is keyed by (see `_counter_owner`); two budgets with one period
+        are an error."""
+        budgets: list[Budget] = []
+        first: dict[Period | None, str] = {}
+        for item_where, item in self.items(data.get("budgets"), f"{where}.budgets"):
+            if (raw := self.mapping(item, item_where, "budget")) is None:
+                continue
+            values = self.fields(raw, item_where, "budget", required=("limit_usd", "period"))
+            if "period" not in values:
+                continue
+            period = values["period"]
+            label = period or "lifetime"
+            if period in first:
+                message = f"duplicate period '{label}'; {first[period]} has it already"
+                self.problem(f"{item_where}.period", message)
+                continue
+            first[period] = item_where
+            if "limit_micros" not in values:
+                continue
+            shadow = values.get("mode") == "shadow"
+            counter = f"{counter_owner}:{label}"
+            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow, counter))
+        return tuple(budgets)
+
+
+def _counter_owner(kind: str, values: Mapping[str, Any]) -> str:
+    """What a budget's counter is keyed by, so that renaming its key or group keeps the money it
+    counted: an explicit `id`; else a key's fingerprint (renaming keeps it, a new secret starts
+    afresh); else the group's name (give a group an `id` before renaming it)."""
+    if values.get("budget_id"):
+        return f"{kind}-id:{values['budget_id']}"
+    if kind == "key" and values.get("key_sha256"):
+        return f"key-fp:{values['key_sha256'][:24]}"
+    return f"{kind}:{values.get('name')}"
+
+
+def _join(where: str, key: object) -> str:
+    """A location, `where.key`; a key that is blank, padded, long or not printable on one line (a newline
+    in it would read as a second problem) is shown quoted, as values are."""
+    name = str(key)
+    if not name.strip() or name.strip() != name or len(name) > 60 or not name.isprintable():
+        name = _show(name)
+    return f"{where}.{name}" if where else name
+
+
+def _or_empty(value: object) -> object:
+    return {} if value is None else value
+
+
+@dataclass(slots=True)
+class _Section:
+    file: _File
+    raw: dict[Any, Any]
+    values: dict[str, Any]  # valid fields only, by dataclass attribute
+
+
+@dataclass(slots=True)
+class _Entry:
+    file: _File
+    where: str  # e.g. "keys[3]"
+    values: dict[str, Any]
+
+    def at(self) -> str:
+        return f"{self.file.name}: {self.where}"
+
+
+@dataclass(slots=True)
+class Builder:
+    problems: list[str]
+    sections: dict[str, _Section] = field(default_factory=dict)
+    entries: dict[str, list[_Entry]] = field(default_factory=lambda: {name: [] for name in LISTS})
+
+    def add(self, name: str, data: dict[Any, Any]) -> None:
+        file = _File(name, self.problems)
+        file.mapping(data, "", "policy")
+        for section in SECTIONS:
+            if section not in data:
+                continue
+            if section in self.sections:
+                first = self.sections[section].file.name
+                file.problem(section, f"section already defined in {first}; define each section in one file")
+            elif section == "mode":
+                self.sections[section] = _Section(file, data, file.fields(data, "", "mode"))
+            # `guard:` with nothing under it is an empty section.
+            elif (raw := file.mapping(_or_empty(data[section]), section, section)) is not None:
+                values = file.fields(raw, section, section, required=REQUIRED.get(section, ()))
+                if section == "models":
+                    values["overrides"] = file.overrides(raw.get("overrides"), "models.overrides")
+                    values["text_rates"] = file.text_rates(raw.get("text_rates"), "models.text_rates")
+                    values["rules"] = file.rules(raw, section)
+                if section == "alerts":
+                    file.alerts(raw, values)
+                self.sections[section] = _Section(file, raw, values)
+        for kind, plural in (("route", "routes"), ("group", "groups"), ("key", "keys")):
+            for where, item in file.items(data.get(plural), plural):
+                if (raw := file.mapping(item, where, kind)) is not None:
+                    self.entries[plural].append(_Entry(file, where, self._entry(file, where, kind, raw)))
+
+    @staticmethod
+    def _entry(file: _File, where: str, kind: str, raw: dict[Any, Any]) -> dict[str, Any]:
+        if kind == "route":
+            values = file.fields(raw, where, kind, required=("path",))
+            default_kind = dict(DEFAULT_ROUTES).get(values.get("path", ""))
+            if "kind" not in raw and "path" in values:
+                if default_kind is None:  # a default route may omit its kind, a new one may not
+                    file.problem(where, "missing required key 'kind'")
+                else:
+                    values["kind"] = default_kind
+            return values
+        required = ("name", "key_sha256") if kind == "key" else ("name",)
+        values = file.fields(raw, where, kind, required)
+        values["budgets"] = file.budgets(raw, where, f"{kind}:{values.get('name')}", _counter_owner(kind, values))
+        if kind == "key":
+            rules = file.mapping(_or_empty(raw.get("models")), f"{where}.models", "rules")
+            values["rules"] = ModelRules() if rules is None else file.rules(rules, f"{where}.models")
+        return values
+
+    def finish(self, sources: tuple[str, ...], version: str) -> Policy:
+        """Cross-field and cross-file checks, then the Policy (meaningful only if no problems)."""
+        built = {name: self.sections[name].values if name in self.sections else {} for name in SECTIONS}
+        upstream, account = UpstreamPolicy(**built["upstream"]), AccountPolicy(**built["account"])
+        guard = GuardPolicy(**built["guard"])
+        # Balances must be refreshed before they count as stale; holds must outlive the upstream call.
+        self._order(
+            ("account", "refresh_s", account.refresh_s),
+            ("account", "max_staleness_s", account.max_staleness_s),
+            strict=False,
+        )
+        self._order(
+            ("upstream", "timeout_s", upstream.timeout_s),
+            ("guard", "hold_ttl_s", guard.hold_ttl_s),
+            strict=True,
+        )
+
+        routes = {path: RoutePolicy(path, kind) for path, kind in DEFAULT_ROUTES}
+        for entry in self._unique("routes", ("path", "route"), required=("path", "kind")):
+            routes[entry.values["path"]] = RoutePolicy(**entry.values)
+        groups = {}
+        for entry in self._unique("groups", ("name", "group name"), required=("name",)):
+            values = entry.values
+            max_request = values.get("max_request_micros")
+            groups[values["name"]] = GroupPolicy(values["name"], values["budgets"], max_request)
+        for entry in self.entries["keys"]:
+            group = entry.values.get("group")
+            if group is not None and group not in groups:
+                known = f"defined groups: {', '.join(groups)}" if groups else "no groups are defined"
+                entry.file.problem(f"{entry.where}.group", f"unknown group {_show(group)}; {known}")
+        keys = []
+        unique = ("name", "key name"), ("key_sha256", "key_sha256"), ("api_key_id", "api_key_id")
+        for entry in self._unique("keys", *unique, required=("name", "key_sha256")):
+            values = entry.values
+            keys.append(
+                KeyPolicy(
+                    name=values["name"],
+                    key_sha256=values["key_sha256"],
+                    api_key_id=values.get("api_key_id"),
+                    api_key_name=values.get("api_key_name"),
+                    group=values.get("group"),
+                    budgets=values["budgets"],
+                    max_request_micros=values.get("max_request_micros"),
+                    rules=values["rules"],
+                )
+            )
+        return Policy(
+            mode=built["mode"].get("mode", "enforce"),
+            upstream=upstream,
+            account=account,
+            guard=guard,
+            models=ModelsPolicy(**built["models"]),
+            routes=tuple(routes.values()),
+            groups=MappingProxyType(groups),
+            keys=tuple(keys),
+            sources=sources,
+            version=version,
+            alerts=AlertsPolicy(**built["alerts"]),
+            admin=AdminPolicy(**built["admin"]) if "token_sha256" in built["admin"] else None,
+        )
+
+    def _unique(self, plural: str, *fields: tuple[str, str], required: Sequence[str]) -> list[_Entry]:
+        """Entries with every `required` value, reporting a `fields` value seen in an earlier entry."""
+        first: dict[tuple[str, Any], _Entry] = {}
+        kept = []
+        for entry in self.entries[plural]:
+            complete = all(attr in entry.values for attr in required)  # if not, already reported
+            for attr, label in fields:
+                if (value := entry.values.get(attr)) is None:
+                    continue
+                if (attr, value) not in first:
+                    first[attr, value] = entry
+                    continue
+                shown = _short_hash(value) if attr == "key_sha256" else _show(value)
+                where, earlier = f"{entry.where}.{attr}", first[attr, value].at()
+                entry.file.problem(where, f"duplicate {label} {shown}; first defined at {earlier}")
+                complete = False
+            if complete:
+                kept.append(entry)
+        return kept
+
+    def _order(self, low: tuple[str, str, float], high: tuple[str, str, float], *, strict: bool) -> None:
+        """Report `high` not above `low` (at least, unless `strict`), at whichever field was set."""
+        given = []
+        for section, key, _ in (low, high):
+            if section in self.sections and key in self.sections[section].raw:
+                if key not in self.sections[section].values:
+                    return  # invalid, already reported
+                given.append((section, key))
+        if not given or high[2] > low[2] or (not strict and high[2] == low[2]):
+            return
+        section, key = given[-1]
+        if (section, key) == high[:2]:
+            relation = "greater than" if strict else "at least"
+            message = f"{_show(high[2])} must be {relation} {low[0]}.{low[1]} ({_show(low[2])})"
+        else:
+            relation = "less than" if strict else "at most"
+            message = f"{_show(low[2])} must be {relation} {high[0]}.{high[1]} ({_show(high[2])})"
+        self.sections[section].file.problem(f"{section}.{key}", message)

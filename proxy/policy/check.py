@@ -1,0 +1,382 @@
+"""Policy validation: strict YAML parsing and one check per value (the builder is policy_build.py).
+
+Every problem is collected (never the first only) as `<file>: <location>: <message>`; see
+`proxy.policy.load.load_policy`, the public entry point.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import urllib.parse
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import yaml
+
+from proxy.money import MoneyError, usd_to_micros
+from proxy.policy.model import (
+    ACCOUNT_NAME_RE,
+    ENV_NAME_RE,
+    LISTS,
+    MAX_THRESHOLD,
+    MAX_TOKENS,
+    MIN_BODY_BYTES,
+    NAME_RE,
+    SECTIONS,
+    SHA256_RE,
+    Period,
+)
+
+# --- YAML -----------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """A SafeLoader that records duplicate mapping keys instead of letting the last one win."""
+
+    def __init__(self, stream: bytes) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[object, int] = {}
+        for key_node, _ in node.value:
+            # Keys pulled in by a `<<` merge may be overridden; that is what merges are for.
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key = self.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                self.duplicates.append(
+                    f"line {line}: duplicate key {_show(key)}; first defined on line {first_line[key]}"
+                )
+            else:
+                first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(file: str, content: bytes, problems: list[str]) -> dict[Any, Any] | None:
+    loader: _StrictLoader | None = None
+    try:
+        loader = _StrictLoader(content)
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "top level"
+        detail = ", ".join(part for part in (exc.context, exc.problem) if part)
+        problems.append(f"{file}: {where}: invalid YAML: {detail}")
+        return None
+    except yaml.YAMLError as exc:
+        problems.append(f"{file}: top level: invalid YAML: {' '.join(str(exc).split())}")
+        return None
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        # PyYAML's constructors raise these for bad tagged scalars (`!!int x`, `!!bool maybe`,
+        # `!!set [a]`), huge integers and very deep nesting: still just invalid YAML to an operator.
+        problems.append(f"{file}: top level: invalid YAML: {type(exc).__name__}: {' '.join(str(exc).split())[:200]}")
+        return None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    problems.extend(f"{file}: {duplicate}" for duplicate in loader.duplicates)
+    if data is None:  # an empty file, or only comments
+        return {}
+    if not isinstance(data, dict):
+        problems.append(f"{file}: top level: expected a mapping of sections, got {_show(data)}")
+        return None
+    return data
+
+
+# --- value checks: each returns the parsed value or raises _Invalid(message) ---------------------
+
+_Check = Callable[[object], Any]
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _either(options: Sequence[str]) -> str:
+    return f"{', '.join(options[:-1])} or {options[-1]}"
+
+
+def _optional(check: _Check) -> _Check:
+    def optional(value: object) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _number(value: object) -> float:
+    # bool is an int subclass: `timeout_s: true` must not read as 1 second.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _Invalid(f"expected a number, got {_show(value)}")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise _Invalid(f"expected a number, got {_show(value)}") from None
+    if not math.isfinite(number):
+        raise _Invalid(f"expected a number, got {_show(value)}")
+    return number
+
+
+def _positive_s(value: object) -> float:
+    if (seconds := _number(value)) <= 0:
+        raise _Invalid(f"must be greater than 0, got {_show(value)}")
+    return seconds
+
+
+def _non_negative_s(value: object) -> float:
+    if (seconds := _number(value)) < 0:
+        raise _Invalid(f"must not be negative, got {_show(value)}")
+    return seconds
+
+
+def _body_bytes(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a whole number of bytes, got {_show(value)}")
+    if value < MIN_BODY_BYTES:
+        raise _Invalid(f"must be at least {MIN_BODY_BYTES} bytes, got {value}")
+    return value
+
+
+def _tokens(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a whole number of tokens, got {_show(value)}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise _Invalid(f"must be between 1 and {MAX_TOKENS} tokens, got {value}")
+    return value
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"expected true or false, got {_show(value)}")
+    return value
+
+
+def _money(value: object) -> int:
+    if value is None:
+        raise _Invalid("expected a USD amount, got null")
+    try:
+        return usd_to_micros(value)
+    except MoneyError as exc:
+        raise _Invalid(str(exc)) from exc
+
+
+def _choice(label: str, options: Sequence[str]) -> _Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or value not in options:
+            raise _Invalid(f"unknown {label} {_show(value)}; expected {_either(options)}")
+        return value
+
+    return check
+
+
+def _period(value: object) -> Period | None:
+    if value is None or value == "lifetime":
+        return None
+    if value == "day" or value == "week" or value == "month":
+        return value
+    raise _Invalid(f"unknown period {_show(value)}; expected day, week, month, lifetime or null")
+
+
+def glob_problem(glob: str) -> str | None:
+    """Why `glob` would not match what it seems to (fnmatch reads an unclosed '[' as a plain
+    character, so `openai/[sora` silently matches nothing), or None."""
+    i = 0
+    while (i := glob.find("[", i)) != -1:
+        j = i + 1
+        if j < len(glob) and glob[j] == "!":
+            j += 1
+        if j < len(glob) and glob[j] == "]":
+            j += 1  # a ']' first in a class is a member, not its end
+        end = glob.find("]", j)
+        if end == -1:
+            return f"glob {_show(glob)} has an unclosed '[' at position {i + 1}; write '[[]' for a literal '['"
+        i = end + 1
+    return None
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid(f"expected a non-empty string, got {_show(value)}")
+    return value
+
+
+def _name(pattern: re.Pattern[str], allowed: str) -> _Check:
+    def check(value: object) -> str:
+        if not isinstance(value, str) or not pattern.fullmatch(value):
+            raise _Invalid(f"expected a name of 1-64 letters, digits or {allowed}, got {_show(value)}")
+        return value
+
+    return check
+
+
+def _env_name(value: object) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"expected an environment variable name, got {_show(value)}")
+    if not ENV_NAME_RE.fullmatch(value):
+        # Someone may have pasted the API key itself here: never echo it.
+        raise _Invalid("expected an environment variable name such as IMAGEROUTER_API_KEY (value not shown)")
+    return value
+
+
+def _base_url(value: object) -> str:
+    try:
+        parts = urllib.parse.urlsplit(value) if isinstance(value, str) else None
+        ok = parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        ok = False
+    if not ok or not isinstance(value, str):
+        raise _Invalid(f"expected an http:// or https:// URL with a host, got {_show(value)}")
+    return value.rstrip("/")
+
+
+def webhook_url(value: object) -> str:
+    """An alert webhook's URL, kept exactly as written (a trailing slash may matter to a receiver)."""
+    _base_url(value)
+    assert isinstance(value, str)
+    return value
+
+
+def _secret_env(value: object) -> str:
+    name = _env_name(value)
+    if name.lower().startswith("whsec_"):
+        raise _Invalid(
+            "expected the name of an environment variable holding the secret, "
+            "got what looks like the secret itself (value not shown)"
+        )
+    return name
+
+
+def _threshold(value: object) -> float:
+    if (fraction := _number(value)) <= 0 or fraction > MAX_THRESHOLD:
+        raise _Invalid(
+            f"expected a fraction of the limit above 0 and at most {MAX_THRESHOLD:g} (0.8 is 80 %), got {_show(value)}"
+        )
+    return fraction
+
+
+def _short_hash(value: str) -> str:
+    # Fingerprints are not secrets, but a mistyped one may be a raw API key: show a prefix only.
+    return f"'{value[:8]}...'"
+
+
+def _sha256(value: object) -> str:
+    if isinstance(value, str) and SHA256_RE.fullmatch(value):
+        return value
+    if isinstance(value, str):
+        got = f"{_short_hash(value)} ({len(value)} characters)"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        got = "a number (put the digest in quotes)"  # all-digit digests read as YAML integers
+    else:
+        got = _show(value)
+    raise _Invalid(f"expected 64 lowercase hex characters, got {got}; compute it with `spend-guard fingerprint`")
+
+
+def _route_path(value: object) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise _Invalid(f"expected a path starting with '/', got {_show(value)}")
+    return value
+
+
+_Spec = Mapping[str, tuple[str, _Check]]  # YAML key -> (dataclass attribute, check)
+_entry_name = _name(NAME_RE, "_ . @ -")
+_optional_money = _optional(_money)
+_mode = _choice("mode", ("enforce", "shadow"))
+FIELDS: Mapping[str, _Spec] = {
+    "mode": {"mode": ("mode", _mode)},
+    "upstream": {
+        "base_url": ("base_url", _base_url),
+        "timeout_s": ("timeout_s", _positive_s),
+        "connect_timeout_s": ("connect_timeout_s", _positive_s),
+    },
+    "account": {
+        "name": ("name", _name(ACCOUNT_NAME_RE, "_ . -")),
+        "api_key_env": ("api_key_env", _env_name),
+        "refresh_s": ("refresh_s", _positive_s),
+        "models_refresh_s": ("models_refresh_s", _positive_s),
+        "max_staleness_s": ("max_staleness_s", _positive_s),
+        "min_remaining_usd": ("min_remaining_micros", _money),
+    },
+    "guard": {
+        "on_store_error": ("on_store_error", _choice("value", ("closed", "open"))),
+        "unknown_keys": ("unknown_keys", _choice("value", ("account_only", "reject"))),
+        "unknown_models": ("unknown_models", _choice("value", ("hold", "reject"))),
+        "max_body_bytes": ("max_body_bytes", _body_bytes),
+        "hold_ttl_s": ("hold_ttl_s", _positive_s),
+        "shutdown_grace_s": ("shutdown_grace_s", _non_negative_s),
+        "show_account_to_unknown_keys": ("show_account_to_unknown_keys", _bool),
+    },
+    "models": {
+        "default_hold_usd": ("default_hold_micros", _money),
+        "text_hold_usd": ("text_hold_micros", _money),
+        "max_request_usd": ("max_request_micros", _optional_money),
+        "text_media_input_tokens": ("text_media_input_tokens", _tokens),
+    },
+    # One `models.text_rates` entry. These names are a contract other tools rely on (issue #15).
+    "text_rate": {
+        "input_usd_per_mtok": ("input_micros_per_mtok", _money),
+        "output_usd_per_mtok": ("output_micros_per_mtok", _money),
+        "max_output_tokens": ("max_output_tokens", _tokens),
+    },
+    # `alerts:` (issue 17). These names are a contract: keep them.
+    "alerts": {
+        "credits_below_usd": ("credits_below_micros", _optional_money),
+        "key_expiry_days": ("key_expiry_days", _optional(_positive_s)),
+    },
+    "webhook": {
+        "url": ("url", webhook_url),
+        "secret_env": ("secret_env", _optional(_secret_env)),
+    },
+    # `admin:` enables /-/status (issue 17): the sha256 of the token a browser sends as its password.
+    "admin": {"token_sha256": ("token_sha256", _sha256)},
+    "route": {
+        "path": ("path", _route_path),
+        "kind": ("kind", _choice("route kind", ("image", "video", "text"))),
+        "enabled": ("enabled", _bool),
+    },
+    "budget": {
+        "limit_usd": ("limit_micros", _money),
+        "period": ("period", _period),
+        "mode": ("mode", _mode),
+    },
+    "group": {
+        "name": ("name", _entry_name),
+        "id": ("budget_id", _entry_name),
+        "max_request_usd": ("max_request_micros", _optional_money),
+    },
+    "key": {
+        "name": ("name", _entry_name),
+        "id": ("budget_id", _entry_name),
+        "key_sha256": ("key_sha256", _sha256),
+        "api_key_id": ("api_key_id", _optional(_text)),
+        "api_key_name": ("api_key_name", _optional(_text)),
+        "group": ("group", _optional(_entry_name)),
+        "max_request_usd": ("max_request_micros", _optional_money),
+    },
+}
+RULES_KEYS = ("allow", "deny")
+# Keys each mapping accepts beyond its flat FIELDS: nested lists and mappings parsed on their own.
+NESTED_KEYS: Mapping[str, tuple[str, ...]] = {
+    "policy": (*SECTIONS, *LISTS),
+    "models": ("overrides", "text_rates", *RULES_KEYS),
+    "alerts": ("thresholds", "webhooks"),
+    "rules": RULES_KEYS,
+    "group": ("budgets",),
+    "key": ("budgets", "models"),
+}

@@ -1,0 +1,15 @@
+"""The store: the only code that talks to Redis (or the embedded Valkey).
+
+`contract` names what the rest of the proxy may ask of it (`Ledger`, `SnapshotStore`,
+`StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`);
+`keyspace` builds every key; `records` holds the typed values that cross the seam; `backends`
+maps a URL scheme to a client, and `embedded` runs the private server used when no URL is given.
+"""
+
+from __future__ import annotations
+
+from proxy.store.backends import redis_client
+from proxy.store.contract import Ledger, SnapshotStore, StatusStore
+from proxy.store.redis import Store
+
+__all__ = ["Ledger", "SnapshotStore", "StatusStore", "Store", "redis_client"]

@@ -1,0 +1,494 @@
+"""The only module that talks to Redis: the Lua scripts and typed results.
+
+Key names come from proxy/store/keyspace.py (one builder; every script receives each key it touches in
+KEYS). Amounts are integer micro-dollars. Driver errors leave this module as `StoreError`
+(DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import functools
+import hashlib
+import importlib.resources
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from proxy.deadlines import deadline
+from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
+from proxy.prices import PriceTable
+from proxy.store.keyspace import Keys, parse_spec, spec
+from proxy.store.records import (
+    BudgetHold,
+    Decision,
+    Levels,
+    MarkRequest,
+    Marks,
+    Reclaimed,
+    Refusal,
+    ReserveRequest,
+    RowLevel,
+    RowState,
+    ScopeUsage,
+    Snapshot,
+    counters_of,
+)
+
+T = TypeVar("T")
+LOCK_REFRESH = "lock:refresh"
+# What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
+UNREADABLE_ROW = "!"
+LOCK_MODELS = "lock:models"
+
+
+# Every store operation, connection included, answers within this or fails as StoreError. One
+# deadline per operation (proxy/deadlines.py), not redis-py's socket_timeout: that wraps each send in
+# asyncio.wait_for, a task per command (~15 us of CPU each on the guarded path).
+STORE_TIMEOUT_S = 2.0
+# Store operations in flight at once per process; more wait their turn. Each takes ~20-100 us
+# of Redis time, so 64 connections keep a Redis busy while staying under redis-py's pool limits
+# (its cluster client allows 100 connections per node and raises past them).
+MAX_CONCURRENT_OPS = 64
+# How long a burst may wait for a free slot; each operation then has STORE_TIMEOUT_S of its own.
+QUEUE_TIMEOUT_S = 10.0
+# A call the upstream answered this long before a credits fetch began is in that snapshot: the
+# upstream pre-charges before it answers (reference §4). The margin covers what is left of clock
+# differences between instances once each measures its offset to the store's clock.
+CONTAIN_MARGIN_MS = 250
+
+
+def _lua(name: str) -> str:
+    return (importlib.resources.files("proxy.store") / "lua" / name).read_text(encoding="utf-8")
+
+
+class Script:
+    """A Lua script run with EVALSHA, loaded again if Redis lost its script cache (a restart or
+    SCRIPT FLUSH): NOSCRIPT means it did not run, so the retry cannot apply it twice."""
+
+    def __init__(self, client: aioredis.Redis, source: str) -> None:
+        self.client = client
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        try:
+            return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        except redis.exceptions.NoScriptError:
+            await self.client.script_load(self.source)
+            return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+
+
+class Store:
+    """Reserve, settle and snapshot operations on one account's state."""
+
+    def __init__(self, client: aioredis.Redis, account: str) -> None:
+        self.client = client
+        self.account = account
+        self.keys = Keys(account)
+        self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
+        self._in_flight = 0  # operations holding one of the MAX_CONCURRENT_OPS slots
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._failing = False  # the last operation failed: don't queue behind a dead store
+        common = _lua("_common.lua")
+
+        def script(name: str) -> Script:  # its key binding, the shared functions, its own body
+            return Script(client, Keys.lua_binding(name) + common + _lua(f"{name}.lua"))
+
+        self.lua_reserve = script("reserve")
+        self.lua_reclaim = script("reclaim")
+        self.lua_settle = script("settle")
+        self.lua_mark_started = script("mark_started")
+        self.lua_apply_snapshot = script("apply_snapshot")
+        self.lua_levels = script("levels")
+        self.lua_alert_marks = Script(client, _lua("alert_marks.lua"))
+
+    async def adopt_epoch(self) -> str:
+        """Learn the store's epoch, writing one if the store has none (a new store). Reserves
+        then tell a store that lost its state (the epoch vanished or changed) from a new one."""
+        epoch = os.urandom(8).hex()
+
+        async def adopt() -> Any:
+            await self.client.set(self.key("epoch"), epoch, nx=True)
+            return await self.client.get(self.key("epoch"))
+
+        self.epoch = _text(await self._call(adopt) or epoch)
+        return self.epoch
+
+    async def time_s(self) -> float:
+        """The store's clock (Redis TIME), in seconds since the epoch."""
+        seconds, micros = await self._call(self.client.time)
+        return float(seconds) + float(micros) / 1e6
+
+    async def state_lost(self) -> str | None:
+        """Why and when the store lost its local budget state (`"<why>|<ms>"`), or None."""
+        raw = await self._call(lambda: self.client.get(self.key("lost")))
+        return None if raw is None else _text(raw)
+
+    async def recover(self, counters: Sequence[tuple[BudgetHold, int]] = ()) -> None:
+        """Lift the lost-state marker, first setting each budget's counter for its window."""
+
+        async def write() -> None:
+            pipe = self.client.pipeline(transaction=True)
+            for budget, micros in counters:
+                key = self.budget_key(budget.id, budget.window_start_ms)
+                pipe.set(key, micros)
+                if budget.window_end_ms:
+                    pipe.pexpireat(key, budget.window_end_ms + 86_400_000)  # as settle_hold keeps it
+            pipe.delete(self.key("lost"))
+            await pipe.execute()
+
+        await self._call(write)
+
+    def key(self, name: str) -> str:
+        return self.keys(name)
+
+    async def adopt_counters(self, moves: Sequence[tuple[str, BudgetHold]]) -> int:
+        """Copy each `(old counter id, budget)` counter of the budget's current window to the
+        budget's own counter when only the old one exists (budgets were counted by name before
+        they were counted by key fingerprint). Returns how many were copied."""
+
+        async def run() -> int:
+            olds = [self.budget_key(old, b.window_start_ms) for old, b in moves]
+            news = [self.budget_key(b.id, b.window_start_ms) for _, b in moves]
+            pipe = self.client.pipeline(transaction=False)
+            for old_key, new_key in zip(olds, news, strict=True):
+                pipe.get(old_key)
+                pipe.exists(new_key)
+            found = await pipe.execute()
+            pipe = self.client.pipeline(transaction=False)
+            copied = 0
+            for i, (new_key, (_, budget)) in enumerate(zip(news, moves, strict=True)):
+                value, exists = found[2 * i], found[2 * i + 1]
+                if value is not None and not exists:
+                    pipe.set(new_key, value, nx=True)
+                    if budget.window_end_ms:
+                        pipe.pexpireat(new_key, budget.window_end_ms + 86_400_000)
+                    copied += 1
+            if copied:
+                await pipe.execute()
+            return copied
+
+        return await self._call(run) if moves else 0
+
+    def budget_key(self, budget_id: str, window_start_ms: int) -> str:
+        return self.keys.budget(budget_id, window_start_ms)
+
+    async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
+        await self._take_slot()
+        try:
+            async with deadline(STORE_TIMEOUT_S):
+                result = await op()
+            self._failing = False
+            return result
+        except asyncio.CancelledError:
+            raise
+        except redis.exceptions.ResponseError as exc:
+            # Redis ran the command and refused it: a script fault, not an outage.
+            raise StoreScriptError(f"store refused an operation: {exc}") from exc
+        except Exception as exc:
+            # Any driver failure, including the RuntimeError/AttributeError redis-py's cluster
+            # client raises while a node flaps, is an unavailable store: 503, never 500.
+            self._failing = True
+            raise StoreError(f"store unavailable: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self._release_slot()
+
+    async def _take_slot(self) -> None:
+        """Take one of the MAX_CONCURRENT_OPS slots: a burst queues here, first come first
+        served, up to QUEUE_TIMEOUT_S, instead of asking the driver's pool for more connections
+        than it allows (MaxConnectionsError). While the store is failing, nobody queues: they
+        fail at once. (A counter, not asyncio.Semaphore: its `locked()` scans its waiters, which
+        cost ~2 % of a guarded call's CPU here.)"""
+        if self._in_flight < MAX_CONCURRENT_OPS and not self._waiting:
+            self._in_flight += 1
+            return
+        if self._failing:
+            raise StoreError("store unavailable: the last operation failed and every connection is busy")
+        slot = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            async with deadline(QUEUE_TIMEOUT_S):
+                await slot  # a finishing operation hands its slot over (_release_slot)
+        except BaseException as exc:
+            if slot.done() and not slot.cancelled():
+                self._release_slot()  # handed over just as this waiter gave up: pass it on
+            else:
+                slot.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiting.remove(slot)
+            if isinstance(exc, TimeoutError):
+                raise StoreError(f"store busy: no connection free within {QUEUE_TIMEOUT_S:g} s") from exc
+            raise
+
+    def _release_slot(self) -> None:
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)  # the slot passes to the longest waiter, still counted
+                return
+        self._in_flight -= 1
+
+    async def aclose(self) -> None:
+        """Close the connection(s); one already gone is not an error here."""
+        try:
+            await self.client.aclose()
+        except Exception:  # noqa: BLE001 - closing a dead connection must not fail a shutdown
+            pass
+
+    async def ping(self) -> None:
+        await self._call(self.client.ping)
+
+    async def reserve(self, req: ReserveRequest) -> Decision:
+        """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse.
+        Expired leases are reclaimed first (two more round trips, only when some expired)."""
+        counters = counters_of(req.budgets)
+        keys: list[str | bytes] = [
+            *self.keys.fixed("reserve"), self.keys.tomb(req.hold_id), *self.keys.budgets(counters)
+        ]
+        args: list[Any] = [
+            req.now_ms,
+            req.hold_id,
+            req.amount_micros,
+            req.lease_expiry_ms,
+            req.floor_micros,
+            req.max_staleness_ms,
+            req.row_ref or "",
+            *req.windows_ms,
+            1 if req.shadow else 0,
+            len(req.budgets),
+        ]
+        for b in req.budgets:
+            args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
+        args += [self.epoch, 1]
+        reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+        reclaimed = Reclaimed()
+        if reply[0] == 2:
+            reclaimed = await self.reclaim(req.now_ms, [parse_spec(_text(v)) for v in reply[1]])
+            args[-1] = 0
+            reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+        values = [_text(v) if isinstance(v, bytes) else v for v in reply]
+        if values[0] == 0:
+            refused = Refusal.of(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
+            return Decision(False, refused, reclaimed=reclaimed)
+        shadow_refusal = None
+        if values[3]:
+            shadow_refusal = Refusal.of(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
+        return Decision(True, shadow_refusal, values[1], int(values[2]), reclaimed)
+
+    async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:
+        """Charge the holds whose lease expired by `now_ms` (their instance died mid-request),
+        up to 100 a call (reclaim.lua). `counters` are the budget counters they charge; one that
+        needs others is charged on a second run given those."""
+        found = Reclaimed()
+        for _ in range(2):
+            keys: list[str | bytes] = [*self.keys.fixed("reclaim"), *self.keys.budgets(counters)]
+            args = [now_ms, *(spec(*c) for c in counters)]
+            run = functools.partial(self.lua_reclaim, keys=keys, args=args)
+            count, micros, quarantined, missing = await self._call(run)
+            found = Reclaimed(
+                found.count + int(count),
+                found.micros + int(micros),
+                found.quarantined + tuple(_text(v) for v in quarantined),
+            )
+            if not missing:
+                break
+            counters = [parse_spec(_text(v)) for v in missing]
+        return found
+
+    async def settle(
+        self,
+        hold_id: str,
+        cost_micros: int | None,
+        now_ms: int,
+        started_ms: int = 0,
+        counters: Sequence[tuple[str, int]] = (),
+    ) -> int | None:
+        """Charge `cost_micros` (None: the whole hold; 0: release). Returns the charge, or None if
+        the hold no longer exists (settled already, or reclaimed after its lease). `started_ms`
+        is when the upstream answered (0: it did not), so the next snapshot knows it holds the
+        charge. `counters` are the hold's budget counters, `(budget id, window start ms)`; a
+        charge that needs counters not given is run again with them (one more round trip). An
+        unreadable hold record is quarantined and raises `HoldQuarantined`."""
+        cost = -1 if cost_micros is None else cost_micros
+        for _ in range(2):
+            keys: list[str | bytes] = [
+                *self.keys.fixed("settle"),
+                self.keys.tomb(hold_id),
+                *self.keys.budgets(counters),
+            ]
+            args = [hold_id, cost, now_ms, started_ms, *(spec(*c) for c in counters)]
+            reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
+            if not isinstance(reply, list):
+                break
+            counters = [parse_spec(_text(v)) for v in reply]
+        else:
+            raise StoreScriptError(f"settle of hold {hold_id} still needs budget counters {counters}")
+        if reply == -2:
+            raise HoldQuarantined(hold_id)
+        return None if reply < 0 else int(reply)
+
+    async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
+        """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""
+        args: list[Any] = [CONTAIN_MARGIN_MS]
+        for hold_id, started_ms in started:
+            args += [hold_id, started_ms]
+        return int(await self._call(lambda: self.lua_mark_started(keys=self.keys.fixed("mark_started"), args=args)))
+
+    async def apply_snapshot(self, snapshot: Snapshot, now_ms: int | None = None) -> bool:
+        """Store a snapshot unless a later-fetched one is stored (one stamped more than 5 s after
+        `now_ms` is from a clock that ran ahead, and is replaced); drop the charges and in-flight
+        holds it already contains."""
+        now = snapshot.fetched_ms if now_ms is None else now_ms
+        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros, CONTAIN_MARGIN_MS, now]
+        for ref, row in snapshot.rows.items():
+            args += [f"r:{ref}", row.encode()]
+        for ref in snapshot.bad_rows:
+            if not ref.startswith("#"):
+                args += [f"r:{ref}", UNREADABLE_ROW]
+        keys = self.keys.fixed("apply_snapshot")
+        return bool(await self._call(lambda: self.lua_apply_snapshot(keys=keys, args=args)))
+
+    async def read_snapshot(self) -> Snapshot | None:
+        raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
+        if not raw:
+            return None
+        data = {_text(k): _text(v) for k, v in raw.items()}
+        rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:") and v != UNREADABLE_ROW}
+        bad = {k[2:]: "unreadable" for k, v in data.items() if k.startswith("r:") and v == UNREADABLE_ROW}
+        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows, bad)
+
+    async def snapshot_fetched_ms(self) -> int | None:
+        raw = await self._call(lambda: self.client.hget(self.key("snap"), "fetched_ms"))
+        return None if raw is None else int(raw)
+
+    async def usage(self, fields: Sequence[str], budgets: Sequence[BudgetHold]) -> dict[str, ScopeUsage]:
+        """Charged and held amounts for upstream scope fields (`acct`, `row:<ref>:<win>`) and budgets."""
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for f in fields:
+                pipe.hget(self.key("chsum"), f)
+                pipe.hget(self.key("held"), f.rsplit(":", 1)[0] if f.startswith("row:") else f)
+            for b in budgets:
+                pipe.get(self.budget_key(b.id, b.window_start_ms))
+                pipe.hget(self.key("held"), f"b:{b.id}")
+            return list(await pipe.execute())
+
+        values = [int(v or 0) for v in await self._call(read)]
+        names = list(fields) + [f"b:{b.id}" for b in budgets]
+        return {n: ScopeUsage(values[2 * i], values[2 * i + 1]) for i, n in enumerate(names)}
+
+    async def levels(
+        self, row_refs: Sequence[str], budgets: Sequence[BudgetHold], windows_ms: tuple[int, int, int]
+    ) -> Levels:
+        """Limit, spent and held of the account, of key rows and of budgets in their current
+        windows, read in one round trip by the rules reserve.lua enforces (`levels.lua`)."""
+        keys: list[str | bytes] = [
+            *self.keys.fixed("levels"),
+            *self.keys.budgets(counters_of(budgets)),
+        ]
+        args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
+        reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))
+        fetched, remaining, acct_charged, acct_held, rows_in, budgets_in = reply
+        rows: dict[str, RowLevel | str | None] = {}
+        for ref, row in zip(row_refs, rows_in, strict=True):
+            status = _text(row[0])
+            if status == "none":
+                rows[ref] = None
+            elif status == "unreadable":
+                rows[ref] = "unreadable"
+            else:
+                expires, limit, period, win = int(row[2]), int(row[3]), _text(row[4]), int(row[5])
+                rows[ref] = RowLevel(
+                    bool(int(row[1])),
+                    None if expires < 0 else expires,
+                    None if limit < 0 else limit,
+                    None if period == "-" else period,
+                    win,
+                    int(row[6]),
+                    int(row[7]),
+                )
+        levels = {b.id: ScopeUsage(int(v[0]), int(v[1])) for b, v in zip(budgets, budgets_in, strict=True)}
+        fetched_ms = int(fetched)
+        return Levels(
+            None if fetched_ms < 0 else fetched_ms,
+            int(remaining),
+            ScopeUsage(int(acct_charged), int(acct_held)),
+            rows,
+            levels,
+        )
+
+    async def alerts_sent(self, scopes: Sequence[tuple[str, int]]) -> dict[str, dict[str, int]]:
+        """The alert marks claimed so far in each `(scope, window start ms)`: mark -> when (ms).
+        A hash that belongs to another window says nothing about this one."""
+
+        async def read() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for scope, _ in scopes:
+                pipe.hgetall(self.keys.alert(scope))
+            return list(await pipe.execute())
+
+        found: dict[str, dict[str, int]] = {}
+        for (scope, window_ms), raw in zip(scopes, await self._call(read), strict=True):
+            marks = {_text(k): _text(v) for k, v in raw.items()}
+            if marks.pop("win", None) != str(window_ms):
+                continue
+            sent = {name: int(at) for name, at in marks.items() if at.lstrip("-").isdigit()}
+            if sent:
+                found[scope] = sent
+        return found
+
+    async def alert_marks(self, scope: str, req: MarkRequest) -> Marks:
+        """Claim (HSETNX) and release alert marks of `scope` in its window, exactly once across
+        every instance; also samples its spend and claims "projected" (alert_marks.lua)."""
+        keys = [self.keys.alert(scope), self.keys.alert_rate(scope)]
+        args: list[Any] = [
+            req.window_start_ms,
+            req.expire_at_ms,
+            req.now_ms,
+            req.spent_micros,
+            req.limit_micros,
+            req.window_end_ms,
+            *req.rate_span_ms,
+            len(req.claim),
+            *req.claim,
+            len(req.release),
+            *req.release,
+        ]
+        claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))
+        return Marks(tuple(_text(v) for v in claimed), tuple(_text(v) for v in released), bool(recovered))
+
+    async def open_holds(self) -> int:
+        return int(await self._call(lambda: self.client.hlen(self.key("holds"))))
+
+    async def acquire_lock(self, name: str, owner: str, ttl_ms: int) -> bool:
+        return bool(await self._call(lambda: self.client.set(self.key(name), owner, nx=True, px=ttl_ms)))
+
+    async def release_lock(self, name: str, owner: str) -> None:
+        # Only the owner may drop it early (after a failed fetch, so another instance can retry).
+        async def drop() -> None:
+            if (await self.client.get(self.key(name))) == owner.encode():
+                await self.client.delete(self.key(name))
+
+        await self._call(drop)
+
+    async def save_prices(self, table: PriceTable) -> None:
+        await self._call(lambda: self.client.set(self.key("prices"), table.to_json()))
+
+    async def load_prices(self) -> PriceTable | None:
+        raw = await self._call(lambda: self.client.get(self.key("prices")))
+        return None if raw is None else PriceTable.from_json(raw)
+
+    async def set_status(self, **values: str | int) -> None:
+        """Refresher facts every instance can read (last good fetch time)."""
+        await self._call(lambda: self.client.hset(self.key("status"), mapping=values))  # type: ignore[arg-type]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
