@@ -27,12 +27,11 @@ from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
 from proxy.store.records import RowState, Snapshot, row_ref
 from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH
-from proxy.types import Clock, StoreClock
+from proxy.types import Clock, StoreClock, is_period
 from proxy.windows import parse_timestamp_ms
 
 log = logging.getLogger("spend_guard.credits")
 T = TypeVar("T")
-PERIODS = ("day", "week", "month")
 MAX_BACKOFF_S = 60.0
 CLOCK_SKEW_WARN_S = 2.0  # past this, /-/readyz and the log say the machine's clock is off
 KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a round early
@@ -94,7 +93,7 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
 
 def _row(raw: dict[str, object]) -> RowState:
     period = raw.get("spend_limit_period")
-    if period is not None and period not in PERIODS:
+    if period is not None and not is_period(period):
         raise ValueError(f"unknown spend_limit_period {period!r}")
     limit = raw.get("spend_limit")
     active = raw.get("is_active", True)

@@ -13,6 +13,7 @@ from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
 from proxy.store.records import BudgetHold, Refusal
+from proxy.types import as_period
 from proxy.untrusted import echo
 from proxy.windows import format_ms, to_ms, window_end, window_start
 
@@ -104,7 +105,7 @@ def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_m
         f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
     )
     headers = {}
-    reset = window_end(period if period in ("day", "week", "month") else None, now_s)  # type: ignore[arg-type]
+    reset = window_end(as_period(period), now_s)
     if reset is not None:
         message += f" The window resets at {format_ms(to_ms(reset))}."
         headers["Retry-After"] = str(max(1, int(reset.timestamp() - now_s) + 1))

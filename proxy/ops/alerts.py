@@ -43,6 +43,7 @@ from proxy.ops.levels import budget_level, read_levels
 from proxy.ops.webhooks import Deliveries, endpoints
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.records import Levels, MarkRequest, RowLevel
+from proxy.types import Period, as_period
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 log = logging.getLogger("spend_guard.alerts")
@@ -59,7 +60,7 @@ class Level:
     limit_micros: int
     spent_micros: int
     held_micros: int
-    period: str | None
+    period: Period | None
 
 
 class Alerts:
@@ -156,7 +157,7 @@ class Alerts:
             row = levels.rows.get(refs.get(key.name) or "")
             if isinstance(row, RowLevel) and row.limit_micros is not None and levels.fetched_ms is not None:
                 scope = f"key:{key.name}:{row.period or 'lifetime'}"
-                found.append(Level(scope, row.limit_micros, row.spent_micros, row.held_micros, row.period))
+                found.append(Level(scope, row.limit_micros, row.spent_micros, row.held_micros, as_period(row.period)))
         for budget in budgets:
             b = budget_level(budget, levels)
             found.append(Level(b.scope, b.limit_micros, b.spent_micros, b.held_micros, b.period))
@@ -168,8 +169,8 @@ class Alerts:
             for t in policy.alerts.thresholds
             if level.limit_micros > 0 and level.spent_micros * PPM >= round(t * PPM) * level.limit_micros
         ]
-        start_ms = window_start_ms(level.period, now_s)  # type: ignore[arg-type]
-        end = window_end(level.period, now_s)  # type: ignore[arg-type]
+        start_ms = window_start_ms(level.period, now_s)
+        end = window_end(level.period, now_s)
         end_ms = 0 if end is None else to_ms(end)
         request = MarkRequest(
             start_ms,
@@ -261,7 +262,7 @@ class Alerts:
             request = MarkRequest(0, row.expires_ms + DAY_MS, now_ms, claim=(f"exp:{row.expires_ms}",))
             if (await self.rt.store.alert_marks(f"key:{key.name}", request)).claimed:
                 limit = row.limit_micros or 0
-                level = Level(f"key:{key.name}", limit, row.spent_micros, row.held_micros, row.period)
+                level = Level(f"key:{key.name}", limit, row.spent_micros, row.held_micros, as_period(row.period))
                 expires = format_ms(row.expires_ms)
                 verb = "expired" if row.expires_ms <= now_ms else "expires"
                 message = f"ImageRouter key of {key.name} {verb} at {expires}"

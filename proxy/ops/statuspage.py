@@ -104,7 +104,7 @@ async def _alerts_sent(
 ) -> list[dict[str, Any]] | None:
     """The alerts claimed (so sent, by whichever instance) in each scope's current window, newest
     first; None when they cannot be read."""
-    scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]  # type: ignore[arg-type]
+    scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]
     scopes.append(("account", 0))  # credits.low
     scopes += [(f"key:{key.name}", 0) for key in policy.keys]  # key.expiring
     try:

@@ -25,8 +25,8 @@ from proxy.policy.model import (
     NAME_RE,
     SECTIONS,
     SHA256_RE,
-    Period,
 )
+from proxy.types import PERIODS, ROUTE_KINDS, Period, is_period
 
 # --- YAML -----------------------------------------------------------------------------------
 
@@ -189,9 +189,9 @@ def _choice(label: str, options: Sequence[str]) -> _Check:
 def _period(value: object) -> Period | None:
     if value is None or value == "lifetime":
         return None
-    if value == "day" or value == "week" or value == "month":
+    if is_period(value):
         return value
-    raise _Invalid(f"unknown period {_show(value)}; expected day, week, month, lifetime or null")
+    raise _Invalid(f"unknown period {_show(value)}; expected {', '.join(PERIODS)}, lifetime or null")
 
 
 def glob_problem(glob: str) -> str | None:
@@ -347,7 +347,7 @@ FIELDS: Mapping[str, _Spec] = {
     "admin": {"token_sha256": ("token_sha256", _sha256)},
     "route": {
         "path": ("path", _route_path),
-        "kind": ("kind", _choice("route kind", ("image", "video", "text"))),
+        "kind": ("kind", _choice("route kind", ROUTE_KINDS)),
         "enabled": ("enabled", _bool),
     },
     "budget": {

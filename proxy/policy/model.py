@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-Period = Literal["day", "week", "month"]
+from proxy.types import Period, RouteKind
+
 Mode = Literal["enforce", "shadow"]
-RouteKind = Literal["image", "video", "text"]
 
 DEFAULT_ROUTES: tuple[tuple[str, RouteKind], ...] = (
     ("/v1/openai/images/generations", "image"),
