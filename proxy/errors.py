@@ -55,7 +55,7 @@ class HoldQuarantined(SpendGuardError):
 
 
 class Rejected(SpendGuardError):
-    """A refusal rendered as `{"error": {"message", "type"}}` with `status`."""
+    """A refusal rendered as the error envelope (`render_envelope`) with `status`."""
 
     def __init__(
         self,
@@ -97,8 +97,14 @@ class UpstreamBroken(Exception):
     """Raised after the response started, so the server aborts the client's connection."""
 
 
+def render_envelope(error_type: str, message: str) -> bytes:
+    """ImageRouter's error envelope, `{"error": {"message": ..., "type": ...}}`, as the JSON bytes
+    a client receives: every error the proxy answers itself is spelled here."""
+    return json.dumps({"error": {"message": message, "type": error_type}}).encode()
+
+
 def error_response(
     status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    body = render_envelope(error_type, message)
     return Response(body, status_code=status, headers=dict(headers or {}), media_type="application/json")

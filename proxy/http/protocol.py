@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import resource
 from typing import Any
@@ -31,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.deadlines import unwatch, watch
-from proxy.errors import UpstreamBroken
+from proxy.errors import UpstreamBroken, render_envelope
 from proxy.http.upstream import ABORT_EXTENSION, ClientStalled
 from proxy.logs import LogFormat, uvicorn_log_config
 from proxy.settings import Settings
@@ -53,7 +52,9 @@ def _limits() -> Settings:
 
 
 def _raw_response(status: bytes, error_type: str, message: str, extra: bytes = b"") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    """A whole HTTP/1.1 response carrying the error envelope, written to a connection before (or
+    instead of) the ASGI app."""
+    body = render_envelope(error_type, message)
     return (
         b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
         + str(len(body)).encode() + b"\r\nconnection: close\r\n" + extra + b"\r\n" + body
