@@ -48,7 +48,7 @@ from proxy.policy.model import KeyPolicy, Policy
 from proxy.runtime import Flight, Pending, Runtime
 from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
@@ -200,7 +200,7 @@ class Guard:
                     Rejected(
                         403,
                         "policy_violation",
-                        f"Model '{echo(model)}' is not allowed by policy for this key.",
+                        f"Model '{excerpt(model)}' is not allowed by policy for this key.",
                         scope="policy",
                     )
                 )
@@ -252,7 +252,7 @@ class Guard:
                 Rejected(
                     403,
                     "policy_violation",
-                    f"Model '{echo(model)}' {why} and unknown models are refused.",
+                    f"Model '{excerpt(model)}' {why} and unknown models are refused.",
                     scope="policy",
                 )
             )

@@ -14,7 +14,7 @@ from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
 from proxy.store.records import BudgetHold, Refusal
 from proxy.types import as_period
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 from proxy.windows import format_ms, to_ms, window_end, window_start
 
 access_log = logging.getLogger("spend_guard.access")
@@ -118,12 +118,12 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     """One bare JSON object per guarded call on `spend_guard.access`; never a secret."""
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "request_id": echo(call.request_id),
+        "request_id": excerpt(call.request_id),
         "decision": call.decision,
         "scope": call.scope or None,
         "key": call.key_name,
-        "route": echo(call.route),
-        "model": None if call.model is None else echo(call.model),
+        "route": excerpt(call.route),
+        "model": None if call.model is None else excerpt(call.model),
         "hold_usd": format_usd(call.hold_micros) if call.hold_micros else None,
         "cost_usd": None if call.cost_micros is None else format_usd(call.cost_micros),
         "outcome": call.outcome or None,
@@ -131,7 +131,7 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 1),
         "policy_version": policy.version,
         "client": call.client,
-        "user_agent": None if call.user_agent is None else echo(call.user_agent, 200),
+        "user_agent": None if call.user_agent is None else excerpt(call.user_agent, 200),
     }
     if error:
         record["error"] = error

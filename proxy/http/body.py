@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from proxy.errors import Rejected
 from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 
 __all__ = ["PRICE_FIELDS", "PriceFields", "decode_content", "invalid", "read_price_fields"]
 
@@ -63,7 +63,7 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, co
             "ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed."
         )
     if encoding not in ("gzip", "deflate"):
-        raise invalid(f"Request Content-Encoding '{echo(encoding, 40)}' is not supported; use gzip or deflate.")
+        raise invalid(f"Request Content-Encoding '{excerpt(encoding, 40)}' is not supported; use gzip or deflate.")
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS  # deflate: zlib-wrapped, as Node's inflate
     out = bytearray()
     data = body
@@ -119,7 +119,7 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
             "or multipart/form-data."
         )
     raise invalid(
-        f"Request body was sent as '{echo(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
+        f"Request body was sent as '{excerpt(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
         "application/json or multipart/form-data."
     )
 
@@ -130,7 +130,7 @@ def _from_json(body: bytes, params: dict[str, str]) -> tuple[dict[str, object], 
     # of duplicate keys wins (as in a dict), `\u` escapes decode, NaN/Infinity are not JSON.
     charset = params.get("charset", "utf-8").lower()
     if charset != "utf-8":
-        raise invalid(f"JSON charset '{echo(charset)}' is not supported by the spend guard; send UTF-8.")
+        raise invalid(f"JSON charset '{excerpt(charset)}' is not supported by the spend guard; send UTF-8.")
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]
     try:
