@@ -15,7 +15,7 @@ import time
 
 from proxy.errors import Rejected, StoreError
 from proxy.guard.pricing import quote_hold
-from proxy.guard.refusals import RecentRefusals, Refusal
+from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import HELD_BODY, relay
 from proxy.guard.verdicts import (
     REFUSAL_CODES,
@@ -104,7 +104,7 @@ class Guard:
             call.decision, call.scope = "refused", exc.scope or exc.error_type
             if exc.status not in (400, 413):
                 self.refusals.add(
-                    Refusal(
+                    RecentRefusal(
                         rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id
                     )
                 )

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
-from proxy.store.records import BudgetHold, Refusal
+from proxy.store.records import BudgetHold, ScopeRefusal
 from proxy.types import as_period
 from proxy.untrusted import excerpt
 from proxy.windows import format_ms, to_ms, window_end, window_start
@@ -67,14 +67,14 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
     return holds
 
 
-def stale_reason(refusal: Refusal, max_staleness_s: float) -> str:
+def stale_reason(refusal: ScopeRefusal, max_staleness_s: float) -> str:
     """Why a reserve could not decide: no snapshot yet, or one older than `max_staleness_s`."""
     if refusal.code == "no_snapshot":
         return "no credits snapshot has been fetched from ImageRouter yet"
     return f"the credits snapshot is {refusal.held_micros // 1000} s old (max_staleness_s={max_staleness_s:g})"
 
 
-def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
+def refusal(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
     """The 402/403 a reserve refusal becomes: scope, limit, spent, held, reset, Retry-After."""
     spent, held, limit = format_usd(r.spent_micros), format_usd(r.held_micros), format_usd(r.limit_micros)
     this = format_usd(call.hold_micros)

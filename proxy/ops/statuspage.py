@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from proxy import __version__
 from proxy.errors import StoreError, error_response
-from proxy.guard.refusals import RecentRefusals
+from proxy.guard.recent_refusals import RecentRefusals
 from proxy.money import format_usd
 from proxy.ops.levels import ScopeLevel, every_level
 from proxy.policy.model import Policy
