@@ -74,7 +74,7 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
             names_seen[name] = names_seen.get(name, 0) + 1
             refs.append(row_ref(None, name) or "")
         try:
-            row = _row(raw)
+            row = _row_state(raw)
         except (MoneyError, ValueError, TypeError) as exc:
             for ref in refs or [f"#{i}"]:
                 bad[ref] = f"usage_by_api_key[{i}]: {exc}"
@@ -91,7 +91,7 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
     return Snapshot(fetched_ms, remaining, rows, bad)
 
 
-def _row(raw: dict[str, object]) -> RowState:
+def _row_state(raw: dict[str, object]) -> RowState:
     period = raw.get("spend_limit_period")
     if period is not None and not is_period(period):
         raise ValueError(f"unknown spend_limit_period {period!r}")

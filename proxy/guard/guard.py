@@ -25,7 +25,7 @@ from proxy.guard.verdicts import (
     budgets_for,
     log_decision,
     permits,
-    refusal,
+    rejection_for,
     stale_reason,
 )
 from proxy.http.body import PriceFields, decode_content, read_price_fields
@@ -359,12 +359,12 @@ class Guard:
             if decision.refusal.code not in REFUSAL_CODES:
                 self.unavailable(f"reserve answered {decision.refusal.code!r}", "store")
                 return None
-            verdicts.add(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
+            verdicts.add(rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
             verdicts.enforce()  # raises unless in shadow mode
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
-            would = refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
+            would = rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
             if verdicts.shadow:
                 verdicts.add(would)  # recorded once, at the end of prepare
             else:

@@ -74,7 +74,7 @@ def stale_reason(refusal: ScopeRefusal, max_staleness_s: float) -> str:
     return f"the credits snapshot is {refusal.held_micros // 1000} s old (max_staleness_s={max_staleness_s:g})"
 
 
-def refusal(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
+def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
     """The 402/403 a reserve refusal becomes: scope, limit, spent, held, reset, Retry-After."""
     spent, held, limit = format_usd(r.spent_micros), format_usd(r.held_micros), format_usd(r.limit_micros)
     this = format_usd(call.hold_micros)

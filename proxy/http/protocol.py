@@ -46,7 +46,7 @@ TALLY_FIRST_S = 2.0
 
 
 @functools.lru_cache(maxsize=1)
-def _limits() -> Settings:
+def _worker_settings() -> Settings:
     # Workers are started by uvicorn in factory mode: the CLI passed its options in SPEND_GUARD_*.
     return Settings.from_env()
 
@@ -127,7 +127,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        limits = _limits()
+        limits = _worker_settings()
         self.head_timeout_s = limits.head_timeout_s
         self.max_connections = limits.max_connections
         self.limit_concurrency = None  # this class's own cap replaces uvicorn's

@@ -63,7 +63,7 @@ def account_level(policy: Policy, levels: Levels) -> ScopeLevel:
     )
 
 
-def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
+def key_limit_level(level: RowLevel | str | None) -> ScopeLevel | None:
     """The key's ImageRouter spend limit, if its row has one."""
     if not isinstance(level, RowLevel) or level.limit_micros is None:
         return None
@@ -119,7 +119,7 @@ def key_report(
         scopes.append(
             account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms))
         )
-        if (limit := row_scope(row)) is not None:
+        if (limit := key_limit_level(row)) is not None:
             scopes.append(limit.as_json(now_s))
     scopes += [budget_level(budget, levels).as_json(now_s) for budget in budgets]
     result: dict[str, Any] = {
@@ -145,7 +145,7 @@ async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list
     found = [account_level(policy, levels)]
     for key in policy.keys:
         ref = refs.get(key.name)
-        if (limit := row_scope(levels.rows.get(ref) if ref else None)) is not None:
+        if (limit := key_limit_level(levels.rows.get(ref) if ref else None)) is not None:
             found.append(
                 ScopeLevel(
                     f"key:{key.name}:{limit.period or 'lifetime'}",
