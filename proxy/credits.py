@@ -2,7 +2,8 @@
 
 Only one instance fetches per interval (a `SET NX PX` lock); every instance reads the result.
 A failed fetch keeps the last good snapshot, backs off with jitter and is counted; a 401 means
-the account key is wrong, which makes the proxy unready and is logged loudly (DESIGN §2).
+the account key is wrong, which makes the proxy unready and is logged loudly
+(docs/failure-modes.md).
 """
 
 from __future__ import annotations

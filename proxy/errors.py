@@ -5,7 +5,7 @@
      ├── StoreError            Redis (or the embedded store) did not answer
      │    └── StoreScriptError     it answered, refusing an operation (a script fault)
      ├── HoldQuarantined       a hold record could not be read; it was moved aside
-     ├── EmbeddedStoreError    the embedded store's server could not start (embedded.py)
+     ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
      └── Rejected              a request refused by the guard: status, type, message, headers
           └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
                └── UpstreamNotSent     the connection never opened: nothing can have been billed
@@ -13,9 +13,9 @@
     ValueError
      ├── MoneyError            an amount that does not convert exactly (money.py)
      ├── CreditsError          a credits answer that is not stored (credits.py)
-     ├── PriceTableError       a /v2/models answer that is not stored (pricing.py)
+     ├── PriceTableError       a /v2/models answer that is not stored (prices.py)
      ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
-     └── RecoveryError         a `store recover` seed or log line to fix (recovery.py)
+     └── RecoveryError         a `store recover` seed or log line to fix (commands/recover.py)
 """
 
 from __future__ import annotations

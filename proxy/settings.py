@@ -51,7 +51,8 @@ class Settings:
     redis_url: str | None = None  # None: the embedded store, a private server (proxy/store/embedded.py)
     workers: int = 1
     log_level: str = "info"
-    # Bounds on what a client can hold open (issue 13): see the README's "Slow and hostile clients".
+    # Bounds on what a client can hold open, so slow or hostile clients cannot exhaust the process
+    # (docs/failure-modes.md).
     head_timeout_s: float = 10.0  # a request head must arrive within this
     body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
     max_connections: int = 2048  # open client connections per process; past it new ones get 503

@@ -1,9 +1,9 @@
 """Read a multipart/form-data body as ImageRouter's parser does, or refuse it.
 
-ImageRouter runs multer 2.0.2 over busboy 1.6 (reference/imagerouter-api.md §9). The guard reads
+ImageRouter runs multer 2.0.2 over busboy 1.6 (docs/imagerouter-api.md). The guard reads
 the same fields busboy reads, and refuses with 400 whatever busboy and a more lenient parser (an
 RFC 2046 one, Python's, a WAF's) could read differently, so no spelling of a body makes the guard
-price one model while the upstream runs another (issue #12). Refused:
+price one model while the upstream runs another. Refused:
 
 - a delimiter `--BOUNDARY` anywhere but at the start of the body or right after CRLF (also in
   the preamble, in part data, and in the epilogue after the close delimiter);

@@ -2,7 +2,7 @@
 
 uvicorn times out idle kept-alive connections, but not a request head that arrives slowly (or never
 arrives), and its `limit_concurrency` still accepts every connection. `GuardedHttpProtocol` is its
-httptools protocol with both bounds (issue 13, item 5):
+httptools protocol with both bounds (docs/failure-modes.md):
 
 - a request head must be complete within `head_timeout_s` of its first byte (or of the connection,
   for the first request): past it the client gets a 408 in the error envelope and the connection

@@ -1,10 +1,10 @@
-"""Threshold alerts (issue 17): decided on the settle path, exactly once per (scope, window,
+"""Threshold alerts (docs/alerts.md): decided on the settle path, exactly once per (scope, window,
 threshold) across every instance and restart, and sent by webhook (proxy/ops/webhooks.py).
 
 `Runtime.settle` calls `touched(key name)` after the store took the charge: it adds the name to
 a set (bounded by the policy's keys; a burst of settles collapses into one evaluation) and wakes
 the background loop, so a settle never waits on alerts. The loop reads the touched scopes' levels
-in one round trip (`report.read_levels`, the guard's own rules) and asks the store to claim the
+in one round trip (`ops.levels.read_levels`, the guard's own rules) and asks the store to claim the
 marks the levels call for (`Store.alert_marks`); only a claimed mark becomes an event. Every
 SWEEP_S the loop evaluates every scope, which sends what no settle triggers: a new window's
 `budget.recovered`, credits topped up, a key nearing expiry, and what a reclaim or a deferred

@@ -168,7 +168,7 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
     if key is None and policy.guard.unknown_keys == "reject":
         raise Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
     if key is None and not policy.guard.show_account_to_unknown_keys:
-        # Any made-up token gets here: it learns nothing about the account (issue 16).
+        # Any made-up token gets here, so it must learn nothing about the account.
         return {
             "key": None,
             "scopes": [],

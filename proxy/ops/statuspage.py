@@ -1,4 +1,4 @@
-"""`/-/status` and `/-/status.json`: a page an operator opens in a browser (issue 17, part 4).
+"""`/-/status` and `/-/status.json`: a page an operator opens in a browser (docs/status-page.md).
 
 One self-contained HTML file (proxy/ops/static/status.html: inline CSS and JS, no build step, nothing
 fetched from elsewhere) that fetches `/-/status.json` and redraws itself every few seconds. The
