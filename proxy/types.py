@@ -16,7 +16,7 @@ __all__ = [
 Micros = int
 
 # A spend-limit window, as ImageRouter resets them (proxy/windows.py). Where a period is optional,
-# None is a lifetime limit; policies and ImageRouter's rows may spell that "lifetime".
+# None is a lifetime limit; policies and the reserve script's scopes spell that "lifetime".
 Period = Literal["day", "week", "month"]
 PERIODS: tuple[Period, ...] = get_args(Period)
 
