@@ -16,7 +16,7 @@ import click
 
 from proxy import __version__
 from proxy.errors import PolicyError
-from proxy.logs import LOG_FORMATS, configure_logging
+from proxy.logs import LOG_FORMATS, LogFormat, configure_logging
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy, default_policy
 from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
@@ -139,7 +139,7 @@ def serve(
     embedded_server: str | None,
     workers: int,
     log_level: str,
-    log_format: str,
+    log_format: LogFormat,
     demo: bool,
     head_timeout_s: float,
     body_timeout_s: float,
@@ -209,7 +209,7 @@ def _serve_demo(
     embedded_server: str | None,
     workers: int,
     log_level: str,
-    log_format: str,
+    log_format: LogFormat,
 ) -> None:
     """`serve --demo`: the demo upstream and its policy (proxy/commands/demo.py), then the proxy as usual."""
     from proxy.commands.demo import Demo
@@ -234,7 +234,7 @@ def _serve_demo(
 def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:
     # This process's own lines (the embedded store, the worker supervisor) in the chosen format
     # too; each worker sets up its own the same way (app.create_app).
-    configure_logging(settings.log_level, "json" if settings.log_format == "json" else "text")
+    configure_logging(settings.log_level, settings.log_format)
     os.environ.update(settings.to_env())
     # Before prometheus_client is imported (it reads this once): set but empty means unset.
     if not os.environ.get(MULTIPROCESS_DIR_ENV):
@@ -276,7 +276,7 @@ def _serve(settings: Settings, policy: Policy) -> None:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
-        log_config=log_config("json" if settings.log_format == "json" else "text"),
+        log_config=log_config(settings.log_format),
         access_log=False,
         server_header=False,
         date_header=False,

@@ -2,7 +2,8 @@
 
 Only one instance fetches per interval (a `SET NX PX` lock); every instance reads the result.
 A failed fetch keeps the last good snapshot, backs off with jitter and is counted; a 401 means
-the account key is wrong, which makes the proxy unready and is logged loudly (DESIGN §2).
+the account key is wrong, which makes the proxy unready and is logged loudly
+(docs/failure-modes.md).
 """
 
 from __future__ import annotations
@@ -27,12 +28,11 @@ from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
 from proxy.store.records import RowState, Snapshot, row_ref
 from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH
-from proxy.types import Clock, StoreClock
+from proxy.types import Clock, StoreClock, is_period
 from proxy.windows import parse_timestamp_ms
 
 log = logging.getLogger("spend_guard.credits")
 T = TypeVar("T")
-PERIODS = ("day", "week", "month")
 MAX_BACKOFF_S = 60.0
 CLOCK_SKEW_WARN_S = 2.0  # past this, /-/readyz and the log say the machine's clock is off
 KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a round early
@@ -75,7 +75,7 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
             names_seen[name] = names_seen.get(name, 0) + 1
             refs.append(row_ref(None, name) or "")
         try:
-            row = _row(raw)
+            row = _row_state(raw)
         except (MoneyError, ValueError, TypeError) as exc:
             for ref in refs or [f"#{i}"]:
                 bad[ref] = f"usage_by_api_key[{i}]: {exc}"
@@ -92,9 +92,9 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
     return Snapshot(fetched_ms, remaining, rows, bad)
 
 
-def _row(raw: dict[str, object]) -> RowState:
+def _row_state(raw: dict[str, object]) -> RowState:
     period = raw.get("spend_limit_period")
-    if period is not None and period not in PERIODS:
+    if period is not None and not is_period(period):
         raise ValueError(f"unknown spend_limit_period {period!r}")
     limit = raw.get("spend_limit")
     active = raw.get("is_active", True)

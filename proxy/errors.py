@@ -5,7 +5,7 @@
      ├── StoreError            Redis (or the embedded store) did not answer
      │    └── StoreScriptError     it answered, refusing an operation (a script fault)
      ├── HoldQuarantined       a hold record could not be read; it was moved aside
-     ├── EmbeddedStoreError    the embedded store's server could not start (embedded.py)
+     ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
      └── Rejected              a request refused by the guard: status, type, message, headers
           └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
                └── UpstreamNotSent     the connection never opened: nothing can have been billed
@@ -13,9 +13,9 @@
     ValueError
      ├── MoneyError            an amount that does not convert exactly (money.py)
      ├── CreditsError          a credits answer that is not stored (credits.py)
-     ├── PriceTableError       a /v2/models answer that is not stored (pricing.py)
+     ├── PriceTableError       a /v2/models answer that is not stored (prices.py)
      ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
-     └── RecoveryError         a `store recover` seed or log line to fix (recovery.py)
+     └── RecoveryError         a `store recover` seed or log line to fix (commands/recover.py)
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class HoldQuarantined(SpendGuardError):
 
 
 class Rejected(SpendGuardError):
-    """A refusal rendered as `{"error": {"message", "type"}}` with `status`."""
+    """A refusal rendered as the error envelope (`render_envelope`) with `status`."""
 
     def __init__(
         self,
@@ -97,8 +97,14 @@ class UpstreamBroken(Exception):
     """Raised after the response started, so the server aborts the client's connection."""
 
 
+def render_envelope(error_type: str, message: str) -> bytes:
+    """ImageRouter's error envelope, `{"error": {"message": ..., "type": ...}}`, as the JSON bytes
+    a client receives: every error the proxy answers itself is spelled here."""
+    return json.dumps({"error": {"message": message, "type": error_type}}).encode()
+
+
 def error_response(
     status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
 ) -> Response:
-    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    body = render_envelope(error_type, message)
     return Response(body, status_code=status, headers=dict(headers or {}), media_type="application/json")

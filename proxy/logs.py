@@ -12,13 +12,18 @@ import json
 import logging
 import sys
 import time
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard, get_args
 
 from uvicorn.config import LOGGING_CONFIG
 
 LogFormat = Literal["text", "json"]
-LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
+LOG_FORMATS: tuple[LogFormat, ...] = get_args(LogFormat)
 ACCESS_LOGGER = "spend_guard.access"
+
+
+def is_log_format(value: object) -> TypeGuard[LogFormat]:
+    """Whether `value` names a log format, spelled exactly."""
+    return isinstance(value, str) and value in LOG_FORMATS
 
 
 class JsonFormatter(logging.Formatter):

@@ -26,7 +26,7 @@ from proxy.store.contract import Ledger
 from proxy.store.records import Reclaimed
 from proxy.store.redis import Store
 from proxy.types import Clock
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 
 log = logging.getLogger("spend_guard")
 
@@ -164,7 +164,7 @@ class Runtime:
             self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
             if charged > 0:
                 # Only a billed call names its model: a client's made-up names never become series.
-                self.metrics.charged_by_model.labels(echo(flight.model or "unknown")).inc(charged / 1e6)
+                self.metrics.charged_by_model.labels(excerpt(flight.model or "unknown")).inc(charged / 1e6)
         self.compare_to_hold(flight, cost_micros, charged)
         return charged
 
@@ -193,7 +193,7 @@ class Runtime:
         if charged is not None and flight.amount_micros > 0:
             self.metrics.held_ratio.labels(flight.kind or "unknown").observe(charged / flight.amount_micros)
         if cost_micros is not None and cost_micros > flight.amount_micros:
-            model = echo(flight.model or "unknown")
+            model = excerpt(flight.model or "unknown")
             self.metrics.underheld.labels(model).inc()
             log.warning(
                 "UNDERHELD: a %s call to model %s cost $%s, above its hold of $%s (hold %s); raise its rate or hold",

@@ -10,6 +10,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from proxy.logs import LogFormat, is_log_format
+
 ENV_PREFIX = "SPEND_GUARD_"
 # prometheus_client's multiprocess mode: the directory the workers of one `serve` share.
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -49,13 +51,14 @@ class Settings:
     redis_url: str | None = None  # None: the embedded store, a private server (proxy/store/embedded.py)
     workers: int = 1
     log_level: str = "info"
-    # Bounds on what a client can hold open (issue 13): see the README's "Slow and hostile clients".
+    # Bounds on what a client can hold open, so slow or hostile clients cannot exhaust the process
+    # (docs/failure-modes.md).
     head_timeout_s: float = 10.0  # a request head must arrive within this
     body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
     state_dir: str | None = None  # the embedded store's directory (proxy/store/embedded.py); None: its default
-    log_format: str = "text"  # text or json (proxy/logs.py)
+    log_format: LogFormat = "text"  # text or json (proxy/logs.py)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -83,12 +86,12 @@ class Settings:
             except ValueError:
                 raise SettingsError(f"{ENV_PREFIX}{name} has value {raw!r}. Not a valid number.") from None
 
-        def log_format(raw: str | None) -> str:
+        def log_format(raw: str | None) -> LogFormat:
             if raw is None:
                 return cls.log_format
-            if raw.lower() not in ("text", "json"):
-                raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT has value {raw!r}. Expected text or json.")
-            return raw.lower()
+            if is_log_format(value := raw.lower()):
+                return value
+            raise SettingsError(f"{ENV_PREFIX}LOG_FORMAT has value {raw!r}. Expected text or json.")
 
         return cls(
             host=text("HOST") or cls.host,

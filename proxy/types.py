@@ -1,19 +1,38 @@
-"""Shared aliases and the one seam everything time-dependent goes through: the clock."""
+"""Shared aliases (the periods, the route kinds) and the one seam everything time-dependent goes
+through: the clock."""
 
 from __future__ import annotations
 
 import time
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeGuard, get_args
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "ASGIApp", "Message", "Receive", "Scope", "Send", "Clock", "SystemClock", "StoreClock", "Period", "Micros",
-    "RouteKind",
+    "ASGIApp", "Message", "Receive", "Scope", "Send", "Clock", "SystemClock", "StoreClock", "Micros",
+    "Period", "PERIODS", "is_period", "as_period", "RouteKind", "ROUTE_KINDS",
 ]
 
 Micros = int
+
+# A spend-limit window, as ImageRouter resets them (proxy/windows.py). Where a period is optional,
+# None is a lifetime limit; policies and the reserve script's scopes spell that "lifetime".
 Period = Literal["day", "week", "month"]
+PERIODS: tuple[Period, ...] = get_args(Period)
+
+# What a spending route bills: an image, a video or tokens of text (docs/how-it-works.md).
+RouteKind = Literal["image", "video", "text"]
+ROUTE_KINDS: tuple[RouteKind, ...] = get_args(RouteKind)
+
+
+def is_period(value: object) -> TypeGuard[Period]:
+    """Whether `value` names a period ("lifetime" and None do not)."""
+    return isinstance(value, str) and value in PERIODS
+
+
+def as_period(value: str | None) -> Period | None:
+    """`value` as a period; None (a lifetime) for None, "lifetime" or anything else."""
+    return value if is_period(value) else None
 
 
 class Clock(Protocol):
@@ -49,5 +68,3 @@ class StoreClock:
         if after_s - before_s <= self.MAX_SAMPLE_RTT_S:
             self.offset_s = store_s - (before_s + after_s) / 2
             self.synced = True
-
-RouteKind = Literal["image", "video", "text"]

@@ -67,6 +67,12 @@ def window_start_ms(period: Period | None, now_s: float) -> int:
     return 0 if start is None else to_ms(start)
 
 
+def window_starts_ms(now_s: float) -> tuple[int, int, int]:
+    """The day, week and month window starts in epoch milliseconds, in that order, as the store's
+    reserve and levels scripts take them."""
+    return window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s)
+
+
 def parse_timestamp_ms(value: object) -> int | None:
     """ImageRouter timestamps (ISO 8601, `Z` or offset; naive means UTC) -> epoch ms; None stays None."""
     if value is None:

@@ -447,11 +447,11 @@ def test_the_issue_bodies_are_refused():
 
 
 def test_echo_cuts_and_drops_control_characters():
-    from proxy.untrusted import ECHO_MAX_CHARS, echo
+    from proxy.untrusted import EXCERPT_MAX_CHARS, excerpt
 
-    assert echo("a\x00b\r\nc\x1b[31m\u202ed\x85") == "abc[31md"
-    assert echo("m" * 500) == "m" * ECHO_MAX_CHARS + "…"
-    assert echo("vendor/model é") == "vendor/model é"
+    assert excerpt("a\x00b\r\nc\x1b[31m\u202ed\x85") == "abc[31md"
+    assert excerpt("m" * 500) == "m" * EXCERPT_MAX_CHARS + "…"
+    assert excerpt("vendor/model é") == "vendor/model é"
 
 
 # -- text routes: what bounds a call's tokens (issue #15) -------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from proxy.store.contract import Ledger, SnapshotStore, StatusStore
-from proxy.store.records import Decision, Refusal
+from proxy.store.records import Decision, ScopeRefusal
 from tests.conftest import KEY_A
 from tests.test_guard import KEYS, open_holds, spent
 
@@ -23,7 +23,7 @@ class Recording:
     async def reserve(self, req: Any) -> Decision:
         self.calls.append("reserve")
         if self.refuse:
-            return Decision(False, Refusal.of("budget", "budget:key:alice:lifetime", 1_000_000, 1_000_000, 0))
+            return Decision(False, ScopeRefusal.of("budget", "budget:key:alice:lifetime", 1_000_000, 1_000_000, 0))
         return await self.inner.reserve(req)
 
     async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0,

@@ -35,7 +35,7 @@ from proxy.errors import Rejected
 from proxy.http.body import PriceFields, decode_content, read_price_fields
 from proxy.policy.load import load_policy
 from proxy.settings import Settings
-from proxy.untrusted import ECHO_MAX_CHARS, echo
+from proxy.untrusted import EXCERPT_MAX_CHARS, excerpt
 from tests.conftest import KEY_A, SHA_A
 from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
 
@@ -177,7 +177,7 @@ def through_guard(
     assert report["model"] == expected.model, (
         f"{label}: the guard priced {expected.model!r}, ImageRouter ran {report['model']!r}"
     )
-    assert access and access[-1]["model"] == echo(expected.model) and access[-1]["decision"] == "allowed", (
+    assert access and access[-1]["model"] == excerpt(expected.model) and access[-1]["decision"] == "allowed", (
         label, access)
     return "priced"
 
@@ -276,7 +276,7 @@ def test_a_long_model_is_echoed_bounded_in_the_message_and_the_log(proxy, stack,
     resp = proxy.post(EDITS, json={"model": model, "prompt": "x"}, headers={"Authorization": f"Bearer {KEY_A}"})
     assert resp.status_code == 200 and resp.json()["model"] == model  # priced (default hold) and run
     logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "spend_guard.access"][-1]
-    assert logged["model"] == model[:ECHO_MAX_CHARS] + "…"
+    assert logged["model"] == model[:EXCERPT_MAX_CHARS] + "…"
 
 
 # -- generated bodies ---------------------------------------------------------------------------

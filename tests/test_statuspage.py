@@ -10,7 +10,7 @@ import logging
 import re
 
 from proxy.errors import StoreError
-from proxy.guard.refusals import MAX_RECENT_REFUSALS, RecentRefusals, Refusal
+from proxy.guard.recent_refusals import MAX_RECENT_REFUSALS, RecentRefusal, RecentRefusals
 from tests.conftest import KEY_A, KEY_B, SHA_A
 
 ADMIN_TOKEN = "sg-admin-" + "q" * 40
@@ -123,7 +123,7 @@ def test_status_json_says_when_the_store_cannot_be_read(make_proxy, monkeypatch)
 def test_the_refusal_ring_keeps_only_the_latest() -> None:
     ring = RecentRefusals()
     for n in range(MAX_RECENT_REFUSALS + 7):
-        ring.add(Refusal(1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}",
+        ring.add(RecentRefusal(1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}",
                          f"r{n}"))
     latest = ring.latest()
     assert len(latest) == MAX_RECENT_REFUSALS and ring.count == MAX_RECENT_REFUSALS + 7

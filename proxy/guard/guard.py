@@ -15,7 +15,7 @@ import time
 
 from proxy.errors import Rejected, StoreError
 from proxy.guard.pricing import quote_hold
-from proxy.guard.refusals import RecentRefusals, Refusal
+from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import HELD_BODY, relay
 from proxy.guard.verdicts import (
     REFUSAL_CODES,
@@ -25,7 +25,7 @@ from proxy.guard.verdicts import (
     budgets_for,
     log_decision,
     permits,
-    refusal,
+    rejection_for,
     stale_reason,
 )
 from proxy.http.body import PriceFields, decode_content, read_price_fields
@@ -48,7 +48,7 @@ from proxy.policy.model import KeyPolicy, Policy
 from proxy.runtime import Flight, Pending, Runtime
 from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
@@ -104,7 +104,7 @@ class Guard:
             call.decision, call.scope = "refused", exc.scope or exc.error_type
             if exc.status not in (400, 413):
                 self.refusals.add(
-                    Refusal(
+                    RecentRefusal(
                         rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id
                     )
                 )
@@ -200,7 +200,7 @@ class Guard:
                     Rejected(
                         403,
                         "policy_violation",
-                        f"Model '{echo(model)}' is not allowed by policy for this key.",
+                        f"Model '{excerpt(model)}' is not allowed by policy for this key.",
                         scope="policy",
                     )
                 )
@@ -252,7 +252,7 @@ class Guard:
                 Rejected(
                     403,
                     "policy_violation",
-                    f"Model '{echo(model)}' {why} and unknown models are refused.",
+                    f"Model '{excerpt(model)}' {why} and unknown models are refused.",
                     scope="policy",
                 )
             )
@@ -359,12 +359,12 @@ class Guard:
             if decision.refusal.code not in REFUSAL_CODES:
                 self.unavailable(f"reserve answered {decision.refusal.code!r}", "store")
                 return None
-            verdicts.add(refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
+            verdicts.add(rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
             verdicts.enforce()  # raises unless in shadow mode
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
-            would = refusal(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
+            would = rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
             if verdicts.shadow:
                 verdicts.add(would)  # recorded once, at the end of prepare
             else:

@@ -1,10 +1,10 @@
-"""The price table from `GET /v2/models`, and the hold a request must reserve.
+"""The hold a request must reserve, priced from the table of `GET /v2/models` (proxy/prices.py).
 
 Image and video: hold = `price.max` rounded up to $0.0001, one output per request (the API has
 no `n`): the most ImageRouter itself pre-charges for the model, so a hold is never below the
-upstream's bill while the published maximum holds (DESIGN §1 step 4).
+upstream's bill while the published maximum holds (docs/how-it-works.md).
 
-Text (issue #15): ImageRouter publishes no token prices, so the policy's `models.text_rates`
+Text (docs/text-holds.md): ImageRouter publishes no token prices, so the policy's `models.text_rates`
 gives them per model glob, and hold = input bound × input rate + output bound × output rate,
 rounded up to $0.0001 (`text_hold`). `quote_hold` is the whole decision, a pure function of the
 route, the request's fields, the price table and the policy.
@@ -21,7 +21,7 @@ from proxy.http.body import PriceFields
 from proxy.policy.model import ModelsPolicy, TextRate
 from proxy.prices import PriceTable
 
-# Holds are whole ten-thousandths of a dollar, as ImageRouter bills (reference §2.3).
+# Holds are whole ten-thousandths of a dollar, as ImageRouter bills (docs/imagerouter-api.md).
 QUANTUM_MICROS = 100
 TOKENS_PER_MTOK = 1_000_000
 # Input tokens a provider may add around what the body carries: the chat template's few tokens

@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
-from proxy.store.records import BudgetHold, Refusal
-from proxy.untrusted import echo
+from proxy.store.records import BudgetHold, ScopeRefusal
+from proxy.types import as_period
+from proxy.untrusted import excerpt
 from proxy.windows import format_ms, to_ms, window_end, window_start
 
 access_log = logging.getLogger("spend_guard.access")
@@ -66,14 +67,14 @@ def budget_holds(budgets: list[Budget], now_s: float) -> list[BudgetHold]:
     return holds
 
 
-def stale_reason(refusal: Refusal, max_staleness_s: float) -> str:
+def stale_reason(refusal: ScopeRefusal, max_staleness_s: float) -> str:
     """Why a reserve could not decide: no snapshot yet, or one older than `max_staleness_s`."""
     if refusal.code == "no_snapshot":
         return "no credits snapshot has been fetched from ImageRouter yet"
     return f"the credits snapshot is {refusal.held_micros // 1000} s old (max_staleness_s={max_staleness_s:g})"
 
 
-def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
+def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
     """The 402/403 a reserve refusal becomes: scope, limit, spent, held, reset, Retry-After."""
     spent, held, limit = format_usd(r.spent_micros), format_usd(r.held_micros), format_usd(r.limit_micros)
     this = format_usd(call.hold_micros)
@@ -104,7 +105,7 @@ def refusal(r: Refusal, call: Call, budgets: list[Budget], now_s: float, floor_m
         f"{what} would be exceeded: spent ${spent}, held by calls in flight ${held}, this call holds up to ${this}."
     )
     headers = {}
-    reset = window_end(period if period in ("day", "week", "month") else None, now_s)  # type: ignore[arg-type]
+    reset = window_end(as_period(period), now_s)
     if reset is not None:
         message += f" The window resets at {format_ms(to_ms(reset))}."
         headers["Retry-After"] = str(max(1, int(reset.timestamp() - now_s) + 1))
@@ -117,12 +118,12 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     """One bare JSON object per guarded call on `spend_guard.access`; never a secret."""
     record = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "request_id": echo(call.request_id),
+        "request_id": excerpt(call.request_id),
         "decision": call.decision,
         "scope": call.scope or None,
         "key": call.key_name,
-        "route": echo(call.route),
-        "model": None if call.model is None else echo(call.model),
+        "route": excerpt(call.route),
+        "model": None if call.model is None else excerpt(call.model),
         "hold_usd": format_usd(call.hold_micros) if call.hold_micros else None,
         "cost_usd": None if call.cost_micros is None else format_usd(call.cost_micros),
         "outcome": call.outcome or None,
@@ -130,7 +131,7 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
         "latency_ms": round((time.perf_counter() - call.started) * 1000, 1),
         "policy_version": policy.version,
         "client": call.client,
-        "user_agent": None if call.user_agent is None else echo(call.user_agent, 200),
+        "user_agent": None if call.user_agent is None else excerpt(call.user_agent, 200),
     }
     if error:
         record["error"] = error

@@ -2,10 +2,11 @@
 
 Only `model`, `seconds`, `quality`, `size`, `stream` and `max_tokens` are read, from JSON (as
 express.json() reads it) or multipart/form-data (as busboy does; proxy/http/multipart.py). A body we
-cannot read exactly as ImageRouter will is refused (400), never forwarded on a guess (DESIGN §1
-step 3, issue #12). For a text route the reader also takes what bounds the call's tokens
-(issue #15): `max_completion_tokens`, `max_output_tokens`, `n`, and an upper bound on the input's
-size in bytes, with image, audio and file parts counted apart.
+cannot read exactly as ImageRouter will is refused (400), never forwarded on a guess: a guess could
+price one model while the upstream runs another (docs/how-it-works.md). For a text route the
+reader also takes what bounds the call's tokens (docs/text-holds.md): `max_completion_tokens`,
+`max_output_tokens`, `n`, and an upper bound on the input's size in bytes, with image, audio and
+file parts counted apart.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from proxy.errors import Rejected
 from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 
 __all__ = ["PRICE_FIELDS", "PriceFields", "decode_content", "invalid", "read_price_fields"]
 
@@ -54,7 +55,7 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, co
     """Undo a request Content-Encoding the upstream would undo too, bounded: gzip or zlib-wrapped
     deflate on a JSON body, as body-parser does. multer undoes none: ImageRouter would parse a
     compressed form's raw bytes (a gzip header's comment can hold a whole other form), so an
-    encoded multipart body is refused (issue #12)."""
+    encoded multipart body is refused."""
     encoding = (content_encoding or "identity").strip().lower()
     if encoding in ("", "identity"):
         return body
@@ -63,7 +64,7 @@ def decode_content(body: bytes, content_encoding: str | None, max_bytes: int, co
             "ImageRouter reads a multipart body without undoing its Content-Encoding; send the form uncompressed."
         )
     if encoding not in ("gzip", "deflate"):
-        raise invalid(f"Request Content-Encoding '{echo(encoding, 40)}' is not supported; use gzip or deflate.")
+        raise invalid(f"Request Content-Encoding '{excerpt(encoding, 40)}' is not supported; use gzip or deflate.")
     wbits = 16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS  # deflate: zlib-wrapped, as Node's inflate
     out = bytearray()
     data = body
@@ -90,8 +91,8 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
     """Pull the pricing fields out of a JSON or multipart body, or raise `Rejected(400)`.
 
     The guard prices what ImageRouter's own parsers will read (express.json(), multer over
-    busboy; reference/imagerouter-api.md §9), or refuses: issue #12. `text`: a text route's
-    call, whose input size is measured too (issue #15)."""
+    busboy; docs/imagerouter-api.md), or refuses. `text`: a text route's call, whose input size
+    is measured too (docs/text-holds.md)."""
     if content_type is None:
         raise invalid(
             "Request has no Content-Type, so its body was not read as JSON; send Content-Type: application/json "
@@ -119,7 +120,7 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
             "or multipart/form-data."
         )
     raise invalid(
-        f"Request body was sent as '{echo(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
+        f"Request body was sent as '{excerpt(ctype.head, 60)}', so it was not read as JSON; send Content-Type: "
         "application/json or multipart/form-data."
     )
 
@@ -130,7 +131,7 @@ def _from_json(body: bytes, params: dict[str, str]) -> tuple[dict[str, object], 
     # of duplicate keys wins (as in a dict), `\u` escapes decode, NaN/Infinity are not JSON.
     charset = params.get("charset", "utf-8").lower()
     if charset != "utf-8":
-        raise invalid(f"JSON charset '{echo(charset)}' is not supported by the spend guard; send UTF-8.")
+        raise invalid(f"JSON charset '{excerpt(charset)}' is not supported by the spend guard; send UTF-8.")
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]
     try:

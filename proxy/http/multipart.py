@@ -1,9 +1,9 @@
 """Read a multipart/form-data body as ImageRouter's parser does, or refuse it.
 
-ImageRouter runs multer 2.0.2 over busboy 1.6 (reference/imagerouter-api.md §9). The guard reads
+ImageRouter runs multer 2.0.2 over busboy 1.6 (docs/imagerouter-api.md). The guard reads
 the same fields busboy reads, and refuses with 400 whatever busboy and a more lenient parser (an
 RFC 2046 one, Python's, a WAF's) could read differently, so no spelling of a body makes the guard
-price one model while the upstream runs another (issue #12). Refused:
+price one model while the upstream runs another. Refused:
 
 - a delimiter `--BOUNDARY` anywhere but at the start of the body or right after CRLF (also in
   the preamble, in part data, and in the epilogue after the close delimiter);
@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 
 from proxy.errors import Rejected
-from proxy.untrusted import echo
+from proxy.untrusted import excerpt
 
 PRICE_FIELDS = frozenset({"model", "seconds", "quality", "size", "stream", "max_tokens"})
 # RFC 9110 tchar: busboy's TOKEN table, media-typer's and content-type's token.
@@ -88,7 +88,7 @@ def parse_header_value(text: str, *, media_type: bool, tabs: bool, what: str) ->
         if i == n:
             return HeaderValue(head, params, frozenset(extended))
         if text[i] != ";":
-            raise invalid(f"{what} is malformed after '{echo(text[:i])}'.")
+            raise invalid(f"{what} is malformed after '{excerpt(text[:i])}'.")
         i += 1
         while i < n and text[i] in ws:
             i += 1
@@ -112,7 +112,7 @@ def parse_header_value(text: str, *, media_type: bool, tabs: bool, what: str) ->
                 raise invalid(f"{what} has a parameter without a value.")
             value = text[start:i]
         if name in params:
-            raise invalid(f"{what} gives the parameter '{echo(name)}' more than once.")
+            raise invalid(f"{what} gives the parameter '{excerpt(name)}' more than once.")
         params[name] = value
 
 
@@ -242,7 +242,7 @@ def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
             raise invalid("multipart part has a malformed header line.")
         key = line[:name_end].decode("ascii").lower()
         if key in headers:
-            raise invalid(f"multipart part gives the header '{echo(key)}' more than once.")
+            raise invalid(f"multipart part gives the header '{excerpt(key)}' more than once.")
         headers[key] = line[name_end + 1 :].decode("latin-1").lstrip(" \t")
     disposition = headers.get("content-disposition")
     if disposition is None:
@@ -258,13 +258,15 @@ def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
         raise invalid("multipart part has no name.")  # multer refuses it too (MISSING_FIELD_NAME)
     root = name.split("[", 1)[0]
     if root in PRICE_FIELDS and name != root:
-        raise invalid(f"Form field '{echo(name)}' would be read as '{root}' by the upstream (multer's bracket syntax).")
+        raise invalid(
+            f"Form field '{excerpt(name)}' would be read as '{root}' by the upstream (multer's bracket syntax)."
+        )
     if name not in PRICE_FIELDS:
         is_file = (
             "filename" in disp.params or "filename*" in disp.params or _media(headers) == "application/octet-stream"
         )
         if not is_file and end - head_end - 4 >= MAX_FIELD_BYTES:
-            raise invalid(f"Form field '{echo(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
+            raise invalid(f"Form field '{excerpt(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
         return None
     if disp.extended:
         # busboy drops the whole part when it cannot decode an RFC 2231 value; others do not.
@@ -292,7 +294,7 @@ def _field_value(name: str, raw: bytes, headers: dict[str, str], disp: HeaderVal
     codec = _CHARSETS.get(charset)
     if codec is None:
         raise invalid(
-            f"Form field '{name}' has charset '{echo(charset)}'; "
+            f"Form field '{name}' has charset '{excerpt(charset)}'; "
             "the spend guard reads price fields in utf-8 or us-ascii only."
         )
     encoding = headers.get("content-transfer-encoding")

@@ -2,7 +2,7 @@
 
 uvicorn times out idle kept-alive connections, but not a request head that arrives slowly (or never
 arrives), and its `limit_concurrency` still accepts every connection. `GuardedHttpProtocol` is its
-httptools protocol with both bounds (issue 13, item 5):
+httptools protocol with both bounds (docs/failure-modes.md):
 
 - a request head must be complete within `head_timeout_s` of its first byte (or of the connection,
   for the first request): past it the client gets a 408 in the error envelope and the connection
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import resource
 from typing import Any
@@ -31,7 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.deadlines import unwatch, watch
-from proxy.errors import UpstreamBroken
+from proxy.errors import UpstreamBroken, render_envelope
 from proxy.http.upstream import ABORT_EXTENSION, ClientStalled
 from proxy.logs import LogFormat, uvicorn_log_config
 from proxy.settings import Settings
@@ -47,13 +46,15 @@ TALLY_FIRST_S = 2.0
 
 
 @functools.lru_cache(maxsize=1)
-def _limits() -> Settings:
+def _worker_settings() -> Settings:
     # Workers are started by uvicorn in factory mode: the CLI passed its options in SPEND_GUARD_*.
     return Settings.from_env()
 
 
 def _raw_response(status: bytes, error_type: str, message: str, extra: bytes = b"") -> bytes:
-    body = json.dumps({"error": {"message": message, "type": error_type}}).encode()
+    """A whole HTTP/1.1 response carrying the error envelope, written to a connection before (or
+    instead of) the ASGI app."""
+    body = render_envelope(error_type, message)
     return (
         b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
         + str(len(body)).encode() + b"\r\nconnection: close\r\n" + extra + b"\r\n" + body
@@ -126,7 +127,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         _loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
-        limits = _limits()
+        limits = _worker_settings()
         self.head_timeout_s = limits.head_timeout_s
         self.max_connections = limits.max_connections
         self.limit_concurrency = None  # this class's own cap replaces uvicorn's

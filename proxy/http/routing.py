@@ -5,8 +5,8 @@ path may reach it spelled many ways. We match on one canonical form so that no s
 a spending route unguarded; an encoded `/` or `\\` is ambiguous and refused. So is, on every
 method, a path that still holds a percent-escape after one decode and names a spending route
 once decoded further (`/v1/openai/images/%2567enerations`): Express decodes once, but any layer
-in between that decodes twice would turn it into an unguarded spending call (issue #12). The
-request itself is forwarded exactly as received (DESIGN §1 step 1).
+in between that decodes twice would turn it into an unguarded spending call. The request itself
+is forwarded exactly as received (docs/how-it-works.md).
 """
 
 from __future__ import annotations

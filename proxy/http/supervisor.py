@@ -4,7 +4,7 @@ uvicorn's `Multiprocess` handles signals from its main loop, one at a time. SIGH
 restart there (for each worker: start a replacement, wait until it is ready, SIGTERM the old one
 and wait while it drains its calls for up to `shutdown_grace_s`), so a SIGTERM that arrived
 meanwhile waited for every remaining worker to be replaced and drained in turn: up to N grace
-periods (issue 13, item 9). Here SIGTERM and SIGINT also raise a flag the restart checks between
+periods. Here SIGTERM and SIGINT also raise a flag the restart checks between
 steps and while it waits: the restart stops where it is, and every worker (a draining old one
 included) drains in parallel, so a stop takes at most one `shutdown_grace_s` (plus exit time).
 """

@@ -51,7 +51,7 @@ _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
 class ClientStalled(Exception):
     """A client stopped reading a guarded response until `upstream.timeout_s` ran out: raised after
-    its connection was dropped, so the call ends and settles (issue 13, item 7)."""
+    its connection was dropped, so the call ends and settles."""
 
 
 def abort_client(scope: Mapping[str, Any]) -> None:

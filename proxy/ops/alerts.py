@@ -1,10 +1,10 @@
-"""Threshold alerts (issue 17): decided on the settle path, exactly once per (scope, window,
+"""Threshold alerts (docs/alerts.md): decided on the settle path, exactly once per (scope, window,
 threshold) across every instance and restart, and sent by webhook (proxy/ops/webhooks.py).
 
 `Runtime.settle` calls `touched(key name)` after the store took the charge: it adds the name to
 a set (bounded by the policy's keys; a burst of settles collapses into one evaluation) and wakes
 the background loop, so a settle never waits on alerts. The loop reads the touched scopes' levels
-in one round trip (`report.read_levels`, the guard's own rules) and asks the store to claim the
+in one round trip (`ops.levels.read_levels`, the guard's own rules) and asks the store to claim the
 marks the levels call for (`Store.alert_marks`); only a claimed mark becomes an event. Every
 SWEEP_S the loop evaluates every scope, which sends what no settle triggers: a new window's
 `budget.recovered`, credits topped up, a key nearing expiry, and what a reclaim or a deferred
@@ -30,7 +30,6 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -39,27 +38,17 @@ from proxy.deadlines import deadline_at
 from proxy.errors import StoreError
 from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
-from proxy.ops.levels import budget_level, read_levels
+from proxy.ops.levels import ScopeLevel, budget_level, read_levels
 from proxy.ops.webhooks import Deliveries, endpoints
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.records import Levels, MarkRequest, RowLevel
+from proxy.types import as_period
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 log = logging.getLogger("spend_guard.alerts")
 SWEEP_S = 30.0
 DAY_MS = 86_400_000
 PPM = 1_000_000
-
-
-@dataclass(frozen=True)
-class Level:
-    """One scope that can cross thresholds: a key's ImageRouter limit or a local budget."""
-
-    scope: str
-    limit_micros: int
-    spent_micros: int
-    held_micros: int
-    period: str | None
 
 
 class Alerts:
@@ -150,26 +139,26 @@ class Alerts:
     @staticmethod
     def _levels(
         keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
-    ) -> list[Level]:
+    ) -> list[ScopeLevel]:
+        """The scopes that can cross thresholds: each key's ImageRouter limit and each local budget."""
         found = []
         for key in keys:
             row = levels.rows.get(refs.get(key.name) or "")
             if isinstance(row, RowLevel) and row.limit_micros is not None and levels.fetched_ms is not None:
                 scope = f"key:{key.name}:{row.period or 'lifetime'}"
-                found.append(Level(scope, row.limit_micros, row.spent_micros, row.held_micros, row.period))
-        for budget in budgets:
-            b = budget_level(budget, levels)
-            found.append(Level(b.scope, b.limit_micros, b.spent_micros, b.held_micros, b.period))
+                period = as_period(row.period)
+                found.append(ScopeLevel(scope, row.limit_micros, row.spent_micros, row.held_micros, period))
+        found += [budget_level(budget, levels) for budget in budgets]
         return found
 
-    async def _scope(self, policy: Policy, level: Level, now_s: float) -> list[dict[str, Any]]:
+    async def _scope(self, policy: Policy, level: ScopeLevel, now_s: float) -> list[dict[str, Any]]:
         crossed = [
             t
             for t in policy.alerts.thresholds
             if level.limit_micros > 0 and level.spent_micros * PPM >= round(t * PPM) * level.limit_micros
         ]
-        start_ms = window_start_ms(level.period, now_s)  # type: ignore[arg-type]
-        end = window_end(level.period, now_s)  # type: ignore[arg-type]
+        start_ms = window_start_ms(level.period, now_s)
+        end = window_end(level.period, now_s)
         end_ms = 0 if end is None else to_ms(end)
         request = MarkRequest(
             start_ms,
@@ -232,7 +221,7 @@ class Alerts:
         low = credits < line
         request = MarkRequest(0, 0, int(now_s * 1000), claim=("low",) if low else (), release=() if low else ("low",))
         marks = await self.rt.store.alert_marks("account", request)
-        level = Level("account", 0, levels.account.charged_micros, levels.account.held_micros, None)
+        level = ScopeLevel("account", 0, levels.account.charged_micros, levels.account.held_micros)
         extra = {"credits_usd": format_usd(credits), "threshold_usd": format_usd(line), "limit_usd": None}
         window = {"window_start": None, "resets_at": None}
         if "low" in marks.claimed:
@@ -261,7 +250,7 @@ class Alerts:
             request = MarkRequest(0, row.expires_ms + DAY_MS, now_ms, claim=(f"exp:{row.expires_ms}",))
             if (await self.rt.store.alert_marks(f"key:{key.name}", request)).claimed:
                 limit = row.limit_micros or 0
-                level = Level(f"key:{key.name}", limit, row.spent_micros, row.held_micros, row.period)
+                level = ScopeLevel(f"key:{key.name}", limit, row.spent_micros, row.held_micros, as_period(row.period))
                 expires = format_ms(row.expires_ms)
                 verb = "expired" if row.expires_ms <= now_ms else "expires"
                 message = f"ImageRouter key of {key.name} {verb} at {expires}"
@@ -286,14 +275,13 @@ class Alerts:
         self,
         policy: Policy,
         kind: str,
-        level: Level,
+        level: ScopeLevel,
         threshold: float | None,
         now_s: float,
         window: dict[str, Any],
         message: str,
         **extra: Any,
     ) -> dict[str, Any]:
-        remaining = max(0, level.limit_micros - level.spent_micros - level.held_micros)
         event: dict[str, Any] = {
             "id": "msg_" + uuid.uuid4().hex,
             "type": kind,
@@ -304,7 +292,7 @@ class Alerts:
             "limit_usd": format_usd(level.limit_micros),
             "spent_usd": format_usd(level.spent_micros),
             "held_usd": format_usd(level.held_micros),
-            "remaining_usd": format_usd(remaining),
+            "remaining_usd": format_usd(level.remaining_micros),
             "policy_version": policy.version,
             "message": message,
             **window,

@@ -1,4 +1,4 @@
-"""Budget levels as Prometheus gauges, read from the store when scraped (issue 17).
+"""Budget levels as Prometheus gauges, read from the store when scraped (docs/monitoring.md).
 
 Every instance reports the same numbers `/-/me` and the guard use: one `levels` read of the
 whole policy per scrape. Scope labels are spelled as refusals spell them (`account`,

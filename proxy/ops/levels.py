@@ -17,13 +17,12 @@ from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.contract import Ledger
 from proxy.store.records import Levels, RowLevel, row_ref
-from proxy.windows import format_ms, to_ms, window_end, window_start_ms
+from proxy.types import Period, as_period
+from proxy.windows import format_ms, to_ms, window_end, window_starts_ms
 
-PERIOD_NAMES = ("day", "week", "month")
 
-
-def _reset(period: str | None, now_s: float) -> str | None:
-    end = window_end(period if period in PERIOD_NAMES else None, now_s)  # type: ignore[arg-type]
+def _reset(period: Period | None, now_s: float) -> str | None:
+    end = window_end(period, now_s)
     return None if end is None else format_ms(to_ms(end))
 
 
@@ -35,7 +34,7 @@ class ScopeLevel:
     limit_micros: int
     spent_micros: int
     held_micros: int
-    period: str | None = None  # None: no reset (lifetime, account)
+    period: Period | None = None  # None: no reset (lifetime, account)
     mode: str | None = None  # budgets only: enforce or shadow
 
     @property
@@ -64,12 +63,12 @@ def account_level(policy: Policy, levels: Levels) -> ScopeLevel:
     )
 
 
-def row_scope(level: RowLevel | str | None) -> ScopeLevel | None:
+def key_limit_level(level: RowLevel | str | None) -> ScopeLevel | None:
     """The key's ImageRouter spend limit, if its row has one."""
     if not isinstance(level, RowLevel) or level.limit_micros is None:
         return None
     name = f"key:{level.period or 'lifetime'}"
-    return ScopeLevel(name, level.limit_micros, level.spent_micros, level.held_micros, level.period)
+    return ScopeLevel(name, level.limit_micros, level.spent_micros, level.held_micros, as_period(level.period))
 
 
 def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
@@ -86,8 +85,8 @@ async def read_levels(
     """One round trip: the key rows of `keys` and every budget in `budgets`, in their windows."""
     refs = {key.name: row_ref(key.api_key_id, key.api_key_name) for key in keys if key is not None}
     holds = {hold.id: hold for hold in budget_holds(list(budgets), now_s)}
-    windows = (window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s))
-    return await store.levels(sorted({r for r in refs.values() if r}), list(holds.values()), windows), refs
+    rows = sorted({r for r in refs.values() if r})
+    return await store.levels(rows, list(holds.values()), window_starts_ms(now_s)), refs
 
 
 async def scopes_for(store: Ledger, policy: Policy, key: KeyPolicy | None, now_s: float) -> dict[str, Any]:
@@ -120,7 +119,7 @@ def key_report(
         scopes.append(
             account_level(policy, levels).as_json(now_s, floor_usd=floor, snapshot_at=format_ms(levels.fetched_ms))
         )
-        if (limit := row_scope(row)) is not None:
+        if (limit := key_limit_level(row)) is not None:
             scopes.append(limit.as_json(now_s))
     scopes += [budget_level(budget, levels).as_json(now_s) for budget in budgets]
     result: dict[str, Any] = {
@@ -146,7 +145,7 @@ async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list
     found = [account_level(policy, levels)]
     for key in policy.keys:
         ref = refs.get(key.name)
-        if (limit := row_scope(levels.rows.get(ref) if ref else None)) is not None:
+        if (limit := key_limit_level(levels.rows.get(ref) if ref else None)) is not None:
             found.append(
                 ScopeLevel(
                     f"key:{key.name}:{limit.period or 'lifetime'}",
@@ -169,7 +168,7 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
     if key is None and policy.guard.unknown_keys == "reject":
         raise Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
     if key is None and not policy.guard.show_account_to_unknown_keys:
-        # Any made-up token gets here: it learns nothing about the account (issue 16).
+        # Any made-up token gets here, so it must learn nothing about the account.
         return {
             "key": None,
             "scopes": [],

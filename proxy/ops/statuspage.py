@@ -1,4 +1,4 @@
-"""`/-/status` and `/-/status.json`: a page an operator opens in a browser (issue 17, part 4).
+"""`/-/status` and `/-/status.json`: a page an operator opens in a browser (docs/status-page.md).
 
 One self-contained HTML file (proxy/ops/static/status.html: inline CSS and JS, no build step, nothing
 fetched from elsewhere) that fetches `/-/status.json` and redraws itself every few seconds. The
@@ -29,7 +29,7 @@ from starlette.responses import HTMLResponse, PlainTextResponse, Response
 
 from proxy import __version__
 from proxy.errors import StoreError, error_response
-from proxy.guard.refusals import RecentRefusals
+from proxy.guard.recent_refusals import RecentRefusals
 from proxy.money import format_usd
 from proxy.ops.levels import ScopeLevel, every_level
 from proxy.policy.model import Policy
@@ -104,7 +104,7 @@ async def _alerts_sent(
 ) -> list[dict[str, Any]] | None:
     """The alerts claimed (so sent, by whichever instance) in each scope's current window, newest
     first; None when they cannot be read."""
-    scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]  # type: ignore[arg-type]
+    scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]
     scopes.append(("account", 0))  # credits.low
     scopes += [(f"key:{key.name}", 0) for key in policy.keys]  # key.expiring
     try:

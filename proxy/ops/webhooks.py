@@ -1,4 +1,4 @@
-"""Alert delivery by webhook (issue 17): a JSON POST signed per Standard Webhooks, sent in the
+"""Alert delivery by webhook (docs/alerts.md): a JSON POST signed per Standard Webhooks, sent in the
 background with retries and backoff, never on a guarded call's path.
 
 Signing (https://www.standardwebhooks.com, spec §"Verifying webhook authenticity"): headers

@@ -32,13 +32,13 @@ from proxy.policy.model import (
     KeyPolicy,
     ModelRules,
     ModelsPolicy,
-    Period,
     Policy,
     RoutePolicy,
     TextRate,
     UpstreamPolicy,
     WebhookPolicy,
 )
+from proxy.types import Period
 
 # --- building: one _Builder per load, fed each file in order -----------------------------------
 

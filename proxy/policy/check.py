@@ -1,4 +1,4 @@
-"""Policy validation: strict YAML parsing and one check per value (the builder is policy_build.py).
+"""Policy validation: strict YAML parsing and one check per value (the builder is build.py).
 
 Every problem is collected (never the first only) as `<file>: <location>: <message>`; see
 `proxy.policy.load.load_policy`, the public entry point.
@@ -25,8 +25,8 @@ from proxy.policy.model import (
     NAME_RE,
     SECTIONS,
     SHA256_RE,
-    Period,
 )
+from proxy.types import PERIODS, ROUTE_KINDS, Period, is_period
 
 # --- YAML -----------------------------------------------------------------------------------
 
@@ -189,9 +189,9 @@ def _choice(label: str, options: Sequence[str]) -> _Check:
 def _period(value: object) -> Period | None:
     if value is None or value == "lifetime":
         return None
-    if value == "day" or value == "week" or value == "month":
+    if is_period(value):
         return value
-    raise _Invalid(f"unknown period {_show(value)}; expected day, week, month, lifetime or null")
+    raise _Invalid(f"unknown period {_show(value)}; expected {', '.join(PERIODS)}, lifetime or null")
 
 
 def glob_problem(glob: str) -> str | None:
@@ -328,13 +328,14 @@ FIELDS: Mapping[str, _Spec] = {
         "max_request_usd": ("max_request_micros", _optional_money),
         "text_media_input_tokens": ("text_media_input_tokens", _tokens),
     },
-    # One `models.text_rates` entry. These names are a contract other tools rely on (issue #15).
+    # One `models.text_rates` entry (docs/text-holds.md). These names are a contract operators'
+    # files and other tools rely on: keep them.
     "text_rate": {
         "input_usd_per_mtok": ("input_micros_per_mtok", _money),
         "output_usd_per_mtok": ("output_micros_per_mtok", _money),
         "max_output_tokens": ("max_output_tokens", _tokens),
     },
-    # `alerts:` (issue 17). These names are a contract: keep them.
+    # `alerts:` (docs/alerts.md). These names are a contract operators' files rely on: keep them.
     "alerts": {
         "credits_below_usd": ("credits_below_micros", _optional_money),
         "key_expiry_days": ("key_expiry_days", _optional(_positive_s)),
@@ -343,11 +344,12 @@ FIELDS: Mapping[str, _Spec] = {
         "url": ("url", webhook_url),
         "secret_env": ("secret_env", _optional(_secret_env)),
     },
-    # `admin:` enables /-/status (issue 17): the sha256 of the token a browser sends as its password.
+    # `admin:` enables /-/status (docs/status-page.md): the sha256 of the token a browser sends as
+    # its password.
     "admin": {"token_sha256": ("token_sha256", _sha256)},
     "route": {
         "path": ("path", _route_path),
-        "kind": ("kind", _choice("route kind", ("image", "video", "text"))),
+        "kind": ("kind", _choice("route kind", ROUTE_KINDS)),
         "enabled": ("enabled", _bool),
     },
     "budget": {

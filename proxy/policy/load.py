@@ -1,7 +1,7 @@
-"""Loading a policy: read the files, parse, check and build (policy_check, policy_build), and
-hand back the data model of policy.py. Each module imports only downwards:
+"""Loading a policy: read the files, parse, check and build (check.py, build.py), and hand back
+the data model of model.py. Each module of `proxy.policy` imports only downwards:
 
-    policy_load  ->  policy_build  ->  policy_check  ->  policy (the data model)
+    load  ->  build  ->  check  ->  model (the data model)
 """
 
 from __future__ import annotations

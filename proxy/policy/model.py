@@ -1,7 +1,7 @@
 """The policy's data model: frozen dataclasses, and the defaults (`default_policy`).
 
-Loading lives in policy_load.py (files, merge, version), checking values in policy_check.py and
-building these dataclasses in policy_build.py; each imports only downwards, ending here.
+Loading lives in load.py (files, merge, version), checking values in check.py and building these
+dataclasses in build.py; each imports only downwards, ending here (docs/policies.md).
 A policy path is one file or a directory whose `*.yaml` / `*.yml` files are merged in sorted order.
 Unknown keys, wrong types and impossible values are all collected in one pass and raised as one
 `PolicyError`, each line `<file>: <location>: <message>` naming the bad value, so a typo never
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Literal
 
-Period = Literal["day", "week", "month"]
+from proxy.types import Period, RouteKind
+
 Mode = Literal["enforce", "shadow"]
-RouteKind = Literal["image", "video", "text"]
 
 DEFAULT_ROUTES: tuple[tuple[str, RouteKind], ...] = (
     ("/v1/openai/images/generations", "image"),
@@ -127,8 +127,8 @@ class WebhookPolicy:
 
 @dataclass(frozen=True, slots=True)
 class AlertsPolicy:
-    """`alerts:` (issue 17). These YAML names are a contract: thresholds, credits_below_usd,
-    key_expiry_days, webhooks."""
+    """`alerts:` (docs/alerts.md). These YAML names are a contract operators' files rely on:
+    thresholds, credits_below_usd, key_expiry_days, webhooks."""
 
     thresholds: tuple[float, ...] = DEFAULT_THRESHOLDS  # fractions of a scope's limit, ascending
     credits_below_micros: int | None = None
@@ -139,7 +139,7 @@ class AlertsPolicy:
 @dataclass(frozen=True, slots=True)
 class AdminPolicy:
     """`admin:` enables `/-/status`: a browser sends the admin token as its HTTP Basic password;
-    only its sha256 is in the policy (issue 17)."""
+    only its sha256 is in the policy (docs/status-page.md)."""
 
     token_sha256: str
 

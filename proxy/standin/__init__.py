@@ -8,7 +8,7 @@ upstream, and the upstream of `spend-guard serve --demo` (proxy/commands/demo.py
 
 The server runs an aiohttp low-level `web.Server` on its own event loop in its own thread, so sync
 tests (starlette `TestClient`), async tests and proxy subprocesses can all use it. It behaves like
-the real upstream where the proxy depends on it (docs/reference imagerouter-api.md §2-5):
+the real upstream where the proxy depends on it (docs/imagerouter-api.md):
 
 - generation routes pre-charge `price.max` (`ceil(usd * 10000)` units of $0.0001, float artefact
   included, as ImageRouter computes it), answer `200` + `Content-Type: application/json` and

@@ -160,7 +160,7 @@ class Generation:
         finally:
             with self._cond:
                 if not settled:
-                    # The upstream finishes a generation without its client (reference §6.2).
+                    # ImageRouter finishes a generation without its client, and bills it.
                     self._bill(token, final_micros - hold)
                     settled = True
                 self.active_streams -= 1

@@ -55,18 +55,18 @@ class ReserveRequest:
 
 
 @dataclass(frozen=True)
-class Refusal:
+class ScopeRefusal:
     code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled, row_unreadable
     scope: str  # "key", "account", "key:<period>", "budget:<id>"
     limit_micros: int
     spent_micros: int
     held_micros: int
-    # The scope as values, read once from the script's answer (Refusal.of), never parsed again:
+    # The scope as values, read once from the script's answer (ScopeRefusal.of), never parsed again:
     period: str | None = None  # key_limit: the key row's period ("day", "week", "month", "lifetime")
     budget: str | None = None  # budget: the budget's counter id
 
     @classmethod
-    def of(cls, code: str, scope: str, limit: int, spent: int, held: int) -> Refusal:
+    def of(cls, code: str, scope: str, limit: int, spent: int, held: int) -> ScopeRefusal:
         """A refusal as reserve.lua spells it (`key:<period>`, `budget:<counter>`), typed."""
         kind, _, rest = scope.partition(":")
         period = rest if code == "key_limit" and kind == "key" else None
@@ -86,7 +86,7 @@ class Reclaimed:
 @dataclass(frozen=True)
 class Decision:
     allowed: bool
-    refusal: Refusal | None = None  # when allowed, a shadow refusal ("would refuse") or None
+    refusal: ScopeRefusal | None = None  # when allowed, a shadow refusal ("would refuse") or None
     tight_scope: str = ""
     tight_remaining_micros: int = -1
     reclaimed: Reclaimed = Reclaimed()

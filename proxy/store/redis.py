@@ -31,10 +31,10 @@ from proxy.store.records import (
     MarkRequest,
     Marks,
     Reclaimed,
-    Refusal,
     ReserveRequest,
     RowLevel,
     RowState,
+    ScopeRefusal,
     ScopeUsage,
     Snapshot,
     counters_of,
@@ -274,11 +274,11 @@ class Store:
             reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
         values = [_text(v) if isinstance(v, bytes) else v for v in reply]
         if values[0] == 0:
-            refused = Refusal.of(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
+            refused = ScopeRefusal.of(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
             return Decision(False, refused, reclaimed=reclaimed)
         shadow_refusal = None
         if values[3]:
-            shadow_refusal = Refusal.of(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
+            shadow_refusal = ScopeRefusal.of(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
         return Decision(True, shadow_refusal, values[1], int(values[2]), reclaimed)
 
     async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:

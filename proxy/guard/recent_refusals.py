@@ -1,4 +1,4 @@
-"""The latest refusals of this process, for `/-/status` (issue 17).
+"""The latest refusals of this process, for `/-/status` (docs/status-page.md).
 
 A small ring in memory, fed where the guard refuses: bounded, so a flood of refused calls costs a
 fixed amount of memory, and per process (a status page shows the instance that answered it). Only
@@ -18,7 +18,10 @@ MAX_RECENT_REFUSALS = 50
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class RecentRefusal:
+    """One refusal as its client was told it (the status page lists these); not the store's
+    `ScopeRefusal`, which is what reserve.lua answers before the guard words a refusal."""
+
     at_s: float
     key: str
     scope: str
@@ -37,12 +40,12 @@ class RecentRefusals:
     """The last `size` refusals, newest first when read."""
 
     def __init__(self, size: int = MAX_RECENT_REFUSALS) -> None:
-        self.ring: collections.deque[Refusal] = collections.deque(maxlen=size)
+        self.ring: collections.deque[RecentRefusal] = collections.deque(maxlen=size)
         self.count = 0  # since start, for "N refused, latest shown"
 
-    def add(self, refusal: Refusal) -> None:
+    def add(self, refusal: RecentRefusal) -> None:
         self.ring.append(refusal)
         self.count += 1
 
-    def latest(self) -> list[Refusal]:
+    def latest(self) -> list[RecentRefusal]:
         return list(reversed(self.ring))
