@@ -261,16 +261,16 @@ class Store:
             req.row_ref or "",
             *req.windows_ms,
             1 if req.shadow else 0,
-            len(req.budgets),
+            self.epoch,
+            1,  # ARGV[13]: look for expired leases first
         ]
-        for b in req.budgets:
+        for b in req.budgets:  # ARGV[14..]: five per budget
             args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
-        args += [self.epoch, 1]
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
         reclaimed = Reclaimed()
         if reply[0] == 2:
             reclaimed = await self.reclaim(req.now_ms, [parse_spec(_text(v)) for v in reply[1]])
-            args[-1] = 0
+            args[12] = 0  # ARGV[13]: the leases were just reclaimed
             reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
         values = [_text(v) if isinstance(v, bytes) else v for v in reply]
         if values[0] == 0:
@@ -457,8 +457,7 @@ class Store:
             req.window_end_ms,
             *req.rate_span_ms,
             len(req.claim),
-            *req.claim,
-            len(req.release),
+            *req.claim,  # the marks to claim, then (the rest of ARGV) the marks to release
             *req.release,
         ]
         claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))

@@ -1,5 +1,10 @@
--- Shared by every script (store.py prepends it, after the key binding `K` from proxy/keys.py):
--- exact integer text, hold records, settle_hold and the key row level.
+-- _common: what every ledger script shares: exact integer text, hold records, settle_hold and
+-- the key row level. Not run alone: proxy/store/scripts.py sends each ledger script as
+--   1. its key binding, `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>` (the account's
+--      fixed keys that script receives first: proxy/store/keyspace.py SCRIPT_KEYS),
+--   2. this file,
+--   3. the script's own file.
+-- An error names the file and its own line (`_common.lua:126`), not the line of the whole text.
 --
 -- Keys: a script touches only keys it received in KEYS. K names the account's fixed keys
 -- (KEYS[1..N_BASE]); a script's own keys follow (each script's header says which).
@@ -96,8 +101,8 @@ local function quarantine(hold_id, rec)
   redis.call("ZREM", K.started, hold_id)
 end
 
--- The budget counters a script received: KEYS[first..] with their specs ("<id>@<window start>",
--- proxy/keys.py spec()) in ARGV[first_arg..], in the same order.
+-- The budget counters a script received: KEYS[first_key..] with their specs ("<id>@<window
+-- start ms>", keyspace.spec() in Python) in ARGV[first_arg..], in the same order.
 local function declared_counters(first_key, first_arg)
   local counters = {}
   for i = first_key, #KEYS do
