@@ -234,7 +234,9 @@ class Store:
         Expired leases are reclaimed first (two more round trips, only when some expired)."""
         counters = counters_of(req.budgets)
         keys: list[str | bytes] = [
-            *self.keys.fixed("reserve"), self.keys.tomb(req.hold_id), *self.keys.budgets(counters)
+            *self.keys.fixed("reserve"),
+            self.keys.tomb(req.hold_id),
+            *self.keys.budgets(counters),
         ]
         args = _reserve_args(req, self.epoch, reclaim_first=True)
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))

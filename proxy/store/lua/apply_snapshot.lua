@@ -1,6 +1,6 @@
 -- apply_snapshot: replace the credits snapshot, and forget charges and holds the upstream now contains.
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["apply_snapshot"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] fetch start (ms, store clock)  ARGV[2] remaining (micros)  ARGV[3] containment margin (ms)
 -- ARGV[4] now (ms, store clock)  ARGV[5..] pairs of row field ("r:<row_ref>"), row value

@@ -2,7 +2,7 @@
 -- reserve.lua enforces (row_level in _common.lua; budgets are their window's counter plus their
 -- holds).
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["levels"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then KEYS[N_BASE + i] the counter of budget i in its window
 -- ARGV[1..3] day, week, month window starts (ms)  ARGV[4] n: how many row refs follow
 -- ARGV[5..4+n] the row refs, then one budget id per budget counter, in KEYS order

@@ -1,6 +1,6 @@
 -- mark_started: record that the upstream answered these holds' calls (it pre-charges first).
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["mark_started"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] containment margin (ms)  ARGV[2..] pairs of hold_id, started_ms
 -- A hold whose call started at least `margin` before the stored snapshot's fetch began is in

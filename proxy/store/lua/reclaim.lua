@@ -2,7 +2,7 @@
 -- upstream may have billed them. Asked for by reserve.lua before it decides. At most 100 holds
 -- a run.
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["reclaim"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then budget counters
 -- ARGV[1] now_ms  ARGV[2..] one spec ("<id>@<window start ms>") per budget counter in KEYS,
 -- in the same order

@@ -1,6 +1,6 @@
 -- reserve: hold `amount` against every scope a request touches, all or nothing.
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["reserve"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then KEYS[N_BASE + 1] this hold's tombstone, then KEYS[N_BASE + 1 + i]
 -- the counter of local budget i in its current window (micro-dollars)
 -- ARGV[1] now_ms  ARGV[2] hold_id  ARGV[3] amount (micros)  ARGV[4] lease_expiry_ms

@@ -1,6 +1,6 @@
 -- settle: end one hold exactly once (settle_hold in _common.lua).
 -- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["settle"]) and
--- _common.lua (proxy/store/scripts.py); errors name this file's own lines.
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then KEYS[N_BASE + 1] the hold's tombstone, then budget counters
 -- ARGV[1] hold_id  ARGV[2] cost (micros; -1 = charge the hold, 0 = release)  ARGV[3] now_ms
 -- ARGV[4] started_ms: when the upstream answered (0 = it did not, or unknown)
