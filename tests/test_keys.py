@@ -14,7 +14,8 @@ import pytest
 from proxy.errors import HoldQuarantined, StoreScriptError
 from proxy.store.keyspace import BASE, SCRIPT_KEYS, Keys
 from proxy.store.records import MarkRequest
-from proxy.store.redis import Script, Store
+from proxy.store.redis import Store
+from proxy.store.scripts import Part, Script
 from tests.test_store import NOW_MS, REF, USD, budget, req, row, snap, windows
 
 # Wraps redis.call for the rest of the chunk: commands whose keys are all their arguments (DEL,
@@ -37,7 +38,7 @@ local redis = setmetatable({call = checked}, {__index = real_redis})
 
 
 def shimmed(script: Script) -> Script:
-    return Script(script.client, SHIM + script.source)
+    return Script(script.client, Part("shim", SHIM), *script.parts)
 
 
 @pytest.fixture
@@ -52,10 +53,10 @@ async def store(store_target):
 
 
 async def test_the_shim_fails_a_script_on_an_undeclared_key(store):
-    probe = shimmed(Script(store.client, 'return redis.call("GET", "sg:{acct}:elsewhere")'))
+    probe = shimmed(Script(store.client, Part("probe.lua", 'return redis.call("GET", "sg:{acct}:elsewhere")')))
     with pytest.raises(StoreScriptError, match="undeclared key sg:{acct}:elsewhere"):
         await store._call(lambda: probe(keys=["sg:{acct}:snap"], args=[]))
-    probe = shimmed(Script(store.client, 'return redis.call("EXISTS", KEYS[1], "sg:{acct}:other")'))
+    probe = shimmed(Script(store.client, Part("probe.lua", 'return redis.call("EXISTS", KEYS[1], "sg:{acct}:other")')))
     with pytest.raises(StoreScriptError, match="undeclared key sg:{acct}:other"):
         await store._call(lambda: probe(keys=["sg:{acct}:snap"], args=[]))
 

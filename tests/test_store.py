@@ -2,19 +2,35 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import datetime as dt
 import hashlib
+import re
 from typing import Any
 
 import fakeredis
 import pytest
 import redis
 
-from proxy.errors import StoreError
+from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.prices import PriceTable
-from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot, row_ref
+from proxy.store.keyspace import SCRIPT_KEYS
+from proxy.store.records import RESERVE_REFUSAL_CODES, BudgetHold, ReserveRequest, RowState, Snapshot, row_ref
 from proxy.store.redis import LOCK_REFRESH, Store
+from proxy.store.scripts import (
+    RESERVE_ALLOWED,
+    RESERVE_RECLAIM_FIRST,
+    RESERVE_REFUSED,
+    ROW_NONE,
+    ROW_OK,
+    ROW_UNREADABLE,
+    SETTLE_GONE,
+    SETTLE_QUARANTINED,
+    Part,
+    Script,
+    lua_source,
+)
 from proxy.windows import to_ms, window_end, window_start_ms
 from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B
 from tests.standin import key_row
@@ -447,6 +463,106 @@ async def test_expired_lease_is_reclaimed_by_the_next_reserve_and_charged_its_ho
     assert (usage["b:b"].charged_micros, usage["b:b"].held_micros) == (700_000, 0)
     assert await store.settle("crashed", 100, NOW_MS + 6_000) is None  # too late: charged once only
     assert await charged(store, "acct") == 700_000
+
+
+# -- hold records, by version ---------------------------------------------------------------
+
+
+async def test_a_tagged_version_2_record_settles_like_an_untagged_one(store):
+    await store.apply_snapshot(snap(rows={REF: row(10 * USD, "day", 0, win("day"))}))
+    b = budget("b", 10 * USD)
+    assert (await store.reserve(req("h", 300_000, row=REF, budgets=(b,)))).allowed
+    record = (await store.client.hget(store.key("holds"), "h")).decode()
+    assert record.count("|") == 6 and not record.startswith("v")  # written untagged (_common.lua says why)
+    await store.client.hset(store.key("holds"), "h", "v2|" + record)
+    assert await store.settle("h", 100_000, NOW_MS + 1_000) == 100_000
+    usage = await store.usage(["acct", f"row:{REF}:{win('day')}"], [b])
+    assert (usage["acct"].charged_micros, usage["acct"].held_micros) == (100_000, 0)
+    assert usage[f"row:{REF}:{win('day')}"].held_micros == 0
+    assert (usage["b:b"].charged_micros, usage["b:b"].held_micros) == (100_000, 0)
+
+
+async def test_a_tagged_version_2_record_is_marked_contained_and_reclaimed(store):
+    await store.apply_snapshot(snap(fetched_ms=NOW_MS - 5_000))
+    assert (await store.reserve(req("h", 300_000, lease_ms=1_000))).allowed
+    record = (await store.client.hget(store.key("holds"), "h")).decode()
+    await store.client.hset(store.key("holds"), "h", "v2|" + record)
+    assert await store.mark_started([("h", NOW_MS + 1)]) == 1
+    await store.apply_snapshot(snap(fetched_ms=NOW_MS + 1_000))  # holds the call's pre-charge
+    assert await held(store, "acct") == 0
+    d = await store.reserve(req("n", 1, NOW_MS + 2_000))
+    assert (d.reclaimed.count, d.reclaimed.micros, d.reclaimed.quarantined) == (1, 300_000, ())
+    assert await charged(store, "acct") == 0  # contained: the snapshot has it already
+
+
+@pytest.mark.parametrize("record", ["v2|300000|0||0|", "v2|", "v3|300000|0||0||0|0", "v2|v2|300000|0||0||0|0"])
+async def test_a_tagged_record_of_another_shape_is_quarantined(store, record):
+    await store.client.hset(store.key("holds"), "bad", record)
+    with pytest.raises(HoldQuarantined):
+        await store.settle("bad", 5, NOW_MS)
+    assert await store.client.hget(store.key("quarantine"), "bad") == record.encode()
+
+
+# -- the scripts as Redis runs them ---------------------------------------------------------
+
+
+def lua_line(name: str, text: str) -> int:
+    """The line of `lua/<name>` that holds `text` (exactly one does)."""
+    found = [i for i, line in enumerate(lua_source(name).splitlines(), 1) if text in line]
+    assert len(found) == 1, (name, text, found)
+    return found[0]
+
+
+async def test_a_script_error_names_the_script_file_and_its_own_line(store):
+    await store.apply_snapshot(snap())
+    # An amount that is not a number fails in reserve.lua itself...
+    with pytest.raises(StoreScriptError) as failed:
+        await store.reserve(req("h", "not-a-number"))  # type: ignore[arg-type]
+    where = f"reserve.lua:{lua_line('reserve.lua', 'local remaining = limit - spent - in_hold - amount')}:"
+    assert where in str(failed.value) and "user_script" not in str(failed.value).replace("@user_script:?", "")
+    # ... a cost that is not a number fails in _common.lua's settle_hold, sent before settle.lua.
+    assert (await store.reserve(req("h", USD))).allowed
+    with pytest.raises(StoreScriptError) as failed:
+        await store.settle("h", "not-a-number", NOW_MS)  # type: ignore[arg-type]
+    assert f"_common.lua:{lua_line('_common.lua', 'if charge < 0 then')}:" in str(failed.value)
+    assert await store.settle("h", USD, NOW_MS) == USD  # nothing was changed by the failed run
+
+
+def test_script_lines_map_to_the_part_they_come_from():
+    script = Script(None, Part("a", "1\n2\n"), Part("b", "3\n"), Part("c", "4\n5"))  # type: ignore[arg-type]
+    assert [script.locate(n) for n in range(1, 6)] == ["a:1", "a:2", "b:1", "c:1", "c:2"]
+    message = 'user_script:4: boom script: 0, on @user_script:2. [string "<python>"]:3: in main chunk'
+    assert script.locate_lines(message) == "c:1: boom script: 0, on @a:2. b:1: in main chunk"
+
+
+def lua_constants(name: str, *names: str) -> dict[str, object]:
+    """The values `lua/<name>` gives `local A, B = 1, 2` for these names (one such line)."""
+    pattern = re.compile(r"^local " + ", ".join(names) + r" = (.+)$", re.M)
+    (values,) = pattern.findall(lua_source(name))
+    return dict(zip(names, (ast.literal_eval(v.strip()) for v in values.split(",")), strict=True))
+
+
+def test_reply_codes_are_spelled_alike_in_the_scripts_and_in_python():
+    reserve = lua_constants("reserve.lua", "REFUSED", "ALLOWED", "RECLAIM_FIRST")
+    assert reserve == {"REFUSED": RESERVE_REFUSED, "ALLOWED": RESERVE_ALLOWED, "RECLAIM_FIRST": RESERVE_RECLAIM_FIRST}
+    settle = lua_constants("settle.lua", "GONE", "QUARANTINED")
+    assert settle == {"GONE": SETTLE_GONE, "QUARANTINED": SETTLE_QUARANTINED}
+    rows = lua_constants("levels.lua", "ROW_NONE", "ROW_UNREADABLE", "ROW_OK")
+    assert rows == {"ROW_NONE": ROW_NONE, "ROW_UNREADABLE": ROW_UNREADABLE, "ROW_OK": ROW_OK}
+    # every code reserve.lua refuses with is named in Python and in its header
+    source = lua_source("reserve.lua")
+    used = set(re.findall(r'return \{REFUSED, "(\w+)"|code = "(\w+)"|consider\("(\w+)"', source))
+    codes = {code for match in used for code in match if code}
+    assert codes == RESERVE_REFUSAL_CODES
+    header = "".join(line for line in source.splitlines(keepends=True) if line.startswith("--"))
+    assert all(code in header for code in RESERVE_REFUSAL_CODES)
+
+
+def test_each_script_header_says_what_is_sent_before_it():
+    for name in SCRIPT_KEYS:
+        header = lua_source(f"{name}.lua").split("\nlocal ", 1)[0]
+        assert f'SCRIPT_KEYS["{name}"]' in header and "_common.lua" in header, name
+    assert "nothing is prepended" in lua_source("alert_marks.lua").split("\nlocal ", 1)[0]
 
 
 # -- snapshots ------------------------------------------------------------------------------

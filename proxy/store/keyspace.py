@@ -2,11 +2,11 @@
 
 All of an account's keys carry the hash tag `{<account>}` (`sg:{main}:holds`), so Redis Cluster
 keeps them on one node and one script may touch several. A script touches only keys it receives
-in KEYS: first the account's fixed keys it uses (`SCRIPT_KEYS`; store.py writes the Lua binding
-`local K = {snap = KEYS[1], ...}` in front of each script from `Keys.lua_binding`, and passes
-`Keys.fixed`, both from that one tuple), then its own (a hold's tombstone, budget counters; each
-script's header says which). A script that would need a counter it was not given says so instead
-of touching it, and the caller runs it again with those keys.
+in KEYS: first the account's fixed keys it uses (`SCRIPT_KEYS`; proxy/store/scripts.py sends the
+Lua binding `local K = {snap = KEYS[1], ...}` in front of each script from `Keys.lua_binding`, and
+the store passes `Keys.fixed`, both from that one tuple), then its own (a hold's tombstone,
+budget counters; each script's header says which). A script that would need a counter it was not
+given says so instead of touching it, and the caller runs it again with those keys.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 # The account's fixed keys (each script receives those of them it uses: SCRIPT_KEYS).
 BASE = (
     "snap",  # hash: the credits snapshot (fetched_ms, remaining, "r:<row_ref>" rows)
-    "holds",  # hash: hold_id -> hold record (see _common.lua)
+    "holds",  # hash: hold_id -> hold record (its versions: parse_hold in _common.lua)
     "held",  # hash: what calls in flight hold, per scope ("acct", "row:<ref>", "b:<budget>")
     "leases",  # sorted set: hold_id by lease expiry (ms)
     "started",  # sorted set: hold_id by when the upstream answered, until a snapshot holds it

@@ -1,6 +1,6 @@
 """The typed values that cross the store's boundary: what a reserve asks and is told, snapshot
-rows, levels, alert marks. store.py turns raw replies into these, so nothing above it sees Redis
-(it re-exports them)."""
+rows, levels, alert marks. proxy/store/scripts.py turns the scripts' raw replies into these, so
+nothing above the store sees Redis."""
 
 from __future__ import annotations
 
@@ -54,9 +54,26 @@ class ReserveRequest:
     budgets: Sequence[BudgetHold] = ()
 
 
+# What reserve.lua refuses for (`ScopeRefusal.code`); its header lists the same codes.
+RESERVE_REFUSAL_CODES = frozenset(
+    {
+        "no_snapshot",  # no credits snapshot is stored yet
+        "stale",  # the snapshot is older than max_staleness_ms (held: its age, ms)
+        "key_inactive",  # the key row is disabled upstream
+        "key_expired",  # the key row's expiry has passed
+        "key_limit",  # the key row's upstream spend limit would be exceeded
+        "credits",  # the account's credits (less the floor) would be exceeded
+        "budget",  # a local budget would be exceeded
+        "cancelled",  # the proxy released this hold before its reserve ran (a tombstone)
+        "row_unreadable",  # the snapshot had the key row but could not read it
+        "state_lost",  # the store lost its local budget state (only calls that touch a local budget)
+    }
+)
+
+
 @dataclass(frozen=True)
 class ScopeRefusal:
-    code: str  # key_inactive, key_expired, key_limit, credits, budget, no_snapshot, stale, cancelled, row_unreadable
+    code: str  # one of RESERVE_REFUSAL_CODES
     scope: str  # "key", "account", "key:<period>", "budget:<id>"
     limit_micros: int
     spent_micros: int

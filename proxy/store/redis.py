@@ -1,8 +1,10 @@
-"""The only module that talks to Redis: the Lua scripts and typed results.
+"""The only module that talks to Redis: the store's operations, each one round trip (mostly a
+Lua script: proxy/store/scripts.py sends them and reads their replies).
 
-Key names come from proxy/store/keyspace.py (one builder; every script receives each key it touches in
-KEYS). Amounts are integer micro-dollars. Driver errors leave this module as `StoreError`
-(DESIGN §3).
+Key names come from proxy/store/keyspace.py (one builder; every script receives each key it
+touches in KEYS). Amounts are integer micro-dollars. Driver errors leave this module as
+`StoreError`, so the guard decides fail-open or fail-closed from one setting (`on_store_error`);
+a script Redis ran and refused is `StoreScriptError`.
 """
 
 from __future__ import annotations
@@ -11,8 +13,6 @@ import asyncio
 import collections
 import contextlib
 import functools
-import hashlib
-import importlib.resources
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -23,7 +23,7 @@ import redis.exceptions
 from proxy.deadlines import deadline
 from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
 from proxy.prices import PriceTable
-from proxy.store.keyspace import Keys, parse_spec, spec
+from proxy.store.keyspace import Keys, spec
 from proxy.store.records import (
     BudgetHold,
     Decision,
@@ -32,12 +32,21 @@ from proxy.store.records import (
     Marks,
     Reclaimed,
     ReserveRequest,
-    RowLevel,
     RowState,
-    ScopeRefusal,
     ScopeUsage,
     Snapshot,
     counters_of,
+)
+from proxy.store.scripts import (
+    RESERVE_RECLAIM_FIRST,
+    SETTLE_QUARANTINED,
+    as_text,
+    budget_level_of,
+    counters_named,
+    decision_of,
+    ledger_script,
+    lone_script,
+    row_level_of,
 )
 
 T = TypeVar("T")
@@ -58,30 +67,10 @@ MAX_CONCURRENT_OPS = 64
 # How long a burst may wait for a free slot; each operation then has STORE_TIMEOUT_S of its own.
 QUEUE_TIMEOUT_S = 10.0
 # A call the upstream answered this long before a credits fetch began is in that snapshot: the
-# upstream pre-charges before it answers (reference §4). The margin covers what is left of clock
-# differences between instances once each measures its offset to the store's clock.
+# upstream pre-charges a call before it answers it (docs/imagerouter-api.md). The margin covers
+# what is left of clock differences between instances once each measures its offset to the
+# store's clock.
 CONTAIN_MARGIN_MS = 250
-
-
-def _lua(name: str) -> str:
-    return (importlib.resources.files("proxy.store") / "lua" / name).read_text(encoding="utf-8")
-
-
-class Script:
-    """A Lua script run with EVALSHA, loaded again if Redis lost its script cache (a restart or
-    SCRIPT FLUSH): NOSCRIPT means it did not run, so the retry cannot apply it twice."""
-
-    def __init__(self, client: aioredis.Redis, source: str) -> None:
-        self.client = client
-        self.source = source
-        self.sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def __call__(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
-        try:
-            return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
-        except redis.exceptions.NoScriptError:
-            await self.client.script_load(self.source)
-            return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
 
 
 class Store:
@@ -95,18 +84,13 @@ class Store:
         self._in_flight = 0  # operations holding one of the MAX_CONCURRENT_OPS slots
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failing = False  # the last operation failed: don't queue behind a dead store
-        common = _lua("_common.lua")
-
-        def script(name: str) -> Script:  # its key binding, the shared functions, its own body
-            return Script(client, Keys.lua_binding(name) + common + _lua(f"{name}.lua"))
-
-        self.lua_reserve = script("reserve")
-        self.lua_reclaim = script("reclaim")
-        self.lua_settle = script("settle")
-        self.lua_mark_started = script("mark_started")
-        self.lua_apply_snapshot = script("apply_snapshot")
-        self.lua_levels = script("levels")
-        self.lua_alert_marks = Script(client, _lua("alert_marks.lua"))
+        self.lua_reserve = ledger_script(client, "reserve")
+        self.lua_reclaim = ledger_script(client, "reclaim")
+        self.lua_settle = ledger_script(client, "settle")
+        self.lua_mark_started = ledger_script(client, "mark_started")
+        self.lua_apply_snapshot = ledger_script(client, "apply_snapshot")
+        self.lua_levels = ledger_script(client, "levels")
+        self.lua_alert_marks = lone_script(client, "alert_marks")
 
     async def adopt_epoch(self) -> str:
         """Learn the store's epoch, writing one if the store has none (a new store). Reserves
@@ -117,7 +101,7 @@ class Store:
             await self.client.set(self.key("epoch"), epoch, nx=True)
             return await self.client.get(self.key("epoch"))
 
-        self.epoch = _text(await self._call(adopt) or epoch)
+        self.epoch = as_text(await self._call(adopt) or epoch)
         return self.epoch
 
     async def time_s(self) -> float:
@@ -128,7 +112,7 @@ class Store:
     async def state_lost(self) -> str | None:
         """Why and when the store lost its local budget state (`"<why>|<ms>"`), or None."""
         raw = await self._call(lambda: self.client.get(self.key("lost")))
-        return None if raw is None else _text(raw)
+        return None if raw is None else as_text(raw)
 
     async def recover(self, counters: Sequence[tuple[BudgetHold, int]] = ()) -> None:
         """Lift the lost-state marker, first setting each budget's counter for its window."""
@@ -189,7 +173,8 @@ class Store:
         except asyncio.CancelledError:
             raise
         except redis.exceptions.ResponseError as exc:
-            # Redis ran the command and refused it: a script fault, not an outage.
+            # Redis ran the command and refused it: a script fault, not an outage. A script's
+            # error names its file and line there (Script.locate_lines).
             raise StoreScriptError(f"store refused an operation: {exc}") from exc
         except Exception as exc:
             # Any driver failure, including the RuntimeError/AttributeError redis-py's cluster
@@ -249,37 +234,19 @@ class Store:
         Expired leases are reclaimed first (two more round trips, only when some expired)."""
         counters = counters_of(req.budgets)
         keys: list[str | bytes] = [
-            *self.keys.fixed("reserve"), self.keys.tomb(req.hold_id), *self.keys.budgets(counters)
+            *self.keys.fixed("reserve"),
+            self.keys.tomb(req.hold_id),
+            *self.keys.budgets(counters),
         ]
-        args: list[Any] = [
-            req.now_ms,
-            req.hold_id,
-            req.amount_micros,
-            req.lease_expiry_ms,
-            req.floor_micros,
-            req.max_staleness_ms,
-            req.row_ref or "",
-            *req.windows_ms,
-            1 if req.shadow else 0,
-            len(req.budgets),
-        ]
-        for b in req.budgets:
-            args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
-        args += [self.epoch, 1]
+        args = _reserve_args(req, self.epoch, reclaim_first=True)
         reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
         reclaimed = Reclaimed()
-        if reply[0] == 2:
-            reclaimed = await self.reclaim(req.now_ms, [parse_spec(_text(v)) for v in reply[1]])
-            args[-1] = 0
+        if reply[0] == RESERVE_RECLAIM_FIRST:
+            _, expired_counters = reply
+            reclaimed = await self.reclaim(req.now_ms, counters_named(expired_counters))
+            args = _reserve_args(req, self.epoch, reclaim_first=False)
             reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
-        values = [_text(v) if isinstance(v, bytes) else v for v in reply]
-        if values[0] == 0:
-            refused = ScopeRefusal.of(values[1], values[2], int(values[3]), int(values[4]), int(values[5]))
-            return Decision(False, refused, reclaimed=reclaimed)
-        shadow_refusal = None
-        if values[3]:
-            shadow_refusal = ScopeRefusal.of(values[3], values[4], int(values[5]), int(values[6]), int(values[7]))
-        return Decision(True, shadow_refusal, values[1], int(values[2]), reclaimed)
+        return decision_of(reply, reclaimed)
 
     async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:
         """Charge the holds whose lease expired by `now_ms` (their instance died mid-request),
@@ -294,11 +261,11 @@ class Store:
             found = Reclaimed(
                 found.count + int(count),
                 found.micros + int(micros),
-                found.quarantined + tuple(_text(v) for v in quarantined),
+                found.quarantined + tuple(as_text(v) for v in quarantined),
             )
             if not missing:
                 break
-            counters = [parse_spec(_text(v)) for v in missing]
+            counters = counters_named(missing)
         return found
 
     async def settle(
@@ -326,12 +293,12 @@ class Store:
             reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
             if not isinstance(reply, list):
                 break
-            counters = [parse_spec(_text(v)) for v in reply]
+            counters = counters_named(reply)  # the counters it needs: nothing changed yet
         else:
             raise StoreScriptError(f"settle of hold {hold_id} still needs budget counters {counters}")
-        if reply == -2:
+        if reply == SETTLE_QUARANTINED:
             raise HoldQuarantined(hold_id)
-        return None if reply < 0 else int(reply)
+        return None if reply < 0 else int(reply)  # SETTLE_GONE: no such hold
 
     async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
         """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""
@@ -358,7 +325,7 @@ class Store:
         raw = await self._call(lambda: self.client.hgetall(self.key("snap")))
         if not raw:
             return None
-        data = {_text(k): _text(v) for k, v in raw.items()}
+        data = {as_text(k): as_text(v) for k, v in raw.items()}
         rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:") and v != UNREADABLE_ROW}
         bad = {k[2:]: "unreadable" for k, v in data.items() if k.startswith("r:") and v == UNREADABLE_ROW}
         return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows, bad)
@@ -396,32 +363,13 @@ class Store:
         args: list[Any] = [*windows_ms, len(row_refs), *row_refs, *(b.id for b in budgets)]
         reply = await self._call(lambda: self.lua_levels(keys=keys, args=args))
         fetched, remaining, acct_charged, acct_held, rows_in, budgets_in = reply
-        rows: dict[str, RowLevel | str | None] = {}
-        for ref, row in zip(row_refs, rows_in, strict=True):
-            status = _text(row[0])
-            if status == "none":
-                rows[ref] = None
-            elif status == "unreadable":
-                rows[ref] = "unreadable"
-            else:
-                expires, limit, period, win = int(row[2]), int(row[3]), _text(row[4]), int(row[5])
-                rows[ref] = RowLevel(
-                    bool(int(row[1])),
-                    None if expires < 0 else expires,
-                    None if limit < 0 else limit,
-                    None if period == "-" else period,
-                    win,
-                    int(row[6]),
-                    int(row[7]),
-                )
-        levels = {b.id: ScopeUsage(int(v[0]), int(v[1])) for b, v in zip(budgets, budgets_in, strict=True)}
         fetched_ms = int(fetched)
         return Levels(
             None if fetched_ms < 0 else fetched_ms,
             int(remaining),
             ScopeUsage(int(acct_charged), int(acct_held)),
-            rows,
-            levels,
+            {ref: row_level_of(row) for ref, row in zip(row_refs, rows_in, strict=True)},
+            {b.id: budget_level_of(level) for b, level in zip(budgets, budgets_in, strict=True)},
         )
 
     async def alerts_sent(self, scopes: Sequence[tuple[str, int]]) -> dict[str, dict[str, int]]:
@@ -436,7 +384,7 @@ class Store:
 
         found: dict[str, dict[str, int]] = {}
         for (scope, window_ms), raw in zip(scopes, await self._call(read), strict=True):
-            marks = {_text(k): _text(v) for k, v in raw.items()}
+            marks = {as_text(k): as_text(v) for k, v in raw.items()}
             if marks.pop("win", None) != str(window_ms):
                 continue
             sent = {name: int(at) for name, at in marks.items() if at.lstrip("-").isdigit()}
@@ -457,12 +405,11 @@ class Store:
             req.window_end_ms,
             *req.rate_span_ms,
             len(req.claim),
-            *req.claim,
-            len(req.release),
+            *req.claim,  # the marks to claim, then (the rest of ARGV) the marks to release
             *req.release,
         ]
         claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))
-        return Marks(tuple(_text(v) for v in claimed), tuple(_text(v) for v in released), bool(recovered))
+        return Marks(tuple(as_text(v) for v in claimed), tuple(as_text(v) for v in released), bool(recovered))
 
     async def open_holds(self) -> int:
         return int(await self._call(lambda: self.client.hlen(self.key("holds"))))
@@ -490,5 +437,21 @@ class Store:
         await self._call(lambda: self.client.hset(self.key("status"), mapping=values))  # type: ignore[arg-type]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def _reserve_args(req: ReserveRequest, epoch: str, reclaim_first: bool) -> list[Any]:
+    """reserve.lua's ARGV: thirteen fixed fields, then five per budget (its header names each)."""
+    args: list[Any] = [
+        req.now_ms,  # ARGV[1]
+        req.hold_id,
+        req.amount_micros,
+        req.lease_expiry_ms,
+        req.floor_micros,  # ARGV[5]
+        req.max_staleness_ms,
+        req.row_ref or "",
+        *req.windows_ms,  # ARGV[8..10]
+        1 if req.shadow else 0,
+        epoch,  # ARGV[12]
+        1 if reclaim_first else 0,
+    ]
+    for b in req.budgets:  # ARGV[14..]
+        args += [b.id, b.limit_micros, 1 if b.shadow else 0, b.window_start_ms, b.window_end_ms]
+    return args

@@ -1,5 +1,10 @@
--- Shared by every script (store.py prepends it, after the key binding `K` from proxy/keys.py):
--- exact integer text, hold records, settle_hold and the key row level.
+-- _common: what every ledger script shares: exact integer text, hold records, settle_hold and
+-- the key row level. Not run alone: proxy/store/scripts.py sends each ledger script as
+--   1. its key binding, `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>` (the account's
+--      fixed keys that script receives first: proxy/store/keyspace.py SCRIPT_KEYS),
+--   2. this file,
+--   3. the script's own file.
+-- An error names the file and its own line (`_common.lua:126`), not the line of the whole text.
 --
 -- Keys: a script touches only keys it received in KEYS. K names the account's fixed keys
 -- (KEYS[1..N_BASE]); a script's own keys follow (each script's header says which).
@@ -12,19 +17,37 @@ local function int(x)
   return string.format("%d", x)
 end
 
--- A hold record is
---   "amount|lease_expiry_ms|row_ref|row_window_ms|budgets|started_ms|contained"
--- where budgets is "id@window_start_ms@window_end_ms" joined by ",", started_ms is when the
--- upstream answered (it pre-charges before answering; 0 = not yet) and contained is "1" once a
--- credits snapshot fetched after started_ms holds the call's pre-charge: from then on the hold
--- no longer counts against the upstream scopes (account, key row), only against local budgets.
--- Records written before the last two fields existed have five fields.
+-- A hold record (the value of K.holds[hold_id]) is version 2:
+--   "amount|lease_expiry_ms|row_ref|row_win|budgets|started_ms|contained"
+-- amount in micro-dollars; lease_expiry_ms when the hold may be reclaimed; row_ref the key row
+-- ("" = none) and row_win its window start (ms, 0 = lifetime); budgets "id@window_start_ms@
+-- window_end_ms" joined by ","; started_ms when the upstream answered (it pre-charges before
+-- answering; 0 = not yet); contained "1" once a credits snapshot fetched after started_ms holds
+-- the call's pre-charge: from then on the hold no longer counts against the upstream scopes
+-- (account, key row), only against local budgets.
+--
+-- The forms read, by version:
+--   "v2|" then the seven fields: version 2 tagged, read but not written yet. A form's reader
+--     ships one release before its writer: a rolling deploy runs two releases on one store, and
+--     a release quarantines a record it cannot read. The tag tells any later form apart.
+--   the seven fields untagged: version 2, as format_hold writes it.
+--   the first five fields alone: version 1 (legacy), written before started_ms and contained
+--     existed. Only a hold taken by a release that old can have one, and every hold ends by its
+--     settle or, once its lease (the policy's hold_ttl_s) has expired, by the next reserve's
+--     reclaim. So once a fleet has run releases that write version 2 for longer than
+--     hold_ttl_s with calls coming in, none is left, and the version 1 reader goes in the
+--     release after that; a record still left then is quarantined, never misread.
+-- Any other shape is unreadable (nil): the caller quarantines it.
+local HOLD_TAG = "v2|"
+local HOLD_V1_FIELDS, HOLD_V2_FIELDS = 5, 7
 local function parse_hold(rec)
+  local tagged = string.sub(rec, 1, #HOLD_TAG) == HOLD_TAG
+  if tagged then rec = string.sub(rec, #HOLD_TAG + 1) end
   local f = {}
   for part in string.gmatch(rec .. "|", "([^|]*)|") do
     f[#f + 1] = part
   end
-  if #f ~= 5 and #f ~= 7 then return nil end
+  if #f ~= HOLD_V2_FIELDS and (tagged or #f ~= HOLD_V1_FIELDS) then return nil end
   if not string.match(f[1], "^%d+$") or not string.match(f[2], "^%-?%d+$")
     or not string.match(f[4], "^%-?%d+$") then
     return nil
@@ -36,7 +59,7 @@ local function parse_hold(rec)
     budgets[#budgets + 1] = {id = id, win = win, win_end = tonumber(win_end)}
   end
   local started, contained = 0, false
-  if #f == 7 then
+  if #f == HOLD_V2_FIELDS then
     if not string.match(f[6], "^%d+$") then return nil end
     started, contained = tonumber(f[6]), f[7] == "1"
   end
@@ -44,6 +67,8 @@ local function parse_hold(rec)
           budgets = budgets, started = started, contained = contained}
 end
 
+-- Writes version 2, untagged (parse_hold says why); a version 1 record rewritten (mark_started,
+-- contain) becomes version 2.
 local function format_hold(h)
   local contained = "0"
   if h.contained then contained = "1" end
@@ -76,8 +101,8 @@ local function quarantine(hold_id, rec)
   redis.call("ZREM", K.started, hold_id)
 end
 
--- The budget counters a script received: KEYS[first..] with their specs ("<id>@<window start>",
--- proxy/keys.py spec()) in ARGV[first_arg..], in the same order.
+-- The budget counters a script received: KEYS[first_key..] with their specs ("<id>@<window
+-- start ms>", keyspace.spec() in Python) in ARGV[first_arg..], in the same order.
 local function declared_counters(first_key, first_arg)
   local counters = {}
   for i = first_key, #KEYS do

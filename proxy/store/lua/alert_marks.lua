@@ -1,15 +1,17 @@
--- alert_marks: the exactly-once decisions behind alert events for one scope (issue 17). A mark is
--- claimed with HSETNX, so whichever instance asks first sends the event and nobody else ever does,
+-- alert_marks: the exactly-once decisions behind alert events for one scope. A mark is claimed
+-- with HSETNX, so whichever instance asks first sends the event and nobody else ever does,
 -- across instances and restarts. Marks live for one window: a newer window clears them (and
 -- reports `recovered` when a threshold had fired in the old one); a reader still in an older
 -- window changes nothing.
+-- Sent alone: nothing is prepended (it touches no account key and uses nothing of _common.lua).
 -- KEYS[1] the scope's marks hash (field "win" = the window its marks belong to)
 -- KEYS[2] the scope's spend samples (sorted set, score = ms, member "<ms>:<spent>"), for projection
 -- ARGV[1] window start ms (0: lifetime, or no window)   ARGV[2] expire the marks at (ms; 0: never)
 -- ARGV[3] now ms   ARGV[4] spent micros   ARGV[5] limit micros (0: no projection)
 -- ARGV[6] window end ms (0: none, no projection)   ARGV[7] minimum sample span for a rate (ms)
 -- ARGV[8] rate horizon (ms, an hour)   ARGV[9] sample spacing (ms)
--- ARGV[10] n marks to claim, then their names; then n marks to release, then their names
+-- ARGV[10] n: how many of the names that follow are marks to claim
+-- ARGV[11..10+n] the marks to claim; ARGV[11+n..] the marks to release
 -- Projection: rate = (spent - oldest sample within the horizon) / its age, once that age is at
 -- least ARGV[7]; the mark "projected" is claimed when spent + rate * (window end - now) >= limit.
 -- Returns {claimed names, released names, recovered (0/1)}; {{}, {}, 0} to a stale reader.
@@ -24,7 +26,8 @@ local min_span = tonumber(ARGV[7])
 local horizon = tonumber(ARGV[8])
 local spacing = tonumber(ARGV[9])
 local n_claim = tonumber(ARGV[10])
-local n_release = tonumber(ARGV[11 + n_claim])
+local CLAIMS_FROM = 11
+local RELEASES_FROM = CLAIMS_FROM + n_claim
 
 local stored = tonumber(redis.call("HGET", marks, "win") or "-1")
 if stored > win then
@@ -48,15 +51,15 @@ if expire_at > 0 then
 end
 
 local claimed = {}
-for i = 1, n_claim do
-  local name = ARGV[10 + i]
+for i = CLAIMS_FROM, RELEASES_FROM - 1 do
+  local name = ARGV[i]
   if redis.call("HSETNX", marks, name, now) == 1 then
     claimed[#claimed + 1] = name
   end
 end
 local released = {}
-for i = 1, n_release do
-  local name = ARGV[11 + n_claim + i]
+for i = RELEASES_FROM, #ARGV do
+  local name = ARGV[i]
   if redis.call("HDEL", marks, name) == 1 then
     released[#released + 1] = name
   end

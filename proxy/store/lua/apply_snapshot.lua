@@ -1,21 +1,26 @@
 -- apply_snapshot: replace the credits snapshot, and forget charges and holds the upstream now contains.
+-- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["apply_snapshot"]) and
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] fetch start (ms, store clock)  ARGV[2] remaining (micros)  ARGV[3] containment margin (ms)
--- ARGV[4] now (ms, store clock)  ARGV[5..] row field, row value pairs
+-- ARGV[4] now (ms, store clock)  ARGV[5..] pairs of row field ("r:<row_ref>"), row value
+-- (RowState.encode in proxy/store/records.py, or "!" for a row that could not be read)
 -- Returns 1 when applied, 0 when ignored because the stored snapshot was fetched later.
 local fetched_ms = tonumber(ARGV[1])
 local margin = tonumber(ARGV[3])
+local now_ms = tonumber(ARGV[4])
+local ROWS_FROM = 5
 local stored = redis.call("HGET", K.snap, "fetched_ms")
 if stored and tonumber(stored) >= fetched_ms then
   -- A stamp from the future (written by an instance whose clock ran ahead) must not freeze the
   -- snapshot: it is replaced.
-  if tonumber(stored) <= tonumber(ARGV[4]) + 5000 then
+  if tonumber(stored) <= now_ms + 5000 then
     return 0
   end
 end
 redis.call("DEL", K.snap)
 redis.call("HSET", K.snap, "fetched_ms", ARGV[1], "remaining", ARGV[2])
-for i = 5, #ARGV, 2 do
+for i = ROWS_FROM, #ARGV, 2 do
   redis.call("HSET", K.snap, ARGV[i], ARGV[i + 1])
 end
 -- Charges of calls the upstream answered before the fetch started are in its figures now.

@@ -1,13 +1,16 @@
 -- mark_started: record that the upstream answered these holds' calls (it pre-charges first).
+-- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["mark_started"]) and
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] containment margin (ms)  ARGV[2..] pairs of hold_id, started_ms
 -- A hold whose call started at least `margin` before the stored snapshot's fetch began is in
 -- that snapshot already and leaves the upstream scopes' held sums at once; the others wait in
 -- the `started` sorted set for the next snapshot (apply_snapshot.lua). Returns how many were marked.
 local margin = tonumber(ARGV[1])
+local PAIRS_FROM = 2
 local fetched = tonumber(redis.call("HGET", K.snap, "fetched_ms") or "-1")
 local marked = 0
-for i = 2, #ARGV, 2 do
+for i = PAIRS_FROM, #ARGV, 2 do
   local hold_id, started = ARGV[i], tonumber(ARGV[i + 1])
   local rec = redis.call("HGET", K.holds, hold_id)
   local h = rec and parse_hold(rec)

@@ -1,19 +1,27 @@
 -- reserve: hold `amount` against every scope a request touches, all or nothing.
+-- Sent after the key binding (K, N_BASE: the fixed keys of SCRIPT_KEYS["reserve"]) and
+-- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then KEYS[N_BASE + 1] this hold's tombstone, then KEYS[N_BASE + 1 + i]
 -- the counter of local budget i in its current window (micro-dollars)
 -- ARGV[1] now_ms  ARGV[2] hold_id  ARGV[3] amount (micros)  ARGV[4] lease_expiry_ms
 -- ARGV[5] account floor (micros)  ARGV[6] max_staleness_ms  ARGV[7] row_ref ("" = none)
--- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)  ARGV[12] n budgets
--- then per budget 5 values: id, limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
--- then the store epoch this instance adopted ("" = none yet; see Store.adopt_epoch)
--- then "1" to look for expired leases first, "0" not to (the caller has just reclaimed them)
--- Returns {1, tight_scope, tight_remaining, would_refuse_code, wr_scope, wr_limit, wr_spent, wr_held}
---      or {0, code, scope, limit, spent, held} with code in
+-- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)
+-- ARGV[12] the store epoch this instance adopted ("" = none yet; see Store.adopt_epoch)
+-- ARGV[13] "1" to look for expired leases first, "0" not to (the caller has just reclaimed them)
+-- ARGV[14..] five values per local budget, in the order of their counters in KEYS: id,
+--   limit (micros), shadow (0/1), window_start_ms, window_end_ms (0 = lifetime)
+-- Returns, by its first element (proxy/store/scripts.py names the same codes):
+--   {REFUSED (0), code, scope, limit, spent, held} with code in
 --      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled, row_unreadable,
 --      state_lost (the store lost its local budget state; only calls that touch a local budget)
---      or {2, {specs}}: leases of instances that died mid-request have expired; nothing changed.
---      The caller reclaims them (reclaim.lua, with the budget counters named by specs) and asks
---      again, so this decision sees what they held freed.
+--   {ALLOWED (1), tight_scope, tight_remaining, code, scope, limit, spent, held}: the last five are
+--      the refusal a shadow scope would have made (code "" = none)
+--   {RECLAIM_FIRST (2), {specs}}: leases of instances that died mid-request have expired; nothing
+--      changed. The caller reclaims them (reclaim.lua, with the budget counters named by specs)
+--      and asks again, so this decision sees what they held freed.
+-- Amounts (limit, spent, held, tight_remaining) are micros; "stale" gives the snapshot's age (ms)
+-- as held.
+local REFUSED, ALLOWED, RECLAIM_FIRST = 0, 1, 2
 local now_ms = tonumber(ARGV[1])
 local hold_id = ARGV[2]
 local amount = tonumber(ARGV[3])
@@ -23,13 +31,18 @@ local max_staleness_ms = tonumber(ARGV[6])
 local row_ref = ARGV[7]
 local windows = {day = tonumber(ARGV[8]), week = tonumber(ARGV[9]), month = tonumber(ARGV[10])}
 local shadow_all = ARGV[11] == "1"
-local n_budgets = tonumber(ARGV[12])
-local tomb = KEYS[N_BASE + 1]
-local function counter_key(i)
-  return KEYS[N_BASE + 1 + i]
+local epoch_arg = ARGV[12]
+local reclaim_first = ARGV[13] == "1"
+local BUDGETS_FROM, BUDGET_FIELDS = 14, 5
+local budgets = {}
+for at = BUDGETS_FROM, #ARGV, BUDGET_FIELDS do
+  local i = #budgets + 1
+  budgets[i] = {id = ARGV[at], limit = tonumber(ARGV[at + 1]), shadow = ARGV[at + 2] == "1",
+                win = ARGV[at + 3], win_end = ARGV[at + 4], counter = KEYS[N_BASE + 1 + i]}
 end
+local tomb = KEYS[N_BASE + 1]
 
-if ARGV[14 + n_budgets * 5] == "1" then
+if reclaim_first then
   local expired = redis.call("ZRANGEBYSCORE", K.leases, "-inf", now_ms, "LIMIT", 0, 100)
   if #expired > 0 then
     local specs, seen = {}, {}
@@ -38,24 +51,23 @@ if ARGV[14 + n_budgets * 5] == "1" then
       local h = rec and parse_hold(rec)
       if h then add_new(specs, seen, missing_counters(h, seen)) end
     end
-    return {2, specs}
+    return {RECLAIM_FIRST, specs}
   end
 end
 
 -- A client that re-sends this script after a lost reply (Redis Cluster retries) finds its hold:
 -- the first run already decided, so this one is allowed without holding twice.
 if redis.call("HEXISTS", K.holds, hold_id) == 1 then
-  return {1, "", -1, "", "", 0, 0, 0}
+  return {ALLOWED, "", -1, "", "", 0, 0, 0}
 end
 -- The proxy gave up on this reserve (its reply timed out) and asked for a release first.
 if redis.call("EXISTS", tomb) == 1 then
-  return {0, "cancelled", "store", 0, 0, 0}
+  return {REFUSED, "cancelled", "store", 0, 0, 0}
 end
 
 -- Amnesia: the epoch this instance adopted is gone (a restart without persistence, FLUSHALL, a
 -- failover to an empty replica) or replaced. Budget counters went with it, so local budgets
 -- cannot be enforced until an operator runs `spend-guard store recover`.
-local epoch_arg = ARGV[13 + n_budgets * 5] or ""
 if epoch_arg ~= "" then
   local epoch = redis.call("GET", K.epoch)
   if epoch ~= epoch_arg then
@@ -65,17 +77,17 @@ if epoch_arg ~= "" then
     if not epoch then redis.call("SET", K.epoch, epoch_arg) end
   end
 end
-if n_budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
-  return {0, "state_lost", "store", 0, 0, 0}
+if #budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
+  return {REFUSED, "state_lost", "store", 0, 0, 0}
 end
 
 local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining")
 if not snap[1] then
-  return {0, "no_snapshot", "account", 0, 0, 0}
+  return {REFUSED, "no_snapshot", "account", 0, 0, 0}
 end
 local fetched_ms = tonumber(snap[1])
 if now_ms - fetched_ms > max_staleness_ms then
-  return {0, "stale", "account", 0, 0, now_ms - fetched_ms}
+  return {REFUSED, "stale", "account", 0, 0, now_ms - fetched_ms}
 end
 
 local function held(field)
@@ -103,7 +115,7 @@ if row_ref ~= "" then
   local row = row_level(row_ref, windows, fetched_ms)
   if row == "!" then
     -- The snapshot had this key's row but could not read it: its limit cannot be checked.
-    return {0, "row_unreadable", "key", 0, 0, 0}
+    return {REFUSED, "row_unreadable", "key", 0, 0, 0}
   end
   if row then
     if not row.active then
@@ -123,16 +135,14 @@ end
 consider("credits", "account", tonumber(snap[2]) - floor, charged("acct"), held("acct"), shadow_all)
 
 local budget_specs = {}
-for i = 1, n_budgets do
-  local base = 12 + (i - 1) * 5
-  local id, limit, shadow = ARGV[base + 1], tonumber(ARGV[base + 2]), ARGV[base + 3] == "1"
-  local spent = tonumber(redis.call("GET", counter_key(i)) or "0")
-  consider("budget", "budget:" .. id, limit, spent, held("b:" .. id), shadow or shadow_all)
-  budget_specs[#budget_specs + 1] = id .. "@" .. ARGV[base + 4] .. "@" .. ARGV[base + 5]
+for _, b in ipairs(budgets) do
+  local spent = tonumber(redis.call("GET", b.counter) or "0")
+  consider("budget", "budget:" .. b.id, b.limit, spent, held("b:" .. b.id), b.shadow or shadow_all)
+  budget_specs[#budget_specs + 1] = b.id .. "@" .. b.win .. "@" .. b.win_end
 end
 
 if refusal ~= nil and not refusal.shadow then
-  return {0, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+  return {REFUSED, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
 end
 
 redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease_expiry_ms, row_ref = row_ref,
@@ -142,10 +152,10 @@ redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
 end
-for i = 1, n_budgets do
-  redis.call("HINCRBY", K.held, "b:" .. ARGV[12 + (i - 1) * 5 + 1], ARGV[3])
+for _, b in ipairs(budgets) do
+  redis.call("HINCRBY", K.held, "b:" .. b.id, ARGV[3])
 end
 if refusal ~= nil then
-  return {1, tight_scope, tight_remaining, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
+  return {ALLOWED, tight_scope, tight_remaining, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
 end
-return {1, tight_scope, tight_remaining, "", "", 0, 0, 0}
+return {ALLOWED, tight_scope, tight_remaining, "", "", 0, 0, 0}
