@@ -1,8 +1,8 @@
 """The store: the only code that talks to Redis (or the embedded Valkey).
 
 `contract` names what the rest of the proxy may ask of it (`Ledger`, `SnapshotStore`,
-`StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`);
-`keyspace` builds every key; `records` holds the typed values that cross the seam; `backends`
+`StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`), which
+`scripts` assembles, runs and whose replies it reads into typed values; `keyspace` builds every key; `records` holds the typed values that cross the seam; `backends`
 maps a URL scheme to a client, and `embedded` runs the private server used when no URL is given.
 """
 
