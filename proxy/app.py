@@ -1,6 +1,6 @@
 """The ASGI app: lifespan (clients, refresher, policy watcher) and routing to the guard or `/-/`.
 
-Own endpoints live under `/-/` so they never shadow an upstream path (DESIGN §7).
+Own endpoints live under `/-/` so they never shadow an upstream path.
 """
 
 from __future__ import annotations
@@ -255,13 +255,9 @@ class SpendGuardApp:
         rt = self.runtime
         if rt is None:
             return
-        rt.draining = True
-        grace = rt.policy.guard.shutdown_grace_s
-        await rt.wait_for_flights(grace)
-        # Whatever is still open at the deadline is charged its hold: never left to its lease.
-        for flight in list(rt.flights.values()):
-            with contextlib.suppress(Exception):
-                await rt.settle(flight, None)
+        rt.start_draining()
+        await rt.wait_for_flights(rt.policy.guard.shutdown_grace_s)
+        await rt.settle_open_flights()  # whatever is still open at the deadline
         with contextlib.suppress(Exception):
             await rt.settle_pending()
         if self.alerts is not None:

@@ -45,7 +45,7 @@ from proxy.http.request import (
 from proxy.http.routing import Match
 from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.policy.model import KeyPolicy, Policy
-from proxy.runtime import Flight, Pending, Runtime
+from proxy.runtime import Flight, Runtime
 from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.untrusted import echo
@@ -70,6 +70,7 @@ class Guard:
         self.rt = runtime
         self.bodies = BodyPool(runtime.settings.max_buffered_bytes)
         self.refusals = RecentRefusals()  # the latest, for /-/status
+        self.state_lost_logged = False  # the error that the store lost its budget state, once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
@@ -301,37 +302,30 @@ class Guard:
         )
         try:
             decision = await rt.ledger.reserve(request)
-            rt.reserve_failed_at = 0.0
+            rt.note_reserve_succeeded()
             if budgets:
                 decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
         except StoreError as exc:
             # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
             # name internal addresses).
             reason = type(exc.__cause__ or exc).__name__
-            rt.reserve_failed_at, rt.reserve_failure = rt.clock(), reason
+            rt.note_reserve_failed(reason)
             log.warning("reserve failed: %s", exc)
-            # The script may still run once Redis wakes up: release that hold (or tombstone it)
-            # from the settle retry loop, so a call we never forwarded holds nothing. Bounded, as
-            # a retry loop against a dead Redis adds one per call; past the bound a hold that did
-            # land (its reply lost) is left to its lease.
-            if len(rt.pending_settles) < MAX_PENDING_RELEASES:
-                rt.pending_settles[request.hold_id] = Pending(0, counters=counters_of(request.budgets))
-            elif not rt.pending_full_logged:
-                rt.pending_full_logged = True
+            if rt.defer_release(request.hold_id, counters_of(request.budgets), MAX_PENDING_RELEASES):
                 log.warning(
                     "%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES
                 )
             self.unavailable(f"store error ({reason})", "store")
             return None
         if decision.reclaimed.count or decision.reclaimed.quarantined:
-            rt.reclaimed(decision.reclaimed)
+            rt.note_reclaimed(decision.reclaimed)
         if not decision.allowed:
             assert decision.refusal is not None
             if decision.refusal.code == "state_lost":
                 rt.refresher.kick()  # the snapshot went with the rest: have one ready for the recovery
                 # Never failed open: a budget counted from $0 again is no budget at all.
-                if not rt.state_lost_logged:
-                    rt.state_lost_logged = True
+                if not self.state_lost_logged:
+                    self.state_lost_logged = True
                     log.error(
                         "STORE LOST ITS BUDGET STATE: calls that touch a local budget are refused (503) "
                         "until an operator runs `spend-guard store recover`"
@@ -379,9 +373,7 @@ class Guard:
             model=call.model or "",
             counters=counters_of(request.budgets),
         )
-        rt.flights[flight.hold_id] = flight
-        rt.metrics.inflight.set(len(rt.flights))
-        rt.metrics.usd.labels("held", call.key_name).inc(hold / 1e6)
+        rt.open_flight(flight)
         if call.decision != "would_refuse":
             call.decision = "allowed"
             rt.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
