@@ -16,7 +16,7 @@ import time
 from proxy.errors import Rejected, StoreError
 from proxy.guard.pricing import quote_hold
 from proxy.guard.refusals import RecentRefusals, Refusal
-from proxy.guard.relay import HELD_BODY, relay
+from proxy.guard.relay import Admitted, relay
 from proxy.guard.verdicts import (
     REFUSAL_CODES,
     Call,
@@ -95,7 +95,7 @@ class Guard:
         call.headers["X-Request-Id"] = call.request_id
         call.headers["X-Spend-Guard-Policy"] = policy.version
         try:
-            prepared = await self.prepare(scope, receive, headers, match, policy, call)
+            admitted = await self.prepare(scope, receive, send, path, headers, match, policy, call)
         except Rejected as exc:
             rt.metrics.decisions.labels(
                 "refused" if exc.status != 400 and exc.status != 413 else "invalid",
@@ -112,13 +112,20 @@ class Guard:
             log_decision(call, policy, error=exc.error_type)
             await exc.response(call.headers)(scope, receive, send)
             return
-        body, flight = prepared
         rt.metrics.overhead.observe(time.perf_counter() - call.started)
-        await relay(rt, scope, receive, send, path, body, flight, call, policy)
+        await relay(rt, admitted)
 
     async def prepare(
-        self, scope: Scope, receive: Receive, headers: list[tuple[str, str]], match: Match, policy: Policy, call: Call
-    ) -> tuple[bytes, Flight | None]:
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: bytes,
+        headers: list[tuple[str, str]],
+        match: Match,
+        policy: Policy,
+        call: Call,
+    ) -> Admitted:
         """Everything before forwarding: identify, read, price, reserve. Raises `Rejected`."""
         rt = self.rt
         # In global shadow mode a policy refusal is forwarded and counted, not enforced.
@@ -162,9 +169,8 @@ class Guard:
         verdicts.enforce()
 
         # Only now is the body read: every refusal above needed none. Its bytes count against
-        # the process's bound until the call ends (forward) or is refused (here).
+        # the process's bound until the call ends (relay) or is refused (here).
         lease = BodyLease(self.bodies)
-        HELD_BODY.set(lease)
         try:
             raw = await read_body(
                 receive,
@@ -174,10 +180,11 @@ class Guard:
                 lease=lease,
             )
             call.headers.pop("Connection", None)
-            return await self.priced(raw, headers, match, policy, call, key, verdicts)
+            flight = await self.priced(raw, headers, match, policy, call, key, verdicts)
         except BaseException:
             lease.release()
             raise
+        return Admitted(scope, receive, send, path, raw, lease, flight, call, policy)
 
     async def priced(
         self,
@@ -188,7 +195,7 @@ class Guard:
         call: Call,
         key: KeyPolicy | None,
         verdicts: Verdicts,
-    ) -> tuple[bytes, Flight | None]:
+    ) -> Flight | None:
         """The rest of `prepare` once the body is in: price, check, reserve."""
         rt = self.rt
         fields = await read_fields(raw, headers, policy.guard.max_body_bytes, text=match.kind == "text")
@@ -208,7 +215,7 @@ class Guard:
                 break
         hold = self.hold_for(match, fields, model, policy, verdicts)
         if hold is None:
-            return raw, None  # fail-open without a price table: forwarded unguarded, counted
+            return None  # fail-open without a price table: forwarded unguarded, counted
         call.hold_micros = hold
         if hold > MAX_CALL_MICROS:
             raise Rejected(
@@ -234,7 +241,7 @@ class Guard:
         flight = await self.reserve(call, policy, key, hold, verdicts)
         if verdicts.refusals:
             self.would_refuse(call, verdicts.refusals[0])
-        return raw, flight
+        return flight
 
     def would_refuse(self, call: Call, refusal: Rejected) -> None:
         self.rt.metrics.decisions.labels("would_refuse", refusal.scope or "policy", call.key_name).inc()
