@@ -66,7 +66,7 @@ def bearer(headers: list[tuple[str, str]]) -> str | None:
 
 class BodyPool:
     """Bytes of guarded request bodies held in memory at once in this process, against one bound:
-    past it a call is refused (503) instead of growing memory (issue 13, item 6)."""
+    past it a call is refused (503) instead of growing memory."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
