@@ -119,7 +119,7 @@ class SpendGuardApp:
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         policy = self.initial_policy
-        stack.callback(self._forget_runtime)
+        stack.callback(self._drop_guard)
         stack.callback(self.metrics.close)
         store = Store(self.redis_factory(), policy.account.name)
         stack.push_async_callback(store.aclose)
@@ -280,7 +280,7 @@ class SpendGuardApp:
                 log.warning("background task %s did not stop", task.get_name())
         self.tasks = []
 
-    def _forget_runtime(self) -> None:
+    def _drop_guard(self) -> None:
         self.guard = None
 
     # -- own endpoints ---------------------------------------------------------------------

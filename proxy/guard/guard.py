@@ -68,7 +68,7 @@ class Guard:
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
-        self.bodies = BodyPool(runtime.settings.max_buffered_bytes)
+        self.body_pool = BodyPool(runtime.settings.max_buffered_bytes)
         self.refusals = RecentRefusals()  # the latest, for /-/status
         self.state_lost_logged = False  # the error that the store lost its budget state, once
 
@@ -140,7 +140,7 @@ class Guard:
 
         # Only now is the body read: every refusal above needed none. Its bytes count against
         # the process's bound until the call ends (relay) or is refused (here).
-        lease = BodyLease(self.bodies)
+        lease = BodyLease(self.body_pool)
         try:
             body = await read_body(
                 receive,
