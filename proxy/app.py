@@ -1,6 +1,6 @@
 """The ASGI app: lifespan (clients, refresher, policy watcher) and routing to the guard or `/-/`.
 
-Own endpoints live under `/-/` so they never shadow an upstream path (DESIGN §7).
+Own endpoints live under `/-/` so they never shadow an upstream path.
 """
 
 from __future__ import annotations
@@ -119,7 +119,7 @@ class SpendGuardApp:
 
     async def startup(self, stack: contextlib.AsyncExitStack) -> None:
         policy = self.initial_policy
-        stack.callback(self._forget_runtime)
+        stack.callback(self._drop_guard)
         stack.callback(self.metrics.close)
         store = Store(self.redis_factory(), policy.account.name)
         stack.push_async_callback(store.aclose)
@@ -255,13 +255,9 @@ class SpendGuardApp:
         rt = self.runtime
         if rt is None:
             return
-        rt.draining = True
-        grace = rt.policy.guard.shutdown_grace_s
-        await rt.wait_for_flights(grace)
-        # Whatever is still open at the deadline is charged its hold: never left to its lease.
-        for flight in list(rt.flights.values()):
-            with contextlib.suppress(Exception):
-                await rt.settle(flight, None)
+        rt.start_draining()
+        await rt.wait_for_flights(rt.policy.guard.shutdown_grace_s)
+        await rt.settle_open_flights()  # whatever is still open at the deadline
         with contextlib.suppress(Exception):
             await rt.settle_pending()
         if self.alerts is not None:
@@ -284,7 +280,7 @@ class SpendGuardApp:
                 log.warning("background task %s did not stop", task.get_name())
         self.tasks = []
 
-    def _forget_runtime(self) -> None:
+    def _drop_guard(self) -> None:
         self.guard = None
 
     # -- own endpoints ---------------------------------------------------------------------

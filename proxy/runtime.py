@@ -7,6 +7,7 @@ guard and the own endpoints.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from proxy.untrusted import excerpt
 log = logging.getLogger("spend_guard")
 
 
-@dataclass
+@dataclass(slots=True)
 class Flight:
     """A reservation this process holds until its response is settled."""
 
@@ -44,7 +45,7 @@ class Flight:
     # Whether the upstream pre-charges this route's calls before answering (images, videos), so
     # the started time is worth telling the store (see Store.mark_started).
     precharged: bool = False
-    marked: bool = False
+    start_marked: bool = False  # the store was told `started_ms` (Runtime.mark_started)
     reclaimed: bool = False  # its lease expired first: another reserve charged the hold
     # Route kind (image, video, text) and model, for the settle's hold-vs-bill metrics.
     kind: str = ""
@@ -53,7 +54,7 @@ class Flight:
     counters: tuple[tuple[str, int], ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Pending:
     """A settle the store did not take; retried in the background."""
 
@@ -76,14 +77,17 @@ class Runtime:
     # layer is put in front of it (see proxy/store/contract.py); everything else uses `store`.
     ledger: Ledger = field(init=False)
     routes: RouteTable = field(init=False)
+    # The fields below change only through the methods further down (open_flight, settle,
+    # defer_release, note_reserve_failed ...), so each change has one place to hook into.
     flights: dict[str, Flight] = field(default_factory=dict)
     pending_settles: dict[str, Pending] = field(default_factory=dict)
-    pending_full_logged: bool = False  # the warning that pending_settles is full, once per outage
+    # A failed reserve's release was dropped at its bound since the last retry round got through
+    # (the guard warns once per outage).
+    releases_dropped: bool = False
     draining: bool = False
     # The last reserve that failed against the store (clock seconds, reason); cleared by a success.
     reserve_failed_at: float = 0.0
     reserve_failure: str = ""
-    state_lost_logged: bool = False
     # Told the key name of each charge the store took (None: any scope may have changed), at once
     # and without waiting: the alert loop (proxy/ops/alerts.py) evaluates in the background.
     on_settled: Callable[[str | None], None] | None = None
@@ -117,6 +121,40 @@ class Runtime:
     def now_ms(self) -> int:
         return int(self.clock() * 1000)
 
+    def start_draining(self) -> None:
+        """Shutdown has begun: the guard refuses new spending calls (503) from now on."""
+        self.draining = True
+
+    def notify_on_settle(self, callback: Callable[[str | None], None]) -> None:
+        """Tell `callback` the key name of each charge the store takes (None: any scope)."""
+        self.on_settled = callback
+
+    def note_reserve_succeeded(self) -> None:
+        self.reserve_failed_at = 0.0
+
+    def note_reserve_failed(self, reason: str) -> None:
+        """A reserve failed against the store; /-/readyz reports `reason` for a while."""
+        self.reserve_failed_at, self.reserve_failure = self.clock(), reason
+
+    def defer_release(self, hold_id: str, counters: tuple[tuple[str, int], ...], max_pending: int) -> bool:
+        """Release `hold_id` from the settle retry loop: its reserve failed against the store, yet
+        the script may still run once Redis wakes up, and a call never forwarded holds nothing.
+        Bounded by `max_pending` waiting settles, as a retry loop against a dead Redis adds one per
+        call; past it the release is dropped and a hold that did land is left to its lease.
+        Returns True for the first release dropped since a retry round last got through."""
+        if len(self.pending_settles) < max_pending:
+            self.pending_settles[hold_id] = Pending(0, counters=counters)
+            return False
+        first_dropped = not self.releases_dropped
+        self.releases_dropped = True
+        return first_dropped
+
+    def open_flight(self, flight: Flight) -> None:
+        """Track a reservation the store granted until `settle` ends it."""
+        self.flights[flight.hold_id] = flight
+        self.metrics.inflight.set(len(self.flights))
+        self.metrics.usd.labels("held", flight.key_name).inc(flight.amount_micros / 1e6)
+
     async def settle(self, flight: Flight, cost_micros: int | None) -> int | None:
         """The one way a flight ends (request path and shutdown alike): charge `cost_micros`
         (None: the whole hold; 0: release) exactly once. Returns what was charged: None when
@@ -143,10 +181,13 @@ class Runtime:
                 # Its lease expired and a reserve reclaimed it, charging the whole hold (counted
                 # there, in spend_guard_reclaimed_holds_total).
                 flight.reclaimed = True
-                log.warning("hold %s was reclaimed before it settled: charged its hold of $%s",
-                            flight.hold_id, format_usd(flight.amount_micros))
+                log.warning(
+                    "hold %s was reclaimed before it settled: charged its hold of $%s",
+                    flight.hold_id,
+                    format_usd(flight.amount_micros),
+                )
         except HoldQuarantined as exc:
-            self.quarantined(exc.hold_id)
+            self.note_quarantined(exc.hold_id)
             charged = None
         except StoreError as exc:
             # Keep it and retry in the background; the lease is the last resort.
@@ -168,7 +209,7 @@ class Runtime:
         self.compare_to_hold(flight, cost_micros, charged)
         return charged
 
-    def reclaimed(self, reclaimed: Reclaimed) -> None:
+    def note_reclaimed(self, reclaimed: Reclaimed) -> None:
         """Holds a reserve ended on the way (reclaim.lua): expired leases charged in full, and
         unreadable records moved aside. Counted and told to the alerts like any settle."""
         if reclaimed.count:
@@ -182,12 +223,12 @@ class Runtime:
             if self.on_settled is not None:
                 self.on_settled(None)  # whose scopes the reclaimed holds were charged to is not known here
         for hold_id in reclaimed.quarantined:
-            self.quarantined(hold_id)
+            self.note_quarantined(hold_id)
 
     def compare_to_hold(self, flight: Flight, cost_micros: int | None, charged: int | None) -> None:
-        """How the hold compared with the bill (issue #15), so an operator sees a rate that is too
-        low before it costs money: charged / held per route kind, and a call whose real cost
-        exceeded its hold logged at WARNING and counted per model (the hold bounds nothing then)."""
+        """How the hold compared with the bill, so an operator sees a rate that is too low before it
+        costs money: charged / held per route kind, and a call whose real cost exceeded its hold
+        logged at WARNING and counted per model (the hold bounds nothing then)."""
         if charged is None and flight.reclaimed:
             charged = flight.amount_micros  # the reclaiming reserve charged the hold
         if charged is not None and flight.amount_micros > 0:
@@ -213,7 +254,7 @@ class Runtime:
                     hold_id, pending.cost_micros, self.now_ms(), pending.started_ms, pending.counters
                 )
             except HoldQuarantined:
-                self.quarantined(hold_id)
+                self.note_quarantined(hold_id)
             except StoreScriptError as exc:
                 log.error("deferred settle of hold %s dropped, the store refused it: %s", hold_id, exc)
                 self.metrics.settle_failures.inc()
@@ -222,19 +263,19 @@ class Runtime:
             self.pending_settles.pop(hold_id, None)
             if self.on_settled is not None:
                 self.on_settled(None)
-        self.pending_full_logged = False
+        self.releases_dropped = False
 
     async def mark_started(self) -> None:
         """Tell the store when the upstream answered calls still in flight, so a snapshot fetched
         after that no longer counts them twice (their pre-charge is in it)."""
-        due = [f for f in self.flights.values() if f.precharged and f.started_ms and not f.marked]
+        due = [f for f in self.flights.values() if f.precharged and f.started_ms and not f.start_marked]
         if not due:
             return
         await self.ledger.mark_started([(f.hold_id, f.started_ms) for f in due])
         for f in due:
-            f.marked = True
+            f.start_marked = True
 
-    def quarantined(self, hold_id: str) -> None:
+    def note_quarantined(self, hold_id: str) -> None:
         self.metrics.quarantined.inc()
         log.error("hold %s had an unreadable record: moved to the store's quarantine, charged nothing", hold_id)
 
@@ -242,3 +283,9 @@ class Runtime:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while self.flights and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
+
+    async def settle_open_flights(self) -> None:
+        """Charge every flight still open its hold (shutdown): never left to its lease."""
+        for flight in list(self.flights.values()):
+            with contextlib.suppress(Exception):
+                await self.settle(flight, None)

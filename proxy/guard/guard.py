@@ -2,8 +2,8 @@
 reserve its hold before it goes up (forwarding and the settle are proxy/guard/relay.py's).
 
 A spending call is forwarded only after one Lua script has held its estimated cost against the
-account floor, the key's upstream spend limit and every local budget (DESIGN §1, §3). Everything
-else streams through untouched.
+account floor, the key's upstream spend limit and every local budget, so two calls can never both
+spend the last credit. Everything else streams through untouched.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 from proxy.errors import Rejected, StoreError
 from proxy.guard.pricing import quote_hold
 from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
-from proxy.guard.relay import HELD_BODY, relay
+from proxy.guard.relay import Admitted, relay
 from proxy.guard.verdicts import (
     REFUSAL_CODES,
     Call,
@@ -44,8 +44,8 @@ from proxy.http.request import (
 )
 from proxy.http.routing import Match
 from proxy.money import MAX_CALL_MICROS, format_usd
-from proxy.policy.model import KeyPolicy, Policy
-from proxy.runtime import Flight, Pending, Runtime
+from proxy.policy.model import Budget, KeyPolicy, Policy
+from proxy.runtime import Flight, Runtime
 from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.untrusted import excerpt
@@ -58,8 +58,8 @@ log = logging.getLogger("spend_guard.guard")
 MAX_PENDING_RELEASES = 10_000
 # Bodies above this are priced on a worker thread (parsing 64 MB of JSON takes ~0.2 s).
 OFF_LOOP_BYTES = 1 << 20
-# Routes whose calls ImageRouter pre-charges before it answers (reference §4: the generation
-# handler flushes its 200 only once the pre-charge passed). Text calls are billed afterwards.
+# Routes whose calls ImageRouter pre-charges before it answers (its generation handler sends its
+# 200 only once the pre-charge passed). Text calls are billed afterwards.
 PRECHARGED_KINDS = frozenset({"image", "video"})
 
 
@@ -67,62 +67,97 @@ class Guard:
     """Pure-ASGI handler for every proxied request (own endpoints are routed before it)."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self.rt = runtime
-        self.bodies = BodyPool(runtime.settings.max_buffered_bytes)
+        self.runtime = runtime
+        self.body_pool = BodyPool(runtime.settings.max_buffered_bytes)
         self.refusals = RecentRefusals()  # the latest, for /-/status
+        self.state_lost_logged = False  # the error that the store lost its budget state, once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
-        match = self.rt.routes.classify(scope["method"], path)
+        match = self.runtime.routes.classify(scope["method"], path)
         if match.kind is None:
-            await passthrough(self.rt, scope, receive, send, path)
+            await passthrough(self.runtime, scope, receive, send, path)
         else:
             await self.guarded(scope, receive, send, match, path)
 
     # -- guarded ---------------------------------------------------------------------------
 
     async def guarded(self, scope: Scope, receive: Receive, send: Send, match: Match, path: bytes) -> None:
-        rt = self.rt
-        policy = rt.policy
+        policy = self.runtime.policy
         headers = header_pairs(scope)
-        call = Call(
-            request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or ""
-        )
-        client = scope.get("client")
-        call.client = f"{client[0]}:{client[1]}" if client else None
-        call.user_agent = header(headers, "user-agent")
-        call.headers["X-Request-Id"] = call.request_id
-        call.headers["X-Spend-Guard-Policy"] = policy.version
+        call = open_call(scope, headers, match, policy)
         try:
-            prepared = await self.prepare(scope, receive, headers, match, policy, call)
+            admitted = await self.admit(scope, receive, send, path, headers, match, policy, call)
         except Rejected as exc:
-            rt.metrics.decisions.labels(
-                "refused" if exc.status != 400 and exc.status != 413 else "invalid",
-                exc.scope or "request",
-                call.key_name,
-            ).inc()
-            call.decision, call.scope = "refused", exc.scope or exc.error_type
-            if exc.status not in (400, 413):
-                self.refusals.add(
-                    RecentRefusal(
-                        rt.clock(), call.key_name, call.scope, exc.status, exc.error_type, exc.message, call.request_id
-                    )
-                )
-            log_decision(call, policy, error=exc.error_type)
+            self.record_refusal(call, policy, exc)
             await exc.response(call.headers)(scope, receive, send)
             return
-        body, flight = prepared
-        rt.metrics.overhead.observe(time.perf_counter() - call.started)
-        await relay(rt, scope, receive, send, path, body, flight, call, policy)
+        self.runtime.metrics.overhead.observe(time.perf_counter() - call.started)
+        await relay(self.runtime, admitted)
 
-    async def prepare(
-        self, scope: Scope, receive: Receive, headers: list[tuple[str, str]], match: Match, policy: Policy, call: Call
-    ) -> tuple[bytes, Flight | None]:
+    def record_refusal(self, call: Call, policy: Policy, exc: Rejected) -> None:
+        """Count, keep (for /-/status) and log a call the guard refused or found invalid."""
+        invalid = exc.status == 400 or exc.status == 413
+        self.runtime.metrics.decisions.labels(
+            "invalid" if invalid else "refused", exc.scope or "request", call.key_name
+        ).inc()
+        call.decision, call.scope = "refused", exc.scope or exc.error_type
+        if not invalid:
+            self.refusals.add(
+                RecentRefusal(
+                    self.runtime.clock(),
+                    call.key_name,
+                    call.scope,
+                    exc.status,
+                    exc.error_type,
+                    exc.message,
+                    call.request_id,
+                )
+            )
+        log_decision(call, policy, error=exc.error_type)
+
+    async def admit(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        path: bytes,
+        headers: list[tuple[str, str]],
+        match: Match,
+        policy: Policy,
+        call: Call,
+    ) -> Admitted:
         """Everything before forwarding: identify, read, price, reserve. Raises `Rejected`."""
-        rt = self.rt
         # In global shadow mode a policy refusal is forwarded and counted, not enforced.
         verdicts = Verdicts(policy.mode == "shadow")
+        self.check_servable(scope, match, call)
+        key = self.identify(headers, policy, call, verdicts)
+        if not match.enabled:
+            verdicts.add(
+                Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy")
+            )
+        verdicts.enforce()
 
+        # Only now is the body read: every refusal above needed none. Its bytes count against
+        # the process's bound until the call ends (relay) or is refused (here).
+        lease = BodyLease(self.body_pool)
+        try:
+            body = await read_body(
+                receive,
+                header(headers, "content-length"),
+                policy.guard.max_body_bytes,
+                timeout_s=self.runtime.settings.body_timeout_s,
+                lease=lease,
+            )
+            call.headers.pop("Connection", None)
+            flight = await self.price_and_reserve(body, headers, match, policy, call, key, verdicts)
+        except BaseException:
+            lease.release()
+            raise
+        return Admitted(scope, receive, send, path, body, lease, flight, call, policy)
+
+    def check_servable(self, scope: Scope, match: Match, call: Call) -> None:
+        """Refuse what no policy could allow: an ambiguous path, or any call while shutting down."""
         if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
             # Refused before its body is read: close the connection rather than read the rest of
             # the upload into the void (kept until the body is in).
@@ -135,7 +170,7 @@ class Guard:
                 "spell the route plainly.",
                 scope="request",
             )
-        if rt.draining:
+        if self.runtime.draining:
             raise Rejected(
                 503,
                 "guard_unavailable",
@@ -143,6 +178,11 @@ class Guard:
                 scope="store",
                 headers={"Retry-After": "1"},
             )
+
+    def identify(
+        self, headers: list[tuple[str, str]], policy: Policy, call: Call, verdicts: Verdicts
+    ) -> KeyPolicy | None:
+        """The policy's key for the caller's bearer secret (None: a key the policy does not name)."""
         secret = bearer(headers)
         if secret is None:
             raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
@@ -154,48 +194,39 @@ class Guard:
             verdicts.add(
                 Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
             )
-        if not match.enabled:
-            verdicts.add(
-                Rejected(403, "policy_violation", f"Route {match.path} is disabled by policy.", scope="policy")
-            )
-        verdicts.enforce()
+        return key
 
-        # Only now is the body read: every refusal above needed none. Its bytes count against
-        # the process's bound until the call ends (forward) or is refused (here).
-        lease = BodyLease(self.bodies)
-        HELD_BODY.set(lease)
-        try:
-            raw = await read_body(
-                receive,
-                header(headers, "content-length"),
-                policy.guard.max_body_bytes,
-                timeout_s=rt.settings.body_timeout_s,
-                lease=lease,
-            )
-            call.headers.pop("Connection", None)
-            return await self.priced(raw, headers, match, policy, call, key, verdicts)
-        except BaseException:
-            lease.release()
-            raise
-
-    async def priced(
+    async def price_and_reserve(
         self,
-        raw: bytes,
+        body: bytes,
         headers: list[tuple[str, str]],
         match: Match,
         policy: Policy,
         call: Call,
         key: KeyPolicy | None,
         verdicts: Verdicts,
-    ) -> tuple[bytes, Flight | None]:
-        """The rest of `prepare` once the body is in: price, check, reserve."""
-        rt = self.rt
-        fields = await read_fields(raw, headers, policy.guard.max_body_bytes, text=match.kind == "text")
-        prices = rt.refresher.prices
-        model = prices.resolve(fields.model)
+    ) -> Flight | None:
+        """Once the body is in: price the call, check model and hold against the policy, reserve
+        the hold. None: forwarded without a hold (failed open)."""
+        fields = await read_fields(body, headers, policy.guard.max_body_bytes, text=match.kind == "text")
+        model = self.runtime.refresher.prices.resolve(fields.model)
         call.model = model
+        self.check_model(model, fields.model, policy, key, verdicts)
+        hold = self.hold_for(match, fields, model, policy, verdicts)
+        if hold is None:
+            return None  # fail-open without a price table: forwarded unguarded, counted
+        call.hold_micros = hold
+        self.check_hold(hold, policy, key, verdicts)
+        verdicts.enforce()
+        flight = await self.reserve(call, policy, key, hold, verdicts)
+        if verdicts.refusals:
+            self.record_would_refuse(call, verdicts.refusals[0])
+        return flight
+
+    def check_model(self, model: str, asked: str, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
+        """The policy's and the key's model rules, applied to both spellings of the model."""
         for rules in (policy.models.rules, key.rules if key else None):
-            if rules is not None and not permits(rules, {model, fields.model}):
+            if rules is not None and not permits(rules, {model, asked}):
                 verdicts.add(
                     Rejected(
                         403,
@@ -205,10 +236,9 @@ class Guard:
                     )
                 )
                 break
-        hold = self.hold_for(match, fields, model, policy, verdicts)
-        if hold is None:
-            return raw, None  # fail-open without a price table: forwarded unguarded, counted
-        call.hold_micros = hold
+
+    def check_hold(self, hold: int, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
+        """The hold against the guard's per-call maximum (raises) and the policy's per-request caps."""
         if hold > MAX_CALL_MICROS:
             raise Rejected(
                 403,
@@ -217,7 +247,7 @@ class Guard:
                 f"of ${format_usd(MAX_CALL_MICROS)}.",
                 scope="policy",
             )
-        for cap, where in self.caps(policy, key):
+        for cap, where in per_request_caps(policy, key):
             if hold > cap:
                 verdicts.add(
                     Rejected(
@@ -229,22 +259,17 @@ class Guard:
                     )
                 )
                 break
-        verdicts.enforce()
-        flight = await self.reserve(call, policy, key, hold, verdicts)
-        if verdicts.refusals:
-            self.would_refuse(call, verdicts.refusals[0])
-        return raw, flight
 
-    def would_refuse(self, call: Call, refusal: Rejected) -> None:
-        self.rt.metrics.decisions.labels("would_refuse", refusal.scope or "policy", call.key_name).inc()
+    def record_would_refuse(self, call: Call, refusal: Rejected) -> None:
+        self.runtime.metrics.decisions.labels("would_refuse", refusal.scope or "policy", call.key_name).inc()
         call.decision, call.scope = "would_refuse", refusal.scope or "policy"
         log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
     def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, verdicts: Verdicts) -> int | None:
         """The call's hold (proxy.guard.pricing.quote_hold); None: forward unguarded (failed open)."""
-        quote = quote_hold(match.kind or "", match.path, fields, model, self.rt.refresher.prices, policy.models)
+        quote = quote_hold(match.kind or "", match.path, fields, model, self.runtime.refresher.prices, policy.models)
         if quote.micros is None:
-            self.unavailable("no price table has been loaded from /v2/models yet", "no_prices")
+            self.fail_open_or_closed("no price table has been loaded from /v2/models yet", "no_prices")
             return None
         if quote.unpriced and policy.guard.unknown_models == "reject":
             why = "matches no models.text_rates entry" if quote.basis == "text_default" else "has no published price"
@@ -258,139 +283,178 @@ class Guard:
             )
         return quote.micros
 
-    def caps(self, policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
-        caps = []
-        if policy.models.max_request_micros is not None:
-            caps.append((policy.models.max_request_micros, "models.max_request_usd"))
-        if key is not None:
-            if key.max_request_micros is not None:
-                caps.append((key.max_request_micros, f"key {key.name}"))
-            group = policy.group_of(key)
-            if group is not None and group.max_request_micros is not None:
-                caps.append((group.max_request_micros, f"group {group.name}"))
-        return caps
-
-    def unavailable(self, reason: str, kind: str) -> None:
-        """Fail closed (raise 503) or open (return; the caller forwards without a hold)."""
-        if self.rt.policy.guard.on_store_error == "open":
-            self.rt.metrics.unguarded.labels(kind).inc()
+    def fail_open_or_closed(self, reason: str, kind: str) -> None:
+        """The guard cannot decide (`guard.on_store_error`): fail closed (raise 503) or open
+        (count and log the call as unguarded, and return; the caller forwards it without a hold)."""
+        if self.runtime.policy.guard.on_store_error == "open":
+            self.runtime.metrics.unguarded.labels(kind).inc()
             log.warning("UNGUARDED: forwarding a spending call without a hold: %s", reason)
             return
         raise Rejected(
             503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store"
         )
 
+    # -- the reserve -----------------------------------------------------------------------
+
     async def reserve(
         self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, verdicts: Verdicts
     ) -> Flight | None:
-        rt = self.rt
-        now_s = rt.clock()
-        now_ms = int(now_s * 1000)
+        """Hold `hold` against the account, the key and its budgets in one script. Returns the
+        flight, or None when the call goes up without a hold (failed open); raises the refusal
+        (in global shadow mode it is recorded in `verdicts` instead)."""
+        now_s = self.runtime.clock()
         budgets = budgets_for(policy, key)
-        request = ReserveRequest(
-            hold_id=os.urandom(16).hex(),  # 128 random bits (uuid4 has 122) at a fifth of its cost
-            amount_micros=hold,
-            now_ms=now_ms,
-            lease_expiry_ms=now_ms + int(policy.guard.hold_ttl_s * 1000),
-            floor_micros=policy.account.min_remaining_micros,
-            max_staleness_ms=int(policy.account.max_staleness_s * 1000),
-            row_ref=row_ref(key.api_key_id, key.api_key_name) if key else None,
-            windows_ms=(window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s)),
-            shadow=policy.mode == "shadow",
-            budgets=budget_holds(budgets, now_s),
-        )
-        try:
-            decision = await rt.ledger.reserve(request)
-            rt.reserve_failed_at = 0.0
-            if budgets:
-                decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
-        except StoreError as exc:
-            # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
-            # name internal addresses).
-            reason = type(exc.__cause__ or exc).__name__
-            rt.reserve_failed_at, rt.reserve_failure = rt.clock(), reason
-            log.warning("reserve failed: %s", exc)
-            # The script may still run once Redis wakes up: release that hold (or tombstone it)
-            # from the settle retry loop, so a call we never forwarded holds nothing. Bounded, as
-            # a retry loop against a dead Redis adds one per call; past the bound a hold that did
-            # land (its reply lost) is left to its lease.
-            if len(rt.pending_settles) < MAX_PENDING_RELEASES:
-                rt.pending_settles[request.hold_id] = Pending(0, counters=counters_of(request.budgets))
-            elif not rt.pending_full_logged:
-                rt.pending_full_logged = True
-                log.warning(
-                    "%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES
-                )
-            self.unavailable(f"store error ({reason})", "store")
+        request = reserve_request(policy, key, hold, budgets, now_s)
+        decision = await self.ask_ledger(request, budgets)
+        if decision is None:
             return None
         if decision.reclaimed.count or decision.reclaimed.quarantined:
-            rt.reclaimed(decision.reclaimed)
+            self.runtime.note_reclaimed(decision.reclaimed)
         if not decision.allowed:
-            assert decision.refusal is not None
-            if decision.refusal.code == "state_lost":
-                rt.refresher.kick()  # the snapshot went with the rest: have one ready for the recovery
-                # Never failed open: a budget counted from $0 again is no budget at all.
-                if not rt.state_lost_logged:
-                    rt.state_lost_logged = True
-                    log.error(
-                        "STORE LOST ITS BUDGET STATE: calls that touch a local budget are refused (503) "
-                        "until an operator runs `spend-guard store recover`"
-                    )
-                raise Rejected(
-                    503,
-                    "guard_unavailable",
-                    "Spend guard unavailable: the store lost its local budget state, so this key's budgets "
-                    "cannot be enforced until an operator recovers it. The call was not forwarded.",
-                    scope="store",
-                    headers={"Retry-After": "60"},
-                )
-            if decision.refusal.code == "no_snapshot":
-                rt.refresher.kick()  # the store was emptied or is new: fetch now, not at the next round
-            if decision.refusal.code in ("no_snapshot", "stale"):
-                self.unavailable(stale_reason(decision.refusal, policy.account.max_staleness_s), decision.refusal.code)
-                return None
-            if decision.refusal.code == "row_unreadable":
-                self.unavailable(
-                    f"ImageRouter's usage row for key '{call.key_name}' could not be read, so its spend limit "
-                    "cannot be checked (the proxy log says why)",
-                    "row_unreadable",
-                )
-                return None
-            if decision.refusal.code not in REFUSAL_CODES:
-                self.unavailable(f"reserve answered {decision.refusal.code!r}", "store")
-                return None
-            verdicts.add(rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
-            verdicts.enforce()  # raises unless in shadow mode
+            self.refuse_or_fail(decision, call, policy, budgets, now_s, verdicts)
             return None
         if decision.refusal is not None:
             # The script only lets a refusal through when its scope is in shadow mode.
             would = rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
             if verdicts.shadow:
-                verdicts.add(would)  # recorded once, at the end of prepare
+                verdicts.add(would)  # recorded once, at the end of price_and_reserve
             else:
-                self.would_refuse(call, would)
-        self.remaining_headers(call, decision)
+                self.record_would_refuse(call, would)
+        self.add_remaining_headers(call, decision)
+        return self.open_flight_for(call, request, decision)
+
+    async def ask_ledger(self, request: ReserveRequest, budgets: list[Budget]) -> Decision | None:
+        """Run the reserve against the ledger. A store error fails open (None) or closed (raises),
+        and the hold's release is queued in case the script still runs."""
+        rt = self.runtime
+        try:
+            decision = await rt.ledger.reserve(request)
+        except StoreError as exc:
+            # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
+            # name internal addresses).
+            reason = type(exc.__cause__ or exc).__name__
+            rt.note_reserve_failed(reason)
+            log.warning("reserve failed: %s", exc)
+            if rt.defer_release(request.hold_id, counters_of(request.budgets), MAX_PENDING_RELEASES):
+                log.warning(
+                    "%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES
+                )
+            self.fail_open_or_closed(f"store error ({reason})", "store")
+            return None
+        rt.note_reserve_succeeded()
+        if budgets:
+            decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
+        return decision
+
+    def refuse_or_fail(
+        self, decision: Decision, call: Call, policy: Policy, budgets: list[Budget], now_s: float, verdicts: Verdicts
+    ) -> None:
+        """A reserve the store did not allow. A refusal is raised (recorded only, in global shadow
+        mode); when the store could not decide, the call fails open (return) or closed (raise)."""
+        assert decision.refusal is not None
+        code = decision.refusal.code
+        if code == "state_lost":
+            raise self.state_lost_refusal()
+        if code == "no_snapshot":
+            self.runtime.refresher.kick()  # the store was emptied or is new: fetch now, not at the next round
+        if code in ("no_snapshot", "stale"):
+            self.fail_open_or_closed(stale_reason(decision.refusal, policy.account.max_staleness_s), code)
+        elif code == "row_unreadable":
+            self.fail_open_or_closed(
+                f"ImageRouter's usage row for key '{call.key_name}' could not be read, so its spend limit "
+                "cannot be checked (the proxy log says why)",
+                "row_unreadable",
+            )
+        elif code not in REFUSAL_CODES:
+            self.fail_open_or_closed(f"reserve answered {code!r}", "store")
+        else:
+            verdicts.add(rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
+            verdicts.enforce()  # raises unless in shadow mode
+
+    def state_lost_refusal(self) -> Rejected:
+        """The refusal while the store has lost its budget state. Never failed open: a budget
+        counted from $0 again is no budget at all."""
+        self.runtime.refresher.kick()  # the snapshot went with the rest: have one ready for the recovery
+        if not self.state_lost_logged:
+            self.state_lost_logged = True
+            log.error(
+                "STORE LOST ITS BUDGET STATE: calls that touch a local budget are refused (503) "
+                "until an operator runs `spend-guard store recover`"
+            )
+        return Rejected(
+            503,
+            "guard_unavailable",
+            "Spend guard unavailable: the store lost its local budget state, so this key's budgets "
+            "cannot be enforced until an operator recovers it. The call was not forwarded.",
+            scope="store",
+            headers={"Retry-After": "60"},
+        )
+
+    def add_remaining_headers(self, call: Call, decision: Decision) -> None:
+        if decision.tight_scope:
+            call.headers["X-Spend-Guard-Remaining"] = format_usd(decision.tight_remaining_micros)
+            call.headers["X-Spend-Guard-Remaining-Scope"] = decision.tight_scope
+
+    def open_flight_for(self, call: Call, request: ReserveRequest, decision: Decision) -> Flight:
+        """The flight of a granted reserve, tracked by the runtime until it settles."""
         flight = Flight(
             request.hold_id,
-            hold,
+            request.amount_micros,
             call.key_name,
             precharged=call.kind in PRECHARGED_KINDS,
             kind=call.kind,
             model=call.model or "",
             counters=counters_of(request.budgets),
         )
-        rt.flights[flight.hold_id] = flight
-        rt.metrics.inflight.set(len(rt.flights))
-        rt.metrics.usd.labels("held", call.key_name).inc(hold / 1e6)
+        self.runtime.open_flight(flight)
         if call.decision != "would_refuse":
             call.decision = "allowed"
-            rt.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
+            self.runtime.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
         return flight
 
-    def remaining_headers(self, call: Call, decision: Decision) -> None:
-        if decision.tight_scope:
-            call.headers["X-Spend-Guard-Remaining"] = format_usd(decision.tight_remaining_micros)
-            call.headers["X-Spend-Guard-Remaining-Scope"] = decision.tight_scope
+
+def open_call(scope: Scope, headers: list[tuple[str, str]], match: Match, policy: Policy) -> Call:
+    """The decision record of a guarded request, with the headers every answer to it carries."""
+    call = Call(request_id=request_id(headers), started=time.perf_counter(), route=match.path, kind=match.kind or "")
+    client = scope.get("client")
+    call.client = f"{client[0]}:{client[1]}" if client else None
+    call.user_agent = header(headers, "user-agent")
+    call.headers["X-Request-Id"] = call.request_id
+    call.headers["X-Spend-Guard-Policy"] = policy.version
+    return call
+
+
+def per_request_caps(policy: Policy, key: KeyPolicy | None) -> list[tuple[int, str]]:
+    """The per-request caps that apply to `key`'s calls, each with where the policy sets it."""
+    caps = []
+    if policy.models.max_request_micros is not None:
+        caps.append((policy.models.max_request_micros, "models.max_request_usd"))
+    if key is not None:
+        if key.max_request_micros is not None:
+            caps.append((key.max_request_micros, f"key {key.name}"))
+        group = policy.group_of(key)
+        if group is not None and group.max_request_micros is not None:
+            caps.append((group.max_request_micros, f"group {group.name}"))
+    return caps
+
+
+def reserve_request(
+    policy: Policy, key: KeyPolicy | None, hold: int, budgets: list[Budget], now_s: float
+) -> ReserveRequest:
+    """What the reserve script is asked: the hold, the lease, the floor and every scope's window."""
+    now_ms = int(now_s * 1000)
+    return ReserveRequest(
+        hold_id=os.urandom(16).hex(),  # 128 random bits (uuid4 has 122) at a fifth of its cost
+        amount_micros=hold,
+        now_ms=now_ms,
+        lease_expiry_ms=now_ms + int(policy.guard.hold_ttl_s * 1000),
+        floor_micros=policy.account.min_remaining_micros,
+        max_staleness_ms=int(policy.account.max_staleness_s * 1000),
+        row_ref=row_ref(key.api_key_id, key.api_key_name) if key else None,
+        windows_ms=(window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s)),
+        shadow=policy.mode == "shadow",
+        budgets=budget_holds(budgets, now_s),
+    )
 
 
 async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int, *, text: bool = False) -> PriceFields:

@@ -1,13 +1,13 @@
 """Forward one guarded call and settle it: the upstream's answer streams to the client while its
 observer reads the cost, and the flight is settled exactly once through `Runtime.settle`,
-whether the call finished, broke off on either side or timed out (DESIGN §1 steps 6-7).
+whether the call finished, broke off on either side or timed out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from contextvars import ContextVar
+from dataclasses import dataclass
 
 import aiohttp
 
@@ -22,30 +22,39 @@ from proxy.policy.model import Policy
 from proxy.runtime import Flight, Runtime
 from proxy.types import Receive, Scope, Send
 
-# A guarded call goes up with the guard's own X-Request-Id (the client's, when it is well-formed)
-# and an Accept-Encoding narrowed to codings the guard can read.
-GUARD_SETS = frozenset({b"x-request-id", b"accept-encoding"})
-# The request body the current call holds in memory (set by the guard when it reads the body,
-# released here when the call ends).
-HELD_BODY: ContextVar[BodyLease | None] = ContextVar("HELD_BODY", default=None)
+# Request headers the guard replaces on a guarded call: it goes up with the guard's own
+# X-Request-Id (the client's, when it is well-formed) and an Accept-Encoding narrowed to codings
+# the guard can read.
+REPLACED_REQUEST_HEADERS = frozenset({b"x-request-id", b"accept-encoding"})
 
 
-async def relay(
-    rt: Runtime,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    path: bytes,
-    body: bytes,
-    flight: Flight | None,
-    call: Call,
-    policy: Policy,
-) -> None:
-    """Forward `body`, stream the answer to the client while reading its cost, and settle the
-    flight (None: an unguarded call) exactly once, whatever happened on either side."""
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 µs more per call
+class Admitted:
+    """A spending call the guard let through: what `relay` forwards, settles and logs. Built
+    once by the guard; nothing changes it after."""
+
+    scope: Scope
+    receive: Receive
+    send: Send
+    path: bytes  # the request target as sent (proxy.http.request.raw_path)
+    body: bytes
+    # The body's share of the process's bound on buffered bodies, released when the call ends.
+    body_lease: BodyLease
+    flight: Flight | None  # its reservation; None: forwarded unguarded (failed open)
+    call: Call  # the decision record, completed here and logged at the end
+    policy: Policy  # the policy the call was decided under
+
+
+async def relay(rt: Runtime, admitted: Admitted) -> None:
+    """Forward the admitted call's body, stream the answer to the client while reading its cost,
+    and settle its flight exactly once, whatever happened on either side."""
+    scope, receive, send = admitted.scope, admitted.receive, admitted.send
+    call, flight, policy = admitted.call, admitted.flight, admitted.policy
     if flight is None and call.decision != "would_refuse":
         call.decision = "unguarded"
-    sent_headers = request_head(scope["headers"], drop=GUARD_SETS).sent + [("X-Request-Id", call.request_id)]
+    sent_headers = request_head(scope["headers"], drop=REPLACED_REQUEST_HEADERS).sent + [
+        ("X-Request-Id", call.request_id)
+    ]
     asked = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"accept-encoding"]
     if asked:
         sent_headers.append(("Accept-Encoding", readable_accept_encoding(asked)))
@@ -55,7 +64,9 @@ async def relay(
     resp: aiohttp.ClientResponse | None = None
     try:
         try:
-            resp = await rt.upstream.open(scope["method"], path, scope.get("query_string", b""), sent_headers, body)
+            resp = await rt.upstream.open(
+                scope["method"], admitted.path, scope.get("query_string", b""), sent_headers, admitted.body
+            )
         except UpstreamError as exc:
             # Nothing was received from ImageRouter. A connect that failed or timed out never
             # reached it (release); a later timeout or broken connection might have been billed
@@ -107,9 +118,7 @@ async def relay(
         rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
         if flight is not None:
             await asyncio.shield(settle(rt, flight, outcome, call))
-        held = HELD_BODY.get()
-        if held is not None:
-            held.release()
+        admitted.body_lease.release()
         log_decision(call, policy)
 
 

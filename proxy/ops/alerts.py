@@ -311,5 +311,5 @@ async def start_alerts(stack: contextlib.AsyncExitStack, runtime: Any) -> Alerts
     deliveries = Deliveries(session, runtime.metrics, runtime.clock)
     stack.push_async_callback(deliveries.aclose)
     alerts = Alerts(runtime, deliveries)
-    runtime.on_settled = alerts.touched
+    runtime.notify_on_settle(alerts.touched)
     return alerts

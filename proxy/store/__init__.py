@@ -2,8 +2,9 @@
 
 `contract` names what the rest of the proxy may ask of it (`Ledger`, `SnapshotStore`,
 `StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`), which
-`scripts` assembles, runs and whose replies it reads into typed values; `keyspace` builds every key; `records` holds the typed values that cross the seam; `backends`
-maps a URL scheme to a client, and `embedded` runs the private server used when no URL is given.
+`scripts` assembles, runs and reads the replies of; `keyspace` builds every key; `records` holds
+the typed values that cross the seam; `backends` maps a URL scheme to a client, and `embedded`
+runs the private server used when no URL is given.
 """
 
 from __future__ import annotations
