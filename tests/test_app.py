@@ -13,10 +13,10 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, alice_keys
-from tests.standin import key_row
+from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.policies import alice_keys
+from tests.support.standin import key_row
 
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 TEAM = f"""
 groups:
   - name: team
@@ -158,7 +158,7 @@ def test_metrics_move_with_decisions(make_proxy, up):
 
 
 def test_readyz_flips_when_the_snapshot_ages(make_proxy, up):
-    from tests.test_guard import FakeClock
+    from tests.support.proxies import FakeClock
 
     clock = FakeClock()
     p = make_proxy(TEAM, clock=clock)

@@ -13,8 +13,7 @@ import httpx
 import pytest
 import redis
 
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-from tests.test_processes import generate, scraped
+from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, scraped, wait_until
 
 pytestmark = pytest.mark.real
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import gzip
-import hashlib
 import json
 import logging
 import re
@@ -32,7 +31,7 @@ from proxy.errors import PolicyError
 from proxy.http.routing import canonical_path
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
+from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, SHA_B
 
 # Hypothesis imports its patch writer (and libcst, which warns on import) only when it reports a
 # falsifying example; under `filterwarnings = error` that turns the report into an INTERNALERROR.
@@ -49,7 +48,6 @@ FAKE_AND_REAL = pytest.mark.parametrize(
     [pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)],
     indirect=True,
 )
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEY_C = "sk-c-" + "c" * 59  # a well-formed key the policy does not know
 SECRETS = (KEY_A, KEY_B, KEY_C, ACCOUNT_KEY)
 POLICY = f"""

@@ -19,15 +19,15 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import KEY_A
-from tests.served import (
+from tests.support.constants import KEY_A
+from tests.support.served import (
     PersistentRedisServer,
     RedisServer,
     ServedProxy,
     alice_policy,
     wait_until,
 )
-from tests.standin import fingerprint
+from tests.support.standin import fingerprint
 
 pytestmark = pytest.mark.real
 

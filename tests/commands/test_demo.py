@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from proxy.commands.demo import KEYS
-from tests.served import free_port, wait_until
+from tests.support.served import free_port, wait_until
 
 ALICE, BOB = (key.token for key in KEYS)
 IMAGES = "/v1/openai/images/generations"

@@ -11,10 +11,8 @@ from click.testing import CliRunner
 
 from proxy.cli import main
 from proxy.commands.status import describe_url
-from tests.conftest import KEY_A, KEY_B, SHA_A
-from tests.served import free_port
-
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
+from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.served import free_port
 
 STORES = [
     pytest.param("real", marks=pytest.mark.real),

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import KEY_A
-from tests.served import RedisServer, ServedProxy, alice_policy
+from tests.support.constants import KEY_A
+from tests.support.served import RedisServer, ServedProxy, alice_policy
 
 pytestmark = pytest.mark.real
 CALLS = 1500

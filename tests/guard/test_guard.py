@@ -10,33 +10,10 @@ import fakeredis
 import pytest
 import redis
 
-from tests.conftest import KEY_A, KEY_B, SHA_A, alice_keys
-from tests.standin import key_row
-
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
-KEYS = f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    api_key_id: key-a
-    budgets: [{{limit_usd: 50, period: null}}]
-"""
-
-
-def envelope(response) -> dict:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type"}, body
-    return body["error"]
-
-
-def spent(proxy, scope: str, token: str = KEY_A) -> str:
-    me = proxy.client.get("/-/me", headers={"Authorization": f"Bearer {token}"})
-    assert me.status_code == 200, me.text
-    return next(s for s in me.json()["scopes"] if s["scope"] == scope)["spent_usd"]
-
-
-def open_holds(proxy) -> int:
-    return proxy.run(proxy.runtime.store.open_holds)
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import KEYS, alice_keys
+from tests.support.proxies import FakeClock, envelope, open_holds, spent
+from tests.support.standin import key_row
 
 
 def test_allowed_call_is_charged_its_real_cost(make_proxy, up):
@@ -426,12 +403,3 @@ def test_upstream_timeout_is_504_and_charges_the_hold(make_proxy, up):
     assert r.status_code == 504 and envelope(r)["type"] == "upstream_error"
     assert spent(p, "budget:key:alice:lifetime") == "0.3000"
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        import time
-
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now

@@ -4,7 +4,6 @@ model never takes the guard down, one bad deferred settle does not hold back the
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -13,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from proxy.runtime import Flight, Pending
-from tests.conftest import KEY_A, KEY_B
-from tests.served import wait_until
-from tests.standin import key_row
-from tests.test_guard import KEYS, envelope, open_holds
+from tests.support.constants import KEY_A, KEY_B, SHA_B
+from tests.support.policies import KEYS
+from tests.support.proxies import envelope, open_holds
+from tests.support.served import wait_until
+from tests.support.standin import key_row
 
 
 def test_calls_in_flight_are_not_counted_twice_after_a_refresh(make_proxy, up):
@@ -99,7 +99,7 @@ def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
 
 TWO_KEYS = KEYS + f"""
   - name: bob
-    key_sha256: {hashlib.sha256(KEY_B.encode()).hexdigest()}
+    key_sha256: {SHA_B}
     api_key_id: key-b
 """
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import SHA_A
-from tests.standin import key_row
-from tests.test_guard import envelope, open_holds, spent
+from tests.support.constants import SHA_A
+from tests.support.proxies import envelope, open_holds, spent
+from tests.support.standin import key_row
 
 GROUPED = f"""
 groups:
@@ -118,9 +118,8 @@ def test_calls_open_at_the_shutdown_deadline_are_charged_their_hold(tmp_path, up
 
     import redis
 
-    from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-    from tests.test_processes import generate
-    from tests.test_processes import spent as served_spent
+    from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, wait_until
+    from tests.support.served import spent as served_spent
 
     path = alice_policy(tmp_path, account="sd", budget_usd="50", shutdown_grace_s=1)
     with RedisServer() as server, ServedProxy(path, up.url, server.url) as proxy:

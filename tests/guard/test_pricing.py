@@ -24,7 +24,7 @@ from proxy.guard.pricing import (
 from proxy.http.body import PriceFields
 from proxy.policy.model import ModelsPolicy, TextRate
 from proxy.prices import PriceTable, PriceTableError, parse_models
-from tests.standin import default_models
+from tests.support.standin import default_models
 
 
 def doc(value: object) -> bytes:

@@ -17,8 +17,9 @@ import pytest
 
 from proxy.guard.pricing import INPUT_FRAMING_TOKENS
 from proxy.runtime import Flight
-from tests.conftest import KEY_A, SHA_A, alice_keys
-from tests.test_guard import envelope, open_holds, spent
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.policies import alice_keys
+from tests.support.proxies import envelope, open_holds, spent
 
 CHAT, RESPONSES = "/v1/openai/chat/completions", "/v1/openai/responses"
 RATES = """

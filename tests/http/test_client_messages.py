@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import KEY_A, StoreTarget
-from tests.served import RedisServer
+from tests.support.constants import KEY_A
+from tests.support.served import RedisServer
+from tests.support.stores import StoreTarget
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 IMAGES = "/v1/openai/images/generations"

@@ -8,8 +8,9 @@ import socket
 import time
 
 from proxy.http.upstream import request_head, response_headers
-from tests.conftest import KEY_A, alice_keys
-from tests.served import ServedProxy
+from tests.support.constants import KEY_A
+from tests.support.policies import alice_keys
+from tests.support.served import ServedProxy
 
 
 def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):

@@ -16,8 +16,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import KEY_A, SHA_A
-from tests.served import ServedProxy, wait_until
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.served import ServedProxy, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 ROUTE = "/v1/openai/images/generations"

@@ -36,10 +36,10 @@ from proxy.http.body import PriceFields, decode_content, read_price_fields
 from proxy.policy.load import load_policy
 from proxy.settings import Settings
 from proxy.untrusted import ECHO_MAX_CHARS, echo
-from tests.conftest import KEY_A, SHA_A
 from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
+from tests.support.constants import KEY_A, SHA_A
 
-PARITY_DIR = Path(__file__).parent / "parity"
+PARITY_DIR = Path(__file__).parents[1] / "parity"
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
 EDITS = "/v1/openai/images/edits"
 ROUTES = ["/v1/openai/images/generations", EDITS, "/v1/openai/videos/generations"]

@@ -12,8 +12,7 @@ import time
 import httpx
 import pytest
 
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-from tests.test_processes import generate, worker_pids
+from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, wait_until, worker_pids
 
 GRACE_S = 6
 

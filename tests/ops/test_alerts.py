@@ -15,9 +15,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.windows import format_ms, to_ms
-from tests.conftest import KEY_A, SHA_A
-from tests.standin import key_row
-from tests.webhook_receiver import Receiver
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.standin import key_row
+from tests.support.webhook_receiver import Receiver
 
 SECRET_ENV = "SG_TEST_WEBHOOK_SECRET"
 SECRET = "whsec_" + base64.b64encode(os.urandom(32)).decode()

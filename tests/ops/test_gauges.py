@@ -8,8 +8,8 @@ import decimal
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from tests.conftest import KEY_A, SHA_A
-from tests.standin import key_row
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.standin import key_row
 
 POLICY = f"""
 groups:
@@ -74,7 +74,7 @@ def test_two_proxies_report_the_levels_me_shows_to_the_micro_dollar(make_proxy, 
 def test_a_hold_in_flight_shows_as_held(make_proxy, up):
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.served import wait_until
+    from tests.support.served import wait_until
 
     p = make_proxy(POLICY)
     with ThreadPoolExecutor(1) as pool:

@@ -4,7 +4,6 @@ live `/-/metrics` scrape, so a renamed metric cannot silently turn an alert off.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -17,17 +16,16 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KEY_A, KEY_B, SHA_A
-from tests.served import RedisServer, ServedProxy, free_port, wait_until
-from tests.standin import key_row
+from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.served import RedisServer, ServedProxy, free_port, wait_until
+from tests.support.standin import key_row
 
-DOCKER = Path(__file__).parent.parent / "docker"
+DOCKER = Path(__file__).parents[2] / "docker"
 RULES = DOCKER / "prometheus" / "alerts.yml"
 DASHBOARD = DOCKER / "grafana" / "dashboards" / "spend-guard.json"
 # Series Prometheus makes itself, not the proxy.
 PROMETHEUS_OWN = {"up"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ()}
 
 POLICY = f"""

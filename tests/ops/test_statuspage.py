@@ -11,11 +11,10 @@ import re
 
 from proxy.errors import StoreError
 from proxy.guard.refusals import MAX_RECENT_REFUSALS, RecentRefusals, Refusal
-from tests.conftest import KEY_A, KEY_B, SHA_A
+from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
 
 ADMIN_TOKEN = "sg-admin-" + "q" * 40
 ADMIN_SHA = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEYS = f"""
 groups:
   - {{name: design, budgets: [{{limit_usd: 10.00, period: month}}]}}

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import httpx
 
-from tests.cdp import Page, chromium_page
-from tests.conftest import KEY_A, KEY_B, SHA_A
-from tests.served import RedisServer, ServedProxy
+from tests.support.cdp import Page, chromium_page
+from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.served import RedisServer, ServedProxy
 
 SCREENSHOT = "/tmp/spend-guard-status.png"
 ADMIN_TOKEN = "sg-admin-" + "k" * 40
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 ROWS = """[...document.querySelectorAll('#scopes tr[data-scope]')].map(r => ({
   scope: r.dataset.scope, level: r.className, pct: r.querySelector('.pct').textContent,
   spent: r.querySelector('td.spent').textContent, held: r.querySelector('td.held').textContent,

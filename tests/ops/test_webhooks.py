@@ -12,7 +12,7 @@ import pytest
 from proxy.ops.metrics import Metrics
 from proxy.ops.webhooks import Deliveries, Endpoint, SecretError, endpoints, sign, signing_key
 from proxy.policy.model import WebhookPolicy
-from tests.webhook_receiver import Receiver
+from tests.support.webhook_receiver import Receiver
 
 
 def test_signature_reproduces_the_standard_webhooks_test_vector():

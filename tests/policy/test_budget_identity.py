@@ -9,7 +9,7 @@ import logging
 from proxy.guard.verdicts import budget_holds
 from proxy.policy.load import load_policy
 from proxy.policy.reload import budget_changes
-from tests.conftest import KEY_A, SHA_A
+from tests.support.constants import KEY_A, SHA_A
 
 ALICE = f"""
 groups:

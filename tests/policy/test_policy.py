@@ -28,10 +28,10 @@ from proxy.policy.model import (
     default_policy,
 )
 
-POLICIES = Path(__file__).parent / "policies"
+POLICIES = Path(__file__).parents[1] / "policies"
 BAD = POLICIES / "bad"
 GOOD = POLICIES / "good"
-SHIPPED = Path(__file__).parent.parent / "policies"
+SHIPPED = Path(__file__).parents[2] / "policies"
 SHA_1 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 SHA_2 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 

@@ -3,7 +3,6 @@ noticed, never absorbed as if every budget were at $0 (issue 11). Fake and real 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 
@@ -12,8 +11,8 @@ from click.testing import CliRunner
 
 from proxy.cli import main
 from proxy.commands.recover import from_access_log, from_seeds, recover
-from tests.conftest import KEY_B, SHA_A
-from tests.test_guard import envelope
+from tests.support.constants import KEY_B, SHA_A, SHA_B
+from tests.support.proxies import envelope
 
 POLICY = f"""
 keys:
@@ -21,7 +20,7 @@ keys:
     key_sha256: {SHA_A}
     budgets: [{{limit_usd: 1.00, period: day}}]
   - name: bob
-    key_sha256: {hashlib.sha256(KEY_B.encode()).hexdigest()}
+    key_sha256: {SHA_B}
 """
 
 

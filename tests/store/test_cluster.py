@@ -25,8 +25,8 @@ from proxy.prices import PriceTable
 from proxy.store.backends import redis_client
 from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot
 from proxy.store.redis import LOCK_REFRESH, Store
-from tests.conftest import KEY_A
-from tests.served import ServedProxy, alice_policy, free_port, wait_until
+from tests.support.constants import KEY_A
+from tests.support.served import ServedProxy, alice_policy, free_port, wait_until
 
 pytestmark = pytest.mark.real
 

@@ -8,8 +8,9 @@ from typing import Any
 
 from proxy.store.contract import Ledger, SnapshotStore, StatusStore
 from proxy.store.records import Decision, Refusal
-from tests.conftest import KEY_A
-from tests.test_guard import KEYS, open_holds, spent
+from tests.support.constants import KEY_A
+from tests.support.policies import KEYS
+from tests.support.proxies import open_holds, spent
 
 
 class Recording:

@@ -17,8 +17,8 @@ import pytest
 import redis
 
 from proxy.store.embedded import SOCKET_NAME, EmbeddedServer, server_binary
-from tests.conftest import KEY_A, SHA_A
-from tests.served import ServedProxy, alice_policy, free_port, wait_until
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.served import ServedProxy, alice_policy, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 pytestmark = pytest.mark.embedded

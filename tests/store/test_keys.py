@@ -15,7 +15,7 @@ from proxy.errors import HoldQuarantined, StoreScriptError
 from proxy.store.keyspace import BASE, SCRIPT_KEYS, Keys
 from proxy.store.records import MarkRequest
 from proxy.store.redis import Script, Store
-from tests.test_store import NOW_MS, REF, USD, budget, req, row, snap, windows
+from tests.store.test_store import NOW_MS, REF, USD, budget, req, row, snap, windows
 
 # Wraps redis.call for the rest of the chunk: commands whose keys are all their arguments (DEL,
 # EXISTS) are checked whole, every other command's first argument is its key.

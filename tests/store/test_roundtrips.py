@@ -8,8 +8,9 @@ import threading
 import pytest
 import redis
 
-from tests.conftest import SHA_A, StoreTarget
-from tests.served import RedisServer
+from tests.support.constants import SHA_A
+from tests.support.served import RedisServer
+from tests.support.stores import StoreTarget
 
 SENTINEL = "spend-guard-test-done"
 

@@ -16,8 +16,8 @@ from proxy.prices import PriceTable
 from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot, row_ref
 from proxy.store.redis import LOCK_REFRESH, Store
 from proxy.windows import to_ms, window_end, window_start_ms
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B
-from tests.standin import key_row
+from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B
+from tests.support.standin import key_row
 
 ACCOUNT = "acct"
 USD = 1_000_000

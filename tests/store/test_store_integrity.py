@@ -9,7 +9,7 @@ import pytest
 from proxy.errors import HoldQuarantined
 from proxy.money import MAX_ABS_MICROS
 from proxy.store.redis import CONTAIN_MARGIN_MS, Store
-from tests.test_store import NOW_MS, REF, USD, budget, charged, held, req, row, snap
+from tests.store.test_store import NOW_MS, REF, USD, budget, charged, held, req, row, snap
 
 ACCOUNT = "acct"
 BIG = MAX_ABS_MICROS  # $1,000,000,000: the largest amount a scope may carry
@@ -200,7 +200,7 @@ async def test_a_charge_settled_without_a_start_time_survives_a_snapshot_fetched
 
 
 async def test_levels_read_what_reserve_enforces_for_many_keys_in_one_round_trip(store):
-    from tests.test_store import win, windows
+    from tests.store.test_store import win, windows
 
     day = row(USD, "day", 400_000, win("day"))
     stale = row(USD, "day", 900_000, win("day") - 1)  # its period spend is from an earlier window
@@ -233,7 +233,7 @@ async def test_levels_read_what_reserve_enforces_for_many_keys_in_one_round_trip
 
 
 async def test_levels_without_a_snapshot_and_with_an_unreadable_row(store):
-    from tests.test_store import windows
+    from tests.store.test_store import windows
 
     levels = await store.levels([REF], [], windows(NOW_MS))
     assert levels.fetched_ms is None and levels.rows[REF] is None

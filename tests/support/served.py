@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SHA_A
-from tests.standin import DEFAULT_ACCOUNT_KEY
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.standin import DEFAULT_ACCOUNT_KEY
 
 
 def alice_policy(
@@ -205,3 +206,48 @@ class PersistentRedisServer(RedisServer):
             stderr=subprocess.DEVNULL,
         )
         wait_until(self._answers, 30, "redis-server to start (and load its append-only file)")
+
+
+# -- talking to a served proxy ---------------------------------------------------------------
+
+AUTH = {"Authorization": f"Bearer {KEY_A}"}
+
+
+def spent(proxy: ServedProxy) -> str:
+    me = httpx.get(proxy.url + "/-/me", headers=AUTH, timeout=5).json()
+    return next(s for s in me["scopes"] if s["scope"] == "budget:key:alice:lifetime")["spent_usd"]
+
+
+def generate(base: str, standin: str = "", model: str = "openai/gpt-image-1", timeout: float = 30) -> httpx.Response:
+    headers = dict(AUTH)
+    if standin:
+        headers["X-Standin"] = standin
+    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers,
+                      timeout=timeout)
+
+
+def scraped(proxy: ServedProxy, name: str, **labels: str) -> float:
+    """One scrape on a new connection (so any worker may answer): the sum of `name`'s samples
+    whose labels include `labels`."""
+    text = httpx.get(proxy.url + "/-/metrics", timeout=5).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+def worker_pids(proxy: ServedProxy) -> list[int]:
+    """The uvicorn workers: processes spawned by the proxy's supervisor process."""
+    assert proxy.proc is not None
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == proxy.proc.pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found

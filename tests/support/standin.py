@@ -1,6 +1,6 @@
 """The tests' ImageRouter stand-in: the one imitation the demo serves too, proxy/standin/.
 
-Tests import it from here (`from tests.standin import StandIn, key_row`); its behaviours, the
+Tests import it from here (`from tests.support.standin import StandIn, key_row`); its behaviours, the
 `X-Standin` header and the ledger are documented in `proxy/standin/__init__.py`.
 """
 
