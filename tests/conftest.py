@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing.util
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from tests.support.constants import REAL_REDIS_URL
 from tests.support.policies import POLICY_BASE
 from tests.support.proxies import Proxy
 from tests.support.standin import StandIn
-from tests.support.stores import StoreTarget, assert_local
+from tests.support.stores import EMBEDDED, FAKE, REAL, StoreTarget, assert_local
 
 
 @pytest.fixture(autouse=True)
@@ -33,6 +35,35 @@ def state_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("XDG_STATE_HOME", str(home))
     yield home
     shutil.rmtree(home, ignore_errors=True)
+
+
+class ProcessRefused(RuntimeError):
+    """A test without the `system` marker tried to start a process."""
+
+
+@pytest.fixture(autouse=True)
+def no_process_unless_system(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Only a test marked `system` starts a process or an external tool, so that `pytest -m "not
+    system"` starts none: any other test that tries is stopped there and fails, naming the command."""
+    if request.node.get_closest_marker("system") is not None:
+        yield
+        return
+    tried: list[str] = []
+
+    def refuse(what: str) -> Callable[..., Any]:
+        def spawn(*args: Any, **kwargs: Any) -> Any:
+            tried.append(what if what != "subprocess" else f"subprocess {args[1]!r}")  # (self, args, ...)
+            raise ProcessRefused(f"{tried[-1]}: a test that starts a process is marked `system`")
+
+        return spawn
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("subprocess"))
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse("multiprocessing"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        monkeypatch.setattr(os, name, refuse(f"os.{name}"))
+    yield
+    if tried:
+        pytest.fail(f"{request.node.nodeid} is not marked `system` but tried to start a process: {tried}")
 
 
 @pytest.fixture(scope="session")
@@ -61,13 +92,7 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
         yield server
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("fake", marks=pytest.mark.fake),
-        pytest.param("real", marks=pytest.mark.real),
-        pytest.param("embedded", marks=pytest.mark.embedded),
-    ]
-)
+@pytest.fixture(params=[FAKE, REAL, EMBEDDED])
 def store_target(request: pytest.FixtureRequest) -> Iterator[StoreTarget]:
     if request.param == "real":
         if not REAL_REDIS_URL:

@@ -15,13 +15,17 @@ import redis
 
 from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, scraped, wait_until
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 FAKETIME = shutil.which("faketime")
 if FAKETIME is None:
     if os.environ.get("CI"):
         raise RuntimeError("faketime is not installed; .ci/run installs Debian's faketime")
-    pytestmark = [pytest.mark.real, pytest.mark.skip(reason="faketime is not installed (apt-get install faketime)")]
+    pytestmark = [
+        pytest.mark.real,
+        pytest.mark.system,
+        pytest.mark.skip(reason="faketime is not installed (apt-get install faketime)"),
+    ]
 
 
 def skewed(offset: str) -> dict:

@@ -29,6 +29,8 @@ from tests.support.served import (
     worker_pids,
 )
 
+pytestmark = pytest.mark.system
+
 
 def policy_file(tmp_path, budget_usd: str = "3.00"):
     return alice_policy(tmp_path, account="proc", budget_usd=budget_usd, shutdown_grace_s=20)

@@ -29,7 +29,7 @@ from tests.support.served import (
 )
 from tests.support.standin import fingerprint
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 ACCOUNT = "soak"
 SHA_A = fingerprint(KEY_A)

@@ -21,6 +21,8 @@ import pytest
 from proxy.commands.demo import KEYS
 from tests.support.served import free_port, wait_until
 
+pytestmark = pytest.mark.system
+
 ALICE, BOB = (key.token for key in KEYS)
 IMAGES = "/v1/openai/images/generations"
 

@@ -13,11 +13,9 @@ from proxy.cli import main
 from proxy.commands.status import describe_url
 from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
 from tests.support.served import free_port
+from tests.support.stores import EMBEDDED, REAL
 
-STORES = [
-    pytest.param("real", marks=pytest.mark.real),
-    pytest.param("embedded", marks=pytest.mark.embedded),
-]
+STORES = [REAL, EMBEDDED]
 # alice and bob are limited only by their group; carol has a shadow budget of her own; the group
 # `idle` has no keys at all. All of them must be listed.
 POLICY = f"""
@@ -105,7 +103,7 @@ def test_status_without_a_redis_url_needs_a_running_embedded_store(tmp_path):
     )
 
 
-@pytest.mark.parametrize("store_target", [pytest.param("embedded", marks=pytest.mark.embedded)], indirect=True)
+@pytest.mark.parametrize("store_target", [EMBEDDED], indirect=True)
 def test_status_reads_the_embedded_store_of_a_state_dir(make_proxy, store_target, embedded_server):
     p = make_proxy(POLICY)
     assert p.generate(KEY_B, standin="cost=0.10").status_code == 200

@@ -12,7 +12,7 @@ import redis
 from tests.support.constants import KEY_A
 from tests.support.served import RedisServer, ServedProxy, alice_policy
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 CALLS = 1500
 
 

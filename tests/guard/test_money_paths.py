@@ -111,6 +111,7 @@ def test_no_price_table_yet(make_proxy, up, mode):
         assert up.generation_requests == []
 
 
+@pytest.mark.system
 @pytest.mark.real
 def test_calls_open_at_the_shutdown_deadline_are_charged_their_hold(tmp_path, up):
     import concurrent.futures

@@ -42,6 +42,7 @@ def test_a_body_without_a_model_is_refused_with_the_request_scope(make_proxy, up
     assert r.headers["X-Spend-Guard-Scope"] == "request"  # as the README promises
 
 
+@pytest.mark.system
 @pytest.mark.parametrize("store_target", [pytest.param("real", marks=pytest.mark.real)], indirect=True)
 def test_a_store_outage_shows_clients_no_internal_address(make_proxy, up, caplog):
     with RedisServer() as redis_server:

@@ -7,6 +7,8 @@ import json
 import socket
 import time
 
+import pytest
+
 from proxy.http.upstream import request_head, response_headers
 from tests.support.constants import KEY_A
 from tests.support.policies import alice_keys
@@ -77,6 +79,7 @@ def test_expect_100_continue_is_answered_here_and_not_sent_upstream(make_proxy, 
     assert "expect" not in {k.lower() for k, _ in up.generation_requests[-1].headers}
 
 
+@pytest.mark.system
 def test_expect_100_continue_from_a_real_client_gets_its_answer(tmp_path, up):
     policy = tmp_path / "policy.yaml"
     policy.write_text("account: {name: expect}\nupstream: {timeout_s: 5}\n")

@@ -82,6 +82,7 @@ def envelope(reply: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
     return int(lines[0].split(" ")[1]), headers, json.loads(body)
 
 
+@pytest.mark.system
 def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--head-timeout-s", "3")) as proxy:
         opened = time.monotonic()
@@ -128,6 +129,7 @@ def test_half_sent_heads_are_cut_within_the_head_timeout_while_healthz_answers(t
         assert up.generation_requests == []
 
 
+@pytest.mark.system
 def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--head-timeout-s", "2")) as proxy:
         with connect(proxy.port) as sock:
@@ -145,6 +147,7 @@ def test_a_slow_second_head_on_a_kept_alive_connection_is_cut_too(tmp_path, up):
         assert 1.8 < took < 5, took  # timed from the second head's first bytes
 
 
+@pytest.mark.system
 def test_at_max_connections_the_slowest_head_makes_room_and_busy_calls_are_never_cut(tmp_path, up):
     args = ("--max-connections", "20", "--head-timeout-s", "30")
     with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
@@ -175,6 +178,7 @@ def test_at_max_connections_the_slowest_head_makes_room_and_busy_calls_are_never
             assert [c.result().status_code for c in calls] == [200] * 20
 
 
+@pytest.mark.system
 def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None, args=("--body-timeout-s", "1")) as proxy:
         with connect(proxy.port) as sock:
@@ -193,6 +197,7 @@ def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_pa
         assert spent(proxy) == "0.0000"
 
 
+@pytest.mark.system
 def test_a_slow_small_upload_on_an_unguarded_route_is_refused_with_408_too(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--body-timeout-s", "1")) as proxy:
         with connect(proxy.port) as sock:
@@ -204,6 +209,7 @@ def test_a_slow_small_upload_on_an_unguarded_route_is_refused_with_408_too(tmp_p
         assert [r.path for r in up.requests if r.path.startswith("/echo")] == []
 
 
+@pytest.mark.system
 def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_end(tmp_path, up):
     args = ("--max-buffered-bytes", "3000000", "--body-timeout-s", "30")
     with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
@@ -229,6 +235,7 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
         assert len(up.generation_requests) == 1
 
 
+@pytest.mark.system
 @pytest.mark.parametrize(
     ("extra", "auth", "status"),
     [("guard: {unknown_keys: reject}\n", "sk-nobody", 401), ("", None, 401),
@@ -284,6 +291,7 @@ def held_by_a_process(local_port: int, remote_port: int) -> bool:
     return False
 
 
+@pytest.mark.system
 def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_timeout_s(tmp_path, up):
     policy = write_policy(tmp_path, "upstream: {timeout_s: 5}\nguard: {hold_ttl_s: 60}\n")
     with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port, SO_RCVBUF=65536) as sock:
@@ -313,6 +321,7 @@ def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_time
         assert "Traceback" not in output
 
 
+@pytest.mark.system
 def test_a_cut_upstream_body_is_one_warning_line_not_a_traceback(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None) as proxy:
         with pytest.raises(httpx.RemoteProtocolError):

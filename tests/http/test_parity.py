@@ -39,6 +39,8 @@ from proxy.untrusted import ECHO_MAX_CHARS, echo
 from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
 from tests.support.constants import KEY_A, SHA_A
 
+pytestmark = pytest.mark.system
+
 PARITY_DIR = Path(__file__).parents[1] / "parity"
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
 EDITS = "/v1/openai/images/edits"

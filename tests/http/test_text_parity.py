@@ -21,6 +21,8 @@ from hypothesis import strategies as st
 
 from proxy.http.body import read_price_fields
 
+pytestmark = pytest.mark.system
+
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
 FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n")
 # One body per line (base64) in, one line of JSON out: each field's typeof and its value as text.

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, wait_until, worker_pids
 
+pytestmark = pytest.mark.system
+
 GRACE_S = 6
 
 

@@ -145,6 +145,7 @@ def promtool() -> str:
     return found
 
 
+@pytest.mark.system
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     binary = promtool()
     for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"],
@@ -154,6 +155,7 @@ def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
         assert done.returncode == 0, done.stdout + done.stderr
 
 
+@pytest.mark.system
 def test_a_real_prometheus_scraping_a_served_proxy_fires_the_budget_alert(up, tmp_path: Path) -> None:
     """The shipped rules, evaluated by a real Prometheus every second against a served proxy: the
     budget alert fires for the budget a call took past 80 % and for no other scope. The rules'

@@ -11,10 +11,13 @@ import textwrap
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.support.cdp import Page, chromium_page
 from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
 from tests.support.served import RedisServer, ServedProxy
+
+pytestmark = pytest.mark.system
 
 SCREENSHOT = "/tmp/spend-guard-status.png"
 ADMIN_TOKEN = "sg-admin-" + "k" * 40

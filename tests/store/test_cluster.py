@@ -28,7 +28,7 @@ from proxy.store.redis import LOCK_REFRESH, Store
 from tests.support.constants import KEY_A
 from tests.support.served import ServedProxy, alice_policy, free_port, wait_until
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 DAY_MS = 86_400_000

@@ -21,7 +21,7 @@ from tests.support.constants import KEY_A, SHA_A
 from tests.support.served import ServedProxy, alice_policy, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.system]
 
 
 def day_budget_policy(directory: Path, limit_usd: str) -> Path:

@@ -12,6 +12,8 @@ from tests.support.constants import SHA_A
 from tests.support.served import RedisServer
 from tests.support.stores import StoreTarget
 
+pytestmark = pytest.mark.system
+
 SENTINEL = "spend-guard-test-done"
 
 

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import fakeredis
+import pytest
 import redis
 import redis.asyncio as aioredis
 
 from tests.support.constants import REAL_REDIS_URL
+
+# The three kinds of store, as `store_target` params. The embedded store's server is a process
+# (valkey-server), so the tests on it are `system` tests too.
+FAKE = pytest.param("fake", marks=pytest.mark.fake)
+REAL = pytest.param("real", marks=pytest.mark.real)
+EMBEDDED = pytest.param("embedded", marks=[pytest.mark.embedded, pytest.mark.system])
 
 
 def assert_local(url: str) -> None:
