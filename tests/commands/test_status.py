@@ -11,31 +11,23 @@ from click.testing import CliRunner
 
 from proxy.cli import main
 from proxy.commands.status import describe_url
-from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import budget, entry, flow, key_entry, policy_yaml
 from tests.support.served import free_port
 from tests.support.stores import EMBEDDED, REAL
 
 STORES = [REAL, EMBEDDED]
 # alice and bob are limited only by their group; carol has a shadow budget of her own; the group
 # `idle` has no keys at all. All of them must be listed.
-POLICY = f"""
-account: {{name: st, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200}}
-groups:
-  - name: team
-    budgets: [{{limit_usd: 1.00, period: month}}]
-  - name: idle
-    budgets: [{{limit_usd: 5.00, period: day}}]
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    group: team
-  - name: bob
-    key_sha256: {SHA_B}
-    group: team
-  - name: carol
-    key_sha256: {"c" * 64}
-    budgets: [{{limit_usd: 0.10, period: null, mode: shadow}}]
-"""
+POLICY = policy_yaml(
+    account=flow(name="st", refresh_s=3600, models_refresh_s=3600, max_staleness_s=7200),
+    groups=[entry("team", budgets=[budget("1.00", "month")]), entry("idle", budgets=[budget("5.00", "day")])],
+    keys=[
+        key_entry(group="team"),
+        key_entry("bob", token=KEY_B, group="team"),
+        entry("carol", key_sha256="c" * 64, budgets=[budget("0.10", None, mode="shadow")]),
+    ],
+)
 
 
 def status(*args: str) -> tuple[int, str, str]:

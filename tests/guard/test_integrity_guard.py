@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from proxy.runtime import Flight, Pending
-from tests.support.constants import KEY_A, KEY_B, SHA_B
-from tests.support.policies import KEYS
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import KEYS, key_entry
 from tests.support.proxies import envelope, open_holds
 from tests.support.served import wait_until
 from tests.support.standin import key_row
@@ -97,11 +97,7 @@ def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
     assert p.client.get("/-/readyz").status_code == 200
 
 
-TWO_KEYS = KEYS + f"""
-  - name: bob
-    key_sha256: {SHA_B}
-    api_key_id: key-b
-"""
+TWO_KEYS = KEYS + "\n" + key_entry("bob", token=KEY_B, api_key_id="key-b")
 
 
 @pytest.mark.parametrize("mode", ["closed", "open"])

@@ -5,21 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.constants import SHA_A
+from tests.support.policies import budget, entry, key_entry, policy_yaml
 from tests.support.proxies import envelope, open_holds, spent
 from tests.support.standin import key_row
 
-GROUPED = f"""
-groups:
-  - name: design
-    max_request_usd: 0.20
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    api_key_id: key-a
-    group: design
-    budgets: [{{limit_usd: 50, period: null}}]
-"""
+GROUPED = policy_yaml(
+    groups=[entry("design", max_request_usd="0.20")],
+    keys=[key_entry(api_key_id="key-a", group="design", budgets=[budget(50, None)])],
+)
 
 
 def test_a_hold_equal_to_a_per_request_cap_is_allowed(make_proxy, up):

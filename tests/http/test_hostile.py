@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from tests.support.constants import KEY_A, SHA_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.served import ServedProxy, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
@@ -26,14 +27,9 @@ ROUTE = "/v1/openai/images/generations"
 def write_policy(directory: Path, extra: str = "") -> Path:
     path = directory / "policy.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: hostile-{os.urandom(4).hex()}, refresh_s: 1, max_staleness_s: 300}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: 50, period: null}}]
-            """
+        policy_yaml(
+            account=flow(name=f"hostile-{os.urandom(4).hex()}", refresh_s=1, max_staleness_s=300),
+            keys=[key_entry(budgets=[budget(50, None)])],
         )
         + textwrap.dedent(extra)
     )

@@ -37,7 +37,8 @@ from proxy.policy.load import load_policy
 from proxy.settings import Settings
 from proxy.untrusted import ECHO_MAX_CHARS, echo
 from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
-from tests.support.constants import KEY_A, SHA_A
+from tests.support.constants import KEY_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 
 pytestmark = pytest.mark.system
 
@@ -45,13 +46,10 @@ PARITY_DIR = Path(__file__).parents[1] / "parity"
 REQUIRED = bool(os.environ.get("CI")) or os.environ.get("SPEND_GUARD_REQUIRE_REAL") == "1"
 EDITS = "/v1/openai/images/edits"
 ROUTES = ["/v1/openai/images/generations", EDITS, "/v1/openai/videos/generations"]
-POLICY = f"""
-account: {{name: parity, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200}}
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 1000000, period: null}}]
-"""
+POLICY = policy_yaml(
+    account=flow(name="parity", refresh_s=3600, models_refresh_s=3600, max_staleness_s=7200),
+    keys=[key_entry(budgets=[budget(1000000, None)])],
+)
 CORPUS = corpus()
 # multer errors that depend on the route's file-field layout (`upload.fields([...])`), which the
 # guard does not mirror: ImageRouter then answers 400 and runs nothing, and the guard releases

@@ -8,19 +8,16 @@ import decimal
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy import __version__
-from tests.support.constants import KEY_A, SHA_A
+from tests.support.constants import KEY_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.standin import key_row
 
-POLICY = f"""
-groups:
-  - {{name: design, budgets: [{{limit_usd: 10.00, period: month}}]}}
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    api_key_id: key-a
-    group: design
-    budgets: [{{limit_usd: 2.00, period: day}}, {{limit_usd: 50, period: null, mode: shadow}}]
-"""
+POLICY = policy_yaml(
+    groups=[flow(name="design", budgets=[budget("10.00", "month")])],
+    keys=[
+        key_entry(api_key_id="key-a", group="design", budgets=[budget("2.00", "day"), budget(50, None, mode="shadow")]),
+    ],
+)
 
 
 def scrape(proxy) -> dict[tuple[str, str], decimal.Decimal]:

@@ -16,7 +16,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.served import RedisServer, ServedProxy, free_port, wait_until
 from tests.support.standin import key_row
 
@@ -28,20 +29,14 @@ PROMETHEUS_OWN = {"up"}
 PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool"}
 SUFFIXES = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created"), "gauge": ()}
 
-POLICY = f"""
-account: {{name: t, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200, min_remaining_usd: 1}}
-groups:
-  - {{name: design, budgets: [{{limit_usd: 10.00, period: month}}]}}
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    api_key_id: key-a
-    group: design
-    budgets: [{{limit_usd: 2.00, period: day}}]
-  - name: bob
-    key_sha256: {SHA_B}
-    budgets: [{{limit_usd: 0.01, period: week}}]
-"""
+POLICY = policy_yaml(
+    account=flow(name="t", refresh_s=3600, models_refresh_s=3600, max_staleness_s=7200, min_remaining_usd=1),
+    groups=[flow(name="design", budgets=[budget("10.00", "month")])],
+    keys=[
+        key_entry(api_key_id="key-a", group="design", budgets=[budget("2.00", "day")]),
+        key_entry("bob", token=KEY_B, budgets=[budget("0.01", "week")]),
+    ],
+)
 
 
 def metric_names(expr: str) -> set[str]:

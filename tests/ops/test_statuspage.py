@@ -11,22 +11,18 @@ import re
 
 from proxy.errors import StoreError
 from proxy.guard.refusals import MAX_RECENT_REFUSALS, RecentRefusals, Refusal
-from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 
 ADMIN_TOKEN = "sg-admin-" + "q" * 40
 ADMIN_SHA = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
-KEYS = f"""
-groups:
-  - {{name: design, budgets: [{{limit_usd: 10.00, period: month}}]}}
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    group: design
-    budgets: [{{limit_usd: 2.00, period: day}}]
-  - name: bob
-    key_sha256: {SHA_B}
-    budgets: [{{limit_usd: 0.01, period: week, mode: enforce}}]
-"""
+KEYS = policy_yaml(
+    groups=[flow(name="design", budgets=[budget("10.00", "month")])],
+    keys=[
+        key_entry(group="design", budgets=[budget("2.00", "day")]),
+        key_entry("bob", token=KEY_B, budgets=[budget("0.01", "week", mode="enforce")]),
+    ],
+)
 POLICY = f"admin: {{token_sha256: '{ADMIN_SHA}'}}\n" + KEYS
 
 

@@ -7,14 +7,14 @@ The screenshot is left at SCREENSHOT for a person to look at."""
 from __future__ import annotations
 
 import hashlib
-import textwrap
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.support.cdp import Page, chromium_page
-from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.constants import KEY_A, KEY_B
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.served import RedisServer, ServedProxy
 
 pytestmark = pytest.mark.system
@@ -45,21 +45,14 @@ def refreshed_after(count: int) -> str:
 def policy(directory: Path) -> Path:
     path = directory / "policy.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: browser, refresh_s: 1, max_staleness_s: 300}}
-            admin: {{token_sha256: '{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}'}}
-            groups:
-              - {{name: design, budgets: [{{limit_usd: 2.30, period: month}}]}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                group: design
-                budgets: [{{limit_usd: 2.00, period: day}}]
-              - name: bob
-                key_sha256: {SHA_B}
-                budgets: [{{limit_usd: 0.01, period: week}}]
-            """
+        policy_yaml(
+            account=flow(name="browser", refresh_s=1, max_staleness_s=300),
+            admin=flow(token_sha256=f"'{hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()}'"),
+            groups=[flow(name="design", budgets=[budget("2.30", "month")])],
+            keys=[
+                key_entry(group="design", budgets=[budget("2.00", "day")]),
+                key_entry("bob", token=KEY_B, budgets=[budget("0.01", "week")]),
+            ],
         )
     )
     return path

@@ -9,17 +9,13 @@ import logging
 from proxy.guard.verdicts import budget_holds
 from proxy.policy.load import load_policy
 from proxy.policy.reload import budget_changes
-from tests.support.constants import KEY_A, SHA_A
+from tests.support.constants import KEY_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 
-ALICE = f"""
-groups:
-  - {{name: design, id: grp-7, budgets: [{{limit_usd: 10.00, period: day}}]}}
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    group: design
-    budgets: [{{limit_usd: 0.50, period: day}}]
-"""
+ALICE = policy_yaml(
+    groups=[flow(name="design", id="grp-7", budgets=[budget("10.00", "day")])],
+    keys=[key_entry(group="design", budgets=[budget("0.50", "day")])],
+)
 RENAMED = ALICE.replace("name: alice", "name: alice-renamed").replace("name: design", "name: design-renamed").replace(
     "group: design", "group: design-renamed"
 )

@@ -11,17 +11,11 @@ from click.testing import CliRunner
 
 from proxy.cli import main
 from proxy.commands.recover import from_access_log, from_seeds, recover
-from tests.support.constants import KEY_B, SHA_A, SHA_B
+from tests.support.constants import KEY_B
+from tests.support.policies import budget, key_entry, policy_yaml
 from tests.support.proxies import envelope
 
-POLICY = f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 1.00, period: day}}]
-  - name: bob
-    key_sha256: {SHA_B}
-"""
+POLICY = policy_yaml(keys=[key_entry(budgets=[budget("1.00", "day")]), key_entry("bob", token=KEY_B)])
 
 
 def generate_within(p, seconds: float, **kw):

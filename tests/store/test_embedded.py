@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import httpx
@@ -17,7 +16,8 @@ import pytest
 import redis
 
 from proxy.store.embedded import SOCKET_NAME, EmbeddedServer, server_binary
-from tests.support.constants import KEY_A, SHA_A
+from tests.support.constants import KEY_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.served import ServedProxy, alice_policy, free_port, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
@@ -27,15 +27,10 @@ pytestmark = [pytest.mark.embedded, pytest.mark.system]
 def day_budget_policy(directory: Path, limit_usd: str) -> Path:
     path = directory / "policy.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: emb, refresh_s: 1, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: 10}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: {limit_usd}, period: day}}]
-            """
+        policy_yaml(
+            account=flow(name="emb", refresh_s=1, max_staleness_s=300),
+            guard=flow(shutdown_grace_s=10),
+            keys=[key_entry(budgets=[budget(limit_usd, "day")])],
         )
     )
     return path

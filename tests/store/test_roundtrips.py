@@ -8,7 +8,7 @@ import threading
 import pytest
 import redis
 
-from tests.support.constants import SHA_A
+from tests.support.policies import budget, key_entry, policy_yaml
 from tests.support.served import RedisServer
 from tests.support.stores import StoreTarget
 
@@ -33,15 +33,7 @@ def test_one_round_trip_to_reserve_and_one_to_settle(make_proxy, up, store_targe
     with RedisServer() as server:
         target = StoreTarget("real")
         target.url = server.url
-        p = make_proxy(
-            f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: [{{limit_usd: 5, period: day}}, {{limit_usd: 50, period: month}}]
-""",
-            store=target,
-        )
+        p = make_proxy(policy_yaml(keys=[key_entry(budgets=[budget(5, "day"), budget(50, "month")])]), store=target)
         assert p.generate(standin="cost=0.1").status_code == 200  # loads the scripts once
         seen: list[dict] = []
         ready = threading.Event()

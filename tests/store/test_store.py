@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 from typing import Any
 
 import fakeredis
@@ -17,6 +16,7 @@ from proxy.store.records import BudgetHold, ReserveRequest, RowState, Snapshot, 
 from proxy.store.redis import LOCK_REFRESH, Store
 from proxy.windows import to_ms, window_end, window_start_ms
 from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B
+from tests.support.policies import key_entry, policy_yaml
 from tests.support.standin import key_row
 
 ACCOUNT = "acct"
@@ -606,18 +606,10 @@ def dump(store_target: Any) -> bytes:
 
 
 def test_no_bearer_secret_reaches_redis(make_proxy, up, store_target):
-    sha_a = hashlib.sha256(KEY_A.encode()).hexdigest()
     up.key_rows = [key_row("key-a", "alice", spend_limit="5", period="day")]
     up.key_ids = {KEY_A: "key-a"}
-    p = make_proxy(
-        f"""
-        keys:
-          - name: alice
-            key_sha256: {sha_a}
-            api_key_id: key-a
-            budgets: [{{limit_usd: 50, period: day}}, {{limit_usd: 100, period: null}}]
-        """
-    )
+    budgets = "[{limit_usd: 50, period: day}, {limit_usd: 100, period: null}]"
+    p = make_proxy(policy_yaml(keys=[key_entry(api_key_id="key-a", budgets=budgets)]))
     assert p.generate(token=KEY_A, standin="cost=0.1").status_code == 200
     assert p.generate(token=KEY_B, standin="cost=0.1").status_code == 200  # unknown key: account only
     assert p.generate(token=KEY_A, standin="error").status_code == 200

@@ -12,14 +12,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.constants import KEY_A, SHA_A
+from tests.support.constants import KEY_A
+from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.standin import DEFAULT_ACCOUNT_KEY
 
 
@@ -29,15 +29,10 @@ def alice_policy(
     """A policy file for served proxies: key alice with one lifetime budget."""
     path = directory / "policy.yaml"
     path.write_text(
-        textwrap.dedent(
-            f"""
-            account: {{name: {account}, refresh_s: {refresh_s}, max_staleness_s: 300}}
-            guard: {{shutdown_grace_s: {shutdown_grace_s}}}
-            keys:
-              - name: alice
-                key_sha256: {SHA_A}
-                budgets: [{{limit_usd: {budget_usd}, period: null}}]
-            """
+        policy_yaml(
+            account=flow(name=account, refresh_s=refresh_s, max_staleness_s=300),
+            guard=flow(shutdown_grace_s=shutdown_grace_s),
+            keys=[key_entry(budgets=[budget(budget_usd, None)])],
         )
     )
     return path
