@@ -1,4 +1,4 @@
-"""One clock, the store's (issue 13): served proxies whose machine clocks run 20 min ahead or
+"""One clock, the store's (docs/state.md): served proxies whose machine clocks run 20 min ahead or
 behind (libfaketime) share a Redis with a correct one. None may freeze the snapshot, reclaim
 another's live hold or make a correct instance refuse calls; each says how far off it is."""
 

@@ -1,5 +1,8 @@
-"""Real processes on a real Redis: several proxies share budgets exactly; outages, disconnects,
-raw path spellings and shutdown behave as DESIGN §1, §3 and §5 say."""
+"""Real processes on a real Redis: several proxies share budgets exactly (the invariant holds
+across processes); a store outage refuses every spending call until the store is back, a client
+that disconnects still has its call settled with the real cost, raw path spellings never reach a
+spending route unguarded, and SIGTERM lets calls in flight finish and settle (docs/how-it-works.md,
+docs/failure-modes.md)."""
 
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers_onc
         assert httpx.get(proxy.url + "/echo/x", timeout=5).status_code == 200
         assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 503
         redis_server.start()  # empty: alice's budget counter is gone with the rest
-        # The loss is noticed, not absorbed as a budget back at $0 (issue 11).
+        # The loss is noticed, not absorbed as a budget back at $0.
         lost = generate(proxy.url, "cost=0.01")
         assert lost.status_code == 503 and "lost its local budget state" in lost.json()["error"]["message"]
         assert len(up.generation_requests) == 1

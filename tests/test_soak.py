@@ -1,6 +1,7 @@
 """Soak: a few hundred mixed calls through three proxy processes on one persistent Redis, with a
 Redis restart in the middle, and the proxy's ledger checked against what ImageRouter billed, to
-the micro-dollar (DESIGN §1 step 7, §3, §5; README "Failure modes")."""
+the micro-dollar: every call is settled exactly once, with the `cost` ImageRouter reported or
+else its hold, whatever fails in between (docs/how-it-works.md, docs/failure-modes.md)."""
 
 from __future__ import annotations
 

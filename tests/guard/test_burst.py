@@ -1,4 +1,4 @@
-"""Bursts wait, they aren't refused (issue 13): 1,500 concurrent spending calls through one
+"""Bursts wait, they aren't refused (docs/performance.md): 1,500 concurrent spending calls through one
 served proxy are each answered 200 or a budget refusal, never 503, and the budget holds."""
 
 from __future__ import annotations

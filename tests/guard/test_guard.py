@@ -53,7 +53,7 @@ def test_cut_off_response_charges_the_hold(make_proxy, up):
     # The 200 headers had gone out; the client gets what ImageRouter sent before it broke off
     # (the heartbeat space and a partial body, proxy/standin/wire.py PARTIAL_BODY), no cost, and
     # then its connection is cut (UpstreamBroken: TestClient ends the body there; over a served
-    # proxy the client sees httpx.RemoteProtocolError, test_hostile.py).
+    # proxy the client sees httpx.RemoteProtocolError, tests/http/test_hostile.py).
     assert r.status_code == 200 and r.headers["content-type"] == "application/json"
     assert r.content == b' {"created":1,"data":[{"url":"ht'
     assert '"cost"' not in r.text

@@ -1,4 +1,4 @@
-"""Store integrity through the guard (issue 11): in-flight calls are not counted twice, a $0
+"""Store integrity through the guard (docs/state.md): in-flight calls are not counted twice, a $0
 model never takes the guard down, one bad deferred settle does not hold back the others, and
 /-/readyz notices failing reserves. Fake and real Redis."""
 
@@ -48,7 +48,8 @@ def test_calls_in_flight_are_not_counted_twice_after_a_refresh(make_proxy, up):
 
 
 def test_a_free_model_call_then_paid_calls_keep_working(make_proxy, up):
-    # The issue's reproduction: hold_ttl_s 4, a paid call, a $0 call, 5 s later paid calls.
+    # A $0 call whose hold outlives its lease never blocks later calls: hold_ttl_s 4, a paid call,
+    # a $0 call, 5 s later paid calls.
     skew = [0.0]
     p = make_proxy(KEYS + "guard: {hold_ttl_s: 4}\nupstream: {timeout_s: 3}\n", clock=lambda: time.time() + skew[0])
     assert p.generate(standin="cost=0.05").status_code == 200

@@ -1,5 +1,5 @@
-"""Money-path behaviours no other test pinned (issue 14's mutation run: each test here fails on
-one mutant the suite missed). Fake and real Redis."""
+"""Money-path behaviours no other test pinned, found by mutation testing: each test here fails on
+a mutant of the money path that the rest of the suite let live. Fake and real Redis."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def test_an_imagerouter_spend_limit_of_zero_refuses_every_paid_call(make_proxy, 
 
 def test_the_smallest_charge_the_upstream_reports_is_added_to_budgets(make_proxy, up):
     # $0.0001 is ImageRouter's unit; 1 micro-dollar itself is covered on the store in
-    # tests/test_store_integrity.py (amounts 0, 1 and large through every script).
+    # tests/store/test_store_integrity.py (amounts 0, 1 and large through every script).
     p = make_proxy(GROUPED.replace("    group: design\n", ""))
     assert p.generate(model="test/test", standin="cost=0.0001").status_code == 200
     assert spent(p, "budget:key:alice:lifetime") == "0.0001"

@@ -1,5 +1,5 @@
 """The price table from `/v2/models`: both shapes, aliases, holds rounded up like ImageRouter does;
-and the hold of a call as a pure function (text holds from token rates, issue #15)."""
+and the hold of a call as a pure function (text holds from token rates, docs/text-holds.md)."""
 
 from __future__ import annotations
 
@@ -160,7 +160,7 @@ def test_empty_table_is_not_loaded():
     assert PriceTable().hold_for("anything") is None
 
 
-# --- holds (issue #15): a pure function of route, fields, price table and policy ----------------
+# --- holds (docs/text-holds.md): a pure function of route, fields, price table and policy -------
 
 GPT4O = TextRate("openai/gpt-4o*", 2_500_000, 10_000_000, 16384)
 ANY = TextRate("*", 15_000_000, 75_000_000, 8192)
@@ -176,7 +176,7 @@ def quote(
 
 
 def usd_hold(input_tokens: int, output_tokens: int, input_usd: str, output_usd: str) -> int:
-    """The issue's formula in decimal dollars: rounded up to $0.0001, as micro-dollars."""
+    """The text hold formula in decimal dollars: rounded up to $0.0001, as micro-dollars."""
     usd = (input_tokens * Decimal(input_usd) + output_tokens * Decimal(output_usd)) / 1_000_000
     return int((usd * 10_000).to_integral_value(rounding="ROUND_CEILING")) * 100
 

@@ -1,5 +1,5 @@
-"""Text routes hold a token-priced worst case (issue #15), through the app on fake, real and
-embedded Redis: the issue's two measured overspends are stopped at the budget, the output bound
+"""Text routes hold a token-priced worst case (docs/text-holds.md), through the app on fake, real
+and embedded Redis: the two overspends measured without text holds are stopped at the budget, the output bound
 falls back to the rate's maximum and scales with `n`, a cut stream is charged its hold, a model
 without a rate falls back to `text_hold_usd` (or is refused), and every settle tells the operator
 how the hold compared with the bill."""
@@ -46,7 +46,7 @@ def post(p, body: bytes, standin: str = "", path: str = CHAT):
 
 
 def formula(body: bytes, input_usd: str, output_usd: str, output_tokens: int) -> int:
-    """The issue's hold in decimal dollars, for a text-only body: (body bytes + framing) x input
+    """The text hold in decimal dollars, for a text-only body: (body bytes + framing) x input
     rate + output bound x output rate, rounded up to $0.0001; in micro-dollars."""
     usd = ((len(body) + INPUT_FRAMING_TOKENS) * Decimal(input_usd) + output_tokens * Decimal(output_usd)) / 1_000_000
     return math.ceil(usd * 10_000) * 100
@@ -72,11 +72,11 @@ def finish_refused(calls: list[Future], refused: int) -> None:
         next(finished)
 
 
-# -- the issue's measured scenarios -----------------------------------------------------------
+# -- the overspends measured without text holds ------------------------------------------------
 
 
 def test_twenty_concurrent_chats_costing_090_through_a_one_dollar_day_budget_let_one_through(make_proxy, up, caplog):
-    """bf789a2: all 20 allowed, $18 spent. Each call may produce 90,000 tokens at $10/M: held
+    """Without text holds: all 20 allowed, $18 spent. Each call may produce 90,000 tokens at $10/M: held
     $0.90 and a little input, so the $1 budget has room for one."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 1.00, period: day}]"))
@@ -104,7 +104,7 @@ def test_twenty_concurrent_chats_costing_090_through_a_one_dollar_day_budget_let
 
 
 def test_ten_concurrent_streamed_chats_costing_020_against_050_a_day_let_two_through(make_proxy, up, caplog):
-    """bf789a2: all 10 allowed, $2.00 spent. Each may stream 16,000 tokens at $15/M: held
+    """Without text holds: all 10 allowed, $2.00 spent. Each may stream 16,000 tokens at $15/M: held
     $0.24 and a little input, so the $0.50 budget has room for two."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 0.50, period: day}]"))

@@ -370,8 +370,8 @@ def test_extended_part_name_is_refused_rather_than_guessed():
     rejected(400, read_price_fields, body, "multipart/form-data; boundary=b")
 
 
-# -- ambiguity classes (issue #12): refused with a message naming what was ambiguous ------------
-# tests/test_parity.py checks every class against the real Express + multer stack; these run
+# -- ambiguity classes (docs/refusals.md): refused with a message naming what was ambiguous -----
+# tests/http/test_parity.py checks every class against the real Express + multer stack; these run
 # without Node.
 
 M = b'Content-Disposition: form-data; name="model"'
@@ -439,10 +439,10 @@ def test_every_parser_reads_these_alike_so_they_are_priced(body, ctype):
     assert read_price_fields(body, ctype).model == "m"
 
 
-def test_the_issue_bodies_are_refused():
-    from tests.parity.corpus import ISSUE_CASES
+def test_the_smuggling_bodies_are_refused():
+    from tests.parity.corpus import SMUGGLING_CASES
 
-    for label, body, ctype in ISSUE_CASES:
+    for label, body, ctype in SMUGGLING_CASES:
         assert isinstance(rejected(400, read_price_fields, body, ctype), Rejected), label
 
 
@@ -454,7 +454,7 @@ def test_echo_cuts_and_drops_control_characters():
     assert echo("vendor/model é") == "vendor/model é"
 
 
-# -- text routes: what bounds a call's tokens (issue #15) -------------------------------------
+# -- text routes: what bounds a call's tokens (docs/text-holds.md) ----------------------------
 
 
 def text_fields(body: bytes, ctype: str = "application/json") -> PriceFields:

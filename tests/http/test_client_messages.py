@@ -1,5 +1,5 @@
 """What a client is told when the guard refuses before pricing: enough to fix the call, and
-nothing about the proxy's insides (issue 16)."""
+nothing about the proxy's insides (docs/refusals.md)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_a_body_without_a_model_is_refused_with_the_request_scope(make_proxy, up
     r = p.client.post(IMAGES, json={"prompt": "a lighthouse"}, headers=AUTH)
     assert r.status_code == 400
     assert r.json()["error"]["message"] == "Request has no 'model'; the spend guard prices every call by its model."
-    assert r.headers["X-Spend-Guard-Scope"] == "request"  # as the README promises
+    assert r.headers["X-Spend-Guard-Scope"] == "request"  # as docs/refusals.md promises
 
 
 @pytest.mark.system

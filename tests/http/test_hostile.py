@@ -1,4 +1,4 @@
-"""Slow and hostile clients against a served proxy (issue 13, items 5-7): request heads and bodies
+"""Slow and hostile clients against a served proxy (docs/operations.md): request heads and bodies
 are timed out, connections and buffered bodies are bounded, a client that stops reading cannot keep
 a call open, and a cut response is one WARNING line."""
 

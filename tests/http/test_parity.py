@@ -1,4 +1,4 @@
-"""The guard prices the model ImageRouter's own request stack reads, or refuses (issue #12).
+"""The guard prices the model ImageRouter's own request stack reads, or refuses (docs/refusals.md).
 
 A differential test against the real parsers: tests/parity/app.js is an Express 4 app with
 `express.json()` and multer 2.0.2 `upload.fields(...)` (busboy 1.6) laid out as ImageRouter's
@@ -36,7 +36,7 @@ from proxy.http.body import PriceFields, decode_content, read_price_fields
 from proxy.policy.load import load_policy
 from proxy.settings import Settings
 from proxy.untrusted import ECHO_MAX_CHARS, echo
-from tests.parity.corpus import BASE, CHEAP, DENIED, ISSUE_CASES, MP, Case, corpus, form, part
+from tests.parity.corpus import BASE, CHEAP, DENIED, MP, SMUGGLING_CASES, Case, corpus, form, part
 from tests.support.constants import KEY_A
 from tests.support.policies import budget, flow, key_entry, policy_yaml
 
@@ -189,8 +189,8 @@ def test_every_corpus_body_is_refused_or_priced_as_imagerouter_reads_it(proxy, s
 
 
 @pytest.mark.parametrize("path", ROUTES)
-@pytest.mark.parametrize("case", ISSUE_CASES, ids=[c[0] for c in ISSUE_CASES])
-def test_the_four_issue_cases_are_refused_on_every_spending_route(proxy, stack, caplog, case, path):
+@pytest.mark.parametrize("case", SMUGGLING_CASES, ids=[c[0] for c in SMUGGLING_CASES])
+def test_the_four_smuggling_cases_are_refused_on_every_spending_route(proxy, stack, caplog, case, path):
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     assert through_guard(proxy, stack, caplog, case, path) == "refused"
 
@@ -200,8 +200,9 @@ def test_the_corpus_is_large_and_both_outcomes_occur(stack):
     outcomes = [isinstance(verdict(body, ctype), PriceFields) for _, body, ctype in CORPUS]
     assert len(CORPUS) >= 300
     assert sum(outcomes) >= 60 and outcomes.count(False) >= 200
-    # The stack really reads what the issue says it does (else this test would prove nothing).
-    ran = [stack.parse(body, ctype)["model"] for _, body, ctype in ISSUE_CASES]
+    # The stack really runs another model than the cheap one in each smuggling case (else this test
+    # would prove nothing).
+    ran = [stack.parse(body, ctype)["model"] for _, body, ctype in SMUGGLING_CASES]
     assert ran == [None, None, "google/veo-3.1", None, "整瑳琯獥ⅴ", "google/veo-3.1Ã©"]
 
 

@@ -1,5 +1,5 @@
-"""The text fields a hold rests on are read as ImageRouter's `express.json()` reads them (issue
-#15): a differential test against the real `JSON.parse` of Node, which body-parser runs. For every
+"""The text fields a hold rests on are read as ImageRouter's `express.json()` reads them
+(docs/text-holds.md): a differential test against the real `JSON.parse` of Node, which body-parser runs. For every
 generated body, what Node's parse yields for `max_tokens`, `max_completion_tokens`,
 `max_output_tokens` and `n`, put through the guard's documented rule (a positive finite number,
 rounded up; `n` also from a numeric string), must be what `read_price_fields` read."""

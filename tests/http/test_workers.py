@@ -1,4 +1,4 @@
-"""`serve --workers N` and signals (issue 13, item 9): SIGHUP to the parent replaces the workers one
+"""`serve --workers N` and signals (docs/operations.md): SIGHUP to the parent replaces the workers one
 by one, each draining its calls; SIGTERM stops everything within one shutdown_grace_s, even in the
 middle of such a rolling restart."""
 

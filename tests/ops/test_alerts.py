@@ -1,4 +1,4 @@
-"""Threshold alerts by webhook (issue 17, part 2), as an operator's receiver sees them: exactly one
+"""Threshold alerts by webhook (docs/alerts.md), as an operator's receiver sees them: exactly one
 signed event per scope, window and threshold across several proxies on one store, within a second
 of the settle that crossed it; none again after a restart; again in a new window; retried with
 backoff; and never a delay to the calls themselves."""

@@ -1,4 +1,4 @@
-"""Budget levels as Prometheus gauges (issue 17, part 1): computed from the store when scraped,
+"""Budget levels as Prometheus gauges (docs/monitoring.md): computed from the store when scraped,
 so two proxies on one store report the same numbers `/-/me` shows, to the micro-dollar."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The shipped monitoring (issue 17, part 3): Prometheus alert rules and a Grafana dashboard under
+"""The shipped monitoring (docs/monitoring.md): Prometheus alert rules and a Grafana dashboard under
 docker/, wired into compose as the `monitoring` profile. Every metric they query must exist in a
 live `/-/metrics` scrape, so a renamed metric cannot silently turn an alert off."""
 
@@ -85,7 +85,7 @@ def test_metric_names_are_read_from_promql() -> None:
     assert metric_names(expr) == {"spend_guard_decisions_total", "x_bucket", "up"}
 
 
-def test_every_alert_the_issue_names_is_shipped() -> None:
+def test_the_six_named_alerts_are_shipped() -> None:
     alerts = rule_exprs()
     for wanted in ("CreditsLow", "BudgetAbove80Percent", "Unavailable", "RefusalsSpiking", "SnapshotStale",
                    "UnguardedCalls"):

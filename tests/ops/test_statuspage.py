@@ -1,6 +1,6 @@
-"""`/-/status` and `/-/status.json` (issue 17, part 4): enabled by the policy's `admin` section,
+"""`/-/status` and `/-/status.json` (docs/status-page.md): enabled by the policy's `admin` section,
 opened with HTTP Basic authentication whose password is the admin token. The browser test is in
-tests/test_statuspage_browser.py."""
+tests/ops/test_statuspage_browser.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The status page in a real headless Chromium (issue 17, part 4): a served proxy, the browser
+"""The status page in a real headless Chromium (docs/status-page.md): a served proxy, the browser
 signing in with the admin token at the Basic prompt, the policy's budgets with the right numbers,
 the page updating itself after calls, and no console error. Under CI a missing chromium fails.
 

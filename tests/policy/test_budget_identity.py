@@ -1,4 +1,4 @@
-"""Budgets keep their identity across policy edits (issue 13): renaming a key (or a group with an
+"""Budgets keep their identity across policy edits (docs/policies.md): renaming a key (or a group with an
 `id`) mid-window keeps what its budget counted; a reload that orphans spent money says so; and the
 counters an older version kept under key names are carried over. Fake and real Redis."""
 

@@ -1,5 +1,5 @@
 """A store that forgets (restart without persistence, FLUSHALL, failover to an empty replica) is
-noticed, never absorbed as if every budget were at $0 (issue 11). Fake and real Redis."""
+noticed, never absorbed as if every budget were at $0 (docs/failure-modes.md). Fake and real Redis."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The store's scripts, unchanged, on a real 3-node Redis Cluster of local `redis-server`s
-(README "Several replicas": `redis+cluster://host:port`; DESIGN §3: one hash tag per account, so
-every script touches one slot), and a served proxy guarding a call end to end on it."""
+(`redis+cluster://host:port`; every key of an account shares one hash tag, so every script
+touches one slot: docs/state.md), and a served proxy guarding a call end to end on it."""
 
 from __future__ import annotations
 

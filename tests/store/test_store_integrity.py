@@ -1,4 +1,4 @@
-"""Store integrity at the edges (issue 11): $0 and huge amounts, unreadable hold records,
+"""Store integrity at the edges (docs/state.md): $0 and huge amounts, unreadable hold records,
 double counting of calls a snapshot already contains. Every Lua path here runs on real Redis
 (and on the other store targets of the `store_target` fixture)."""
 
@@ -54,7 +54,7 @@ async def test_an_expired_hold_of_any_amount_is_reclaimed_and_reserves_go_on(sto
 
 
 async def test_a_free_model_no_longer_poisons_the_store(store):
-    """The issue's reproduction: a $0 hold whose lease expired made every later reserve fail."""
+    """A $0 hold whose lease expired is reclaimed like any other: it never makes a later reserve fail."""
     await store.apply_snapshot(snap(remaining=10 * USD))
     assert (await store.reserve(req("paid", 50_000, lease_ms=4000))).allowed
     assert await store.settle("paid", 50_000, NOW_MS + 100) == 50_000
