@@ -2,48 +2,29 @@
 
 from __future__ import annotations
 
-import hashlib
+import multiprocessing.util
 import os
 import shutil
 import socket
+import subprocess
 import tempfile
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import fakeredis
 import pytest
-import redis
-import redis.asyncio as aioredis
 from starlette.testclient import TestClient
 
-from proxy.app import SpendGuardApp, create_app
+from proxy.app import create_app
 from proxy.policy.load import load_policy
 from proxy.settings import Settings
 from proxy.store.embedded import EmbeddedServer, EmbeddedStoreError, server_binary
-from tests.standin import StandIn
-
-REAL_REDIS_URL = os.environ.get("SPEND_GUARD_TEST_REDIS_URL", "")
-ACCOUNT_KEY = "sk-account-" + "0" * 53
-KEY_A = "sk-a-" + "a" * 59
-KEY_B = "sk-b-" + "b" * 59
-SHA_A = hashlib.sha256(KEY_A.encode()).hexdigest()
-
-
-def alice_keys(budgets: str) -> str:
-    """A policy `keys:` block with key alice (KEY_A) and the given budgets list, in YAML."""
-    return f"""
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    budgets: {budgets}
-"""
-
-
-def _assert_local(url: str) -> None:
-    host = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("host")
-    assert host in ("127.0.0.1", "localhost", "::1"), f"tests only ever use a local Redis, not {host}"
+from tests.support.constants import REAL_REDIS_URL
+from tests.support.policies import POLICY_BASE
+from tests.support.proxies import Proxy
+from tests.support.standin import StandIn
+from tests.support.stores import EMBEDDED, FAKE, REAL, StoreTarget, assert_local
 
 
 @pytest.fixture(autouse=True)
@@ -54,6 +35,35 @@ def state_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     monkeypatch.setenv("XDG_STATE_HOME", str(home))
     yield home
     shutil.rmtree(home, ignore_errors=True)
+
+
+class ProcessRefused(RuntimeError):
+    """A test without the `system` marker tried to start a process."""
+
+
+@pytest.fixture(autouse=True)
+def no_process_unless_system(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Only a test marked `system` starts a process or an external tool, so that `pytest -m "not
+    system"` starts none: any other test that tries is stopped there and fails, naming the command."""
+    if request.node.get_closest_marker("system") is not None:
+        yield
+        return
+    tried: list[str] = []
+
+    def refuse(what: str) -> Callable[..., Any]:
+        def spawn(*args: Any, **kwargs: Any) -> Any:
+            tried.append(what if what != "subprocess" else f"subprocess {args[1]!r}")  # (self, args, ...)
+            raise ProcessRefused(f"{tried[-1]}: a test that starts a process is marked `system`")
+
+        return spawn
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("subprocess"))
+    monkeypatch.setattr(multiprocessing.util, "spawnv_passfds", refuse("multiprocessing"))
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        monkeypatch.setattr(os, name, refuse(f"os.{name}"))
+    yield
+    if tried:
+        pytest.fail(f"{request.node.nodeid} is not marked `system` but tried to start a process: {tried}")
 
 
 @pytest.fixture(scope="session")
@@ -69,26 +79,6 @@ def up(standin_server: StandIn, monkeypatch: pytest.MonkeyPatch) -> StandIn:
     return standin_server
 
 
-class StoreTarget:
-    """Where a test's store lives: a fresh FakeServer, the real Redis or the embedded store's server
-    (both flushed)."""
-
-    def __init__(self, kind: str, url: str | None = None) -> None:
-        self.kind = kind
-        self.server = fakeredis.FakeServer() if kind == "fake" else None
-        self.url = url or (REAL_REDIS_URL if kind == "real" else None)
-
-    def client(self) -> aioredis.Redis:
-        if self.server is not None:
-            return fakeredis.FakeAsyncRedis(server=self.server)
-        assert self.url
-        return aioredis.Redis.from_url(self.url, socket_timeout=2.0, socket_connect_timeout=1.0)
-
-    def flush(self) -> None:
-        if self.url:
-            redis.Redis.from_url(self.url).flushdb()
-
-
 @pytest.fixture(scope="session")
 def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
     """The server `spend-guard serve` runs without a Redis URL, in a state dir of its own."""
@@ -102,18 +92,12 @@ def embedded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedd
         yield server
 
 
-@pytest.fixture(
-    params=[
-        pytest.param("fake", marks=pytest.mark.fake),
-        pytest.param("real", marks=pytest.mark.real),
-        pytest.param("embedded", marks=pytest.mark.embedded),
-    ]
-)
+@pytest.fixture(params=[FAKE, REAL, EMBEDDED])
 def store_target(request: pytest.FixtureRequest) -> Iterator[StoreTarget]:
     if request.param == "real":
         if not REAL_REDIS_URL:
             pytest.skip("SPEND_GUARD_TEST_REDIS_URL is not set")
-        _assert_local(REAL_REDIS_URL)
+        assert_local(REAL_REDIS_URL)
     url = request.getfixturevalue("embedded_server").url if request.param == "embedded" else None
     target = StoreTarget(request.param, url)
     target.flush()
@@ -129,45 +113,6 @@ def write_policy(tmp_path: Path) -> Callable[[str], Path]:
         return path
 
     return write
-
-
-POLICY_BASE = """
-account: {name: t, refresh_s: 3600, models_refresh_s: 3600, max_staleness_s: 7200}
-"""
-
-
-class Proxy:
-    """A started app (TestClient running its lifespan) with helpers to drive the refresher."""
-
-    def __init__(self, app: SpendGuardApp, client: TestClient) -> None:
-        self.app = app
-        self.client = client
-
-    @property
-    def runtime(self) -> Any:
-        assert self.app.runtime is not None
-        return self.app.runtime
-
-    def refresh(self) -> None:
-        """Fetch credits and prices now (deterministic; no waiting on the background loop)."""
-        rt = self.runtime
-        assert self.client.portal is not None
-        assert self.client.portal.call(rt.refresher.refresh_credits), rt.refresher.state.last_error
-        assert self.client.portal.call(rt.refresher.refresh_models)
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        assert self.client.portal is not None
-        return self.client.portal.call(fn, *args)
-
-    def generate(
-        self, token: str | None = KEY_A, model: str = "openai/gpt-image-1", standin: str = "", **kw: Any
-    ) -> Any:
-        headers = {"X-Standin": standin} if standin else {}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
-        headers.update(kw.pop("headers", {}))
-        path = kw.pop("path", "/v1/openai/images/generations")
-        return self.client.post(path, json={"model": model, "prompt": "a cat", **kw}, headers=headers)
 
 
 @pytest.fixture

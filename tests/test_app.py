@@ -13,23 +13,14 @@ import pytest
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, alice_keys
-from tests.standin import key_row
+from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, SHA_B
+from tests.support.policies import alice_keys, budget, entry, key_entry, policy_yaml
+from tests.support.standin import key_row
 
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
-TEAM = f"""
-groups:
-  - name: team
-    budgets: [{{limit_usd: 1.00, period: month}}]
-keys:
-  - name: alice
-    key_sha256: {SHA_A}
-    api_key_id: key-a
-    group: team
-  - name: bob
-    key_sha256: {SHA_B}
-    group: team
-"""
+TEAM = policy_yaml(
+    groups=[entry("team", budgets=[budget("1.00", "month")])],
+    keys=[key_entry(api_key_id="key-a", group="team"), key_entry("bob", token=KEY_B, group="team")],
+)
 
 
 def me(proxy, token=KEY_A):
@@ -158,7 +149,7 @@ def test_metrics_move_with_decisions(make_proxy, up):
 
 
 def test_readyz_flips_when_the_snapshot_ages(make_proxy, up):
-    from tests.test_guard import FakeClock
+    from tests.support.proxies import FakeClock
 
     clock = FakeClock()
     p = make_proxy(TEAM, clock=clock)

@@ -1,4 +1,4 @@
-"""One clock, the store's (issue 13): served proxies whose machine clocks run 20 min ahead or
+"""One clock, the store's (docs/state.md): served proxies whose machine clocks run 20 min ahead or
 behind (libfaketime) share a Redis with a correct one. None may freeze the snapshot, reclaim
 another's live hold or make a correct instance refuse calls; each says how far off it is."""
 
@@ -13,16 +13,19 @@ import httpx
 import pytest
 import redis
 
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-from tests.test_processes import generate, scraped
+from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, scraped, wait_until
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 FAKETIME = shutil.which("faketime")
 if FAKETIME is None:
     if os.environ.get("CI"):
         raise RuntimeError("faketime is not installed; .ci/run installs Debian's faketime")
-    pytestmark = [pytest.mark.real, pytest.mark.skip(reason="faketime is not installed (apt-get install faketime)")]
+    pytestmark = [
+        pytest.mark.real,
+        pytest.mark.system,
+        pytest.mark.skip(reason="faketime is not installed (apt-get install faketime)"),
+    ]
 
 
 def skewed(offset: str) -> dict:

@@ -17,7 +17,7 @@ from proxy.settings import Secret
 from proxy.store.records import RowState, row_ref
 from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, Store
 from proxy.windows import parse_timestamp_ms
-from tests.standin import key_row
+from tests.support.standin import key_row
 
 USD = 1_000_000
 T0 = 1_800_000_000.0  # a fixed wall clock for the refresher, in seconds

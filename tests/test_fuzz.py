@@ -1,7 +1,7 @@
 """Property tests: whatever a client sends, the proxy answers without a 500, refuses only in
 ImageRouter's envelope, never shows a secret, never leaves a hold, and charges exactly what the
-upstream billed (DESIGN §1, §4); whatever a policy file says, loading it raises `PolicyError` or
-nothing (DESIGN §6).
+upstream billed (docs/how-it-works.md, docs/refusals.md); whatever a policy file says, loading it
+raises `PolicyError` or nothing (docs/policies.md).
 
 Requests are driven straight into the ASGI app (on the TestClient's portal), so the raw path,
 duplicate headers and latin-1 header bytes arrive exactly as a server would hand them over.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import gzip
-import hashlib
 import json
 import logging
 import re
@@ -32,7 +31,7 @@ from proxy.errors import PolicyError
 from proxy.http.routing import canonical_path
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy
-from tests.conftest import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A
+from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B, SHA_A, SHA_B
 
 # Hypothesis imports its patch writer (and libcst, which warns on import) only when it reports a
 # falsifying example; under `filterwarnings = error` that turns the report into an INTERNALERROR.
@@ -49,7 +48,6 @@ FAKE_AND_REAL = pytest.mark.parametrize(
     [pytest.param("fake", marks=pytest.mark.fake), pytest.param("real", marks=pytest.mark.real)],
     indirect=True,
 )
-SHA_B = hashlib.sha256(KEY_B.encode()).hexdigest()
 KEY_C = "sk-c-" + "c" * 59  # a well-formed key the policy does not know
 SECRETS = (KEY_A, KEY_B, KEY_C, ACCOUNT_KEY)
 POLICY = f"""
@@ -432,7 +430,7 @@ def test_any_request_gets_a_sane_answer_and_leaves_the_ledger_exact(fuzz_proxy, 
     assert not rt.flights and not rt.pending_settles, "a reservation was left open"
     assert proxy.run(rt.store.open_holds) == 0
     # The proxy charged the account exactly what the upstream billed. The one allowed difference
-    # is by design (DESIGN §1 step 7): an answer that is not JSON is charged the hold.
+    # is by design: an answer that is not JSON is charged the hold (in doubt, assume the upstream billed).
     charged = proxy.run(rt.store.usage, ["acct"], [])["acct"].charged_micros - charged_before
     billed = up.charged_micros - billed_before
     content_type = dict(headers).get(b"content-type", b"")

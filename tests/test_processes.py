@@ -1,5 +1,8 @@
-"""Real processes on a real Redis: several proxies share budgets exactly; outages, disconnects,
-raw path spellings and shutdown behave as DESIGN §1, §3 and §5 say."""
+"""Real processes on a real Redis: several proxies share budgets exactly (the invariant holds
+across processes); a store outage refuses every spending call until the store is back, a client
+that disconnects still has its call settled with the real cost, raw path spellings never reach a
+spending route unguarded, and SIGTERM lets calls in flight finish and settle (docs/how-it-works.md,
+docs/failure-modes.md)."""
 
 from __future__ import annotations
 
@@ -12,33 +15,28 @@ import socket
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import KEY_A, SHA_A
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.served import (
+    AUTH,
+    RedisServer,
+    ServedProxy,
+    alice_policy,
+    generate,
+    scraped,
+    spent,
+    wait_until,
+    worker_pids,
+)
 
-AUTH = {"Authorization": f"Bearer {KEY_A}"}
+pytestmark = pytest.mark.system
 
 
 def policy_file(tmp_path, budget_usd: str = "3.00"):
     return alice_policy(tmp_path, account="proc", budget_usd=budget_usd, shutdown_grace_s=20)
-
-
-def spent(proxy: ServedProxy) -> str:
-    me = httpx.get(proxy.url + "/-/me", headers=AUTH, timeout=5).json()
-    return next(s for s in me["scopes"] if s["scope"] == "budget:key:alice:lifetime")["spent_usd"]
-
-
-def generate(base: str, standin: str = "", model: str = "openai/gpt-image-1", timeout: float = 30) -> httpx.Response:
-    headers = dict(AUTH)
-    if standin:
-        headers["X-Standin"] = standin
-    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers,
-                      timeout=timeout)
 
 
 @pytest.fixture
@@ -82,7 +80,7 @@ def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers_onc
         assert httpx.get(proxy.url + "/echo/x", timeout=5).status_code == 200
         assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 503
         redis_server.start()  # empty: alice's budget counter is gone with the rest
-        # The loss is noticed, not absorbed as a budget back at $0 (issue 11).
+        # The loss is noticed, not absorbed as a budget back at $0.
         lost = generate(proxy.url, "cost=0.01")
         assert lost.status_code == 503 and "lost its local budget state" in lost.json()["error"]["message"]
         assert len(up.generation_requests) == 1
@@ -229,18 +227,6 @@ def test_group_budget_shared_by_two_keys_on_two_processes_is_never_exceeded(tmp_
         assert all(line["policy_version"] and line["request_id"] for line in lines)
 
 
-def scraped(proxy: ServedProxy, name: str, **labels: str) -> float:
-    """One scrape on a new connection (so any worker may answer): the sum of `name`'s samples
-    whose labels include `labels`."""
-    text = httpx.get(proxy.url + "/-/metrics", timeout=5).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == name and labels.items() <= sample.labels.items()
-    )
-
-
 @pytest.mark.real
 def test_every_scrape_of_a_two_worker_proxy_counts_both_workers(tmp_path, up, redis_server):
     path = policy_file(tmp_path, "50")
@@ -257,21 +243,6 @@ def test_every_scrape_of_a_two_worker_proxy_counts_both_workers(tmp_path, up, re
         for _ in range(6):
             assert scraped(proxy, "spend_guard_decisions_total", outcome="allowed", key="alice") == 16
             assert scraped(proxy, "spend_guard_usd_total", kind="charged", key="alice") == pytest.approx(1.6)
-
-
-def worker_pids(proxy: ServedProxy) -> list[int]:
-    """The uvicorn workers: processes spawned by the proxy's supervisor process."""
-    assert proxy.proc is not None
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if int(fields[1]) == proxy.proc.pid and b"spawn_main" in cmdline:
-            found.append(int(stat.parent.name))
-    return found
 
 
 @pytest.mark.real

@@ -1,6 +1,7 @@
 """Soak: a few hundred mixed calls through three proxy processes on one persistent Redis, with a
 Redis restart in the middle, and the proxy's ledger checked against what ImageRouter billed, to
-the micro-dollar (DESIGN §1 step 7, §3, §5; README "Failure modes")."""
+the micro-dollar: every call is settled exactly once, with the `cost` ImageRouter reported or
+else its hold, whatever fails in between (docs/how-it-works.md, docs/failure-modes.md)."""
 
 from __future__ import annotations
 
@@ -19,17 +20,17 @@ import httpx
 import pytest
 import redis
 
-from tests.conftest import KEY_A
-from tests.served import (
+from tests.support.constants import KEY_A
+from tests.support.served import (
     PersistentRedisServer,
     RedisServer,
     ServedProxy,
     alice_policy,
     wait_until,
 )
-from tests.standin import fingerprint
+from tests.support.standin import fingerprint
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 ACCOUNT = "soak"
 SHA_A = fingerprint(KEY_A)

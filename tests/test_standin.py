@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.standin import StandIn, b64_text, fingerprint, key_row
+from tests.support.standin import StandIn, b64_text, fingerprint, key_row
 
 TOKEN = "sk-client-" + "1" * 54
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -1,5 +1,5 @@
 'use strict';
-// ImageRouter's request stack, reduced to what reads a request body (tests/test_parity.py).
+// ImageRouter's request stack, reduced to what reads a request body (tests/http/test_parity.py).
 //
 // As in ImageRouter's server (src/index.js, src/routes/{image,video}Routes.js,
 // src/middleware/uploadMiddleware.js): Express 4 with app.use(express.json()), then per route

@@ -1,4 +1,4 @@
-"""Bodies for the differential test (tests/test_parity.py): the four cases of issue #12 and every
+"""Bodies for the differential test (tests/http/test_parity.py): the four smuggling cases and every
 mutation of them we could think of. Each case is (id, body, Content-Type or None)."""
 
 from __future__ import annotations
@@ -30,20 +30,23 @@ MODEL = part(cd(b"model"), DENIED)
 IMAGE = part(cd(b"image", b'; filename="a.png"') + b"\r\nContent-Type: image/png", b"\x89PNG\r\n\x1a\n\x00\x00")
 BASE = form(PROMPT, MODEL)
 
-# The four bodies issue #12 measured (commit bf789a2 priced test/test, ImageRouter ran the other).
-ISSUE_CASES: list[Case] = [
+# The four smuggling cases: bodies a line-by-line multipart reader priced as test/test while
+# ImageRouter's parsers (multer over busboy) ran another model, or none.
+SMUGGLING_CASES: list[Case] = [
     # 1. a delimiter mid-line in the preamble: the "part" priced does not exist for busboy
-    ("issue-delimiter-mid-line", b"X--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + form(PROMPT), MP),
+    ("smuggling-delimiter-mid-line", b"X--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + form(PROMPT), MP),
     # 2. bytes after a delimiter: busboy drops what follows up to the next delimiter
-    ("issue-junk-after-delimiter", form(PROMPT, b"--B junk\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"), MP),
+    ("smuggling-junk-after-delimiter",
+     form(PROMPT, b"--B junk\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"), MP),
     # 3. folded part headers: busboy reads the continuation, a line reader does not
-    ("issue-folded-header",
+    ("smuggling-folded-header",
      form(part(b"Content-Disposition: form-data\r\n ; name=\"model\"", DENIED), part(cd(b"model "), CHEAP)), MP),
-    ("issue-folded-into-content-type", form(part(b"Content-Type: text/plain\r\n " + cd(b"model"), CHEAP), PROMPT), MP),
+    ("smuggling-folded-into-content-type",
+     form(part(b"Content-Type: text/plain\r\n " + cd(b"model"), CHEAP), PROMPT), MP),
     # 4. a per-part charset: busboy decodes by it
-    ("issue-charset-utf16le",
+    ("smuggling-charset-utf16le",
      form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=utf-16le", b"test/test!"), PROMPT), MP),
-    ("issue-charset-latin1",
+    ("smuggling-charset-latin1",
      form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=latin1", DENIED + b"\xc3\xa9")), MP),
 ]
 
@@ -318,7 +321,7 @@ def _urlencoded() -> Iterator[Case]:
 
 
 def corpus() -> list[Case]:
-    cases = [*ISSUE_CASES]
+    cases = [*SMUGGLING_CASES]
     for source in (_boundaries, _line_endings, _headers, _charsets, _encodings, _structure, _truncations, _json,
                    _urlencoded):
         cases.extend(source())

@@ -1,0 +1,132 @@
+"""Money-path behaviours no other test pinned, found by mutation testing: each test here fails on
+a mutant of the money path that the rest of the suite let live. Fake and real Redis."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.support.policies import budget, entry, key_entry, policy_yaml
+from tests.support.proxies import envelope, open_holds, spent
+from tests.support.standin import key_row
+
+GROUPED = policy_yaml(
+    groups=[entry("design", max_request_usd="0.20")],
+    keys=[key_entry(api_key_id="key-a", group="design", budgets=[budget(50, None)])],
+)
+
+
+def test_a_hold_equal_to_a_per_request_cap_is_allowed(make_proxy, up):
+    # gpt-image-1 holds exactly $0.30; a cap of $0.30 lets it through (`>` not `>=`).
+    p = make_proxy(GROUPED.replace("max_request_usd: 0.20", "max_request_usd: 0.30"))
+    assert p.generate(standin="cost=0.1").status_code == 200
+    p2 = make_proxy(GROUPED.replace("max_request_usd: 0.20", "max_request_usd: 0.2999"))
+    assert p2.generate().status_code == 403
+
+
+def test_a_group_per_request_cap_is_enforced(make_proxy, up):
+    p = make_proxy(GROUPED)
+    r = p.generate()
+    assert r.status_code == 403 and "group design" in envelope(r)["message"]
+    assert "$0.3000" in envelope(r)["message"] and "$0.2000" in envelope(r)["message"]
+    assert up.generation_requests == []
+
+
+def test_a_key_per_request_cap_is_enforced(make_proxy, up):
+    p = make_proxy(GROUPED.replace("    group: design\n", "    max_request_usd: 0.10\n"))
+    r = p.generate()
+    assert r.status_code == 403 and "key alice" in envelope(r)["message"]
+    assert up.generation_requests == []
+    assert p.generate(model="google/gemini-2.5-flash", standin="cost=0.039").status_code == 200
+
+
+def test_a_route_disabled_by_policy_is_refused(make_proxy, up):
+    p = make_proxy(GROUPED + "routes:\n  - {path: /v1/openai/videos/generations, enabled: false}\n")
+    r = p.generate(model="google/veo-3.1", path="/v1/openai/videos/generations")
+    assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
+    assert "disabled" in envelope(r)["message"]
+    assert up.generation_requests == []
+
+
+def test_an_imagerouter_spend_limit_of_zero_refuses_every_paid_call(make_proxy, up):
+    up.key_rows = [key_row("key-a", "alice", spend_limit="0.00", period="day")]
+    p = make_proxy(GROUPED.replace("    group: design\n", ""))
+    r = p.generate()
+    assert r.status_code == 402 and envelope(r)["type"] == "spend_limit_exceeded"
+    assert r.headers["x-spend-guard-scope"] == "key:day"
+    assert up.generation_requests == []
+
+
+def test_the_smallest_charge_the_upstream_reports_is_added_to_budgets(make_proxy, up):
+    # $0.0001 is ImageRouter's unit; 1 micro-dollar itself is covered on the store in
+    # tests/store/test_store_integrity.py (amounts 0, 1 and large through every script).
+    p = make_proxy(GROUPED.replace("    group: design\n", ""))
+    assert p.generate(model="test/test", standin="cost=0.0001").status_code == 200
+    assert spent(p, "budget:key:alice:lifetime") == "0.0001"
+    assert open_holds(p) == 0
+
+
+def test_a_stale_snapshot_under_fail_open_forwards_and_counts(make_proxy, up):
+    clock_s = [0.0]
+    import time
+
+    p = make_proxy(GROUPED.replace("    group: design\n", "") + "guard: {on_store_error: open}\n",
+                   clock=lambda: time.time() + clock_s[0])
+    clock_s[0] = 7201  # past max_staleness_s (7200 in the test policy base)
+    r = p.generate(standin="cost=0.01")
+    assert r.status_code == 200
+    assert len(up.generation_requests) == 1
+    metrics = p.client.get("/-/metrics").text
+    assert 'spend_guard_unguarded_total{reason="stale"} 1.0' in metrics
+
+
+def test_a_stale_snapshot_fails_closed_by_default(make_proxy, up):
+    import time
+
+    clock_s = [0.0]
+    p = make_proxy(GROUPED.replace("    group: design\n", ""), clock=lambda: time.time() + clock_s[0])
+    clock_s[0] = 7201
+    r = p.generate(standin="cost=0.01")
+    assert r.status_code == 503 and envelope(r)["type"] == "guard_unavailable"
+    assert "old" in envelope(r)["message"]
+    assert up.generation_requests == []
+
+
+@pytest.mark.parametrize("mode", ["open", "closed"])
+def test_no_price_table_yet(make_proxy, up, mode):
+    p = make_proxy(GROUPED.replace("    group: design\n", "") + f"guard: {{on_store_error: {mode}}}\n", refresh=False)
+    p.runtime.refresher.prices = type(p.runtime.refresher.prices)()  # as if /v2/models never answered
+    r = p.generate(standin="cost=0.01")
+    if mode == "open":
+        assert r.status_code == 200 and len(up.generation_requests) == 1
+        assert 'spend_guard_unguarded_total{reason="no_prices"} 1.0' in p.client.get("/-/metrics").text
+    else:
+        assert r.status_code == 503 and "price table" in envelope(r)["message"]
+        assert up.generation_requests == []
+
+
+@pytest.mark.system
+@pytest.mark.real
+def test_calls_open_at_the_shutdown_deadline_are_charged_their_hold(tmp_path, up):
+    import concurrent.futures
+    import signal
+
+    import redis
+
+    from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, wait_until
+    from tests.support.served import spent as served_spent
+
+    path = alice_policy(tmp_path, account="sd", budget_usd="50", shutdown_grace_s=1)
+    with RedisServer() as server, ServedProxy(path, up.url, server.url) as proxy:
+        assert served_spent(proxy) == "0.0000"
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(generate, proxy.url, "heartbeat=1,gate=sd,cost=0.01")
+            try:
+                up.wait_for_streams(1)
+                proxy.stop(signal.SIGTERM)  # the call is still open at the 1 s deadline
+            finally:
+                up.release("sd")
+            call.exception()
+        store = redis.Redis.from_url(server.url)
+        wait_until(lambda: store.hlen("sg:{sd}:holds") == 0, 10, "no hold left")
+        budget = [k for k in store.keys("sg:{sd}:b:*")]
+        assert [int(store.get(k)) for k in budget] == [300_000]  # the whole hold, never left to its lease
