@@ -13,7 +13,7 @@ text it runs, so `Script` maps an error's `user_script:<n>` back to the part it 
 that part's own line (`reserve.lua:88`, `_common.lua:126`).
 
 Replies are plain Lua values; the reply codes below carry the same names in the scripts' headers
-(tests/test_store.py checks that each script spells them as here), and the functions below turn
+(tests/store/test_store.py checks that each script spells them as here), and the functions below turn
 each reply shape into the typed values of `records.py`.
 """
 
