@@ -372,12 +372,6 @@ class SpendGuardApp:
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
-def configure_logging(level: str, log_format: str = "text") -> None:
-    """The proxy's own loggers in `log_format` (proxy/logs.py); access lines are one bare JSON
-    object per guarded call on `spend_guard.access` (stdout) either way."""
-    logs.configure_logging(level, "json" if log_format == "json" else "text")
-
-
 def create_app(
     settings: Settings | None = None,
     *,
@@ -389,7 +383,7 @@ def create_app(
     served = settings is None
     if settings is None:
         settings = Settings.from_env()
-        configure_logging(settings.log_level, settings.log_format)
+        logs.configure_logging(settings.log_level, settings.log_format)
     if policy is None:
         policy = load_policy(settings.policy) if settings.policy else default_policy()
     factory = redis_factory or (lambda: redis_client(settings.redis_url, state_dir=settings.state_dir))
