@@ -22,7 +22,7 @@ import aiohttp
 
 from proxy.errors import StoreError
 from proxy.money import MoneyError, usd_to_micros
-from proxy.policy.model import Policy
+from proxy.policy.model import AccountPolicy, Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
@@ -156,6 +156,7 @@ class Refresher:
         self.owner = uuid.uuid4().hex
         self.state = RefreshState()
         self.prices = PriceTable()
+        self.prices_loaded = asyncio.Event()  # set once a price table is in
         self.models_failures = 0
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
@@ -198,25 +199,37 @@ class Refresher:
     async def tick(self) -> float:
         """One round: fetch what is due (if this instance holds the lock), load prices. Returns the delay."""
         account = self.policy().account
-        delay = account.refresh_s
+        delays: list[float] = []
         try:
             if isinstance(self.clock, StoreClock):
                 await self.sync_clock(self.clock)
             if not self.store.epoch:
                 await self.store.adopt_epoch()
             self.state_lost = await self.store.state_lost()
-            if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
-                if not await self.refresh_credits():
-                    await self.store.release_lock(LOCK_REFRESH, self.owner)
-                    delay = self._backoff(account.refresh_s)
-            if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
-                if not await self.refresh_models():
-                    await self.store.release_lock(LOCK_MODELS, self.owner)
-                    delay = min(delay, self._backoff(account.refresh_s))
-            await self.load_prices()
-        except StoreError as exc:
-            log.warning("refresh skipped: %s", exc)
-            delay = min(delay, 1.0)
+            # Credits and prices side by side: a slow credits endpoint does not hold up the price
+            # table (a first call is priced as soon as the table is in), nor the reverse.
+            async with asyncio.TaskGroup() as group:
+                credits = group.create_task(self._credits_round(account))
+                prices = group.create_task(self._prices_round(account))
+            delays = [credits.result(), prices.result()]
+        except* StoreError as failed:
+            log.warning("refresh skipped: %s", failed.exceptions[0])
+        return min(delays) if delays else min(account.refresh_s, 1.0)
+
+    async def _credits_round(self, account: AccountPolicy) -> float:
+        if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
+            if not await self.refresh_credits():
+                await self.store.release_lock(LOCK_REFRESH, self.owner)
+                return self._backoff(account.refresh_s)
+        return account.refresh_s
+
+    async def _prices_round(self, account: AccountPolicy) -> float:
+        delay = account.refresh_s
+        if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
+            if not await self.refresh_models():
+                await self.store.release_lock(LOCK_MODELS, self.owner)
+                delay = self._backoff(account.refresh_s)
+        await self.load_prices()
         return delay
 
     async def sync_clock(self, clock: StoreClock) -> None:
@@ -305,10 +318,14 @@ class Refresher:
             log.warning("models answer rejected: %s", exc)
             return False
         await self.store.save_prices(table)
-        self.prices = table
+        self._use_prices(table)
         return True
 
     async def load_prices(self) -> None:
         table = await self.store.load_prices()
         if table is not None and table.fetched_at_ms > self.prices.fetched_at_ms:
-            self.prices = table
+            self._use_prices(table)
+
+    def _use_prices(self, table: PriceTable) -> None:
+        self.prices = table
+        self.prices_loaded.set()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -207,6 +208,9 @@ def test_startup_waits_for_a_slow_first_refresh_only_so_long(make_proxy, up, mon
         "first credits/prices refresh took over 0.5 s; starting without it"
     ]
     assert p.client.get("/-/healthz").status_code == 200
+    # The price table comes in beside the slow credits fetch: once it is in, the call is refused
+    # for want of the snapshot alone.
+    p.run(lambda: asyncio.wait_for(p.runtime.refresher.prices_loaded.wait(), 10))
     assert_refused_for_want_of_a_snapshot(p.generate())  # no snapshot yet: closed
     assert up.generation_requests == []
 
