@@ -17,7 +17,7 @@ from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError, UpstreamNotSent
 from proxy.guard.verdicts import Call, log_decision
 from proxy.http.request import BodyLease
-from proxy.http.upstream import ClientStalled, abort_client, request_head, response_headers
+from proxy.http.upstream import ClientStalled, abort_client, body_chunks, request_head, response_headers
 from proxy.policy.model import Policy
 from proxy.runtime import Flight, Runtime
 from proxy.types import Receive, Scope, Send
@@ -88,7 +88,7 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
             async with deadline_at(deadline):
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                 sending = False
-                async for chunk in resp.content.iter_any():
+                async for chunk in body_chunks(resp.content):
                     observer.feed(chunk)
                     # After a client disconnect uvicorn drops these sends; we keep reading to the
                     # end so the call settles with ImageRouter's real cost.

@@ -13,7 +13,7 @@ import aiohttp
 from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.http.request import read_body, stream_body
-from proxy.http.upstream import ClientStalled, abort_client, request_head, response_headers
+from proxy.http.upstream import ClientStalled, abort_client, body_chunks, request_head, response_headers
 from proxy.runtime import Runtime
 from proxy.types import Receive, Scope, Send
 
@@ -66,7 +66,7 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
             if not resp.content.is_eof():
                 # Only a response still arriving needs watching; most arrive whole with the headers.
                 watcher = asyncio.create_task(watch_disconnect())
-            async for chunk in resp.content.iter_any():
+            async for chunk in body_chunks(resp.content):
                 sending = True
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sending = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import AsyncIterable, Iterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote_from_bytes
@@ -199,3 +199,35 @@ def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     if listed:
         out = [(name, value) for name, value in out if name not in listed]
     return out
+
+
+async def body_chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """An upstream body chunk by chunk, as `iter_any()` reads it, except that what the upstream
+    sent before it broke off comes before the error.
+
+    aiohttp's reader raises a connection error ahead of the bytes it has already buffered (the
+    design asyncio's StreamReader shares: https://github.com/python/cpython/issues/75044), so
+    whether the tail of a cut-off answer reached the client and the cost scanner would depend on
+    whether the reader woke before the break was noticed.
+    """
+    while True:
+        try:
+            chunk = await content.readany()
+        except aiohttp.ClientError:
+            tail = _buffered(content)
+            if tail:
+                yield tail
+            raise
+        if not chunk:
+            return
+        yield chunk
+
+
+def _buffered(content: aiohttp.StreamReader) -> bytes:
+    buffer = getattr(content, "_buffer", None)  # the reader's unread chunks (aiohttp >= 3.9)
+    if not buffer:
+        return b""
+    offset = getattr(content, "_buffer_offset", 0)
+    tail = b"".join(buffer)[offset:]
+    buffer.clear()
+    return tail
