@@ -22,7 +22,7 @@ import aiohttp
 
 from proxy.errors import StoreError
 from proxy.money import MoneyError, usd_to_micros
-from proxy.policy.model import AccountPolicy, Policy
+from proxy.policy.model import Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
@@ -199,37 +199,25 @@ class Refresher:
     async def tick(self) -> float:
         """One round: fetch what is due (if this instance holds the lock), load prices. Returns the delay."""
         account = self.policy().account
-        delays: list[float] = []
+        delay = account.refresh_s
         try:
             if isinstance(self.clock, StoreClock):
                 await self.sync_clock(self.clock)
             if not self.store.epoch:
                 await self.store.adopt_epoch()
             self.state_lost = await self.store.state_lost()
-            # Credits and prices side by side: a slow credits endpoint does not hold up the price
-            # table (a first call is priced as soon as the table is in), nor the reverse.
-            async with asyncio.TaskGroup() as group:
-                credits = group.create_task(self._credits_round(account))
-                prices = group.create_task(self._prices_round(account))
-            delays = [credits.result(), prices.result()]
-        except* StoreError as failed:
-            log.warning("refresh skipped: %s", failed.exceptions[0])
-        return min(delays) if delays else min(account.refresh_s, 1.0)
-
-    async def _credits_round(self, account: AccountPolicy) -> float:
-        if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
-            if not await self.refresh_credits():
-                await self.store.release_lock(LOCK_REFRESH, self.owner)
-                return self._backoff(account.refresh_s)
-        return account.refresh_s
-
-    async def _prices_round(self, account: AccountPolicy) -> float:
-        delay = account.refresh_s
-        if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
-            if not await self.refresh_models():
-                await self.store.release_lock(LOCK_MODELS, self.owner)
-                delay = self._backoff(account.refresh_s)
-        await self.load_prices()
+            if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
+                if not await self.refresh_credits():
+                    await self.store.release_lock(LOCK_REFRESH, self.owner)
+                    delay = self._backoff(account.refresh_s)
+            if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
+                if not await self.refresh_models():
+                    await self.store.release_lock(LOCK_MODELS, self.owner)
+                    delay = min(delay, self._backoff(account.refresh_s))
+            await self.load_prices()
+        except StoreError as exc:
+            log.warning("refresh skipped: %s", exc)
+            delay = min(delay, 1.0)
         return delay
 
     async def sync_clock(self, clock: StoreClock) -> None:
