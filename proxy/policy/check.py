@@ -273,7 +273,8 @@ def _threshold(value: object) -> float:
 
 def _short_hash(value: str) -> str:
     # Fingerprints are not secrets, but a mistyped one may be a raw API key: show a prefix only.
-    return f"'{value[:8]}...'"
+    # Escaped, so a control or line-separator character cannot split the one-line message.
+    return "'" + value[:8].encode("unicode_escape").decode("ascii") + "...'"
 
 
 def _sha256(value: object) -> str:

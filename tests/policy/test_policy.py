@@ -105,6 +105,10 @@ EXPECTED = {
         "keys[0].key_sha256: expected 64 lowercase hex characters, got '9F86D081...' (64 characters); "
         "compute it with `spend-guard fingerprint`"
     ),
+    "key_sha256_line_break.yaml": (
+        "keys[0].key_sha256: expected 64 lowercase hex characters, got ' \\x85\\r...' (3 characters); "
+        "compute it with `spend-guard fingerprint`"
+    ),
     "key_sha256_number.yaml": (
         "keys[0].key_sha256: expected 64 lowercase hex characters, got a number (put the digest in quotes); "
         "compute it with `spend-guard fingerprint`"
