@@ -130,3 +130,62 @@ def test_calls_open_at_the_shutdown_deadline_are_charged_their_hold(tmp_path, up
         wait_until(lambda: store.hlen("sg:{sd}:holds") == 0, 10, "no hold left")
         budget = [k for k in store.keys("sg:{sd}:b:*")]
         assert [int(store.get(k)) for k in budget] == [300_000]  # the whole hold, never left to its lease
+
+
+def test_a_running_text_call_keeps_its_hold_on_the_key_limit_across_a_snapshot(make_proxy, up):
+    # ImageRouter bills a text call when it ends, so a snapshot fetched while one runs does not
+    # hold its charge: its hold must stay on the key's limit. $0.80 of chat in flight on a $1.00
+    # key limit leaves no room for a $0.30 image, before and after that snapshot.
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.served import wait_until
+
+    up.key_rows = [key_row("key-a", "alice", spend_limit="1.00", period="day")]
+    skew = [0.0]
+    policy = GROUPED.replace("    group: design\n", "") + "models: {overrides: {openai/gpt-4o: 0.80}}\n"
+    p = make_proxy(policy, clock=lambda: time.time() + skew[0])
+    chat = {"model": "openai/gpt-4o", "path": "/v1/openai/chat/completions",
+            "messages": [{"role": "user", "content": "hi"}]}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(p.generate, standin="heartbeat=1,gate=t,cost=0.70", **chat)
+        try:
+            wait_until(lambda: any(f.started_ms for f in p.runtime.flights.values()), 10, "the chat to start")
+            p.run(p.runtime.mark_started)
+            assert p.generate(standin="cost=0.30").status_code == 402
+            skew[0] = 5.0  # a snapshot fetched well after the chat started
+            p.refresh()
+            r = p.generate(standin="cost=0.30")
+            assert r.status_code == 402, r.text
+            assert r.headers["x-spend-guard-scope"] == "key:day"
+        finally:
+            up.release("t")
+        assert running.result().status_code == 200
+    assert len(up.generation_requests) == 1  # only the chat reached ImageRouter
+
+
+def test_a_snapshot_fetched_within_the_margin_of_a_start_does_not_contain_the_call(make_proxy, up):
+    # ImageRouter's books may trail its answer by a moment: a snapshot fetched within 250 ms of
+    # the start of a pre-charged call is not taken to hold its charge, so the hold stays on the
+    # key's limit.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.support.proxies import FakeClock
+    from tests.support.served import wait_until
+
+    up.key_rows = [key_row("key-a", "alice", spend_limit="0.50", period="day")]
+    clock = FakeClock()
+    p = make_proxy(GROUPED.replace("    group: design\n", ""), clock=clock)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(p.generate, standin="heartbeat=1,gate=m,cost=0.30")
+        try:
+            wait_until(lambda: any(f.started_ms for f in p.runtime.flights.values()), 10, "the call to start")
+            p.run(p.runtime.mark_started)
+            clock.now += 0.1
+            p.refresh()
+            r = p.generate(standin="cost=0.30")
+            assert r.status_code == 402, r.text
+            assert r.headers["x-spend-guard-scope"] == "key:day"
+        finally:
+            up.release("m")
+        assert running.result().status_code == 200
