@@ -99,3 +99,17 @@ def test_store_recover_command(make_proxy, up, store_target):
     assert ok.exit_code == 0, ok.output
     assert "recovered: the store's state was emptied" in ok.output
     assert generate_within(p, 2.0, standin="cost=0.2").status_code == 200
+
+
+def test_lost_budget_state_is_refused_even_when_store_errors_fail_open(make_proxy, up):
+    # Failing open forwards a call the store cannot answer; a store that answers "I forgot every
+    # budget" is not that: a budget counted from $0 again is no budget at all.
+    p = make_proxy(POLICY + "guard: {on_store_error: open}\n")
+    assert p.generate(standin="cost=0.3").status_code == 200
+    forget(p)
+    r = p.generate(standin="cost=0.3")
+    assert r.status_code == 503 and envelope(r)["type"] == "guard_unavailable"
+    assert "lost its local budget state" in envelope(r)["message"]
+    assert len(up.generation_requests) == 1  # nothing more went up
+    metrics = p.client.get("/-/metrics").text.splitlines()
+    assert not [line for line in metrics if line.startswith("spend_guard_unguarded_total{")]
