@@ -189,3 +189,11 @@ def test_a_snapshot_fetched_within_the_margin_of_a_start_does_not_contain_the_ca
         finally:
             up.release("m")
         assert running.result().status_code == 200
+
+
+@pytest.mark.parametrize(("cost", "charged"), [("1000000", "1000000.0000"), ("1000000.5", "1000000.0000")])
+def test_a_reported_cost_is_charged_up_to_one_million_dollars_a_call(make_proxy, up, cost, charged):
+    up.credits_remaining_micros = 10**15  # a billion dollars of credits: only the clamp decides
+    p = make_proxy(GROUPED.replace("    group: design\n", ""))
+    assert p.generate(standin=f"cost={cost}").status_code == 200
+    assert spent(p, "budget:key:alice:lifetime") == charged

@@ -289,3 +289,15 @@ def test_the_one_settle_path_compares_every_end_of_a_flight(make_proxy, store_ta
     assert 'spend_guard_charged_to_held_ratio_bucket{kind="text",le="1.0"} 1.0' in metrics  # the reclaimed one
     assert 'spend_guard_charged_to_held_ratio_bucket{kind="text",le="2.0"} 2.0' in metrics
     assert 'spend_guard_underheld_total{model="openai/gpt-4o"} 2.0' in metrics  # both cost more than held
+
+
+def test_the_per_call_maximum_is_one_million_dollars(make_proxy, up):
+    # gpt-4o output at $10/Mtok: 1e11 tokens are $1,000,000, plus a few tenths of a cent of input.
+    up.credits_remaining_micros = 10**15  # a billion dollars of credits: the account is no limit here
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    above = post(p, chat_body("openai/gpt-4o", max_tokens=100_000_000_000), "cost=0.01")
+    assert above.status_code == 403 and envelope(above)["type"] == "policy_violation"
+    assert "above the spend guard's per-call maximum of $1000000.0000" in envelope(above)["message"]
+    below = post(p, chat_body("openai/gpt-4o", max_tokens=99_999_000_000), "cost=0.01")
+    assert below.status_code == 402 and below.headers["x-spend-guard-scope"] == "budget:key:alice:day"
+    assert up.generation_requests == []
