@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -134,22 +135,34 @@ def _group_cpu_s(pgids: set[int], pids: set[int]) -> dict[int, float]:
     return out
 
 
-def redis_server_pid(port: int = 6379) -> int | None:
-    """The local redis-server on `port`, so its CPU is not mistaken for someone else's."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmd = f.read()
-                if b"redis-server" in cmd and f":{port}".encode() in cmd:
-                    return int(entry)
-    return None
+def start_redis(procs: Procs, env: dict[str, str], name: str = "redis") -> str:
+    """A redis-server of the bench's own on a free port of 127.0.0.1 (nothing saved, no AOF), started
+    through `procs` (stopped with the rest); returns its URL once it answers PING. Never a Redis
+    someone else runs: a shared host's database is theirs to keep."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (Debian: apt-get install -y redis-server)")
+    port = free_port()
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    proc = procs.start(name, argv, env)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{procs.log_tail(name)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(16).startswith(b"+PONG"):
+                return f"redis://127.0.0.1:{port}/0"
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} did not answer PING on port {port}:\n{procs.log_tail(name)}")
 
 
 class CpuMeter:
     """CPU used during a span, in cores: by each bench process group, and by everything else.
 
-    `other_cores` is the machine's busy time minus the bench's (its children, wrk, and `pids` such
-    as the shared redis-server): someone else's load on the same cores, the usual cause of noise.
+    `other_cores` is the machine's busy time minus the bench's (its children, its redis-server
+    included, wrk, and any `pids` given): someone else's load on the same cores, the usual cause of
+    noise.
     """
 
     def __init__(self, pgids: set[int], pids: set[int]) -> None:

@@ -3,7 +3,8 @@
     python bench/run.py [--rounds 4] [--duration 10] [--redis] [--workers2] [--quick]
 
 See bench/README.md for what each section measures and how to read it. Needs `wrk` and
-`nginx` (Debian: apt-get install -y wrk nginx-light); Redis only with `--redis`/`--workers2`.
+`nginx` (Debian: apt-get install -y wrk nginx-light); `redis-server` only with `--redis`/`--workers2` (the
+bench starts its own on a free port, never using a Redis someone else runs).
 """
 
 from __future__ import annotations
@@ -31,11 +32,10 @@ from pathlib import Path
 import memory
 import upstream
 import wrkdrive
-from procs import CpuMeter, Procs, free_port, redis_server_pid
+from procs import CpuMeter, Procs, free_port, start_redis
 from tables import Report, histogram, median, quantile_bound, ratio, trend
 
 HERE = Path(__file__).resolve().parent
-REDIS_URL = "redis://127.0.0.1:6379/14"
 GUARDED_PATH = "/v1/openai/images/generations"
 UNGUARDED_PATH = "/v1/openai/other"  # not a spending route: the guard streams it through
 OVERHEAD_METRIC = "spend_guard_overhead_seconds"
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=32,
                         help="wrk connections for the max-rate runs (default 32)")
     parser.add_argument("--redis", action="store_true",
-                        help=f"the proxy uses the real Redis at {REDIS_URL} (flushed first)")
+                        help="the proxy uses a Redis server the bench starts on a free port (redis-server)")
     parser.add_argument("--workers2", action="store_true",
                         help="also run --workers 2 on Redis and compare (implied by --redis)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip nginx-direct rows")
@@ -117,18 +117,6 @@ def spend_guard_argv() -> list[str]:
     return [on_path] if on_path else [sys.executable, "-m", "proxy"]
 
 
-def flush_redis(url: str) -> None:
-    import redis
-
-    try:
-        redis.Redis.from_url(url, socket_timeout=3).flushdb()
-    except redis.RedisError as exc:
-        sys.exit(
-            f"bench: Redis at {url} not usable ({exc}). Start one with:\n"
-            '  redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" --appendonly no'
-        )
-
-
 def child_env() -> dict[str, str]:
     # click reads SPEND_GUARD_* as option defaults: nothing from this shell may leak into a run.
     env = {k: v for k, v in os.environ.items() if not k.startswith("SPEND_GUARD_")}
@@ -157,7 +145,7 @@ class Bench:
         self.scripts = wrkdrive.scripts(root)
         self.env = child_env()
         self.ports: dict[str, int] = {}
-        self.redis_pid = redis_server_pid() if args.redis or args.workers2 else None
+        self.redis_url = ""  # the bench's own redis-server, with --redis or --workers2 (start_all)
 
     # -- processes -------------------------------------------------------------------------
 
@@ -178,10 +166,10 @@ class Bench:
         policy = os.path.join(self.root, "policy.yaml")
         Path(policy).write_text(POLICY)
         if self.args.redis or self.args.workers2:
-            flush_redis(REDIS_URL)
-        self.start_proxy("proxy", policy, REDIS_URL if self.args.redis else None, workers=1)
+            self.redis_url = start_redis(self.procs, self.env)
+        self.start_proxy("proxy", policy, self.redis_url if self.args.redis else None, workers=1)
         if self.args.workers2:
-            self.start_proxy("proxy-w2", policy, REDIS_URL, workers=2)
+            self.start_proxy("proxy-w2", policy, self.redis_url, workers=2)
 
     def start_proxy(self, name: str, policy: str, redis_url: str | None, *, workers: int) -> None:
         self.ports[name] = port = free_port()
@@ -224,7 +212,7 @@ class Bench:
     def measured(self, target: Target, script: str, duration_s: float, connections: int) -> Run:
         """One wrk run, with the CPU the target and everyone else used meanwhile."""
         pgids = {proc.pid for proc in self.procs.running.values()}
-        with CpuMeter(pgids, {self.redis_pid} if self.redis_pid else set()) as cpu:
+        with CpuMeter(pgids, set()) as cpu:
             result = wrkdrive.run(self.wrk, target.url, script, duration_s=duration_s, connections=connections)
         return Run(result, cpu.cores.get(self.procs.running[target.server].pid, 0.0), cpu.other_cores)
 
@@ -407,20 +395,21 @@ class Bench:
         r.line(f"  host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
         loop_parser = "+".join(loops) if loops else "asyncio + h11 (uvloop/httptools not installed)"
         r.line(f"  uvicorn loop/parser: {loop_parser}")
-        store = f"Redis {REDIS_URL}" if a.redis else "embedded (its own valkey-server on a unix socket)"
+        embedded = "embedded (its own valkey-server on a unix socket)"
+        store = f"Redis {self.redis_url} (the bench's own)" if a.redis else embedded
         r.line(f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
-               + (f"; proxy-w2: --workers 2, Redis {REDIS_URL}" if a.workers2 else ""))
+               + (f"; proxy-w2: --workers 2, Redis {self.redis_url}" if a.workers2 else ""))
         r.line(f"  upstream: nginx 1 worker on 127.0.0.1:{self.ports['nginx']}; rounds {a.rounds} x {a.duration:g} s; "
                f"load average at start {os.getloadavg()[0]:.2f}")
         r.line()
 
     def redis_evalsha(self) -> tuple[int, int] | None:
-        """(calls, usec) of EVALSHA on the Redis server so far; the server is shared, so compare deltas."""
-        if not (self.args.redis or self.args.workers2):
+        """(calls, usec) of EVALSHA on the bench's Redis server so far (compare deltas)."""
+        if not self.redis_url:
             return None
         import redis
 
-        stats = redis.Redis.from_url(REDIS_URL, socket_timeout=3).info("commandstats").get("cmdstat_evalsha", {})
+        stats = redis.Redis.from_url(self.redis_url, socket_timeout=3).info("commandstats").get("cmdstat_evalsha", {})
         return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
     def run(self) -> None:

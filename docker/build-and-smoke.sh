@@ -89,6 +89,17 @@ user=$(buildah inspect --type image --format '{{.OCIv1.Config.User}}' "$IMAGE")
 leftovers=$(buildah run "$ctr" -- sh -c 'find / -xdev \( -name "*.egg-info" -o -path /src \) 2>/dev/null | head -n5')
 [[ -z $leftovers ]] || { echo "build leftovers in the image: $leftovers" >&2; exit 1; }
 
+step "checking the image: every package installed is the release requirements/runtime.txt pins"
+buildah run "$ctr" -- pip freeze | python3 -c '
+import re, sys
+norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+pins = dict((norm(n), v) for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", open(sys.argv[1]).read(), re.M))
+found = dict((norm(n), v) for n, v in re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", sys.stdin.read(), re.M))
+found.pop("imagerouter-spend-guard", None)
+wrong = sorted(f"{n}=={v} (lock: {pins.get(n)})" for n, v in found.items() if pins.get(n) != v)
+sys.exit("not as locked: " + ", ".join(wrong) if wrong else None)
+' requirements/runtime.txt
+
 step "smoke test: spend-guard serve --demo in the container (port 8181): one allowed call, one refused, the healthcheck"
 healthcheck=$(buildah inspect --type image "$IMAGE" \
   | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["Docker"]["config"]["Healthcheck"]["Test"]))')
