@@ -150,6 +150,11 @@ class SpendGuardApp:
         self.metrics.set_snapshot_age(self._snapshot_age)
         self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
         self.metrics.computed.add(
+            "spend_guard_policy_reload_failing",
+            "1 while this instance's latest policy reload has failed (it enforces an older version than the files).",
+            lambda: 1.0 if holder.last_failure is not None else 0.0,
+        )
+        self.metrics.computed.add(
             "spend_guard_clock_offset_seconds",
             "The store's clock minus this machine's (the proxy judges time on the store's clock).",
             lambda: float(getattr(self.clock, "offset_s", 0.0)),
@@ -324,6 +329,9 @@ class SpendGuardApp:
             if task.done():
                 problems.append(f"background task {task.get_name()} is not running")
         warnings = []
+        if (failure := rt.holder.last_failure) is not None:
+            # Still ready: the previous policy is enforced in full. Said until a reload succeeds.
+            warnings.append(failure.describe(rt.policy.version))
         clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
         if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
             warnings.append(
@@ -338,6 +346,7 @@ class SpendGuardApp:
             "refresh_failures": state.failures,
             "last_refresh_error": state.last_error or None,
             "policy_version": rt.policy.version,
+            "policy_file_version": rt.holder.file_version(),
         }
         return JSONResponse(body, status_code=200 if not problems else 503)
 
@@ -368,7 +377,15 @@ class SpendGuardApp:
         policy = rt.policy
         if (denied := authorize(policy, request.headers.getlist("authorization"))) is not None:
             return denied
-        body = await status_data(rt.store, policy, guard.refusals, rt.clock())
+        failure = rt.holder.last_failure
+        body = await status_data(
+            rt.store,
+            policy,
+            guard.refusals,
+            rt.clock(),
+            file_version=rt.holder.file_version(),
+            reload_error=None if failure is None else failure.describe(policy.version),
+        )
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 

@@ -69,12 +69,24 @@ def _password_digest(header: str) -> str | None:
     return hashlib.sha256(password.encode()).hexdigest() if colon else None
 
 
-async def status_data(store: StatusStore, policy: Policy, refusals: RecentRefusals, now_s: float) -> dict[str, Any]:
-    """What the page shows; scopes are read in one round trip (the store's `levels`)."""
+async def status_data(
+    store: StatusStore,
+    policy: Policy,
+    refusals: RecentRefusals,
+    now_s: float,
+    *,
+    file_version: str | None = None,
+    reload_error: str | None = None,
+) -> dict[str, Any]:
+    """What the page shows; scopes are read in one round trip (the store's `levels`).
+    `file_version`: the version of the policy files on disk, beside the enforced `policy.version`;
+    `reload_error`: the latest reload's failure, while no reload has succeeded since."""
     body: dict[str, Any] = {
         "generated_at": format_ms(int(now_s * 1000)),
         "version": __version__,
         "policy_version": policy.version,
+        "policy_file_version": file_version,
+        "policy_reload_error": reload_error,
         "account": {"name": policy.account.name, "floor_usd": format_usd(policy.account.min_remaining_micros)},
         "scopes": [],
         "holds_in_flight": None,

@@ -1,7 +1,8 @@
 """Keep the current policy, and swap in a new one on SIGHUP or when the files change.
 
-A new policy that fails to load never replaces the running one: the failure is logged on one line
-and counted, and the proxy goes on enforcing what it had. A file change is taken only once the
+A new policy that fails to load never replaces the running one: the failure is logged on one line,
+counted and kept (`last_failure`, shown by `/-/readyz` and the status page until a reload succeeds),
+and the proxy goes on enforcing what it had. A file change is taken only once the
 files have stayed unchanged for `POLICY_STABLE_S`, so a file being written in pieces is not
 loaded half-written (write elsewhere and rename into place to be safe whatever the timing; SIGHUP
 reloads at once). Each reload logs one line summing up what changed.
@@ -15,10 +16,11 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from proxy.errors import PolicyError
 from proxy.money import format_usd
-from proxy.policy.load import load_policy, policy_files
+from proxy.policy.load import file_version, load_policy, policy_files
 from proxy.policy.model import Budget, Policy
 
 logger = logging.getLogger("spend_guard.policy")
@@ -27,6 +29,27 @@ logger = logging.getLogger("spend_guard.policy")
 Fingerprint = tuple[tuple[str, int | None, int | None], ...]
 # A changed policy is loaded once its files have looked the same for this long.
 POLICY_STABLE_S = 5.0
+
+
+@dataclass(frozen=True)
+class ReloadFailure:
+    """The latest reload, which failed: when (Unix seconds), what was wrong, and the version the
+    files had (None: unreadable). Cleared by the next reload that succeeds."""
+
+    path: str
+    at_s: float
+    problems: tuple[str, ...]
+    file_version: str | None
+
+    def describe(self, enforced: str) -> str:
+        """One line for /-/readyz and the status page."""
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.at_s))
+        first = " ".join(self.problems[0].split()) if self.problems else "unknown error"
+        count = len(self.problems)
+        return (
+            f"policy: the reload of {self.path} at {when} failed with {count} problem(s), the first: {first}; "
+            f"still enforcing version {enforced} (the files are version {self.file_version or 'unreadable'})"
+        )
 
 
 class PolicyHolder:
@@ -49,6 +72,7 @@ class PolicyHolder:
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_error: str | None = None
+        self.last_failure: ReloadFailure | None = None
         self._on_change = on_change
         # Taken now, close to when `policy` was loaded, so an edit made before watch() starts is seen.
         self._seen = self._fingerprint()
@@ -63,6 +87,7 @@ class PolicyHolder:
             problems = exc.problems if isinstance(exc, PolicyError) else [str(exc)]
             self.reloads_failed += 1
             self.last_error = "; ".join(" ".join(problem.split()) for problem in problems)
+            self.last_failure = ReloadFailure(self.path, time.time(), tuple(problems), file_version(self.path))
             logger.error(
                 "policy reload from %s failed, keeping version %s: %d problem(s): %s",
                 self.path,
@@ -73,6 +98,7 @@ class PolicyHolder:
             return False
         self.reloads_ok += 1
         self.last_error = None
+        self.last_failure = None
         if policy.version == self.policy.version:
             logger.debug("policy at %s unchanged (version %s)", self.path, policy.version)
             return True
@@ -85,6 +111,10 @@ class PolicyHolder:
         if self._on_change is not None:
             self._on_change(policy)
         return True
+
+    def file_version(self) -> str | None:
+        """The version of the policy files on disk now (None: no path, or unreadable)."""
+        return None if self.path is None else file_version(self.path)
 
     async def watch(self, interval_s: float = 1.0, stable_s: float = POLICY_STABLE_S) -> None:
         """Poll the policy files every `interval_s` and reload once a change has held for
