@@ -13,6 +13,9 @@ settle charged.
 Events:
 - `budget.threshold`: a key's ImageRouter limit or a local budget has spent (charged; holds do not
   count) at least `threshold` x its limit in its window;
+
+Every event carries the scope's `mode`: `shadow` for a shadow budget (or any scope while the whole
+policy is in shadow mode), whose limit refuses nothing, else `enforce`.
 - `budget.projected`: the spend rate of the last hour (spent now minus the oldest sample of the
   last hour, over its age, once that is 10 minutes or more) would reach the limit before the
   window resets; once per window;
@@ -123,7 +126,10 @@ class Alerts:
             budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
         levels, refs = await read_levels(self.rt.ledger, policy, keys, list(budgets.values()), now_s)
         found = await asyncio.gather(
-            *(self._scope(policy, level, now_s) for level in self._levels(keys, refs, levels, budgets.values())),
+            *(
+                self._scope(policy, level, now_s)
+                for level in self._levels(policy, keys, refs, levels, budgets.values())
+            ),
             self._credits(policy, levels, now_s),
             self._expiry(policy, keys, refs, levels, now_s),
         )
@@ -138,17 +144,20 @@ class Alerts:
 
     @staticmethod
     def _levels(
-        keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
+        policy: Policy, keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
     ) -> list[ScopeLevel]:
-        """The scopes that can cross thresholds: each key's ImageRouter limit and each local budget."""
+        """The scopes that can cross thresholds: each key's ImageRouter limit and each local budget,
+        with its mode (a key limit is shadow only while the whole policy is)."""
         found = []
         for key in keys:
             row = levels.rows.get(refs.get(key.name) or "")
             if isinstance(row, RowLevel) and row.limit_micros is not None and levels.fetched_ms is not None:
                 scope = f"key:{key.name}:{row.period or 'lifetime'}"
                 period = as_period(row.period)
-                found.append(ScopeLevel(scope, row.limit_micros, row.spent_micros, row.held_micros, period))
-        found += [budget_level(budget, levels) for budget in budgets]
+                found.append(
+                    ScopeLevel(scope, row.limit_micros, row.spent_micros, row.held_micros, period, policy.mode)
+                )
+        found += [budget_level(budget, levels, shadow_all=policy.mode == "shadow") for budget in budgets]
         return found
 
     async def _scope(self, policy: Policy, level: ScopeLevel, now_s: float) -> list[dict[str, Any]]:
@@ -199,6 +208,8 @@ class Alerts:
                     f"{level.scope} has spent {t:.0%} of its ${format_usd(level.limit_micros)} limit "
                     f"(${format_usd(level.spent_micros)})"
                 )
+                if level.mode == "shadow" and t >= 1:
+                    message += "; shadow mode: calls over it would be refused, none is"
                 events.append(
                     self._event(
                         policy,
@@ -221,7 +232,9 @@ class Alerts:
         low = credits < line
         request = MarkRequest(0, 0, int(now_s * 1000), claim=("low",) if low else (), release=() if low else ("low",))
         marks = await self.rt.store.alert_marks("account", request)
-        level = ScopeLevel("account", 0, levels.account.charged_micros, levels.account.held_micros)
+        level = ScopeLevel(
+            "account", 0, levels.account.charged_micros, levels.account.held_micros, mode=policy.mode
+        )
         extra = {"credits_usd": format_usd(credits), "threshold_usd": format_usd(line), "limit_usd": None}
         window = {"window_start": None, "resets_at": None}
         if "low" in marks.claimed:
@@ -250,7 +263,8 @@ class Alerts:
             request = MarkRequest(0, row.expires_ms + DAY_MS, now_ms, claim=(f"exp:{row.expires_ms}",))
             if (await self.rt.store.alert_marks(f"key:{key.name}", request)).claimed:
                 limit = row.limit_micros or 0
-                level = ScopeLevel(f"key:{key.name}", limit, row.spent_micros, row.held_micros, as_period(row.period))
+                period = as_period(row.period)
+                level = ScopeLevel(f"key:{key.name}", limit, row.spent_micros, row.held_micros, period, policy.mode)
                 expires = format_ms(row.expires_ms)
                 verb = "expired" if row.expires_ms <= now_ms else "expires"
                 message = f"ImageRouter key of {key.name} {verb} at {expires}"
@@ -293,6 +307,7 @@ class Alerts:
             "spent_usd": format_usd(level.spent_micros),
             "held_usd": format_usd(level.held_micros),
             "remaining_usd": format_usd(level.remaining_micros),
+            "mode": level.mode or "enforce",
             "policy_version": policy.version,
             "message": message,
             **window,

@@ -3,7 +3,8 @@
 Every instance reports the same numbers `/-/me` and the guard use: one `levels` read of the
 whole policy per scrape. Scope labels are spelled as refusals spell them (`account`,
 `budget:key:<name>:<period>`, `budget:group:<name>:<period>`) and a key's ImageRouter limit as
-`key:<name>:<period>`. Never a secret or a fingerprint.
+`key:<name>:<period>`; `mode` says whether going over it refuses calls (`enforce`) or is only
+counted (`shadow`), so alert rules never page for a shadow budget. Never a secret or a fingerprint.
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ class LevelGauges(Collector):
 
     def collect(self) -> Iterator[Metric]:
         for name, field, documentation in LEVELS:
-            family = GaugeMetricFamily(name, documentation, labels=["scope"])
+            family = GaugeMetricFamily(name, documentation, labels=["scope", "mode"])
             for level in self.levels:
-                family.add_metric([level.scope], getattr(level, field) / 1e6)
+                family.add_metric([level.scope, level.mode or "enforce"], getattr(level, field) / 1e6)
             yield family
         credits = GaugeMetricFamily(
             "spend_guard_account_credits_usd", "The account's remaining credits (last snapshot), USD."

@@ -6,6 +6,7 @@ they are what the guard enforces; many keys are read in one round trip.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,7 @@ class ScopeLevel:
     spent_micros: int
     held_micros: int
     period: Period | None = None  # None: no reset (lifetime, account)
-    mode: str | None = None  # budgets only: enforce or shadow
+    mode: str | None = None  # enforce or shadow; /-/me gives it for budgets only
 
     @property
     def remaining_micros(self) -> int:
@@ -71,9 +72,11 @@ def key_limit_level(level: RowLevel | str | None) -> ScopeLevel | None:
     return ScopeLevel(name, level.limit_micros, level.spent_micros, level.held_micros, as_period(level.period))
 
 
-def budget_level(budget: Budget, levels: Levels) -> ScopeLevel:
+def budget_level(budget: Budget, levels: Levels, *, shadow_all: bool = False) -> ScopeLevel:
+    """A budget's level; `mode` is shadow for a shadow budget, or for every budget when the whole
+    policy is in shadow mode (`shadow_all`): nothing over it is refused."""
     used = levels.budgets[budget.counter]
-    mode = "shadow" if budget.shadow else "enforce"
+    mode = "shadow" if budget.shadow or shadow_all else "enforce"
     return ScopeLevel(
         f"budget:{budget.id}", budget.limit_micros, used.charged_micros, used.held_micros, budget.period, mode
     )
@@ -136,13 +139,16 @@ def key_report(
 
 async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list[ScopeLevel], int | None]:
     """Every scope of the policy, spelled as refusals spell it (a key's ImageRouter limit as
-    `key:<name>:<period>`), and the account's remaining credits (None: no snapshot): the gauges."""
+    `key:<name>:<period>`), and the account's remaining credits (None: no snapshot): the gauges.
+    Each has its `mode`: the account and key limits are enforced unless the whole policy is in
+    shadow mode; a budget is shadow when it or the policy is."""
     budgets = {b.id: b for key in policy.keys for b in budgets_for(policy, key)}
     budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
     levels, refs = await read_levels(store, policy, policy.keys, list(budgets.values()), now_s)
+    shadow_all = policy.mode == "shadow"
     if levels.fetched_ms is None:
-        return [budget_level(b, levels) for b in budgets.values()], None
-    found = [account_level(policy, levels)]
+        return [budget_level(b, levels, shadow_all=shadow_all) for b in budgets.values()], None
+    found = [dataclasses.replace(account_level(policy, levels), mode=policy.mode)]
     for key in policy.keys:
         ref = refs.get(key.name)
         if (limit := key_limit_level(levels.rows.get(ref) if ref else None)) is not None:
@@ -153,9 +159,10 @@ async def every_level(store: Ledger, policy: Policy, now_s: float) -> tuple[list
                     limit.spent_micros,
                     limit.held_micros,
                     limit.period,
+                    policy.mode,
                 )
             )
-    found += [budget_level(b, levels) for b in budgets.values()]
+    found += [budget_level(b, levels, shadow_all=shadow_all) for b in budgets.values()]
     return found, levels.remaining_micros
 
 

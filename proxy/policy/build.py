@@ -169,10 +169,12 @@ class _File:
 
     def budgets(self, data: Mapping[Any, Any], where: str, owner: str, counter_owner: str) -> tuple[Budget, ...]:
         """`owner` is `key:<name>` or `group:<name>` (how refusals name the budget), `counter_owner`
-        what its store counter is keyed by (see `_counter_owner`); two budgets with one period
-        are an error."""
-        budgets: list[Budget] = []
-        first: dict[Period | None, str] = {}
+        what its store counter is keyed by (see `_counter_owner`). A period has at most one
+        enforced and one shadow budget (a tighter cap on trial beside the enforced one); the
+        shadow one of such a pair is `<owner>:<period>:shadow`, so every budget keeps an identity
+        of its own (docs/policies.md#budgets-keep-their-identity)."""
+        first: dict[tuple[Period | None, bool], str] = {}
+        found: list[tuple[Period | None, bool, int]] = []
         for item_where, item in self.items(data.get("budgets"), f"{where}.budgets"):
             if (raw := self.mapping(item, item_where, "budget")) is None:
                 continue
@@ -180,17 +182,23 @@ class _File:
             if "period" not in values:
                 continue
             period = values["period"]
-            label = period or "lifetime"
-            if period in first:
-                message = f"duplicate period '{label}'; {first[period]} has it already"
+            shadow = values.get("mode") == "shadow"
+            if (period, shadow) in first:
+                message = (
+                    f"duplicate period '{period or 'lifetime'}'; {first[period, shadow]} has it already "
+                    "(a period may have one enforced and one shadow budget)"
+                )
                 self.problem(f"{item_where}.period", message)
                 continue
-            first[period] = item_where
-            if "limit_micros" not in values:
-                continue
-            shadow = values.get("mode") == "shadow"
-            counter = f"{counter_owner}:{label}"
-            budgets.append(Budget(f"{owner}:{label}", values["limit_micros"], period, shadow, counter))
+            first[period, shadow] = item_where
+            if "limit_micros" in values:
+                found.append((period, shadow, values["limit_micros"]))
+        budgets: list[Budget] = []
+        for period, shadow, limit in found:
+            label: str = period or "lifetime"
+            if shadow and (period, False) in first:
+                label += ":shadow"
+            budgets.append(Budget(f"{owner}:{label}", limit, period, shadow, f"{counter_owner}:{label}"))
         return tuple(budgets)
 
 

@@ -125,9 +125,17 @@ EXPECTED = {
     "number_is_bool.yaml": "upstream.connect_timeout_s: expected a number, got true",
     "number_is_string.yaml": "account.refresh_s: expected a number, got 'fast'",
     "overrides_not_mapping.yaml": "models.overrides: expected a mapping of model id to USD amount, got a list",
-    "period_duplicate.yaml": "groups[0].budgets[1].period: duplicate period 'day'; groups[0].budgets[0] has it already",
+    "period_duplicate.yaml": (
+        "groups[0].budgets[1].period: duplicate period 'day'; groups[0].budgets[0] has it already "
+        "(a period may have one enforced and one shadow budget)"
+    ),
+    "period_duplicate_shadow.yaml": (
+        "keys[0].budgets[2].period: duplicate period 'week'; keys[0].budgets[0] has it already "
+        "(a period may have one enforced and one shadow budget)"
+    ),
     "period_lifetime_duplicate.yaml": (
-        "groups[0].budgets[1].period: duplicate period 'lifetime'; groups[0].budgets[0] has it already"
+        "groups[0].budgets[1].period: duplicate period 'lifetime'; groups[0].budgets[0] has it already "
+        "(a period may have one enforced and one shadow budget)"
     ),
     "period_unknown.yaml": (
         "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null"
