@@ -47,6 +47,8 @@ MAX_LOOP_BACKOFF_S = 30.0
 # lets traffic try again, so a recovered store is noticed even behind a load balancer.
 RESERVE_FAILURE_UNREADY_S = 10.0
 ALERTS_DRAIN_S = 2.0
+# How often an instance not ready at startup checks whether it is, to log that it is.
+READY_POLL_S = 1.0
 
 
 class SpendGuardApp:
@@ -71,6 +73,7 @@ class SpendGuardApp:
         self.guard: Guard | None = None
         self.alerts: Alerts | None = None
         self.tasks: list[asyncio.Task[None]] = []
+        self.announcer: asyncio.Task[None] | None = None
         self.router = Router(
             routes=[
                 Route("/-/healthz", self.healthz),
@@ -199,7 +202,9 @@ class SpendGuardApp:
             self.tasks.append(asyncio.create_task(holder.watch(), name="policy-watch"))
             with contextlib.suppress(RuntimeError, NotImplementedError, ValueError):
                 holder.install_sighup(loop)
-        log.info("spend guard ready: policy %s, upstream %s", policy.version, self.runtime.upstream_url())
+        problems, _ = await self._readiness(rt)
+        # Not in self.tasks: it ends once ready, and readyz reports a finished task as a problem.
+        self.announcer = asyncio.create_task(self._announce_ready(rt, problems), name="announce-ready")
 
     async def _adopt_name_counters(self, policy: Policy) -> None:
         """Key budgets used to be counted under the key's name; they are counted under its
@@ -275,10 +280,15 @@ class SpendGuardApp:
     async def _stop_tasks(self) -> None:
         if self.runtime is not None:
             self.runtime.refresher.stop()
+        if self.announcer is not None:
+            self.announcer.cancel()
         for task in self.tasks:
             task.cancel()
         # A cancel can be swallowed inside a driver's own timeout handling; the refresher also
         # watches its stop event, and nothing here waits forever.
+        if self.announcer is not None:
+            await asyncio.wait([self.announcer], timeout=5)
+            self.announcer = None
         if self.tasks:
             _, pending = await asyncio.wait(self.tasks, timeout=5)
             for task in pending:
@@ -297,6 +307,32 @@ class SpendGuardApp:
         rt = self.runtime
         if rt is None:
             return JSONResponse({"ready": False, "problems": ["starting"]}, status_code=503)
+        problems, age_s = await self._readiness(rt)
+        state = rt.refresher.state
+        warnings = []
+        if (failure := rt.holder.last_failure) is not None:
+            # Still ready: the previous policy is enforced in full. Said until a reload succeeds.
+            warnings.append(failure.describe(rt.policy.version))
+        clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
+        if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
+            warnings.append(
+                f"clock: this machine's clock is {-clock_offset_s:+.1f} s off the store's; the store's is used"
+            )
+        body = {
+            "ready": not problems,
+            "problems": problems,
+            "warnings": warnings,
+            "clock_offset_s": round(clock_offset_s, 3),
+            "snapshot_age_s": None if age_s is None else round(age_s, 1),
+            "refresh_failures": state.failures,
+            "last_refresh_error": state.last_error or None,
+            "policy_version": rt.policy.version,
+            "policy_file_version": rt.holder.file_version(),
+        }
+        return JSONResponse(body, status_code=200 if not problems else 503)
+
+    async def _readiness(self, rt: Runtime) -> tuple[list[str], float | None]:
+        """What keeps this instance from guarding calls (empty: ready), and the snapshot's age."""
         problems = []
         age_s: float | None = None
         try:
@@ -328,27 +364,20 @@ class SpendGuardApp:
         for task in self.tasks:
             if task.done():
                 problems.append(f"background task {task.get_name()} is not running")
-        warnings = []
-        if (failure := rt.holder.last_failure) is not None:
-            # Still ready: the previous policy is enforced in full. Said until a reload succeeds.
-            warnings.append(failure.describe(rt.policy.version))
-        clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
-        if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
-            warnings.append(
-                f"clock: this machine's clock is {-clock_offset_s:+.1f} s off the store's; the store's is used"
+        return problems, age_s
+
+    async def _announce_ready(self, rt: Runtime, problems: list[str]) -> None:
+        """Log `spend guard ready` once this instance is ready (what /-/readyz says), and not
+        before: at startup if it is, else when it becomes so, after saying what it waits for."""
+        if problems:
+            log.warning(
+                "spend guard started, not ready yet (spending calls get 503 until it is): %s", "; ".join(problems)
             )
-        body = {
-            "ready": not problems,
-            "problems": problems,
-            "warnings": warnings,
-            "clock_offset_s": round(clock_offset_s, 3),
-            "snapshot_age_s": None if age_s is None else round(age_s, 1),
-            "refresh_failures": state.failures,
-            "last_refresh_error": state.last_error or None,
-            "policy_version": rt.policy.version,
-            "policy_file_version": rt.holder.file_version(),
-        }
-        return JSONResponse(body, status_code=200 if not problems else 503)
+        while problems:
+            await asyncio.sleep(READY_POLL_S)
+            with contextlib.suppress(Exception):
+                problems, _ = await self._readiness(rt)
+        log.info("spend guard ready: policy %s, upstream %s", rt.policy.version, rt.upstream_url())
 
     async def metrics_endpoint(self, request: Request) -> Response:
         if self.runtime is not None:

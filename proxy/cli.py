@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from typing import Any
@@ -95,7 +96,8 @@ def main() -> None:
     "--demo",
     is_flag=True,
     help="Serve in front of a built-in imitation of ImageRouter with two demo keys "
-    "(no account, no Redis, nothing billed); prints the keys and a call to try.",
+    "(no account, no Redis, nothing billed); prints the keys and a call to try. "
+    "With --policy, serves that policy in front of the imitation instead.",
 )
 @click.option(
     "--head-timeout-s",
@@ -148,21 +150,16 @@ def serve(
 ) -> None:
     """Run the proxy."""
     if demo:
-        # The demo brings its own policy and upstream; SPEND_GUARD_POLICY set for real serving
-        # (as the image sets it) is set aside, an option on the command line is an error.
+        # The demo brings its own upstream (an --upstream is an error) and, unless --policy is on
+        # the command line, its own policy: SPEND_GUARD_POLICY set for real serving (as the image
+        # sets it) is set aside.
         context = click.get_current_context()
-        given = [
-            name
-            for name in ("policy_path", "upstream")
-            if context.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
-        ]
-        if given:
-            click.echo(
-                "spend-guard serve --demo: the demo brings its own policy and upstream; drop --policy/--upstream",
-                err=True,
-            )
+        source = click.core.ParameterSource.COMMANDLINE
+        if context.get_parameter_source("upstream") == source:
+            click.echo("spend-guard serve --demo: the demo brings its own upstream; drop --upstream", err=True)
             sys.exit(POLICY_INVALID)
-        _serve_demo(host, port, redis_url, state_dir, embedded_server, workers, log_level, log_format)
+        own = policy_path if context.get_parameter_source("policy_path") == source else None
+        _serve_demo(host, port, own, redis_url, state_dir, embedded_server, workers, log_level, log_format)
         return
     settings = Settings(
         host,
@@ -201,9 +198,23 @@ def _environment_epilog(command: click.Command) -> str:
 serve.epilog = _environment_epilog(serve)
 
 
+class _Stopped(Exception):
+    """A stop signal that arrived outside uvicorn's own handling (before it started, or re-raised
+    by it once it has shut down)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
+
+
 def _serve_demo(
     host: str,
     port: int,
+    policy_path: str | None,
     redis_url: str | None,
     state_dir: str | None,
     embedded_server: str | None,
@@ -211,24 +222,39 @@ def _serve_demo(
     log_level: str,
     log_format: LogFormat,
 ) -> None:
-    """`serve --demo`: the demo upstream and its policy (proxy/commands/demo.py), then the proxy as usual."""
+    """`serve --demo`: the demo upstream and its policy, or `policy_path`'s (proxy/commands/demo.py),
+    then the proxy as usual. Its temporary directory goes on exit, SIGTERM included: uvicorn
+    re-raises the signal once it has shut down, and the handler here turns it into an exception
+    so the directory is removed before the process ends as SIGTERM ends it."""
     from proxy.commands.demo import Demo
 
-    with Demo(os.path.abspath(state_dir) if state_dir else None) as demo:
-        settings = Settings(
-            host,
-            port,
-            demo.policy_path,
-            demo.upstream_url,
-            redis_url,
-            workers,
-            log_level,
-            state_dir=demo.state_dir,
-            log_format=log_format,
-        )
-        shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        click.echo(demo.banner(f"http://{shown}:{port}"), err=True)
-        run(settings, load_policy(demo.policy_path), embedded_server=embedded_server)
+    policy = None
+    if policy_path is not None:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            click.echo(f"spend-guard: invalid policy, not starting:\n{exc}", err=True)
+            sys.exit(POLICY_INVALID)
+    signal.signal(signal.SIGTERM, _stopped)
+    try:
+        with Demo(os.path.abspath(state_dir) if state_dir else None, policy_path, policy) as demo:
+            settings = Settings(
+                host,
+                port,
+                demo.policy_path,
+                demo.upstream_url,
+                redis_url,
+                workers,
+                log_level,
+                state_dir=demo.state_dir,
+                log_format=log_format,
+            )
+            shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            click.echo(demo.banner(f"http://{shown}:{port}"), err=True)
+            run(settings, policy or load_policy(demo.policy_path), embedded_server=embedded_server)
+    except _Stopped as stop:
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)
 
 
 def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:

@@ -5,6 +5,10 @@ port of 127.0.0.1 in this process, with a few priced models (one free), a heartb
 result, `cost` in every body, chat and responses with SSE, and `/v1/credits` listing two demo
 keys. The proxy runs with the embedded store in a fresh temporary directory and a policy written
 there, so every demo starts from $0 spent and leaves nothing behind.
+
+With a policy of one's own (`serve --demo --policy PATH`) the proxy serves that policy in front of
+the imitation instead (its upstream replaced): the imitation's account key is put in the variable
+the policy's `account.api_key_env` names, and printed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from types import TracebackType
 
+from proxy.policy.model import Policy
 from proxy.standin import StandIn, fingerprint, key_row
 
 # Where the demo policy tells the proxy to find the (made-up) account key.
@@ -77,9 +82,14 @@ class Demo:
     `policy_path`, `state_dir` and `upstream_url` are set on entry; the account key the policy
     names is put in this process's environment (workers inherit it)."""
 
-    def __init__(self, state_dir: str | None = None) -> None:
+    def __init__(
+        self, state_dir: str | None = None, policy_path: str | None = None, policy: Policy | None = None
+    ) -> None:
         self._own_dir: str | None = None
         self._state_dir = state_dir
+        self._given_policy = (os.path.abspath(policy_path), policy) if policy_path and policy else None
+        self.key_env = ACCOUNT_KEY_ENV
+        self._saved_env: str | None = None
         self.standin = StandIn(default_behaviour=BEHAVIOUR, max_records=MAX_RECORDS, sse_from_body=True)
         self.policy_path = ""
         self.state_dir = ""
@@ -102,10 +112,16 @@ class Demo:
                 ]
                 up.key_ids = {k.token: k.api_key_id for k in KEYS}
             self.upstream_url = up.url
-            self.policy_path = os.path.join(self._own_dir, "policy.yaml")
-            with open(self.policy_path, "w", encoding="utf-8") as file:
-                file.write(policy_yaml(up.url))
-            os.environ[ACCOUNT_KEY_ENV] = up.account_key
+            if self._given_policy is not None:
+                self.policy_path, policy = self._given_policy
+                self.key_env = policy.account.api_key_env
+            else:
+                self.policy_path = os.path.join(self._own_dir, "policy.yaml")
+                with open(self.policy_path, "w", encoding="utf-8") as file:
+                    file.write(policy_yaml(up.url))
+            # The imitation knows only its own account key: a real one set here is set aside.
+            self._saved_env = os.environ.get(self.key_env)
+            os.environ[self.key_env] = up.account_key
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -118,17 +134,35 @@ class Demo:
         tb: TracebackType | None,
     ) -> None:
         self.standin.stop()
-        os.environ.pop(ACCOUNT_KEY_ENV, None)
+        if self._saved_env is None:
+            os.environ.pop(self.key_env, None)
+        else:
+            os.environ[self.key_env] = self._saved_env
         if self._own_dir is not None:
             shutil.rmtree(self._own_dir, ignore_errors=True)
             self._own_dir = None
 
+    def paths(self) -> list[str]:
+        """Where the demo's policy and state are (removed on exit when they are the demo's own)."""
+        own = "written by the demo, removed on exit" if self._given_policy is None else "yours"
+        gone = self._own_dir is not None and self.state_dir.startswith(self._own_dir)
+        return [
+            f"Policy: {self.policy_path} ({own}; edit it while the demo runs to try a hot reload)",
+            f"State: {self.state_dir} (the embedded store{', removed on exit' if gone else ''})",
+        ]
+
     def banner(self, proxy_url: str) -> str:
-        """What `serve --demo` prints before serving: the keys and a call to try."""
+        """What `serve --demo` prints before serving: the paths, the keys and a call to try."""
+        head = (
+            "spend-guard demo: an imitation of ImageRouter runs inside this process "
+            f"({self.upstream_url}); no account, nothing is billed."
+        )
+        if self._given_policy is not None:
+            return self._own_policy_banner(head, proxy_url)
         width = max(len(k.token) for k in KEYS)
         lines = [
-            "spend-guard demo: an imitation of ImageRouter runs inside this process "
-            f"({self.upstream_url}); no account, nothing is billed.",
+            head,
+            *self.paths(),
             "Demo API keys (send them as 'Authorization: Bearer <key>'):",
             *(f"  {k.token.ljust(width)}  {k.describe()}" for k in KEYS),
             "Models: openai/gpt-image-1 (holds $0.30), google/gemini-2.5-flash ($0.039), test/test (free), "
@@ -141,3 +175,23 @@ class Demo:
             f"  curl -s {proxy_url}/-/me -H 'Authorization: Bearer {KEYS[1].token}'",
         ]
         return "\n".join(lines)
+
+    def _own_policy_banner(self, head: str, proxy_url: str) -> str:
+        assert self._given_policy is not None
+        policy = self._given_policy[1]
+        names = ", ".join(key.name for key in policy.keys) or "none (every token gets the account checks)"
+        return "\n".join(
+            [
+                head,
+                *self.paths(),
+                f"Its upstream is replaced by the imitation. The imitation's account key, put in {self.key_env} "
+                f"(account.api_key_env) for this process: {self.standin.account_key}",
+                f"Keys of the policy: {names}. Send a key's own token as 'Authorization: Bearer <token>' "
+                "(the imitation accepts any); its key_sha256 must be the token's (`spend-guard fingerprint`).",
+                "Models: openai/gpt-image-1 (holds $0.30), google/gemini-2.5-flash ($0.039), test/test (free).",
+                "Try:",
+                f"  curl -s {proxy_url}/v1/openai/images/generations -H 'Authorization: Bearer <token>' "
+                '-H \'Content-Type: application/json\' -d \'{"model": "test/test", "prompt": "a lighthouse"}\'',
+                f"  curl -s {proxy_url}/-/me -H 'Authorization: Bearer <token>'",
+            ]
+        )

@@ -225,13 +225,13 @@ class Guard:
 
     def check_model(self, model: str, asked: str, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
         """The policy's and the key's model rules, applied to both spellings of the model."""
-        for rules in (policy.models.rules, key.rules if key else None):
+        for rules, whom in ((policy.models.rules, "any key"), (key.rules if key else None, "this key")):
             if rules is not None and not permits(rules, {model, asked}):
                 verdicts.add(
                     Rejected(
                         403,
                         "policy_violation",
-                        f"Model '{excerpt(model)}' is not allowed by policy for this key.",
+                        f"Model '{excerpt(model)}' is not allowed by policy for {whom}.",
                         scope="policy",
                     )
                 )

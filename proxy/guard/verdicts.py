@@ -96,7 +96,8 @@ def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: flo
     period: str | None = None
     if r.code == "key_limit":
         period = r.period or "lifetime"
-        what = f"{key}'s ImageRouter spend limit of ${limit} per {period}"
+        whose = f"The key '{call.key_name}'" if call.key else "This key"
+        what = f"{whose} has an ImageRouter spend limit of ${limit} per {period}, which"
     else:
         budget = next((b for b in budgets if b.counter == r.budget), None)
         period = (budget.period if budget else None) or "lifetime"

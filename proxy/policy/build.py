@@ -22,6 +22,7 @@ from proxy.policy.check import (
 from proxy.policy.model import (
     DEFAULT_ROUTES,
     LISTS,
+    NAME_RE,
     SECTIONS,
     AccountPolicy,
     AdminPolicy,
@@ -213,6 +214,12 @@ def _counter_owner(kind: str, values: Mapping[str, Any]) -> str:
     return f"{kind}:{values.get('name')}"
 
 
+def _named(where: str, name: object) -> str:
+    """A key's or group's location with its name, `keys[2] (bob)`, so a problem points at the
+    entry an operator knows by name; the index alone when the name is missing or invalid."""
+    return f"{where} ({name})" if isinstance(name, str) and NAME_RE.fullmatch(name) else where
+
+
 def _join(where: str, key: object) -> str:
     """A location, `where.key`; a key that is blank, padded, long or not printable on one line (a newline
     in it would read as a second problem) is shown quoted, as values are."""
@@ -272,6 +279,8 @@ class Builder:
                 self.sections[section] = _Section(file, raw, values)
         for kind, plural in (("route", "routes"), ("group", "groups"), ("key", "keys")):
             for where, item in file.items(data.get(plural), plural):
+                if kind != "route" and isinstance(item, dict):
+                    where = _named(where, item.get("name"))
                 if (raw := file.mapping(item, where, kind)) is not None:
                     self.entries[plural].append(_Entry(file, where, self._entry(file, where, kind, raw)))
 

@@ -147,10 +147,10 @@ def test_json_log_format_covers_the_worker_supervisor_and_its_workers(tmp_path: 
     assert not [line for line in demo.err.read_text().splitlines() if line.startswith(("INFO", "WARNING", "{"))]
 
 
-def test_demo_refuses_a_policy_or_upstream_of_its_own(tmp_path: Path) -> None:
+def test_demo_refuses_an_upstream_of_its_own(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--demo", "--upstream", "http://127.0.0.1:9"],
         capture_output=True, text=True, timeout=30,
     )
     assert result.returncode == 2
-    assert "drop --policy/--upstream" in result.stderr
+    assert "the demo brings its own upstream; drop --upstream" in result.stderr

@@ -67,19 +67,25 @@ EXPECTED = {
     "base_url_scheme.yaml": (
         "upstream.base_url: expected an http:// or https:// URL with a host, got 'ftp://api.imagerouter.io'"
     ),
-    "budget_limit_missing.yaml": "groups[0].budgets[0]: missing required key 'limit_usd'",
-    "budget_mode_unknown.yaml": "groups[0].budgets[0].mode: unknown mode 'log'; expected enforce or shadow",
+    "budget_limit_missing.yaml": "groups[0] (design-team).budgets[0]: missing required key 'limit_usd'",
+    "budget_mode_unknown.yaml": (
+        "groups[0] (design-team).budgets[0].mode: unknown mode 'log'; expected enforce or shadow"
+    ),
     "choice_unknown.yaml": "guard.unknown_models: unknown value 'allow'; expected hold or reject",
     "duplicate_api_key_id.yaml": (
-        "keys[1].api_key_id: duplicate api_key_id 'd9eb93dc-56b1-4216-91b5-a44944508bbc'; "
-        "first defined at {file}: keys[0]"
+        "keys[1] (renderer-2).api_key_id: duplicate api_key_id 'd9eb93dc-56b1-4216-91b5-a44944508bbc'; "
+        "first defined at {file}: keys[0] (renderer)"
     ),
     "duplicate_group_name.yaml": (
-        "groups[1].name: duplicate group name 'design-team'; first defined at {file}: groups[0]"
+        "groups[1] (design-team).name: duplicate group name 'design-team'; "
+        "first defined at {file}: groups[0] (design-team)"
     ),
-    "duplicate_key_name.yaml": "keys[1].name: duplicate key name 'renderer'; first defined at {file}: keys[0]",
+    "duplicate_key_name.yaml": (
+        "keys[1] (renderer).name: duplicate key name 'renderer'; first defined at {file}: keys[0] (renderer)"
+    ),
     "duplicate_key_sha256.yaml": (
-        "keys[1].key_sha256: duplicate key_sha256 '9f86d081...'; first defined at {file}: keys[0]"
+        "keys[1] (renderer-2).key_sha256: duplicate key_sha256 '9f86d081...'; "
+        "first defined at {file}: keys[0] (renderer)"
     ),
     "glob_list_is_string.yaml": "models.deny: expected a list, got '*:free'",
     "glob_not_string.yaml": "models.allow[1]: expected a model id or glob, got 5",
@@ -92,31 +98,31 @@ EXPECTED = {
     ),
     "hold_ttl_not_above_timeout.yaml": "guard.hold_ttl_s: 900 must be greater than upstream.timeout_s (900)",
     "key_entry_not_mapping.yaml": "keys[0]: expected a mapping, got 'renderer'",
-    "key_group_no_groups.yaml": "keys[0].group: unknown group 'design-team'; no groups are defined",
-    "key_group_undefined.yaml": "keys[0].group: unknown group 'design-teem'; defined groups: design-team",
-    "key_models_unknown_key.yaml": "keys[0].models.block: unknown key; expected one of allow, deny",
+    "key_group_no_groups.yaml": "keys[0] (renderer).group: unknown group 'design-team'; no groups are defined",
+    "key_group_undefined.yaml": "keys[0] (renderer).group: unknown group 'design-teem'; defined groups: design-team",
+    "key_models_unknown_key.yaml": "keys[0] (renderer).models.block: unknown key; expected one of allow, deny",
     "key_name_invalid.yaml": "keys[0].name: expected a name of 1-64 letters, digits or _ . @ -, got 'renderer/1'",
-    "key_sha256_missing.yaml": "keys[0]: missing required key 'key_sha256'",
+    "key_sha256_missing.yaml": "keys[0] (renderer): missing required key 'key_sha256'",
     "key_sha256_short.yaml": (
-        "keys[0].key_sha256: expected 64 lowercase hex characters, got 'a94a8fe5...' (40 characters); "
+        "keys[0] (renderer).key_sha256: expected 64 lowercase hex characters, got 'a94a8fe5...' (40 characters); "
         "compute it with `spend-guard fingerprint`"
     ),
     "key_sha256_uppercase.yaml": (
-        "keys[0].key_sha256: expected 64 lowercase hex characters, got '9F86D081...' (64 characters); "
+        "keys[0] (renderer).key_sha256: expected 64 lowercase hex characters, got '9F86D081...' (64 characters); "
         "compute it with `spend-guard fingerprint`"
     ),
     "key_sha256_line_break.yaml": (
-        "keys[0].key_sha256: expected 64 lowercase hex characters, got ' \\x85\\r...' (3 characters); "
+        "keys[0] (renderer).key_sha256: expected 64 lowercase hex characters, got ' \\x85\\r...' (3 characters); "
         "compute it with `spend-guard fingerprint`"
     ),
     "key_sha256_number.yaml": (
-        "keys[0].key_sha256: expected 64 lowercase hex characters, got a number (put the digest in quotes); "
+        "keys[0] (renderer).key_sha256: expected 64 lowercase hex characters, got a number (put the digest in quotes); "
         "compute it with `spend-guard fingerprint`"
     ),
     "keys_is_mapping.yaml": "keys: expected a list, got a mapping",
     "max_body_bytes_float.yaml": "guard.max_body_bytes: expected a whole number of bytes, got 65536.5",
     "max_body_bytes_small.yaml": "guard.max_body_bytes: must be at least 1024 bytes, got 512",
-    "max_request_negative.yaml": "keys[0].max_request_usd: USD amount -0.5 is negative",
+    "max_request_negative.yaml": "keys[0] (renderer).max_request_usd: USD amount -0.5 is negative",
     "mode_unknown.yaml": "mode: unknown mode 'dry-run'; expected enforce or shadow",
     "money_negative.yaml": "account.min_remaining_usd: USD amount -1.0 is negative",
     "money_not_decimal.yaml": "models.overrides['openai/gpt-image-1']: not a plain decimal USD amount: '1e3'",
@@ -126,19 +132,21 @@ EXPECTED = {
     "number_is_string.yaml": "account.refresh_s: expected a number, got 'fast'",
     "overrides_not_mapping.yaml": "models.overrides: expected a mapping of model id to USD amount, got a list",
     "period_duplicate.yaml": (
-        "groups[0].budgets[1].period: duplicate period 'day'; groups[0].budgets[0] has it already "
+        "groups[0] (design-team).budgets[1].period: duplicate period 'day'; "
+        "groups[0] (design-team).budgets[0] has it already "
         "(a period may have one enforced and one shadow budget)"
     ),
     "period_duplicate_shadow.yaml": (
-        "keys[0].budgets[2].period: duplicate period 'week'; keys[0].budgets[0] has it already "
+        "keys[0] (alice).budgets[2].period: duplicate period 'week'; keys[0] (alice).budgets[0] has it already "
         "(a period may have one enforced and one shadow budget)"
     ),
     "period_lifetime_duplicate.yaml": (
-        "groups[0].budgets[1].period: duplicate period 'lifetime'; groups[0].budgets[0] has it already "
+        "groups[0] (design-team).budgets[1].period: duplicate period 'lifetime'; "
+        "groups[0] (design-team).budgets[0] has it already "
         "(a period may have one enforced and one shadow budget)"
     ),
     "period_unknown.yaml": (
-        "keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null"
+        "keys[0] (renderer).budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null"
     ),
     "refresh_not_positive.yaml": "account.refresh_s: must be greater than 0, got 0",
     "route_duplicate_path.yaml": (
@@ -216,7 +224,8 @@ def test_all_problems_are_collected_in_one_pass() -> None:
         f"{path}: account.refresh_s: expected a number, got 'fast'",
         f"{path}: guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, unknown_models, "
         "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys",
-        f"{path}: keys[0].budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime or null",
+        f"{path}: keys[0] (renderer).budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime "
+        "or null",
     ]
     assert str(PolicyError(problems_of(path))).count("\n") == 2
 
@@ -505,10 +514,11 @@ def test_directory_duplicates_across_files_name_both_places(tmp_path: Path) -> N
     )
     assert problems_of(tmp_path) == [
         f"{b}: guard: section already defined in {a}; define each section in one file",
-        f"{b}: groups[0].name: duplicate group name 'design'; first defined at {a}: groups[0]",
-        f"{b}: keys[1].name: duplicate key name 'renderer'; first defined at {a}: keys[0]",
-        f"{b}: keys[2].key_sha256: duplicate key_sha256 '9f86d081...'; first defined at {a}: keys[0]",
-        f"{b}: keys[2].api_key_id: duplicate api_key_id 'id-1'; first defined at {a}: keys[0]",
+        f"{b}: groups[0] (design).name: duplicate group name 'design'; first defined at {a}: groups[0] (design)",
+        f"{b}: keys[1] (renderer).name: duplicate key name 'renderer'; first defined at {a}: keys[0] (renderer)",
+        f"{b}: keys[2] (third).key_sha256: duplicate key_sha256 '9f86d081...'; "
+        f"first defined at {a}: keys[0] (renderer)",
+        f"{b}: keys[2] (third).api_key_id: duplicate api_key_id 'id-1'; first defined at {a}: keys[0] (renderer)",
     ]
 
 
