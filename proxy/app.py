@@ -313,6 +313,8 @@ class SpendGuardApp:
         if (failure := rt.holder.last_failure) is not None:
             # Still ready: the previous policy is enforced in full. Said until a reload succeeds.
             warnings.append(failure.describe(rt.policy.version))
+        for name, problem in sorted(rt.upstream_keys.problems.items()):
+            warnings.append(f"virtual key {name}: its ImageRouter key is unavailable ({problem}); its calls get 503")
         clock_offset_s = getattr(rt.clock, "offset_s", 0.0)
         if abs(clock_offset_s) > CLOCK_SKEW_WARN_S:
             warnings.append(

@@ -11,6 +11,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import time
 from typing import Any
 
 import click
@@ -351,6 +352,46 @@ def fingerprint() -> None:
         click.echo("spend-guard fingerprint: no key on stdin", err=True)
         sys.exit(POLICY_INVALID)
     click.echo(hashlib.sha256(secret.encode()).hexdigest())
+
+
+@main.group()
+def token() -> None:
+    """Proxy tokens for virtual keys (docs/policies.md#virtual-keys)."""
+
+
+@token.command("new")
+@click.option("--key", "key_name", required=True, help="The policy's name of the key the token is for.")
+@click.option(
+    "--policy",
+    "policy_path",
+    default=None,
+    envvar="SPEND_GUARD_POLICY",
+    help="The policy (file or directory): the key must be in it, and its tokens are listed beside the new one.",
+)
+@click.option(
+    "--expires-in-days",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="The token stops being accepted this many days from now (default: never).",
+)
+def token_new(key_name: str, policy_path: str | None, expires_in_days: float | None) -> None:
+    """Print a fresh proxy token once, and the key_sha256 entry to paste into the policy."""
+    from proxy.commands.tokens import instructions, new_token
+
+    key = None
+    if policy_path is not None:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(POLICY_INVALID)
+        key = next((k for k in policy.keys if k.name == key_name), None)
+        if key is None:
+            known = ", ".join(k.name for k in policy.keys) or "none"
+            click.echo(f"spend-guard token new: no key '{key_name}' in {policy_path} (keys: {known})", err=True)
+            sys.exit(POLICY_INVALID)
+    expires_ms = None if expires_in_days is None else int((time.time() + expires_in_days * 86400) * 1000)
+    click.echo(instructions(key_name, new_token(), expires_ms, key))
 
 
 @main.command()

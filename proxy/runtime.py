@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -28,6 +29,7 @@ from proxy.store.records import Reclaimed
 from proxy.store.redis import Store
 from proxy.types import Clock
 from proxy.untrusted import excerpt
+from proxy.upstream_keys import UpstreamKeys, bearer_value, expired
 
 log = logging.getLogger("spend_guard")
 
@@ -91,6 +93,8 @@ class Runtime:
     # Told the key name of each charge the store took (None: any scope may have changed), at once
     # and without waiting: the alert loop (proxy/ops/alerts.py) evaluates in the background.
     on_settled: Callable[[str | None], None] | None = None
+    # Virtual keys' real ImageRouter keys, read when a policy is applied (proxy/upstream_keys.py).
+    upstream_keys: UpstreamKeys = field(default_factory=UpstreamKeys)
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
@@ -114,6 +118,20 @@ class Runtime:
             policy.upstream.timeout_s,
             policy.upstream.connect_timeout_s,
         )
+        self.upstream_keys.load(policy)
+
+    def upstream_authorization(self, headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+        """For a call that spends nothing: the real key's Authorization value when the bearer is a
+        live token of a virtual key (None: forward the request's own). Spending calls are
+        authenticated by the guard, which refuses what this lets pass as it came."""
+        if not self.upstream_keys.any:
+            return None
+        token = bearer_value(headers)
+        found = None if token is None else self.policy.token_for(hashlib.sha256(token).hexdigest())
+        if found is None or not found[0].virtual or expired(found[1], self.clock()):
+            return None
+        auth = self.upstream_keys.authorization(found[0])
+        return None if auth is None else auth.value
 
     def upstream_url(self, policy: Policy | None = None) -> str:
         return self.settings.upstream or (policy or self.holder.policy).upstream.base_url

@@ -14,6 +14,7 @@ import os
 import time
 
 from proxy.errors import Rejected, StoreError
+from proxy.guard.identity import UNREGISTERED, identify_token
 from proxy.guard.pricing import quote_hold
 from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import Admitted, relay
@@ -186,14 +187,22 @@ class Guard:
         secret = bearer(headers)
         if secret is None:
             raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
-        key = policy.key_for(fingerprint(secret))
+        key = identify_token(policy, fingerprint(secret), self.runtime.clock())
         del secret
         call.key = key
         call.key_name = key.name if key else "unknown"
         if key is None and policy.guard.unknown_keys == "reject":
-            verdicts.add(
-                Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
-            )
+            verdicts.add(Rejected(401, "unauthorized", UNREGISTERED, scope="auth"))
+        if key is not None and key.virtual:
+            call.upstream_auth = self.runtime.upstream_keys.authorization(key)
+            if call.upstream_auth is None:
+                raise Rejected(
+                    503,
+                    "guard_unavailable",
+                    "Spend guard unavailable: the ImageRouter key this key's calls are sent with is not available "
+                    "on the proxy (its log says why). The call was not forwarded.",
+                    scope="store",
+                )
         return key
 
     async def price_and_reserve(

@@ -26,6 +26,8 @@ from proxy.types import Receive, Scope, Send
 # X-Request-Id (the client's, when it is well-formed) and an Accept-Encoding narrowed to codings
 # the guard can read.
 REPLACED_REQUEST_HEADERS = frozenset({b"x-request-id", b"accept-encoding"})
+# A virtual key's call also goes up with the real ImageRouter key instead of the client's token.
+REPLACED_REQUEST_HEADERS_VIRTUAL = REPLACED_REQUEST_HEADERS | {b"authorization"}
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs ~1 µs more per call
@@ -52,9 +54,12 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
     call, flight, policy = admitted.call, admitted.flight, admitted.policy
     if flight is None and call.decision != "would_refuse":
         call.decision = "unguarded"
-    sent_headers = request_head(scope["headers"], drop=REPLACED_REQUEST_HEADERS).sent + [
-        ("X-Request-Id", call.request_id)
-    ]
+    virtual = call.upstream_auth is not None
+    drop = REPLACED_REQUEST_HEADERS_VIRTUAL if virtual else REPLACED_REQUEST_HEADERS
+    sent_headers = request_head(scope["headers"], drop=drop).sent + [("X-Request-Id", call.request_id)]
+    if call.upstream_auth is not None:
+        # A virtual key: the real ImageRouter key goes up, never the client's proxy token.
+        sent_headers.append(("Authorization", call.upstream_auth.value))
     asked = [v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"accept-encoding"]
     if asked:
         sent_headers.append(("Accept-Encoding", readable_accept_encoding(asked)))

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from proxy.errors import Rejected
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
+from proxy.settings import Secret
 from proxy.store.records import BudgetHold, ScopeRefusal
 from proxy.types import as_period
 from proxy.untrusted import excerpt
@@ -42,6 +43,8 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     client: str | None = None  # "host:port" of the connection (the proxy never trusts X-Forwarded-For)
     user_agent: str | None = None
+    # A virtual key's call: the Authorization value sent upstream instead of the client's token.
+    upstream_auth: Secret | None = None
 
 
 def budgets_for(policy: Policy, key: KeyPolicy | None) -> list[Budget]:

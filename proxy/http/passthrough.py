@@ -17,6 +17,7 @@ from proxy.http.upstream import ClientStalled, abort_client, body_chunks, reques
 from proxy.runtime import Runtime
 from proxy.types import Receive, Scope, Send
 
+AUTHORIZATION = frozenset({b"authorization"})
 # Request bodies up to this size are read whole and sent with their length; larger ones (and
 # chunked ones) stream through.
 SMALL_REQUEST_BYTES = 256 * 1024
@@ -24,8 +25,12 @@ SMALL_REQUEST_BYTES = 256 * 1024
 
 async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, path: bytes) -> None:
     """Forward a request that spends nothing: no hold, no body parsing, streamed both ways."""
-    head = request_head(scope["headers"])
+    # A virtual key's live token: the real ImageRouter key goes up instead (docs/policies.md#virtual-keys).
+    auth = rt.upstream_authorization(scope["headers"])
+    head = request_head(scope["headers"], drop=AUTHORIZATION if auth is not None else frozenset())
     length, sent = head.content_length, head.sent
+    if auth is not None:
+        sent.append(("authorization", auth))
     body_done = asyncio.Event()
     body: bytes | AsyncIterator[bytes] | None = None
     if not head.chunked and length is not None and length.strip().isdigit() and int(length) <= SMALL_REQUEST_BYTES:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import Rejected
+from proxy.guard.identity import UNREGISTERED, identify_token
 from proxy.guard.verdicts import budget_holds, budgets_for
 from proxy.http.request import BEARER_RE, fingerprint
 from proxy.money import format_usd
@@ -171,9 +172,10 @@ async def me_report(runtime: Any, authorization: Sequence[str]) -> dict[str, Any
     if len(authorization) != 1 or not (m := BEARER_RE.match(authorization[0])):
         raise Rejected(401, "unauthorized", "Authorization header must be provided as Bearer token.", scope="auth")
     policy = runtime.policy
-    key = policy.key_for(fingerprint(m.group(1)))
+    # 401 for an expired token, and for an unlisted one when any key is virtual.
+    key = identify_token(policy, fingerprint(m.group(1)), runtime.clock())
     if key is None and policy.guard.unknown_keys == "reject":
-        raise Rejected(401, "unauthorized", "This API key is not registered with the spend guard.", scope="auth")
+        raise Rejected(401, "unauthorized", UNREGISTERED, scope="auth")
     if key is None and not policy.guard.show_account_to_unknown_keys:
         # Any made-up token gets here, so it must learn nothing about the account.
         return {

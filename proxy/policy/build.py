@@ -3,6 +3,8 @@ lists, reports duplicates naming both places, and produces the frozen `Policy`."
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -14,6 +16,7 @@ from proxy.policy.check import (
     RULES_KEYS,
     _Invalid,
     _money,
+    _sha256,
     _short_hash,
     _show,
     _threshold,
@@ -36,6 +39,7 @@ from proxy.policy.model import (
     Policy,
     RoutePolicy,
     TextRate,
+    Token,
     UpstreamPolicy,
     WebhookPolicy,
 )
@@ -154,6 +158,51 @@ class _File:
                     hooks.append(WebhookPolicy(**hook_values))
         values["webhooks"] = tuple(hooks)
 
+    def tokens(self, raw: Mapping[Any, Any], where: str, values: dict[str, Any]) -> None:
+        """A virtual key's list of credentials into `values["tokens"]`, each a digest or
+        `{sha256, expires_at}`; `values["key_sha256"]` is then the first (left out when any is
+        invalid: already reported). One `key_sha256` string stays as it is."""
+        if "upstream_key_env" in raw and "upstream_key_file" in raw:
+            self.problem(where, "give upstream_key_env or upstream_key_file, not both")
+        given = values.get("key_sha256")
+        if not isinstance(given, list):
+            return  # one digest (KeyPolicy.credentials), or invalid and reported
+        del values["key_sha256"]
+        if "upstream_key_env" not in raw and "upstream_key_file" not in raw:
+            self.problem(
+                f"{where}.key_sha256",
+                "a list of tokens needs upstream_key_env or upstream_key_file (a virtual key); a key whose "
+                "clients send their own ImageRouter key has one key_sha256",
+            )
+            return
+        tokens: list[Token] = []
+        first: dict[str, str] = {}
+        valid = True
+        for item_where, item in self.items(given, f"{where}.key_sha256"):
+            token: Token | None = None
+            if isinstance(item, dict):
+                self.mapping(item, item_where, "token")
+                found = self.fields(item, item_where, "token", required=("sha256",))
+                if "sha256" in found and ("expires_at" not in item or "expires_ms" in found):
+                    token = Token(found["sha256"], found.get("expires_ms"))
+            else:
+                try:
+                    token = Token(_sha256(item))
+                except _Invalid as exc:
+                    self.problem(item_where, str(exc))
+            if token is None:
+                valid = False
+            elif token.sha256 in first:
+                self.problem(item_where, f"duplicate token {_short_hash(token.sha256)}; {first[token.sha256]} has it")
+                valid = False
+            else:
+                first[token.sha256] = item_where
+                tokens.append(token)
+        if not given:
+            self.problem(f"{where}.key_sha256", "expected at least one token")
+        elif valid:
+            values["tokens"], values["key_sha256"] = tuple(tokens), tokens[0].sha256
+
     def rules(self, data: Mapping[Any, Any], where: str) -> ModelRules:
         globs: dict[str, tuple[str, ...]] = {}
         for key in RULES_KEYS:
@@ -205,11 +254,15 @@ class _File:
 
 def _counter_owner(kind: str, values: Mapping[str, Any]) -> str:
     """What a budget's counter is keyed by, so that renaming its key or group keeps the money it
-    counted: an explicit `id`; else a key's fingerprint (renaming keeps it, a new secret starts
-    afresh); else the group's name (give a group an `id` before renaming it)."""
+    counted: an explicit `id`; else a virtual key's upstream key reference (its variable or file,
+    so rotating its tokens keeps it); else a key's fingerprint (renaming keeps it, a new secret
+    starts afresh); else the group's name (give a group an `id` before renaming it)."""
     if values.get("budget_id"):
         return f"{kind}-id:{values['budget_id']}"
-    if kind == "key" and values.get("key_sha256"):
+    if kind == "key" and (env := values.get("upstream_key_env") or values.get("upstream_key_file")):
+        ref = f"env:{env}" if values.get("upstream_key_env") else f"file:{env}"
+        return f"key-vk:{hashlib.sha256(ref.encode()).hexdigest()[:24]}"
+    if kind == "key" and isinstance(values.get("key_sha256"), str):
         return f"key-fp:{values['key_sha256'][:24]}"
     return f"{kind}:{values.get('name')}"
 
@@ -297,8 +350,13 @@ class Builder:
             return values
         required = ("name", "key_sha256") if kind == "key" else ("name",)
         values = file.fields(raw, where, kind, required)
+        if kind == "key":
+            file.tokens(raw, where, values)
         values["budgets"] = file.budgets(raw, where, f"{kind}:{values.get('name')}", _counter_owner(kind, values))
         if kind == "key":
+            if (path := values.get("upstream_key_file")) is not None:
+                # A relative path is read from the policy file's directory, wherever the proxy runs.
+                values["upstream_key_file"] = os.path.join(os.path.dirname(os.path.abspath(file.name)), path)
             rules = file.mapping(_or_empty(raw.get("models")), f"{where}.models", "rules")
             values["rules"] = ModelRules() if rules is None else file.rules(rules, f"{where}.models")
         return values
@@ -347,6 +405,9 @@ class Builder:
                     budgets=values["budgets"],
                     max_request_micros=values.get("max_request_micros"),
                     rules=values["rules"],
+                    tokens=values.get("tokens", ()),
+                    upstream_key_env=values.get("upstream_key_env"),
+                    upstream_key_file=values.get("upstream_key_file"),
                 )
             )
         return Policy(
@@ -373,13 +434,17 @@ class Builder:
             for attr, label in fields:
                 if (value := entry.values.get(attr)) is None:
                     continue
-                if (attr, value) not in first:
-                    first[attr, value] = entry
-                    continue
-                shown = _short_hash(value) if attr == "key_sha256" else _show(value)
-                where, earlier = f"{entry.where}.{attr}", first[attr, value].at()
-                entry.file.problem(where, f"duplicate {label} {shown}; first defined at {earlier}")
-                complete = False
+                # Every token of a key counts: no two keys may share one.
+                tokens = entry.values.get("tokens", ()) if attr == "key_sha256" else ()
+                found = [t.sha256 for t in tokens] or [value]
+                for value in found:
+                    if (attr, value) not in first:
+                        first[attr, value] = entry
+                        continue
+                    shown = _short_hash(value) if attr == "key_sha256" else _show(value)
+                    where, earlier = f"{entry.where}.{attr}", first[attr, value].at()
+                    entry.file.problem(where, f"duplicate {label} {shown}; first defined at {earlier}")
+                    complete = False
             if complete:
                 kept.append(entry)
         return kept

@@ -6,6 +6,7 @@ Every problem is collected (never the first only) as `<file>: <location>: <messa
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 import re
 import urllib.parse
@@ -27,6 +28,7 @@ from proxy.policy.model import (
     SHA256_RE,
 )
 from proxy.types import PERIODS, ROUTE_KINDS, Period, is_period
+from proxy.windows import parse_timestamp_ms
 
 # --- YAML -----------------------------------------------------------------------------------
 
@@ -289,6 +291,34 @@ def _sha256(value: object) -> str:
     raise _Invalid(f"expected 64 lowercase hex characters, got {got}; compute it with `spend-guard fingerprint`")
 
 
+def _sha256_or_list(value: object) -> str | list[Any]:
+    """A key's `key_sha256`: one digest, or a list of tokens the builder checks item by item."""
+    return value if isinstance(value, list) else _sha256(value)
+
+
+def _expires_at(value: object) -> int:
+    """A token's `expires_at`: an ISO 8601 time (`2027-01-31T00:00:00Z`; no zone means UTC), as
+    YAML gives it (a string, or a timestamp YAML parsed), in Unix ms."""
+    if isinstance(value, dt.datetime):
+        moment = value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
+        return int(moment.timestamp() * 1000)
+    if isinstance(value, dt.date):
+        return int(dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC).timestamp() * 1000)
+    try:
+        ms = parse_timestamp_ms(value) if isinstance(value, str) else None
+    except ValueError:
+        ms = None
+    if ms is None:
+        raise _Invalid(f"expected an ISO 8601 time such as 2027-01-31T00:00:00Z, got {_show(value)}")
+    return ms
+
+
+def _upstream_key_file(value: object) -> str:
+    if not isinstance(value, str) or not value.strip() or "\n" in value:
+        raise _Invalid(f"expected the path of a file holding the ImageRouter key, got {_show(value)}")
+    return value
+
+
 def _route_path(value: object) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise _Invalid(f"expected a path starting with '/', got {_show(value)}")
@@ -358,6 +388,11 @@ FIELDS: Mapping[str, _Spec] = {
         "period": ("period", _period),
         "mode": ("mode", _mode),
     },
+    # One item of a virtual key's `key_sha256` list, in its mapping form.
+    "token": {
+        "sha256": ("sha256", _sha256),
+        "expires_at": ("expires_ms", _expires_at),
+    },
     "group": {
         "name": ("name", _entry_name),
         "id": ("budget_id", _entry_name),
@@ -366,7 +401,9 @@ FIELDS: Mapping[str, _Spec] = {
     "key": {
         "name": ("name", _entry_name),
         "id": ("budget_id", _entry_name),
-        "key_sha256": ("key_sha256", _sha256),
+        "key_sha256": ("key_sha256", _sha256_or_list),
+        "upstream_key_env": ("upstream_key_env", _env_name),
+        "upstream_key_file": ("upstream_key_file", _upstream_key_file),
         "api_key_id": ("api_key_id", _optional(_text)),
         "api_key_name": ("api_key_name", _optional(_text)),
         "group": ("group", _optional(_entry_name)),

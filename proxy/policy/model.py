@@ -173,15 +173,37 @@ class GroupPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class Token:
+    """One credential a key's clients may send: the sha256 of the bearer token, and when it stops
+    being accepted (Unix ms; None: never). A virtual key may have several, for rotation."""
+
+    sha256: str
+    expires_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class KeyPolicy:
     name: str
-    key_sha256: str
+    key_sha256: str  # the first of `tokens`
     api_key_id: str | None
     api_key_name: str | None
     group: str | None
     budgets: tuple[Budget, ...]
     max_request_micros: int | None
     rules: ModelRules
+    # Every fingerprint that identifies this key; empty means (key_sha256,) without an expiry.
+    tokens: tuple[Token, ...] = ()
+    # A virtual key (docs/policies.md#virtual-keys): its clients send a proxy token and the proxy
+    # sends the real ImageRouter key, read from this variable or file, upstream.
+    upstream_key_env: str | None = None
+    upstream_key_file: str | None = None
+
+    @property
+    def virtual(self) -> bool:
+        return self.upstream_key_env is not None or self.upstream_key_file is not None
+
+    def credentials(self) -> tuple[Token, ...]:
+        return self.tokens or (Token(self.key_sha256),)
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,14 +220,26 @@ class Policy:
     version: str
     alerts: AlertsPolicy = AlertsPolicy()
     admin: AdminPolicy | None = None  # None: /-/status answers 404
-    _by_fingerprint: Mapping[str, KeyPolicy] = field(init=False, repr=False, compare=False)
+    _by_fingerprint: Mapping[str, tuple[KeyPolicy, Token]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        index = MappingProxyType({key.key_sha256: key for key in self.keys})
+        index = MappingProxyType({token.sha256: (key, token) for key in self.keys for token in key.credentials()})
         object.__setattr__(self, "_by_fingerprint", index)
 
     def key_for(self, fingerprint: str) -> KeyPolicy | None:
+        found = self._by_fingerprint.get(fingerprint)
+        return None if found is None else found[0]
+
+    def token_for(self, fingerprint: str) -> tuple[KeyPolicy, Token] | None:
+        """The key a bearer token's fingerprint belongs to, and which of its tokens it is (its
+        expiry is the caller's to check)."""
         return self._by_fingerprint.get(fingerprint)
+
+    @property
+    def has_virtual_keys(self) -> bool:
+        """With any virtual key, a token the policy does not list is refused (401): clients hold
+        proxy tokens, and a real ImageRouter key sent to the proxy is not one."""
+        return any(key.virtual for key in self.keys)
 
     def group_of(self, key: KeyPolicy) -> GroupPolicy | None:
         return None if key.group is None else self.groups.get(key.group)
