@@ -23,11 +23,13 @@ from proxy.errors import Rejected, StoreError, error_response
 from proxy.guard.guard import Guard
 from proxy.guard.verdicts import budget_holds
 from proxy.http.upstream import create_session
+from proxy.money import format_usd
 from proxy.ops.alerts import Alerts, start_alerts
 from proxy.ops.gauges import LevelGauges
 from proxy.ops.levels import me_report
 from proxy.ops.metrics import Metrics
 from proxy.ops.statuspage import authorize, page_response, status_data
+from proxy.outside import OutsideSpend, OutsideWatch
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy, default_policy
 from proxy.policy.reload import PolicyHolder
@@ -74,6 +76,7 @@ class SpendGuardApp:
         self.alerts: Alerts | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.announcer: asyncio.Task[None] | None = None
+        self.outside_pending: list[OutsideSpend] = []
         self.router = Router(
             routes=[
                 Route("/-/healthz", self.healthz),
@@ -148,6 +151,7 @@ class SpendGuardApp:
         )
         if self.settings.upstream:
             refresher.upstream_url = lambda: self.settings.upstream or ""
+        refresher.outside = OutsideWatch(store, lambda: holder.policy, self.clock, self._outside_spend)
         self.runtime = Runtime(self.settings, holder, store, session, refresher, self.metrics, self.clock)
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
@@ -191,6 +195,9 @@ class SpendGuardApp:
         loop = asyncio.get_running_loop()
         rt = self.runtime
         self.alerts = await start_alerts(stack, rt)  # closed after the tasks below stop
+        if self.outside_pending:  # found by the first refresh, before the alert loop existed
+            await self.alerts.outside_spend(self.outside_pending)
+            self.outside_pending = []
         stack.push_async_callback(self._stop_tasks)
         self.tasks = [
             asyncio.create_task(refresher.run(first_delay), name="refresher"),
@@ -224,6 +231,27 @@ class SpendGuardApp:
             return
         if copied:
             log.warning("carried %d budget counter(s) kept under key names over to key fingerprints", copied)
+
+    async def _outside_spend(self, found: list[OutsideSpend]) -> None:
+        """Spend outside the guard (proxy/outside.py): counted, logged, and alerted once per key
+        and window."""
+        for item in found:
+            if item.key is None:
+                self.metrics.account_outside_spend.inc(item.micros / 1e6)
+            else:
+                self.metrics.outside_spend.labels(item.key).inc(item.micros / 1e6)
+            log.warning(
+                "SPEND OUTSIDE THE GUARD: ImageRouter charged %s $%s that did not pass through the guard "
+                "(it reports $%s, the guard accounted for $%s)",
+                "the account" if item.key is None else f"key {item.key}",
+                format_usd(item.micros),
+                format_usd(item.reported_micros),
+                format_usd(item.bound_micros),
+            )
+        if self.alerts is None:
+            self.outside_pending += found
+        else:
+            await self.alerts.outside_spend(found)
 
     def _refresh_failed(self, message: str) -> None:
         self.metrics.refresh_failures.inc()

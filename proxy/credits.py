@@ -22,6 +22,7 @@ import aiohttp
 
 from proxy.errors import StoreError
 from proxy.money import MoneyError, usd_to_micros
+from proxy.outside import OutsideWatch
 from proxy.policy.model import Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
@@ -163,6 +164,8 @@ class Refresher:
         self._kicked_at = 0.0
         self.skew_logged = False
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
+        # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
+        self.outside: OutsideWatch | None = None
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -285,7 +288,14 @@ class Refresher:
                 "credits snapshot: a row is unreadable (%s), its key's upstream limit is not checked: %s", refs, reason
             )
         self.bad_rows_logged = reasons
-        await self.store.apply_snapshot(snapshot, self._now_ms())
+        # The guard's bound is read now, after the fetch and before the snapshot replaces it.
+        check = await self.outside.before(snapshot) if self.outside is not None else None
+        applied = await self.store.apply_snapshot(snapshot, self._now_ms())
+        if check is not None and applied:
+            try:
+                await check()
+            except Exception:  # noqa: BLE001 - a report that fails never fails the refresh
+                log.exception("spend outside the guard: the comparison failed; the snapshot is applied")
         self.state = RefreshState(last_ok_ms=self._now_ms(), failures_total=self.state.failures_total)
         await self.store.set_status(last_ok_ms=self.state.last_ok_ms)
         return True

@@ -23,7 +23,10 @@ policy is in shadow mode), whose limit refuses nothing, else `enforce`.
   one; or, for scope `account`, credits back at or above `credits_below_usd` after `credits.low`;
 - `credits.low`: the account's credits (last snapshot minus charges since) below
   `credits_below_usd`; once until they recover;
-- `key.expiring`: a key's ImageRouter row expires within `key_expiry_days`; once per expiry date.
+- `key.expiring`: a key's ImageRouter row expires within `key_expiry_days`; once per expiry date;
+- `key.spend_outside_guard`: a credits refresh found ImageRouter charged a key (scope
+  `key:<name>`) or the account (`account`) beyond what passed through the guard
+  (proxy/outside.py); once per key and window (the account: per day).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
 from proxy.ops.levels import ScopeLevel, budget_level, read_levels
 from proxy.ops.webhooks import Deliveries, endpoints
+from proxy.outside import OutsideSpend
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.records import Levels, MarkRequest, RowLevel
 from proxy.types import as_period
@@ -52,6 +56,8 @@ log = logging.getLogger("spend_guard.alerts")
 SWEEP_S = 30.0
 DAY_MS = 86_400_000
 PPM = 1_000_000
+# How long a lifetime key's (or a scope without windows') spend-outside mark is kept.
+OUTSIDE_LIFETIME_MARK_MS = 90 * DAY_MS
 
 
 class Alerts:
@@ -283,6 +289,55 @@ class Alerts:
                         limit_usd=None if row.limit_micros is None else format_usd(limit),
                     )
                 )
+        return events
+
+    async def outside_spend(self, found: list[OutsideSpend]) -> list[dict[str, Any]]:
+        """`key.spend_outside_guard` for each key (and the account) ImageRouter charged beyond what
+        passed through the guard: claimed once per key and window across every instance (the
+        mark also shows on the status page, webhooks or not), sent when webhooks are configured."""
+        policy: Policy = self.rt.policy
+        now_s = self.rt.clock()
+        now_ms = int(now_s * 1000)
+        events = []
+        for item in found:
+            scope = "account" if item.key is None else f"key:{item.key}"
+            end = window_end(as_period(item.period) if item.key is not None else "day", now_s)
+            expire_ms = to_ms(end) + DAY_MS if end is not None else now_ms + OUTSIDE_LIFETIME_MARK_MS
+            request = MarkRequest(0, expire_ms, now_ms, claim=(f"outside:{item.window_start_ms}",))
+            if not (await self.rt.store.alert_marks(f"outside:{scope}", request)).claimed:
+                continue
+            whom = "the account" if item.key is None else f"key {item.key}"
+            figure = "spent this window" if item.key is not None else "of credits left"
+            message = (
+                f"ImageRouter charged {whom} ${format_usd(item.micros)} that did not pass through the guard "
+                f"(it reports ${format_usd(item.reported_micros)} {figure}; the guard accounted for "
+                f"${format_usd(item.bound_micros)})"
+            )
+            level = ScopeLevel(scope, 0, item.reported_micros, 0, as_period(item.period), policy.mode)
+            window = {
+                "window_start": format_ms(item.window_start_ms) if item.window_start_ms else None,
+                "resets_at": None if end is None or item.key is None else format_ms(to_ms(end)),
+            }
+            events.append(
+                self._event(
+                    policy,
+                    "key.spend_outside_guard",
+                    level,
+                    None,
+                    now_s,
+                    window,
+                    message,
+                    limit_usd=None,
+                    outside_usd=format_usd(item.micros),
+                    guard_usd=format_usd(item.bound_micros),
+                )
+            )
+        if events and policy.alerts.webhooks:
+            to = endpoints(policy.alerts.webhooks)
+            for event in events:
+                self.rt.metrics.alerts.labels(event["type"]).inc()
+                log.info("alert %s %s: %s", event["type"], event["scope"], event["message"])
+                self.deliveries.send(event, to)
         return events
 
     def _event(

@@ -122,6 +122,18 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.outside_spend = Counter(
+            "spend_guard_outside_spend_usd",
+            "Money ImageRouter charged a guarded key that did not pass through the guard, by key name "
+            "(found at each credits refresh; docs/alerts.md#spend-outside-the-guard).",
+            ["key"],
+            registry=r,
+        )
+        self.account_outside_spend = Counter(
+            "spend_guard_account_outside_spend_usd",
+            "Money ImageRouter charged the account beyond what passed through the guard.",
+            registry=r,
+        )
         self.background_errors = Counter(
             "spend_guard_background_errors",
             "Unexpected exceptions in a background loop (it logs the traceback and continues).",

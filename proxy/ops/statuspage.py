@@ -119,12 +119,14 @@ async def _alerts_sent(
     scopes = [(level.scope, window_start_ms(level.period, now_s)) for level in levels]
     scopes.append(("account", 0))  # credits.low
     scopes += [(f"key:{key.name}", 0) for key in policy.keys]  # key.expiring
+    # key.spend_outside_guard, kept under scopes of their own (proxy/ops/alerts.py outside_spend)
+    scopes += [(f"outside:key:{key.name}", 0) for key in policy.keys] + [("outside:account", 0)]
     try:
         sent = await store.alerts_sent(scopes)
     except StoreError:
         return None
     rows = [
-        {"scope": scope, "alert": _alert_name(mark), "at": format_ms(at_ms)}
+        {"scope": scope.removeprefix("outside:"), "alert": _alert_name(mark), "at": format_ms(at_ms)}
         for scope, marks in sent.items()
         for mark, at_ms in marks.items()
     ]
@@ -137,6 +139,8 @@ def _alert_name(mark: str) -> str:
         return f"budget.threshold {float(mark[2:]):.0%}"
     if mark.startswith("exp:"):
         return "key.expiring"
+    if mark.startswith("outside:"):
+        return "key.spend_outside_guard"
     return {"projected": "budget.projected", "low": "credits.low"}.get(mark, mark)
 
 
