@@ -1,16 +1,17 @@
 """Read what decides the price from a request body; the body itself is forwarded byte for byte.
 
-Only `model`, `seconds`, `quality`, `size`, `stream` and `max_tokens` are read, from JSON (as
-express.json() reads it) or multipart/form-data (as busboy does; proxy/http/multipart.py). A body we
-cannot read exactly as ImageRouter will is refused (400), never forwarded on a guess: a guess could
-price one model while the upstream runs another (docs/how-it-works.md). For a text route the
-reader also takes what bounds the call's tokens (docs/text-holds.md): `max_completion_tokens`,
-`max_output_tokens`, `n`, and an upper bound on the input's size in bytes, with image, audio and
-file parts counted apart.
+Only `model`, `seconds`, `quality`, `size` and `stream` are read, from JSON (as express.json()
+reads it) or multipart/form-data (as busboy does; proxy/http/multipart.py). A body we cannot read
+exactly as ImageRouter will is refused (400), never forwarded on a guess: a guess could price one
+model while the upstream runs another (docs/how-it-works.md). For a text route the reader also
+takes what bounds the call's tokens (docs/text-holds.md): `max_tokens`, `max_completion_tokens`,
+`max_output_tokens`, `n` and reasoning budgets, each as JavaScript's `Number()` reads it, and an
+upper bound on the input's size in bytes, with image, audio and file parts counted apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -19,22 +20,48 @@ from dataclasses import dataclass
 
 from proxy.errors import Rejected
 from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
+from proxy.http.numbers import js_number
 from proxy.untrusted import excerpt
 
 __all__ = ["PRICE_FIELDS", "PriceFields", "decode_content", "invalid", "read_price_fields"]
 
-# JSON-only fields a text hold needs (multipart bodies never reach ImageRouter's text handlers
-# with fields: those routes mount only express.json()).
-TEXT_FIELDS = frozenset({"max_completion_tokens", "max_output_tokens", "n"})
-# Content parts (chat `content[]`, responses `input[]`) whose payload is not text: an image, an
-# audio clip or a file, sent inline (base64, a data: URI) or by reference (a URL, a file id).
+# Reasoning budgets: tokens a model may spend thinking, billed as output. Anthropic's
+# `thinking.budget_tokens`; the `reasoning.max_tokens` of OpenRouter-style chat and responses
+# bodies; Gemini's `thinking_config.thinking_budget` through its OpenAI compatibility (sent under
+# `extra_body.google` or `google`); Qwen's top-level `thinking_budget`.
+REASONING_BUDGETS = (
+    ("thinking", "budget_tokens"),
+    ("reasoning", "max_tokens"),
+    ("google", "thinking_config", "thinking_budget"),
+    ("extra_body", "google", "thinking_config", "thinking_budget"),
+    ("thinking_budget",),
+)
+# Content parts (an element of a message's `content` array: chat `messages[]`, responses
+# `input[]`) whose payload is not text: an image, an audio clip or a file, sent inline (base64, a
+# data: URI) or by reference (a URL, a file id).
 MEDIA_PART_TYPES = frozenset({"image_url", "input_image", "image", "input_audio", "audio", "file", "input_file"})
+# Where such a part carries its payload: chat `image_url.url`, `input_audio.data`,
+# `file.file_data`/`file.file_id`; responses `image_url`, `file_data`, `file_id`, `file_url`;
+# an Anthropic-style `source.data`/`source.url`. Any other string of the part is counted as text.
+MEDIA_PAYLOADS = (
+    ("image_url",),
+    ("image_url", "url"),
+    ("input_audio", "data"),
+    ("file", "file_data"),
+    ("file", "file_id"),
+    ("file_data",),
+    ("file_id",),
+    ("file_url",),
+    ("source", "data"),
+    ("source", "url"),
+)
 
 
 @dataclass(frozen=True)
 class PriceFields:
-    """What prices a call. Token counts are JSON numbers as JSON.parse reads them (a double),
-    kept only when positive and finite, rounded up (`100.0` and `1e2` are 100); else None."""
+    """What prices a call. On a text route, token counts are read as JavaScript's `Number()`
+    reads them (proxy/http/numbers.py; `"0x10"` is 16), kept only when positive and finite,
+    rounded up (`100.0` and `1e2` are 100); else None. Elsewhere they are not read."""
 
     model: str
     seconds: str | None = None
@@ -44,7 +71,8 @@ class PriceFields:
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     max_output_tokens: int | None = None
-    n: int | None = None  # chat choices: a positive number (or numeric string), rounded up
+    n: int | None = None  # chat choices
+    reasoning_tokens: int | None = None  # the largest reasoning budget the body sets
     # Text routes only: an upper bound on the UTF-8 bytes of the input's text (the body's length,
     # less the payloads of media parts), and the number of inputs not carried as text.
     input_bytes: int = 0
@@ -103,14 +131,15 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
     ctype = _content_type(content_type.strip(" \t"))
     if ctype.head == "application/json":
         data, size = _from_json(body, ctype.params)
+        fields = _build({k: v for k, v in data.items() if k in PRICE_FIELDS})
         if not text:
-            return _build({k: v for k, v in data.items() if k in PRICE_FIELDS})
-        return _build(
-            {k: v for k, v in data.items() if k in PRICE_FIELDS or k in TEXT_FIELDS}, *_input_size(data, size)
-        )
+            return fields
+        return _text_fields(fields, data, *_input_size(data, size))
     if ctype.head == "multipart/form-data":
-        # Every byte of a form may be text: its whole length bounds the input.
-        return _build(dict(read_fields(body, boundary_of(ctype.params))), len(body) if text else 0)
+        # Every byte of a form may be text: its whole length bounds the input. A form's values are
+        # strings ImageRouter's text routes never parse: no token count is read from them.
+        fields = _build(dict(read_fields(body, boundary_of(ctype.params))))
+        return dataclasses.replace(fields, input_bytes=len(body)) if text else fields
     if ctype.head == "application/x-www-form-urlencoded":
         # ImageRouter mounts no urlencoded parser: such a body reaches it without a model. It is
         # what `curl -d` sends unless told otherwise.
@@ -150,21 +179,16 @@ def _input_size(data: dict[str, object], size: int) -> tuple[int, int]:
     The body's own length bounds those bytes (a JSON escape is never shorter than what it
     decodes to; keys, quotes and brackets are slack for the few tokens a chat template adds per
     message). A media part's payload is no measure of its tokens (a 20-byte URL can be a
-    1,000-token image), so its strings are taken out of the count and the part is counted apart.
-    A stored response, conversation or prompt template the body refers to counts as one too."""
+    1,000-token image), so that payload alone is taken out of the count and the part is counted
+    apart. Only an element of a message's `content` array is a part: a `type` on the body or on
+    a message changes nothing. A stored response, conversation or prompt template the body refers
+    to counts as one too."""
     media = 0
     payload = 0
-    stack: list[object] = [data]
-    while stack:
-        value = stack.pop()
-        if isinstance(value, dict):
-            if value.get("type") in MEDIA_PART_TYPES:
-                media += 1
-                payload += _string_bytes(value)
-            else:
-                stack.extend(value.values())
-        elif isinstance(value, list):
-            stack.extend(value)
+    for part in _content_parts(data):
+        if part.get("type") in MEDIA_PART_TYPES:
+            media += 1
+            payload += sum(_utf8_bytes(value) for _, value in _paths_present(part, MEDIA_PAYLOADS))
     for name in ("previous_response_id", "conversation"):
         if data.get(name) not in (None, ""):
             media += 1
@@ -173,26 +197,38 @@ def _input_size(data: dict[str, object], size: int) -> tuple[int, int]:
     return max(0, size - payload), media
 
 
-def _string_bytes(value: object) -> int:
-    """UTF-8 bytes of every string value inside `value` (a lone surrogate counts 3, as in JSON)."""
-    total = 0
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, str):
-            total += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
-        elif isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return total
+def _content_parts(data: dict[str, object]) -> list[dict[str, object]]:
+    """Every content part of the body's messages (chat `messages[]`, responses `input[]`): the
+    elements of a message's `content` array, and of a part's own `content` array (a tool
+    result's), at any depth."""
+    arrays: list[object] = []
+    for name in ("messages", "input"):
+        messages = data.get(name)
+        if isinstance(messages, list):
+            arrays.extend(message.get("content") for message in messages if isinstance(message, dict))
+    parts: list[dict[str, object]] = []
+    while arrays:
+        array = arrays.pop()
+        if isinstance(array, list):
+            for part in array:
+                if isinstance(part, dict):
+                    parts.append(part)
+                    arrays.append(part.get("content"))
+    return parts
+
+
+def _utf8_bytes(value: object) -> int:
+    """UTF-8 bytes of a string (a lone surrogate counts 3, as in JSON); 0 for anything else."""
+    if not isinstance(value, str):
+        return 0
+    return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
 
 
 def _not_json(constant: str) -> object:
     raise ValueError(f"{constant} is not JSON")
 
 
-def _build(fields: dict[str, object], input_bytes: int = 0, media_parts: int = 0) -> PriceFields:
+def _build(fields: dict[str, object]) -> PriceFields:
     model = fields.get("model")
     if not isinstance(model, str) or not model.strip():
         raise invalid("Request has no 'model'; the spend guard prices every call by its model.")
@@ -208,38 +244,71 @@ def _build(fields: dict[str, object], input_bytes: int = 0, media_parts: int = 0
         quality=_opt_str(fields.get("quality")),
         size=_opt_str(fields.get("size")),
         stream=stream is True,
-        max_tokens=_count(fields.get("max_tokens")),
-        max_completion_tokens=_count(fields.get("max_completion_tokens")),
-        max_output_tokens=_count(fields.get("max_output_tokens")),
-        n=_count(_numeric(fields.get("n"))),
+    )
+
+
+def _text_fields(fields: PriceFields, data: dict[str, object], input_bytes: int, media_parts: int) -> PriceFields:
+    """`fields` with what bounds a text call's tokens, read from its parsed JSON body `data`."""
+    budgets = [_count(".".join(path), value) for path, value in _paths_present(data, REASONING_BUDGETS)]
+    given = [budget for budget in budgets if budget is not None]
+    return dataclasses.replace(
+        fields,
+        max_tokens=_count("max_tokens", data.get("max_tokens")),
+        max_completion_tokens=_count("max_completion_tokens", data.get("max_completion_tokens")),
+        max_output_tokens=_count("max_output_tokens", data.get("max_output_tokens")),
+        n=_choices(data.get("n")),
+        reasoning_tokens=max(given) if given else None,
         input_bytes=input_bytes,
         media_parts=media_parts,
     )
 
 
-def _count(value: object) -> int | None:
-    """A JSON number as JSON.parse reads it (a double: 1e400 is Infinity), if positive and
-    finite, rounded up; anything else (a string, a bool, null, 0, -1) is None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+def _paths_present(data: dict[str, object], paths: tuple[tuple[str, ...], ...]) -> list[tuple[tuple[str, ...], object]]:
+    """(path, value) for each of `paths` whose value `data` holds (None where it is absent)."""
+    present = []
+    for path in paths:
+        value: object = data
+        for name in path:
+            value = value.get(name) if isinstance(value, dict) else None
+        if value is not None:
+            present.append((path, value))
+    return present
+
+
+def _count(name: str, value: object) -> int | None:
+    """A token maximum as `Number()` reads it, if positive and finite, rounded up; else None
+    (absent, `null`, `""`, 0, negative, Infinity: the request sets no maximum). Not a number:
+    refused, since ImageRouter's reading of it cannot be known."""
+    if value is None:
         return None
-    try:
-        number = float(value)
-    except OverflowError:  # an integer beyond a double's range: JSON.parse makes it Infinity
-        return None
+    number = js_number(value)
+    if math.isnan(number):
+        raise _not_a_number(name, value)
     if not math.isfinite(number) or number <= 0:
         return None
     return math.ceil(number)
 
 
-def _numeric(value: object) -> object:
-    """A numeric string as its number (`"3"` -> 3.0): where a larger value only holds more, a
-    provider that coerces strings must not get a call held as if it sent nothing."""
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            return value
-    return value
+def _choices(value: object) -> int | None:
+    """`n` as `Number()` reads it, rounded up; None (one choice) unless positive. An infinite
+    count bounds nothing, so it is refused like a value that is not a number."""
+    if value is None:
+        return None
+    number = js_number(value)
+    if math.isnan(number) or number == math.inf:
+        raise _not_a_number("n", value)
+    return math.ceil(number) if number > 0 else None
+
+
+def _not_a_number(name: str, value: object) -> Rejected:
+    if isinstance(value, (dict, list)):
+        shown = "an object" if isinstance(value, dict) else "an array"
+    else:
+        shown = excerpt(json.dumps(value), 40)
+    return invalid(
+        f"'{name}' is {shown}, not a finite number as ImageRouter reads one (JavaScript's Number()); "
+        "send a JSON number."
+    )
 
 
 def _opt_str(value: object) -> str | None:

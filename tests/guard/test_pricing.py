@@ -208,6 +208,17 @@ def test_n_multiplies_the_output_bound():
     assert quote(PriceFields("openai/gpt-4o", n=2)).bound == TextBound(INPUT_FRAMING_TOKENS, 2 * 16384)
 
 
+def test_a_reasoning_budget_adds_to_each_choices_output_bound():
+    assert quote(PriceFields("m", max_tokens=1, reasoning_tokens=32_000)).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 32_001)
+    # Without a maximum, on top of the rate's; on a responses call too; and for every choice.
+    assert quote(PriceFields("m", reasoning_tokens=1000)).bound == TextBound(INPUT_FRAMING_TOKENS, 9192)
+    assert quote(PriceFields("m", max_output_tokens=10, reasoning_tokens=90), RESPONSES).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 100)
+    assert quote(PriceFields("m", max_tokens=10, reasoning_tokens=90, n=3)).bound == TextBound(
+        INPUT_FRAMING_TOKENS, 300)
+
+
 def test_chat_takes_the_larger_of_max_tokens_and_max_completion_tokens():
     assert quote(PriceFields("m", max_completion_tokens=300)).bound == TextBound(INPUT_FRAMING_TOKENS, 300)
     assert quote(PriceFields("m", max_tokens=200, max_completion_tokens=300)).bound == TextBound(

@@ -168,6 +168,59 @@ def test_responses_is_bounded_by_max_output_tokens(make_proxy, up, caplog):
     assert held(caplog) == formula(loose, "2.50", "10.00", 16384)
 
 
+def test_a_media_type_on_the_body_or_a_message_does_not_shrink_the_hold(make_proxy, up, caplog):
+    """6d6fd9c: adding "type": "image" to a 216 KB chat body cut its hold from $3.2644 to $0.1742,
+    so five calls put $16.32 on a $1/day budget. Only a content part's payload leaves the count."""
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    text = "Summarise this ledger line. " * 7_700
+    plain = {"model": "openai/o3", "max_tokens": 1000, "messages": [{"role": "user", "content": text}]}
+    assert 210_000 < len(json.dumps(plain)) < 220_000
+    strays = [{**plain, "type": "image"},
+              {**plain, "messages": [{"role": "user", "type": "image", "content": text}]}]
+    holds = []
+    for body in [json.dumps(plain).encode()] + [json.dumps(stray).encode() for stray in strays]:
+        assert post(p, body, "cost=0.01").status_code == 200
+        assert held(caplog) == formula(body, "15.00", "75.00", 1000)
+        holds.append(held(caplog))
+    assert holds[0] == 3_325_700 and holds[1] >= holds[0] and holds[2] >= holds[0]
+    # So a $1 budget refuses the call outright instead of letting five through.
+    q = make_proxy(RATES + alice_keys("[{limit_usd: 1, period: day}]"))
+    r = post(q, json.dumps(strays[0]).encode(), "cost=3.00")
+    assert r.status_code == 402 and envelope(r)["type"] == "spend_limit_exceeded"
+
+
+def test_a_thinking_budget_is_held_as_output(make_proxy, up, caplog):
+    """6d6fd9c: `max_tokens: 1` beside a 32,000-token thinking budget held $0.0179."""
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    body = chat_body("anthropic/claude-haiku-4.5", max_tokens=1, thinking={"type": "enabled", "budget_tokens": 32_000})
+    assert post(p, body, "cost=0.01").status_code == 200
+    assert held(caplog) == formula(body, "3.00", "15.00", 32_001) == 483_900
+    body = chat_body("openai/gpt-4o", max_tokens=100, reasoning={"max_tokens": 4000})
+    assert post(p, body, "cost=0.01").status_code == 200
+    assert held(caplog) == formula(body, "2.50", "10.00", 4100)
+
+
+def test_n_as_a_hex_string_holds_sixteen_outputs(make_proxy, up, caplog):
+    """6d6fd9c: `n: "0x10"` was held as one output; Number("0x10") is 16."""
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    body = chat_body("openai/gpt-4o", max_tokens=1000, n="0x10")
+    assert post(p, body, "cost=0.01").status_code == 200
+    assert held(caplog) == formula(body, "2.50", "10.00", 16_000)
+
+
+def test_a_count_that_is_not_a_number_is_refused_in_the_envelope(make_proxy, up):
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    r = post(p, chat_body("openai/gpt-4o", max_tokens="1_000"), "cost=0.01")
+    assert r.status_code == 400 and envelope(r)["type"] == "invalid_request_error"
+    assert envelope(r)["message"] == (
+        "'max_tokens' is \"1_000\", not a finite number as ImageRouter reads one (JavaScript's Number()); "
+        "send a JSON number.")
+    assert up.generation_requests == []
+
+
 def test_the_body_is_forwarded_byte_for_byte(make_proxy, up):
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
     body = (b'{ "model" : "openai/gpt-4o",\n "max_tokens": 5, "max_tokens": 1.0e3, "n": "2",'

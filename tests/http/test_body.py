@@ -48,11 +48,15 @@ def test_json_fields_are_read():
 
 def test_json_text_fields_stream_and_max_tokens():
     body = json.dumps({"model": "m", "stream": True, "max_tokens": 100, "messages": []}).encode()
-    fields = read_price_fields(body, "application/json")
+    fields = read_price_fields(body, "application/json", text=True)
     assert fields.stream is True and fields.max_tokens == 100
+    # An image or video call is priced without token counts: they are not read, nor refused.
+    assert read_price_fields(body, "application/json").max_tokens is None
+    odd = json.dumps({"model": "m", "max_tokens": "many", "n": {}}).encode()
+    assert read_price_fields(odd, "application/json") == PriceFields("m")
 
 
-def test_json_odd_types_do_not_pass_as_stream_or_max_tokens():
+def test_json_odd_types_do_not_pass_as_stream():
     body = json.dumps({"model": "m", "stream": "yes", "max_tokens": True}).encode()
     fields = read_price_fields(body, "application/json")
     assert fields == PriceFields("m", stream=False, max_tokens=None)
@@ -477,12 +481,16 @@ def test_text_fields_are_read_from_json():
         (b"100", 100), (b"100.0", 100), (b"1e2", 100), (b"1E+2", 100), (b"100.000000000000001", 100),
         (b"0.5", 1), (b"99.01", 100),  # a fraction is rounded up: a hold never guesses low
         (b"9007199254740993", 9007199254740992),  # past 2^53, as the double JSON.parse makes
+        # Other values as Number() reads them.
+        (b'"100"', 100), (b'" 12 "', 12), (b'"0x10"', 16), (b'"1e3"', 1000), (b'"0b11"', 3), (b'"\\u00a07\\n"', 7),
+        (b"true", 1), (b"[100]", 100), (b'["0x10"]', 16), (b"[[5]]", 5),
         # Not a positive finite number: the request names no maximum.
         (b"0", None), (b"-0", None), (b"-5", None), (b"1e400", None), (b"1" + b"0" * 400, None),
-        (b"true", None), (b"null", None), (b'"100"', None), (b"[100]", None), (b'{"n": 1}', None),
+        (b"null", None), (b"false", None), (b'""', None), (b'"  "', None), (b"[]", None), (b"[null]", None),
+        (b'"Infinity"', None), (b'"-1"', None),
     ],
 )
-def test_token_counts_are_read_as_json_parse_reads_numbers(literal, count):
+def test_token_counts_are_read_as_number_reads_them(literal, count):
     body = (b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}'
             % (literal, literal, literal))
     fields = text_fields(body)
@@ -501,11 +509,49 @@ def test_text_fields_follow_json_parse_on_duplicates_and_escapes():
 
 @pytest.mark.parametrize(
     ("literal", "n"),
-    [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b"0", None), (b'"x"', None), (b"true", None)],
+    [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b'"0x10"', 16), (b'"1e1"', 10), (b"true", 1),
+     (b"[2]", 2), (b"0", None), (b'""', None), (b"-2", None), (b"null", None), (b'"-Infinity"', None)],
 )
-def test_n_is_read_as_a_number_or_a_numeric_string(literal, n):
-    # A numeric string counts too: a provider that coerced it would bill every choice.
+def test_n_is_read_as_number_reads_it(literal, n):
+    # A numeric string counts too: ImageRouter coercing it would bill every choice.
     assert text_fields(b'{"model": "m", "n": %s}' % literal).n == n
+
+
+@pytest.mark.parametrize(
+    "literal",
+    [b'"x"', b'"1_000"', b'"-0x10"', b'"0x"', b'"1e"', b'"."', b'"inf"', b'"infinity"', b'"\\u0663"', b'"\\u001f5"',
+     b'"1,5"', b"[1, 2]", b"[true]", b"[{}]", b"{}", b'{"n": 1}'],
+)
+@pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens", "max_output_tokens", "n"])
+def test_a_count_that_is_not_a_number_is_refused(name, literal):
+    body = b'{"model": "m", "%s": %s}' % (name.encode(), literal)
+    refusal = rejected(400, text_fields, body)
+    assert refusal.error_type == "invalid_request_error"
+    assert refusal.message.startswith(f"'{name}' is ") and "send a JSON number" in refusal.message
+
+
+def test_an_infinite_n_is_refused():
+    for literal in (b"1e400", b'"Infinity"', b'" +Infinity "'):
+        assert rejected(400, text_fields, b'{"model": "m", "n": %s}' % literal).message.startswith("'n' is ")
+
+
+def test_n_0x10_holds_sixteen_outputs():
+    fields = text_fields(b'{"model": "m", "n": "0x10", "max_tokens": 100}')
+    assert (fields.n, fields.max_tokens) == (16, 100)
+
+
+def test_reasoning_budgets_are_read():
+    body = json.dumps({"model": "m", "max_tokens": 1, "thinking": {"type": "enabled", "budget_tokens": 32000}})
+    assert text_fields(body.encode()).reasoning_tokens == 32000
+    body = json.dumps({"model": "m", "reasoning": {"max_tokens": "2000"}, "thinking_budget": 500})
+    assert text_fields(body.encode()).reasoning_tokens == 2000  # the largest of those given
+    gemini = {"model": "m", "extra_body": {"google": {"thinking_config": {"thinking_budget": 1024}}}}
+    assert text_fields(json.dumps(gemini).encode()).reasoning_tokens == 1024
+    # -1 (Gemini's "dynamic"), 0 and effort levels set no number of tokens.
+    for body in ({"thinking_budget": -1}, {"reasoning": {"effort": "high"}}, {"thinking": {"type": "disabled"}}):
+        assert text_fields(json.dumps({"model": "m", **body}).encode()).reasoning_tokens is None
+    refusal = rejected(400, text_fields, b'{"model": "m", "thinking": {"budget_tokens": "lots"}}')
+    assert refusal.message.startswith("'thinking.budget_tokens' is \"lots\"")
 
 
 def test_text_fields_are_not_read_for_image_routes():
@@ -541,13 +587,43 @@ def test_media_parts_are_counted_apart_and_their_payload_is_not_input():
     }
     body = json.dumps(chat).encode()
     fields = text_fields(body)
-    # Every string inside a media part is its payload, its `type` included.
-    types = len("image_url") * 2 + len("input_audio") + len("file")
-    payload = (types + len(IMAGE) + len("high") + len("https://example.com/cat.png") + 5000 + len("wav") + 5000
-               + len("a.pdf"))
+    # Only the payload leaves the count: the URL, the audio data, the file data.
+    payload = len(IMAGE) + len("https://example.com/cat.png") + 5000 + 5000
     assert fields.media_parts == 4
     assert fields.input_bytes == len(body) - payload
     assert fields.input_bytes < 1000  # the text and the JSON around it, not 50 kB of base64
+
+
+def test_a_media_type_on_the_body_or_a_message_leaves_all_its_text_in_the_count():
+    text = "budget " * 30_000
+    plain = {"model": "m", "messages": [{"role": "user", "content": text}]}
+    for stray in ({**plain, "type": "image"},
+                  {**plain, "messages": [{"role": "user", "type": "image", "content": text}]},
+                  {**plain, "messages": [{"role": "user", "type": "input_file", "content": [{"type": "text",
+                                                                                            "text": text}]}]}):
+        body = json.dumps(stray).encode()
+        fields = text_fields(body)
+        assert (fields.input_bytes, fields.media_parts) == (len(body), 0)
+
+
+def test_only_a_media_parts_payload_leaves_the_count():
+    text = "x" * 50_000
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": text}, "text": text},
+    ]}]}).encode()
+    fields = text_fields(body)
+    assert fields.media_parts == 1
+    assert fields.input_bytes == len(body) - len("https://example.com/a.png") > 100_000
+
+
+def test_a_tool_results_own_content_parts_count_apart():
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "t1", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMAGE}},
+        ]},
+    ]}]}).encode()
+    fields = text_fields(body)
+    assert (fields.media_parts, fields.input_bytes) == (1, len(body) - len(IMAGE))
 
 
 def test_responses_media_parts_and_stored_context_count_apart():
@@ -563,7 +639,7 @@ def test_responses_media_parts_and_stored_context_count_apart():
     }).encode()
     fields = text_fields(body)
     assert fields.media_parts == 4  # two parts, the stored response, the stored prompt
-    assert fields.input_bytes == len(body) - len("input_image" + IMAGE) - len("input_file" + "file-abc")
+    assert fields.input_bytes == len(body) - len(IMAGE) - len("file-abc")
     # A plain-text prompt field is text, counted by its bytes, not a stored template.
     assert text_fields(b'{"model": "m", "prompt": "hi", "conversation": ""}').media_parts == 0
 
