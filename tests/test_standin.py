@@ -199,6 +199,20 @@ def test_sse_streams_carry_cost_in_the_final_event(up, client):
     assert up.charged_micros == 1200 + 100 + 100
 
 
+def test_sse_failure_after_a_chunk_is_billed_and_an_early_cost_is_not_final(up, client):
+    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
+                       headers={**AUTH, "X-Standin": "sse,error,cost=0.0012"})
+    events = [json.loads(line.removeprefix("data: ")) for line in chat.text.splitlines() if line.startswith("data: ")]
+    assert events[0]["choices"][0]["delta"]["content"] == "h" and events[-1]["error"]["type"] == "generation_failed"
+    assert up.charged_micros == 1200
+    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
+                       headers={**AUTH, "X-Standin": "sse,earlycost=0.0001,cost=0.0012"})
+    events = [line.removeprefix("data: ") for line in chat.text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["cost"] == 0.0001 and "cost" not in json.loads(events[-2])
+    assert up.charged_micros == 2400
+    assert generate(client, "earlycost=0.0001").json()["error"]["type"] == "standin_error"
+
+
 def test_credits_shape_key_rows_and_overrides(up, client):
     up.key_rows = [key_row("k1", "team", spend_limit=5, period="day", period_start="2026-11-25T00:00:00Z")]
     up.key_ids = {TOKEN: "k1"}

@@ -14,6 +14,9 @@ the real upstream where the proxy depends on it (docs/imagerouter-api.md):
   included, as ImageRouter computes it), answer `200` + `Content-Type: application/json` and
   then heartbeat spaces, and report failures as `200` + `{"error": ...}`; a failure is refunded,
   a success refunds `pre-charge - cost` (which can be negative: the actual cost may exceed it);
+- a streamed (SSE) text call that fails after its first chunk is billed its cost: the provider
+  produced tokens (`sse,error,cost=...`); `sse,earlycost=X` puts a cost of X on the first chunk
+  and none on the final one;
 - the upstream finishes a generation even when the client goes away, so a request whose client
   disconnected is settled as its planned outcome would have been;
 - `GET /v1/credits` reflects in-flight pre-charges, as the real one does.

@@ -107,10 +107,11 @@ class Generation:
             else:
                 avg = price.get("average")
                 cost_units = _price_units(price.get("max") if avg is None else avg)
-            # What the upstream finally bills, whether or not the client stays to see it.
+            # What the upstream finally bills, whether or not the client stays to see it. A stream
+            # that fails after its first chunk is billed what it produced: the plan's cost.
             if plan.cut or plan.nocost:
                 final_micros = hold_units * MICROS_PER_UNIT
-            elif plan.error:
+            elif plan.error and not plan.sse:
                 final_micros = 0
             else:
                 final_micros = cost_units * MICROS_PER_UNIT
@@ -279,7 +280,7 @@ class Generation:
 
         chat = route == "chat"
 
-        def delta(content: str) -> bytes:
+        def delta(content: str, extra: dict[str, Any] | None = None) -> bytes:
             if chat:
                 return event(
                     {
@@ -287,9 +288,12 @@ class Generation:
                         "object": "chat.completion.chunk",
                         "model": model,
                         "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": None}],
+                        **(extra or {}),
                     }
                 )
-            return event({"type": "response.output_text.delta", "delta": content}, "response.output_text.delta")
+            return event(
+                {"type": "response.output_text.delta", "delta": content, **(extra or {})}, "response.output_text.delta"
+            )
 
         if not chat:
             await response.write(
@@ -298,7 +302,8 @@ class Generation:
                     "response.created",
                 )
             )
-        await response.write(delta("h"))
+        early = {} if plan.early_cost_units is None else {"cost": plan.early_cost_units / 10000}
+        await response.write(delta("h", early))
         await self._wait_gate(plan.gate)
         if plan.cut:
             settle()
@@ -313,7 +318,7 @@ class Generation:
             )
             return
         await response.write(delta("i"))
-        usage_cost = {} if plan.nocost else {"cost": cost}
+        usage_cost = {} if plan.nocost or early else {"cost": cost}
         if chat:
             usage = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7, **usage_cost}
             await response.write(

@@ -144,6 +144,7 @@ class Plan:
     interval_s: float = DEFAULT_INTERVAL_S
     gate: str | None = None
     cost_units: int | None = None  # actual cost in 1/10,000 USD
+    early_cost_units: int | None = None  # SSE: a cost on the first chunk, none on the final one
     nocost: bool = False
     error: bool = False
     status: int | None = None
@@ -174,11 +175,15 @@ class Plan:
                     plan.interval_s = float(value)
                 elif name == "gate":
                     plan.gate = value
-                elif name == "cost":
+                elif name in ("cost", "earlycost"):
                     usd = decimal.Decimal(value)
                     if not usd.is_finite() or usd < 0:
                         raise ValueError(value)
-                    plan.cost_units = int((usd * 10000).to_integral_value(rounding=decimal.ROUND_CEILING))
+                    units = int((usd * 10000).to_integral_value(rounding=decimal.ROUND_CEILING))
+                    if name == "cost":
+                        plan.cost_units = units
+                    else:
+                        plan.early_cost_units = units
                 elif name == "status":
                     plan.status = int(value)
                 elif name == "b64":
@@ -195,6 +200,8 @@ class Plan:
             raise StandinError("status= cannot follow a heartbeat: the 200 headers already went")
         if plan.gzip and (plan.heartbeat or plan.sse):
             raise StandinError("gzip cannot be combined with heartbeat or sse")
+        if plan.early_cost_units is not None and not plan.sse:
+            raise StandinError("earlycost= only goes with sse")
         return plan
 
     @property

@@ -401,9 +401,37 @@ def test_sse_crlf_multi_line_data_at_every_split_point():
         assert scan([body[:i], body[i:]], content_type=SSE) == cost(2000), i
 
 
-def test_sse_last_cost_wins():
+def test_sse_cost_counts_only_in_the_final_event():
+    # 6d6fd9c took the last cost seen, though events without one followed it.
     body = b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: {"choices":[]}\n\n'
-    assert scan([body], content_type=SSE) == cost(5000)
+    assert scan([body], content_type=SSE) == UNKNOWN
+    assert scan([b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: [DONE]\n\n'], content_type=SSE) == cost(5000)
+    early = (b'data: {"choices":[{"delta":{"content":"h"}}],"cost":0.0001}\n\n'
+             b'data: {"choices":[{"delta":{"content":"i"}}]}\n\n'
+             b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    assert scan([early], content_type=SSE) == UNKNOWN
+    assert scan(pieces(early, 1), content_type=SSE) == UNKNOWN
+    # Comments and an event with no data are not events: the cost stays final.
+    assert scan([b'data: {"cost":0.002}\n\n: keep-alive\n\nevent: ping\n\n'], content_type=SSE) == cost(2000)
+    # An unreadable event after the cost may be anything.
+    assert scan([b'data: {"cost":0.002}\n\ndata: {"choi\n\n'], content_type=SSE) == UNKNOWN
+
+
+def test_sse_error_after_output_is_not_a_release():
+    # 6d6fd9c released the hold (charged $0) for a stream that failed after content went out.
+    chunk = b'data: {"id":"c1","choices":[{"delta":{"content":"Hi"}}]}\n\n'
+    failure = b'data: {"error":{"message":"upstream failed"}}\n\n'
+    assert scan([chunk + failure], content_type=SSE) == UNKNOWN
+    assert scan([chunk + failure + b"data: [DONE]\n\n"], content_type=SSE) == UNKNOWN
+    assert scan([failure + chunk], content_type=SSE) == UNKNOWN  # output after the error
+    assert scan([chunk + failure + b'data: {"cost":0.0003}\n\n'], content_type=SSE) == cost(300)
+    # Before any output an error is a release, in either API.
+    assert scan([b'data: {"id":"c1","choices":[]}\n\n' + failure], content_type=SSE) == ERROR
+    created = b'event: response.created\ndata: {"type":"response.created","response":{"id":"r1"}}\n\n'
+    error = b'event: error\ndata: {"type":"error","error":{"message":"x"}}\n\n'
+    delta = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","delta":"H"}\n\n'
+    assert scan([created + error], content_type=SSE) == ERROR
+    assert scan([created + delta + error], content_type=SSE) == UNKNOWN
 
 
 def test_sse_error_event():

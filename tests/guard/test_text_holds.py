@@ -247,6 +247,34 @@ def test_a_stream_cut_before_its_final_event_is_charged_its_hold(make_proxy, up,
     assert open_holds(p) == 0
 
 
+def test_a_stream_that_fails_after_content_is_charged_its_hold(make_proxy, up, caplog):
+    """6d6fd9c released the hold of a stream whose provider failed after sending content (charged
+    $0.0000), while the upstream billed what was produced."""
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    body = chat_body("openai/gpt-4o", stream=True, max_tokens=4000)
+    r = post(p, body, "sse,error,cost=0.03")
+    assert r.status_code == 200 and '"content": "h"' in r.text and '"error"' in r.text
+    hold = formula(body, "2.50", "10.00", 4000)
+    assert up.charged_by_key[up.fingerprint(KEY_A)] == 30_000 <= hold
+    assert access_lines(caplog)[-1]["cost_usd"] == f"{Decimal(hold) / 1_000_000:.4f}"
+    assert micros(spent(p, "budget:key:alice:day")) == hold
+    assert open_holds(p) == 0
+
+
+def test_a_cost_in_an_early_event_is_not_the_bill(make_proxy, up, caplog):
+    """6d6fd9c settled at a cost an early event carried when the final event had none."""
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    body = chat_body("openai/gpt-4o", stream=True, max_tokens=4000)
+    r = post(p, body, "sse,earlycost=0.0001,cost=0.03")
+    assert r.status_code == 200 and r.text.count('"cost"') == 1 and "data: [DONE]" in r.text
+    hold = formula(body, "2.50", "10.00", 4000)
+    assert up.charged_by_key[up.fingerprint(KEY_A)] == 30_000
+    assert micros(spent(p, "budget:key:alice:day")) == hold
+    assert open_holds(p) == 0
+
+
 def test_a_model_matching_no_rate_holds_text_hold_usd(make_proxy, up, caplog):
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
