@@ -3,6 +3,12 @@
 A model's hold is its `price.max` rounded up to $0.0001, one output per request (the API has no
 `n`): the most ImageRouter itself pre-charges for the model, so a hold is never below the
 upstream's bill while the published maximum holds.
+
+A name the table does not list may still run: ImageRouter resolves aliases of its own before it
+looks a model up, and `/v2/models` lists some and not others. The aliases it publishes, and those
+its source names (`IMAGEROUTER_ALIASES`), resolve to the model they run; any other unlisted name
+is held at the dearest price of the models that produce what its route produces (`dearest_for`),
+since it may be an alias of any of them (docs/how-it-works.md#price).
 """
 
 from __future__ import annotations
@@ -12,8 +18,32 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from types import MappingProxyType
 
 from proxy.money import MoneyError, usd_to_micros_ceil
+
+# Aliases ImageRouter's validators resolve before looking a model up (its `MODEL_ALIASES`, in
+# src/services/modelAliases.js) without `/v2/models` listing them: a call to one runs, and is
+# billed as, the model it names. Aliases `/v2/models` publishes take precedence.
+IMAGEROUTER_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "briaai/RMBG-2.0": "bria/remove-background",
+        "briaai/RMBG-2.0:free": "bria/remove-background:free",
+        "google/gemini-2.5-flash-image": "google/gemini-2.5-flash",
+        "gemini-2.5-flash-image": "google/gemini-2.5-flash",
+        "google/gemini-3-pro-image": "google/gemini-3-pro",
+        "gemini-3-pro-image": "google/gemini-3-pro",
+        "kwaivgi/kling-2.5-turbo-standard": "kling/kling-2.5-turbo-standard",
+        "kwaivgi/kling-2.5-turbo-pro": "kling/kling-2.5-turbo-pro",
+        "kwaivgi/kling-2.1-standard": "kling/kling-2.1-standard",
+        "kwaivgi/kling-2.1-pro": "kling/kling-2.1-pro",
+        "kwaivgi/kling-2.1-master": "kling/kling-2.1-master",
+        "kwaivgi/kling-1.6-standard": "kling/kling-1.6-standard",
+        "kwaivgi/wan-2.2": "wan/wan-2.2",
+        "kwaivgi/wan-2.5": "wan/wan-2.5",
+        "kwaivgi/wan-2.6": "wan/wan-2.6",
+    }
+)
 
 
 class PriceTableError(ValueError):
@@ -22,31 +52,47 @@ class PriceTableError(ValueError):
 
 @dataclass(frozen=True)
 class PriceTable:
-    """Model id -> hold in micro-dollars, plus alias -> model id."""
+    """Model id -> hold in micro-dollars, alias -> model id, and output kind (`image`, `video`)
+    -> the dearest hold among the models producing it."""
 
     holds: Mapping[str, int] = field(default_factory=dict)
     aliases: Mapping[str, str] = field(default_factory=dict)
     fetched_at_ms: int = 0
+    dearest: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def loaded(self) -> bool:
         return self.fetched_at_ms > 0
 
     def resolve(self, model: str) -> str:
-        return self.aliases.get(model, model)
+        """The model a name runs: a published alias's, else ImageRouter's own alias's, else itself."""
+        return self.aliases.get(model) or IMAGEROUTER_ALIASES.get(model) or model
 
     def hold_for(self, model: str) -> int | None:
-        return self.holds.get(self.resolve(model))
+        """The dearer of the name's own price and its resolved model's; None if neither is listed."""
+        listed = [self.holds[name] for name in {model, self.resolve(model)} if name in self.holds]
+        return max(listed, default=None)
+
+    def dearest_for(self, kind: str) -> int | None:
+        """The dearest hold of a model producing `kind` (of any model if none is known to)."""
+        return self.dearest.get(kind, max(self.holds.values(), default=None))
 
     def to_json(self) -> str:
         return json.dumps(
-            {"holds": dict(self.holds), "aliases": dict(self.aliases), "fetched_at_ms": self.fetched_at_ms}
+            {
+                "holds": dict(self.holds),
+                "aliases": dict(self.aliases),
+                "fetched_at_ms": self.fetched_at_ms,
+                "dearest": dict(self.dearest),
+            }
         )
 
     @classmethod
     def from_json(cls, text: str | bytes) -> PriceTable:
         data = json.loads(text)
-        return cls(dict(data["holds"]), dict(data["aliases"]), int(data["fetched_at_ms"]))
+        # A table saved by an older version has no `dearest`: every kind then gets the dearest model.
+        dearest = dict(data.get("dearest", {}))
+        return cls(dict(data["holds"]), dict(data["aliases"]), int(data["fetched_at_ms"]), dearest)
 
 
 def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
@@ -70,19 +116,34 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
         raise PriceTableError("models document is neither an object nor an array")
     holds: dict[str, int] = {}
     aliases: dict[str, str] = {}
+    outputs: dict[str, list[str]] = {}
     for model_id, entry in entries:
         if not isinstance(entry, dict):
             continue
         hold = _max_price(entry)
         if hold is not None:
             holds[model_id] = hold
+            outputs[model_id] = _outputs(entry)
         aliases_in = entry.get("aliases") or ()
         for alias in [aliases_in] if isinstance(aliases_in, str) else aliases_in:
             if isinstance(alias, str) and alias != model_id:
                 aliases[alias] = model_id
     if not holds:
         raise PriceTableError("models document lists no priced model")
-    return PriceTable(holds, aliases, fetched_at_ms)
+    # A model that does not say what it produces counts for every kind.
+    kinds = {kind for produced in outputs.values() for kind in produced}
+    dearest = {
+        kind: max(hold for model_id, hold in holds.items() if kind in outputs[model_id] or not outputs[model_id])
+        for kind in kinds
+    }
+    return PriceTable(holds, aliases, fetched_at_ms, dearest)
+
+
+def _outputs(entry: Mapping[str, object]) -> list[str]:
+    """What a model produces (its `output`: `["image"]`, `["video"]`), as listed."""
+    output = entry.get("output")
+    listed = [output] if isinstance(output, str) else output if isinstance(output, list) else []
+    return [kind for kind in listed if isinstance(kind, str)]
 
 
 def _max_price(entry: Mapping[str, object]) -> int | None:

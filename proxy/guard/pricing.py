@@ -2,7 +2,9 @@
 
 Image and video: hold = `price.max` rounded up to $0.0001, one output per request (the API has
 no `n`): the most ImageRouter itself pre-charges for the model, so a hold is never below the
-upstream's bill while the published maximum holds (docs/how-it-works.md).
+upstream's bill while the published maximum holds (docs/how-it-works.md). A name the table does
+not list, directly or as an alias, may be an alias ImageRouter resolves without publishing it:
+it is held at the dearest price of its route kind, and at least `default_hold_usd`.
 
 Text (docs/text-holds.md): ImageRouter publishes no token prices, so the policy's `models.text_rates`
 gives them per model glob, and hold = input bound × input rate + output bound × output rate,
@@ -30,7 +32,7 @@ INPUT_FRAMING_TOKENS = 1024
 GLOB_WILDCARDS = "*?"  # a `[...]` set matches one character of a list: narrower, not counted
 
 TextApi = Literal["chat", "responses", "other"]
-Basis = Literal["override", "text_rate", "text_default", "price", "default", "no_table"]
+Basis = Literal["override", "text_rate", "text_default", "price", "unlisted", "no_table"]
 
 
 # --- holds ------------------------------------------------------------------------------------
@@ -57,7 +59,7 @@ class Quote:
     @property
     def unpriced(self) -> bool:
         """The model has no price of its own (`unknown_models: reject` refuses it)."""
-        return self.basis in ("default", "text_default")
+        return self.basis in ("unlisted", "text_default")
 
 
 def quote_hold(
@@ -66,7 +68,8 @@ def quote_hold(
     """The hold for a call to `route` (canonical path) of route kind `kind`, for `model` (the
     requested id resolved through the table's aliases). In order: a policy override for the
     model; on text routes its most specific `text_rates` entry, else `text_hold_usd`; else the
-    table's `price.max`, else `default_hold_usd`."""
+    table's `price.max` (the dearer of the requested id's and the resolved model's), else the
+    dearest `price.max` of the route kind's models, but never below `default_hold_usd`."""
     override = models.overrides.get(model, models.overrides.get(fields.model))
     if override is not None:
         return Quote(override, "override")
@@ -78,10 +81,10 @@ def quote_hold(
         return Quote(text_hold(bound, rate), "text_rate", rate, bound)
     if not prices.loaded:
         return Quote(None, "no_table")
-    price = prices.hold_for(model)
-    if price is not None:
-        return Quote(price, "price")
-    return Quote(models.default_hold_micros, "default")
+    listed = [price for price in (prices.hold_for(fields.model), prices.hold_for(model)) if price is not None]
+    if listed:
+        return Quote(max(listed), "price")
+    return Quote(max(prices.dearest_for(kind) or 0, models.default_hold_micros), "unlisted")
 
 
 def text_api(route: str) -> TextApi:

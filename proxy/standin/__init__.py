@@ -19,7 +19,11 @@ the real upstream where the proxy depends on it (docs/imagerouter-api.md):
   and none on the final one;
 - the upstream finishes a generation even when the client goes away, so a request whose client
   disconnected is settled as its planned outcome would have been;
-- `GET /v1/credits` reflects in-flight pre-charges, as the real one does.
+- `GET /v1/credits` reflects in-flight pre-charges, as the real one does;
+- a model name is first resolved through `unlisted_aliases` (ImageRouter's own `MODEL_ALIASES`,
+  which `/v2/models` does not list, e.g. `kwaivgi/kling-2.1-master -> kling/kling-2.1-master`),
+  then looked up by id or by the `aliases` `/v2/models` lists; the call is charged as the model
+  it resolves to.
 
 Behaviour is chosen per request by the `X-Standin` header, a comma-separated list of `name` or
 `name=value` (see `Plan`), so a test picks it through the proxy, which forwards headers untouched.

@@ -22,6 +22,7 @@ from proxy.standin.wire import (
     GENERATION_ROUTES,
     SHUTDOWN_TIMEOUT_S,
     UNAUTHORIZED,
+    UNLISTED_ALIASES,
     Plan,
     Recorded,
     StandinError,
@@ -43,6 +44,7 @@ class StandIn(Generation):
     key_rows: list[dict[str, Any]]
     key_ids: dict[str, str]  # bearer token -> api_key_id: billing also moves that row's figures
     models: dict[str, dict[str, Any]]
+    unlisted_aliases: dict[str, str]  # resolved before the lookup, never listed by /v2/models
     models_as_array: bool
     account_key: str
     credits_status: int
@@ -146,6 +148,7 @@ class StandIn(Generation):
             self.key_rows = []
             self.key_ids = {}
             self.models = default_models()
+            self.unlisted_aliases = dict(UNLISTED_ALIASES)
             self.models_as_array = False
             self.account_key = DEFAULT_ACCOUNT_KEY
             self.credits_status = 200
@@ -360,6 +363,7 @@ class StandIn(Generation):
 
     def _lookup(self, name: str) -> dict[str, Any] | None:
         with self.lock:
+            name = self.unlisted_aliases.get(name, name)  # as ImageRouter's validators do first
             entry = self.models.get(name)
             if entry is None:
                 entry = next((m for m in self.models.values() if name in (m.get("aliases") or ())), None)

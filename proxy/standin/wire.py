@@ -47,6 +47,20 @@ _B64_CHUNK = base64.b64encode(bytes(range(256)) * 192)
 assert len(_B64_CHUNK) == WRITE_CHUNK
 
 
+# Aliases ImageRouter's validators resolve before the model lookup without `/v2/models` listing
+# them (its `MODEL_ALIASES`): a call to one runs, and is billed as, the model it names.
+UNLISTED_ALIASES = {
+    "briaai/RMBG-2.0": "bria/remove-background",
+    "google/gemini-2.5-flash-image": "google/gemini-2.5-flash",
+    "gemini-2.5-flash-image": "google/gemini-2.5-flash",
+    "google/gemini-3-pro-image": "google/gemini-3-pro",
+    "gemini-3-pro-image": "google/gemini-3-pro",
+    "kwaivgi/kling-2.1-master": "kling/kling-2.1-master",
+    "kwaivgi/kling-2.1-pro": "kling/kling-2.1-pro",
+    "kwaivgi/wan-2.6": "wan/wan-2.6",
+}
+
+
 def default_models() -> dict[str, dict[str, Any]]:
     def model(
         model_id: str, low: float, avg: float, high: float, output: str, aliases: list[str] | None = None
@@ -66,6 +80,7 @@ def default_models() -> dict[str, dict[str, Any]]:
         ),
         "ir/test-video": model("ir/test-video", 0, 0, 0, "video"),
         "google/veo-3.1": model("google/veo-3.1", 1.2, 1.6, 3.2, "video"),
+        "kling/kling-2.1-master": model("kling/kling-2.1-master", 0.924, 1.4, 2.8, "video"),
     }
 
 

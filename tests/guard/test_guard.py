@@ -181,13 +181,13 @@ def test_denied_model_and_request_cap_are_policy_violations(make_proxy, up):
     assert p.generate(model="gemini-2.5-flash-image", standin="cost=0.039").status_code == 200
 
 
-def test_unknown_model_gets_default_hold_or_is_refused(make_proxy, up):
+def test_unknown_model_gets_the_dearest_hold_of_its_kind_or_is_refused(make_proxy, up):
     # listed upstream without a price: the proxy cannot price it
     up.models["vendor/new-model"] = {"id": "vendor/new-model", "price": {}, "output": ["image"]}
     p = make_proxy(KEYS + "models: {default_hold_usd: 0.25}\n")
     r = p.generate(model="vendor/new-model", standin="nocost")
     assert r.status_code == 200
-    assert spent(p, "budget:key:alice:lifetime") == "0.2500"
+    assert spent(p, "budget:key:alice:lifetime") == "0.3000"  # openai/gpt-image-1's, above the default
     p2 = make_proxy(KEYS + "guard: {unknown_models: reject}\n")
     r = p2.generate(model="vendor/new-model")
     assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"

@@ -23,7 +23,7 @@ from proxy.guard.pricing import (
 )
 from proxy.http.body import PriceFields
 from proxy.policy.model import ModelsPolicy, TextRate
-from proxy.prices import PriceTable, PriceTableError, parse_models
+from proxy.prices import IMAGEROUTER_ALIASES, PriceTable, PriceTableError, parse_models
 from tests.support.standin import default_models
 
 
@@ -260,12 +260,54 @@ def test_an_override_wins_over_a_text_rate():
     assert quote(PriceFields("openai/gpt-4o", max_tokens=10**6), models=models) == Quote(1_000, "override")
 
 
-def test_image_and_video_holds_are_unchanged():
+def test_image_and_video_holds_are_the_models_price_max():
     assert quote(PriceFields("openai/gpt-image-1", max_tokens=5), kind="image") == Quote(300_000, "price")
-    assert quote(PriceFields("no/such-model"), kind="video") == Quote(500_000, "default")
     assert quote(PriceFields("openai/gpt-image-1"), kind="image", table=PriceTable()) == Quote(None, "no_table")
     # A text call needs no price table: its rates are the policy's.
     assert quote(PriceFields("openai/gpt-4o", max_tokens=1), table=PriceTable()).basis == "text_rate"
+
+
+def test_an_unlisted_model_holds_the_dearest_price_of_its_route_kind_and_at_least_the_default():
+    # 6d6fd9c held default_hold_usd ($0.50) whatever the model might run.
+    assert quote(PriceFields("no/such-model"), kind="video") == Quote(3_200_000, "unlisted")  # google/veo-3.1
+    assert quote(PriceFields("no/such-model"), kind="image") == Quote(500_000, "unlisted")  # the default is more
+    cheap = ModelsPolicy(default_hold_micros=1)
+    assert quote(PriceFields("no/such-model"), kind="image", models=cheap) == Quote(300_000, "unlisted")
+    assert quote(PriceFields("no/such-model"), kind="video").unpriced
+
+
+def test_imagerouters_unpublished_aliases_resolve_to_what_they_run():
+    for alias, target in IMAGEROUTER_ALIASES.items():
+        assert TABLE.resolve(alias) == target
+    assert TABLE.resolve("kwaivgi/kling-2.1-master") == "kling/kling-2.1-master"
+    assert quote(PriceFields("kwaivgi/kling-2.1-master"), kind="video") == Quote(2_800_000, "price")
+    # Even before a price table loads, so allow and deny rules see the model it runs.
+    assert PriceTable().resolve("gemini-3-pro-image") == "google/gemini-3-pro"
+    # An alias /v2/models publishes wins; a listed name that is also an alias holds the dearer price.
+    assert PriceTable(aliases={"gemini-3-pro-image": "x/y"}).resolve("gemini-3-pro-image") == "x/y"
+    table = PriceTable({"kwaivgi/wan-2.6": 5, "wan/wan-2.6": 9}, fetched_at_ms=1)
+    assert table.hold_for("kwaivgi/wan-2.6") == 9 and table.hold_for("wan/wan-2.6") == 9
+    assert table.hold_for("google/gemini-3-pro-image") is None
+
+
+def test_the_dearest_price_is_kept_per_kind_of_output():
+    models = {
+        "a/img": {"price": {"max": 0.2}, "output": ["image"]},
+        "b/vid": {"price": {"max": 1.0}, "output": ["video"]},
+        "c/both": {"price": {"max": 0.5}, "output": ["image", "video"]},
+        "d/unsaid": {"price": {"max": 0.7}},  # says nothing of its output: counts for every kind
+        "e/unpriced": {"price": {}, "output": ["video"], "aliases": ["e"]},
+    }
+    table = parse_models(doc(models), 1)
+    assert dict(table.dearest) == {"image": 700_000, "video": 1_000_000}
+    assert (table.dearest_for("image"), table.dearest_for("video"), table.dearest_for("audio")) == (
+        700_000, 1_000_000, 1_000_000)
+    again = PriceTable.from_json(table.to_json())
+    assert dict(again.dearest) == dict(table.dearest)
+    # A table saved before kinds were kept holds every kind at the dearest model.
+    old = json.dumps({"holds": {"a": 1, "b": 7}, "aliases": {}, "fetched_at_ms": 1})
+    assert PriceTable.from_json(old).dearest_for("image") == 7
+    assert PriceTable().dearest_for("image") is None
 
 
 def test_the_resolved_model_is_matched_before_the_requested_alias():

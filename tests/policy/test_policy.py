@@ -589,6 +589,13 @@ def test_shipped_policy_prices_text_calls_by_tokens(name: str) -> None:
     assert gpt4o is not None and (gpt4o.input_micros_per_mtok, gpt4o.output_micros_per_mtok) == (2_500_000, 10_000_000)
 
 
+@pytest.mark.parametrize("name", ["default.yaml", "teams.yaml"])
+def test_a_shipped_policy_with_a_deny_list_refuses_unknown_models(name: str) -> None:
+    # A deny list cannot see what an alias the guard cannot resolve runs.
+    policy = load_policy(SHIPPED / name)
+    assert not policy.models.rules.deny or policy.guard.unknown_models == "reject"
+
+
 def test_shipped_teams_policy_shows_each_feature() -> None:
     policy = load_policy(SHIPPED / "teams.yaml")
     assert len(policy.groups) >= 2
