@@ -13,6 +13,7 @@ since it may be an alias of any of them (docs/how-it-works.md#price).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -67,6 +68,19 @@ class PriceTable:
     def resolve(self, model: str) -> str:
         """The model a name runs: a published alias's, else ImageRouter's own alias's, else itself."""
         return self.aliases.get(model) or IMAGEROUTER_ALIASES.get(model) or model
+
+    def names_of(self, model: str) -> set[str]:
+        """Every name the model `model` runs goes by: itself, what it resolves to, and every alias
+        of that (`allow`/`deny` globs are matched against all of them)."""
+        target = self.resolve(model)
+        return {model, target, *self._aliases_by_target.get(target, ())}
+
+    @functools.cached_property
+    def _aliases_by_target(self) -> Mapping[str, tuple[str, ...]]:
+        names: dict[str, list[str]] = {}
+        for alias in {**IMAGEROUTER_ALIASES, **self.aliases}:
+            names.setdefault(self.resolve(alias), []).append(alias)
+        return {target: tuple(aliases) for target, aliases in names.items()}
 
     def hold_for(self, model: str) -> int | None:
         """The dearer of the name's own price and its resolved model's; None if neither is listed."""

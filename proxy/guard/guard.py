@@ -235,7 +235,7 @@ class Guard:
     def check_model(self, model: str, asked: str, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
         """The policy's and the key's model rules, applied to both spellings of the model."""
         for rules, whom in ((policy.models.rules, "any key"), (key.rules if key else None, "this key")):
-            if rules is not None and not permits(rules, {model, asked}):
+            if rules is not None and not permits(rules, self.runtime.refresher.prices.names_of(asked)):
                 verdicts.add(
                     Rejected(
                         403,

@@ -290,6 +290,15 @@ def test_imagerouters_unpublished_aliases_resolve_to_what_they_run():
     assert table.hold_for("google/gemini-3-pro-image") is None
 
 
+def test_a_model_goes_by_its_own_id_its_target_and_every_alias_of_that():
+    table = PriceTable(aliases={"flash": "google/gemini-2.5-flash"}, fetched_at_ms=1)
+    names = {"google/gemini-2.5-flash", "flash", "gemini-2.5-flash-image", "google/gemini-2.5-flash-image"}
+    assert table.names_of("google/gemini-2.5-flash") == names
+    assert table.names_of("flash") == names == table.names_of("gemini-2.5-flash-image")
+    assert table.names_of("kwaivgi/kling-2.1-master") == {"kwaivgi/kling-2.1-master", "kling/kling-2.1-master"}
+    assert table.names_of("vendor/unknown") == {"vendor/unknown"}
+
+
 def test_the_dearest_price_is_kept_per_kind_of_output():
     models = {
         "a/img": {"price": {"max": 0.2}, "output": ["image"]},

@@ -32,6 +32,19 @@ def test_an_alias_of_a_denied_model_is_refused(make_proxy, up):
     assert up.generation_requests == [] and up.charged_micros == 0
 
 
+def test_a_rule_names_a_model_by_any_of_its_names(make_proxy, up):
+    # Denied by an alias's spelling, the model is refused under its own id and its other aliases.
+    p = make_proxy(alice_keys("[{limit_usd: 10, period: day}]") + "models: {deny: ['kwaivgi/kling-*']}\n")
+    for name in ("kling/kling-2.1-master", "kwaivgi/kling-2.1-master"):
+        r = p.generate(model=name, path=VIDEO)
+        assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
+    # Allowed by one spelling, it runs under any other.
+    q = make_proxy(alice_keys("[{limit_usd: 10, period: day}]") + "models: {allow: ['gemini-2.5-flash-image']}\n")
+    assert q.generate(model="google/gemini-2.5-flash", standin="cost=0.039").status_code == 200
+    assert q.generate(model="openai/gpt-image-1").status_code == 403
+    assert len(up.generation_requests) == 1
+
+
 def test_a_known_alias_is_priced_and_charged_as_its_target(make_proxy, up, caplog):
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(alice_keys("[{limit_usd: 10, period: day}]") + "guard: {unknown_models: reject}\n")
