@@ -102,15 +102,18 @@ def text_bound(api: TextApi, fields: PriceFields, rate: TextRate, media_input_to
     `max_output_tokens` on responses; the larger where several apply), else the rate's
     `max_output_tokens`; plus the largest reasoning budget the request sets (thinking is billed
     as output, and not every API counts it inside the maximum); times `n` (each choice is
-    billed). On a route of neither API the request is not trusted to stop the model: the rate's
-    maximum. Input: the text's UTF-8 bytes (a BPE token covers at least one byte),
-    `media_input_tokens` per image, audio or file part, plus `INPUT_FRAMING_TOKENS`."""
+    billed). On a route of neither API, or when a maximum is sent as a string or a boolean, the
+    request is not trusted to stop the model: at least the rate's maximum. Input: the text's
+    UTF-8 bytes (a BPE token covers at least one byte), `media_input_tokens` per image, audio or
+    file part, plus `INPUT_FRAMING_TOKENS`."""
     asked: list[int | None] = []
     if api == "chat":
         asked = [fields.max_tokens, fields.max_completion_tokens]
     elif api == "responses":
         asked = [fields.max_output_tokens]
     given = [count for count in asked if count is not None]
+    if fields.loose_maximum:
+        given.append(rate.max_output_tokens)  # a maximum that is not a number may not stop the model
     per_choice = (max(given) if given else rate.max_output_tokens) + (fields.reasoning_tokens or 0)
     input_tokens = fields.input_bytes + fields.media_parts * media_input_tokens + INPUT_FRAMING_TOKENS
     return TextBound(input_tokens, per_choice * (fields.n or 1))

@@ -73,6 +73,9 @@ class PriceFields:
     max_output_tokens: int | None = None
     n: int | None = None  # chat choices
     reasoning_tokens: int | None = None  # the largest reasoning budget the body sets
+    # A token maximum sent as something other than a JSON number ("12", true): ImageRouter reads
+    # it as `Number()` does, but a provider behind it may ignore it, so it limits nothing.
+    loose_maximum: bool = False
     # Text routes only: an upper bound on the UTF-8 bytes of the input's text (the body's length,
     # less the payloads of media parts), and the number of inputs not carried as text.
     input_bytes: int = 0
@@ -258,6 +261,7 @@ def _text_fields(fields: PriceFields, data: dict[str, object], input_bytes: int,
         max_output_tokens=_count("max_output_tokens", data.get("max_output_tokens")),
         n=_choices(data.get("n")),
         reasoning_tokens=max(given) if given else None,
+        loose_maximum=any(_loose(data.get(name)) for name in TOKEN_MAXIMUMS),
         input_bytes=input_bytes,
         media_parts=media_parts,
     )
@@ -287,6 +291,14 @@ def _count(name: str, value: object) -> int | None:
     if not math.isfinite(number) or number <= 0:
         return None
     return math.ceil(number)
+
+
+TOKEN_MAXIMUMS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def _loose(value: object) -> bool:
+    """A value that counts as a maximum once `Number()` reads it, but is not a JSON number."""
+    return value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)))
 
 
 def _choices(value: object) -> int | None:

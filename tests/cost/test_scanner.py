@@ -402,7 +402,7 @@ def test_sse_crlf_multi_line_data_at_every_split_point():
 
 
 def test_sse_cost_counts_only_in_the_final_event():
-    # 6d6fd9c took the last cost seen, though events without one followed it.
+    # An earlier release took the last cost seen, though events without one followed it.
     body = b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: {"choices":[]}\n\n'
     assert scan([body], content_type=SSE) == UNKNOWN
     assert scan([b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: [DONE]\n\n'], content_type=SSE) == cost(5000)
@@ -418,7 +418,7 @@ def test_sse_cost_counts_only_in_the_final_event():
 
 
 def test_sse_error_after_output_is_not_a_release():
-    # 6d6fd9c released the hold (charged $0) for a stream that failed after content went out.
+    # An earlier release released the hold (charged $0) for a stream that failed after content went out.
     chunk = b'data: {"id":"c1","choices":[{"delta":{"content":"Hi"}}]}\n\n'
     failure = b'data: {"error":{"message":"upstream failed"}}\n\n'
     assert scan([chunk + failure], content_type=SSE) == UNKNOWN

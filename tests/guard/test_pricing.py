@@ -268,7 +268,7 @@ def test_image_and_video_holds_are_the_models_price_max():
 
 
 def test_an_unlisted_model_holds_the_dearest_price_of_its_route_kind_and_at_least_the_default():
-    # 6d6fd9c held default_hold_usd ($0.50) whatever the model might run.
+    # An earlier release held default_hold_usd ($0.50) whatever the model might run.
     assert quote(PriceFields("no/such-model"), kind="video") == Quote(3_200_000, "unlisted")  # google/veo-3.1
     assert quote(PriceFields("no/such-model"), kind="image") == Quote(500_000, "unlisted")  # the default is more
     cheap = ModelsPolicy(default_hold_micros=1)

@@ -169,7 +169,7 @@ def test_responses_is_bounded_by_max_output_tokens(make_proxy, up, caplog):
 
 
 def test_a_media_type_on_the_body_or_a_message_does_not_shrink_the_hold(make_proxy, up, caplog):
-    """6d6fd9c: adding "type": "image" to a 216 KB chat body cut its hold from $3.2644 to $0.1742,
+    """An earlier release: adding "type": "image" to a 216 KB chat body cut its hold from $3.2644 to $0.1742,
     so five calls put $16.32 on a $1/day budget. Only a content part's payload leaves the count."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
@@ -191,7 +191,7 @@ def test_a_media_type_on_the_body_or_a_message_does_not_shrink_the_hold(make_pro
 
 
 def test_a_thinking_budget_is_held_as_output(make_proxy, up, caplog):
-    """6d6fd9c: `max_tokens: 1` beside a 32,000-token thinking budget held $0.0179."""
+    """An earlier release: `max_tokens: 1` beside a 32,000-token thinking budget held $0.0179."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
     body = chat_body("anthropic/claude-haiku-4.5", max_tokens=1, thinking={"type": "enabled", "budget_tokens": 32_000})
@@ -203,12 +203,26 @@ def test_a_thinking_budget_is_held_as_output(make_proxy, up, caplog):
 
 
 def test_n_as_a_hex_string_holds_sixteen_outputs(make_proxy, up, caplog):
-    """6d6fd9c: `n: "0x10"` was held as one output; Number("0x10") is 16."""
+    """An earlier release: `n: "0x10"` was held as one output; Number("0x10") is 16."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
     body = chat_body("openai/gpt-4o", max_tokens=1000, n="0x10")
     assert post(p, body, "cost=0.01").status_code == 200
     assert held(caplog) == formula(body, "2.50", "10.00", 16_000)
+
+
+def test_a_maximum_sent_as_a_string_holds_at_least_the_rate_maximum(make_proxy, up, caplog):
+    # ImageRouter reads "12" as 12, but a provider behind it may ignore a maximum that is not a
+    # number: the hold covers the model's own maximum too.
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
+    loose = chat_body("openai/gpt-4o", max_tokens="12")
+    assert post(p, loose, "cost=0.01").status_code == 200
+    assert held(caplog) == formula(loose, "2.50", "10.00", 16384)
+    caplog.clear()
+    exact = chat_body("openai/gpt-4o", max_tokens=12)
+    assert post(p, exact, "cost=0.01").status_code == 200
+    assert held(caplog) == formula(exact, "2.50", "10.00", 12)
 
 
 def test_a_count_that_is_not_a_number_is_refused_in_the_envelope(make_proxy, up):
@@ -248,7 +262,7 @@ def test_a_stream_cut_before_its_final_event_is_charged_its_hold(make_proxy, up,
 
 
 def test_a_stream_that_fails_after_content_is_charged_its_hold(make_proxy, up, caplog):
-    """6d6fd9c released the hold of a stream whose provider failed after sending content (charged
+    """An earlier release released the hold of a stream whose provider failed after sending content (charged
     $0.0000), while the upstream billed what was produced."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
@@ -263,7 +277,7 @@ def test_a_stream_that_fails_after_content_is_charged_its_hold(make_proxy, up, c
 
 
 def test_a_cost_in_an_early_event_is_not_the_bill(make_proxy, up, caplog):
-    """6d6fd9c settled at a cost an early event carried when the final event had none."""
+    """An earlier release settled at a cost an early event carried when the final event had none."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
     body = chat_body("openai/gpt-4o", stream=True, max_tokens=4000)

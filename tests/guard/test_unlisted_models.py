@@ -22,7 +22,7 @@ def access_lines(caplog) -> list[dict]:
 
 
 def test_an_alias_of_a_denied_model_is_refused(make_proxy, up):
-    """6d6fd9c: with deny ["kling/*"], kwaivgi/kling-2.1-master got 200 and ran kling-2.1-master
+    """An earlier release: with deny ["kling/*"], kwaivgi/kling-2.1-master got 200 and ran kling-2.1-master
     for $2.80 on a $1/day budget (held $0.50 as an unknown model)."""
     assert "kwaivgi/kling-2.1-master" not in json.dumps(up.models)  # /v2/models does not list it
     p = make_proxy(alice_keys("[{limit_usd: 1, period: day}]") + "models: {deny: ['kling/*']}\n")
@@ -58,7 +58,7 @@ def test_a_known_alias_is_priced_and_charged_as_its_target(make_proxy, up, caplo
 
 
 def test_an_unlisted_model_is_held_at_the_dearest_price_of_its_route_kind(make_proxy, up, caplog):
-    """6d6fd9c held an alias the guard could not resolve at default_hold_usd ($0.50), below the
+    """An earlier release held an alias the guard could not resolve at default_hold_usd ($0.50), below the
     model it ran: a $1/day budget let a $1.60 veo call through."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     up.unlisted_aliases.update({"vendor/veo-next": "google/veo-3.1", "vendor/image-next": "test/test"})
