@@ -132,6 +132,14 @@ def main() -> None:
     envvar="SPEND_GUARD_MAX_BUFFERED_BYTES",
     help="Spending calls' request bodies held in memory at once, per process; past it 503 with Retry-After.",
 )
+@click.option(
+    "--max-head-bytes",
+    default=Settings.max_head_bytes,
+    show_default=True,
+    type=click.IntRange(1024),
+    envvar="SPEND_GUARD_MAX_HEAD_BYTES",
+    help="A request's URL and header names and values together; past it 431 and the connection is closed.",
+)
 def serve(
     host: str,
     port: int,
@@ -148,6 +156,7 @@ def serve(
     body_timeout_s: float,
     max_connections: int,
     max_buffered_bytes: int,
+    max_head_bytes: int,
 ) -> None:
     """Run the proxy."""
     if demo:
@@ -174,6 +183,7 @@ def serve(
         body_timeout_s=body_timeout_s,
         max_connections=max_connections,
         max_buffered_bytes=max_buffered_bytes,
+        max_head_bytes=max_head_bytes,
         state_dir=os.path.abspath(state_dir or default_state_dir()),
         log_format=log_format,
     )

@@ -57,6 +57,7 @@ class Settings:
     body_timeout_s: float = 60.0  # a guarded request's body must arrive within this of its head
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
+    max_head_bytes: int = 16 * 1024  # a request's URL and headers, Node's default; past it 431
     state_dir: str | None = None  # the embedded store's directory (proxy/store/embedded.py); None: its default
     log_format: LogFormat = "text"  # text or json (proxy/logs.py)
 
@@ -105,6 +106,7 @@ class Settings:
             body_timeout_s=number("BODY_TIMEOUT_S", cls.body_timeout_s),
             max_connections=integer("MAX_CONNECTIONS", cls.max_connections),
             max_buffered_bytes=integer("MAX_BUFFERED_BYTES", cls.max_buffered_bytes),
+            max_head_bytes=integer("MAX_HEAD_BYTES", cls.max_head_bytes),
             state_dir=text("STATE_DIR"),
             log_format=log_format(text("LOG_FORMAT")),
         )
@@ -122,6 +124,7 @@ class Settings:
             "BODY_TIMEOUT_S": repr(self.body_timeout_s),
             "MAX_CONNECTIONS": str(self.max_connections),
             "MAX_BUFFERED_BYTES": str(self.max_buffered_bytes),
+            "MAX_HEAD_BYTES": str(self.max_head_bytes),
             "STATE_DIR": self.state_dir or "",
             "LOG_FORMAT": self.log_format,
         }

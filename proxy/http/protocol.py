@@ -13,6 +13,14 @@ httptools protocol with both bounds (docs/failure-modes.md):
   the envelope and get closed at once. So slow clients can neither use up the process's file
   descriptors nor keep a prompt client (or `/-/healthz`) out.
 
+A request head is bounded in size as it arrives (docs/failure-modes.md#a-request-head-too-large):
+its URL and header names and values together at most `max_head_bytes` (16 KiB, counted as Node
+counts them, Node's default), each header line at most MAX_LINE_BYTES and at most MAX_HEADERS of
+them (431 past any of these), its URL at most MAX_URL_BYTES (414); then the connection is closed.
+httptools takes whatever it is fed in one go and keeps a header line still arriving inside
+itself, so while a head arrives the parser is fed FEED_BYTES at a time and the bytes of the head
+are counted between feeds.
+
 Each guarded request also finds `spend_guard.abort` in its scope's `extensions`: the guard calls
 it to drop a client that stopped reading (`transport.close()` would wait for the unread bytes).
 """
@@ -25,6 +33,7 @@ import logging
 import resource
 from typing import Any
 
+import httptools
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -43,6 +52,15 @@ SPARE_FDS = 256
 # this long after the first of them (so a burst is one line).
 TALLY_LOG_S = 60.0
 TALLY_FIRST_S = 2.0
+# Bounds on the parts of a request head (its total is Settings.max_head_bytes).
+MAX_URL_BYTES = 8 * 1024
+MAX_LINE_BYTES = 8 * 1024
+MAX_HEADERS = 100
+# While a head arrives the parser is fed at most this much at once: a head is cut within this many
+# bytes past its bound.
+FEED_BYTES = 4 * 1024
+# A head's request line and line breaks beside its URL, header names and values (what the bound counts).
+HEAD_FRAMING_BYTES = 64
 
 
 @functools.lru_cache(maxsize=1)
@@ -64,6 +82,32 @@ def _raw_response(status: bytes, error_type: str, message: str, extra: bytes = b
 HEAD_TIMEOUT_RESPONSE = _raw_response(
     b"408 Request Timeout", "request_timeout", "The request head did not arrive in time; the connection is closed."
 )
+URL_TOO_LONG_RESPONSE = _raw_response(
+    b"414 URI Too Long",
+    "invalid_request_error",
+    f"The request URL exceeds {MAX_URL_BYTES} bytes; the connection is closed.",
+)
+LINE_TOO_LONG_RESPONSE = _raw_response(
+    b"431 Request Header Fields Too Large",
+    "invalid_request_error",
+    f"A request header line exceeds {MAX_LINE_BYTES} bytes; the connection is closed.",
+)
+TOO_MANY_HEADERS_RESPONSE = _raw_response(
+    b"431 Request Header Fields Too Large",
+    "invalid_request_error",
+    f"The request has more than {MAX_HEADERS} headers; the connection is closed.",
+)
+
+
+@functools.lru_cache(maxsize=4)
+def head_too_large_response(max_head_bytes: int) -> bytes:
+    return _raw_response(
+        b"431 Request Header Fields Too Large",
+        "invalid_request_error",
+        f"The request head (its URL and headers) exceeds {max_head_bytes} bytes; the connection is closed.",
+    )
+
+
 TOO_MANY_RESPONSE = _raw_response(
     b"503 Service Unavailable",
     "guard_unavailable",
@@ -78,12 +122,14 @@ class _Tally:
     def __init__(self) -> None:
         self.cut = 0
         self.refused = 0
+        self.too_large = 0
         self.logged_at = float("-inf")
         self.pending: asyncio.TimerHandle | None = None
 
-    def count(self, protocol: GuardedHttpProtocol, *, cut: int = 0, refused: int = 0) -> None:
+    def count(self, protocol: GuardedHttpProtocol, *, cut: int = 0, refused: int = 0, too_large: int = 0) -> None:
         self.cut += cut
         self.refused += refused
+        self.too_large += too_large
         if self.pending is None:
             now = protocol.loop.time()
             delay = max(TALLY_FIRST_S, self.logged_at + TALLY_LOG_S - now)
@@ -93,13 +139,15 @@ class _Tally:
 
     def flush(self, head_timeout_s: float, max_connections: int, loop: asyncio.AbstractEventLoop) -> None:
         log.warning(
-            "slow clients: %d connection(s) cut for a request head slower than %g s, %d refused at max_connections=%d",
+            "slow clients: %d connection(s) cut for a request head slower than %g s, %d refused at max_connections=%d, "
+            "%d request head(s) refused past their size bounds",
             self.cut,
             head_timeout_s,
             self.refused,
             max_connections,
+            self.too_large,
         )
-        self.cut = self.refused = 0
+        self.cut = self.refused = self.too_large = 0
         self.logged_at = loop.time()
         self.pending = None
 
@@ -116,8 +164,12 @@ class _HeadDeadline:
         self.protocol.head_timed_out()
 
 
+class _HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a head past one of its bounds."""
+
+
 class GuardedHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with a deadline for request heads and a connection cap."""
+    """uvicorn's httptools protocol with a deadline and size bounds for request heads and a connection cap."""
 
     def __init__(
         self,
@@ -131,8 +183,17 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.head_timeout_s = limits.head_timeout_s
         self.max_connections = limits.max_connections
         self.limit_concurrency = None  # this class's own cap replaces uvicorn's
+        self.max_head_bytes = limits.max_head_bytes
         self.head_deadline: _HeadDeadline | None = None
         self.head_begun = False
+        self.between = True  # no message in progress: the next byte fed begins a head
+        self.heads = 0  # heads begun on this connection
+        self.head_bytes = 0  # of the head in progress, as fed
+        self.header_count = 0
+        self.head_size = 0  # the URL and every header name and value so far, as Node counts a head
+        self.url_parts: list[bytes] = []  # joined once the head is in (uvicorn's `url +=` is quadratic)
+        self.url_bytes = 0
+        self.refusal: bytes | None = None  # a head was refused: nothing more is read
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
         self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
@@ -155,19 +216,113 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         super().connection_lost(exc)
 
+    def data_received(self, data: bytes) -> None:
+        if self.refusal is not None:
+            return  # a refused head closes the connection: nothing after it is read
+        self._unset_keepalive_if_required()
+        view = memoryview(data)
+        pos, end = 0, len(data)
+        while pos < end:
+            in_head = self.between or self.head_begun
+            piece = view[pos : min(end, pos + FEED_BYTES)] if in_head else view[pos:]
+            heads, between = self.heads, self.between
+            if not self._parse(piece):
+                return
+            pos += len(piece)
+            if self.head_begun:
+                if self.heads == heads:
+                    self.head_bytes += len(piece)
+                elif self.heads == heads + 1 and between:
+                    self.head_bytes = len(piece)  # it began with this piece
+                else:
+                    self.head_bytes = 0  # it began after another message in this piece: counted from the next
+                # As fed, a head also holds its line breaks, separators and request line around what
+                # the bound counts: they are allowed for.
+                if self.head_bytes > self.max_head_bytes + HEAD_FRAMING_BYTES + 4 * self.header_count:
+                    self.refuse_head(head_too_large_response(self.max_head_bytes))
+                    return
+
+    def _parse(self, piece: memoryview) -> bool:
+        """Feed the parser as uvicorn does; False once the connection is done with."""
+        try:
+            self.parser.feed_data(piece)
+        except httptools.HttpParserError:
+            if self.refusal is not None:
+                self.refuse_head(self.refusal)
+                return False
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+            return False
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return False
+        return True
+
+    def refuse_head(self, response: bytes) -> None:
+        """Answer a head past its bounds and close; behind a response still being sent, close after it."""
+        self.refusal = response
+        self._disarm()
+        self.tally.count(self, too_large=1)
+        if self.transport.is_closing():
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.flow.pause_reading()
+            self.cycle.keep_alive = False  # the latest request's answer ends the connection
+            return
+        self.transport.write(response)
+        self.transport.close()
+
+    def _stop(self, response: bytes) -> None:
+        self.refusal = response
+        raise _HeadRefused
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.head_begun = True
+        self.between = False
+        self.heads += 1
+        self.header_count = self.url_bytes = self.head_size = 0
+        self.url_parts = []
         # A later request's head is due within head_timeout_s of its first bytes (an idle
         # kept-alive connection is uvicorn's timeout_keep_alive's to close).
         self._arm()
 
+    def on_url(self, url: bytes) -> None:
+        self.url_bytes += len(url)
+        if self.url_bytes > MAX_URL_BYTES:
+            self._stop(URL_TOO_LONG_RESPONSE)
+        self._count(len(url))
+        self.url_parts.append(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_count += 1
+        if self.header_count > MAX_HEADERS:
+            self._stop(TOO_MANY_HEADERS_RESPONSE)
+        if len(name) + len(value) > MAX_LINE_BYTES:
+            self._stop(LINE_TOO_LONG_RESPONSE)
+        self._count(len(name) + len(value))
+        super().on_header(name, value)
+
+    def _count(self, size: int) -> None:
+        self.head_size += size
+        if self.head_size > self.max_head_bytes:
+            self._stop(head_too_large_response(self.max_head_bytes))
+
     def on_headers_complete(self) -> None:
         self._disarm()
         self.head_begun = False
+        self.url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
         super().on_headers_complete()
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
+
+    def on_message_complete(self) -> None:
+        self.between = True
+        super().on_message_complete()
 
     def _arm(self) -> None:
         # No loop timer per head (a timer armed and cancelled per request cost ~4 us): the

@@ -1,0 +1,119 @@
+"""No client can exhaust the proxy: what one client makes it hold (memory, slots, CPU, buffer
+credit) is bounded by what that client sends (docs/failure-modes.md, "Hostile clients").
+
+Each attack runs against a served proxy on loopback, bounded in count and time; memory is read
+from the proxy process's /proc/<pid>/status.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.served import ServedProxy
+from tests.http.test_hostile import connect, envelope, read_until_closed, write_policy
+
+pytestmark = pytest.mark.system  # every test here starts a served proxy
+
+
+def rss_mb(proxy: ServedProxy) -> float:
+    """The proxy process's resident memory (one worker: the process serving)."""
+    assert proxy.proc is not None
+    for line in Path(f"/proc/{proxy.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def healthz_s(proxy: ServedProxy) -> float:
+    started = time.monotonic()
+    assert httpx.get(proxy.url + "/-/healthz", timeout=5).status_code == 200
+    return time.monotonic() - started
+
+
+def send_until_closed(sock: socket.socket, chunks, limit_s: float) -> int:
+    """Send `chunks` until the proxy closes the connection or `limit_s` passes; bytes sent."""
+    sock.settimeout(2)
+    sent = 0
+    deadline = time.monotonic() + limit_s
+    try:
+        for chunk in chunks:
+            if time.monotonic() > deadline:
+                break
+            sock.sendall(chunk)
+            sent += len(chunk)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError):
+        pass
+    return sent
+
+
+# -- request heads ---------------------------------------------------------------------------
+
+
+def test_a_head_past_16_kib_is_refused_with_431_and_one_under_it_is_served(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy:
+        filler = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(15))  # 15 lines, ~15.2 KB
+        with connect(proxy.port) as sock:
+            sock.sendall(f"GET /-/healthz HTTP/1.1\r\nHost: x\r\n{filler}\r\n".encode())
+            reply, _ = read_until_closed(sock, 2)
+        assert reply.startswith(b"HTTP/1.1 200")
+        filler = "".join(f"X-Pad-{i}: {'p' * 1000}\r\n" for i in range(17))  # ~17.2 KB
+        with connect(proxy.port) as sock:
+            sock.sendall(f"GET /-/healthz HTTP/1.1\r\nHost: x\r\n{filler}\r\n".encode())
+            reply, closed = read_until_closed(sock, 5)
+        status, headers, body = envelope(reply)
+        assert status == 431 and closed and headers["connection"] == "close"
+        assert body["error"]["type"] == "invalid_request_error"  # type: ignore[index]
+        assert "16384" in body["error"]["message"]  # type: ignore[index]
+
+
+def test_a_long_header_line_too_many_headers_and_a_long_url_are_refused(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy:
+        cases = [
+            (f"GET /-/healthz HTTP/1.1\r\nHost: x\r\nX-Long: {'l' * 9000}\r\n\r\n", 431),
+            ("GET /-/healthz HTTP/1.1\r\n" + "".join(f"X-{i}: v\r\n" for i in range(101)) + "\r\n", 431),
+            (f"GET /{'u' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n", 414),
+        ]
+        for request, expected in cases:
+            with connect(proxy.port) as sock:
+                sock.sendall(request.encode())
+                reply, closed = read_until_closed(sock, 5)
+            status, headers, _ = envelope(reply)
+            assert (status, closed, headers["connection"]) == (expected, True, "close"), request[:60]
+        assert [r.path for r in up.requests if r.path.startswith("/u")] == []
+        with connect(proxy.port) as sock:  # 100 headers are fine
+            lines = "".join(f"X-{i}: v\r\n" for i in range(99))
+            sock.sendall(f"GET /-/healthz HTTP/1.1\r\n{lines}Host: x\r\n\r\n".encode())
+            reply, _ = read_until_closed(sock, 2)
+        assert reply.startswith(b"HTTP/1.1 200")
+
+
+def test_one_connection_streaming_headers_is_cut_and_rss_stays_bounded(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy:
+        healthz_s(proxy)
+        before = rss_mb(proxy)
+        line = b"X-Stream: " + b"s" * 4000 + b"\r\n"
+        with connect(proxy.port) as sock:
+            # At most 64 MB or 5 s of header lines, as fast as the proxy takes them.
+            sent = send_until_closed(sock, [b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n", *([line] * 16_000)], 5)
+            reply, closed = read_until_closed(sock, 5)
+        grown = rss_mb(proxy) - before
+        assert closed and envelope(reply)[0] == 431
+        assert grown < 16, f"RSS grew {grown:.0f} MB for {sent / 1e6:.1f} MB of header lines"
+        assert sent < 8_000_000  # cut once the head passed its bound (the rest is what the kernels buffered)
+        assert healthz_s(proxy) < 1
+
+
+def test_a_url_streamed_in_small_pieces_is_cut_at_its_bound_without_quadratic_work(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy, connect(proxy.port) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(b"GET /")
+        sent = send_until_closed(sock, (b"u" * 500 for _ in range(4000)), 4)  # up to 2 MB, 500 bytes a write
+        reply, closed = read_until_closed(sock, 5)
+        assert closed and envelope(reply)[0] == 414
+        assert sent < 2_000_000
+        assert healthz_s(proxy) < 1
