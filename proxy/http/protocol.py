@@ -21,6 +21,10 @@ httptools takes whatever it is fed in one go and keeps a header line still arriv
 itself, so while a head arrives the parser is fed FEED_BYTES at a time and the bytes of the head
 are counted between feeds.
 
+Pipelined requests are bounded too: once MAX_PIPELINED wait behind the one being answered, the
+connection is not read until they are answered (uvicorn pauses reading then, but resumes it
+whenever a request reads its body, and parses all it was given in one go).
+
 Each guarded request also finds `spend_guard.abort` in its scope's `extensions`: the guard calls
 it to drop a client that stopped reading (`transport.close()` would wait for the unread bytes).
 """
@@ -35,6 +39,7 @@ from typing import Any
 
 import httptools
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
@@ -61,6 +66,11 @@ MAX_HEADERS = 100
 FEED_BYTES = 4 * 1024
 # A head's request line and line breaks beside its URL, header names and values (what the bound counts).
 HEAD_FRAMING_BYTES = 64
+# Requests read and waiting behind the one being answered on a connection: past it the connection
+# is not read until they are answered. While a response is outstanding the parser is fed this
+# much at a time, so at most this many bytes of requests more are queued.
+MAX_PIPELINED = 16
+PIPELINED_FEED_BYTES = 512
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,12 +174,35 @@ class _HeadDeadline:
         self.protocol.head_timed_out()
 
 
+class HeldFlow(FlowControl):
+    """uvicorn's flow control, plus a hold on reading that nothing but `release` lifts (uvicorn
+    resumes reading whenever a request asks for its body, pipelined requests or not)."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        super().__init__(transport)
+        self.held = False
+
+    def hold(self) -> None:
+        self.held = True
+        self.pause_reading()
+
+    def release(self) -> None:
+        self.held = False
+        self.resume_reading()
+
+    def resume_reading(self) -> None:
+        if not self.held:
+            super().resume_reading()
+
+
 class _HeadRefused(Exception):
     """Raised in a parser callback to stop parsing a head past one of its bounds."""
 
 
 class GuardedHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a deadline and size bounds for request heads and a connection cap."""
+
+    flow: HeldFlow
 
     def __init__(
         self,
@@ -194,6 +227,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.url_parts: list[bytes] = []  # joined once the head is in (uvicorn's `url +=` is quadratic)
         self.url_bytes = 0
         self.refusal: bytes | None = None  # a head was refused: nothing more is read
+        self.body_left = 0  # of a body of known length being read
+        self.held: bytearray | None = None  # read but not parsed while enough requests wait (reading paused)
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
         self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
@@ -201,6 +236,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = HeldFlow(transport)
         if self.max_connections and len(self.connections) > self.max_connections:
             # (A head pipelined behind a response still running is never cut here.)
             oldest = next((p for p in self.waiting if p.cycle is None or p.cycle.response_complete), None)
@@ -219,12 +255,19 @@ class GuardedHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         if self.refusal is not None:
             return  # a refused head closes the connection: nothing after it is read
+        if self.held is not None:
+            self.held += data  # (arrived as reading was paused)
+            return
         self._unset_keepalive_if_required()
         view = memoryview(data)
         pos, end = 0, len(data)
         while pos < end:
-            in_head = self.between or self.head_begun
-            piece = view[pos : min(end, pos + FEED_BYTES)] if in_head else view[pos:]
+            if len(self.pipeline) >= MAX_PIPELINED:
+                # Enough requests wait behind the one being answered: read on once they are.
+                self.held = bytearray(view[pos:])
+                self.flow.hold()
+                return
+            piece = view[pos : pos + self._next_feed()]
             heads, between = self.heads, self.between
             if not self._parse(piece):
                 return
@@ -241,6 +284,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 if self.head_bytes > self.max_head_bytes + HEAD_FRAMING_BYTES + 4 * self.header_count:
                     self.refuse_head(head_too_large_response(self.max_head_bytes))
                     return
+
+    def _next_feed(self) -> int:
+        """How much to feed the parser next: the rest of a body of known length at once; else a
+        head's worth, less while a response is still outstanding (what comes is pipelined)."""
+        if not (self.between or self.head_begun):
+            return self.body_left or FEED_BYTES  # in a body (chunked ones: a piece at a time)
+        if self.cycle is not None and not self.cycle.response_complete:
+            return PIPELINED_FEED_BYTES
+        return FEED_BYTES
+
+    def release_held(self) -> None:
+        """Read on after a pipeline drained: first what was held back."""
+        if self.held is None or self.transport.is_closing() or len(self.pipeline) >= MAX_PIPELINED:
+            return
+        data, self.held = bytes(self.held), None
+        self.flow.release()
+        if data:
+            self.data_received(data)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.held is not None:
+            self.loop.call_soon(self.release_held)
 
     def _parse(self, piece: memoryview) -> bool:
         """Feed the parser as uvicorn does; False once the connection is done with."""
@@ -316,12 +382,24 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self._disarm()
         self.head_begun = False
         self.url = self.url_parts[0] if len(self.url_parts) == 1 else b"".join(self.url_parts)
+        self.body_left = 0
+        for name, value in self.headers:
+            if name == b"content-length" and value.isdigit():
+                self.body_left = int(value)
+            elif name == b"transfer-encoding":  # chunked: the length is not the body's
+                self.body_left = 0
+                break
         super().on_headers_complete()
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
 
+    def on_body(self, body: bytes) -> None:
+        self.body_left = max(0, self.body_left - len(body))
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
         self.between = True
+        self.body_left = 0
         super().on_message_complete()
 
     def _arm(self) -> None:

@@ -7,6 +7,7 @@ from the proxy process's /proc/<pid>/status.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from pathlib import Path
@@ -117,3 +118,38 @@ def test_a_url_streamed_in_small_pieces_is_cut_at_its_bound_without_quadratic_wo
         assert closed and envelope(reply)[0] == 414
         assert sent < 2_000_000
         assert healthz_s(proxy) < 1
+
+
+# -- pipelined requests ----------------------------------------------------------------------
+
+
+def test_eight_connections_pipelining_without_reading_hold_little_and_healthz_stays_prompt(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy:
+        healthz_s(proxy)
+        before = rss_mb(proxy)
+        request = b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        burst = request * (18_000 // len(request))
+        socks = [connect(proxy.port, SO_RCVBUF=4096) for _ in range(8)]
+        try:
+            # 1.8 MB each, never reading a response: the proxy stops reading once enough are queued
+            sent = [send_until_closed(sock, [burst] * 100, 3) for sock in socks]
+            grown = rss_mb(proxy) - before
+            took = healthz_s(proxy)
+        finally:
+            for sock in socks:
+                sock.close()
+        assert grown < 40, f"RSS grew {grown:.0f} MB for {sum(sent) / 1e6:.1f} MB of pipelined requests"
+        assert took < 1, took
+
+
+def test_pipelined_requests_are_all_answered_in_order_as_the_client_reads(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False) as proxy, connect(proxy.port) as sock:
+        requests = b"".join(
+            f"GET {f'/echo/{i}' if i % 2 else '/-/healthz'} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(200)
+        )
+        sock.sendall(requests + b"GET /-/healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        replies, closed = read_until_closed(sock, 20)
+        assert closed
+        assert replies.count(b"HTTP/1.1 200 ") == 201
+        echoed = [int(n) for n in re.findall(rb'"path": "/echo/(\d+)"', replies)]
+        assert echoed == list(range(1, 200, 2))
