@@ -36,6 +36,9 @@ REASONING_BUDGETS = (
     ("extra_body", "google", "thinking_config", "thinking_budget"),
     ("thinking_budget",),
 )
+# Content-Type values up to this long are remembered once parsed (256 of them: at most ~64 KB);
+# longer ones are parsed each time.
+CACHED_CONTENT_TYPE_BYTES = 256
 # Content parts (an element of a message's `content` array: chat `messages[]`, responses
 # `input[]`) whose payload is not text: an image, an audio clip or a file, sent inline (base64, a
 # data: URI) or by reference (a URL, a file id).
@@ -329,7 +332,17 @@ def _opt_str(value: object) -> str | None:
     return str(value)[:64]
 
 
-@functools.lru_cache(maxsize=256)
 def _content_type(value: str) -> HeaderValue:
     """A Content-Type parsed once: clients send the same few (its parameters are only read)."""
+    if len(value) > CACHED_CONTENT_TYPE_BYTES:
+        return _parse_content_type(value)
+    return _content_type_cached(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _content_type_cached(value: str) -> HeaderValue:
+    return _parse_content_type(value)
+
+
+def _parse_content_type(value: str) -> HeaderValue:
     return parse_header_value(value, media_type=True, tabs=False, what="Content-Type")

@@ -24,9 +24,12 @@ _ESCAPE = re.compile(rb"%[0-9a-f]{2}", re.IGNORECASE)
 # Decoding rounds tried on a path that stays encoded; `%25` nested deeper than this is refused
 # outright when it sits under a spending route's first segment.
 MAX_DECODES = 8
-
-
+# The answers for the paths seen last are remembered (clients call a few paths over and over, and
+# canonicalising one costs more than the rest of an unguarded call's own work), but only for paths
+# of at most CACHED_PATH_BYTES: a longer one is worked out afresh, so the caches of this module hold
+# at most (CLASSIFIED_CACHE + 4096 + 1024) short paths, about 3 MB, whatever clients send.
 CLASSIFIED_CACHE = 1024
+CACHED_PATH_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,32 @@ class Match:
     ambiguous: bool = False  # an encoded separator, or still encoded after one decode: refuse, never guess
 
 
-@functools.lru_cache(maxsize=4096)
 def canonical_path(raw_path: bytes) -> str:
     """Percent-decode, fold case, turn `\\` into `/`, resolve `.`/`..`, squeeze `//`, drop the trailing `/`."""
+    if len(raw_path) > CACHED_PATH_BYTES:
+        return _canonical(unquote_to_bytes(raw_path))
+    return _canonical_cached(raw_path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical_cached(raw_path: bytes) -> str:
     return _canonical(unquote_to_bytes(raw_path))
 
 
-@functools.lru_cache(maxsize=1024)
 def deep_path(raw_path: bytes) -> str | None:
     """The canonical form once every layer of percent-encoding is gone, for a path that still
     holds an escape after one decode (None for any other path, and past MAX_DECODES layers "")."""
+    if len(raw_path) > CACHED_PATH_BYTES:
+        return _deep_path(raw_path)
+    return _deep_path_cached(raw_path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _deep_path_cached(raw_path: bytes) -> str | None:
+    return _deep_path(raw_path)
+
+
+def _deep_path(raw_path: bytes) -> str | None:
     decoded = unquote_to_bytes(raw_path)
     if not _ESCAPE.search(decoded):
         return None
@@ -80,11 +99,11 @@ class RouteTable:
         self._routes: dict[str, tuple[RouteKind, bool]] = {}
         for path, kind, enabled in routes:
             self._routes[canonical_path(path.encode())] = (kind, enabled)
-        # The answers for the paths seen last: clients call a few paths over and over, and
-        # canonicalising one costs more than the rest of an unguarded call's own work.
-        self._seen: dict[tuple[str, bytes], Match] = {}
+        self._seen: dict[tuple[str, bytes], Match] = {}  # short paths only (CACHED_PATH_BYTES)
 
     def classify(self, method: str, raw_path: bytes) -> Match:
+        if len(raw_path) > CACHED_PATH_BYTES or len(method) > 16:
+            return self._classify(method, raw_path)
         found = self._seen.get((method, raw_path))
         if found is None:
             if len(self._seen) >= CLASSIFIED_CACHE:
