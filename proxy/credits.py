@@ -37,10 +37,20 @@ T = TypeVar("T")
 MAX_BACKOFF_S = 60.0
 CLOCK_SKEW_WARN_S = 2.0  # past this, /-/readyz and the log say the machine's clock is off
 KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a round early
+# `/v1/credits` and `/v2/models` are read up to this size; a larger answer fails the round unread
+# (ImageRouter's are tens of KB; a credits answer grows ~300 bytes per API key).
+MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
 
 
 class CreditsError(ValueError):
     """A credits answer we will not store (nothing of it is stored)."""
+
+
+class DocumentTooLarge(Exception):
+    """An answer past MAX_DOCUMENT_BYTES: read no further."""
+
+    def __str__(self) -> str:
+        return f"larger than {MAX_DOCUMENT_BYTES} bytes, not read further"
 
 
 def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
@@ -253,7 +263,15 @@ class Refresher:
             headers["Authorization"] = f"Bearer {self.api_key.value}"
         timeout = aiohttp.ClientTimeout(total=60, connect=upstream.connect_timeout_s)
         async with self.session.get(self.upstream_url() + path, headers=headers, timeout=timeout) as resp:
-            return resp.status, await resp.read()
+            if (resp.content_length or 0) > MAX_DOCUMENT_BYTES:
+                raise DocumentTooLarge
+            chunks, size = [], 0
+            async for chunk in resp.content.iter_any():
+                size += len(chunk)
+                if size > MAX_DOCUMENT_BYTES:
+                    raise DocumentTooLarge
+                chunks.append(chunk)
+            return resp.status, b"".join(chunks)
 
     async def refresh_credits(self) -> bool:
         """Fetch and apply one snapshot. False on any failure (nothing stored)."""
@@ -266,6 +284,8 @@ class Refresher:
             status, body = await self._get("/v1/credits?by_api_key=true", auth=True)
         except (TimeoutError, aiohttp.ClientError) as exc:
             return self._fail(f"credits fetch failed: {type(exc).__name__}")
+        except DocumentTooLarge as exc:
+            return self._fail(f"credits answer rejected: {exc}")
         if status == 401:
             if not self.state.auth_failed:
                 log.error(
@@ -306,6 +326,10 @@ class Refresher:
         except (TimeoutError, aiohttp.ClientError) as exc:
             self.models_failures += 1
             log.warning("models fetch failed: %s", type(exc).__name__)
+            return False
+        except DocumentTooLarge as exc:
+            self.models_failures += 1
+            log.warning("models answer rejected: %s", exc)
             return False
         try:
             if status != 200:

@@ -10,25 +10,27 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import socket
+import socketserver
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.support.served import ServedProxy
+from tests.support.served import ServedProxy, wait_until
 from tests.http.test_hostile import connect, envelope, read_until_closed, write_policy
 
 pytestmark = pytest.mark.system  # every test here starts a served proxy
 
 
-def rss_mb(proxy: ServedProxy) -> float:
-    """The proxy process's resident memory (one worker: the process serving)."""
+def rss_mb(proxy: ServedProxy, field: str = "VmRSS") -> float:
+    """The proxy process's resident memory (one worker: the process serving); VmHWM: its peak."""
     assert proxy.proc is not None
     for line in Path(f"/proc/{proxy.proc.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
+    raise AssertionError(f"no {field}")
 
 
 def healthz_s(proxy: ServedProxy) -> float:
@@ -175,3 +177,71 @@ def test_unique_long_paths_leave_no_memory_behind(tmp_path, up):
         grown = rss_mb(proxy) - before
         assert statuses == {404}
         assert grown < 16, f"RSS grew {grown:.0f} MB after 4,500 unique 8 KB paths"
+
+
+# -- upstream control documents ----------------------------------------------------------------
+
+
+class HugeDocuments:
+    """An upstream answering `/v1/credits` (close-delimited) and `/v2/models` (with its length) with
+    400 MB each, generated as sent; anything else 404."""
+
+    SIZE = 400_000_000
+
+    def __init__(self) -> None:
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), self._handler(), bind_and_activate=True)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.sent: list[int] = []
+
+    def _handler(self) -> type[socketserver.BaseRequestHandler]:
+        outer = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                target = (self.rfile.readline().split(b" ") + [b""])[1]
+                while self.rfile.readline() not in (b"\r\n", b""):
+                    pass
+                if target.startswith(b"/v1/credits"):
+                    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+                elif target.startswith(b"/v2/models"):
+                    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % outer.SIZE
+                else:
+                    self.wfile.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    return
+                chunk = b'{"pad": "' + b"x" * (1 << 20)
+                sent = 0
+                try:
+                    self.wfile.write(head)
+                    while sent < outer.SIZE:
+                        self.wfile.write(chunk[: outer.SIZE - sent])
+                        sent += min(len(chunk), outer.SIZE - sent)
+                except OSError:
+                    pass
+                outer.sent.append(sent)
+
+        return Handler
+
+    def __enter__(self) -> HugeDocuments:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_400_mb_credits_or_models_answer_is_refused_unread_and_rss_stays_bounded(tmp_path):
+    with HugeDocuments() as huge, ServedProxy(write_policy(tmp_path), huge.url, None, ready=False) as proxy:
+        wait_until(lambda: "models answer rejected" in proxy.output(), 10, "the models answer to be refused")
+        wait_until(lambda: "credits answer rejected" in proxy.output(), 10, "the credits answer to be refused")
+        peak = rss_mb(proxy, "VmHWM")
+        assert peak < 150, f"RSS peaked at {peak:.0f} MB"
+        output = proxy.output()
+        why = "larger than 16777216 bytes, not read further"
+        assert f"credits refresh failed: credits answer rejected: {why}" in output
+        assert f"models answer rejected: {why}" in output
+        ready = httpx.get(proxy.url + "/-/readyz", timeout=5)
+        assert ready.status_code == 503
+        assert ready.json()["last_refresh_error"] == f"credits answer rejected: {why}"
+        assert all(sent < HugeDocuments.SIZE for sent in huge.sent), huge.sent
