@@ -375,8 +375,9 @@ class Alerts:
 
 async def start_alerts(stack: contextlib.AsyncExitStack, runtime: Any) -> Alerts:
     """The alert loop's parts, closed by the lifespan's stack: a session of its own (a slow
-    receiver never competes with upstream calls) and the deliveries; hooks `runtime.on_settled`."""
-    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    receiver never competes with upstream calls) and the deliveries; hooks `runtime.on_settled`.
+    The session's pool has no cap of its own: each webhook's lane bounds its connections."""
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar(), connector=aiohttp.TCPConnector(limit=0))
     stack.push_async_callback(session.close)
     deliveries = Deliveries(session, runtime.metrics, runtime.clock)
     stack.push_async_callback(deliveries.aclose)

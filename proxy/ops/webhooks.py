@@ -38,12 +38,13 @@ SECRET_PREFIX = "whsec_"
 # Delays before each retry (then the delivery counts as failed): about 16 minutes in all, with up to
 # 20 % jitter so instances that failed together do not retry together.
 BACKOFF_S: tuple[float, ...] = (1.0, 5.0, 30.0, 120.0, 840.0)
-# Deliveries queued or being retried at once; past this an event is dropped and counted: alerts
-# must never hold memory without bound or slow a call.
+# Each endpoint has its own lane, so a dead or slow receiver delays only its own alerts:
+# deliveries queued or being retried at once to one endpoint; past this an event is dropped and
+# counted: alerts must never hold memory without bound or slow a call.
 MAX_PENDING = 1000
 # A receiver has this long to answer (the spec recommends 15-30 s).
 TIMEOUT_S = 15.0
-# HTTP requests in flight at once (retries waiting out their backoff do not count).
+# HTTP requests in flight at once to one endpoint (retries waiting out their backoff do not count).
 MAX_CONCURRENT = 8
 # How long a shutdown waits for deliveries in flight before cancelling them.
 CLOSE_GRACE_S = 2.0
@@ -97,9 +98,23 @@ def endpoints(hooks: Sequence[WebhookPolicy], environ: Mapping[str, str] = os.en
     return found
 
 
+class _Lane:
+    """One endpoint's deliveries: its own pending count and its own slots for requests in flight."""
+
+    __slots__ = ("pending", "sending")
+
+    def __init__(self) -> None:
+        self.pending = 0
+        self.sending = asyncio.Semaphore(MAX_CONCURRENT)
+
+    def done(self, task: asyncio.Task[None]) -> None:
+        self.pending -= 1
+
+
 class Deliveries:
-    """Sends events to webhooks in background tasks, at most `max_pending` at a time; counts each
-    delivery `sent`, `retried`, `failed` or `dropped` in spend_guard_webhook_deliveries_total."""
+    """Sends events to webhooks in background tasks, at most `max_pending` at a time per endpoint;
+    counts each delivery `sent`, `retried`, `failed` or `dropped` in
+    spend_guard_webhook_deliveries_total."""
 
     def __init__(
         self,
@@ -118,7 +133,7 @@ class Deliveries:
         self.max_pending = max_pending
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.tasks: set[asyncio.Task[None]] = set()
-        self._sending = asyncio.Semaphore(MAX_CONCURRENT)
+        self._lanes: dict[str, _Lane] = {}
         self._broken_logged: set[str] = set()
         self._closed = False
 
@@ -132,19 +147,25 @@ class Deliveries:
                     self._broken_logged.add(endpoint.url)
                     log.error("alert webhook %s is not sent: %s", endpoint.url, endpoint.broken)
                 continue
-            if self._closed or len(self.tasks) >= self.max_pending:
+            lane = self._lanes.get(endpoint.url)
+            if lane is None:
+                lane = self._lanes[endpoint.url] = _Lane()
+            if self._closed or lane.pending >= self.max_pending:
                 self.metrics.webhook_deliveries.labels("dropped").inc()
                 log.warning(
-                    "alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.url, len(self.tasks)
+                    "alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.url, lane.pending
                 )
                 continue
-            task = asyncio.create_task(self._deliver(endpoint, str(event["id"]), body), name="webhook")
+            task = asyncio.create_task(self._deliver(endpoint, lane, str(event["id"]), body), name="webhook")
+            lane.pending += 1
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(lane.done)
 
-    async def _deliver(self, endpoint: Endpoint, msg_id: str, body: bytes) -> None:
+    async def _deliver(self, endpoint: Endpoint, lane: _Lane, msg_id: str, body: bytes) -> None:
         for attempt in range(len(self.backoff_s) + 1):
-            retry_after, why = await self._attempt(endpoint, msg_id, body)
+            async with lane.sending:
+                retry_after, why = await self._attempt(endpoint, msg_id, body)
             if retry_after is None:
                 self.metrics.webhook_deliveries.labels("sent").inc()
                 return
@@ -164,12 +185,9 @@ class Deliveries:
         if endpoint.key is not None:
             headers["webhook-signature"] = sign(endpoint.key, msg_id, timestamp, body)
         try:
-            async with (
-                self._sending,
-                self.session.post(
-                    endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
-                ) as resp,
-            ):
+            async with self.session.post(
+                endpoint.url, data=body, headers=headers, timeout=self.timeout, allow_redirects=False
+            ) as resp:
                 await resp.read()
                 status, retry_header = resp.status, resp.headers.get("Retry-After", "")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -3,7 +3,9 @@ secrets read from the environment and never shown, what is retried and what is n
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 import time
 
 import aiohttp
@@ -72,3 +74,21 @@ async def test_an_unusable_secret_sends_nothing_and_says_so_once(caplog):
         "but the rest is not base64"
     ]
     assert "%%%" not in caplog.text
+
+
+async def test_a_blackholed_endpoint_delays_only_its_own_deliveries():
+    metrics = Metrics()
+    with socket.socket() as blackhole, Receiver() as healthy:
+        blackhole.bind(("127.0.0.1", 0))
+        blackhole.listen(64)  # connections complete, nothing is ever read or answered
+        dead = Endpoint(f"http://127.0.0.1:{blackhole.getsockname()[1]}/hook")
+        async with aiohttp.ClientSession() as session:
+            sender = Deliveries(session, metrics, time.time, backoff_s=(0.01,), timeout_s=10)
+            started = time.monotonic()
+            for i in range(30):
+                sender.send({"id": f"msg_{i}", "type": "credits.low"}, [dead, Endpoint(healthy.url)])
+            arrived = await asyncio.to_thread(healthy.wait_for, 30, 5)
+            await sender.aclose(grace_s=0.1)
+    latest = max(delivery.at for delivery in arrived) - started
+    assert latest < 1, f"the healthy endpoint's last alert arrived {latest:.1f} s after it was sent"
+    assert metrics.webhook_deliveries.labels("sent")._value.get() == 30
