@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 import redis.asyncio as aioredis
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route, Router
 
 from proxy import logs
@@ -22,13 +22,15 @@ from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.errors import Rejected, StoreError, error_response
 from proxy.guard.guard import Guard
 from proxy.guard.verdicts import budget_holds
+from proxy.http.request import raw_path
+from proxy.http.routing import canonical_path
 from proxy.http.upstream import create_session
 from proxy.money import format_usd
 from proxy.ops.alerts import Alerts, start_alerts
 from proxy.ops.gauges import LevelGauges
 from proxy.ops.levels import me_report
 from proxy.ops.metrics import Metrics
-from proxy.ops.statuspage import authorize, page_response, status_data
+from proxy.ops.statuspage import authorize, authorize_metrics, page_response, status_data
 from proxy.outside import OutsideSpend, OutsideWatch
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy, default_policy
@@ -41,6 +43,8 @@ from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
 log = logging.getLogger("spend_guard")
 OWN_PREFIX = "/-/"
+STATUS_PAGE = "/-/status"
+OWN_PATHS = frozenset({"/-/healthz", "/-/readyz", "/-/metrics", "/-/me", STATUS_PAGE, "/-/status.json"})
 STARTUP_REFRESH_S = 5.0
 SETTLE_RETRY_S = 1.0
 MARK_STARTED_S = 0.5
@@ -85,7 +89,8 @@ class SpendGuardApp:
                 Route("/-/me", self.me),
                 Route("/-/status", self.status_page),
                 Route("/-/status.json", self.status_json),
-            ]
+            ],
+            redirect_slashes=False,  # (starlette builds its redirects from the Host header)
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -94,8 +99,9 @@ class SpendGuardApp:
             return
         if scope["type"] != "http":
             return  # websockets: ImageRouter has none
-        if scope["path"].startswith(OWN_PREFIX):
-            await self.router(scope, receive, send)
+        own = own_path(scope)
+        if own is not None:
+            await self.own(scope, receive, send, own)
             return
         if self.guard is None:
             await error_response(503, "guard_unavailable", "The proxy is starting.")(scope, receive, send)
@@ -104,6 +110,17 @@ class SpendGuardApp:
             await self.guard(scope, receive, send)
         except Rejected as exc:  # raised after the guard's own handling, e.g. while reading a passthrough
             await exc.response()(scope, receive, send)
+
+    async def own(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
+        """An own endpoint, by the canonical form of its path: never forwarded, however spelled."""
+        if path == STATUS_PAGE and scope["path"].endswith("/"):
+            # The page finds its data beside its own URL: send it to the one without the slash,
+            # relative to what the client asked (never built from the Host header).
+            await RedirectResponse("../status", status_code=307)(scope, receive, send)
+            return
+        if scope["path"] != path:
+            scope = {**scope, "path": path, "raw_path": path.encode()}
+        await self.router(scope, receive, send)
 
     async def lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         message = await receive()
@@ -410,6 +427,9 @@ class SpendGuardApp:
         log.info("spend guard ready: policy %s, upstream %s", rt.policy.version, rt.upstream_url())
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        policy = self.runtime.policy if self.runtime is not None else self.initial_policy
+        if (denied := authorize_metrics(policy, request.headers.getlist("authorization"))) is not None:
+            return denied
         if self.runtime is not None:
             await self.levels.refresh(self.runtime.ledger, self.runtime.policy, self.runtime.clock())
         return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
@@ -446,6 +466,18 @@ class SpendGuardApp:
             reload_error=None if failure is None else failure.describe(policy.version),
         )
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def own_path(scope: Scope) -> str | None:
+    """The canonical path of a request for an own endpoint, however spelled (`//-/status.json`,
+    `/x/../-/status.json`, `/%2D/status.json`: what the route table reads alike), else None."""
+    if scope["path"] in OWN_PATHS:
+        return str(scope["path"])
+    raw = raw_path(scope)
+    if b"-" not in raw and b"%2" not in raw:
+        return None  # (no spelling of `/-` without either)
+    canonical = canonical_path(raw)
+    return canonical if canonical == "/-" or canonical.startswith(OWN_PREFIX) else None
 
 
 def create_app(

@@ -489,7 +489,7 @@ def store_recover(
     """Let calls touching local budgets through again after the store lost its state."""
     from proxy.commands.recover import Plan, RecoveryError, from_access_log, from_seeds, recover
     from proxy.errors import StoreError
-    from proxy.store.backends import redis_client
+    from proxy.store.backends import describe_url, redis_client
     from proxy.store.embedded import socket_url
     from proxy.store.redis import Store
     from proxy.types import SystemClock
@@ -520,7 +520,7 @@ def store_recover(
     try:
         lost = asyncio.run(run())
     except StoreError as exc:
-        click.echo(f"spend-guard store recover: cannot reach the store at {url}: {exc}", err=True)
+        click.echo(f"spend-guard store recover: cannot reach the store at {describe_url(url)}: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
     if lost is None:
         click.echo("the store had not lost its state; nothing to recover (seeds, if any, were written)")

@@ -8,7 +8,6 @@ wrong DB number, or an embedded store whose proxy is not running all look alike 
 from __future__ import annotations
 
 import os
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +16,7 @@ from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
 from proxy.ops.levels import budget_level, key_report, read_levels
 from proxy.policy.model import Budget, Policy
-from proxy.store.backends import redis_client
+from proxy.store.backends import describe_url, redis_client
 from proxy.store.embedded import socket_path, socket_url
 from proxy.store.records import Levels
 from proxy.store.redis import Store
@@ -48,15 +47,6 @@ class Status:
             "holds_in_flight": self.holds_in_flight,
             "rows": self.rows,
         }
-
-
-def describe_url(url: str) -> str:
-    """`url` without its password (a Redis URL may carry one)."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def store_url(redis_url: str | None, state_dir: str) -> str:

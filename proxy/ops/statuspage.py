@@ -56,6 +56,30 @@ def authorize(policy: Policy, authorization: Sequence[str]) -> Response | None:
     )
 
 
+def authorize_metrics(policy: Policy, authorization: Sequence[str]) -> Response | None:
+    """None when `/-/metrics` is open (the default) or the request carries the admin token, as a
+    Bearer token or a Basic password (Prometheus sends either); else a 401."""
+    admin = policy.admin
+    if admin is None or not admin.protect_metrics:
+        return None
+    digest = None
+    if len(authorization) == 1:
+        scheme, _, token = authorization[0].partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        else:
+            digest = _password_digest(authorization[0])
+    if digest is not None and hmac.compare_digest(digest, admin.token_sha256):
+        return None
+    return error_response(
+        401,
+        "unauthorized",
+        "/-/metrics needs the admin token (admin.protect_metrics): as a Bearer token or the password of HTTP Basic "
+        "authentication.",
+        headers={"WWW-Authenticate": REALM, **NO_STORE},
+    )
+
+
 def _password_digest(header: str) -> str | None:
     """sha256 hex of the password of a Basic `Authorization` header, or None if it is not one."""
     scheme, _, encoded = header.partition(" ")

@@ -8,8 +8,8 @@ v1,<base64 HMAC-SHA256 over "{id}.{timestamp}.{body}">`. The key is the secret f
 webhook's `secret_env` names: a `whsec_` secret is base64 after its prefix, as the spec serialises
 it; any other secret is used as its UTF-8 bytes. Without `secret_env` deliveries are unsigned.
 
-The secret is never logged, stored or put in a label; a webhook's URL is operator config and is
-named in log lines.
+The secret is never logged, stored or put in a label; nor is a webhook's URL beyond its scheme
+and host (`Endpoint.shown`): Slack, Discord and Teams URLs carry their secret in the path.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import os
 import random
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -75,9 +77,36 @@ def sign(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
 
 @dataclass(frozen=True)
 class Endpoint:
-    url: str
+    url: str = field(repr=False)
     key: bytes | None = field(default=None, repr=False)  # None: unsigned
     broken: str = ""  # why its secret is unusable: nothing is sent to it
+
+    @property
+    def shown(self) -> str:
+        """The URL as logs name it: scheme and host only."""
+        return shown_url(self.url)
+
+    def scrub(self, text: str) -> str:
+        """`text` (an error that may quote the URL) with the URL shown as its scheme and host only."""
+        text = text.replace(self.url, self.shown)
+        with contextlib.suppress(ValueError):
+            parts = urllib.parse.urlsplit(self.url)
+            for secret in (parts.path + ("?" + parts.query if parts.query else ""), parts.path):
+                if len(secret) > 1:
+                    text = text.replace(secret, "/...")
+        return text
+
+
+def shown_url(url: str) -> str:
+    """`https://hooks.slack.com/services/T0/B0/secret` -> `https://hooks.slack.com`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "?"
+        port = parts.port
+    except ValueError:
+        return "(a malformed URL)"
+    host = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{host}" + (f":{port}" if port else "")
 
 
 def endpoints(hooks: Sequence[WebhookPolicy], environ: Mapping[str, str] = os.environ) -> list[Endpoint]:
@@ -145,7 +174,7 @@ class Deliveries:
                 self.metrics.webhook_deliveries.labels("failed").inc()
                 if endpoint.url not in self._broken_logged:
                     self._broken_logged.add(endpoint.url)
-                    log.error("alert webhook %s is not sent: %s", endpoint.url, endpoint.broken)
+                    log.error("alert webhook %s is not sent: %s", endpoint.shown, endpoint.broken)
                 continue
             lane = self._lanes.get(endpoint.url)
             if lane is None:
@@ -153,7 +182,7 @@ class Deliveries:
             if self._closed or lane.pending >= self.max_pending:
                 self.metrics.webhook_deliveries.labels("dropped").inc()
                 log.warning(
-                    "alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.url, lane.pending
+                    "alert %s to %s dropped: %d deliveries already pending", event["id"], endpoint.shown, lane.pending
                 )
                 continue
             task = asyncio.create_task(self._deliver(endpoint, lane, str(event["id"]), body), name="webhook")
@@ -171,11 +200,11 @@ class Deliveries:
                 return
             if retry_after < 0 or attempt == len(self.backoff_s):
                 self.metrics.webhook_deliveries.labels("failed").inc()
-                log.warning("alert %s to %s failed after %d attempt(s): %s", msg_id, endpoint.url, attempt + 1, why)
+                log.warning("alert %s to %s failed after %d attempt(s): %s", msg_id, endpoint.shown, attempt + 1, why)
                 return
             self.metrics.webhook_deliveries.labels("retried").inc()
             delay = max(retry_after, self.backoff_s[attempt] * (1 + 0.2 * random.random()))
-            log.info("alert %s to %s: %s; retrying in %.1f s", msg_id, endpoint.url, why, delay)
+            log.info("alert %s to %s: %s; retrying in %.1f s", msg_id, endpoint.shown, why, delay)
             await asyncio.sleep(delay)
 
     async def _attempt(self, endpoint: Endpoint, msg_id: str, body: bytes) -> tuple[float | None, str]:
@@ -191,7 +220,7 @@ class Deliveries:
                 await resp.read()
                 status, retry_header = resp.status, resp.headers.get("Retry-After", "")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            return 0.0, f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return 0.0, endpoint.scrub(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         if 200 <= status < 300:
             return None, ""
         if status == 410:  # Gone: the receiver wants no more (spec: stop sending)

@@ -376,8 +376,8 @@ FIELDS: Mapping[str, _Spec] = {
         "secret_env": ("secret_env", _optional(_secret_env)),
     },
     # `admin:` enables /-/status (docs/status-page.md): the sha256 of the token a browser sends as
-    # its password.
-    "admin": {"token_sha256": ("token_sha256", _sha256)},
+    # its password; with `protect_metrics`, /-/metrics asks for the token too.
+    "admin": {"token_sha256": ("token_sha256", _sha256), "protect_metrics": ("protect_metrics", _bool)},
     "route": {
         "path": ("path", _route_path),
         "kind": ("kind", _choice("route kind", ROUTE_KINDS)),

@@ -142,6 +142,7 @@ class AdminPolicy:
     only its sha256 is in the policy (docs/status-page.md)."""
 
     token_sha256: str
+    protect_metrics: bool = False  # /-/metrics needs the token too
 
 
 @dataclass(frozen=True, slots=True)

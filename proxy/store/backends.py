@@ -4,9 +4,33 @@ server of the state dir."""
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+
+# Query parameters of a store URL that hold a secret (redis-py takes `?password=` as the password).
+SECRET_PARAMS = ("password", "pass", "secret", "token")
+
+
+def describe_url(url: str) -> str:
+    """`url` as output may show it: a password, in the user part or the query, is `***`."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        hostname, port = parts.hostname, parts.port
+    except ValueError:
+        return "(a malformed store URL)"
+    netloc, query = parts.netloc, parts.query
+    if parts.password is not None:
+        host = f"[{hostname}]" if hostname and ":" in hostname else hostname or ""
+        netloc = f"{parts.username or ''}:***@{host}" + (f":{port}" if port else "")
+    if query:
+        pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+        masked = [(k, "***" if any(s in k.lower() for s in SECRET_PARAMS) else v) for k, v in pairs]
+        query = urllib.parse.urlencode(masked, safe="*")
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 def embedded_client(state_dir: str | None) -> aioredis.Redis:

@@ -107,6 +107,21 @@ def test_status_reads_the_embedded_store_of_a_state_dir(make_proxy, store_target
 def test_status_never_prints_a_redis_password():
     assert describe_url("redis://user:s3cret@127.0.0.1:6379/2") == "redis://user:***@127.0.0.1:6379/2"
     assert describe_url("redis://127.0.0.1:6379/2") == "redis://127.0.0.1:6379/2"
+    assert describe_url("rediss://:s3cret@[::1]:6380/0?password=s3cret&ssl_cert_reqs=none") == (
+        "rediss://:***@[::1]:6380/0?password=***&ssl_cert_reqs=none"
+    )
+    url = f"redis://127.0.0.1:{free_port()}/0?password=s3cret"
+    code, out, err = status("--redis-url", url)
+    assert code == 3 and "s3cret" not in out + err
+    assert "cannot read the store at redis://127.0.0.1:" in err and "?password=***" in err
+
+
+def test_store_recover_never_prints_a_redis_password(tmp_path):
+    url = f"redis://ops:s3cret@127.0.0.1:{free_port()}/0?password=s3cret2"
+    result = CliRunner().invoke(main, ["store", "recover", "--redis-url", url, "--accept-loss"])
+    assert result.exit_code == 3, result.output
+    assert "cannot reach the store at redis://ops:***@127.0.0.1:" in result.output
+    assert "s3cret" not in result.output
 
 
 def test_status_help_explains_every_option():

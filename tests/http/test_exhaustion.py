@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.http.test_hostile import write_policy
 from tests.support.served import ServedProxy, wait_until
-from tests.http.test_hostile import connect, envelope, read_until_closed, write_policy
+from tests.support.sockets import connect, envelope, read_until_closed
 
 pytestmark = pytest.mark.system  # every test here starts a served proxy
 

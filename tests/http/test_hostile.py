@@ -5,7 +5,6 @@ a call open, and a cut response is one WARNING line."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import selectors
 import socket
@@ -19,6 +18,7 @@ import pytest
 from tests.support.constants import KEY_A, SHA_A
 from tests.support.policies import budget, flow, key_entry, policy_yaml
 from tests.support.served import ServedProxy, wait_until
+from tests.support.sockets import connect, envelope, read_until_closed
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 ROUTE = "/v1/openai/images/generations"
@@ -47,35 +47,6 @@ def head(length: int | str, *, auth: str | None = KEY_A, extra: str = "") -> byt
         lines.append(f"Authorization: Bearer {auth}")
     lines.append(f"Content-Length: {length}")
     return ("\r\n".join(lines) + "\r\n" + extra + "\r\n").encode()
-
-
-def connect(port: int, **opts: int) -> socket.socket:
-    sock = socket.socket()
-    for name, value in opts.items():
-        sock.setsockopt(socket.SOL_SOCKET, getattr(socket, name), value)
-    sock.connect(("127.0.0.1", port))
-    return sock
-
-
-def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
-    """Everything the server sends until it closes (True) or `timeout` passes (False)."""
-    sock.settimeout(timeout)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-        return data, True
-    except ConnectionResetError:
-        return data, True
-    except TimeoutError:
-        return data, False
-
-
-def envelope(reply: bytes) -> tuple[int, dict[str, str], dict[str, object]]:
-    head_part, _, body = reply.partition(b"\r\n\r\n")
-    lines = head_part.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    return int(lines[0].split(" ")[1]), headers, json.loads(body)
 
 
 @pytest.mark.system

@@ -9,10 +9,14 @@ import hashlib
 import logging
 import re
 
+import pytest
+
 from proxy.errors import StoreError
 from proxy.guard.recent_refusals import MAX_RECENT_REFUSALS, RecentRefusal, RecentRefusals
 from tests.support.constants import KEY_A, KEY_B
 from tests.support.policies import budget, flow, key_entry, policy_yaml
+from tests.support.served import ServedProxy
+from tests.support.sockets import connect, envelope, read_until_closed
 
 ADMIN_TOKEN = "sg-admin-" + "q" * 40
 ADMIN_SHA = hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()
@@ -154,3 +158,44 @@ def test_status_json_lists_the_alerts_sent_in_each_scopes_current_window(make_pr
     assert all(a["at"].endswith("Z") for a in data["alerts"])
     page = proxy.client.get("/-/status", headers=basic("ops", ADMIN_TOKEN)).text
     assert 'id="alerts"' in page and "Alerts sent this window" in page
+
+
+@pytest.mark.system
+def test_every_spelling_of_an_own_path_is_served_here_and_never_forwarded(tmp_path, up) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("account: {name: spellings, refresh_s: 1, max_staleness_s: 300}\n" + POLICY)
+    auth = basic("ops", ADMIN_TOKEN)["Authorization"]
+    with ServedProxy(policy, up.url, None) as proxy:
+        for path in ("//-/status.json", "/x/../-/status.json", "/%2D/status.json", "/-/STATUS.json", "/-/status.json/",
+                     "http://elsewhere.example/-/status.json"):
+            with connect(proxy.port) as sock:
+                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+                             .encode())
+                reply, _ = read_until_closed(sock, 5)
+            status, _, body = envelope(reply)
+            assert status == 200 and "scopes" in body, (path, reply[:200])
+        with connect(proxy.port) as sock:  # unknown ones are this proxy's 404, not ImageRouter's
+            sock.sendall(f"GET //-/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
+                         .encode())
+            reply, _ = read_until_closed(sock, 5)
+        assert reply.startswith(b"HTTP/1.1 404") and b"spend-guard" not in reply
+        # The page with a trailing slash goes to its one spelling, relative: never built from Host.
+        with connect(proxy.port) as sock:
+            sock.sendall(b"GET /-/status/ HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
+            reply, _ = read_until_closed(sock, 5)
+        head = reply.partition(b"\r\n\r\n")[0].decode().lower()
+        assert head.startswith("http/1.1 307") and "\r\nlocation: ../status\r\n" in head, head
+    assert [r.path for r in up.requests if "status" in r.path or "nothing" in r.path] == []
+
+
+def test_metrics_are_open_unless_the_admin_section_protects_them(make_proxy) -> None:
+    assert make_proxy(POLICY).client.get("/-/metrics").status_code == 200
+    proxy = make_proxy(f"admin: {{token_sha256: '{ADMIN_SHA}', protect_metrics: true}}\n" + KEYS)
+    for headers in ({}, basic("prometheus", "wrong"), {"Authorization": "Bearer wrong"}):
+        denied = proxy.client.get("/-/metrics", headers=headers)
+        assert denied.status_code == 401 and denied.json()["error"]["type"] == "unauthorized"
+        assert denied.headers["www-authenticate"] == 'Basic realm="spend-guard"'
+    for headers in (basic("prometheus", ADMIN_TOKEN), {"Authorization": f"Bearer {ADMIN_TOKEN}"}):
+        scraped = proxy.client.get("/-/metrics", headers=headers)
+        assert scraped.status_code == 200 and "spend_guard_" in scraped.text
+    assert proxy.client.get("/%2D/METRICS").status_code == 401  # every spelling

@@ -70,7 +70,7 @@ async def test_an_unusable_secret_sends_nothing_and_says_so_once(caplog):
         await sender.aclose()
     assert metrics.webhook_deliveries.labels("failed")._value.get() == 3
     assert [r.getMessage() for r in caplog.records] == [
-        "alert webhook http://127.0.0.1:9/hook is not sent: SG_BAD: the secret starts with whsec_ "
+        "alert webhook http://127.0.0.1:9 is not sent: SG_BAD: the secret starts with whsec_ "
         "but the rest is not base64"
     ]
     assert "%%%" not in caplog.text
@@ -92,3 +92,23 @@ async def test_a_blackholed_endpoint_delays_only_its_own_deliveries():
     latest = max(delivery.at for delivery in arrived) - started
     assert latest < 1, f"the healthy endpoint's last alert arrived {latest:.1f} s after it was sent"
     assert metrics.webhook_deliveries.labels("sent")._value.get() == 30
+
+
+async def test_logs_name_a_webhook_by_scheme_and_host_only(caplog):
+    # Slack, Discord and Teams URLs carry their secret in the path.
+    caplog.set_level(logging.INFO, "spend_guard.alerts")
+    metrics = Metrics()
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))
+        port = closed_port.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/services/T0SECRET/B0SECRET/xoxbSECRETSECRET?token=SECRET"
+    async with aiohttp.ClientSession() as session:
+        sender = Deliveries(session, metrics, time.time, backoff_s=(0.01,), max_pending=1)
+        sender.send({"id": "msg_1", "type": "credits.low"}, [Endpoint(url)])
+        sender.send({"id": "msg_2", "type": "credits.low"}, [Endpoint(url)])  # dropped: one pending at most
+        await sender.aclose(grace_s=5)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(f"alert msg_1 to http://127.0.0.1:{port} failed after 2 attempt(s)" in m for m in messages), messages
+    assert any(f"alert msg_2 to http://127.0.0.1:{port} dropped" in m for m in messages), messages
+    assert "SECRET" not in caplog.text
+    assert "SECRET" not in repr(Endpoint(url))

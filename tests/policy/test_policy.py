@@ -58,7 +58,7 @@ EXPECTED = {
         "admin.token_sha256: expected 64 lowercase hex characters, got 'not-a-di...' (12 characters); "
         "compute it with `spend-guard fingerprint`"
     ),
-    "admin_unknown_key.yaml": "admin.user: unknown key; expected one of token_sha256",
+    "admin_unknown_key.yaml": "admin.user: unknown key; expected one of token_sha256, protect_metrics",
     "account_name_invalid.yaml": "account.name: expected a name of 1-64 letters, digits or _ . -, got 'main account'",
     "api_key_env_invalid.yaml": (
         "account.api_key_env: expected an environment variable name such as IMAGEROUTER_API_KEY (value not shown)"
