@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.test_hostile import write_policy
+from tests.http.test_hostile import ROUTE, write_policy
+from tests.support.constants import KEY_A
 from tests.support.served import ServedProxy, wait_until
 from tests.support.sockets import connect, envelope, read_until_closed
 
@@ -246,3 +247,22 @@ def test_a_400_mb_credits_or_models_answer_is_refused_unread_and_rss_stays_bound
         assert ready.status_code == 503
         assert ready.json()["last_refresh_error"] == f"credits answer rejected: {why}"
         assert all(sent < HugeDocuments.SIZE for sent in huge.sent), huge.sent
+
+
+# -- request bodies ----------------------------------------------------------------------------
+
+
+def test_a_chunked_body_past_max_body_bytes_is_refused_413_unread_and_unforwarded(tmp_path, up):
+    policy = write_policy(tmp_path, "guard: {max_body_bytes: 65536}\n")
+    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as sock:
+        head = (f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        chunk = b"%x\r\n%s\r\n" % (16384, b'{"model": "openai/gpt-image-1", "pad": "'.ljust(16384, b"x"))
+        # up to 64 MB, as fast as the proxy takes it: it stops reading past 64 KiB
+        sent = send_until_closed(sock, [head, *([chunk] * 4096)], 5)
+        reply, closed = read_until_closed(sock, 5)
+        status, headers, body = envelope(reply)
+        assert (status, closed, headers["connection"]) == (413, True, "close")
+        assert body["error"]["message"] == "Request body exceeds the 65536-byte limit."  # type: ignore[index]
+        assert sent < 16_000_000  # the rest is what the kernels buffered
+        assert up.generation_requests == []
