@@ -105,6 +105,12 @@ class Deadline:
         self.expired = True
         self.task.cancel()
 
+    def fire(self) -> None:
+        """End the block now, as if its deadline had passed (TimeoutError at its exit)."""
+        if self.when is not None and not self.expired:
+            self.sweeper.open.pop(self, None)
+            self.expire()
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:

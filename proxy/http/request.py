@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from proxy.deadlines import deadline
 from proxy.errors import Rejected
@@ -65,16 +65,26 @@ def bearer(headers: list[tuple[str, str]]) -> str | None:
 
 
 class BodyPool:
-    """Bytes of guarded request bodies held in memory at once in this process, against one bound:
-    past it a call is refused (503) instead of growing memory (docs/failure-modes.md)."""
+    """Bytes of guarded request bodies held in memory at once in this process, against one bound
+    (docs/failure-modes.md#many-large-bodies-at-once). A body takes credit as its bytes arrive,
+    never for a length it only declares. When the pool is short, a body holding less than a fair
+    share (the bound over the bodies being read) makes room by cutting the body being read that
+    holds the most (it is refused, 503); a body past its fair share is refused itself."""
 
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.held_bytes = 0
+        self.reading: set[BodyLease] = set()
 
-    def take(self, size: int) -> bool:
-        if self.held_bytes + size > self.limit_bytes:
-            return False
+    def take(self, lease: BodyLease, size: int) -> bool:
+        while self.held_bytes + size > self.limit_bytes:
+            fair = self.limit_bytes // max(1, len(self.reading))
+            if lease.size + size > fair:
+                return False
+            biggest = max((other for other in self.reading if other is not lease), key=_held, default=None)
+            if biggest is None or biggest.size <= fair:
+                return False
+            biggest.cut()
         self.held_bytes += size
         return True
 
@@ -82,25 +92,52 @@ class BodyPool:
         self.held_bytes = max(0, self.held_bytes - size)
 
 
+def _held(lease: BodyLease) -> int:
+    return lease.size
+
+
+def busy() -> Rejected:
+    return Rejected(
+        503,
+        "guard_unavailable",
+        "Too many request bodies are being read at once; retry shortly.",
+        scope="request",
+        headers={"Retry-After": "1", **CLOSE},
+    )
+
+
 class BodyLease:
     """One request's share of a `BodyPool`; `release()` is idempotent."""
 
-    __slots__ = ("pool", "size")
+    __slots__ = ("pool", "size", "stop", "was_cut")
 
     def __init__(self, pool: BodyPool) -> None:
         self.pool = pool
         self.size = 0
+        self.stop: Callable[[], None] | None = None  # ends the read in progress (while reading)
+        self.was_cut = False
 
     def grow(self, size: int) -> None:
-        if not self.pool.take(size):
-            raise Rejected(
-                503,
-                "guard_unavailable",
-                "Too many request bodies are being read at once; retry shortly.",
-                scope="request",
-                headers={"Retry-After": "1", **CLOSE},
-            )
+        if self.was_cut or not self.pool.take(self, size):
+            raise busy()
         self.size += size
+
+    def reading(self, stop: Callable[[], None]) -> None:
+        """The body is being read; `stop()` ends that read if the pool needs its bytes."""
+        self.stop = stop
+        self.pool.reading.add(self)
+
+    def read(self) -> None:
+        self.stop = None
+        self.pool.reading.discard(self)
+
+    def cut(self) -> None:
+        """Give the bytes back now and end the read (its reader answers 503)."""
+        stop, self.was_cut = self.stop, True
+        self.read()
+        self.release()
+        if stop is not None:
+            stop()
 
     def release(self) -> None:
         self.pool.give(self.size)
@@ -127,16 +164,22 @@ async def read_body(
 ) -> bytes:
     """The whole body; `declared` is the request's Content-Length, if any. With `timeout_s`, a body
     that has not all arrived by then is refused (408); with `lease`, its bytes are counted in a
-    pool (all of a declared length at once, before anything is read) and refused (503) past it."""
+    pool as they arrive and refused (503) past what the pool allows it."""
     size = int(declared) if declared is not None and declared.strip().isdigit() else None
     if size is not None and size > max_bytes:
         raise too_large(max_bytes)
-    if lease is not None and size:
-        lease.grow(size)
     try:
-        async with deadline(timeout_s):
-            return await _receive_all(receive, max_bytes, None if size is not None else lease)
+        async with deadline(timeout_s) as reading:
+            if lease is not None and timeout_s is not None:
+                lease.reading(reading.fire)
+            try:
+                return await _receive_all(receive, max_bytes, lease)
+            finally:
+                if lease is not None:
+                    lease.read()
     except TimeoutError:
+        if lease is not None and lease.was_cut:
+            raise busy() from None
         raise Rejected(
             408,
             "request_timeout",
@@ -160,7 +203,7 @@ async def _receive_all(receive: Receive, max_bytes: int, lease: BodyLease | None
         if size > max_bytes:
             raise too_large(max_bytes)
         if lease is not None and chunk:
-            lease.grow(len(chunk))  # a body of unknown length is counted as it arrives
+            lease.grow(len(chunk))
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.test_hostile import ROUTE, write_policy
+from tests.http.test_hostile import AUTH, ROUTE, head, write_policy
 from tests.support.constants import KEY_A
 from tests.support.served import ServedProxy, wait_until
 from tests.support.sockets import connect, envelope, read_until_closed
@@ -266,3 +266,40 @@ def test_a_chunked_body_past_max_body_bytes_is_refused_413_unread_and_unforwarde
         assert body["error"]["message"] == "Request body exceeds the 65536-byte limit."  # type: ignore[index]
         assert sent < 16_000_000  # the rest is what the kernels buffered
         assert up.generation_requests == []
+
+
+def test_four_heads_declaring_64_mib_hold_no_buffer_credit(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None) as proxy:
+        declared = [connect(proxy.port) for _ in range(4)]  # the default bound: 4 x 64 MiB
+        try:
+            for sock in declared:
+                sock.sendall(head(64 * 1024 * 1024))  # ~150 bytes each, no body
+            time.sleep(0.5)  # a sleep: the four heads must be read first (no event crosses processes)
+            statuses = [
+                httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
+                           headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=10).status_code
+                for _ in range(10)
+            ]
+        finally:
+            for sock in declared:
+                sock.close()
+        assert statuses == [200] * 10
+
+
+def test_a_stalled_body_past_its_fair_share_is_cut_to_make_room_for_a_small_one(tmp_path, up):
+    args = ("--max-buffered-bytes", "3000000", "--body-timeout-s", "30")
+    with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
+        hog = connect(proxy.port)
+        # 2.9 MB of a 3 MB body, then nothing: all but 100 KB of the bound
+        hog.sendall(head(3_000_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_900_000)
+        time.sleep(0.5)  # a sleep: the body must be read first (no event crosses processes)
+        small = httpx.post(proxy.url + ROUTE,
+                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
+                           headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"}, timeout=5)
+        assert small.status_code == 200
+        reply, closed = read_until_closed(hog, 5)  # the hog held more than half: it is refused
+        status, headers, body = envelope(reply)
+        assert (status, closed, headers["retry-after"]) == (503, True, "1")
+        assert body["error"]["type"] == "guard_unavailable"  # type: ignore[index]
+        hog.close()
+        assert len(up.generation_requests) == 1

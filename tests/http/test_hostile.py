@@ -181,11 +181,12 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
     args = ("--max-buffered-bytes", "3000000", "--body-timeout-s", "30")
     with ServedProxy(write_policy(tmp_path), up.url, None, args=args) as proxy:
         stalled = [connect(proxy.port) for _ in range(2)]
-        for sock in stalled:
-            sock.sendall(head(1_400_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 100_000)
-        time.sleep(0.5)  # a sleep: no event crosses the process boundary; the two heads must be read first
+        for sock in stalled:  # 1.4 MB of 1.45 MB sent each: 2.8 MB held
+            sock.sendall(head(1_450_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 1_400_000)
+        time.sleep(0.5)  # a sleep: no event crosses the process boundary; the two bodies must be read first
+        # A third past its fair share (a third of the bound while three are read) is refused...
         third = httpx.post(proxy.url + ROUTE,
-                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
+                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
                            headers={**AUTH, "Content-Type": "application/json"}, timeout=5)
         assert third.status_code == 503 and third.headers["retry-after"] == "1"
         assert third.json()["error"]["type"] == "guard_unavailable"
