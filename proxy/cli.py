@@ -140,6 +140,14 @@ def main() -> None:
     envvar="SPEND_GUARD_MAX_HEAD_BYTES",
     help="A request's URL and header names and values together; past it 431 and the connection is closed.",
 )
+@click.option(
+    "--write-timeout-s",
+    default=Settings.write_timeout_s,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    envvar="SPEND_GUARD_WRITE_TIMEOUT_S",
+    help="A client that takes nothing of a response for this long is dropped (a spending call is settled as cut).",
+)
 def serve(
     host: str,
     port: int,
@@ -157,6 +165,7 @@ def serve(
     max_connections: int,
     max_buffered_bytes: int,
     max_head_bytes: int,
+    write_timeout_s: float,
 ) -> None:
     """Run the proxy."""
     if demo:
@@ -184,6 +193,7 @@ def serve(
         max_connections=max_connections,
         max_buffered_bytes=max_buffered_bytes,
         max_head_bytes=max_head_bytes,
+        write_timeout_s=write_timeout_s,
         state_dir=os.path.abspath(state_dir or default_state_dir()),
         log_format=log_format,
     )

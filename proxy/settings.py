@@ -58,6 +58,7 @@ class Settings:
     max_connections: int = 2048  # open client connections per process; past it new ones get 503
     max_buffered_bytes: int = 256 * 1024 * 1024  # guarded request bodies held at once, per process
     max_head_bytes: int = 16 * 1024  # a request's URL and headers, Node's default; past it 431
+    write_timeout_s: float = 60.0  # a client that takes nothing of a response for this is dropped
     state_dir: str | None = None  # the embedded store's directory (proxy/store/embedded.py); None: its default
     log_format: LogFormat = "text"  # text or json (proxy/logs.py)
 
@@ -107,6 +108,7 @@ class Settings:
             max_connections=integer("MAX_CONNECTIONS", cls.max_connections),
             max_buffered_bytes=integer("MAX_BUFFERED_BYTES", cls.max_buffered_bytes),
             max_head_bytes=integer("MAX_HEAD_BYTES", cls.max_head_bytes),
+            write_timeout_s=number("WRITE_TIMEOUT_S", cls.write_timeout_s),
             state_dir=text("STATE_DIR"),
             log_format=log_format(text("LOG_FORMAT")),
         )
@@ -125,6 +127,7 @@ class Settings:
             "MAX_CONNECTIONS": str(self.max_connections),
             "MAX_BUFFERED_BYTES": str(self.max_buffered_bytes),
             "MAX_HEAD_BYTES": str(self.max_head_bytes),
+            "WRITE_TIMEOUT_S": repr(self.write_timeout_s),
             "STATE_DIR": self.state_dir or "",
             "LOG_FORMAT": self.log_format,
         }

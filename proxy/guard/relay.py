@@ -17,7 +17,15 @@ from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError, UpstreamNotSent
 from proxy.guard.verdicts import Call, log_decision
 from proxy.http.request import BodyLease
-from proxy.http.upstream import ClientStalled, abort_client, body_chunks, request_head, response_headers
+from proxy.http.upstream import (
+    ClientStalled,
+    WriteStalled,
+    abort_client,
+    body_chunks,
+    request_head,
+    response_headers,
+    send_within,
+)
 from proxy.policy.model import Policy
 from proxy.runtime import Flight, Runtime
 from proxy.types import Receive, Scope, Send
@@ -88,7 +96,9 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
         out_headers = response_headers(resp) + [(k.lower().encode(), v.encode()) for k, v in call.headers.items()]
         # upstream.timeout_s bounds the whole call, time blocked sending to a client that stopped
         # reading included, so a hold's lease (hold_ttl_s > timeout_s) never ends under it.
+        # A client that takes nothing of the answer for --write-timeout-s is dropped sooner.
         sending, finished = True, False
+        write_s = rt.settings.write_timeout_s
         try:
             async with deadline_at(deadline):
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
@@ -98,12 +108,13 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
                     # After a client disconnect uvicorn drops these sends; we keep reading to the
                     # end so the call settles with ImageRouter's real cost.
                     sending = True
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    await send_within(scope, send, {"type": "http.response.body", "body": chunk, "more_body": True},
+                                      write_s)
                     sending = False
                 outcome, finished = observer.finish(True), True
                 sending = True
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except (TimeoutError, aiohttp.ClientError) as exc:
+                await send_within(scope, send, {"type": "http.response.body", "body": b"", "more_body": False}, write_s)
+        except (TimeoutError, aiohttp.ClientError, WriteStalled) as exc:
             if not finished:
                 outcome = observer.finish(False)
             if not sending:
@@ -113,10 +124,12 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
                 ) from exc
             call.outcome = "client_stalled"
             abort_client(scope)
-            raise ClientStalled(
-                f"client of {call.request_id} stopped reading; "
-                f"dropped after upstream.timeout_s={policy.upstream.timeout_s:g}"
-            ) from exc
+            after = (
+                f"--write-timeout-s={write_s:g}"
+                if isinstance(exc, WriteStalled)
+                else f"upstream.timeout_s={policy.upstream.timeout_s:g}"
+            )
+            raise ClientStalled(f"client of {call.request_id} stopped reading; dropped after {after}") from exc
     finally:
         if resp is not None:
             resp.release()

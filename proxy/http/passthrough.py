@@ -13,7 +13,15 @@ import aiohttp
 from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError
 from proxy.http.request import read_body, stream_body
-from proxy.http.upstream import ClientStalled, abort_client, body_chunks, request_head, response_headers
+from proxy.http.upstream import (
+    ClientStalled,
+    WriteStalled,
+    abort_client,
+    body_chunks,
+    request_head,
+    response_headers,
+    send_within,
+)
 from proxy.runtime import Runtime
 from proxy.types import Receive, Scope, Send
 
@@ -71,18 +79,19 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
             if not resp.content.is_eof():
                 # Only a response still arriving needs watching; most arrive whole with the headers.
                 watcher = asyncio.create_task(watch_disconnect())
+            write_s = rt.settings.write_timeout_s
             async for chunk in body_chunks(resp.content):
                 sending = True
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await send_within(scope, send, message, write_s)
                 sending = False
             sending = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-    except (TimeoutError, aiohttp.ClientError) as exc:
+            await send_within(scope, send, {"type": "http.response.body", "body": b"", "more_body": False}, write_s)
+    except (TimeoutError, aiohttp.ClientError, WriteStalled) as exc:
         if sending:
             abort_client(scope)
-            raise ClientStalled(
-                "the client of an unguarded response stopped reading; dropped after upstream.timeout_s"
-            ) from exc
+            after = "--write-timeout-s" if isinstance(exc, WriteStalled) else "upstream.timeout_s"
+            raise ClientStalled(f"the client of an unguarded response stopped reading; dropped after {after}") from exc
         if watcher is None or not watcher.done():
             # The upstream broke mid-body: abort the client's connection too, so it sees a cut.
             raise UpstreamBroken(

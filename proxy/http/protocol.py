@@ -8,10 +8,11 @@ httptools protocol with both bounds (docs/failure-modes.md):
   for the first request): past it the client gets a 408 in the error envelope and the connection
   is closed; a connection that never sent a byte is closed;
 - at `max_connections` open connections (per process) a new connection first makes room by
-  cutting the connection that has waited longest for its request head (a slow client, answered
+  closing the connection idle longest between requests (kept alive: its client reconnects), else
+  by cutting the connection that has waited longest for its request head (a slow client, answered
   408 as above); only when every connection is busy with a request does the new one get a 503 in
-  the envelope and get closed at once. So slow clients can neither use up the process's file
-  descriptors nor keep a prompt client (or `/-/healthz`) out.
+  the envelope and get closed at once. So slow or idle clients can neither use up the process's
+  file descriptors nor keep a prompt client (or `/-/healthz`) out.
 
 A request head is bounded in size as it arrives (docs/failure-modes.md#a-request-head-too-large):
 its URL and header names and values together at most `max_head_bytes` (16 KiB, counted as Node
@@ -45,7 +46,7 @@ from uvicorn.server import ServerState
 
 from proxy.deadlines import unwatch, watch
 from proxy.errors import UpstreamBroken, render_envelope
-from proxy.http.upstream import ABORT_EXTENSION, ClientStalled
+from proxy.http.upstream import ABORT_EXTENSION, FLOW_EXTENSION, ClientStalled
 from proxy.logs import LogFormat, uvicorn_log_config
 from proxy.settings import Settings
 
@@ -133,13 +134,17 @@ class _Tally:
         self.cut = 0
         self.refused = 0
         self.too_large = 0
+        self.idle = 0
         self.logged_at = float("-inf")
         self.pending: asyncio.TimerHandle | None = None
 
-    def count(self, protocol: GuardedHttpProtocol, *, cut: int = 0, refused: int = 0, too_large: int = 0) -> None:
+    def count(
+        self, protocol: GuardedHttpProtocol, *, cut: int = 0, refused: int = 0, too_large: int = 0, idle: int = 0
+    ) -> None:
         self.cut += cut
         self.refused += refused
         self.too_large += too_large
+        self.idle += idle
         if self.pending is None:
             now = protocol.loop.time()
             delay = max(TALLY_FIRST_S, self.logged_at + TALLY_LOG_S - now)
@@ -150,14 +155,16 @@ class _Tally:
     def flush(self, head_timeout_s: float, max_connections: int, loop: asyncio.AbstractEventLoop) -> None:
         log.warning(
             "slow clients: %d connection(s) cut for a request head slower than %g s, %d refused at max_connections=%d, "
-            "%d request head(s) refused past their size bounds",
+            "%d idle kept-alive connection(s) closed there to make room, %d request head(s) refused past their size "
+            "bounds",
             self.cut,
             head_timeout_s,
             self.refused,
             max_connections,
+            self.idle,
             self.too_large,
         )
-        self.cut = self.refused = self.too_large = 0
+        self.cut = self.refused = self.too_large = self.idle = 0
         self.logged_at = loop.time()
         self.pending = None
 
@@ -232,24 +239,31 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
         self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
+        # ...and those idle between requests (kept alive, no byte of a next head yet), longest idle first.
+        self.idle: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_idle", {})
         self.tally: _Tally = server_state.__dict__.setdefault("spend_guard_tally", _Tally())
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = HeldFlow(transport)
         if self.max_connections and len(self.connections) > self.max_connections:
-            # (A head pipelined behind a response still running is never cut here.)
-            oldest = next((p for p in self.waiting if p.cycle is None or p.cycle.response_complete), None)
-            if oldest is None:
-                transport.write(TOO_MANY_RESPONSE)
-                transport.close()
-                self.tally.count(self, refused=1)
-                return
-            oldest.cut_slow_head()
+            if self.idle:  # a kept-alive connection idle between requests goes first (its client reconnects)
+                self.tally.count(self, idle=1)
+                next(iter(self.idle)).close_idle()
+            else:
+                # (A head pipelined behind a response still running is never cut here.)
+                oldest = next((p for p in self.waiting if p.cycle is None or p.cycle.response_complete), None)
+                if oldest is None:
+                    transport.write(TOO_MANY_RESPONSE)
+                    transport.close()
+                    self.tally.count(self, refused=1)
+                    return
+                oldest.cut_slow_head()
         self._arm()  # the first request's head is due within head_timeout_s of the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self.idle.pop(self, None)
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -259,6 +273,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
             self.held += data  # (arrived as reading was paused)
             return
         self._unset_keepalive_if_required()
+        self.idle.pop(self, None)
         view = memoryview(data)
         pos, end = 0, len(data)
         while pos < end:
@@ -307,6 +322,14 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self.held is not None:
             self.loop.call_soon(self.release_held)
+        elif not self.pipeline and self.timeout_keep_alive_task is not None:
+            self.idle[self] = None  # kept alive, waiting for a next request
+
+    def close_idle(self) -> None:
+        """Close a kept-alive connection between requests (as its keep-alive timeout would)."""
+        self.idle.pop(self, None)
+        if not self.transport.is_closing():
+            self.transport.close()
 
     def _parse(self, piece: memoryview) -> bool:
         """Feed the parser as uvicorn does; False once the connection is done with."""
@@ -392,6 +415,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
+        extensions[FLOW_EXTENSION] = self.flow
 
     def on_body(self, body: bytes) -> None:
         self.body_left = max(0, self.body_left - len(body))

@@ -16,7 +16,9 @@ from urllib.parse import quote_from_bytes
 import aiohttp
 from yarl import URL
 
+from proxy.deadlines import deadline
 from proxy.errors import UpstreamError, UpstreamNotSent
+from proxy.types import Message, Send
 
 # RFC 9110 §7.6.1, plus the pre-standard ones proxies still see.
 HOP_BY_HOP_HEADERS = frozenset(
@@ -45,13 +47,33 @@ LARGE_BODY_BYTES = 1 << 20
 # The scope extension through which the server lets the guard drop a client's connection at once
 # (set by `proxy.http.protocol.GuardedHttpProtocol`).
 ABORT_EXTENSION = "spend_guard.abort"
+# The server's flow control of the client connection (its `write_paused`): a send is bounded by the
+# write timeout only when it can block, so a prompt client costs no deadline.
+FLOW_EXTENSION = "spend_guard.flow"
 _PATH_SAFE = b"/%:@!$&'()*+,;=-._~"
 _ALREADY_SAFE = re.compile(rb"[A-Za-z0-9/%:@!$&'()*+,;=._~-]*")
 
 
 class ClientStalled(Exception):
-    """A client stopped reading a guarded response until `upstream.timeout_s` ran out: raised after
-    its connection was dropped, so the call ends and settles."""
+    """A client stopped reading a response for `--write-timeout-s` (or until `upstream.timeout_s`
+    ran out): raised after its connection was dropped, so the call ends and settles."""
+
+
+async def send_within(scope: Mapping[str, Any], send: Send, message: Message, timeout_s: float) -> None:
+    """`send(message)`, failing with `WriteStalled` if the client takes none of it for `timeout_s`."""
+    flow = scope.get("extensions", {}).get(FLOW_EXTENSION)
+    if flow is None or not flow.write_paused:
+        await send(message)  # it cannot block
+        return
+    try:
+        async with deadline(timeout_s):
+            await send(message)
+    except TimeoutError:
+        raise WriteStalled from None
+
+
+class WriteStalled(Exception):
+    """The client took nothing of a response for `--write-timeout-s`."""
 
 
 def abort_client(scope: Mapping[str, Any]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.test_hostile import AUTH, ROUTE, head, write_policy
+from tests.http.test_hostile import AUTH, ROUTE, head, spent, write_policy
 from tests.support.constants import KEY_A
 from tests.support.served import ServedProxy, wait_until
 from tests.support.sockets import connect, envelope, read_until_closed
@@ -303,3 +303,55 @@ def test_a_stalled_body_past_its_fair_share_is_cut_to_make_room_for_a_small_one(
         assert body["error"]["type"] == "guard_unavailable"  # type: ignore[index]
         hog.close()
         assert len(up.generation_requests) == 1
+
+
+# -- connection slots ------------------------------------------------------------------------
+
+
+def test_idle_kept_alive_connections_make_room_for_new_callers_at_the_cap(tmp_path, up):
+    with ServedProxy(write_policy(tmp_path), up.url, None) as proxy:  # the default cap: 2048
+        idle: list[socket.socket] = []
+        try:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                idle = list(pool.map(lambda _: kept_alive(proxy.port), range(2048)))
+            # every slot is held by a connection idle between requests; callers still get in
+            statuses = [
+                httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
+                           headers={**AUTH, "X-Standin": "cost=0.01", "Connection": "close"}, timeout=10).status_code
+                for _ in range(20)
+            ]
+            closed = sum(read_until_closed(sock, 0.01)[1] for sock in idle)
+        finally:
+            for sock in idle:
+                sock.close()
+        assert statuses == [200] * 20
+        assert 1 <= closed <= 20  # at most one idle connection closed per newcomer (the longest idle first)
+
+
+def kept_alive(port: int) -> socket.socket:
+    """A connection that made one request and keeps its connection open, idle."""
+    sock = connect(port)
+    sock.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = b""
+    while not got.endswith(b'{"status":"ok"}'):
+        got += sock.recv(4096)
+    return sock
+
+
+def test_a_client_that_stops_reading_a_guarded_answer_is_dropped_at_the_write_timeout(tmp_path, up):
+    policy = write_policy(tmp_path, "upstream: {timeout_s: 60}\n")
+    with ServedProxy(policy, up.url, None, args=("--write-timeout-s", "2")) as proxy, \
+            connect(proxy.port, SO_RCVBUF=65536) as sock:
+        body = b'{"model": "openai/gpt-image-1", "prompt": "x"}'
+        started = time.monotonic()
+        sock.sendall(head(len(body), extra=f"X-Standin: b64={20 * 1024 * 1024},cost=0.05\r\n") + body)
+        got = b""
+        while len(got) < 64 * 1024:
+            got += sock.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200")
+        # ...and reads no more: dropped 2 s after the proxy could send nothing, not at timeout_s (60 s)
+        wait_until(lambda: spent(proxy) != "0.0000", 15, "the stalled call to settle")
+        assert time.monotonic() - started < 10
+        assert spent(proxy) == "0.3000"  # the hold, as for any client that stopped reading
+        lines = [line for line in proxy.output().splitlines() if "stopped reading" in line]
+        assert len(lines) == 1 and "WARNING" in lines[0] and "--write-timeout-s=2" in lines[0], lines
