@@ -14,6 +14,7 @@ import collections
 import contextlib
 import functools
 import os
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -71,6 +72,35 @@ QUEUE_TIMEOUT_S = 10.0
 # what is left of clock differences between instances once each measures its offset to the
 # store's clock.
 CONTAIN_MARGIN_MS = 250
+
+
+# Error replies of a store that cannot take writes for now: at `maxmemory` (OOM), failing to
+# persist (MISCONF, a full disk), a replica (READONLY), loading its data (LOADING), running a long
+# script (BUSY), without enough replicas (NOREPLICAS) or a cluster without its majority or a slot
+# owner (CLUSTERDOWN, MASTERDOWN, TRYAGAIN). Redis refuses a script at its first write, so
+# nothing of it ran: each is an outage, retried like a lost connection (docs/failure-modes.md).
+WRITE_REFUSALS = frozenset(
+    {"OOM", "MISCONF", "READONLY", "LOADING", "BUSY", "NOREPLICAS", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN"}
+)
+# A script's error reply quotes the refused command's reply: "... -OOM command not allowed ..."
+# (Redis 6 wraps it as "Error running script ...: -OOM ..."; Redis 7 and Valkey pass it through).
+_QUOTED_REFUSAL = re.compile(r"(?:^|: -)(" + "|".join(sorted(WRITE_REFUSALS)) + r")\b")
+# redis-py's own classes for some of them (ClusterDownError covers MasterDownError).
+_REFUSAL_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterDownError,
+)
+
+
+def refuses_writes(exc: redis.exceptions.ResponseError) -> bool:
+    """Whether an error reply means the store cannot take writes for now, not that the
+    operation itself is at fault."""
+    if isinstance(exc, _REFUSAL_CLASSES):
+        return True
+    code = getattr(exc, "status_code", None)
+    return code in WRITE_REFUSALS or _QUOTED_REFUSAL.search(str(exc)) is not None
 
 
 class Store:
@@ -173,6 +203,11 @@ class Store:
         except asyncio.CancelledError:
             raise
         except redis.exceptions.ResponseError as exc:
+            if refuses_writes(exc):
+                # Full, read-only, loading, busy, without its replicas or its cluster: nothing
+                # ran, and the same operation succeeds once that is over. An outage.
+                self._failing = True
+                raise StoreError(f"store unavailable: {type(exc).__name__}: {exc}") from exc
             # Redis ran the command and refused it: a script fault, not an outage. A script's
             # error names its file and line there (Script.locate_lines).
             raise StoreScriptError(f"store refused an operation: {exc}") from exc
