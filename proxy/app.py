@@ -19,6 +19,7 @@ from starlette.routing import Route, Router
 
 from proxy import logs
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
+from proxy.deadlines import deadline
 from proxy.errors import Rejected, StoreError, error_response
 from proxy.guard.guard import Guard
 from proxy.guard.verdicts import budget_holds
@@ -38,6 +39,7 @@ from proxy.policy.reload import PolicyHolder
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store.backends import redis_client
+from proxy.store.embedded import restarts as embedded_restarts
 from proxy.store.redis import Store
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
@@ -55,6 +57,8 @@ RESERVE_FAILURE_UNREADY_S = 10.0
 ALERTS_DRAIN_S = 2.0
 # How often an instance not ready at startup checks whether it is, to log that it is.
 READY_POLL_S = 1.0
+# /-/healthz asks the embedded store for a PONG within this (the image's probe gives up after 2 s).
+HEALTH_STORE_TIMEOUT_S = 1.0
 
 
 class SpendGuardApp:
@@ -199,6 +203,11 @@ class SpendGuardApp:
                 "store: embedded server, state dir %s (append-only file fsynced every second); "
                 "shared by this proxy's workers only",
                 self.settings.state_dir or "default",
+            )
+            self.metrics.computed.add_counter(
+                "spend_guard_embedded_store_restarts",
+                "Times the embedded store's server died and `serve` started it again on its append-only file.",
+                lambda: float(embedded_restarts(self.settings.state_dir)),
             )
         # Take calls only once the first refresh round (snapshot, prices) has run, so the first
         # calls after a start are guarded rather than refused for want of them; each worker
@@ -346,6 +355,24 @@ class SpendGuardApp:
     # -- own endpoints ---------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """Liveness: 503 when this process can no longer serve spending calls at all, whatever
+        other instances or a later retry do: the store it runs itself (the embedded one) does not
+        answer, or a background loop it needs stopped. A shared Redis that is down is readiness
+        (`/-/readyz`): restarting this process would not bring it back."""
+        rt = self.runtime
+        problems = []
+        if rt is not None:
+            if not self.settings.redis_url:
+                try:
+                    async with deadline(HEALTH_STORE_TIMEOUT_S):
+                        await rt.store.ping()
+                except Exception as exc:  # noqa: BLE001 - any failure to answer is the problem
+                    # The kind of failure only: the detail may name internal paths (the log has it).
+                    reason = exc if isinstance(exc, TimeoutError) else exc.__cause__ or exc
+                    problems.append(f"embedded store: not answering ({type(reason).__name__})")
+            problems += [f"background task {t.get_name()} is not running" for t in self.tasks if t.done()]
+        if problems:
+            return JSONResponse({"status": "failing", "problems": problems}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:

@@ -7,17 +7,24 @@ meanwhile waited for every remaining worker to be replaced and drained in turn: 
 periods. Here SIGTERM and SIGINT also raise a flag the restart checks between
 steps and while it waits: the restart stops where it is, and every worker (a draining old one
 included) drains in parallel, so a stop takes at most one `shutdown_grace_s` (plus exit time).
+
+Each worker dies with the parent (proxy/lifeline.py): a parent killed with SIGKILL sends its
+workers SIGTERM, so they stop listening and drain instead of holding the port, and the next
+`serve` binds it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from socket import socket
 from types import FrameType
 
-from uvicorn.config import Config
+from uvicorn.config import STARTUP_FAILURE, Config
 from uvicorn.supervisors.multiprocess import SIGNALS, Multiprocess, Process
+
+from proxy.lifeline import die_with_parent
 
 log = logging.getLogger("uvicorn.error")
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
@@ -35,6 +42,18 @@ class _StopFlag:
         return self.stopping
 
 
+class Worker(Process):
+    """A worker process that gets SIGTERM when its parent dies."""
+
+    def __init__(self, config: Config, sockets: list[socket]) -> None:
+        self.parent_pid = os.getpid()
+        super().__init__(config, sockets)
+
+    def target(self, sockets: list[socket] | None = None) -> None:
+        die_with_parent(self.parent_pid)
+        super().target(sockets)
+
+
 class Supervisor(Multiprocess):
     """`Multiprocess` whose rolling restart (SIGHUP) gives way to SIGTERM / SIGINT at once."""
 
@@ -50,12 +69,39 @@ class Supervisor(Multiprocess):
         if sig in STOP_SIGNALS:
             self.stop.stopping = True
 
+    def init_processes(self) -> None:
+        for _ in range(self.processes_num):
+            worker = Worker(self.config, self.sockets)
+            worker.start()
+            self.processes.append(worker)
+
+    def keep_subprocess_alive(self) -> None:
+        """uvicorn's: replace a worker that died or hangs, and stop if one failed at startup."""
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # hung: kill it
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:
+                # The app, the socket or the policy is broken: every restart would fail the same way.
+                log.error("Child process [%s] failed to start, stopping the parent process.", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            log.info("Child process [%s] died", process.pid)
+            worker = Worker(self.config, self.sockets)
+            worker.start()
+            self.processes[idx] = worker
+
     def restart_all(self) -> None:
         """Replace each worker: its replacement serves before the old one drains and exits."""
         for idx, old in enumerate(self.processes):
             if self.stop.is_set():
                 return
-            new = Process(self.config, self.sockets)
+            new = Worker(self.config, self.sockets)
             new.start()
             if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.stop):  # type: ignore[arg-type]
                 new.kill()

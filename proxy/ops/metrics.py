@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.registry import Collector
 
@@ -26,13 +26,19 @@ RATIO_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0
 
 
 class Computed(Collector):
-    """Gauges computed when scraped, by the process answering the scrape (never stored in files)."""
+    """Gauges (and counters kept outside this process) computed when scraped, by the process
+    answering the scrape (never stored in files)."""
 
     def __init__(self) -> None:
         self.gauges: dict[str, tuple[str, Callable[[], float]]] = {}
+        self.counters: dict[str, tuple[str, Callable[[], float]]] = {}
 
     def add(self, name: str, documentation: str, value: Callable[[], float]) -> None:
         self.gauges[name] = (documentation, value)
+
+    def add_counter(self, name: str, documentation: str, value: Callable[[], float]) -> None:
+        """A counter another process keeps (exposed as `<name>_total`)."""
+        self.counters[name] = (documentation, value)
 
     def describe(self) -> list[Metric]:
         return []  # registering must not call the functions (the app is not started yet)
@@ -40,6 +46,8 @@ class Computed(Collector):
     def collect(self) -> Iterator[Metric]:
         for name, (documentation, value) in self.gauges.items():
             yield GaugeMetricFamily(name, documentation, value=value())
+        for name, (documentation, value) in self.counters.items():
+            yield CounterMetricFamily(name, documentation, value=value())
 
 
 class Metrics:

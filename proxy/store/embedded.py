@@ -5,14 +5,17 @@ script runs exactly as on a shared Redis, and it keeps an append-only file fsync
 the state directory, so local budgets survive a restart. It listens only on a unix socket inside
 that directory (no TCP port, socket mode 0700, so no password either), runs in its own session so
 a Ctrl-C reaches the proxy first (calls in flight still settle), and is stopped when the proxy
-exits; the kernel stops it too if the proxy dies without cleaning up (PR_SET_PDEATHSIG). One proxy
-per state directory: the directory is locked while a proxy uses it.
+exits; the kernel stops it too if the proxy dies without cleaning up (proxy/lifeline.py). One
+proxy per state directory: the directory is locked while a proxy uses it.
+
+The server is supervised: when it dies on its own (the OOM killer, a crash) it is started again on
+the same append-only file, so budgets are as they were; each restart is logged at ERROR and
+counted in the state directory (`valkey.restarts`, read by the workers' metrics).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import importlib.util
 import logging
@@ -21,24 +24,30 @@ import re
 import signal
 import socket
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from proxy.errors import SpendGuardError
+from proxy.lifeline import die_with_parent
 
 log = logging.getLogger("spend_guard")
 
 SOCKET_NAME = "valkey.sock"
 LOCK_NAME = "spend-guard.lock"
 LOG_NAME = "valkey.log"
+RESTARTS_NAME = "valkey.restarts"
 # sun_path holds 108 bytes on Linux, its terminating NUL included.
 MAX_SOCKET_PATH = 107
 # Replaying a long append-only file takes a while; a server that is loading answers -LOADING.
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
-PR_SET_PDEATHSIG = 1
+# A server that dies is started again after this, doubling while it keeps dying within
+# STABLE_S of its start, up to MAX_RESTART_DELAY_S.
+RESTART_DELAY_S = 0.1
+MAX_RESTART_DELAY_S = 30.0
+STABLE_S = 10.0
 # "<pid>:<role> <day> <month> <year> <time> <level> " before each message of the server's log.
 _LOG_PREFIX = re.compile(r"^\d+:[A-Z] \d+ \w+ \d+ [\d:.]+ [.\-*#] ")
 
@@ -80,6 +89,14 @@ def server_binary(explicit: str | None = None) -> str:
     )
 
 
+def restarts(state_dir: str | None) -> int:
+    """How often the embedded server of `state_dir` died and was started again since `serve` began."""
+    try:
+        return int(Path(state_dir or default_state_dir(), RESTARTS_NAME).read_text().strip() or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _ping(path: str) -> bytes:
     """The server's first reply line to PING on its socket; b"" when nothing answers."""
     try:
@@ -101,10 +118,14 @@ class EmbeddedServer:
         self.url = "unix://" + self.socket
         self.binary = binary
         self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0
         self._lock_fd: int | None = None
+        self._stopping = threading.Event()
+        self._state = threading.Lock()  # self.proc and self._stopping change together
+        self._watcher: threading.Thread | None = None
 
     def start(self) -> None:
-        binary = server_binary(self.binary)
+        binary = self.binary = server_binary(self.binary)
         if len(self.socket.encode()) > MAX_SOCKET_PATH:
             raise EmbeddedStoreError(
                 f"embedded store: state dir {self.state_dir} is too long a path for the server's unix socket "
@@ -116,13 +137,58 @@ class EmbeddedServer:
         except OSError as exc:
             raise EmbeddedStoreError(f"embedded store: cannot use state dir {self.state_dir}: {exc.strerror}") from exc
         self._lock()
+        self._stopping.clear()
         try:
             self._stop_stale()
+            self._count_restarts(0)
             self._spawn(binary)
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
+        self._watcher = threading.Thread(target=self._supervise, name="embedded-store", daemon=True)
+        self._watcher.start()
+
+    def _supervise(self) -> None:
+        """Start the server again whenever it exits while the proxy still runs. This thread
+        starts the new server and lives as long as it should: the server's parent-death signal
+        follows the thread that started it."""
+        delay = RESTART_DELAY_S
+        while True:
+            with self._state:
+                proc = self.proc
+            if proc is None:
+                return
+            started = time.monotonic()
+            status = proc.wait()
+            stable = time.monotonic() - started >= STABLE_S
+            delay = RESTART_DELAY_S if stable else min(MAX_RESTART_DELAY_S, delay * 2)
+            if self._stopping.wait(0 if stable else delay):
+                return
+            self._count_restarts(self.restarts + 1)
+            log.error(
+                "embedded store: the server exited (%s, last logged: %s); starting it again on its "
+                "append-only file (restart %d)",
+                _exit_status(status),
+                self._last_log_line(),
+                self.restarts,
+            )
+            try:
+                with self._state:
+                    if self._stopping.is_set():
+                        return
+                    self._spawn(self.binary or server_binary())
+                self._wait_ready()
+            except Exception as exc:  # noqa: BLE001 - this thread must not die while the proxy runs
+                if not self._stopping.is_set():
+                    log.error("embedded store: the restarted server failed: %s", exc)
+                continue
+            log.warning("embedded store: the server answers again (restart %d)", self.restarts)
+
+    def _count_restarts(self, count: int) -> None:
+        self.restarts = count
+        with contextlib.suppress(OSError):
+            Path(self.state_dir, RESTARTS_NAME).write_text(f"{count}\n")
 
     def _lock(self) -> None:
         assert self._lock_fd is not None
@@ -168,14 +234,6 @@ class EmbeddedServer:
             "--databases", "1",
         ]
         parent = os.getpid()
-        prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
-
-        def die_with_parent() -> None:
-            if prctl is not None:
-                prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-            if os.getppid() != parent:  # the proxy died before prctl took effect
-                os._exit(1)
-
         with open(os.path.join(self.state_dir, LOG_NAME), "ab") as log_file:
             self.proc = subprocess.Popen(
                 argv,
@@ -183,18 +241,20 @@ class EmbeddedServer:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # Ctrl-C reaches the proxy, which stops the server after draining
-                preexec_fn=die_with_parent,  # noqa: PLW1509 - set before any thread of the proxy runs
+                preexec_fn=lambda: die_with_parent(parent),  # noqa: PLW1509 - calls nothing that locks
             )
 
     def _wait_ready(self) -> None:
         """Poll the socket: the server process gives no other readiness signal we could wait on."""
-        assert self.proc is not None
+        proc = self.proc
+        if proc is None:
+            raise EmbeddedStoreError("embedded store: stopped while starting")
         deadline = time.monotonic() + START_TIMEOUT_S
         delay = 0.002
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
+            if proc.poll() is not None:
                 raise EmbeddedStoreError(
-                    f"embedded store: server exited with status {self.proc.returncode}: {self._last_log_line()} "
+                    f"embedded store: server exited with status {proc.returncode}: {self._last_log_line()} "
                     f"(log: {os.path.join(self.state_dir, LOG_NAME)})"
                 )
             if _ping(self.socket).startswith(b"+PONG"):
@@ -214,7 +274,9 @@ class EmbeddedServer:
 
     def stop(self) -> None:
         """SIGTERM: the server fsyncs its append-only file, removes its socket and exits."""
-        proc, self.proc = self.proc, None
+        with self._state:
+            self._stopping.set()
+            proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -223,6 +285,9 @@ class EmbeddedServer:
                 log.error("embedded store: server did not stop within %g s; killing it", STOP_TIMEOUT_S)
                 proc.kill()
                 proc.wait()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(STOP_TIMEOUT_S)
+            self._watcher = None
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = None
@@ -233,6 +298,13 @@ class EmbeddedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _exit_status(status: int) -> str:
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"killed by {signal.Signals(-status).name}"
+    return f"status {status}"
 
 
 @contextlib.contextmanager
