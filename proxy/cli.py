@@ -25,6 +25,7 @@ from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
 from proxy.store.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
 
 STARTUP_FAILURE = 3
+NOTHING_DONE = 1  # `store recover` on a store that lost nothing
 WORKER_READY_S = 20
 POLICY_INVALID = 2
 
@@ -488,6 +489,11 @@ def store() -> None:
     default=None,
     help="Sum each budget's current window from the proxy's JSON access log ('-' for stdin).",
 )
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Write the figures even though the store has not lost its state (they replace what the guard counted).",
+)
 def store_recover(
     policy_path: str | None,
     redis_url: str | None,
@@ -495,9 +501,12 @@ def store_recover(
     accept_loss: bool,
     seeds: tuple[str, ...],
     log_file: Any,
+    force: bool,
 ) -> None:
-    """Let calls touching local budgets through again after the store lost its state."""
-    from proxy.commands.recover import Plan, RecoveryError, from_access_log, from_seeds, recover
+    """Let calls touching local budgets through again after the store lost its state.
+
+    Exits 1 without writing anything when the store has not lost its state, unless --force."""
+    from proxy.commands.recover import Plan, Recovery, RecoveryError, from_access_log, from_seeds, recover
     from proxy.errors import StoreError
     from proxy.store.backends import describe_url, redis_client
     from proxy.store.embedded import socket_url
@@ -520,23 +529,30 @@ def store_recover(
         sys.exit(POLICY_INVALID)
     url = redis_url or socket_url(state_dir)
 
-    async def run() -> str | None:
+    async def run() -> Recovery:
         target = Store(redis_client(url), policy.account.name)
         try:
-            return await recover(target, plan)
+            return await recover(target, plan, force=force, thresholds=policy.alerts.thresholds)
         finally:
             await target.aclose()
 
     try:
-        lost = asyncio.run(run())
+        done = asyncio.run(run())
     except StoreError as exc:
         click.echo(f"spend-guard store recover: cannot reach the store at {describe_url(url)}: {exc}", err=True)
         sys.exit(STARTUP_FAILURE)
-    if lost is None:
-        click.echo("the store had not lost its state; nothing to recover (seeds, if any, were written)")
+    if not done.written:
+        click.echo(
+            "spend-guard store recover: the store has not lost its state; nothing written "
+            "(--force writes the figures anyway, replacing what the guard counted)",
+            err=True,
+        )
+        sys.exit(NOTHING_DONE)
+    if done.lost is None:
+        click.echo("the store had not lost its state; written anyway (--force)")
     else:
-        click.echo(f"recovered: {lost.partition('|')[0]}; local budgets are enforced again")
-    for hold, micros in plan.counters:
-        click.echo(f"  budget:{hold.id} window from {hold.window_start_ms} ms: spent ${micros / 1e6:.4f}")
+        click.echo(f"recovered: {done.why}; local budgets are enforced again")
+    for line in plan.lines():
+        click.echo(f"  {line}")
     if log_file is not None:
         click.echo(f"  ({plan.lines_used} access log lines counted)")

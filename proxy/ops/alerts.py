@@ -10,6 +10,11 @@ SWEEP_S the loop evaluates every scope, which sends what no settle triggers: a n
 `budget.recovered`, credits topped up, a key nearing expiry, and what a reclaim or a deferred
 settle charged.
 
+Marks survive a loss of the store's state: each instance remembers the threshold marks of the
+current windows (those it claimed, and, each sweep, those every instance claimed), claims nothing
+while the store's local budget state is lost, and after a loss puts the marks it remembers back
+before it claims anything, so an alert sent before the loss is not sent again.
+
 Events:
 - `budget.threshold`: a key's ImageRouter limit or a local budget has spent (charged; holds do not
   count) at least `threshold` x its limit in its window;
@@ -49,7 +54,7 @@ from proxy.ops.webhooks import Deliveries, endpoints
 from proxy.outside import OutsideSpend
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.records import Levels, MarkRequest, RowLevel
-from proxy.types import as_period
+from proxy.types import Period, as_period
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 
 log = logging.getLogger("spend_guard.alerts")
@@ -71,6 +76,10 @@ class Alerts:
         self.wake = asyncio.Event()
         self.evaluating = False
         self.round_done = asyncio.Event()
+        # Threshold marks of the current windows, by scope: (period, window start ms, expire at ms, marks).
+        self.known: dict[str, tuple[Period | None, int, int, set[str]]] = {}
+        self.loss_seen: str | None = None  # the store's lost-state marker last seen
+        self.restore_due = False
 
     def touched(self, key_name: str | None) -> None:
         """A settle (or reclaim: None, every scope) changed what was spent. Never blocks or raises.
@@ -125,17 +134,25 @@ class Alerts:
         if not alerts.webhooks:
             return []
         now_s = self.rt.clock()
+        lost = self.rt.refresher.state_lost
+        if lost is not None and lost != self.loss_seen:
+            self.loss_seen, self.restore_due = lost, True
+        if lost is not None and policy.has_local_budgets:
+            return []  # the marks may have gone with the budget state: claim nothing until it is recovered
+        if self.restore_due:
+            await self._restore(now_s)
+            self.restore_due = False
         names = None if key_names is None else set(key_names)
         keys = [k for k in policy.keys if names is None or k.name in names]
         budgets: dict[str, Budget] = {b.id: b for key in keys for b in budgets_for(policy, key)}
         if names is None:
             budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
         levels, refs = await read_levels(self.rt.ledger, policy, keys, list(budgets.values()), now_s)
+        scopes = self._levels(policy, keys, refs, levels, budgets.values())
+        if names is None:
+            await self._learn(scopes, now_s)
         found = await asyncio.gather(
-            *(
-                self._scope(policy, level, now_s)
-                for level in self._levels(policy, keys, refs, levels, budgets.values())
-            ),
+            *(self._scope(policy, level, now_s) for level in scopes),
             self._credits(policy, levels, now_s),
             self._expiry(policy, keys, refs, levels, now_s),
         )
@@ -185,6 +202,7 @@ class Alerts:
             claim=[f"t:{t:g}" for t in crossed],
         )
         marks = await self.rt.store.alert_marks(level.scope, request)
+        self._remember(level.scope, level.period, start_ms, request.expire_at_ms, marks.claimed)
         window = {
             "window_start": format_ms(start_ms) if start_ms else None,
             "resets_at": format_ms(end_ms) if end_ms else None,
@@ -229,6 +247,40 @@ class Alerts:
                     )
                 )
         return events
+
+    def _remember(
+        self, scope: str, period: Period | None, window_ms: int, expire_at_ms: int, marks: Iterable[str]
+    ) -> None:
+        known = self.known.get(scope)
+        if known is None or known[1] < window_ms:
+            known = self.known[scope] = (period, window_ms, expire_at_ms, set())
+        if known[1] == window_ms:
+            known[3].update(marks)
+
+    async def _learn(self, scopes: list[ScopeLevel], now_s: float) -> None:
+        """Remember the marks every instance claimed in the scopes' current windows."""
+        windows = {level.scope: (level.period, window_start_ms(level.period, now_s)) for level in scopes}
+        sent = await self.rt.store.alerts_sent([(scope, start) for scope, (_, start) in windows.items()])
+        for scope, marks in sent.items():
+            period, start_ms = windows[scope]
+            end = window_end(period, now_s)
+            self._remember(scope, period, start_ms, to_ms(end) + DAY_MS if end is not None else 0, marks)
+
+    async def _restore(self, now_s: float) -> None:
+        """Put back the marks remembered for windows that are still current: claimed again, not
+        sent (only a mark claimed by an evaluation becomes an event)."""
+        now_ms = int(now_s * 1000)
+        restored = 0
+        for scope, (period, window_ms, expire_at_ms, marks) in list(self.known.items()):
+            if window_ms != window_start_ms(period, now_s):
+                del self.known[scope]  # a window that ended: its marks no longer matter
+                continue
+            if marks:
+                request = MarkRequest(window_ms, expire_at_ms, now_ms, claim=sorted(marks))
+                await self.rt.store.alert_marks(scope, request)
+                restored += 1
+        if restored:
+            log.info("alert marks of %d scope(s) put back after the store lost its state", restored)
 
     async def _credits(self, policy: Policy, levels: Levels, now_s: float) -> list[dict[str, Any]]:
         line = policy.alerts.credits_below_micros

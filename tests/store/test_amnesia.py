@@ -49,7 +49,7 @@ def test_a_store_that_forgot_refuses_budgeted_calls_until_recovered(make_proxy, 
     assert p.generate(standin="cost=0.3").status_code == 503  # still refused
     # The operator re-seeds alice's day budget with what she had spent.
     plan = from_seeds(p.runtime.policy, ["key:alice:day=0.30"], p.runtime.clock())
-    assert p.run(recover, p.runtime.store, plan) is not None
+    assert p.run(recover, p.runtime.store, plan).written
     assert p.generate(standin="cost=0.3").status_code == 200  # 0.30 + 0.30 held... fits in 1.00
     assert p.generate(standin="cost=0.3").status_code == 200
     over = p.generate(standin="cost=0.3")
