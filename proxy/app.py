@@ -20,7 +20,7 @@ from starlette.routing import Route, Router
 from proxy import logs
 from proxy.credits import CLOCK_SKEW_WARN_S, Refresher
 from proxy.deadlines import deadline
-from proxy.errors import Rejected, StoreError, error_response
+from proxy.errors import Rejected, StoreAuthError, StoreError, error_response
 from proxy.guard.guard import Guard
 from proxy.guard.verdicts import budget_holds
 from proxy.http.request import raw_path
@@ -51,8 +51,9 @@ STARTUP_REFRESH_S = 5.0
 SETTLE_RETRY_S = 1.0
 MARK_STARTED_S = 0.5
 MAX_LOOP_BACKOFF_S = 30.0
-# After a reserve failed (and none succeeded since), /-/readyz says so for this long; then it
-# lets traffic try again, so a recovered store is noticed even behind a load balancer.
+# After a reserve failed, /-/readyz says so for this long (a success since does not end it: a
+# flapping store stays unready); then it lets traffic try again, so a recovered store is noticed
+# even behind a load balancer.
 RESERVE_FAILURE_UNREADY_S = 10.0
 ALERTS_DRAIN_S = 2.0
 # How often an instance not ready at startup checks whether it is, to log that it is.
@@ -252,6 +253,8 @@ class SpendGuardApp:
         ]
         try:
             copied = await self.runtime.store.adopt_counters(moves)
+        except StoreAuthError:
+            return  # the refresher has said it, once
         except StoreError as exc:
             log.warning("could not carry name-keyed budget counters over: %s", exc)
             return
@@ -324,6 +327,17 @@ class SpendGuardApp:
         await rt.settle_open_flights()  # whatever is still open at the deadline
         with contextlib.suppress(Exception):
             await rt.settle_pending()
+        if rt.pending_settles:
+            # Nothing retries them after this: each hold ends at its lease, charged in full.
+            pending = rt.pending_settles
+            releases = sum(1 for p in pending.values() if p.cost_micros == 0)
+            log.error(
+                "shutdown: %d settle(s) the store did not take are abandoned (%d of them releases of refused "
+                "calls); their holds end at their lease, charged in full: %s",
+                len(pending),
+                releases,
+                ", ".join(sorted(pending)),
+            )
         if self.alerts is not None:
             # Alerts for those last settles go out now if they can; unclaimed ones a sweep of
             # another instance (or the next start) sends, claimed ones get the deliveries' grace.
@@ -419,6 +433,8 @@ class SpendGuardApp:
                     problems.append(
                         f"snapshot: {age_s:.0f} s old, max_staleness_s={rt.policy.account.max_staleness_s:g}"
                     )
+        except StoreAuthError:
+            problems.append("store: it refused the proxy's credentials (the password in the Redis URL)")
         except Exception as exc:  # noqa: BLE001 - any store failure means not ready
             problems.append(f"store: {type(exc).__name__}")
         if rt.reserve_failed_at and rt.clock() - rt.reserve_failed_at < RESERVE_FAILURE_UNREADY_S:

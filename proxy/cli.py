@@ -12,6 +12,7 @@ import signal
 import sys
 import tempfile
 import time
+from types import FrameType
 from typing import Any
 
 import click
@@ -245,9 +246,9 @@ def _serve_demo(
     log_format: LogFormat,
 ) -> None:
     """`serve --demo`: the demo upstream and its policy, or `policy_path`'s (proxy/commands/demo.py),
-    then the proxy as usual. Its temporary directory goes on exit, SIGTERM included: uvicorn
-    re-raises the signal once it has shut down, and the handler here turns it into an exception
-    so the directory is removed before the process ends as SIGTERM ends it."""
+    then the proxy as usual. Its temporary directory goes on exit, SIGTERM included: once the
+    proxy serves, a stop returns from `run` (exit 0); a SIGTERM before that becomes an exception
+    here, so the directory is removed before the process ends as SIGTERM ends it."""
     from proxy.commands.demo import Demo
 
     policy = None
@@ -339,6 +340,14 @@ def _serve(settings: Settings, policy: Policy) -> None:
         proxy_headers=False,
     )
     server = uvicorn.Server(config)
+    # uvicorn raises the stop signal again once it has drained; with SIGTERM's default action this
+    # process would die of it (status -15) before the embedded store is stopped and the metrics
+    # directory removed. A stop that was asked for exits 0, with one worker as with several.
+    def stopped(signum: int, frame: FrameType | None) -> None:
+        if not server.started and not server.should_exit:  # before uvicorn took the signal over
+            server.handle_exit(signum, frame)
+
+    signal.signal(signal.SIGTERM, stopped)
     try:
         if settings.workers > 1:
             # uvicorn's supervisor, except that SIGTERM never waits behind a rolling restart.

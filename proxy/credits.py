@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from proxy.errors import StoreError
+from proxy.errors import StoreAuthError, StoreError
 from proxy.money import MoneyError, usd_to_micros
 from proxy.outside import OutsideWatch
 from proxy.policy.model import Policy
@@ -176,6 +176,7 @@ class Refresher:
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
         # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
         self.outside: OutsideWatch | None = None
+        self.store_auth_failed = False  # the store refused our credentials in the last round
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -228,9 +229,21 @@ class Refresher:
                     await self.store.release_lock(LOCK_MODELS, self.owner)
                     delay = min(delay, self._backoff(account.refresh_s))
             await self.load_prices()
+        except StoreAuthError as exc:
+            # One clear line for a setup error, not a warning every round: readyz keeps saying it.
+            if not self.store_auth_failed:
+                log.error(
+                    "STORE REJECTED THE PROXY'S CREDENTIALS (%s): fix the password (or user) in the Redis URL; "
+                    "spending calls are refused (503) until then",
+                    str(exc.__cause__ or exc).rstrip("."),
+                )
+            self.store_auth_failed = True
+            delay = min(delay, 1.0)
         except StoreError as exc:
             log.warning("refresh skipped: %s", exc)
             delay = min(delay, 1.0)
+        else:
+            self.store_auth_failed = False
         return delay
 
     async def sync_clock(self, clock: StoreClock) -> None:

@@ -3,7 +3,8 @@
     SpendGuardError
      ├── PolicyError           a policy file failed validation (lists every problem)
      ├── StoreError            Redis (or the embedded store) did not answer
-     │    └── StoreScriptError     it answered, refusing an operation (a script fault)
+     │    ├── StoreScriptError     it answered, refusing an operation (a script fault)
+     │    └── StoreAuthError       it refused this proxy's credentials (the Redis URL's password)
      ├── HoldQuarantined       a hold record could not be read; it was moved aside
      ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
      └── Rejected              a request refused by the guard: status, type, message, headers
@@ -44,6 +45,11 @@ class StoreError(SpendGuardError):
 
 class StoreScriptError(StoreError):
     """Redis ran the operation and refused it: a fault of this one call, not an outage."""
+
+
+class StoreAuthError(StoreError):
+    """The store refused this proxy's credentials: a wrong password is a setup error to fix, not
+    an outage to wait out (calls get 503 the same)."""
 
 
 class HoldQuarantined(SpendGuardError):

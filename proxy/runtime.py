@@ -87,7 +87,7 @@ class Runtime:
     # (the guard warns once per outage).
     releases_dropped: bool = False
     draining: bool = False
-    # The last reserve that failed against the store (clock seconds, reason); cleared by a success.
+    # The last reserve that failed against the store (clock seconds, reason): /-/readyz reports it.
     reserve_failed_at: float = 0.0
     reserve_failure: str = ""
     # Told the key name of each charge the store took (None: any scope may have changed), at once
@@ -147,11 +147,9 @@ class Runtime:
         """Tell `callback` the key name of each charge the store takes (None: any scope)."""
         self.on_settled = callback
 
-    def note_reserve_succeeded(self) -> None:
-        self.reserve_failed_at = 0.0
-
     def note_reserve_failed(self, reason: str) -> None:
-        """A reserve failed against the store; /-/readyz reports `reason` for a while."""
+        """A reserve failed against the store; /-/readyz reports `reason` for RESERVE_FAILURE_UNREADY_S
+        (proxy/app.py), a success meanwhile included: a flapping store stays unready."""
         self.reserve_failed_at, self.reserve_failure = self.clock(), reason
 
     def defer_release(self, hold_id: str, counters: tuple[tuple[str, int], ...], max_pending: int) -> bool:

@@ -92,7 +92,8 @@ def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers_onc
         assert recovered.returncode == 0, recovered.stderr
         # The refresher lays a snapshot down again; the seed is what alice had spent.
         wait_until(lambda: generate(proxy.url, "cost=0.01").status_code == 200, 20, "the guard to recover")
-        assert httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 200
+        # Ready again once 10 s passed since the last failed reserve.
+        wait_until(lambda: httpx.get(proxy.url + "/-/readyz", timeout=5).status_code == 200, 15, "readyz")
         assert spent(proxy) == "0.0200"
 
 

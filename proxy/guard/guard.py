@@ -350,7 +350,6 @@ class Guard:
                 )
             self.fail_open_or_closed(f"store error ({reason})", "store")
             return None
-        rt.note_reserve_succeeded()
         if budgets:
             decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
         return decision

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from proxy.deadlines import deadline
-from proxy.errors import HoldQuarantined, StoreError, StoreScriptError
+from proxy.errors import HoldQuarantined, StoreAuthError, StoreError, StoreScriptError
 from proxy.prices import PriceTable
 from proxy.store.keyspace import Keys, spec
 from proxy.store.records import (
@@ -211,6 +211,9 @@ class Store:
             # Redis ran the command and refused it: a script fault, not an outage. A script's
             # error names its file and line there (Script.locate_lines).
             raise StoreScriptError(f"store refused an operation: {exc}") from exc
+        except redis.exceptions.AuthenticationError as exc:
+            self._failing = True
+            raise StoreAuthError(f"store refused the proxy's credentials: {exc}") from exc
         except Exception as exc:
             # Any driver failure, including the RuntimeError/AttributeError redis-py's cluster
             # client raises while a node flaps, is an unavailable store: 503, never 500.

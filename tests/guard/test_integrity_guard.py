@@ -84,8 +84,9 @@ def test_one_unsettleable_deferred_settle_does_not_hold_back_the_others(make_pro
 
 
 @pytest.mark.parametrize("store_target", [pytest.param("fake", marks=pytest.mark.fake)], indirect=True)
-def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
-    p = make_proxy(KEYS)
+def test_readyz_is_unready_for_10_s_after_a_reserve_failed(make_proxy, up, store_target):
+    now = [time.time()]
+    p = make_proxy(KEYS, clock=lambda: now[0])
     assert p.client.get("/-/readyz").status_code == 200
     store_target.server.connected = False
     assert p.generate().status_code == 503
@@ -95,6 +96,9 @@ def test_readyz_turns_unready_while_reserves_fail(make_proxy, up, store_target):
     assert any(problem.startswith("store: reserves are failing") for problem in r.json()["problems"])
     assert "127.0.0.1" not in r.text
     assert p.generate(standin="cost=0.01").status_code == 200
+    now[0] += 9.9  # a success since does not end the 10 s: a flapping store stays unready
+    assert p.client.get("/-/readyz").status_code == 503
+    now[0] += 0.2
     assert p.client.get("/-/readyz").status_code == 200
 
 
