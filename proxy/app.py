@@ -39,8 +39,9 @@ from proxy.policy.reload import PolicyHolder
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store.backends import redis_client
+from proxy.store.embedded import EpochRecord
 from proxy.store.embedded import restarts as embedded_restarts
-from proxy.store.redis import Store
+from proxy.store.redis import LOST_UNKNOWN, Store
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
 log = logging.getLogger("spend_guard")
@@ -170,6 +171,7 @@ class SpendGuardApp:
             upstream_url=lambda: self.runtime.upstream_url() if self.runtime else policy.upstream.base_url,
             on_failure=self._refresh_failed,
             on_crash=self.metrics.background_errors.labels("refresher").inc,
+            epoch_record=None if self.settings.redis_url else EpochRecord(self.settings.state_dir),
         )
         if self.settings.upstream:
             refresher.upstream_url = lambda: self.settings.upstream or ""
@@ -445,7 +447,11 @@ class SpendGuardApp:
                 lost = rt.refresher.state_lost = await rt.store.state_lost()
         if lost and rt.policy.has_local_budgets:
             why, _, at_ms = lost.partition("|")
-            problems.append(f"store: local budget state was lost ({why}); run `spend-guard store recover`")
+            fix = "`spend-guard store init` if it is new, else `spend-guard store recover`"
+            problems.append(
+                f"store: local budget state was lost ({why}); run "
+                + (fix if why == LOST_UNKNOWN else "`spend-guard store recover`")
+            )
         state = rt.refresher.state
         if state.auth_failed:
             problems.append(f"credits: {state.last_error}")

@@ -472,6 +472,62 @@ def store() -> None:
     """Operations on the shared store."""
 
 
+@store.command("init")
+@click.option(
+    "--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve."
+)
+@click.option("--redis-url", default=None, envvar="SPEND_GUARD_REDIS_URL", help="The Redis the proxies share.")
+@click.option(
+    "--state-dir",
+    default=None,
+    envvar="SPEND_GUARD_STATE_DIR",
+    help="Without --redis-url: the running proxy's embedded store.",
+)
+def store_init(policy_path: str | None, redis_url: str | None, state_dir: str | None) -> None:
+    """Declare a new store: local budgets start counting from $0 in it.
+
+    A proxy that finds a shared store without an epoch cannot tell a new store from one that
+    lost its state, and refuses calls touching local budgets until told. Run this once before
+    the first start (or after it, to lift that refusal); a store that lost its state needs
+    `store recover` instead (exit 1)."""
+    from proxy.commands.recover import Recovery
+    from proxy.errors import StoreError
+    from proxy.store.backends import redis_client
+    from proxy.store.embedded import socket_url
+    from proxy.store.redis import Store
+
+    try:
+        policy = _load(policy_path)
+    except PolicyError as exc:
+        click.echo(f"spend-guard store init: {exc}", err=True)
+        sys.exit(POLICY_INVALID)
+    url = redis_url or socket_url(state_dir)
+
+    async def run() -> tuple[bool, str | None]:
+        target = Store(redis_client(url), policy.account.name)
+        try:
+            return await target.init()
+        finally:
+            await target.aclose()
+
+    try:
+        written, lost = asyncio.run(run())
+    except StoreError as exc:
+        click.echo(f"spend-guard store init: cannot reach the store at {url}: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    if lost is not None:
+        click.echo(
+            f"spend-guard store init: the store lost its state ({Recovery(lost, False).why}); "
+            "run `spend-guard store recover` instead",
+            err=True,
+        )
+        sys.exit(NOTHING_DONE)
+    if written:
+        click.echo(f"initialised: a new store for account {policy.account.name}; local budgets count from $0")
+    else:
+        click.echo(f"the store of account {policy.account.name} was already initialised; local budgets are enforced")
+
+
 @store.command("recover")
 @click.option(
     "--policy", "policy_path", default=None, envvar="SPEND_GUARD_POLICY", help="The policy the proxies serve."

@@ -27,8 +27,9 @@ from proxy.policy.model import Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
+from proxy.store.embedded import EpochRecord
 from proxy.store.records import RowState, Snapshot, row_ref
-from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH
+from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, LOST_UNKNOWN
 from proxy.types import Clock, StoreClock, is_period
 from proxy.windows import parse_timestamp_ms
 
@@ -153,6 +154,7 @@ class Refresher:
         upstream_url: Callable[[], str],
         on_failure: Callable[[str], None] | None = None,
         on_crash: Callable[[], None] | None = None,
+        epoch_record: EpochRecord | None = None,
     ) -> None:
         self.store = store
         self.session = session
@@ -162,6 +164,8 @@ class Refresher:
         self.upstream_url = upstream_url
         self.on_failure = on_failure
         self.on_crash = on_crash
+        # Where the store's epoch is kept outside it (the embedded store's state dir), if anywhere.
+        self.epoch_record = epoch_record
         # Unreadable rows of the latest snapshot: each is logged when it first appears.
         self.bad_rows_logged: set[str] = set()
         self.owner = uuid.uuid4().hex
@@ -176,6 +180,7 @@ class Refresher:
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
         # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
         self.outside: OutsideWatch | None = None
+        self.loss_logged: str | None = None  # the last lost-state marker logged (once each)
         self.store_auth_failed = False  # the store refused our credentials in the last round
 
     def _now_ms(self) -> int:
@@ -217,9 +222,7 @@ class Refresher:
         try:
             if isinstance(self.clock, StoreClock):
                 await self.sync_clock(self.clock)
-            if not self.store.epoch:
-                await self.store.adopt_epoch()
-            self.state_lost = await self.store.state_lost()
+            await self.check_identity()
             if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
                 if not await self.refresh_credits():
                     await self.store.release_lock(LOCK_REFRESH, self.owner)
@@ -245,6 +248,29 @@ class Refresher:
         else:
             self.store_auth_failed = False
         return delay
+
+    async def check_identity(self) -> None:
+        """Every round, with or without traffic: is the store still the one this instance counts
+        in (its epoch, and the lost marker)? A store without an epoch is taken as new only when
+        that is provably safe: the policy counts no local budget, or a record outside the store
+        (the embedded store's state dir) shows this is its first start."""
+        record = self.epoch_record
+        if not self.store.epoch and record is not None:
+            self.store.epoch = record.read()
+        new_is_safe = record is not None or not self.policy().has_local_budgets
+        lost = await self.store.check_identity(self._now_ms(), new_is_safe=new_is_safe)
+        if lost and lost != self.loss_logged:
+            self.loss_logged = lost
+            why, _, _ = lost.partition("|")
+            log.error(
+                "STORE LOST ITS BUDGET STATE (%s): calls that touch a local budget are refused (503) until an "
+                "operator runs `spend-guard store recover`%s",
+                why,
+                " (or `spend-guard store init`, if it is a new store)" if why == LOST_UNKNOWN else "",
+            )
+        self.state_lost = lost
+        if record is not None:
+            record.write(self.store.epoch)
 
     async def sync_clock(self, clock: StoreClock) -> None:
         before = clock.base()

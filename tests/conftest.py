@@ -119,15 +119,24 @@ def write_policy(tmp_path: Path) -> Callable[[str], Path]:
 def make_proxy(
     up: StandIn, store_target: StoreTarget, write_policy: Callable[[str], Path]
 ) -> Iterator[Callable[..., Proxy]]:
+    from tests.served import init_store
+
     started: list[TestClient] = []
 
     def make(
-        policy_text: str = "", *, clock: Any = None, refresh: bool = True, store: StoreTarget | None = None
+        policy_text: str = "",
+        *,
+        clock: Any = None,
+        refresh: bool = True,
+        store: StoreTarget | None = None,
+        init: bool = True,
     ) -> Proxy:
         text = textwrap.dedent(policy_text)
         path = write_policy(text if "\naccount:" in text else POLICY_BASE + text)
         settings = Settings(policy=str(path), upstream=up.url, redis_url=(store or store_target).url)
         target = store or store_target
+        if target.url and init:
+            init_store(target.url, path)  # `spend-guard store init`: a store without an epoch is a loss
         app = create_app(settings, policy=load_policy(path), clock=clock, redis_factory=target.client)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()

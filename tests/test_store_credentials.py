@@ -19,7 +19,7 @@ def test_a_wrong_redis_password_is_one_clear_error_line(tmp_path, up):
         redis.Redis(port=server.port).config_set("requirepass", "right-password")  # a private server
         wrong = f"redis://:wrong-password@127.0.0.1:{server.port}/0"
         policy = alice_policy(tmp_path, account="auth", budget_usd="5", refresh_s=1)
-        with ServedProxy(policy, up.url, wrong, ready=False) as proxy:
+        with ServedProxy(policy, up.url, wrong, ready=False, init=False) as proxy:
             wait_until(lambda: "CREDENTIALS" in proxy.output(), 10, "the error line")
             time.sleep(3)  # three more refresh rounds
             ready = httpx.get(proxy.url + "/-/readyz", timeout=5)

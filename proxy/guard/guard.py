@@ -71,7 +71,6 @@ class Guard:
         self.runtime = runtime
         self.body_pool = BodyPool(runtime.settings.max_buffered_bytes)
         self.refusals = RecentRefusals()  # the latest, for /-/status
-        self.state_lost_logged = False  # the error that the store lost its budget state, once
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
@@ -382,13 +381,9 @@ class Guard:
     def state_lost_refusal(self) -> Rejected:
         """The refusal while the store has lost its budget state. Never failed open: a budget
         counted from $0 again is no budget at all."""
-        self.runtime.refresher.kick()  # the snapshot went with the rest: have one ready for the recovery
-        if not self.state_lost_logged:
-            self.state_lost_logged = True
-            log.error(
-                "STORE LOST ITS BUDGET STATE: calls that touch a local budget are refused (503) "
-                "until an operator runs `spend-guard store recover`"
-            )
+        # The next refresh round runs now: it logs the loss (once) and lays a snapshot down for
+        # the recovery.
+        self.runtime.refresher.kick()
         return Rejected(
             503,
             "guard_unavailable",

@@ -97,6 +97,30 @@ def restarts(state_dir: str | None) -> int:
         return 0
 
 
+class EpochRecord:
+    """The epoch of the store this state dir's proxy counted in, kept beside the store (not in it):
+    a store found empty while this says it had one lost its state; no record at all is a first
+    start here, where an empty store is new."""
+
+    NAME = "store-epoch"
+
+    def __init__(self, state_dir: str | None) -> None:
+        self.path = Path(state_dir or default_state_dir(), self.NAME)
+
+    def read(self) -> str:
+        try:
+            return self.path.read_text().strip()
+        except OSError:
+            return ""
+
+    def write(self, epoch: str) -> None:
+        if epoch and epoch != self.read():
+            with contextlib.suppress(OSError):
+                temporary = self.path.with_name(f"{self.NAME}.{os.getpid()}")
+                temporary.write_text(epoch + "\n")
+                temporary.replace(self.path)
+
+
 def _ping(path: str) -> bytes:
     """The server's first reply line to PING on its socket; b"" when nothing answers."""
     try:

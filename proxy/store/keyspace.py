@@ -39,6 +39,7 @@ SCRIPT_KEYS = {
     "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine"),
     "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
     "levels": ("snap", "held", "chsum"),
+    "identity": ("epoch", "lost"),
 }
 
 

@@ -55,6 +55,9 @@ LOCK_REFRESH = "lock:refresh"
 # What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
 UNREADABLE_ROW = "!"
 LOCK_MODELS = "lock:models"
+# The reason identity.lua records for a store found without an epoch that nothing showed to be new
+# (`spend-guard store init` lifts it; any other loss needs `store recover`).
+LOST_UNKNOWN = "the store has no epoch and nothing shows it is new"
 
 
 # Every store operation, connection included, answers within this or fails as StoreError. One
@@ -120,6 +123,7 @@ class Store:
         self.lua_mark_started = ledger_script(client, "mark_started")
         self.lua_apply_snapshot = ledger_script(client, "apply_snapshot")
         self.lua_levels = ledger_script(client, "levels")
+        self.lua_identity = ledger_script(client, "identity")
         self.lua_alert_marks = lone_script(client, "alert_marks")
 
     async def adopt_epoch(self) -> str:
@@ -133,6 +137,32 @@ class Store:
 
         self.epoch = as_text(await self._call(adopt) or epoch)
         return self.epoch
+
+    async def check_identity(self, now_ms: int, *, new_is_safe: bool) -> str | None:
+        """Is this still the store this instance counts in (identity.lua)? An epoch that vanished
+        or changed since this instance learned it, or none at all unless `new_is_safe` (nothing
+        can have been counted anywhere yet), marks the local budget state lost. Learns the
+        store's epoch and returns its lost marker (`"<why>|<ms>"`), or None."""
+        args = [self.epoch, os.urandom(8).hex(), now_ms, 1 if new_is_safe else 0]
+        epoch, lost = await self._call(lambda: self.lua_identity(keys=self.keys.fixed("identity"), args=args))
+        self.epoch = as_text(epoch)
+        return as_text(lost) if lost else None
+
+    async def init(self) -> tuple[bool, str | None]:
+        """Declare a store new (`spend-guard store init`): write an epoch if it has none, and lift a
+        marker that says only that nothing showed it was new. Returns (whether an epoch was
+        written, the lost marker left in place)."""
+        epoch = os.urandom(8).hex()
+
+        async def run() -> tuple[bool, str | None]:
+            written = bool(await self.client.set(self.key("epoch"), epoch, nx=True))
+            lost = await self.client.get(self.key("lost"))
+            if lost is not None and as_text(lost).startswith(LOST_UNKNOWN + "|"):
+                await self.client.delete(self.key("lost"))
+                lost = None
+            return written, None if lost is None else as_text(lost)
+
+        return await self._call(run)
 
     async def time_s(self) -> float:
         """The store's clock (Redis TIME), in seconds since the epoch."""

@@ -122,7 +122,7 @@ def proxy(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Te
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IMAGEROUTER_API_KEY", "sk-parity-account")
         app = create_app(
-            Settings(policy=str(path), upstream=stack.url),
+            Settings(policy=str(path), upstream=stack.url, state_dir=str(path.parent)),  # not the real home's
             policy=load_policy(path),
             redis_factory=lambda: fakeredis.FakeAsyncRedis(server=server),
         )

@@ -54,6 +54,23 @@ def wait_until(check, timeout: float, what: str) -> None:
     raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
 
 
+def init_store(url: str, policy: Path) -> None:
+    """What `spend-guard store init` does, for a test's fresh or flushed store: a shared store
+    without an epoch is otherwise taken for one that lost its state (see docs/state.md)."""
+    import redis
+
+    from proxy.policy.load import load_policy
+    from proxy.store.keyspace import Keys
+
+    key = Keys(load_policy(str(policy)).account.name)("epoch")
+    if url.startswith("redis+cluster://"):
+        with redis.RedisCluster.from_url("redis://" + url.removeprefix("redis+cluster://")) as cluster:
+            cluster.set(key, os.urandom(8).hex(), nx=True)
+    else:
+        with redis.Redis.from_url(url) as client:
+            client.set(key, os.urandom(8).hex(), nx=True)
+
+
 class RedisServer:
     """A private redis-server, so a test can stop and restart it without touching the shared one."""
 
@@ -111,6 +128,7 @@ class ServedProxy:
         args: tuple[str, ...] = (),
         wrap: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
+        init: bool = True,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -120,8 +138,12 @@ class ServedProxy:
         self.wrap, self.extra_env = wrap, env or {}  # e.g. ("faketime", "-f", "+20m")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = tempfile.NamedTemporaryFile(prefix="sg-proxy-", suffix=".log", delete=False)
+        self.init_store = init  # declare a shared store new before the first start
 
     def start(self) -> None:
+        if self.redis_url and self.init_store:
+            init_store(self.redis_url, self.policy)
+            self.init_store = False  # a restart finds the store as the test left it
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPEND_GUARD_")}
         env["IMAGEROUTER_API_KEY"] = DEFAULT_ACCOUNT_KEY
         env.update(self.extra_env)
