@@ -340,6 +340,7 @@ def _serve(settings: Settings, policy: Policy) -> None:
         proxy_headers=False,
     )
     server = uvicorn.Server(config)
+
     # uvicorn raises the stop signal again once it has drained; with SIGTERM's default action this
     # process would die of it (status -15) before the embedded store is stopped and the metrics
     # directory removed. A stop that was asked for exits 0, with one worker as with several.

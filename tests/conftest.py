@@ -119,7 +119,7 @@ def write_policy(tmp_path: Path) -> Callable[[str], Path]:
 def make_proxy(
     up: StandIn, store_target: StoreTarget, write_policy: Callable[[str], Path]
 ) -> Iterator[Callable[..., Proxy]]:
-    from tests.served import init_store
+    from tests.support.served import init_store
 
     started: list[TestClient] = []
 

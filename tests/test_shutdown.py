@@ -10,9 +10,9 @@ import signal
 import pytest
 
 from proxy.runtime import Pending
-from tests.served import ServedProxy, alice_policy, wait_until
-from tests.test_embedded import server_pids
-from tests.test_guard import KEYS
+from tests.store.test_embedded import server_pids
+from tests.support.policies import KEYS
+from tests.support.served import ServedProxy, alice_policy, wait_until
 
 FAKE = [pytest.param("fake", marks=pytest.mark.fake)]
 
@@ -32,6 +32,7 @@ def test_a_settle_abandoned_at_shutdown_gets_an_error_line(make_proxy, up, store
 
 
 @pytest.mark.embedded
+@pytest.mark.system
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_exits_0_with_one_worker_as_with_several(tmp_path, up, state_home, workers, sig):

@@ -18,8 +18,8 @@ from proxy.errors import StoreError, StoreScriptError
 from proxy.store.embedded import socket_path
 from proxy.store.keyspace import Keys
 from proxy.store.redis import Store
-from tests.conftest import KEY_A, SHA_A
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
+from tests.support.constants import KEY_A, SHA_A
+from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
 ACCOUNT = "full"
@@ -77,11 +77,13 @@ def spent_usd(proxy: ServedProxy) -> str:
 
 def generate(base: str, standin: str) -> httpx.Response:
     body = {"model": "openai/gpt-image-1", "prompt": "x"}  # held at $0.30 each
-    return httpx.post(base + "/v1/openai/images/generations", json=body,
-                      headers={**AUTH, "X-Standin": standin}, timeout=60)
+    return httpx.post(
+        base + "/v1/openai/images/generations", json=body, headers={**AUTH, "X-Standin": standin}, timeout=60
+    )
 
 
 @pytest.mark.real
+@pytest.mark.system
 @pytest.mark.parametrize("backend", ["redis", pytest.param("embedded", marks=pytest.mark.embedded)])
 def test_settles_refused_while_the_store_is_full_land_once_it_takes_writes(tmp_path, up, state_home, backend):
     # Four calls in flight when the store reaches `maxmemory`: their settles are refused (OOM)

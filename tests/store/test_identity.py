@@ -16,16 +16,21 @@ import redis
 from click.testing import CliRunner
 
 from proxy.cli import main
-from tests.conftest import KEY_A
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
-from tests.test_embedded import day_budget_policy
+from tests.store.test_embedded import day_budget_policy
+from tests.support.constants import KEY_A
+from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
 
 AUTH = {"Authorization": f"Bearer {KEY_A}"}
+pytestmark = pytest.mark.system
 
 
 def generate(proxy: ServedProxy, cost: str = "0.1") -> httpx.Response:
-    return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                      headers={**AUTH, "X-Standin": f"cost={cost}"}, timeout=30)
+    return httpx.post(
+        proxy.url + "/v1/openai/images/generations",
+        json={"model": "openai/gpt-image-1"},
+        headers={**AUTH, "X-Standin": f"cost={cost}"},
+        timeout=30,
+    )
 
 
 def lost(proxy: ServedProxy) -> bool:
@@ -40,8 +45,11 @@ def lost(proxy: ServedProxy) -> bool:
 @pytest.mark.real
 def test_a_flushed_store_makes_every_idle_replica_unready_within_one_refresh_round(tmp_path, up):
     policy = alice_policy(tmp_path, account="ident", budget_usd="1", refresh_s=1)
-    with RedisServer() as server, ServedProxy(policy, up.url, server.url) as a, \
-            ServedProxy(policy, up.url, server.url) as b:
+    with (
+        RedisServer() as server,
+        ServedProxy(policy, up.url, server.url) as a,
+        ServedProxy(policy, up.url, server.url) as b,
+    ):
         assert generate(a).status_code == 200
         redis.Redis(port=server.port).flushdb()  # a private server; no call comes in from now on
         flushed = time.monotonic()
@@ -69,8 +77,10 @@ def test_an_empty_store_nothing_shows_to_be_new_is_a_loss_until_store_init(tmp_p
         with ServedProxy(policy, up.url, server.url, ready=False, init=False) as proxy:
             wait_until(lambda: lost(proxy), 10, "the replica to refuse the unknown store")
             ready = httpx.get(proxy.url + "/-/readyz", timeout=5).json()
-            assert ("store: local budget state was lost (the store has no epoch and nothing shows it is new); "
-                    "run `spend-guard store init` if it is new, else `spend-guard store recover`") in ready["problems"]
+            assert (
+                "store: local budget state was lost (the store has no epoch and nothing shows it is new); "
+                "run `spend-guard store init` if it is new, else `spend-guard store recover`"
+            ) in ready["problems"]
             assert generate(proxy).status_code == 503
             done = CliRunner().invoke(main, ["store", "init", "--policy", str(policy), "--redis-url", server.url])
             assert done.exit_code == 0, done.output

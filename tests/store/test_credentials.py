@@ -9,9 +9,9 @@ import httpx
 import pytest
 import redis
 
-from tests.served import RedisServer, ServedProxy, alice_policy, wait_until
+from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
 
-pytestmark = pytest.mark.real
+pytestmark = [pytest.mark.real, pytest.mark.system]
 
 
 def test_a_wrong_redis_password_is_one_clear_error_line(tmp_path, up):
@@ -24,8 +24,9 @@ def test_a_wrong_redis_password_is_one_clear_error_line(tmp_path, up):
             time.sleep(3)  # three more refresh rounds
             ready = httpx.get(proxy.url + "/-/readyz", timeout=5)
             assert ready.status_code == 503
-            assert "store: it refused the proxy's credentials (the password in the Redis URL)" in ready.json()[
-                "problems"]
+            assert (
+                "store: it refused the proxy's credentials (the password in the Redis URL)" in ready.json()["problems"]
+            )
             log = proxy.output()
             problems = [line for line in log.splitlines() if " WARNING " in line or " ERROR " in line]
             assert len(problems) == 1, "\n".join(problems)

@@ -13,10 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.served import ServedProxy, wait_until
-from tests.test_embedded import budget_spent, day_budget_policy, generate, server_pids
+from tests.store.test_embedded import budget_spent, day_budget_policy, generate, server_pids
+from tests.support.served import ServedProxy, wait_until
 
-pytestmark = pytest.mark.embedded
+pytestmark = [pytest.mark.embedded, pytest.mark.system]
 
 
 def port_taken(port: int) -> bool:

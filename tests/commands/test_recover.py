@@ -12,11 +12,11 @@ from click.testing import CliRunner
 
 from proxy.cli import main
 from proxy.windows import format_ms, to_ms
-from tests.conftest import KEY_A
-from tests.standin import key_row
-from tests.test_alerts import SECRET, SECRET_ENV, policy
-from tests.test_amnesia import POLICY, forget
-from tests.webhook_receiver import Receiver
+from tests.ops.test_alerts import SECRET, SECRET_ENV, policy
+from tests.store.test_amnesia import POLICY, forget
+from tests.support.constants import KEY_A
+from tests.support.standin import key_row
+from tests.support.webhook_receiver import Receiver
 
 pytestmark = pytest.mark.real
 REAL = [pytest.param("real", marks=pytest.mark.real)]
@@ -71,8 +71,16 @@ def test_alerts_sent_before_a_loss_are_not_sent_again_after_recovery(make_proxy,
     monkeypatch.setenv(SECRET_ENV, SECRET)
     today = dt.datetime.now(dt.UTC).date()
     # alice's ImageRouter key: $4.00 a day, $2.20 spent (55 %); her local budget: $1.00 a day.
-    up.key_rows = [key_row("key-a", "alice", spend_limit="4.00", period="day", period_spend="2.2000",
-                           period_start=f"{today.isoformat()}T00:00:00Z")]
+    up.key_rows = [
+        key_row(
+            "key-a",
+            "alice",
+            spend_limit="4.00",
+            period="day",
+            period_spend="2.2000",
+            period_start=f"{today.isoformat()}T00:00:00Z",
+        )
+    ]
     up.key_ids = {KEY_A: "key-a"}
     with Receiver() as receiver:
         text = policy(receiver.url, key="    api_key_id: key-a")
