@@ -196,6 +196,11 @@ class SpendGuardApp:
             lambda: 1.0 if refresher.state_lost else 0.0,
         )
         self.metrics.computed.add(
+            "spend_guard_store_can_evict",
+            "1 while the store's maxmemory-policy can evict the guard's keys (budget counters, the loss marker).",
+            lambda: 1.0 if refresher.evicting else 0.0,
+        )
+        self.metrics.computed.add(
             "spend_guard_snapshot_rows_unreadable",
             "Rows of the latest credits snapshot this proxy could not read "
             "(their keys' upstream limits are not checked).",
@@ -451,6 +456,10 @@ class SpendGuardApp:
             problems.append(
                 f"store: local budget state was lost ({why}); run "
                 + (fix if why == LOST_UNKNOWN else "`spend-guard store recover`")
+            )
+        if rt.refresher.evicting and rt.policy.has_local_budgets:
+            problems.append(
+                f"store: its maxmemory-policy {rt.refresher.evicting} can evict budget counters; set noeviction"
             )
         state = rt.refresher.state
         if state.auth_failed:

@@ -181,6 +181,7 @@ class Refresher:
         # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
         self.outside: OutsideWatch | None = None
         self.loss_logged: str | None = None  # the last lost-state marker logged (once each)
+        self.evicting: str | None = None  # the store's maxmemory-policy, when it can evict the guard's keys
         self.store_auth_failed = False  # the store refused our credentials in the last round
 
     def _now_ms(self) -> int:
@@ -223,6 +224,7 @@ class Refresher:
             if isinstance(self.clock, StoreClock):
                 await self.sync_clock(self.clock)
             await self.check_identity()
+            await self.check_eviction()
             if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
                 if not await self.refresh_credits():
                     await self.store.release_lock(LOCK_REFRESH, self.owner)
@@ -271,6 +273,24 @@ class Refresher:
         self.state_lost = lost
         if record is not None:
             record.write(self.store.epoch)
+
+    async def check_eviction(self) -> None:
+        """Every round: can the store evict the guard's keys? Under any `maxmemory-policy` but
+        `noeviction` a full Redis evicts budget counters (they carry a TTL) or the loss marker, and
+        a budget counts from $0 again without anything noticing: the proxy says so loudly (readyz,
+        a metric, one ERROR line) while the policy counts local budgets."""
+        if not self.policy().has_local_budgets:
+            self.evicting = None
+            return
+        policy = await self.store.eviction_policy()
+        evicting = policy if policy not in (None, "noeviction") else None
+        if evicting and evicting != self.evicting:
+            log.error(
+                "STORE CAN EVICT BUDGET COUNTERS: its maxmemory-policy is %s; set it to noeviction "
+                "(a full store then refuses writes, which the guard waits out, instead of forgetting spend)",
+                evicting,
+            )
+        self.evicting = evicting
 
     async def sync_clock(self, clock: StoreClock) -> None:
         before = clock.base()

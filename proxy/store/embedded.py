@@ -253,6 +253,7 @@ class EmbeddedServer:
             "--dir", self.state_dir,
             "--appendonly", "yes",
             "--appendfsync", "everysec",
+            "--maxmemory-policy", "noeviction",  # never forget a budget counter to make room
             "--save", "",
             "--daemonize", "no",
             "--databases", "1",

@@ -169,6 +169,22 @@ class Store:
         seconds, micros = await self._call(self.client.time)
         return float(seconds) + float(micros) / 1e6
 
+    async def eviction_policy(self) -> str | None:
+        """The store's `maxmemory-policy` (every node's that is not `noeviction`, on a cluster), or
+        None when the store does not say (CONFIG is disabled on some managed services)."""
+
+        async def read() -> str | None:
+            try:
+                found = await self.client.config_get("maxmemory-policy")
+            except redis.exceptions.ResponseError:
+                return None  # CONFIG renamed or not permitted
+            values = [found] if "maxmemory-policy" in found else list(found.values())  # a cluster: by node
+            policies = {as_text(v["maxmemory-policy"] or "") for v in values if isinstance(v, dict) and v}
+            evicting = sorted(policies - {"noeviction"})
+            return ",".join(evicting) if evicting else ("noeviction" if policies else None)
+
+        return await self._call(read)
+
     async def state_lost(self) -> str | None:
         """Why and when the store lost its local budget state (`"<why>|<ms>"`), or None."""
         raw = await self._call(lambda: self.client.get(self.key("lost")))
