@@ -75,6 +75,21 @@ def test_success_bills_the_actual_cost_and_credits_show_in_flight_holds(up, clie
         "remaining_credits": "99.8330", "credit_usage": "0.1670", "total_deposits": "100.0000"}
 
 
+def test_lagging_credits_serve_the_figures_from_before_the_calls_it_has_pre_charged(up, client):
+    up.credits_lag_s = 3600.0
+    with client.stream("POST", IMAGES, json={"model": "openai/gpt-image-1"},
+                       headers={**AUTH, "X-Standin": "gate=g"}) as resp:
+        up.wait_for_requests(1)
+        assert up.charged_micros == 300_000  # pre-charged, but /v1/credits does not show it yet
+        assert credits(client, up).json() == {
+            "remaining_credits": "100.0000", "credit_usage": "0.0000", "total_deposits": "100.0000"}
+        up.release("g")
+        resp.read()
+    assert credits(client, up).json()["credit_usage"] == "0.0000"
+    up.credits_lag_s = 0.0
+    assert credits(client, up).json()["credit_usage"] == "0.1670"
+
+
 def test_error_after_heartbeat_is_a_200_and_refunds_everything(up, client):
     resp = generate(client, "heartbeat=2,interval=0.01,error")
     assert resp.status_code == 200

@@ -50,6 +50,9 @@ class StandIn(Generation):
     credits_status: int
     credits_body: bytes | None
     credits_delay_s: float
+    # /v1/credits serves the figures as they stood this long ago (a replica behind the ledger): a
+    # call it has pre-charged is not in them yet.
+    credits_lag_s: float
     requests: list[Recorded]
     credits_calls: int
     models_calls: int
@@ -154,6 +157,8 @@ class StandIn(Generation):
             self.credits_status = 200
             self.credits_body = None
             self.credits_delay_s = 0.0
+            self.credits_lag_s = 0.0
+            self._ledger_history: list[tuple[float, int, int, str]] = []
             self.requests = []
             self.credits_calls = 0
             self.models_calls = 0
@@ -240,6 +245,14 @@ class StandIn(Generation):
 
     def _bill(self, token: str, micros: int, *, new_request: bool = False) -> None:
         """Move `micros` from the balance to the ledger (negative = refund). Caller holds lock."""
+        if self.credits_lag_s > 0:
+            # what /v1/credits serves until credits_lag_s has passed (_lagged_figures)
+            now = time.monotonic()
+            self._ledger_history.append(
+                (now, self.credits_remaining_micros, self.charged_micros, json.dumps(self.key_rows))
+            )
+            while self._ledger_history and self._ledger_history[0][0] < now - self.credits_lag_s - 60:
+                del self._ledger_history[0]
         self.credits_remaining_micros -= micros
         self.charged_micros += micros
         fp = fingerprint(token)
@@ -312,11 +325,11 @@ class StandIn(Generation):
             if token != self.account_key:
                 return _json_response(401, _error_json("Invalid API key", "unauthorized"))
             status, override = self.credits_status, self.credits_body
-            remaining = self.credits_remaining_micros
+            remaining, charged, rows_text = self._lagged_figures()
             deposits = self.total_deposits_micros
             if deposits is None:
-                deposits = remaining + self.charged_micros
-            rows = json.loads(json.dumps(self.key_rows))
+                deposits = remaining + charged
+            rows = json.loads(rows_text)
         if override is not None:
             return web.Response(status=status, body=override, content_type="application/json")
         if status != 200:
@@ -331,6 +344,15 @@ class StandIn(Generation):
         if parse_qs(query).get("by_api_key") == ["true"]:
             payload["usage_by_api_key"] = rows
         return _json_response(200, json.dumps(payload).encode())
+
+    def _lagged_figures(self) -> tuple[int, int, str]:
+        """Balance, charged total and key rows as /v1/credits serves them (credits_lag_s ago). Caller holds lock."""
+        if self.credits_lag_s > 0:
+            cutoff = time.monotonic() - self.credits_lag_s
+            for billed_at, remaining, charged, rows in self._ledger_history:
+                if billed_at > cutoff:
+                    return remaining, charged, rows
+        return self.credits_remaining_micros, self.charged_micros, json.dumps(self.key_rows)
 
     def _models(self) -> web.Response:
         with self.lock:
