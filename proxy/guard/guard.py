@@ -75,10 +75,51 @@ class Guard:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = raw_path(scope)
         match = self.runtime.routes.classify(scope["method"], path)
-        if match.kind is None:
-            await passthrough(self.runtime, scope, receive, send, path)
-        else:
+        if match.kind is not None:
             await self.guarded(scope, receive, send, match, path)
+            return
+        if match.free:
+            self.runtime.metrics.free_routes.labels(match.path).inc()
+        elif match.unknown and not self.pass_unknown_route(scope, match):
+            await self.refuse_unknown_route(scope, receive, send, match)
+            return
+        await passthrough(self.runtime, scope, receive, send, path)
+
+    # -- unknown routes ----------------------------------------------------------------------
+
+    def pass_unknown_route(self, scope: Scope, match: Match) -> bool:
+        """A method other than GET, HEAD, OPTIONS to a path `routes` does not list goes up without a
+        hold only under `guard.unknown_routes: pass` (or in global shadow mode), counted and logged:
+        it may be a spending route the table lacks (docs/policies.md#routes)."""
+        policy = self.runtime.policy
+        if policy.guard.unknown_routes != "pass" and policy.mode != "shadow":
+            return False
+        self.runtime.metrics.unguarded.labels("unknown_route").inc()
+        log.warning(
+            "UNGUARDED: forwarding %s %s without a hold: the policy's routes do not list it"
+            " (guard.unknown_routes: %s%s)",
+            excerpt(scope["method"]),
+            excerpt(match.path),
+            policy.guard.unknown_routes,
+            ", mode: shadow" if policy.mode == "shadow" else "",
+        )
+        return True
+
+    async def refuse_unknown_route(self, scope: Scope, receive: Receive, send: Send, match: Match) -> None:
+        """403 `policy_violation`: nothing goes up (docs/refusals.md#policy-refusals-403)."""
+        policy = self.runtime.policy
+        call = open_call(scope, header_pairs(scope), match, policy)
+        exc = Rejected(
+            403,
+            "policy_violation",
+            f"{excerpt(scope['method'])} {excerpt(match.path)} is not a route the spend guard knows, and unknown "
+            "routes are refused: list it in the policy's routes (kind: free, or its spending kind).",
+            scope="policy",
+        )
+        if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
+            call.headers.update(CLOSE)  # refused before its body is read, as in check_servable
+        self.record_refusal(call, policy, exc)
+        await exc.response(call.headers)(scope, receive, send)
 
     # -- guarded ---------------------------------------------------------------------------
 

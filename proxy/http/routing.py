@@ -7,6 +7,11 @@ method, a path that still holds a percent-escape after one decode and names a sp
 once decoded further (`/v1/openai/images/%2567enerations`): Express decodes once, but any layer
 in between that decodes twice would turn it into an unguarded spending call. The request itself
 is forwarded exactly as received (docs/how-it-works.md).
+
+Only a route the table lists is known. A `free` route (kind None here) is a POST that spends
+nothing. Any method but GET, HEAD or OPTIONS to a path the table does not list is *unknown*: the
+guard refuses it or passes it as `guard.unknown_routes` says, never as a passthrough that nobody
+counted (docs/how-it-works.md#route).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 from urllib.parse import unquote_to_bytes
 
 from proxy.types import RouteKind
@@ -30,6 +36,8 @@ MAX_DECODES = 8
 # at most (CLASSIFIED_CACHE + 4096 + 1024) short paths, about 3 MB, whatever clients send.
 CLASSIFIED_CACHE = 1024
 CACHED_PATH_BYTES = 256
+# Methods that reach ImageRouter's read-only handlers (and CORS preflights) only.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class Match:
     path: str  # the canonical form of the route that matched (or of the request)
     enabled: bool = True
     ambiguous: bool = False  # an encoded separator, or still encoded after one decode: refuse, never guess
+    free: bool = False  # a POST to a route listed as spending nothing
+    unknown: bool = False  # a method other than GET, HEAD, OPTIONS to a path the table does not list
 
 
 def canonical_path(raw_path: bytes) -> str:
@@ -93,12 +103,20 @@ def _canonical(decoded_bytes: bytes) -> str:
 
 
 class RouteTable:
-    """Canonical spending paths -> kind; built once per policy."""
+    """Canonical spending paths -> kind, and the free POST paths; built once per policy."""
 
-    def __init__(self, routes: Iterable[tuple[str, RouteKind, bool]]) -> None:
+    def __init__(self, routes: Iterable[tuple[str, RouteKind | Literal["free"], bool]]) -> None:
         self._routes: dict[str, tuple[RouteKind, bool]] = {}
+        free: set[str] = set()
         for path, kind, enabled in routes:
-            self._routes[canonical_path(path.encode())] = (kind, enabled)
+            canonical = canonical_path(path.encode())
+            if kind == "free":
+                # A free route disabled by the policy is as if unlisted: an unknown route.
+                if enabled:
+                    free.add(canonical)
+            else:
+                self._routes[canonical] = (kind, enabled)
+        self._free = frozenset(free - self._routes.keys())
         self._seen: dict[tuple[str, bytes], Match] = {}  # short paths only (CACHED_PATH_BYTES)
 
     def classify(self, method: str, raw_path: bytes) -> Match:
@@ -115,7 +133,12 @@ class RouteTable:
         path = canonical_path(raw_path)
         found = self._routes.get(path)
         if found is None:
-            return self._double_encoded(raw_path, path)
+            match = self._double_encoded(raw_path, path)
+            if match.kind is not None or method.upper() in SAFE_METHODS:
+                return match
+            if path in self._free:
+                return Match(None, path, free=method.upper() == "POST")
+            return Match(None, path, unknown=True)
         if method.upper() != "POST":
             # Only POST spends (the upstream registers generation handlers for POST alone).
             return Match(None, path)

@@ -70,8 +70,15 @@ class Metrics:
         )
         self.unguarded = Counter(
             "spend_guard_unguarded",
-            "Spending calls forwarded without a hold because the guard failed open.",
+            "Calls forwarded without a hold: the guard failed open (store, snapshot, no_prices), or a route the "
+            "policy does not list passed under guard.unknown_routes: pass (unknown_route).",
             ["reason"],
+            registry=r,
+        )
+        self.free_routes = Counter(
+            "spend_guard_free_route_requests",
+            "POSTs to routes the policy lists as kind: free, forwarded without a hold, by route.",
+            ["route"],
             registry=r,
         )
         self.refresh_failures = Counter(

@@ -352,6 +352,7 @@ FIELDS: Mapping[str, _Spec] = {
         "hold_ttl_s": ("hold_ttl_s", _positive_s),
         "shutdown_grace_s": ("shutdown_grace_s", _non_negative_s),
         "show_account_to_unknown_keys": ("show_account_to_unknown_keys", _bool),
+        "unknown_routes": ("unknown_routes", _choice("value", ("reject", "pass"))),
     },
     "models": {
         "default_hold_usd": ("default_hold_micros", _money),
@@ -380,7 +381,7 @@ FIELDS: Mapping[str, _Spec] = {
     "admin": {"token_sha256": ("token_sha256", _sha256), "protect_metrics": ("protect_metrics", _bool)},
     "route": {
         "path": ("path", _route_path),
-        "kind": ("kind", _choice("route kind", ROUTE_KINDS)),
+        "kind": ("kind", _choice("route kind", (*ROUTE_KINDS, "free"))),
         "enabled": ("enabled", _bool),
     },
     "budget": {

@@ -20,13 +20,19 @@ from typing import Literal
 from proxy.types import Period, RouteKind
 
 Mode = Literal["enforce", "shadow"]
+# A route's `kind` in the policy: a spending kind, or `free` (a POST that spends nothing and is
+# forwarded without a hold, counted; docs/policies.md#routes).
+RouteClass = RouteKind | Literal["free"]
+FREE: Literal["free"] = "free"
 
-DEFAULT_ROUTES: tuple[tuple[str, RouteKind], ...] = (
+DEFAULT_ROUTES: tuple[tuple[str, RouteClass], ...] = (
     ("/v1/openai/images/generations", "image"),
     ("/v1/openai/images/edits", "image"),
     ("/v1/openai/videos/generations", "video"),
     ("/v1/openai/chat/completions", "text"),
     ("/v1/openai/responses", "text"),
+    # ImageRouter's own POST that spends nothing: a key check for integrations (Zapier, n8n).
+    ("/v1/auth/test", FREE),
 )
 POLICY_SUFFIXES = (".yaml", ".yml")
 SECTIONS = ("mode", "upstream", "account", "guard", "models", "alerts", "admin")
@@ -68,6 +74,9 @@ class GuardPolicy:
     # /-/me to a bearer token the policy does not list: nothing (the default), or the account's
     # credits and floor as a listed key sees them.
     show_account_to_unknown_keys: bool = False
+    # A POST, PUT, PATCH or DELETE to a path `routes` does not list: refused 403, or forwarded
+    # without a hold, counted and logged (docs/policies.md#routes).
+    unknown_routes: Literal["reject", "pass"] = "reject"
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +157,7 @@ class AdminPolicy:
 @dataclass(frozen=True, slots=True)
 class RoutePolicy:
     path: str
-    kind: RouteKind
+    kind: RouteClass
     enabled: bool = True
 
 

@@ -18,6 +18,9 @@ IMAGE_ROUTES = {
     "/v1/openai/images/generations": "image",
     "/v1/openai/images/edits": "image",
     "/v1/openai/videos/generations": "video",
+    # A spending route the proxy's default table lacks: ImageRouter has a branch adding a POST
+    # /v1/responses that generates images, video and audio (pre-charged like an image call).
+    "/v1/responses": "image",
 }
 TEXT_ROUTES = {
     "/v1/openai/chat/completions": "chat",

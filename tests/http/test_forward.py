@@ -14,9 +14,12 @@ from tests.support.constants import KEY_A
 from tests.support.policies import alice_keys
 from tests.support.served import ServedProxy
 
+# PUT and POST to paths the route table does not list are refused unless the policy passes them.
+PASS = "guard: {unknown_routes: pass}\n"
+
 
 def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):
-    p = make_proxy()
+    p = make_proxy(PASS)
     body = bytes(range(256)) * 64
     r = p.client.put(
         "/v1/some/Path%20x/?b=2&a=%2F",
@@ -48,7 +51,7 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped_on_the_way_up(make
 
 
 def test_large_upload_streams_through_with_its_declared_length(make_proxy, up):
-    p = make_proxy()
+    p = make_proxy(PASS)
     body = bytes(range(256)) * 4096  # 1 MiB: above the size read whole, so it streams
     r = p.client.put("/echo/upload", content=body, headers={"Content-Type": "application/octet-stream"})
     seen = r.json()
@@ -58,7 +61,7 @@ def test_large_upload_streams_through_with_its_declared_length(make_proxy, up):
 
 
 def test_chunked_upload_streams_through_chunked(make_proxy, up):
-    p = make_proxy()
+    p = make_proxy(PASS)
     parts = [b"a" * 70_000, b"b" * 3, b"c" * 200_000]
     r = p.client.post("/echo/chunked", content=iter(parts))  # no length known: httpx sends it chunked
     seen = r.json()
@@ -70,7 +73,7 @@ def test_chunked_upload_streams_through_chunked(make_proxy, up):
 def test_expect_100_continue_is_answered_here_and_not_sent_upstream(make_proxy, up):
     # The proxy's server already answered the client's Expect; passed on, it would make the
     # upstream client wait for a second 100 Continue that an upstream need not send.
-    p = make_proxy(alice_keys("[{limit_usd: 10, period: null}]") + "upstream: {timeout_s: 5}\n")
+    p = make_proxy(alice_keys("[{limit_usd: 10, period: null}]") + "upstream: {timeout_s: 5}\n" + PASS)
     r = p.client.put("/echo/expect", content=b"x" * 5000, headers={"Expect": "100-continue"})
     assert r.status_code == 200
     assert "expect" not in {k.lower() for k, _ in r.json()["headers"]}
@@ -82,7 +85,7 @@ def test_expect_100_continue_is_answered_here_and_not_sent_upstream(make_proxy, 
 @pytest.mark.system
 def test_expect_100_continue_from_a_real_client_gets_its_answer(tmp_path, up):
     policy = tmp_path / "policy.yaml"
-    policy.write_text("account: {name: expect}\nupstream: {timeout_s: 5}\n")
+    policy.write_text("account: {name: expect}\nupstream: {timeout_s: 5}\n" + PASS)
     with (
         ServedProxy(policy, up.url, None, ready=False) as proxy,
         socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock,
@@ -117,7 +120,7 @@ def test_utf8_header_values_reach_the_upstream_unchanged(make_proxy, up):
 def test_a_chunked_body_never_goes_up_with_a_content_length_too(make_proxy, up):
     # uvicorn refuses such requests from the network; behind another ASGI server the proxy still
     # must not frame one body two ways to the upstream (request smuggling).
-    p = make_proxy()
+    p = make_proxy(PASS)
     r = p.client.post("/echo/both", content=b"hello" * 60_000, headers={"Transfer-Encoding": "chunked"})
     headers = {k.lower(): v for k, v in r.json()["headers"]}
     assert "content-length" not in headers and headers["transfer-encoding"] == "chunked"

@@ -166,7 +166,8 @@ def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_pa
 
 @pytest.mark.system
 def test_a_slow_small_upload_on_an_unguarded_route_is_refused_with_408_too(tmp_path, up):
-    with ServedProxy(write_policy(tmp_path), up.url, None, ready=False, args=("--body-timeout-s", "1")) as proxy:
+    free = "routes:\n  - {path: /echo/slow, kind: free}\n"
+    with ServedProxy(write_policy(tmp_path, free), up.url, None, ready=False, args=("--body-timeout-s", "1")) as proxy:
         with connect(proxy.port) as sock:
             sock.sendall(b"PUT /echo/slow HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
             reply, closed = read_until_closed(sock, 5)

@@ -174,3 +174,26 @@ def test_a_path_still_encoded_after_one_decode_on_a_spending_route_is_ambiguous_
 def test_a_double_encoded_path_elsewhere_passes_through(table, raw):
     match = table.classify("POST", raw)
     assert match.kind is None and not match.ambiguous
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "PATCH", "DELETE", "PROPFIND"])
+def test_a_method_that_may_write_to_an_unlisted_path_is_unknown(table, method):
+    for raw in (b"/v1/responses", b"/v1/openai/images/variations", b"/V1/openai/audio/speech/"):
+        match = table.classify(method, raw)
+        assert (match.kind, match.unknown, match.free) == (None, True, False)
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "OPTIONS", "get"])
+def test_reading_an_unlisted_path_is_a_passthrough(table, method):
+    match = table.classify(method, b"/v1/responses")
+    assert (match.kind, match.unknown, match.free) == (None, False, False)
+
+
+def test_a_free_route_is_known_only_for_its_own_path():
+    routes = RouteTable([(GEN, "image", True), ("/v1/Auth/Test", "free", True), ("/v1/off", "free", False)])
+    assert routes.classify("POST", b"/v1/auth/test/").free is True
+    assert routes.classify("PUT", b"/v1/auth/test").free is False  # only a POST is counted as free
+    assert routes.classify("PUT", b"/v1/auth/test").unknown is False
+    assert routes.classify("POST", b"/v1/auth/test/x").unknown is True
+    assert routes.classify("POST", b"/v1/off").unknown is True  # a disabled free route is unlisted
+    assert routes.classify("POST", GEN.encode()).kind == "image"

@@ -154,7 +154,7 @@ EXPECTED = {
     ),
     "route_enabled_not_bool.yaml": "routes[0].enabled: expected true or false, got 'off'",
     "route_kind_missing.yaml": "routes[0]: missing required key 'kind'",
-    "route_kind_unknown.yaml": "routes[0].kind: unknown route kind 'audio'; expected image, video or text",
+    "route_kind_unknown.yaml": "routes[0].kind: unknown route kind 'audio'; expected image, video, text or free",
     "route_path_relative.yaml": (
         "routes[0].path: expected a path starting with '/', got 'v1/openai/images/generations'"
     ),
@@ -166,7 +166,7 @@ EXPECTED = {
     "top_level_list.yaml": "top level: expected a mapping of sections, got a list",
     "unknown_nested_key.yaml": (
         "guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, unknown_models, "
-        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys"
+        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys, unknown_routes"
     ),
     "unknown_top_key.yaml": (
         "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, admin, routes, "
@@ -223,7 +223,7 @@ def test_all_problems_are_collected_in_one_pass() -> None:
     assert problems_of(path) == [
         f"{path}: account.refresh_s: expected a number, got 'fast'",
         f"{path}: guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, unknown_models, "
-        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys",
+        "max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys, unknown_routes",
         f"{path}: keys[0] (renderer).budgets[0].period: unknown period 'weekly'; expected day, week, month, lifetime "
         "or null",
     ]
@@ -284,7 +284,7 @@ def test_full_policy_loads_every_field() -> None:
         max_staleness_s=15.0,
         min_remaining_micros=2_500_000,
     )
-    assert policy.guard == GuardPolicy("open", "reject", "reject", 1_048_576, 660.0, 0.0)
+    assert policy.guard == GuardPolicy("open", "reject", "reject", 1_048_576, 660.0, 0.0, unknown_routes="pass")
     assert policy.models.default_hold_micros == 750_000
     assert policy.models.text_hold_micros == 1
     assert dict(policy.models.overrides) == {"openai/gpt-image-1": 300_000, "google/imagen-4:free": 0}
@@ -296,7 +296,9 @@ def test_full_policy_loads_every_field() -> None:
         RoutePolicy("/v1/openai/videos/generations", "video", enabled=False),
         RoutePolicy("/v1/openai/chat/completions", "text"),
         RoutePolicy("/v1/openai/responses", "text"),
+        RoutePolicy("/v1/auth/test", "free"),
         RoutePolicy("/v2/images", "image"),
+        RoutePolicy("/v1/openai/audio/voices", "free"),
     )
     assert dict(policy.groups) == {
         "design-team": GroupPolicy(
@@ -379,7 +381,10 @@ def test_sparse_policy_fills_defaults() -> None:
         defaults.models,
     )
     # A default route re-stated without `kind` keeps its kind.
-    assert policy.routes[-1] == RoutePolicy("/v1/openai/responses", "text", enabled=False)
+    assert policy.routes[-2:] == (
+        RoutePolicy("/v1/openai/responses", "text", enabled=False),
+        RoutePolicy("/v1/auth/test", "free"),
+    )
     assert policy.groups["ops"].budgets == (Budget("group:ops:lifetime", 100_000_000, None, shadow=False),)
     (key,) = policy.keys
     assert (key.name, key.group, key.budgets, key.rules) == ("ops-bot", "ops", (), ModelRules())
@@ -427,6 +432,7 @@ def test_routes_merge_over_defaults_by_path(tmp_path: Path) -> None:
         RoutePolicy("/v1/openai/videos/generations", "video", enabled=False),
         RoutePolicy("/v1/openai/chat/completions", "image"),
         RoutePolicy("/v1/openai/responses", "text"),
+        RoutePolicy("/v1/auth/test", "free"),
         RoutePolicy("/v1/openai/custom", "text"),
     )
 

@@ -80,7 +80,7 @@ def test_reload_with_a_broken_file_keeps_the_old_policy_and_counts_the_failure(
     problems = [
         f"{policy_file}: mode: unknown mode 'dry-run'; expected enforce or shadow",
         f"{policy_file}: guard.on_store_eror: unknown key; expected one of on_store_error, unknown_keys, "
-        "unknown_models, max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys",
+        "unknown_models, max_body_bytes, hold_ttl_s, shutdown_grace_s, show_account_to_unknown_keys, unknown_routes",
     ]
     assert holder.last_error == "; ".join(problems)
     (record,) = [r for r in caplog.records if r.name == "spend_guard.policy"]
