@@ -41,6 +41,8 @@ KICK_INTERVAL_S = 0.5  # at most this often does a missing snapshot start a roun
 # `/v1/credits` and `/v2/models` are read up to this size; a larger answer fails the round unread
 # (ImageRouter's are tens of KB; a credits answer grows ~300 bytes per API key).
 MAX_DOCUMENT_BYTES = 16 * 1024 * 1024
+# At most this often (per process) does a call charged above its hold fetch /v2/models early.
+PRICE_KICK_INTERVAL_S = 5.0
 
 
 class CreditsError(ValueError):
@@ -145,7 +147,8 @@ class RefreshState:
 
 
 class Refresher:
-    """Background task: credits every `refresh_s`, prices every `models_refresh_s`."""
+    """Background task: credits every `refresh_s`, prices every `models_refresh_s` (and at once
+    after a call cost more than its hold; docs/state.md#the-credits-refresher)."""
 
     def __init__(
         self,
@@ -180,6 +183,8 @@ class Refresher:
         self._stopped = asyncio.Event()
         self._wake = asyncio.Event()
         self._kicked_at = 0.0
+        self._prices_kicked_at = float("-inf")
+        self._prices_due = False  # fetch /v2/models in the next round, lock or not
         self.skew_logged = False
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
         # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
@@ -197,6 +202,17 @@ class Refresher:
         now = self.clock()
         if now - self._kicked_at >= KICK_INTERVAL_S:
             self._kicked_at = now
+            self._wake.set()
+
+    def refresh_prices_now(self) -> None:
+        """Fetch `/v2/models` in a round that starts now, whatever `models_refresh_s` says: a call
+        cost more than its hold, so its price may have risen upstream. At most once per
+        PRICE_KICK_INTERVAL_S per process, so a model that is always underheld cannot turn every
+        call into a fetch."""
+        now = self.clock()
+        if now - self._prices_kicked_at >= PRICE_KICK_INTERVAL_S:
+            self._prices_kicked_at = now
+            self._prices_due = True
             self._wake.set()
 
     async def run(self, first_delay: float = 0.0) -> None:
@@ -233,7 +249,9 @@ class Refresher:
                 if not await self.refresh_credits():
                     await self.store.release_lock(LOCK_REFRESH, self.owner)
                     delay = self._backoff(account.refresh_s)
-            if await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000)):
+            prices_due, self._prices_due = self._prices_due, False
+            models_lock = await self.store.acquire_lock(LOCK_MODELS, self.owner, int(account.models_refresh_s * 1000))
+            if models_lock or prices_due:
                 if not await self.refresh_models():
                     await self.store.release_lock(LOCK_MODELS, self.owner)
                     delay = min(delay, self._backoff(account.refresh_s))

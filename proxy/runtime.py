@@ -252,6 +252,8 @@ class Runtime:
         if cost_micros is not None and cost_micros > flight.amount_micros:
             model = excerpt(flight.model or "unknown")
             self.metrics.underheld.labels(model).inc()
+            # Its price may have risen upstream: the next calls hold the new one.
+            self.refresher.refresh_prices_now()
             log.warning(
                 "UNDERHELD: a %s call to model %s cost $%s, above its hold of $%s (hold %s); raise its rate or hold",
                 flight.kind or "guarded",

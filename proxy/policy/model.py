@@ -58,7 +58,8 @@ class AccountPolicy:
     name: str = "main"
     api_key_env: str = "IMAGEROUTER_API_KEY"
     refresh_s: float = 30.0
-    models_refresh_s: float = 3600.0
+    # Prices: a price raised upstream is held within models_refresh_s + refresh_s (one minute).
+    models_refresh_s: float = 30.0
     max_staleness_s: float = 300.0
     min_remaining_micros: int = 0
 
