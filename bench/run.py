@@ -37,7 +37,7 @@ from tables import Report, histogram, median, quantile_bound, ratio, trend
 
 HERE = Path(__file__).resolve().parent
 GUARDED_PATH = "/v1/openai/images/generations"
-UNGUARDED_PATH = "/v1/openai/other"  # not a spending route: the guard streams it through
+UNGUARDED_PATH = "/v1/openai/other"  # listed as free in POLICY: the guard streams it through
 OVERHEAD_METRIC = "spend_guard_overhead_seconds"
 PACED_CONNECTIONS = 16
 MEMORY_TARGET_MIB = 30.0
@@ -45,6 +45,7 @@ WORKERS_TARGET = 1.6
 POLICY = """\
 account: {name: bench, refresh_s: 5, max_staleness_s: 300, min_remaining_usd: 0}
 guard: {unknown_keys: account_only, shutdown_grace_s: 5}
+routes: [{path: /v1/openai/other, kind: free}]
 """
 
 
