@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.credits import CreditsError, Refresher, parse_credits
+from proxy.credits import PRICE_KICK_INTERVAL_S, CreditsError, Refresher, parse_credits
 from proxy.policy.model import Policy, default_policy
 from proxy.prices import PriceTable
 from proxy.settings import Secret
@@ -428,3 +428,21 @@ def test_a_row_that_is_not_an_object_is_reported_not_fatal():
     snap = parse_credits(credits_doc(["row", key_row("k0", "fine")]), 1)
     assert "id:k0" in snap.rows
     assert snap.bad_rows == {"#0": "usage_by_api_key[0] is not an object"}
+
+
+async def test_refresh_prices_now_fetches_the_models_in_the_next_round_lock_or_not(env, up):
+    r1, r2 = env.refresher(), env.refresher()
+    await r1.tick()
+    assert up.models_calls == 1  # r1 holds the models lock for models_refresh_s
+    r2.refresh_prices_now()  # a call cost more than its hold
+    await r2.tick()
+    assert up.models_calls == 2
+    await r2.tick()
+    assert up.models_calls == 2  # once per request, not every round after
+    r2.refresh_prices_now()
+    await r2.tick()
+    assert up.models_calls == 2  # within PRICE_KICK_INTERVAL_S of the last: no second fetch
+    env.clock.t += PRICE_KICK_INTERVAL_S
+    r2.refresh_prices_now()
+    await r2.tick()
+    assert up.models_calls == 3
