@@ -1,34 +1,26 @@
-"""`spend-guard`: serve, check-policy, fingerprint, status (a thin click layer, uvicorn-style)."""
+"""`spend-guard`: serve, check-policy, fingerprint, status (a thin click layer, uvicorn-style).
+
+Each command's body is in `proxy/commands/`; `serve` turns its options into `Settings` and forwards
+to `proxy.commands.serve.run`."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
-import json
 import os
-import shutil
-import signal
 import sys
-import tempfile
-import time
-from types import FrameType
 from typing import Any
 
 import click
 
 from proxy import __version__
+from proxy.commands.exits import POLICY_INVALID
+from proxy.commands.serve import run, serve_demo
 from proxy.errors import PolicyError
-from proxy.logs import LOG_FORMATS, LogFormat, configure_logging
+from proxy.logs import LOG_FORMATS, LogFormat
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy, default_policy
-from proxy.settings import MULTIPROCESS_DIR_ENV, Settings
-from proxy.store.embedded import EmbeddedServer, EmbeddedStoreError, default_state_dir
-
-STARTUP_FAILURE = 3
-NOTHING_DONE = 1  # `store recover` on a store that lost nothing
-WORKER_READY_S = 20
-POLICY_INVALID = 2
+from proxy.settings import Settings
+from proxy.store.embedded import default_state_dir
 
 
 def _load(path: str | None) -> Policy:
@@ -180,7 +172,7 @@ def serve(
             click.echo("spend-guard serve --demo: the demo brings its own upstream; drop --upstream", err=True)
             sys.exit(POLICY_INVALID)
         own = policy_path if context.get_parameter_source("policy_path") == source else None
-        _serve_demo(host, port, own, redis_url, state_dir, embedded_server, workers, log_level, log_format)
+        serve_demo(host, port, own, redis_url, state_dir, embedded_server, workers, log_level, log_format)
         return
     settings = Settings(
         host,
@@ -219,146 +211,6 @@ def _environment_epilog(command: click.Command) -> str:
 
 
 serve.epilog = _environment_epilog(serve)
-
-
-class _Stopped(Exception):
-    """A stop signal that arrived outside uvicorn's own handling (before it started, or re-raised
-    by it once it has shut down)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stopped(signum: int, frame: object) -> None:
-    raise _Stopped(signum)
-
-
-def _serve_demo(
-    host: str,
-    port: int,
-    policy_path: str | None,
-    redis_url: str | None,
-    state_dir: str | None,
-    embedded_server: str | None,
-    workers: int,
-    log_level: str,
-    log_format: LogFormat,
-) -> None:
-    """`serve --demo`: the demo upstream and its policy, or `policy_path`'s (proxy/commands/demo.py),
-    then the proxy as usual. Its temporary directory goes on exit, SIGTERM included: once the
-    proxy serves, a stop returns from `run` (exit 0); a SIGTERM before that becomes an exception
-    here, so the directory is removed before the process ends as SIGTERM ends it."""
-    from proxy.commands.demo import Demo
-
-    policy = None
-    if policy_path is not None:
-        try:
-            policy = load_policy(policy_path)
-        except PolicyError as exc:
-            click.echo(f"spend-guard: invalid policy, not starting:\n{exc}", err=True)
-            sys.exit(POLICY_INVALID)
-    signal.signal(signal.SIGTERM, _stopped)
-    try:
-        with Demo(os.path.abspath(state_dir) if state_dir else None, policy_path, policy) as demo:
-            settings = Settings(
-                host,
-                port,
-                demo.policy_path,
-                demo.upstream_url,
-                redis_url,
-                workers,
-                log_level,
-                state_dir=demo.state_dir,
-                log_format=log_format,
-            )
-            shown = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-            click.echo(demo.banner(f"http://{shown}:{port}"), err=True)
-            run(settings, policy or load_policy(demo.policy_path), embedded_server=embedded_server)
-    except _Stopped as stop:
-        signal.signal(stop.signum, signal.SIG_DFL)
-        os.kill(os.getpid(), stop.signum)
-
-
-def run(settings: Settings, policy: Policy, *, embedded_server: str | None = None) -> None:
-    # This process's own lines (the embedded store, the worker supervisor) in the chosen format
-    # too; each worker sets up its own the same way (app.create_app).
-    configure_logging(settings.log_level, settings.log_format)
-    os.environ.update(settings.to_env())
-    # Before prometheus_client is imported (it reads this once): set but empty means unset.
-    if not os.environ.get(MULTIPROCESS_DIR_ENV):
-        os.environ.pop(MULTIPROCESS_DIR_ENV, None)
-    metrics_dir = None
-    if settings.workers > 1 and MULTIPROCESS_DIR_ENV not in os.environ:
-        # Each worker writes its metrics here and a scrape of any worker sums them all.
-        metrics_dir = tempfile.mkdtemp(prefix="spend-guard-metrics-")
-        os.environ[MULTIPROCESS_DIR_ENV] = metrics_dir
-    try:
-        # Without a Redis URL the store is a private server, shared by every worker (proxy/store/embedded.py).
-        with _embedded_store(settings, embedded_server):
-            _serve(settings, policy)
-    except EmbeddedStoreError as exc:
-        click.echo(f"spend-guard: {exc}", err=True)
-        sys.exit(STARTUP_FAILURE)
-    finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-
-
-def _embedded_store(settings: Settings, binary: str | None) -> contextlib.AbstractContextManager[object]:
-    if settings.redis_url:
-        return contextlib.nullcontext()
-    return EmbeddedServer(settings.state_dir or default_state_dir(), binary)
-
-
-def _serve(settings: Settings, policy: Policy) -> None:
-    import uvicorn
-
-    from proxy.http.protocol import log_config, raise_fd_limit
-    from proxy.http.supervisor import Supervisor
-
-    raise_fd_limit(settings.max_connections)
-    config = uvicorn.Config(
-        "proxy.app:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=log_config(settings.log_format),
-        access_log=False,
-        server_header=False,
-        date_header=False,
-        # httptools with a deadline for request heads and a cap on open connections.
-        http="proxy.http.protocol:GuardedHttpProtocol",
-        timeout_graceful_shutdown=int(policy.guard.shutdown_grace_s),
-        timeout_keep_alive=30,
-        # A new worker runs its first refresh (up to 5 s) before it is ready; uvicorn's default
-        # of 5 s would abort a SIGHUP rolling restart whenever ImageRouter answers slowly.
-        timeout_worker_healthcheck=WORKER_READY_S,
-        # The guard never reads client addresses; don't rewrite them from X-Forwarded-* either.
-        proxy_headers=False,
-    )
-    server = uvicorn.Server(config)
-
-    # uvicorn raises the stop signal again once it has drained; with SIGTERM's default action this
-    # process would die of it (status -15) before the embedded store is stopped and the metrics
-    # directory removed. A stop that was asked for exits 0, with one worker as with several.
-    def stopped(signum: int, frame: FrameType | None) -> None:
-        if not server.started and not server.should_exit:  # before uvicorn took the signal over
-            server.handle_exit(signum, frame)
-
-    signal.signal(signal.SIGTERM, stopped)
-    try:
-        if settings.workers > 1:
-            # uvicorn's supervisor, except that SIGTERM never waits behind a rolling restart.
-            Supervisor(config, sockets=[config.bind_socket()]).run()
-        else:
-            server.run()
-    except KeyboardInterrupt:
-        pass
-    if settings.workers == 1 and not server.started:
-        sys.exit(STARTUP_FAILURE)
 
 
 @main.command("check-policy")
@@ -406,23 +258,9 @@ def token() -> None:
     help="The token stops being accepted this many days from now (default: never).",
 )
 def token_new(key_name: str, policy_path: str | None, expires_in_days: float | None) -> None:
-    """Print a fresh proxy token once, and the key_sha256 entry to paste into the policy."""
-    from proxy.commands.tokens import instructions, new_token
+    from proxy.commands.tokens import new
 
-    key = None
-    if policy_path is not None:
-        try:
-            policy = load_policy(policy_path)
-        except PolicyError as exc:
-            click.echo(str(exc), err=True)
-            sys.exit(POLICY_INVALID)
-        key = next((k for k in policy.keys if k.name == key_name), None)
-        if key is None:
-            known = ", ".join(k.name for k in policy.keys) or "none"
-            click.echo(f"spend-guard token new: no key '{key_name}' in {policy_path} (keys: {known})", err=True)
-            sys.exit(POLICY_INVALID)
-    expires_ms = None if expires_in_days is None else int((time.time() + expires_in_days * 86400) * 1000)
-    click.echo(instructions(key_name, new_token(), expires_ms, key))
+    new(key_name, policy_path, expires_in_days)
 
 
 @main.command()
@@ -451,21 +289,9 @@ def status(policy_path: str | None, redis_url: str | None, state_dir: str | None
     """Budgets and holds of every configured key and group, read from the store.
 
     Exits 3 with one line when the store cannot be read or holds nothing for the account."""
-    from proxy.commands.status import StatusError, collect, render, store_url
+    from proxy.commands.status import main as status_main
 
-    try:
-        policy = _load(policy_path)
-    except PolicyError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(POLICY_INVALID)
-    label = f"{policy_path} (version {policy.version})" if policy_path else "none given (defaults: no keys)"
-    try:
-        url = store_url(redis_url, os.path.abspath(state_dir or default_state_dir()))
-        result = asyncio.run(collect(policy, url, policy_label=label))
-    except (StatusError, ValueError) as exc:
-        click.echo(f"spend-guard status: {exc}", err=True)
-        sys.exit(STARTUP_FAILURE)
-    click.echo(json.dumps(result.as_json(), indent=2) if as_json else render(result))
+    status_main(policy_path, redis_url, state_dir, as_json)
 
 
 @main.group()
@@ -491,42 +317,9 @@ def store_init(policy_path: str | None, redis_url: str | None, state_dir: str | 
     lost its state, and refuses calls touching local budgets until told. Run this once before
     the first start (or after it, to lift that refusal); a store that lost its state needs
     `store recover` instead (exit 1)."""
-    from proxy.commands.recover import Recovery
-    from proxy.errors import StoreError
-    from proxy.store.backends import redis_client
-    from proxy.store.embedded import socket_url
-    from proxy.store.redis import Store
+    from proxy.commands.store import init
 
-    try:
-        policy = _load(policy_path)
-    except PolicyError as exc:
-        click.echo(f"spend-guard store init: {exc}", err=True)
-        sys.exit(POLICY_INVALID)
-    url = redis_url or socket_url(state_dir)
-
-    async def run() -> tuple[bool, str | None]:
-        target = Store(redis_client(url), policy.account.name)
-        try:
-            return await target.init()
-        finally:
-            await target.aclose()
-
-    try:
-        written, lost = asyncio.run(run())
-    except StoreError as exc:
-        click.echo(f"spend-guard store init: cannot reach the store at {url}: {exc}", err=True)
-        sys.exit(STARTUP_FAILURE)
-    if lost is not None:
-        click.echo(
-            f"spend-guard store init: the store lost its state ({Recovery(lost, False).why}); "
-            "run `spend-guard store recover` instead",
-            err=True,
-        )
-        sys.exit(NOTHING_DONE)
-    if written:
-        click.echo(f"initialised: a new store for account {policy.account.name}; local budgets count from $0")
-    else:
-        click.echo(f"the store of account {policy.account.name} was already initialised; local budgets are enforced")
+    init(policy_path, redis_url, state_dir)
 
 
 @store.command("recover")
@@ -572,53 +365,6 @@ def store_recover(
     """Let calls touching local budgets through again after the store lost its state.
 
     Exits 1 without writing anything when the store has not lost its state, unless --force."""
-    from proxy.commands.recover import Plan, Recovery, RecoveryError, from_access_log, from_seeds, recover
-    from proxy.errors import StoreError
-    from proxy.store.backends import describe_url, redis_client
-    from proxy.store.embedded import socket_url
-    from proxy.store.redis import Store
-    from proxy.types import SystemClock
+    from proxy.commands.store import recover
 
-    if sum([accept_loss, bool(seeds), log_file is not None]) != 1:
-        click.echo("spend-guard store recover: give exactly one of --accept-loss, --seed, --from-log", err=True)
-        sys.exit(POLICY_INVALID)
-    try:
-        policy = _load(policy_path)
-        now = SystemClock()()
-        plan = Plan([])
-        if seeds:
-            plan = from_seeds(policy, seeds, now)
-        elif log_file is not None:
-            plan = from_access_log(policy, log_file, now)
-    except (PolicyError, RecoveryError) as exc:
-        click.echo(f"spend-guard store recover: {exc}", err=True)
-        sys.exit(POLICY_INVALID)
-    url = redis_url or socket_url(state_dir)
-
-    async def run() -> Recovery:
-        target = Store(redis_client(url), policy.account.name)
-        try:
-            return await recover(target, plan, force=force, thresholds=policy.alerts.thresholds)
-        finally:
-            await target.aclose()
-
-    try:
-        done = asyncio.run(run())
-    except StoreError as exc:
-        click.echo(f"spend-guard store recover: cannot reach the store at {describe_url(url)}: {exc}", err=True)
-        sys.exit(STARTUP_FAILURE)
-    if not done.written:
-        click.echo(
-            "spend-guard store recover: the store has not lost its state; nothing written "
-            "(--force writes the figures anyway, replacing what the guard counted)",
-            err=True,
-        )
-        sys.exit(NOTHING_DONE)
-    if done.lost is None:
-        click.echo("the store had not lost its state; written anyway (--force)")
-    else:
-        click.echo(f"recovered: {done.why}; local budgets are enforced again")
-    for line in plan.lines():
-        click.echo(f"  {line}")
-    if log_file is not None:
-        click.echo(f"  ({plan.lines_used} access log lines counted)")
+    recover(policy_path, redis_url, state_dir, accept_loss, seeds, log_file, force)

@@ -1,4 +1,4 @@
-"""Bodies of the CLI commands other than `serve`: `status`, `store recover` and the demo.
-"""
+"""Bodies of the CLI commands: `serve` (and `serve --demo`), `status`, `token new`, `store init` and
+`store recover`."""
 
 from __future__ import annotations

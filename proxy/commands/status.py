@@ -7,17 +7,24 @@ wrong DB number, or an embedded store whose proxy is not running all look alike 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from proxy.errors import StoreError
+import click
+
+from proxy.commands.exits import POLICY_INVALID, STARTUP_FAILURE
+from proxy.errors import PolicyError, StoreError
 from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
 from proxy.ops.levels import budget_level, key_report, read_levels
-from proxy.policy.model import Budget, Policy
+from proxy.policy.load import load_policy
+from proxy.policy.model import Budget, Policy, default_policy
 from proxy.store.backends import describe_url, redis_client
-from proxy.store.embedded import socket_path, socket_url
+from proxy.store.embedded import default_state_dir, socket_path, socket_url
 from proxy.store.records import Levels
 from proxy.store.redis import Store
 from proxy.types import SystemClock
@@ -176,3 +183,26 @@ def render_table(rows: list[dict[str, Any]]) -> str:
 
     body = [line(r, n) for r, n in zip(cells, notes, strict=True)]
     return "\n".join([line(header), line(["-" * w for w in widths]), *body])
+
+
+def _load(path: str | None) -> Policy:
+    return load_policy(path) if path else default_policy()
+
+
+def main(policy_path: str | None, redis_url: str | None, state_dir: str | None, as_json: bool) -> None:
+    """Budgets and holds of every configured key and group, read from the store.
+
+    Exits 3 with one line when the store cannot be read or holds nothing for the account."""
+    try:
+        policy = _load(policy_path)
+    except PolicyError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(POLICY_INVALID)
+    label = f"{policy_path} (version {policy.version})" if policy_path else "none given (defaults: no keys)"
+    try:
+        url = store_url(redis_url, os.path.abspath(state_dir or default_state_dir()))
+        result = asyncio.run(collect(policy, url, policy_label=label))
+    except (StatusError, ValueError) as exc:
+        click.echo(f"spend-guard status: {exc}", err=True)
+        sys.exit(STARTUP_FAILURE)
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else render(result))

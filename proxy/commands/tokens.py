@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import sys
+import time
 
+import click
+
+from proxy.commands.exits import POLICY_INVALID
+from proxy.errors import PolicyError
+from proxy.policy.load import load_policy
 from proxy.policy.model import KeyPolicy, Token
 from proxy.windows import format_ms
 
@@ -57,3 +64,21 @@ def instructions(name: str, token: str, expires_ms: int | None, key: KeyPolicy |
             "key) or `upstream_key_file: PATH`, so the proxy sends that key upstream for this token.",
         ]
     return "\n".join(lines)
+
+
+def new(key_name: str, policy_path: str | None, expires_in_days: float | None) -> None:
+    """Print a fresh proxy token once, and the key_sha256 entry to paste into the policy."""
+    key = None
+    if policy_path is not None:
+        try:
+            policy = load_policy(policy_path)
+        except PolicyError as exc:
+            click.echo(str(exc), err=True)
+            sys.exit(POLICY_INVALID)
+        key = next((k for k in policy.keys if k.name == key_name), None)
+        if key is None:
+            known = ", ".join(k.name for k in policy.keys) or "none"
+            click.echo(f"spend-guard token new: no key '{key_name}' in {policy_path} (keys: {known})", err=True)
+            sys.exit(POLICY_INVALID)
+    expires_ms = None if expires_in_days is None else int((time.time() + expires_in_days * 86400) * 1000)
+    click.echo(instructions(key_name, new_token(), expires_ms, key))
