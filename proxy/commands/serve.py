@@ -117,7 +117,8 @@ def _embedded_store(settings: Settings, binary: str | None) -> contextlib.Abstra
 def _serve(settings: Settings, policy: Policy) -> None:
     import uvicorn
 
-    from proxy.http.protocol import log_config, raise_fd_limit
+    from proxy.http.bounds import raise_fd_limit
+    from proxy.http.protocol import log_config
     from proxy.http.supervisor import Supervisor
 
     raise_fd_limit(settings.max_connections)
