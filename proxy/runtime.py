@@ -149,7 +149,7 @@ class Runtime:
 
     def note_reserve_failed(self, reason: str) -> None:
         """A reserve failed against the store; /-/readyz reports `reason` for RESERVE_FAILURE_UNREADY_S
-        (proxy/app.py), a success meanwhile included: a flapping store stays unready."""
+        (proxy/ops/endpoints.py), a success meanwhile included: a flapping store stays unready."""
         self.reserve_failed_at, self.reserve_failure = self.clock(), reason
 
     def defer_release(self, hold_id: str, counters: tuple[tuple[str, int], ...], max_pending: int) -> bool:
