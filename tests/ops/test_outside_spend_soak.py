@@ -71,9 +71,12 @@ def outside(url: str) -> dict[str, float]:
 
 
 def test_guarded_traffic_across_refreshes_is_never_spend_outside_the_guard(tmp_path, up):
+    # Limits far above what even a long soak spends: every call is admitted, so every call is
+    # one ImageRouter bills and the guard charges.
+    up.credits_remaining_micros = 10**15
     up.key_rows = [
-        key_row("key-a", "alice", spend_limit="500.00", period="day"),
-        key_row("key-b", "bob", spend_limit="500.00", period="day"),
+        key_row("key-a", "alice", spend_limit="1000000.00", period="day"),
+        key_row("key-b", "bob", spend_limit="1000000.00", period="day"),
     ]
     up.key_ids = {KEY_A: "key-a", KEY_B: "key-b"}
     path = policy(tmp_path)
