@@ -25,7 +25,7 @@ from proxy.ops.alerts import Alerts, start_alerts
 from proxy.ops.endpoints import OwnEndpoints, own_path
 from proxy.ops.gauges import LevelGauges
 from proxy.ops.metrics import Metrics
-from proxy.outside import OutsideSpend, OutsideWatch
+from proxy.ops.outside import OutsideSpend, OutsideWatch
 from proxy.policy.load import load_policy
 from proxy.policy.model import Policy, default_policy
 from proxy.policy.reload import PolicyHolder
@@ -242,7 +242,7 @@ class SpendGuardApp(OwnEndpoints):
             log.warning("carried %d budget counter(s) kept under key names over to key fingerprints", copied)
 
     async def _outside_spend(self, found: list[OutsideSpend]) -> None:
-        """Spend outside the guard (proxy/outside.py): counted, logged, and alerted once per key
+        """Spend outside the guard (proxy/ops/outside.py): counted, logged, and alerted once per key
         and window."""
         for item in found:
             if item.key is None:

@@ -22,7 +22,7 @@ import aiohttp
 
 from proxy.errors import StoreAuthError, StoreError
 from proxy.money import MoneyError, usd_to_micros
-from proxy.outside import OutsideWatch
+from proxy.ops.outside import OutsideWatch
 from proxy.policy.model import Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
@@ -187,7 +187,7 @@ class Refresher:
         self._prices_due = False  # fetch /v2/models in the next round, lock or not
         self.skew_logged = False
         self.state_lost: str | None = None  # the store's lost-state marker, as of the last round
-        # Compares each new snapshot with what passed the guard (proxy/outside.py); set by the app.
+        # Compares each new snapshot with what passed the guard (proxy/ops/outside.py); set by the app.
         self.outside: OutsideWatch | None = None
         self.loss_logged: str | None = None  # the last lost-state marker logged (once each)
         self.evicting: str | None = None  # the store's maxmemory-policy, when it can evict the guard's keys

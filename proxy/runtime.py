@@ -23,13 +23,13 @@ from proxy.money import MAX_CALL_MICROS, format_usd
 from proxy.ops.metrics import Metrics
 from proxy.policy.model import Policy
 from proxy.policy.reload import PolicyHolder
+from proxy.policy.upstream_keys import UpstreamKeys, bearer_value, expired
 from proxy.settings import Settings
 from proxy.store.contract import Ledger
 from proxy.store.records import Reclaimed
 from proxy.store.redis import Store
 from proxy.types import Clock
 from proxy.untrusted import excerpt
-from proxy.upstream_keys import UpstreamKeys, bearer_value, expired
 
 log = logging.getLogger("spend_guard")
 
@@ -93,7 +93,7 @@ class Runtime:
     # Told the key name of each charge the store took (None: any scope may have changed), at once
     # and without waiting: the alert loop (proxy/ops/alerts.py) evaluates in the background.
     on_settled: Callable[[str | None], None] | None = None
-    # Virtual keys' real ImageRouter keys, read when a policy is applied (proxy/upstream_keys.py).
+    # Virtual keys' real ImageRouter keys, read when a policy is applied (proxy/policy/upstream_keys.py).
     upstream_keys: UpstreamKeys = field(default_factory=UpstreamKeys)
     _policy_seen: Policy | None = None
 

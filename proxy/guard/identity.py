@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from proxy.errors import Rejected
 from proxy.policy.model import KeyPolicy, Policy
-from proxy.upstream_keys import expired
+from proxy.policy.upstream_keys import expired
 from proxy.windows import format_ms
 
 UNREGISTERED = "This API key is not registered with the spend guard."

@@ -31,7 +31,7 @@ policy is in shadow mode), whose limit refuses nothing, else `enforce`.
 - `key.expiring`: a key's ImageRouter row expires within `key_expiry_days`; once per expiry date;
 - `key.spend_outside_guard`: a credits refresh found ImageRouter charged a key (scope
   `key:<name>`) or the account (`account`) beyond what passed through the guard
-  (proxy/outside.py); once per key and window (the account: per day).
+  (proxy/ops/outside.py); once per key and window (the account: per day).
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ from proxy.errors import StoreError
 from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
 from proxy.ops.levels import ScopeLevel, budget_level, read_levels
+from proxy.ops.outside import OutsideSpend
 from proxy.ops.webhooks import Deliveries, endpoints
-from proxy.outside import OutsideSpend
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.store.records import Levels, MarkRequest, RowLevel
 from proxy.types import Period, as_period

@@ -1,6 +1,6 @@
 """Spend outside the guard: a credits refresh that finds ImageRouter charged a guarded key (or the
 account) beyond what passed through the proxy reports it once; traffic that all passes the guard,
-calls in flight across refreshes included, never does (proxy/outside.py)."""
+calls in flight across refreshes included, never does (proxy/ops/outside.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy.outside import TOLERANCE_MICROS, OutsideSpend, compare, counted
+from proxy.ops.outside import TOLERANCE_MICROS, OutsideSpend, compare, counted
 from proxy.policy.load import load_policy
 from proxy.store.records import Levels, RowLevel, RowState, ScopeUsage, Snapshot
 from tests.support.constants import KEY_A, KEY_B, SHA_A, SHA_B
