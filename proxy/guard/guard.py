@@ -318,6 +318,7 @@ class Guard:
         """The call's hold (proxy.guard.pricing.quote_hold); None: forward unguarded (failed open)."""
         quote = quote_hold(match.kind or "", match.path, fields, model, self.runtime.refresher.prices, policy.models)
         if quote.micros is None:
+            verdicts.enforce()  # a model the policy refuses is refused, priced or not
             self.fail_open_or_closed("no price table has been loaded from /v2/models yet", "no_prices")
             return None
         if quote.unpriced and policy.guard.unknown_models == "reject":

@@ -246,3 +246,16 @@ def test_a_reported_cost_is_charged_up_to_one_million_dollars_a_call(make_proxy,
     p = make_proxy(GROUPED.replace("    group: design\n", ""))
     assert p.generate(standin=f"cost={cost}").status_code == 200
     assert spent(p, "budget:key:alice:lifetime") == charged
+
+
+def test_a_denied_model_is_refused_also_when_it_would_go_up_unpriced(make_proxy, up):
+    # Without a price table, on_store_error: open forwards a call without a hold; a model the
+    # policy denies is still refused, and nothing is counted as unguarded.
+    policy = GROUPED.replace("    group: design\n", "") + "guard: {on_store_error: open}\nmodels: {deny: [openai/*]}\n"
+    p = make_proxy(policy, refresh=False)
+    p.runtime.refresher.prices = type(p.runtime.refresher.prices)()  # as if /v2/models never answered
+    r = p.generate(standin="cost=0.01")
+    assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
+    assert up.generation_requests == []
+    metrics = p.client.get("/-/metrics").text.splitlines()
+    assert not [line for line in metrics if line.startswith("spend_guard_unguarded_total{")]
