@@ -9,6 +9,12 @@ looks a model up, and `/v2/models` lists some and not others. The aliases it pub
 its source names (`IMAGEROUTER_ALIASES`), resolve to the model they run; any other unlisted name
 is held at the dearest price of the models that produce what its route produces (`dearest_for`),
 since it may be an alias of any of them (docs/how-it-works.md#price).
+
+Some models' pre-charge is calculated from the request (a price per second of `seconds`, per
+megapixel of `size`) and can exceed `price.max`. What the maximum covers is read from the
+model's published `inputs` (its `seconds` durations and `size` list) into `Covers`, and
+proxy/guard/pricing.py scales the hold of a request asking for more
+(docs/how-it-works.md#calculated-prices).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -47,6 +54,15 @@ IMAGEROUTER_ALIASES: Mapping[str, str] = MappingProxyType(
 )
 
 
+@dataclass(frozen=True)
+class Covers:
+    """What a model's `price.max` is taken to cover: a clip of `seconds` (None: the model publishes
+    no durations) and an output of `pixels` (None: it publishes no sizes, or only `custom`)."""
+
+    seconds: float | None = None
+    pixels: int | None = None
+
+
 class PriceTableError(ValueError):
     """The models document is not one we can price from."""
 
@@ -60,6 +76,7 @@ class PriceTable:
     aliases: Mapping[str, str] = field(default_factory=dict)
     fetched_at_ms: int = 0
     dearest: Mapping[str, int] = field(default_factory=dict)
+    covers: Mapping[str, Covers] = field(default_factory=dict)
 
     @property
     def loaded(self) -> bool:
@@ -87,6 +104,10 @@ class PriceTable:
         listed = [self.holds[name] for name in {model, self.resolve(model)} if name in self.holds]
         return max(listed, default=None)
 
+    def covers_for(self, model: str) -> Covers:
+        """What the price of `model` (a resolved id) covers; nothing known for an unlisted name."""
+        return self.covers.get(model, NO_COVERS)
+
     def dearest_for(self, kind: str) -> int | None:
         """The dearest hold of a model producing `kind` (of any model if none is known to)."""
         return self.dearest.get(kind, max(self.holds.values(), default=None))
@@ -98,6 +119,7 @@ class PriceTable:
                 "aliases": dict(self.aliases),
                 "fetched_at_ms": self.fetched_at_ms,
                 "dearest": dict(self.dearest),
+                "covers": {model: [c.seconds, c.pixels] for model, c in self.covers.items()},
             }
         )
 
@@ -106,7 +128,9 @@ class PriceTable:
         data = json.loads(text)
         # A table saved by an older version has no `dearest`: every kind then gets the dearest model.
         dearest = dict(data.get("dearest", {}))
-        return cls(dict(data["holds"]), dict(data["aliases"]), int(data["fetched_at_ms"]), dearest)
+        # Nor `covers`: each model's hold then scales from the rules' defaults until the next refresh.
+        covers = {model: Covers(seconds, pixels) for model, (seconds, pixels) in data.get("covers", {}).items()}
+        return cls(dict(data["holds"]), dict(data["aliases"]), int(data["fetched_at_ms"]), dearest, covers)
 
 
 def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
@@ -131,6 +155,7 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
     holds: dict[str, int] = {}
     aliases: dict[str, str] = {}
     outputs: dict[str, list[str]] = {}
+    covers: dict[str, Covers] = {}
     for model_id, entry in entries:
         if not isinstance(entry, dict):
             continue
@@ -138,6 +163,9 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
         if hold is not None:
             holds[model_id] = hold
             outputs[model_id] = _outputs(entry)
+            covered = _covers(entry)
+            if covered != NO_COVERS:
+                covers[model_id] = covered
         aliases_in = entry.get("aliases") or ()
         for alias in [aliases_in] if isinstance(aliases_in, str) else aliases_in:
             if isinstance(alias, str) and alias != model_id:
@@ -150,7 +178,49 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
         kind: max(hold for model_id, hold in holds.items() if kind in outputs[model_id] or not outputs[model_id])
         for kind in kinds
     }
-    return PriceTable(holds, aliases, fetched_at_ms, dearest)
+    return PriceTable(holds, aliases, fetched_at_ms, dearest, covers)
+
+
+NO_COVERS = Covers()
+_SIZE = re.compile(r"\s*(\d{1,12})\s*[xX×*]\s*(\d{1,12})\s*", re.ASCII)
+
+
+def _covers(entry: Mapping[str, object]) -> Covers:
+    """What `price.max` covers, from the model's published `inputs`. Durations: a price that has a
+    range (min below max) is taken to cover the longest listed duration, a single price (min =
+    max) only the shortest (ImageRouter lists `tencent/hunyuan-video-1.5` at one $0.20, a 5 s
+    clip, and charges $0.04/s up to 8 s and beyond). Sizes: the largest listed, by pixels."""
+    inputs = entry.get("inputs")
+    if not isinstance(inputs, Mapping):
+        return NO_COVERS
+    listed = inputs.get("seconds")
+    durations = sorted(
+        float(s) for s in (listed if isinstance(listed, list) else []) if _finite(s) and float(s) > 0
+    )
+    seconds: float | None = None
+    if durations:
+        price = entry.get("price")
+        low = price.get("min") if isinstance(price, Mapping) else None
+        high = price.get("max") if isinstance(price, Mapping) else None
+        ranged = _finite(low) and _finite(high) and float(low) < float(high)  # type: ignore[arg-type]
+        seconds = durations[-1] if ranged else durations[0]
+    sizes = inputs.get("size")
+    areas = [
+        int(m.group(1)) * int(m.group(2))
+        for s in (sizes if isinstance(sizes, list) else [])
+        if isinstance(s, str) and (m := _SIZE.fullmatch(s))
+    ]
+    pixels = max((a for a in areas if a > 0), default=None)
+    return Covers(seconds, pixels)
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, Decimal)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past a double's range
+        return False
 
 
 def _outputs(entry: Mapping[str, object]) -> list[str]:

@@ -65,6 +65,18 @@ class Pending:
     counters: tuple[tuple[str, int], ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class Underheld:
+    """A call the upstream charged more than its hold (`Runtime.compare_to_hold`)."""
+
+    hold_id: str
+    key_name: str
+    kind: str
+    model: str
+    hold_micros: int
+    cost_micros: int
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -95,6 +107,12 @@ class Runtime:
     on_settled: Callable[[str | None], None] | None = None
     # Virtual keys' real ImageRouter keys, read when a policy is applied (proxy/policy/upstream_keys.py).
     upstream_keys: UpstreamKeys = field(default_factory=UpstreamKeys)
+    # Per model, the highest cost seen above its hold, for the life of this process: the guard
+    # holds at least that for the model's next calls (docs/how-it-works.md#calculated-prices).
+    # Kept in memory on each instance; only a model the upstream billed gets an entry.
+    hold_floors: dict[str, int] = field(default_factory=dict)
+    # Told each underheld call, at once and without waiting (the alert loop sends `call.underheld`).
+    on_underheld: Callable[[Underheld], None] | None = None
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
@@ -146,6 +164,14 @@ class Runtime:
     def notify_on_settle(self, callback: Callable[[str | None], None]) -> None:
         """Tell `callback` the key name of each charge the store takes (None: any scope)."""
         self.on_settled = callback
+
+    def notify_on_underheld(self, callback: Callable[[Underheld], None]) -> None:
+        """Tell `callback` each call charged more than its hold."""
+        self.on_underheld = callback
+
+    def hold_floor(self, model: str) -> int:
+        """The least the guard holds for `model`: the highest cost seen above one of its holds."""
+        return self.hold_floors.get(model, 0)
 
     def note_reserve_failed(self, reason: str) -> None:
         """A reserve failed against the store; /-/readyz reports `reason` for RESERVE_FAILURE_UNREADY_S
@@ -244,7 +270,9 @@ class Runtime:
     def compare_to_hold(self, flight: Flight, cost_micros: int | None, charged: int | None) -> None:
         """How the hold compared with the bill, so an operator sees a rate that is too low before it
         costs money: charged / held per route kind, and a call whose real cost exceeded its hold
-        logged at WARNING and counted per model (the hold bounds nothing then)."""
+        (the hold bounded nothing then) logged once at WARNING, counted and summed per model,
+        told to the alerts (`call.underheld`), and its cost made the model's least hold from now
+        on (`hold_floor`)."""
         if charged is None and flight.reclaimed:
             charged = flight.amount_micros  # the reclaiming reserve charged the hold
         if charged is not None and flight.amount_micros > 0:
@@ -252,6 +280,9 @@ class Runtime:
         if cost_micros is not None and cost_micros > flight.amount_micros:
             model = excerpt(flight.model or "unknown")
             self.metrics.underheld.labels(model).inc()
+            self.metrics.underheld_usd.labels(model).inc((cost_micros - flight.amount_micros) / 1e6)
+            if flight.model:
+                self.hold_floors[flight.model] = max(self.hold_floor(flight.model), cost_micros)
             # Its price may have risen upstream: the next calls hold the new one.
             self.refresher.refresh_prices_now()
             log.warning(
@@ -262,6 +293,17 @@ class Runtime:
                 format_usd(flight.amount_micros),
                 flight.hold_id,
             )
+            if self.on_underheld is not None:
+                self.on_underheld(
+                    Underheld(
+                        flight.hold_id,
+                        flight.key_name,
+                        flight.kind or "guarded",
+                        model,
+                        flight.amount_micros,
+                        cost_micros,
+                    )
+                )
 
     async def settle_pending(self) -> None:
         """Retry settles the store did not take. An outage stops the round (the next one

@@ -331,7 +331,8 @@ class Guard:
                     scope="policy",
                 )
             )
-        return quote.micros
+        # At least the highest cost seen above one of this model's holds (Runtime.compare_to_hold).
+        return max(quote.micros, self.runtime.hold_floor(model))
 
     def fail_open_or_closed(self, reason: str, kind: str) -> None:
         """The guard cannot decide (`guard.on_store_error`): fail closed (raise 503) or open

@@ -1,10 +1,11 @@
 """The hold a request must reserve, priced from the table of `GET /v2/models` (proxy/prices.py).
 
 Image and video: hold = `price.max` rounded up to $0.0001, one output per request (the API has
-no `n`): the most ImageRouter itself pre-charges for the model, so a hold is never below the
-upstream's bill while the published maximum holds (docs/how-it-works.md). A name the table does
-not list, directly or as an alias, may be an alias ImageRouter resolves without publishing it:
-it is held at the dearest price of its route kind, and at least `default_hold_usd`.
+no `n`), scaled up when the request asks for more than that maximum covers (`scale_hold`): some
+models' pre-charge is calculated from `seconds`, `size` and input images and exceeds the
+published maximum (docs/how-it-works.md#calculated-prices). A name the table does not list,
+directly or as an alias, may be an alias ImageRouter resolves without publishing it: it is held
+at the dearest price of its route kind, and at least `default_hold_usd`.
 
 Text (docs/text-holds.md): ImageRouter publishes no token prices, so the policy's `models.text_rates`
 gives them per model glob, and hold = input bound × input rate + output bound × output rate,
@@ -15,13 +16,15 @@ route, the request's fields, the price table and the policy.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal
 
 from proxy.http.body import PriceFields
 from proxy.policy.model import ModelsPolicy, TextRate
-from proxy.prices import PriceTable
+from proxy.prices import Covers, PriceTable
 
 # Holds are whole ten-thousandths of a dollar, as ImageRouter bills (docs/imagerouter-api.md).
 QUANTUM_MICROS = 100
@@ -30,6 +33,11 @@ TOKENS_PER_MTOK = 1_000_000
 # per message and the reply's priming, and a tool-use system prompt (Anthropic's is ~350 tokens).
 INPUT_FRAMING_TOKENS = 1024
 GLOB_WILDCARDS = "*?"  # a `[...]` set matches one character of a list: narrower, not counted
+# What a maximum is taken to cover where the model publishes nothing about it: a clip of 4 s (the
+# shortest default duration in ImageRouter's catalogue) and one megapixel (1024x1024).
+DEFAULT_COVERED_SECONDS = Fraction(4)
+DEFAULT_COVERED_PIXELS = 1024 * 1024
+_SIZE = re.compile(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", re.ASCII)  # ImageRouter's extractWidthHeight
 
 TextApi = Literal["chat", "responses", "other"]
 Basis = Literal["override", "text_rate", "text_default", "price", "unlisted", "no_table"]
@@ -69,10 +77,12 @@ def quote_hold(
     requested id resolved through the table's aliases). In order: a policy override for the
     model; on text routes its most specific `text_rates` entry, else `text_hold_usd`; else the
     table's `price.max` (the dearer of the requested id's and the resolved model's), else the
-    dearest `price.max` of the route kind's models, but never below `default_hold_usd`."""
+    dearest `price.max` of the route kind's models, but never below `default_hold_usd`. On image
+    and video routes every one of these is scaled by what the request asks for (`scale_hold`)."""
+    covers = prices.covers_for(model)
     override = models.overrides.get(model, models.overrides.get(fields.model))
     if override is not None:
-        return Quote(override, "override")
+        return Quote(override if kind == "text" else scale_hold(override, fields, covers), "override")
     if kind == "text":
         rate = text_rate_for(models.text_rates, model, fields.model)
         if rate is None:
@@ -83,8 +93,37 @@ def quote_hold(
         return Quote(None, "no_table")
     listed = [price for price in (prices.hold_for(fields.model), prices.hold_for(model)) if price is not None]
     if listed:
-        return Quote(max(listed), "price")
-    return Quote(max(prices.dearest_for(kind) or 0, models.default_hold_micros), "unlisted")
+        return Quote(scale_hold(max(listed), fields, covers), "price")
+    unlisted = max(prices.dearest_for(kind) or 0, models.default_hold_micros)
+    return Quote(scale_hold(unlisted, fields, covers), "unlisted")
+
+
+def scale_hold(micros: int, fields: PriceFields, covers: Covers) -> int:
+    """A maximum price `micros` scaled, linearly, by what the request asks for beyond what the
+    maximum covers (docs/how-it-works.md#calculated-prices): `seconds` over the covered duration
+    (`covers.seconds`, else `DEFAULT_COVERED_SECONDS`), output pixels of `size` over the covered
+    pixels (the largest published size, else `DEFAULT_COVERED_PIXELS`), and input images beyond
+    one. Each factor is at least 1. A scaled hold is rounded up to $0.0001 and one $0.0001 more is
+    added: ImageRouter rounds its calculated price up from a double (`0.07 * 15` is 1.0500000000000003)."""
+    factor = Fraction(1)
+    if fields.seconds_number is not None:
+        covered = DEFAULT_COVERED_SECONDS if covers.seconds is None else Fraction(covers.seconds)
+        factor *= max(Fraction(1), Fraction(fields.seconds_number) / covered)
+    pixels = size_pixels(fields.size)
+    if pixels is not None:
+        factor *= max(Fraction(1), Fraction(pixels, covers.pixels or DEFAULT_COVERED_PIXELS))
+    factor *= max(1, fields.input_images)
+    if factor == 1 or micros == 0:
+        return micros
+    quanta = -(-(micros * factor) // QUANTUM_MICROS)
+    return (int(quanta) + 1) * QUANTUM_MICROS
+
+
+def size_pixels(size: str | None) -> int | None:
+    """Width x height of a `size` as ImageRouter reads it (`1024x768`, `1024X768`, `1024×768`,
+    `1024*768`); None for `auto`, absent or any other text."""
+    found = _SIZE.fullmatch(size) if size else None
+    return int(found.group(1)) * int(found.group(2)) if found else None
 
 
 def text_api(route: str) -> TextApi:

@@ -1,12 +1,13 @@
 """Read what decides the price from a request body; the body itself is forwarded byte for byte.
 
-Only `model`, `seconds`, `quality`, `size` and `stream` are read, from JSON (as express.json()
-reads it) or multipart/form-data (as busboy does; proxy/http/multipart.py). A body we cannot read
-exactly as ImageRouter will is refused (400), never forwarded on a guess: a guess could price one
-model while the upstream runs another (docs/how-it-works.md). For a text route the reader also
-takes what bounds the call's tokens (docs/text-holds.md): `max_tokens`, `max_completion_tokens`,
-`max_output_tokens`, `n` and reasoning budgets, each as JavaScript's `Number()` reads it, and an
-upper bound on the input's size in bytes, with image, audio and file parts counted apart.
+Only `model`, `seconds`, `quality`, `size`, `stream` and the number of input image files are
+read, from JSON (as express.json() reads it) or multipart/form-data (as busboy does;
+proxy/http/multipart.py). A body we cannot read exactly as ImageRouter will is refused (400),
+never forwarded on a guess: a guess could price one model while the upstream runs another
+(docs/how-it-works.md). For a text route the reader also takes what bounds the call's tokens
+(docs/text-holds.md): `max_tokens`, `max_completion_tokens`, `max_output_tokens`, `n` and
+reasoning budgets, each as JavaScript's `Number()` reads it, and an upper bound on the input's
+size in bytes, with image, audio and file parts counted apart.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 
 from proxy.errors import Rejected
-from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_fields
+from proxy.http.multipart import PRICE_FIELDS, HeaderValue, boundary_of, invalid, parse_header_value, read_form
 from proxy.http.numbers import js_number
 from proxy.untrusted import excerpt
 
@@ -68,6 +69,11 @@ class PriceFields:
 
     model: str
     seconds: str | None = None
+    # `seconds` as ImageRouter's validator reads it (`Number()`, as zod's coerce does): None when it
+    # is absent, `auto` or not a finite number (ImageRouter refuses those or ignores them).
+    seconds_number: float | None = None
+    # Input image files of a multipart body (`image`, `image[]`); a JSON body carries none.
+    input_images: int = 0
     quality: str | None = None
     size: str | None = None
     stream: bool = False
@@ -144,7 +150,8 @@ def read_price_fields(body: bytes, content_type: str | None, *, text: bool = Fal
     if ctype.head == "multipart/form-data":
         # Every byte of a form may be text: its whole length bounds the input. A form's values are
         # strings ImageRouter's text routes never parse: no token count is read from them.
-        fields = _build(dict(read_fields(body, boundary_of(ctype.params))))
+        form, images = read_form(body, boundary_of(ctype.params))
+        fields = dataclasses.replace(_build(dict(form)), input_images=images)
         return dataclasses.replace(fields, input_bytes=len(body)) if text else fields
     if ctype.head == "application/x-www-form-urlencoded":
         # ImageRouter mounts no urlencoded parser: such a body reaches it without a model. It is
@@ -244,9 +251,12 @@ def _build(fields: dict[str, object]) -> PriceFields:
     stream = fields.get("stream", False)
     if isinstance(stream, str):
         stream = stream.strip().lower() in ("true", "1")
+    seconds = fields.get("seconds")
+    number = None if seconds is None or seconds == "auto" else js_number(seconds)
     return PriceFields(
         model=model,
-        seconds=_opt_str(fields.get("seconds")),
+        seconds=_opt_str(seconds),
+        seconds_number=number if number is not None and math.isfinite(number) else None,
         quality=_opt_str(fields.get("quality")),
         size=_opt_str(fields.get("size")),
         stream=stream is True,

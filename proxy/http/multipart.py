@@ -30,6 +30,9 @@ from proxy.errors import Rejected
 from proxy.untrusted import excerpt
 
 PRICE_FIELDS = frozenset({"model", "seconds", "quality", "size", "stream", "max_tokens"})
+# The file fields multer takes as input images on the image and video routes (`upload.fields`).
+IMAGE_FILE_FIELDS = frozenset({"image", "image[]"})
+INPUT_IMAGE = ("image", "")  # what `_read_part` returns for an input image file
 # RFC 9110 tchar: busboy's TOKEN table, media-typer's and content-type's token.
 TOKEN = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 # busboy's FIELD_VCHAR: what a part header value may hold (HT, visible ASCII, obs-text).
@@ -168,6 +171,12 @@ def boundary_of(params: dict[str, str]) -> bytes:
 
 def read_fields(body: bytes, boundary: bytes) -> list[tuple[str, str]]:
     """The price-deciding fields busboy would hand to multer, in order; or raise 400."""
+    return read_form(body, boundary)[0]
+
+
+def read_form(body: bytes, boundary: bytes) -> tuple[list[tuple[str, str]], int]:
+    """The price-deciding fields busboy would hand to multer, in order, and the number of input
+    image files (parts named `image` or `image[]` that busboy reads as files); or raise 400."""
     dash_boundary = b"--" + boundary
     needle = b"\r\n" + dash_boundary
     data = b"\r\n" + body  # busboy writes CRLF first, so a delimiter may open the body
@@ -177,13 +186,14 @@ def read_fields(body: bytes, boundary: bytes) -> list[tuple[str, str]]:
         raise invalid("multipart body does not contain its boundary at the start of a line.")
     fields: list[tuple[str, str]] = []
     seen: set[str] = set()
+    images = 0
     while True:
         after = pos + len(needle)
         tail = data[after : after + 2]
         if tail == b"--":
             if data.find(dash_boundary, after + 2) >= 0:
                 raise invalid("multipart body repeats its boundary after the close delimiter.")
-            return fields
+            return fields, images
         if tail != b"\r\n":
             if len(tail) < 2:
                 raise invalid("multipart body is truncated: no close delimiter.")
@@ -195,7 +205,9 @@ def read_fields(body: bytes, boundary: bytes) -> list[tuple[str, str]]:
         if pos < 0:
             raise invalid("multipart body is truncated: no close delimiter.")
         found = _read_part(data, start, pos)
-        if found is not None:
+        if found is INPUT_IMAGE:
+            images += 1
+        elif found is not None:
             name, value = found
             if name in seen:
                 # Two `model` fields: the upstream may pick either; refuse rather than guess.
@@ -267,7 +279,7 @@ def _read_part(data: bytes, start: int, end: int) -> tuple[str, str] | None:
         )
         if not is_file and end - head_end - 4 >= MAX_FIELD_BYTES:
             raise invalid(f"Form field '{excerpt(name)}' is 1 MiB or longer; ImageRouter refuses such a field.")
-        return None
+        return INPUT_IMAGE if is_file and name in IMAGE_FILE_FIELDS else None
     if disp.extended:
         # busboy drops the whole part when it cannot decode an RFC 2231 value; others do not.
         raise invalid(f"Form field '{name}' has an extended (RFC 2231) parameter.")

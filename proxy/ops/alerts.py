@@ -31,7 +31,9 @@ policy is in shadow mode), whose limit refuses nothing, else `enforce`.
 - `key.expiring`: a key's ImageRouter row expires within `key_expiry_days`; once per expiry date;
 - `key.spend_outside_guard`: a credits refresh found ImageRouter charged a key (scope
   `key:<name>`) or the account (`account`) beyond what passed through the guard
-  (proxy/ops/outside.py); once per key and window (the account: per day).
+  (proxy/ops/outside.py); once per key and window (the account: per day);
+- `call.underheld`: the upstream charged a call more than the guard held for it (scope
+  `key:<name>`); once per call, from the instance that settled it (Runtime.compare_to_hold).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from proxy.ops.levels import ScopeLevel, budget_level, read_levels
 from proxy.ops.outside import OutsideSpend
 from proxy.ops.webhooks import Deliveries, endpoints
 from proxy.policy.model import Budget, KeyPolicy, Policy
+from proxy.runtime import Underheld
 from proxy.store.records import Levels, MarkRequest, RowLevel
 from proxy.types import Period, as_period
 from proxy.windows import format_ms, to_ms, window_end, window_start_ms
@@ -392,6 +395,38 @@ class Alerts:
                 self.deliveries.send(event, to)
         return events
 
+    def underheld(self, call: Underheld) -> None:
+        """`call.underheld` for a call charged more than its hold: sent at once (each call is
+        settled by one instance, so no mark is claimed). Never blocks or raises."""
+        policy: Policy = self.rt.policy
+        if not policy.alerts.webhooks:
+            return
+        excess = call.cost_micros - call.hold_micros
+        message = (
+            f"A {call.kind} call to model {call.model} by key {call.key_name} cost ${format_usd(call.cost_micros)}, "
+            f"${format_usd(excess)} above its hold of ${format_usd(call.hold_micros)}; the model's next calls hold at "
+            "least that cost"
+        )
+        level = ScopeLevel(f"key:{call.key_name}", 0, call.cost_micros, 0, None, policy.mode)
+        event = self._event(
+            policy,
+            "call.underheld",
+            level,
+            None,
+            self.rt.clock(),
+            {"window_start": None, "resets_at": None},
+            message,
+            limit_usd=None,
+            model=call.model,
+            hold_id=call.hold_id,
+            hold_usd=format_usd(call.hold_micros),
+            cost_usd=format_usd(call.cost_micros),
+            underheld_usd=format_usd(excess),
+        )
+        self.rt.metrics.alerts.labels(event["type"]).inc()
+        log.info("alert %s %s: %s", event["type"], event["scope"], event["message"])
+        self.deliveries.send(event, endpoints(policy.alerts.webhooks))
+
     def _event(
         self,
         policy: Policy,
@@ -435,4 +470,5 @@ async def start_alerts(stack: contextlib.AsyncExitStack, runtime: Any) -> Alerts
     stack.push_async_callback(deliveries.aclose)
     alerts = Alerts(runtime, deliveries)
     runtime.notify_on_settle(alerts.touched)
+    runtime.notify_on_underheld(alerts.underheld)
     return alerts

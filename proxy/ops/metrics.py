@@ -125,6 +125,12 @@ class Metrics:
             ["model"],
             registry=r,
         )
+        self.underheld_usd = Counter(
+            "spend_guard_underheld_usd",
+            "What calls cost beyond their hold, by model (the overspend a budget may have taken).",
+            ["model"],
+            registry=r,
+        )
         self.alerts = Counter(
             "spend_guard_alerts",
             "Alert events decided (each once per scope, window and threshold across every instance), by type.",

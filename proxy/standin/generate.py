@@ -15,6 +15,7 @@ from aiohttp import web
 
 from proxy.standin.wire import (
     _B64_CHUNK,
+    CALCULATED_PRICES,
     GENERATION_ROUTES,
     INSUFFICIENT,
     MICROS_PER_UNIT,
@@ -29,6 +30,7 @@ from proxy.standin.wire import (
     _json_response,
     _model_field,
     _price_units,
+    calc_params,
 )
 
 
@@ -100,8 +102,18 @@ class Generation:
                 )
             price = (model or {}).get("price") or {}
             hold_units = _price_units(price.get("max"))
+            calculate = CALCULATED_PRICES.get(str((model or {}).get("id")))
+            if calculate is not None:
+                # A calculated price is pre-charged, and finally charged, as computed from the request.
+                try:
+                    params = calc_params(request.headers.get("Content-Type", ""), record.body)
+                    hold_units = _price_units(calculate(params))
+                except ValueError as exc:
+                    return _json_response(400, _error_json(str(exc), "invalid_request_error"))
             if plan.cost_units is not None:
                 cost_units = plan.cost_units
+            elif calculate is not None:
+                cost_units = hold_units
             elif model is None:
                 cost_units = TEXT_DEFAULT_COST_UNITS
             else:

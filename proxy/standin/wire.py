@@ -7,12 +7,16 @@ import decimal
 import hashlib
 import json
 import math
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from typing import Any
 from urllib.parse import parse_qs
 
 from aiohttp import web
+
+from proxy.http.numbers import js_number
 
 IMAGE_ROUTES = {
     "/v1/openai/images/generations": "image",
@@ -66,14 +70,23 @@ UNLISTED_ALIASES = {
 
 def default_models() -> dict[str, dict[str, Any]]:
     def model(
-        model_id: str, low: float, avg: float, high: float, output: str, aliases: list[str] | None = None
+        model_id: str,
+        low: float,
+        avg: float,
+        high: float,
+        output: str,
+        aliases: list[str] | None = None,
+        inputs: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        return {
+        entry: dict[str, Any] = {
             "id": model_id,
             "price": {"min": low, "average": avg, "max": high},
             "aliases": aliases or [],
             "output": [output],
         }
+        if inputs is not None:
+            entry["inputs"] = inputs
+        return entry
 
     return {
         "test/test": model("test/test", 0, 0, 0, "image"),
@@ -84,7 +97,111 @@ def default_models() -> dict[str, dict[str, Any]]:
         "ir/test-video": model("ir/test-video", 0, 0, 0, "video"),
         "google/veo-3.1": model("google/veo-3.1", 1.2, 1.6, 3.2, "video"),
         "kling/kling-2.1-master": model("kling/kling-2.1-master", 0.924, 1.4, 2.8, "video"),
+        # Calculated prices (`CALCULATED_PRICES`), listed with ImageRouter's published maxima and inputs.
+        "tencent/hunyuan-video-1.5": model(
+            "tencent/hunyuan-video-1.5",
+            0.2,
+            0.2,
+            0.2,
+            "video",
+            inputs={"image": True, "size": list(HUNYUAN_PER_SECOND), "seconds": [5, 8]},
+        ),
+        "xAI/grok-imagine-video": model(
+            "xAI/grok-imagine-video",
+            0.05,
+            0.35,
+            1.052,
+            "video",
+            inputs={"image": True, "size": [*GROK_720P, *GROK_480P], "seconds": list(range(1, 16))},
+        ),
+        "runware/Flux-2-Dev-Turbo": model(
+            "runware/Flux-2-Dev-Turbo", 0.008, 0.0084, 0.024, "image", inputs={"image": True, "size": ["custom"]}
+        ),
     }
+
+
+# ImageRouter's calculated prices (its `calcFunction`s): the pre-charge, and the final charge, of
+# a call to these models is computed from the request as its validators read it.
+HUNYUAN_PER_SECOND = {"832x480": 0.02, "480x832": 0.02, "1280x720": 0.04, "720x1280": 0.04}
+GROK_720P = ("1280x720", "960x720", "1088x720", "720x720", "720x1088", "720x960", "720x1280")
+GROK_480P = ("848x480", "640x480", "720x480", "480x480", "480x720", "480x640", "480x848")
+_SIZE_FIELD = re.compile(r"\d+[xX×*]\d+", re.ASCII)  # the validators' `size` rule (or `auto`)
+_SIZE_VALUE = re.compile(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", re.ASCII)  # extractWidthHeight
+
+
+@dataclass(frozen=True)
+class CalcParams:
+    """What a calculated price reads: `seconds` as zod's coerce leaves it (a number, or `auto`),
+    `size` (`auto` when absent) and the input image files of a multipart body."""
+
+    seconds: float | str
+    size: str
+    images: int
+
+
+def _hunyuan(params: CalcParams) -> float:
+    per_second = HUNYUAN_PER_SECOND.get(params.size)
+    if per_second is None or isinstance(params.seconds, str):
+        raise ValueError("Invalid size for Hunyuan Video 1.5 - price calculation failed")
+    return per_second * params.seconds  # the raw seconds, not one of the listed durations
+
+
+def _grok_video(params: CalcParams) -> float:
+    if isinstance(params.seconds, str):
+        raise ValueError("price calculation failed")  # 0.07 * 'auto' is NaN upstream
+    return (0.05 if params.size in GROK_480P else 0.07) * params.seconds
+
+
+def _flux_2_dev_turbo(params: CalcParams) -> float:
+    found = _SIZE_VALUE.fullmatch(params.size)
+    width, height = (int(found.group(1)), int(found.group(2))) if found else (1024, 1024)
+    return ((1 if params.images else 0) + width * height / 1_000_000) * 0.008
+
+
+CALCULATED_PRICES: dict[str, Callable[[CalcParams], float]] = {
+    "tencent/hunyuan-video-1.5": _hunyuan,
+    "xAI/grok-imagine-video": _grok_video,
+    "runware/Flux-2-Dev-Turbo": _flux_2_dev_turbo,
+}
+
+
+def calc_params(content_type: str, body: bytes) -> CalcParams:
+    """The request as ImageRouter's validators read it for a price (ValueError where they refuse):
+    `seconds` is `auto` or `Number(value)` between 1 and 60, `size` is `auto` or `WxH`."""
+    ctype = content_type.split(";", 1)[0].strip().lower()
+    images = 0
+    data: dict[str, Any]
+    if ctype == "multipart/form-data":
+        data = dict(_form_fields(content_type, body))
+        images = _image_files(content_type, body)
+    else:
+        parsed = json.loads(body)
+        data = parsed if isinstance(parsed, dict) else {}
+    raw = data.get("seconds", "auto")
+    seconds: float | str = "auto"
+    if raw != "auto":
+        number = js_number(raw)  # z.coerce.number
+        if math.isnan(number) or not 1 <= number <= 60:
+            raise ValueError("'seconds' must be a number from 1 to 60")
+        seconds = number
+    size = data.get("size", "auto")
+    if not isinstance(size, str) or (size != "auto" and not _SIZE_FIELD.fullmatch(size)):
+        raise ValueError("'size' must be 'auto' or in the format 'WIDTHxHEIGHT' (e.g. '1024x768')")
+    return CalcParams(seconds, size, images)
+
+
+def _image_files(content_type: str, body: bytes) -> int:
+    """File parts named `image` or `image[]` (multer's input images)."""
+    params = BytesHeaderParser().parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n")
+    boundary = str(params.get_param("boundary"))
+    count = 0
+    for part in body.split(b"--" + boundary.encode("latin-1"))[1:]:
+        head = part.lstrip(b"\r\n").partition(b"\r\n\r\n")[0]
+        headers = BytesHeaderParser().parsebytes(head + b"\r\n\r\n")
+        name = headers.get_param("name", header="content-disposition")
+        if name in ("image", "image[]") and headers.get_param("filename", header="content-disposition") is not None:
+            count += 1
+    return count
 
 
 def format_usd(micros: int) -> str:

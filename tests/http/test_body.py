@@ -42,7 +42,7 @@ def test_json_fields_are_read():
         {"model": "google/veo-3.1", "prompt": "a cat", "seconds": 8, "quality": "high", "size": "1024x1024"}
     ).encode()
     assert read_price_fields(body, "application/json; charset=utf-8") == PriceFields(
-        "google/veo-3.1", seconds="8", quality="high", size="1024x1024"
+        "google/veo-3.1", seconds="8", seconds_number=8.0, quality="high", size="1024x1024"
     )
 
 
