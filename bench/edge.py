@@ -45,21 +45,73 @@ def app_module(root: str, upstream_url: str) -> None:
 def commands(port: int) -> dict[str, list[str]]:
     py = sys.executable
     found = {
-        "uvicorn-httptools": [py, "-m", "uvicorn", APP, "--port", str(port), "--http", "httptools",
-                              "--loop", "uvloop", "--log-level", "warning", "--no-access-log"],
-        "uvicorn-h11": [py, "-m", "uvicorn", APP, "--port", str(port), "--http", "h11", "--loop", "uvloop",
-                        "--log-level", "warning", "--no-access-log"],
+        "uvicorn-httptools": [
+            py,
+            "-m",
+            "uvicorn",
+            APP,
+            "--port",
+            str(port),
+            "--http",
+            "httptools",
+            "--loop",
+            "uvloop",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        "uvicorn-h11": [
+            py,
+            "-m",
+            "uvicorn",
+            APP,
+            "--port",
+            str(port),
+            "--http",
+            "h11",
+            "--loop",
+            "uvloop",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
     }
     if importlib.util.find_spec("proxy"):
         # The proxy's own protocol: httptools with the head, pipeline and connection bounds.
-        found["uvicorn-guarded"] = [py, "-m", "uvicorn", APP, "--port", str(port), "--http",
-                                    "proxy.http.protocol:GuardedHttpProtocol", "--loop", "uvloop",
-                                    "--log-level", "warning", "--no-access-log"]
+        found["uvicorn-guarded"] = [
+            py,
+            "-m",
+            "uvicorn",
+            APP,
+            "--port",
+            str(port),
+            "--http",
+            "proxy.http.protocol:GuardedHttpProtocol",
+            "--loop",
+            "uvloop",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ]
     if importlib.util.find_spec("hypercorn"):
         found["hypercorn"] = [py, "-m", "hypercorn", APP, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
     if importlib.util.find_spec("granian"):
-        found["granian"] = [py, "-m", "granian", "--interface", "asgi", "--host", "127.0.0.1", "--port", str(port),
-                            "--workers", "1", "--log-level", "warning", APP]
+        found["granian"] = [
+            py,
+            "-m",
+            "granian",
+            "--interface",
+            "asgi",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            APP,
+        ]
     return found
 
 
@@ -149,14 +201,15 @@ def measure(args: argparse.Namespace, wrk: str, nginx: str, root: str, procs: Pr
     probes: dict[str, tuple[str, str, str]] = {}
     names = list(commands(0))
     for round_ in range(args.rounds):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
             port = free_port()
             proc = procs.start(name, commands(port)[name], env=env)
             try:
                 wait_port(port)
                 wrkdrive.run(wrk, f"http://127.0.0.1:{port}{PATH}", script, duration_s=1, connections=32)
-                result = wrkdrive.run(wrk, f"http://127.0.0.1:{port}{PATH}", script, duration_s=args.duration,
-                                      connections=32)
+                result = wrkdrive.run(
+                    wrk, f"http://127.0.0.1:{port}{PATH}", script, duration_s=args.duration, connections=32
+                )
                 rps.setdefault(name, []).append(result.rps)
                 if round_ == 0:
                     probes[name] = (streamed_head(port), pipelined(port, proc.pid), long_url(port))

@@ -70,8 +70,9 @@ async def _fetch(session: aiohttp.ClientSession, method: str, url: str, pause_s:
 async def _many(method: str, url: str, concurrency: int, pause_s: float) -> list[int | BaseException]:
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout, auto_decompress=False) as session:
-        return await asyncio.gather(*(_fetch(session, method, url, pause_s) for _ in range(concurrency)),
-                                    return_exceptions=True)
+        return await asyncio.gather(
+            *(_fetch(session, method, url, pause_s) for _ in range(concurrency)), return_exceptions=True
+        )
 
 
 def measure(pids: list[int], method: str, url: str, *, concurrency: int = 10, pause_s: float = 0.0) -> MemoryResult:

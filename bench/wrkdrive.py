@@ -78,8 +78,9 @@ def run(wrk: str, url: str, script: str, *, duration_s: float, connections: int,
         script,
         url,
     ]
-    done = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=duration_s + 30,
-                          start_new_session=True)
+    done = subprocess.run(
+        argv, check=False, capture_output=True, text=True, timeout=duration_s + 30, start_new_session=True
+    )
     if done.returncode != 0:
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
     return parse(done.stdout)

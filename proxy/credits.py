@@ -121,6 +121,7 @@ def _row_state(raw: dict[str, object]) -> RowState:
     spend = raw.get("period_spend")
     if spend is None:
         spend = raw.get("credit_usage") if period is None else "0"
+
     def field(name: str, convert: Callable[[object], T], value: object) -> T:
         try:
             return convert(value)

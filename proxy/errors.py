@@ -1,22 +1,22 @@
 """Exceptions, and the one place that renders ImageRouter's error envelope.
 
-    SpendGuardError
-     ├── PolicyError           a policy file failed validation (lists every problem)
-     ├── StoreError            Redis (or the embedded store) did not answer
-     │    ├── StoreScriptError     it answered, refusing an operation (a script fault)
-     │    └── StoreAuthError       it refused this proxy's credentials (the Redis URL's password)
-     ├── HoldQuarantined       a hold record could not be read; it was moved aside
-     ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
-     └── Rejected              a request refused by the guard: status, type, message, headers
-          └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
-               └── UpstreamNotSent     the connection never opened: nothing can have been billed
-    UpstreamBroken             raised on purpose after a response started, to cut the client
-    ValueError
-     ├── MoneyError            an amount that does not convert exactly (money.py)
-     ├── CreditsError          a credits answer that is not stored (credits.py)
-     ├── PriceTableError       a /v2/models answer that is not stored (prices.py)
-     ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
-     └── RecoveryError         a `store recover` seed or log line to fix (commands/recover.py)
+SpendGuardError
+ ├── PolicyError           a policy file failed validation (lists every problem)
+ ├── StoreError            Redis (or the embedded store) did not answer
+ │    ├── StoreScriptError     it answered, refusing an operation (a script fault)
+ │    └── StoreAuthError       it refused this proxy's credentials (the Redis URL's password)
+ ├── HoldQuarantined       a hold record could not be read; it was moved aside
+ ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
+ └── Rejected              a request refused by the guard: status, type, message, headers
+      └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
+           └── UpstreamNotSent     the connection never opened: nothing can have been billed
+UpstreamBroken             raised on purpose after a response started, to cut the client
+ValueError
+ ├── MoneyError            an amount that does not convert exactly (money.py)
+ ├── CreditsError          a credits answer that is not stored (credits.py)
+ ├── PriceTableError       a /v2/models answer that is not stored (prices.py)
+ ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
+ └── RecoveryError         a `store recover` seed or log line to fix (commands/recover.py)
 """
 
 from __future__ import annotations
@@ -109,8 +109,6 @@ def render_envelope(error_type: str, message: str) -> bytes:
     return json.dumps({"error": {"message": message, "type": error_type}}).encode()
 
 
-def error_response(
-    status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None
-) -> Response:
+def error_response(status: int, error_type: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
     body = render_envelope(error_type, message)
     return Response(body, status_code=status, headers=dict(headers or {}), media_type="application/json")

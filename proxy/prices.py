@@ -194,9 +194,7 @@ def _covers(entry: Mapping[str, object]) -> Covers:
     if not isinstance(inputs, Mapping):
         return NO_COVERS
     listed = inputs.get("seconds")
-    durations = sorted(
-        float(s) for s in (listed if isinstance(listed, list) else []) if _finite(s) and float(s) > 0
-    )
+    durations = sorted(float(s) for s in (listed if isinstance(listed, list) else []) if _finite(s) and float(s) > 0)
     seconds: float | None = None
     if durations:
         price = entry.get("price")

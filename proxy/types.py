@@ -9,8 +9,21 @@ from typing import Literal, Protocol, TypeGuard, get_args
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
-    "ASGIApp", "Message", "Receive", "Scope", "Send", "Clock", "SystemClock", "StoreClock", "Micros",
-    "Period", "PERIODS", "is_period", "as_period", "RouteKind", "ROUTE_KINDS",
+    "ASGIApp",
+    "Message",
+    "Receive",
+    "Scope",
+    "Send",
+    "Clock",
+    "SystemClock",
+    "StoreClock",
+    "Micros",
+    "Period",
+    "PERIODS",
+    "is_period",
+    "as_period",
+    "RouteKind",
+    "ROUTE_KINDS",
 ]
 
 Micros = int

@@ -94,8 +94,16 @@ def test_reload_with_a_good_file_applies_the_new_limits(make_proxy, up):
 
 
 def test_me_shows_exactly_what_the_guard_enforces(make_proxy, up):
-    up.key_rows = [key_row("key-a", "alice", spend_limit="2.00", period="month", period_spend="0.5000",
-                           period_start="2999-01-01T00:00:00Z")]
+    up.key_rows = [
+        key_row(
+            "key-a",
+            "alice",
+            spend_limit="2.00",
+            period="month",
+            period_spend="0.5000",
+            period_start="2999-01-01T00:00:00Z",
+        )
+    ]
     p = make_proxy(TEAM)
     assert p.generate(standin="cost=0.2").status_code == 200
     scopes = me(p)
@@ -222,11 +230,13 @@ def test_startup_waits_for_a_slow_first_refresh_only_so_long(make_proxy, up, mon
 
 def assert_refused_for_want_of_a_snapshot(r) -> None:
     assert r.status_code == 503 and r.headers["x-spend-guard-scope"] == "store"
-    assert r.json() == {"error": {
-        "message": "Spend guard unavailable: no credits snapshot has been fetched from ImageRouter yet. "
-                   "The call was not forwarded.",
-        "type": "guard_unavailable",
-    }}
+    assert r.json() == {
+        "error": {
+            "message": "Spend guard unavailable: no credits snapshot has been fetched from ImageRouter yet. "
+            "The call was not forwarded.",
+            "type": "guard_unavailable",
+        }
+    }
 
 
 def test_readyz_names_a_wrong_account_key(make_proxy, up, monkeypatch):
@@ -285,7 +295,21 @@ def test_status_cli_prints_every_key_and_group(make_proxy, up, store_target):
     lines = result.output.splitlines()
     assert lines[0] == f"store: {store_target.url}"
     assert lines[3].split() == [
-        "owner", "scope", "mode", "limit", "$", "spent", "$", "held", "$", "remaining", "$", "over", "$", "resets", "at"
+        "owner",
+        "scope",
+        "mode",
+        "limit",
+        "$",
+        "spent",
+        "$",
+        "held",
+        "$",
+        "remaining",
+        "$",
+        "over",
+        "$",
+        "resets",
+        "at",
     ]
     team = next(line for line in lines if line.startswith("group team"))
     assert team.split()[2:8] == ["budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500"]

@@ -56,8 +56,14 @@ def test_parse_credits_reads_the_account_credit_usage():
 def test_parse_credits_on_realistic_rows():
     rows = [
         key_row("k-life", "lifetime", spend_limit="10", period=None, period_spend="3.2500", credit_usage="3.2500"),
-        key_row("k-day", "daily", spend_limit="0.0001", period="day", period_spend="0.0001",
-                period_start="2026-11-25T00:00:00.000Z"),
+        key_row(
+            "k-day",
+            "daily",
+            spend_limit="0.0001",
+            period="day",
+            period_spend="0.0001",
+            period_start="2026-11-25T00:00:00.000Z",
+        ),
         key_row("k-open", "no-limit", credit_usage="12.0000"),
         key_row("k-old", "expired", spend_limit="5", period="month", expires_at="2026-01-01T00:00:00Z"),
         key_row("k-off", "inactive", is_active=False),
@@ -141,8 +147,13 @@ def test_a_malformed_row_disables_only_that_row_naming_the_row_and_field(field, 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("spend_limit", "abc"), ("spend_limit", "1e3"), ("period_spend", "0.00001234"), ("expires_at", "soon"),
-     ("is_active", 1)],
+    [
+        ("spend_limit", "abc"),
+        ("spend_limit", "1e3"),
+        ("period_spend", "0.00001234"),
+        ("expires_at", "soon"),
+        ("is_active", 1),
+    ],
 )
 def test_a_malformed_row_is_kept_as_unreadable(field, value):
     row = key_row("k1", "a", spend_limit="5", period="day")
@@ -218,8 +229,13 @@ async def env(store_target, up):
             self.sessions.append(session)
             secret = Secret(up.account_key if key is None else key)
             return Refresher(
-                store or self.store(), session, lambda: policy, secret, self.clock,
-                upstream_url=lambda: up.url, on_failure=self.failures.append,
+                store or self.store(),
+                session,
+                lambda: policy,
+                secret,
+                self.clock,
+                upstream_url=lambda: up.url,
+                on_failure=self.failures.append,
             )
 
     e = Env()
@@ -382,8 +398,11 @@ async def test_models_refresh_is_shared_with_other_instances(env, up):
 @pytest.mark.parametrize("as_array", [False, True])
 async def test_models_as_array_or_object(env, up, as_array):
     up.models_as_array = as_array
-    up.models["vendor/seven"] = {"id": "vendor/seven", "price": {"min": 0.07, "average": 0.07, "max": 0.07},
-                                 "aliases": ["seven"]}
+    up.models["vendor/seven"] = {
+        "id": "vendor/seven",
+        "price": {"min": 0.07, "average": 0.07, "max": 0.07},
+        "aliases": ["seven"],
+    }
     r = env.refresher()
     assert await r.refresh_models()
     stored = await r.store.load_prices()

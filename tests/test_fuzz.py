@@ -98,8 +98,20 @@ authorization = st.one_of(
 )
 # Not fuzzed: the stand-in's behaviour switch, framing, 100-continue, and the headers the stand-in's
 # HTTP parser (aiohttp) refuses to see twice, which ImageRouter's (Node) would take the first of.
-NOT_FUZZED = {"x-standin", "expect", "content-length", "content-location", "content-range", "content-type", "etag",
-              "host", "max-forwards", "server", "transfer-encoding", "user-agent"}
+NOT_FUZZED = {
+    "x-standin",
+    "expect",
+    "content-length",
+    "content-location",
+    "content-range",
+    "content-type",
+    "etag",
+    "host",
+    "max-forwards",
+    "server",
+    "transfer-encoding",
+    "user-agent",
+}
 header_name = st.from_regex(r"[a-z0-9!#$%&'*+.^_`|~-]{1,16}", fullmatch=True).filter(lambda n: n not in NOT_FUZZED)
 REAL_MODELS = st.sampled_from(["openai/gpt-image-1", "gemini-2.5-flash-image", "google/gemini-2.5-flash", "test/test"])
 models = st.one_of(
@@ -108,8 +120,19 @@ models = st.one_of(
     REAL_MODELS,
     REAL_MODELS,
     st.sampled_from(
-        ["openai/gpt-image-1", "gemini-2.5-flash-image", "google/gemini-2.5-flash", "test/test", "google/veo-3.1",
-         "ir/test-video", "openai/gpt-image-1:free", " openai/gpt-image-1 ", "OPENAI/GPT-IMAGE-1", "", "unknown/model"]
+        [
+            "openai/gpt-image-1",
+            "gemini-2.5-flash-image",
+            "google/gemini-2.5-flash",
+            "test/test",
+            "google/veo-3.1",
+            "ir/test-video",
+            "openai/gpt-image-1:free",
+            " openai/gpt-image-1 ",
+            "OPENAI/GPT-IMAGE-1",
+            "",
+            "unknown/model",
+        ]
     ),
     st.text(max_size=20),
     st.integers(),
@@ -152,8 +175,11 @@ def json_body(draw: st.DrawFn) -> tuple[bytes, str]:
         text = opener * depth + "1" + closer * depth * draw(st.sampled_from([0, 1]))
     else:
         text = json.dumps({"model": "openai/gpt-image-1", "prompt": "x" * draw(st.integers(3000, 6000))})
-    ctype = draw(st.sampled_from(["application/json", "application/json; charset=utf-8", "APPLICATION/JSON",
-                                  "application/vnd.api+json", ""]))
+    ctype = draw(
+        st.sampled_from(
+            ["application/json", "application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.api+json", ""]
+        )
+    )
     return text.encode(), ctype
 
 
@@ -163,7 +189,7 @@ def multipart_body(draw: st.DrawFn) -> tuple[bytes, str]:
     parts = draw(
         st.lists(
             st.tuples(
-                st.sampled_from(["model", "prompt", "image", "stream", "seconds", "Model", "model\""])
+                st.sampled_from(["model", "prompt", "image", "stream", "seconds", "Model", 'model"'])
                 | st.text(max_size=6),
                 models.map(str) | st.text(max_size=20),
                 st.booleans(),  # a file part
@@ -186,8 +212,11 @@ def multipart_body(draw: st.DrawFn) -> tuple[bytes, str]:
 
 @st.composite
 def form_body(draw: st.DrawFn) -> tuple[bytes, str]:
-    pairs = draw(st.lists(st.tuples(st.sampled_from(["model", "prompt", "stream"]) | st.text(max_size=5),
-                                    models.map(str)), max_size=4))
+    pairs = draw(
+        st.lists(
+            st.tuples(st.sampled_from(["model", "prompt", "stream"]) | st.text(max_size=5), models.map(str)), max_size=4
+        )
+    )
     body = urllib.parse.urlencode(pairs).encode()
     if draw(st.booleans()):
         body += draw(st.binary(max_size=10))
@@ -224,8 +253,21 @@ def paths(draw: st.DrawFn) -> bytes:
     mode = draw(st.sampled_from(["exact", "exact", "exact", "spelled", "spelled", "other"]))
     if mode == "other":
         base = draw(
-            st.sampled_from(["/v2/models", "/v1/credits", "/v1/models", "/", "/v1/openai/images", "/-/me", "/-/metrics",
-                             "/-/readyz", "/-/healthz", "/-/nope", "/v1/openai/images/generations/x"])
+            st.sampled_from(
+                [
+                    "/v2/models",
+                    "/v1/credits",
+                    "/v1/models",
+                    "/",
+                    "/v1/openai/images",
+                    "/-/me",
+                    "/-/metrics",
+                    "/-/readyz",
+                    "/-/healthz",
+                    "/-/nope",
+                    "/v1/openai/images/generations/x",
+                ]
+            )
             | st.lists(st.text(max_size=8), max_size=4).map(lambda segs: "/" + "/".join(segs))
         )
     else:
@@ -299,8 +341,15 @@ def requests(draw: st.DrawFn) -> dict[str, Any]:
         headers.append(("content-length", str(len(body))))
     query = draw(st.sampled_from([b"", b"", b"a=1", b"by_api_key=true&x=%ff", b"model=openai%2Fgpt-image-1"]))
     chunking = draw(st.integers(1, 4))
-    return {"method": method, "raw_path": raw_path, "query": query, "headers": headers, "body": body,
-            "chunks": chunking, "deep": deep}
+    return {
+        "method": method,
+        "raw_path": raw_path,
+        "query": query,
+        "headers": headers,
+        "body": body,
+        "chunks": chunking,
+        "deep": deep,
+    }
 
 
 async def drive(app: Any, req: dict[str, Any]) -> tuple[int | None, list[tuple[bytes, bytes]], bytes]:
@@ -456,12 +505,46 @@ def test_any_request_gets_a_sane_answer_and_leaves_the_ledger_exact(fuzz_proxy, 
 # --- policy files -----------------------------------------------------------------------------
 
 SCHEMA_KEYS = [
-    "mode", "upstream", "account", "guard", "models", "routes", "groups", "keys", "base_url", "timeout_s",
-    "connect_timeout_s", "name", "api_key_env", "refresh_s", "models_refresh_s", "max_staleness_s",
-    "min_remaining_usd", "on_store_error", "unknown_keys", "unknown_models", "max_body_bytes", "hold_ttl_s",
-    "shutdown_grace_s", "default_hold_usd", "text_hold_usd", "max_request_usd", "overrides", "allow", "deny",
-    "path", "kind", "enabled", "budgets", "limit_usd", "period", "key_sha256", "api_key_id", "api_key_name",
-    "group", "<<",
+    "mode",
+    "upstream",
+    "account",
+    "guard",
+    "models",
+    "routes",
+    "groups",
+    "keys",
+    "base_url",
+    "timeout_s",
+    "connect_timeout_s",
+    "name",
+    "api_key_env",
+    "refresh_s",
+    "models_refresh_s",
+    "max_staleness_s",
+    "min_remaining_usd",
+    "on_store_error",
+    "unknown_keys",
+    "unknown_models",
+    "max_body_bytes",
+    "hold_ttl_s",
+    "shutdown_grace_s",
+    "default_hold_usd",
+    "text_hold_usd",
+    "max_request_usd",
+    "overrides",
+    "allow",
+    "deny",
+    "path",
+    "kind",
+    "enabled",
+    "budgets",
+    "limit_usd",
+    "period",
+    "key_sha256",
+    "api_key_id",
+    "api_key_name",
+    "group",
+    "<<",
 ]
 scalars = st.one_of(
     st.none(),
@@ -469,14 +552,38 @@ scalars = st.one_of(
     st.integers(min_value=-(10**20), max_value=10**20),
     st.floats(),
     st.text(max_size=12),
-    st.sampled_from(["day", "week", "month", "lifetime", "enforce", "shadow", "closed", "open", "image", "text",
-                     "1.50", "0.000001", "-1", "1e3", "http://127.0.0.1:1", "IMAGEROUTER_API_KEY", SHA_A, "/v1/x",
-                     "account_only", "reject", "hold"]),
+    st.sampled_from(
+        [
+            "day",
+            "week",
+            "month",
+            "lifetime",
+            "enforce",
+            "shadow",
+            "closed",
+            "open",
+            "image",
+            "text",
+            "1.50",
+            "0.000001",
+            "-1",
+            "1e3",
+            "http://127.0.0.1:1",
+            "IMAGEROUTER_API_KEY",
+            SHA_A,
+            "/v1/x",
+            "account_only",
+            "reject",
+            "hold",
+        ]
+    ),
 )
 yaml_trees = st.recursive(
     scalars,
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.sampled_from(SCHEMA_KEYS) | st.text(max_size=6) | st.integers(), inner, max_size=5),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(SCHEMA_KEYS) | st.text(max_size=6) | st.integers(), inner, max_size=5)
+    ),
     max_leaves=25,
 )
 top_level = st.dictionaries(st.sampled_from(SCHEMA_KEYS[:8]) | st.text(max_size=5), yaml_trees, max_size=6)
@@ -501,7 +608,7 @@ def assert_operator_can_act_on(exc: PolicyError, path: Path) -> None:
     for problem in exc.problems:
         assert problem.splitlines() == [problem], problem  # one line: a log line or a terminal line
         assert problem.startswith(f"{path}: "), problem
-        location, _, message = problem[len(f"{path}: "):].partition(": ")
+        location, _, message = problem[len(f"{path}: ") :].partition(": ")
         assert location.strip() and message.strip(), problem
 
 
@@ -576,12 +683,45 @@ def test_a_mutated_policy_loads_with_its_invariants_or_raises_policy_error(tmp_p
 
 
 YAML_SNIPPETS = [
-    "account:", " name: a", "  refresh_s: 1", "keys:", "- name: k", "  key_sha256: " + SHA_A, "  budgets:",
-    "  - {limit_usd: 1, period: day}", "&a [1, 2]", "*a", "<<: *a", "!!binary aGVsbG8=", "!!set {a, b}",
-    "!!python/object:os.system x", "!!timestamp 2001-12-14", "!!int x", "!!bool maybe", "!!set [a]", "!!map [1]",
-    "? [a, b]\n: 1", "{", "]", "'", '"\\x', "\t",
-    "---", "...", "%YAML 1.1", "a: &x {b: *x}", "1" + "0" * 400, "1" * 5000, "[" * 2000, "{a: " * 300,
-    "timeout_s: 1" + "0" * 400, "upstream: {timeout_s: " + "9" * 400 + "}", ".inf", ".nan", "- - -", ": :",
+    "account:",
+    " name: a",
+    "  refresh_s: 1",
+    "keys:",
+    "- name: k",
+    "  key_sha256: " + SHA_A,
+    "  budgets:",
+    "  - {limit_usd: 1, period: day}",
+    "&a [1, 2]",
+    "*a",
+    "<<: *a",
+    "!!binary aGVsbG8=",
+    "!!set {a, b}",
+    "!!python/object:os.system x",
+    "!!timestamp 2001-12-14",
+    "!!int x",
+    "!!bool maybe",
+    "!!set [a]",
+    "!!map [1]",
+    "? [a, b]\n: 1",
+    "{",
+    "]",
+    "'",
+    '"\\x',
+    "\t",
+    "---",
+    "...",
+    "%YAML 1.1",
+    "a: &x {b: *x}",
+    "1" + "0" * 400,
+    "1" * 5000,
+    "[" * 2000,
+    "{a: " * 300,
+    "timeout_s: 1" + "0" * 400,
+    "upstream: {timeout_s: " + "9" * 400 + "}",
+    ".inf",
+    ".nan",
+    "- - -",
+    ": :",
 ]
 
 
@@ -599,10 +739,18 @@ def test_any_policy_text_loads_or_raises_policy_error(tmp_path, lines, raw):
 @FAKE_AND_REAL
 def test_deeply_nested_json_body_is_refused_not_a_500(fuzz_proxy, up):
     body = b"[" * 1500 + b"]" * 1500
-    req = {"method": "POST", "raw_path": b"/v1/openai/images/generations", "query": b"", "chunks": 1,
-           "headers": [("authorization", f"Bearer {KEY_A}"), ("content-type", "application/json"),
-                       ("content-length", str(len(body)))],
-           "body": body}
+    req = {
+        "method": "POST",
+        "raw_path": b"/v1/openai/images/generations",
+        "query": b"",
+        "chunks": 1,
+        "headers": [
+            ("authorization", f"Bearer {KEY_A}"),
+            ("content-type", "application/json"),
+            ("content-length", str(len(body))),
+        ],
+        "body": body,
+    }
     status, _, answer = fuzz_proxy.run(drive, fuzz_proxy.app, req)
     assert status == 400 and json.loads(answer)["error"]["type"] == "invalid_request_error"
     assert up.generation_requests == []

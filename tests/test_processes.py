@@ -85,9 +85,23 @@ def test_redis_stopped_mid_traffic_refuses_every_spending_call_then_recovers_onc
         assert lost.status_code == 503 and "lost its local budget state" in lost.json()["error"]["message"]
         assert len(up.generation_requests) == 1
         recovered = subprocess.run(
-            [sys.executable, "-m", "proxy", "store", "recover", "--policy", str(path), "--redis-url", redis_server.url,
-             "--seed", "key:alice:lifetime=0.01"],
-            capture_output=True, text=True, timeout=30, check=False,
+            [
+                sys.executable,
+                "-m",
+                "proxy",
+                "store",
+                "recover",
+                "--policy",
+                str(path),
+                "--redis-url",
+                redis_server.url,
+                "--seed",
+                "key:alice:lifetime=0.01",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
         )
         assert recovered.returncode == 0, recovered.stderr
         # The refresher lays a snapshot down again; the seed is what alice had spent.
@@ -142,8 +156,10 @@ def test_guarded_client_disconnect_still_settles_with_the_real_cost(tmp_path, up
     with ServedProxy(path, up.url, redis_server.url) as proxy:
         with httpx.Client(timeout=10) as client:
             with client.stream(
-                "POST", proxy.url + "/v1/openai/images/generations",
-                json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "heartbeat=3,gate=d,cost=0.1234"},
+                "POST",
+                proxy.url + "/v1/openai/images/generations",
+                json={"model": "openai/gpt-image-1"},
+                headers={**AUTH, "X-Standin": "heartbeat=3,gate=d,cost=0.1234"},
             ) as response:
                 chunks = response.iter_raw()
                 assert next(chunks) == b" "  # the heartbeat reached us before the result

@@ -92,10 +92,15 @@ def send(base: str, call: Call) -> None:
     headers = {**AUTH, "X-Standin": call.standin, "X-Request-Id": call.request_id}
     body = json.dumps({"model": "openai/gpt-image-1", "prompt": "soak"}).encode()
     try:
-        with httpx.Client(timeout=30) as client, client.stream(
-            "POST", base + "/v1/openai/images/generations", content=body,
-            headers={**headers, "Content-Type": "application/json"},
-        ) as response:
+        with (
+            httpx.Client(timeout=30) as client,
+            client.stream(
+                "POST",
+                base + "/v1/openai/images/generations",
+                content=body,
+                headers={**headers, "Content-Type": "application/json"},
+            ) as response,
+        ):
             call.status, call.headers = response.status_code, dict(response.headers)
             if call.disconnect and response.status_code == 200:
                 call.body = next(response.iter_raw(), b"")  # then close the connection
@@ -181,15 +186,23 @@ def test_soak_mixed_calls_across_three_proxies_and_a_redis_restart_keep_the_ledg
         # Calls in flight across the stop: held before it, answered while Redis is down (so their
         # settles fail and are retried in the background), two clients gone before the answer.
         gated = [
-            Call(1000 + i, i % len(proxies), kind, f"heartbeat=2,interval=0.01,gate=outage,{extra}", bill,
-                 disconnect=gone)
-            for i, (kind, extra, bill, gone) in enumerate([
-                ("cost", "cost=0.0555", 55_500, False),
-                ("cost", "cost=0.0777", 77_700, True),
-                ("nocost", "nocost", HOLD_MICROS, False),
-                ("error", "error", 0, True),
-                ("cut", "cut", HOLD_MICROS, False),
-            ])
+            Call(
+                1000 + i,
+                i % len(proxies),
+                kind,
+                f"heartbeat=2,interval=0.01,gate=outage,{extra}",
+                bill,
+                disconnect=gone,
+            )
+            for i, (kind, extra, bill, gone) in enumerate(
+                [
+                    ("cost", "cost=0.0555", 55_500, False),
+                    ("cost", "cost=0.0777", 77_700, True),
+                    ("nocost", "nocost", HOLD_MICROS, False),
+                    ("error", "error", 0, True),
+                    ("cut", "cut", HOLD_MICROS, False),
+                ]
+            )
         ]
         probes = [Call(2000 + i, i, "probe", "cost=0.01", 0) for i in range(len(proxies))]
         futures: list[concurrent.futures.Future[None]] = []
@@ -262,10 +275,16 @@ def test_soak_mixed_calls_across_three_proxies_and_a_redis_restart_keep_the_ledg
             wait_until(settled, 20, "every hold to be settled")
         except TimeoutError:
             holds = store.hgetall(f"sg:{{{ACCOUNT}}}:holds")
-            problems = [line for p in proxies for line in p.output().splitlines()
-                        if "WARNING" in line or "ERROR" in line or "Error" in line]
-            pytest.fail(f"not settled: active upstream streams {up.active_streams}, holds left {holds}; {context}\n"
-                        + "\n".join(problems[-40:]))
+            problems = [
+                line
+                for p in proxies
+                for line in p.output().splitlines()
+                if "WARNING" in line or "ERROR" in line or "Error" in line
+            ]
+            pytest.fail(
+                f"not settled: active upstream streams {up.active_streams}, holds left {holds}; {context}\n"
+                + "\n".join(problems[-40:])
+            )
         deferred = sum(p.output().count("deferred") for p in proxies)
         assert deferred >= 3, f"only {deferred} settles were deferred by the outage"  # the gated ones at least
         billed = up.charged_by_key[SHA_A]
@@ -290,8 +309,12 @@ def test_a_reserve_that_timed_out_leaves_no_hold_behind(tmp_path, up):
         store = redis.Redis(host="127.0.0.1", port=server.port, socket_timeout=2)
 
         def call() -> httpx.Response:
-            return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                              headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=30)
+            return httpx.post(
+                proxy.url + "/v1/openai/images/generations",
+                json={"model": "openai/gpt-image-1"},
+                headers={**AUTH, "X-Standin": "cost=0.01"},
+                timeout=30,
+            )
 
         assert call().status_code == 200  # the scripts are loaded
         wait_until(lambda: store.hlen("sg:{stall}:holds") == 0, 10, "the first call to settle")

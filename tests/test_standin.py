@@ -62,8 +62,9 @@ def test_heartbeat_spaces_arrive_before_the_body_while_the_gate_is_closed(up, cl
 
 
 def test_success_bills_the_actual_cost_and_credits_show_in_flight_holds(up, client):
-    with client.stream("POST", IMAGES, json={"model": "openai/gpt-image-1"},
-                       headers={**AUTH, "X-Standin": "gate=g"}) as resp:
+    with client.stream(
+        "POST", IMAGES, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "gate=g"}
+    ) as resp:
         up.wait_for_requests(1)
         assert credits(client, up).json()["remaining_credits"] == "99.7000"
         up.release("g")
@@ -72,17 +73,24 @@ def test_success_bills_the_actual_cost_and_credits_show_in_flight_holds(up, clie
     assert up.charged_by_key == {fingerprint(TOKEN): 167_000}
     assert up.credits_remaining_micros == 100_000_000 - 167_000
     assert credits(client, up).json() == {
-        "remaining_credits": "99.8330", "credit_usage": "0.1670", "total_deposits": "100.0000"}
+        "remaining_credits": "99.8330",
+        "credit_usage": "0.1670",
+        "total_deposits": "100.0000",
+    }
 
 
 def test_lagging_credits_serve_the_figures_from_before_the_calls_it_has_pre_charged(up, client):
     up.credits_lag_s = 3600.0
-    with client.stream("POST", IMAGES, json={"model": "openai/gpt-image-1"},
-                       headers={**AUTH, "X-Standin": "gate=g"}) as resp:
+    with client.stream(
+        "POST", IMAGES, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "gate=g"}
+    ) as resp:
         up.wait_for_requests(1)
         assert up.charged_micros == 300_000  # pre-charged, but /v1/credits does not show it yet
         assert credits(client, up).json() == {
-            "remaining_credits": "100.0000", "credit_usage": "0.0000", "total_deposits": "100.0000"}
+            "remaining_credits": "100.0000",
+            "credit_usage": "0.0000",
+            "total_deposits": "100.0000",
+        }
         up.release("g")
         resp.read()
     assert credits(client, up).json()["credit_usage"] == "0.0000"
@@ -176,9 +184,11 @@ def test_gate_released_before_the_request_does_not_wait(up, client):
 
 def test_wait_for_requests_counts_generation_requests_in_flight(up, client):
     headers = {**AUTH, "X-Standin": "gate=both"}
-    with client.stream("POST", IMAGES, json={"model": "test/test"}, headers=headers) as first, \
-         httpx.Client(base_url=up.url) as other, \
-         other.stream("POST", IMAGES, json={"model": "test/test"}, headers=headers) as second:
+    with (
+        client.stream("POST", IMAGES, json={"model": "test/test"}, headers=headers) as first,
+        httpx.Client(base_url=up.url) as other,
+        other.stream("POST", IMAGES, json={"model": "test/test"}, headers=headers) as second,
+    ):
         up.wait_for_requests(2)
         up.wait_for_streams(2)
         up.release("both")
@@ -191,8 +201,9 @@ def test_b64_and_gzip_bodies(up, client):
     body = generate(client, "b64=200001").json()
     assert body["data"][0]["b64_json"] == b64_text(200_001) and body["cost"] == 0.167
     for behaviour in ("gzip", "gzip,b64=10"):
-        with client.stream("POST", IMAGES, json={"model": "test/test"},
-                           headers={**AUTH, "X-Standin": behaviour}) as resp:
+        with client.stream(
+            "POST", IMAGES, json={"model": "test/test"}, headers={**AUTH, "X-Standin": behaviour}
+        ) as resp:
             assert resp.headers["content-encoding"] == "gzip"
             raw = b"".join(resp.iter_raw())
         assert json.loads(gzip.decompress(raw))["cost"] == 0
@@ -200,8 +211,9 @@ def test_b64_and_gzip_bodies(up, client):
 
 
 def test_sse_streams_carry_cost_in_the_final_event(up, client):
-    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
-                       headers={**AUTH, "X-Standin": "sse,cost=0.0012"})
+    chat = client.post(
+        "/v1/openai/chat/completions", json={"model": "any/llm"}, headers={**AUTH, "X-Standin": "sse,cost=0.0012"}
+    )
     assert chat.headers["content-type"].startswith("text/event-stream")
     events = [line.removeprefix("data: ") for line in chat.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -215,13 +227,17 @@ def test_sse_streams_carry_cost_in_the_final_event(up, client):
 
 
 def test_sse_failure_after_a_chunk_is_billed_and_an_early_cost_is_not_final(up, client):
-    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
-                       headers={**AUTH, "X-Standin": "sse,error,cost=0.0012"})
+    chat = client.post(
+        "/v1/openai/chat/completions", json={"model": "any/llm"}, headers={**AUTH, "X-Standin": "sse,error,cost=0.0012"}
+    )
     events = [json.loads(line.removeprefix("data: ")) for line in chat.text.splitlines() if line.startswith("data: ")]
     assert events[0]["choices"][0]["delta"]["content"] == "h" and events[-1]["error"]["type"] == "generation_failed"
     assert up.charged_micros == 1200
-    chat = client.post("/v1/openai/chat/completions", json={"model": "any/llm"},
-                       headers={**AUTH, "X-Standin": "sse,earlycost=0.0001,cost=0.0012"})
+    chat = client.post(
+        "/v1/openai/chat/completions",
+        json={"model": "any/llm"},
+        headers={**AUTH, "X-Standin": "sse,earlycost=0.0001,cost=0.0012"},
+    )
     events = [line.removeprefix("data: ") for line in chat.text.splitlines() if line.startswith("data: ")]
     assert json.loads(events[0])["cost"] == 0.0001 and "cost" not in json.loads(events[-2])
     assert up.charged_micros == 2400

@@ -108,8 +108,9 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
                     # After a client disconnect uvicorn drops these sends; we keep reading to the
                     # end so the call settles with ImageRouter's real cost.
                     sending = True
-                    await send_within(scope, send, {"type": "http.response.body", "body": chunk, "more_body": True},
-                                      write_s)
+                    await send_within(
+                        scope, send, {"type": "http.response.body", "body": chunk, "more_body": True}, write_s
+                    )
                     sending = False
                 outcome, finished = observer.finish(True), True
                 sending = True

@@ -293,9 +293,7 @@ class Alerts:
         low = credits < line
         request = MarkRequest(0, 0, int(now_s * 1000), claim=("low",) if low else (), release=() if low else ("low",))
         marks = await self.rt.store.alert_marks("account", request)
-        level = ScopeLevel(
-            "account", 0, levels.account.charged_micros, levels.account.held_micros, mode=policy.mode
-        )
+        level = ScopeLevel("account", 0, levels.account.charged_micros, levels.account.held_micros, mode=policy.mode)
         extra = {"credits_usd": format_usd(credits), "threshold_usd": format_usd(line), "limit_usd": None}
         window = {"window_start": None, "resets_at": None}
         if "low" in marks.claimed:

@@ -65,9 +65,7 @@ class Metrics:
             ["outcome", "scope", "key"],
             registry=r,
         )
-        self.usd = Counter(
-            "spend_guard_usd", "Money held, charged and released, in USD.", ["kind", "key"], registry=r
-        )
+        self.usd = Counter("spend_guard_usd", "Money held, charged and released, in USD.", ["kind", "key"], registry=r)
         self.unguarded = Counter(
             "spend_guard_unguarded",
             "Calls forwarded without a hold: the guard failed open (store, snapshot, no_prices), or a route the "
@@ -81,12 +79,8 @@ class Metrics:
             ["route"],
             registry=r,
         )
-        self.refresh_failures = Counter(
-            "spend_guard_refresh_failures", "Failed credits refreshes.", registry=r
-        )
-        self.policy_reloads = Counter(
-            "spend_guard_policy_reloads", "Policy reloads by result.", ["result"], registry=r
-        )
+        self.refresh_failures = Counter("spend_guard_refresh_failures", "Failed credits refreshes.", registry=r)
+        self.policy_reloads = Counter("spend_guard_policy_reloads", "Policy reloads by result.", ["result"], registry=r)
         self.settle_retries = Counter(
             "spend_guard_settle_retries", "Settles that failed against the store and were retried.", registry=r
         )

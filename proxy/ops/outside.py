@@ -68,9 +68,7 @@ def compare(policy: Policy, before: Levels, snapshot: Snapshot, days_start_ms: i
         reported = counted(row, level.window_start_ms, snapshot.fetched_ms)
         bound = level.spent_micros + level.held_micros
         if reported - bound > TOLERANCE_MICROS:
-            found.append(
-                OutsideSpend(key.name, reported - bound, level.window_start_ms, level.period, reported, bound)
-            )
+            found.append(OutsideSpend(key.name, reported - bound, level.window_start_ms, level.period, reported, bound))
     # The account: the credits the guard expected at the least, against what ImageRouter reports.
     lowest = before.remaining_micros - before.account.charged_micros - before.account.held_micros
     if lowest - snapshot.remaining_micros > TOLERANCE_MICROS:

@@ -61,7 +61,7 @@ def signing_key(secret: str) -> bytes:
     if not secret.startswith(SECRET_PREFIX):
         return secret.encode()
     try:
-        key = base64.b64decode(secret[len(SECRET_PREFIX):], validate=True)
+        key = base64.b64decode(secret[len(SECRET_PREFIX) :], validate=True)
     except (binascii.Error, ValueError):
         raise SecretError("the secret starts with whsec_ but the rest is not base64") from None
     if not key:

@@ -81,9 +81,7 @@ class _File:
             return []
         return [(f"{where}[{index}]", item) for index, item in enumerate(value)]
 
-    def fields(
-        self, data: Mapping[Any, Any], where: str, kind: str, required: Sequence[str] = ()
-    ) -> dict[str, Any]:
+    def fields(self, data: Mapping[Any, Any], where: str, kind: str, required: Sequence[str] = ()) -> dict[str, Any]:
         """The valid flat fields of `data` by attribute name; missing or invalid ones are reported."""
         for key in required:
             if key not in data:

@@ -43,14 +43,17 @@ def embedded_client(state_dir: str | None) -> aioredis.Redis:
 
 def _single_client(url: str) -> aioredis.Redis:
     client: aioredis.Redis = aioredis.Redis.from_url(
-        url, socket_timeout=None, socket_connect_timeout=1.0, health_check_interval=10  # see STORE_TIMEOUT_S
+        url,
+        socket_timeout=None,
+        socket_connect_timeout=1.0,
+        health_check_interval=10,  # see STORE_TIMEOUT_S
     )
     return client
 
 
 def _cluster_client(url: str) -> aioredis.Redis:
     cluster = aioredis.RedisCluster.from_url(
-        "redis://" + url[len(CLUSTER_SCHEME):], socket_timeout=2.0, socket_connect_timeout=1.0
+        "redis://" + url[len(CLUSTER_SCHEME) :], socket_timeout=2.0, socket_connect_timeout=1.0
     )
     return cluster  # type: ignore[return-value]  # same command surface for what Store uses
 

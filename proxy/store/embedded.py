@@ -247,16 +247,26 @@ class EmbeddedServer:
     def _spawn(self, binary: str) -> None:
         argv = [
             binary,
-            "--port", "0",  # no TCP listener at all
-            "--unixsocket", self.socket,
-            "--unixsocketperm", "700",
-            "--dir", self.state_dir,
-            "--appendonly", "yes",
-            "--appendfsync", "everysec",
-            "--maxmemory-policy", "noeviction",  # never forget a budget counter to make room
-            "--save", "",
-            "--daemonize", "no",
-            "--databases", "1",
+            "--port",
+            "0",  # no TCP listener at all
+            "--unixsocket",
+            self.socket,
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            self.state_dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "everysec",
+            "--maxmemory-policy",
+            "noeviction",  # never forget a budget counter to make room
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+            "--databases",
+            "1",
         ]
         parent = os.getpid()
         with open(os.path.join(self.state_dir, LOG_NAME), "ab") as log_file:

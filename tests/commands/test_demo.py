@@ -39,7 +39,10 @@ class Demo:
         with self.out.open("wb") as out, self.err.open("wb") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "proxy", "serve", "--demo", "--port", str(self.port), *args],
-                env=env, stdout=out, stderr=err, start_new_session=True,
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
             )
         wait_until(self._ready, 30, f"the demo on {self.url}")
 
@@ -59,8 +62,10 @@ class Demo:
 
     def image(self, token: str, model: str, **headers: str) -> httpx.Response:
         return httpx.post(
-            self.url + IMAGES, json={"model": model, "prompt": "a lighthouse"},
-            headers={"Authorization": f"Bearer {token}", **headers}, timeout=30,
+            self.url + IMAGES,
+            json={"model": model, "prompt": "a lighthouse"},
+            headers={"Authorization": f"Bearer {token}", **headers},
+            timeout=30,
         )
 
 
@@ -103,8 +108,13 @@ def test_demo_local_budget_counts_what_the_upstream_charged(demo: Demo) -> None:
 
 def test_demo_streams_chat_as_server_sent_events(demo: Demo) -> None:
     body = {"model": "openai/gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    with httpx.stream("POST", demo.url + "/v1/openai/chat/completions", json=body,
-                      headers={"Authorization": f"Bearer {ALICE}"}, timeout=30) as response:
+    with httpx.stream(
+        "POST",
+        demo.url + "/v1/openai/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {ALICE}"},
+        timeout=30,
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         text = response.read().decode()
@@ -150,7 +160,9 @@ def test_json_log_format_covers_the_worker_supervisor_and_its_workers(tmp_path: 
 def test_demo_refuses_an_upstream_of_its_own(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "serve", "--demo", "--upstream", "http://127.0.0.1:9"],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert "the demo brings its own upstream; drop --upstream" in result.stderr

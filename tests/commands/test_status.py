@@ -49,7 +49,14 @@ def test_status_lists_every_key_and_group_and_says_what_it_read(make_proxy, stor
     assert set(table) == {"account st", "key alice", "key bob", "key carol", "group team", "group idle"}
     assert table["key alice"].endswith("(limited by group team)")
     assert table["group team"].split()[2:9] == [
-        "budget:group:team:month", "enforce", "1.0000", "0.2500", "0.0000", "0.7500", "-"]
+        "budget:group:team:month",
+        "enforce",
+        "1.0000",
+        "0.2500",
+        "0.0000",
+        "0.7500",
+        "-",
+    ]
     assert table["group idle"].split()[4:6] == ["5.0000", "0.0000"]
     assert table["key carol"].split()[2:4] == ["budget:key:carol:lifetime", "shadow"]
 
@@ -64,7 +71,12 @@ def test_status_shows_how_far_a_shadow_budget_ran_over(make_proxy, store_target)
     rows = json.loads(out)["rows"]
     row = next(r for r in rows if r["owner"] == "key carol")
     assert (row["mode"], row["limit_usd"], row["spent_usd"], row["remaining_usd"], row["over_usd"]) == (
-        "shadow", "0.1000", "0.2500", "0.0000", "0.1500")
+        "shadow",
+        "0.1000",
+        "0.2500",
+        "0.0000",
+        "0.1500",
+    )
 
 
 def test_status_fails_in_one_line_when_redis_is_down():

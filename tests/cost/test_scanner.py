@@ -186,7 +186,7 @@ def test_backslash_run_split_across_chunks(run):
 
 def test_escaped_quotes_inside_a_long_string():
     filler = b"A" * 70_000
-    body = b'{"v":"' + filler + b'\\"' + filler + b'\\\\' + b'","cost":0.003}'
+    body = b'{"v":"' + filler + b'\\"' + filler + b"\\\\" + b'","cost":0.003}'
     assert scan(pieces(body, 65_536)) == cost(3000)
     assert scan(pieces(body, 4096)) == cost(3000)
 
@@ -296,7 +296,7 @@ def test_invalid_cost_is_unknown(token):
         b'{"a":[1},"cost":0.1}',
         b'{"a":{"b":1],"cost":0.1}',
         b'{"a\\x":1,"cost":0.1}',
-        b'{cost:0.1}',
+        b"{cost:0.1}",
     ],
 )
 def test_anything_but_one_json_object_is_unknown(body):
@@ -359,8 +359,7 @@ def chat_stream(eol: bytes = b"\n") -> bytes:
         b'data: {"id":"c1","object":"chat.completion.chunk","choices":[{"delta":{"content":"Hi"}}]}',
         b": keep-alive comment",
         b'data: {"id":"c1","choices":[{"delta":{"content":" there \\"cost\\": 9"}}]}',
-        b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2},'
-        b'"cost":0.0012}',
+        b'data: {"id":"c1","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2},"cost":0.0012}',
         b"data: [DONE]",
     ]
     return b"".join(event + eol + eol for event in events)
@@ -406,9 +405,11 @@ def test_sse_cost_counts_only_in_the_final_event():
     body = b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: {"choices":[]}\n\n'
     assert scan([body], content_type=SSE) == UNKNOWN
     assert scan([b'data: {"cost":0.001}\n\ndata: {"cost":0.005}\n\ndata: [DONE]\n\n'], content_type=SSE) == cost(5000)
-    early = (b'data: {"choices":[{"delta":{"content":"h"}}],"cost":0.0001}\n\n'
-             b'data: {"choices":[{"delta":{"content":"i"}}]}\n\n'
-             b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n')
+    early = (
+        b'data: {"choices":[{"delta":{"content":"h"}}],"cost":0.0001}\n\n'
+        b'data: {"choices":[{"delta":{"content":"i"}}]}\n\n'
+        b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\ndata: [DONE]\n\n'
+    )
     assert scan([early], content_type=SSE) == UNKNOWN
     assert scan(pieces(early, 1), content_type=SSE) == UNKNOWN
     # Comments and an event with no data are not events: the cost stays final.
@@ -668,8 +669,14 @@ def test_small_body_fast_path_agrees_with_the_streaming_scanner(body, data):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"cost": NaN}', b'{"cost": Infinity}', b'{"cost": 0.1} x', b"[1]", b'{"cost": 0.1',
-     b'{"error": null, "cost": -1}'],
+    [
+        b'{"cost": NaN}',
+        b'{"cost": Infinity}',
+        b'{"cost": 0.1} x',
+        b"[1]",
+        b'{"cost": 0.1',
+        b'{"error": null, "cost": -1}',
+    ],
 )
 def test_small_body_fast_path_refuses_what_the_scanner_refuses(body):
     fast = SmallBodyFirst()

@@ -120,9 +120,7 @@ def test_hunyuan_8_seconds_at_720p_was_held_at_its_published_maximum_before(make
     """What an earlier release held: $0.20 against a $0.32 charge (the hold bounded nothing)."""
     caplog.set_level(logging.INFO, logger="spend_guard.access")
     p = make_proxy(BUDGET)
-    hold, charged = held_and_charged(
-        p, up, caplog, lambda: json_call(p, HUNYUAN, VIDEO, seconds=8, size="1280x720")
-    )
+    hold, charged = held_and_charged(p, up, caplog, lambda: json_call(p, HUNYUAN, VIDEO, seconds=8, size="1280x720"))
     assert p.runtime.refresher.prices.hold_for(HUNYUAN) == 200_000 < charged == 320_000 <= hold
 
 
@@ -199,8 +197,10 @@ def test_an_underheld_call_is_counted_logged_alerted_and_raises_its_models_next_
         assert f'spend_guard_underheld_usd_total{{model="{HUNYUAN}"}} 0.1599' in metrics
         warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "UNDERHELD" in r.getMessage()]
         assert len(warnings) == 1
-        assert warnings[0].getMessage().startswith(
-            f"UNDERHELD: a video call to model {HUNYUAN} cost $0.3200, above its hold of $0.1601"
+        assert (
+            warnings[0]
+            .getMessage()
+            .startswith(f"UNDERHELD: a video call to model {HUNYUAN} cost $0.3200, above its hold of $0.1601")
         )
         event = receiver.wait_for(1)[0].event
         assert event["type"] == "call.underheld" and event["scope"] == "key:alice"
@@ -211,9 +211,7 @@ def test_an_underheld_call_is_counted_logged_alerted_and_raises_its_models_next_
             "0.1599",
         )
         # The next call of that model holds at least the cost seen, even one that asks for less.
-        hold, charged = held_and_charged(
-            p, up, caplog, lambda: json_call(p, HUNYUAN, VIDEO, seconds=5, size="832x480")
-        )
+        hold, charged = held_and_charged(p, up, caplog, lambda: json_call(p, HUNYUAN, VIDEO, seconds=5, size="832x480"))
         assert hold == 320_000 and charged == 100_000
         assert f'spend_guard_underheld_total{{model="{HUNYUAN}"}} 1.0' in p.client.get("/-/metrics").text
         assert len(receiver.deliveries) == 1

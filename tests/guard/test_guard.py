@@ -113,8 +113,14 @@ def test_account_floor_refuses_with_402(make_proxy, up):
 
 def test_key_spend_limit_refuses_with_reset_time_and_retry_after(make_proxy, up):
     up.key_rows = [
-        key_row("key-a", "alice", spend_limit="1.00", period="day", period_spend="0.8000",
-                period_start="2000-01-01T00:00:00Z")
+        key_row(
+            "key-a",
+            "alice",
+            spend_limit="1.00",
+            period="day",
+            period_spend="0.8000",
+            period_start="2000-01-01T00:00:00Z",
+        )
     ]
     # period_start far in the past: the snapshot's 0.80 belongs to an old window and counts as 0
     p = make_proxy(KEYS)
@@ -220,19 +226,23 @@ def test_multipart_and_gzip_request_bodies_are_priced_and_forwarded_byte_for_byt
     p = make_proxy(KEYS + "models: {deny: ['openai/*']}\n")
     files = {"image": ("a.png", b"\x89PNG" + b"\x00" * 100, "image/png")}
     r = p.client.post(
-        "/v1/openai/images/edits", data={"model": "openai/gpt-image-1", "prompt": "x"}, files=files,
+        "/v1/openai/images/edits",
+        data={"model": "openai/gpt-image-1", "prompt": "x"},
+        files=files,
         headers={"Authorization": f"Bearer {KEY_A}"},
     )
     assert r.status_code == 403  # the model was read from the multipart form
     raw = gzip.compress(json.dumps({"model": "openai/gpt-image-1"}).encode())
     r = p.client.post(
-        "/v1/openai/images/generations", content=raw,
+        "/v1/openai/images/generations",
+        content=raw,
         headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json", "Content-Encoding": "gzip"},
     )
     assert r.status_code == 403  # a gzipped body does not hide the model
     body = json.dumps({"model": "google/gemini-2.5-flash", "prompt": "é"}).encode()
     r = p.client.post(
-        "/v1/openai/images/generations", content=body,
+        "/v1/openai/images/generations",
+        content=body,
         headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "application/json", "X-Standin": "echo"},
     )
     assert r.status_code == 200
@@ -402,4 +412,3 @@ def test_upstream_timeout_is_504_and_charges_the_hold(make_proxy, up):
     r = p.generate(standin="slow=2")
     assert r.status_code == 504 and envelope(r)["type"] == "upstream_error"
     assert spent(p, "budget:key:alice:lifetime") == "0.3000"
-

@@ -148,7 +148,6 @@ def test_a_reclaimed_hold_is_logged_and_counted_as_charged(make_proxy, up, caplo
     assert first["cost_usd"] == "0.3000"  # what was charged, not null
 
 
-
 @pytest.mark.parametrize(("precharged", "told"), [(True, 1234), (False, 0)])
 def test_only_a_precharged_call_tells_the_store_when_it_started(make_proxy, precharged, told):
     """Text calls are billed when they end, not pre-charged: a snapshot fetched while one runs

@@ -70,8 +70,10 @@ def test_a_stale_snapshot_under_fail_open_forwards_and_counts(make_proxy, up):
     clock_s = [0.0]
     import time
 
-    p = make_proxy(GROUPED.replace("    group: design\n", "") + "guard: {on_store_error: open}\n",
-                   clock=lambda: time.time() + clock_s[0])
+    p = make_proxy(
+        GROUPED.replace("    group: design\n", "") + "guard: {on_store_error: open}\n",
+        clock=lambda: time.time() + clock_s[0],
+    )
     clock_s[0] = 7201  # past max_staleness_s (7200 in the test policy base)
     r = p.generate(standin="cost=0.01")
     assert r.status_code == 200
@@ -146,8 +148,11 @@ def test_a_running_text_call_keeps_its_hold_on_the_key_limit_across_a_snapshot(m
     skew = [0.0]
     policy = GROUPED.replace("    group: design\n", "") + "models: {overrides: {openai/gpt-4o: 0.80}}\n"
     p = make_proxy(policy, clock=lambda: time.time() + skew[0])
-    chat = {"model": "openai/gpt-4o", "path": "/v1/openai/chat/completions",
-            "messages": [{"role": "user", "content": "hi"}]}
+    chat = {
+        "model": "openai/gpt-4o",
+        "path": "/v1/openai/chat/completions",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(p.generate, standin="heartbeat=1,gate=t,cost=0.70", **chat)
         try:

@@ -101,8 +101,11 @@ def test_max_is_preferred_over_value_and_average():
 
 def test_float_artefact_of_imagerouter_is_mirrored():
     # ImageRouter charges Math.ceil(0.07 * 10000) = 701 ticks: hold $0.0701, not $0.0700.
-    models = {"m/seven": {"price": {"max": 0.07}}, "m/thirty-five": {"price": {"max": 0.035}},
-              "m/exact": {"price": {"max": 0.3}}}
+    models = {
+        "m/seven": {"price": {"max": 0.07}},
+        "m/thirty-five": {"price": {"max": 0.035}},
+        "m/exact": {"price": {"max": 0.3}},
+    }
     table = parse_models(doc(models), 1)
     assert table.hold_for("m/seven") == 70_100
     assert table.hold_for("m/thirty-five") == 35_100
@@ -111,8 +114,18 @@ def test_float_artefact_of_imagerouter_is_mirrored():
 
 @pytest.mark.parametrize(
     "price",
-    [None, {}, {"max": None}, {"max": "abc"}, {"max": -1}, {"max": "1e3"}, {"max": [1]}, {"max": {"usd": 1}},
-     {"max": 10**10}, "free"],
+    [
+        None,
+        {},
+        {"max": None},
+        {"max": "abc"},
+        {"max": -1},
+        {"max": "1e3"},
+        {"max": [1]},
+        {"max": {"usd": 1}},
+        {"max": 10**10},
+        "free",
+    ],
 )
 def test_missing_or_malformed_price_is_left_out(price):
     models = {"good/one": {"price": {"max": 0.5}}, "bad/one": {"price": price} if price is not None else {}}
@@ -210,21 +223,26 @@ def test_n_multiplies_the_output_bound():
 
 def test_a_reasoning_budget_adds_to_each_choices_output_bound():
     assert quote(PriceFields("m", max_tokens=1, reasoning_tokens=32_000)).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 32_001)
+        INPUT_FRAMING_TOKENS, 32_001
+    )
     # Without a maximum, on top of the rate's; on a responses call too; and for every choice.
     assert quote(PriceFields("m", reasoning_tokens=1000)).bound == TextBound(INPUT_FRAMING_TOKENS, 9192)
     assert quote(PriceFields("m", max_output_tokens=10, reasoning_tokens=90), RESPONSES).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 100)
+        INPUT_FRAMING_TOKENS, 100
+    )
     assert quote(PriceFields("m", max_tokens=10, reasoning_tokens=90, n=3)).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 300)
+        INPUT_FRAMING_TOKENS, 300
+    )
 
 
 def test_chat_takes_the_larger_of_max_tokens_and_max_completion_tokens():
     assert quote(PriceFields("m", max_completion_tokens=300)).bound == TextBound(INPUT_FRAMING_TOKENS, 300)
     assert quote(PriceFields("m", max_tokens=200, max_completion_tokens=300)).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 300)
+        INPUT_FRAMING_TOKENS, 300
+    )
     assert quote(PriceFields("m", max_tokens=400, max_completion_tokens=300)).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 400)
+        INPUT_FRAMING_TOKENS, 400
+    )
     # max_output_tokens is the Responses API's field: a chat call does not stop at it.
     assert quote(PriceFields("m", max_output_tokens=10)).bound == TextBound(INPUT_FRAMING_TOKENS, 8192)
 
@@ -233,7 +251,8 @@ def test_responses_reads_max_output_tokens_only():
     assert quote(PriceFields("m", max_output_tokens=700), RESPONSES).bound == TextBound(INPUT_FRAMING_TOKENS, 700)
     # max_tokens and max_completion_tokens are chat fields: a responses call runs to the model's maximum.
     assert quote(PriceFields("m", max_tokens=10, max_completion_tokens=10), RESPONSES).bound == TextBound(
-        INPUT_FRAMING_TOKENS, 8192)
+        INPUT_FRAMING_TOKENS, 8192
+    )
 
 
 def test_a_text_route_of_neither_api_holds_the_rates_maximum():
@@ -310,7 +329,10 @@ def test_the_dearest_price_is_kept_per_kind_of_output():
     table = parse_models(doc(models), 1)
     assert dict(table.dearest) == {"image": 700_000, "video": 1_000_000}
     assert (table.dearest_for("image"), table.dearest_for("video"), table.dearest_for("audio")) == (
-        700_000, 1_000_000, 1_000_000)
+        700_000,
+        1_000_000,
+        1_000_000,
+    )
     again = PriceTable.from_json(table.to_json())
     assert dict(again.dearest) == dict(table.dearest)
     # A table saved before kinds were kept holds every kind at the dearest model.

@@ -30,8 +30,10 @@ models:
     "anthropic/claude-haiku*":  {input_usd_per_mtok: 3.00, output_usd_per_mtok: 15.00, max_output_tokens: 16384}
     "openai/*":                 {input_usd_per_mtok: 15.00, output_usd_per_mtok: 75.00, max_output_tokens: 8192}
 """
-MESSAGES = [{"role": "system", "content": "You are terse."},
-            {"role": "user", "content": "Write a long essay on budgets."}]
+MESSAGES = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Write a long essay on budgets."},
+]
 
 
 def chat_body(model: str, **fields: object) -> bytes:
@@ -176,8 +178,7 @@ def test_a_media_type_on_the_body_or_a_message_does_not_shrink_the_hold(make_pro
     text = "Summarise this ledger line. " * 7_700
     plain = {"model": "openai/o3", "max_tokens": 1000, "messages": [{"role": "user", "content": text}]}
     assert 210_000 < len(json.dumps(plain)) < 220_000
-    strays = [{**plain, "type": "image"},
-              {**plain, "messages": [{"role": "user", "type": "image", "content": text}]}]
+    strays = [{**plain, "type": "image"}, {**plain, "messages": [{"role": "user", "type": "image", "content": text}]}]
     holds = []
     for body in [json.dumps(plain).encode()] + [json.dumps(stray).encode() for stray in strays]:
         assert post(p, body, "cost=0.01").status_code == 200
@@ -231,14 +232,17 @@ def test_a_count_that_is_not_a_number_is_refused_in_the_envelope(make_proxy, up)
     assert r.status_code == 400 and envelope(r)["type"] == "invalid_request_error"
     assert envelope(r)["message"] == (
         "'max_tokens' is \"1_000\", not a finite number as ImageRouter reads one (JavaScript's Number()); "
-        "send a JSON number.")
+        "send a JSON number."
+    )
     assert up.generation_requests == []
 
 
 def test_the_body_is_forwarded_byte_for_byte(make_proxy, up):
     p = make_proxy(RATES + alice_keys("[{limit_usd: 10, period: day}]"))
-    body = (b'{ "model" : "openai/gpt-4o",\n "max_tokens": 5, "max_tokens": 1.0e3, "n": "2",'
-            b'\t"messages": [{"role":"user","content":"h\\u00e9"}] }')
+    body = (
+        b'{ "model" : "openai/gpt-4o",\n "max_tokens": 5, "max_tokens": 1.0e3, "n": "2",'
+        b'\t"messages": [{"role":"user","content":"h\\u00e9"}] }'
+    )
     assert post(p, body, "cost=0.01").status_code == 200
     assert up.generation_requests[-1].body == body
 
@@ -301,14 +305,16 @@ def test_a_model_matching_no_rate_is_refused_under_unknown_models_reject(make_pr
     r = post(p, chat_body("mistral/large"), "cost=0.01")
     assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
     assert envelope(r)["message"] == (
-        "Model 'mistral/large' matches no models.text_rates entry and unknown models are refused.")
+        "Model 'mistral/large' matches no models.text_rates entry and unknown models are refused."
+    )
     assert up.generation_requests == []
     assert post(p, chat_body("openai/gpt-4o", max_tokens=10), "cost=0.01").status_code == 200  # a rate: priced
 
 
 def test_a_per_request_cap_catches_a_text_call(make_proxy, up):
-    p = make_proxy(RATES.replace("models:\n", "models:\n  max_request_usd: 0.50\n")
-                   + alice_keys("[{limit_usd: 10, period: day}]"))
+    p = make_proxy(
+        RATES.replace("models:\n", "models:\n  max_request_usd: 0.50\n") + alice_keys("[{limit_usd: 10, period: day}]")
+    )
     r = post(p, chat_body("openai/gpt-4o", max_tokens=90_000), "cost=0.01")
     assert r.status_code == 403 and envelope(r)["type"] == "policy_violation"
     assert "above the per-request cap of $0.5000 (models.max_request_usd)" in envelope(r)["message"]
@@ -346,8 +352,10 @@ def test_every_settle_records_charged_over_held_and_an_underheld_call_is_logged_
     assert micros(spent(p, "budget:key:alice:day")) == 6_500 + 50_000  # charged in full all the same
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "UNDERHELD" in r.getMessage()]
     assert len(warnings) == 1
-    assert warnings[0].getMessage().startswith(
-        "UNDERHELD: a text call to model openai/gpt-4o cost $0.0500, above its hold of $0.0130"
+    assert (
+        warnings[0]
+        .getMessage()
+        .startswith("UNDERHELD: a text call to model openai/gpt-4o cost $0.0500, above its hold of $0.0130")
     )
     metrics = p.client.get("/-/metrics").text
     assert 'spend_guard_underheld_total{model="openai/gpt-4o"} 1.0' in metrics

@@ -72,8 +72,14 @@ def test_a_model_imagerouter_would_not_run_as_priced_is_refused(model):
 
 @pytest.mark.parametrize(
     "ctype",
-    [None, "", "application/vnd.api+json", "text/json", "application/json; charset=utf-16le",
-     "application/json; charset=utf8"],
+    [
+        None,
+        "",
+        "application/vnd.api+json",
+        "text/json",
+        "application/json; charset=utf-16le",
+        "application/json; charset=utf8",
+    ],
 )
 def test_json_express_json_would_not_parse_is_refused(ctype):
     # express.json() parses application/json only, and body-parser 415s a charset not "utf-*".
@@ -96,7 +102,7 @@ def test_json_one_leading_bom_is_dropped_as_body_parser_does():
 
 
 @pytest.mark.parametrize(
-    "body", [b'{"model": "m", "n": NaN}', b'{"model": "m", "n": -Infinity}', b'\xff\xfe{\x00}\x00']
+    "body", [b'{"model": "m", "n": NaN}', b'{"model": "m", "n": -Infinity}', b"\xff\xfe{\x00}\x00"]
 )
 def test_json_that_json_parse_rejects_is_refused(body):
     rejected(400, read_price_fields, body, "application/json")
@@ -109,8 +115,14 @@ def test_unreadable_json_is_400(body):
 
 @pytest.mark.parametrize(
     "body",
-    [b'{"prompt": "a cat"}', b'{"model": ""}', b'{"model": "   "}', b'{"model": 5}', b'{"model": null}',
-     b'{"model": ["a"]}'],
+    [
+        b'{"prompt": "a cat"}',
+        b'{"model": ""}',
+        b'{"model": "   "}',
+        b'{"model": 5}',
+        b'{"model": null}',
+        b'{"model": ["a"]}',
+    ],
 )
 def test_missing_model_is_400(body):
     err = rejected(400, read_price_fields, body, "application/json")
@@ -151,8 +163,11 @@ def test_a_delimiter_followed_by_junk_inside_a_file_is_refused():
 
 @pytest.mark.parametrize(
     "disposition",
-    [b'form-data; name="model"; filename="x.txt"', b'form-data; name="model"; filename=""',
-     b"form-data; name=model; filename*=utf-8''x"],
+    [
+        b'form-data; name="model"; filename="x.txt"',
+        b'form-data; name="model"; filename=""',
+        b"form-data; name=model; filename*=utf-8''x",
+    ],
 )
 def test_multipart_model_part_that_is_a_file_is_refused(disposition):
     file_part = (b"Content-Disposition: " + disposition, b"cheap/model")
@@ -251,7 +266,7 @@ def test_multipart_decoy_preamble_does_not_confuse_a_plain_boundary():
         (multipart([field("model", b"m")]), "multipart/form-data"),  # no boundary
         (multipart([field("model", b"m")]), "multipart/form-data; boundary=Other"),
         (multipart([field("model", b"m")])[:-10], MP),  # truncated: no closing delimiter
-        (b"--XyZ\r\nContent-Disposition: form-data; name=\"model\"", MP),
+        (b'--XyZ\r\nContent-Disposition: form-data; name="model"', MP),
         (multipart([field("model", b"\xff\xfe")]), MP),
         (multipart([field("prompt", b"x")]), MP),  # no model
     ],
@@ -368,7 +383,7 @@ def test_gzip_then_read_end_to_end():
 
 def test_extended_part_name_is_refused_rather_than_guessed():
     body = (
-        b"--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\ntest/test\r\n"
+        b'--b\r\nContent-Disposition: form-data; name="model"\r\n\r\ntest/test\r\n'
         b"--b\r\nContent-Disposition: form-data; name*=utf-8''model\r\n\r\ngoogle/veo-3.1\r\n--b--\r\n"
     )
     rejected(400, read_price_fields, body, "multipart/form-data; boundary=b")
@@ -390,7 +405,7 @@ M = b'Content-Disposition: form-data; name="model"'
         (multipart([field("model", b"m")]) + b"--XyZ\r\n", MP, "after the close delimiter"),
         (multipart([field("model", b"m")]).replace(b"--XyZ\r\n", b"--XyZ \r\n"), MP, "transport padding"),
         (multipart([field("model", b"m")]).replace(b"--XyZ\r\n", b"--XyZjunk\r\n"), MP, "other than CRLF"),
-        (multipart([(b"Content-Disposition: form-data\r\n ; name=\"model\"", b"m")]), MP, "folded"),
+        (multipart([(b'Content-Disposition: form-data\r\n ; name="model"', b"m")]), MP, "folded"),
         (multipart([(b"Content-Type: text/plain\r\n " + M, b"m"), field("prompt", b"x")]), MP, "folded"),
         (multipart([(M + b"\r\nContent-Type: text/plain; charset=latin1", b"m")]), MP, "charset 'latin1'"),
         (multipart([(M + b"\r\nContent-Type: text/plain; charset=utf-16le", b"m\x00")]), MP, "charset 'utf-16le'"),
@@ -415,8 +430,11 @@ M = b'Content-Disposition: form-data; name="model"'
         (b"--XyZ\r\n\r\nm\r\n--XyZ--\r\n", MP, "no headers"),
         (b"--XyZ\r\n" + M + b"\r\n--XyZ--\r\n", MP, "do not end before"),
         (multipart([field("prompt", b"x" * (1 << 20)), field("model", b"m")]), MP, "1 MiB"),
-        (multipart([field("model", b"m")], boundary=b"x" * 71), "multipart/form-data; boundary=" + "x" * 71,
-         "RFC 2046"),
+        (
+            multipart([field("model", b"m")], boundary=b"x" * 71),
+            "multipart/form-data; boundary=" + "x" * 71,
+            "RFC 2046",
+        ),
         (multipart([field("model", b"m")]), "multipart/form-data;\tboundary=XyZ", "malformed"),
         (multipart([field("model", b"m")]), "multipart/form-data; boundary=XyZ; boundary=Q", "more than once"),
     ],
@@ -434,7 +452,7 @@ def test_a_body_a_lenient_parser_could_read_differently_is_refused(body, ctype, 
         (multipart([(M + b"\r\nContent-Transfer-Encoding: 8bit", b"m")]), MP),
         (multipart([(b"CONTENT-DISPOSITION:FORM-DATA;NAME=model", b"m")]), MP),
         (multipart([(b'Content-Disposition: form-data; note="a; name=x"; name="model"', b"m")]), MP),
-        (multipart([field("model", b"m")], boundary=b"'()+_,-./:=?"), "multipart/form-data; boundary=\"'()+_,-./:=?\""),
+        (multipart([field("model", b"m")], boundary=b"'()+_,-./:=?"), 'multipart/form-data; boundary="\'()+_,-./:=?"'),
         (multipart([field("model", b"m")])[:-2] + b" the epilogue", MP),
         (b"\r\n" + multipart([field("model", b"m")]), MP),
     ],
@@ -478,21 +496,47 @@ def test_text_fields_are_read_from_json():
     ("literal", "count"),
     [
         # JSON.parse reads every number as a double: these are all 100.
-        (b"100", 100), (b"100.0", 100), (b"1e2", 100), (b"1E+2", 100), (b"100.000000000000001", 100),
-        (b"0.5", 1), (b"99.01", 100),  # a fraction is rounded up: a hold never guesses low
+        (b"100", 100),
+        (b"100.0", 100),
+        (b"1e2", 100),
+        (b"1E+2", 100),
+        (b"100.000000000000001", 100),
+        (b"0.5", 1),
+        (b"99.01", 100),  # a fraction is rounded up: a hold never guesses low
         (b"9007199254740993", 9007199254740992),  # past 2^53, as the double JSON.parse makes
         # Other values as Number() reads them.
-        (b'"100"', 100), (b'" 12 "', 12), (b'"0x10"', 16), (b'"1e3"', 1000), (b'"0b11"', 3), (b'"\\u00a07\\n"', 7),
-        (b"true", 1), (b"[100]", 100), (b'["0x10"]', 16), (b"[[5]]", 5),
+        (b'"100"', 100),
+        (b'" 12 "', 12),
+        (b'"0x10"', 16),
+        (b'"1e3"', 1000),
+        (b'"0b11"', 3),
+        (b'"\\u00a07\\n"', 7),
+        (b"true", 1),
+        (b"[100]", 100),
+        (b'["0x10"]', 16),
+        (b"[[5]]", 5),
         # Not a positive finite number: the request names no maximum.
-        (b"0", None), (b"-0", None), (b"-5", None), (b"1e400", None), (b"1" + b"0" * 400, None),
-        (b"null", None), (b"false", None), (b'""', None), (b'"  "', None), (b"[]", None), (b"[null]", None),
-        (b'"Infinity"', None), (b'"-1"', None),
+        (b"0", None),
+        (b"-0", None),
+        (b"-5", None),
+        (b"1e400", None),
+        (b"1" + b"0" * 400, None),
+        (b"null", None),
+        (b"false", None),
+        (b'""', None),
+        (b'"  "', None),
+        (b"[]", None),
+        (b"[null]", None),
+        (b'"Infinity"', None),
+        (b'"-1"', None),
     ],
 )
 def test_token_counts_are_read_as_number_reads_them(literal, count):
-    body = (b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}'
-            % (literal, literal, literal))
+    body = b'{"model": "m", "max_tokens": %s, "max_completion_tokens": %s, "max_output_tokens": %s}' % (
+        literal,
+        literal,
+        literal,
+    )
     fields = text_fields(body)
     assert fields.max_tokens == fields.max_completion_tokens == fields.max_output_tokens == count
 
@@ -509,8 +553,21 @@ def test_text_fields_follow_json_parse_on_duplicates_and_escapes():
 
 @pytest.mark.parametrize(
     ("literal", "n"),
-    [(b"3", 3), (b"2.5", 3), (b'"3"', 3), (b'" 4 "', 4), (b'"0x10"', 16), (b'"1e1"', 10), (b"true", 1),
-     (b"[2]", 2), (b"0", None), (b'""', None), (b"-2", None), (b"null", None), (b'"-Infinity"', None)],
+    [
+        (b"3", 3),
+        (b"2.5", 3),
+        (b'"3"', 3),
+        (b'" 4 "', 4),
+        (b'"0x10"', 16),
+        (b'"1e1"', 10),
+        (b"true", 1),
+        (b"[2]", 2),
+        (b"0", None),
+        (b'""', None),
+        (b"-2", None),
+        (b"null", None),
+        (b'"-Infinity"', None),
+    ],
 )
 def test_n_is_read_as_number_reads_it(literal, n):
     # A numeric string counts too: ImageRouter coercing it would bill every choice.
@@ -519,8 +576,24 @@ def test_n_is_read_as_number_reads_it(literal, n):
 
 @pytest.mark.parametrize(
     "literal",
-    [b'"x"', b'"1_000"', b'"-0x10"', b'"0x"', b'"1e"', b'"."', b'"inf"', b'"infinity"', b'"\\u0663"', b'"\\u001f5"',
-     b'"1,5"', b"[1, 2]", b"[true]", b"[{}]", b"{}", b'{"n": 1}'],
+    [
+        b'"x"',
+        b'"1_000"',
+        b'"-0x10"',
+        b'"0x"',
+        b'"1e"',
+        b'"."',
+        b'"inf"',
+        b'"infinity"',
+        b'"\\u0663"',
+        b'"\\u001f5"',
+        b'"1,5"',
+        b"[1, 2]",
+        b"[true]",
+        b"[{}]",
+        b"{}",
+        b'{"n": 1}',
+    ],
 )
 @pytest.mark.parametrize("name", ["max_tokens", "max_completion_tokens", "max_output_tokens", "n"])
 def test_a_count_that_is_not_a_number_is_refused(name, literal):
@@ -560,8 +633,9 @@ def test_text_fields_are_not_read_for_image_routes():
 
 
 def test_input_bytes_bound_the_texts_utf8_bytes():
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]},
-                      ensure_ascii=False).encode()
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}, ensure_ascii=False
+    ).encode()
     assert text_fields(body).input_bytes == len(body)
     # Escapes are never shorter than what they decode to: the body's length still bounds the text.
     escaped = json.dumps({"model": "m", "messages": [{"role": "user", "content": "héllo 世界"}]}).encode()
@@ -576,13 +650,16 @@ def test_media_parts_are_counted_apart_and_their_payload_is_not_input():
     chat = {
         "model": "m",
         "messages": [
-            {"role": "user", "content": [
-                {"type": "text", "text": "what is in these?"},
-                {"type": "image_url", "image_url": {"url": IMAGE, "detail": "high"}},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-                {"type": "input_audio", "input_audio": {"data": "UklGR" * 1000, "format": "wav"}},
-                {"type": "file", "file": {"file_data": "JVBER" * 1000, "filename": "a.pdf"}},
-            ]},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "text", "text": "what is in these?"},
+                    {"type": "image_url", "image_url": {"url": IMAGE, "detail": "high"}},
+                    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+                    {"type": "input_audio", "input_audio": {"data": "UklGR" * 1000, "format": "wav"}},
+                    {"type": "file", "file": {"file_data": "JVBER" * 1000, "filename": "a.pdf"}},
+                ],
+            },
         ],
     }
     body = json.dumps(chat).encode()
@@ -597,10 +674,11 @@ def test_media_parts_are_counted_apart_and_their_payload_is_not_input():
 def test_a_media_type_on_the_body_or_a_message_leaves_all_its_text_in_the_count():
     text = "budget " * 30_000
     plain = {"model": "m", "messages": [{"role": "user", "content": text}]}
-    for stray in ({**plain, "type": "image"},
-                  {**plain, "messages": [{"role": "user", "type": "image", "content": text}]},
-                  {**plain, "messages": [{"role": "user", "type": "input_file", "content": [{"type": "text",
-                                                                                            "text": text}]}]}):
+    for stray in (
+        {**plain, "type": "image"},
+        {**plain, "messages": [{"role": "user", "type": "image", "content": text}]},
+        {**plain, "messages": [{"role": "user", "type": "input_file", "content": [{"type": "text", "text": text}]}]},
+    ):
         body = json.dumps(stray).encode()
         fields = text_fields(body)
         assert (fields.input_bytes, fields.media_parts) == (len(body), 0)
@@ -608,35 +686,73 @@ def test_a_media_type_on_the_body_or_a_message_leaves_all_its_text_in_the_count(
 
 def test_only_a_media_parts_payload_leaves_the_count():
     text = "x" * 50_000
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "https://example.com/a.png", "detail": text}, "text": text},
-    ]}]}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "image_url",
+                            "image_url": {"url": "https://example.com/a.png", "detail": text},
+                            "text": text,
+                        },
+                    ],
+                }
+            ],
+        }
+    ).encode()
     fields = text_fields(body)
     assert fields.media_parts == 1
     assert fields.input_bytes == len(body) - len("https://example.com/a.png") > 100_000
 
 
 def test_a_tool_results_own_content_parts_count_apart():
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "t1", "content": [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": IMAGE}},
-        ]},
-    ]}]}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "t1",
+                            "content": [
+                                {
+                                    "type": "image",
+                                    "source": {"type": "base64", "media_type": "image/png", "data": IMAGE},
+                                },
+                            ],
+                        },
+                    ],
+                }
+            ],
+        }
+    ).encode()
     fields = text_fields(body)
     assert (fields.media_parts, fields.input_bytes) == (1, len(body) - len(IMAGE))
 
 
 def test_responses_media_parts_and_stored_context_count_apart():
-    body = json.dumps({
-        "model": "m",
-        "previous_response_id": "resp_123",
-        "prompt": {"id": "pmpt_1", "version": "2"},
-        "input": [{"role": "user", "content": [
-            {"type": "input_text", "text": "describe"},
-            {"type": "input_image", "image_url": IMAGE},
-            {"type": "input_file", "file_id": "file-abc"},
-        ]}],
-    }).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "previous_response_id": "resp_123",
+            "prompt": {"id": "pmpt_1", "version": "2"},
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "describe"},
+                        {"type": "input_image", "image_url": IMAGE},
+                        {"type": "input_file", "file_id": "file-abc"},
+                    ],
+                }
+            ],
+        }
+    ).encode()
     fields = text_fields(body)
     assert fields.media_parts == 4  # two parts, the stored response, the stored prompt
     assert fields.input_bytes == len(body) - len(IMAGE) - len("file-abc")

@@ -255,8 +255,10 @@ def test_a_400_mb_credits_or_models_answer_is_refused_unread_and_rss_stays_bound
 def test_a_chunked_body_past_max_body_bytes_is_refused_413_unread_and_unforwarded(tmp_path, up):
     policy = write_policy(tmp_path, "guard: {max_body_bytes: 65536}\n")
     with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as sock:
-        head = (f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
-                "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n").encode()
+        head = (
+            f"POST {ROUTE} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY_A}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        ).encode()
         chunk = b"%x\r\n%s\r\n" % (16384, b'{"model": "openai/gpt-image-1", "pad": "'.ljust(16384, b"x"))
         # up to 64 MB, as fast as the proxy takes it: it stops reading past 64 KiB
         sent = send_until_closed(sock, [head, *([chunk] * 4096)], 5)
@@ -276,8 +278,12 @@ def test_four_heads_declaring_64_mib_hold_no_buffer_credit(tmp_path, up):
                 sock.sendall(head(64 * 1024 * 1024))  # ~150 bytes each, no body
             time.sleep(0.5)  # a sleep: the four heads must be read first (no event crosses processes)
             statuses = [
-                httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
-                           headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=10).status_code
+                httpx.post(
+                    proxy.url + ROUTE,
+                    json={"model": "openai/gpt-image-1"},
+                    headers={**AUTH, "X-Standin": "cost=0.01"},
+                    timeout=10,
+                ).status_code
                 for _ in range(10)
             ]
         finally:
@@ -293,9 +299,12 @@ def test_a_stalled_body_past_its_fair_share_is_cut_to_make_room_for_a_small_one(
         # 2.9 MB of a 3 MB body, then nothing: all but 100 KB of the bound
         hog.sendall(head(3_000_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_900_000)
         time.sleep(0.5)  # a sleep: the body must be read first (no event crosses processes)
-        small = httpx.post(proxy.url + ROUTE,
-                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
-                           headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"}, timeout=5)
+        small = httpx.post(
+            proxy.url + ROUTE,
+            content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 400_000 + b'"}',
+            headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"},
+            timeout=5,
+        )
         assert small.status_code == 200
         reply, closed = read_until_closed(hog, 5)  # the hog held more than half: it is refused
         status, headers, body = envelope(reply)
@@ -316,8 +325,12 @@ def test_idle_kept_alive_connections_make_room_for_new_callers_at_the_cap(tmp_pa
                 idle = list(pool.map(lambda _: kept_alive(proxy.port), range(2048)))
             # every slot is held by a connection idle between requests; callers still get in
             statuses = [
-                httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
-                           headers={**AUTH, "X-Standin": "cost=0.01", "Connection": "close"}, timeout=10).status_code
+                httpx.post(
+                    proxy.url + ROUTE,
+                    json={"model": "openai/gpt-image-1"},
+                    headers={**AUTH, "X-Standin": "cost=0.01", "Connection": "close"},
+                    timeout=10,
+                ).status_code
                 for _ in range(20)
             ]
             closed = sum(read_until_closed(sock, 0.01)[1] for sock in idle)
@@ -340,8 +353,10 @@ def kept_alive(port: int) -> socket.socket:
 
 def test_a_client_that_stops_reading_a_guarded_answer_is_dropped_at_the_write_timeout(tmp_path, up):
     policy = write_policy(tmp_path, "upstream: {timeout_s: 60}\n")
-    with ServedProxy(policy, up.url, None, args=("--write-timeout-s", "2")) as proxy, \
-            connect(proxy.port, SO_RCVBUF=65536) as sock:
+    with (
+        ServedProxy(policy, up.url, None, args=("--write-timeout-s", "2")) as proxy,
+        connect(proxy.port, SO_RCVBUF=65536) as sock,
+    ):
         body = b'{"model": "openai/gpt-image-1", "prompt": "x"}'
         started = time.monotonic()
         sock.sendall(head(len(body), extra=f"X-Standin: b64={20 * 1024 * 1024},cost=0.05\r\n") + body)

@@ -24,8 +24,13 @@ def test_unguarded_request_reaches_the_upstream_unchanged(make_proxy, up):
     r = p.client.put(
         "/v1/some/Path%20x/?b=2&a=%2F",
         content=body,
-        headers={"X-Standin": "echo", "X-Custom": "kept", "Authorization": "Bearer whatever",
-                 "Content-Type": "application/x-thing", "User-Agent": "my-sdk/1.0"},
+        headers={
+            "X-Standin": "echo",
+            "X-Custom": "kept",
+            "Authorization": "Bearer whatever",
+            "Content-Type": "application/x-thing",
+            "User-Agent": "my-sdk/1.0",
+        },
     )
     assert r.status_code == 200
     seen = r.json()
@@ -42,8 +47,15 @@ def test_hop_by_hop_and_connection_listed_headers_are_dropped_on_the_way_up(make
     p = make_proxy()
     r = p.client.get(
         "/echo/x",
-        headers={"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5",
-                 "TE": "trailers", "Proxy-Authorization": "Basic x", "Upgrade": "h2c", "X-Stays": "1"},
+        headers={
+            "Connection": "keep-alive, X-Secret-Hop",
+            "X-Secret-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic x",
+            "Upgrade": "h2c",
+            "X-Stays": "1",
+        },
     )
     names = {k.lower() for k, _ in r.json()["headers"]}
     assert "x-stays" in names
@@ -128,20 +140,34 @@ def test_a_chunked_body_never_goes_up_with_a_content_length_too(make_proxy, up):
 
 
 def test_request_head_drops_hop_by_hop_listed_and_rewritten_headers():
-    raw = [(b"Connection", b"close, X-A"), (b"Host", b"evil.example"), (b"X-A", b"1"),
-           (b"Transfer-Encoding", b"chunked"), (b"Content-Encoding", b"gzip"), (b"Content-Length", b"10"),
-           (b"connection", b"X-C"), (b"X-C", b"3"), (b"X-B", b"2")]
+    raw = [
+        (b"Connection", b"close, X-A"),
+        (b"Host", b"evil.example"),
+        (b"X-A", b"1"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Content-Encoding", b"gzip"),
+        (b"Content-Length", b"10"),
+        (b"connection", b"X-C"),
+        (b"X-C", b"3"),
+        (b"X-B", b"2"),
+    ]
     head = request_head(raw)
     assert head.sent == [("content-encoding", "gzip"), ("x-b", "2")]
     assert head.content_length == "10" and head.chunked
-    assert request_head([(b"x-request-id", b"abc"), (b"x-b", b"2")],
-                        drop=frozenset({b"x-request-id"})).sent == [("x-b", "2")]
+    assert request_head([(b"x-request-id", b"abc"), (b"x-b", b"2")], drop=frozenset({b"x-request-id"})).sent == [
+        ("x-b", "2")
+    ]
 
 
 def test_response_headers_keep_end_to_end_ones_in_one_pass():
     class Resp:
-        raw_headers = ((b"Connection", b"keep-alive, X-Hop"), (b"X-Hop", b"1"), (b"Keep-Alive", b"timeout=5"),
-                       (b"Content-Length", b"10"), (b"X-B", b"2"))
+        raw_headers = (
+            (b"Connection", b"keep-alive, X-Hop"),
+            (b"X-Hop", b"1"),
+            (b"Keep-Alive", b"timeout=5"),
+            (b"Content-Length", b"10"),
+            (b"X-B", b"2"),
+        )
 
     assert response_headers(Resp()) == [(b"content-length", b"10"), (b"x-b", b"2")]  # type: ignore[arg-type]
 

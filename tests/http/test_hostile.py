@@ -130,8 +130,16 @@ def test_at_max_connections_the_slowest_head_makes_room_and_busy_calls_are_never
             sock.close()
         # 20 connections busy with calls: none is cut; a 21st is refused with 503 and closed.
         with concurrent.futures.ThreadPoolExecutor(20) as pool:
-            calls = [pool.submit(httpx.post, proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
-                                 headers={**AUTH, "X-Standin": "gate=busy,cost=0.01"}, timeout=20) for _ in range(20)]
+            calls = [
+                pool.submit(
+                    httpx.post,
+                    proxy.url + ROUTE,
+                    json={"model": "openai/gpt-image-1"},
+                    headers={**AUTH, "X-Standin": "gate=busy,cost=0.01"},
+                    timeout=20,
+                )
+                for _ in range(20)
+            ]
             up.wait_for_requests(20)
             with connect(proxy.port) as extra:
                 extra.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -156,8 +164,10 @@ def test_a_slow_body_is_refused_with_408_and_nothing_is_forwarded_or_held(tmp_pa
         status, headers, body = envelope(reply)
         assert status == 408 and closed and 0.9 < took < 4
         assert body == {
-            "error": {"message": "The request body did not arrive within 1 s; nothing was forwarded.",
-                      "type": "request_timeout"}
+            "error": {
+                "message": "The request body did not arrive within 1 s; nothing was forwarded.",
+                "type": "request_timeout",
+            }
         }
         assert headers["connection"] == "close"
         assert up.generation_requests == []
@@ -186,18 +196,24 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
             sock.sendall(head(1_450_000) + b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 1_400_000)
         time.sleep(0.5)  # a sleep: no event crosses the process boundary; the two bodies must be read first
         # A third past its fair share (a third of the bound while three are read) is refused...
-        third = httpx.post(proxy.url + ROUTE,
-                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
-                           headers={**AUTH, "Content-Type": "application/json"}, timeout=5)
+        third = httpx.post(
+            proxy.url + ROUTE,
+            content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
+            headers={**AUTH, "Content-Type": "application/json"},
+            timeout=5,
+        )
         assert third.status_code == 503 and third.headers["retry-after"] == "1"
         assert third.json()["error"]["type"] == "guard_unavailable"
         for sock in stalled:
             sock.close()  # their bodies end (client gone): the bytes they held are free again
 
         def fits() -> bool:
-            r = httpx.post(proxy.url + ROUTE,
-                           content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
-                           headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"}, timeout=5)
+            r = httpx.post(
+                proxy.url + ROUTE,
+                content=b'{"model": "openai/gpt-image-1", "pad": "' + b"x" * 2_000_000 + b'"}',
+                headers={**AUTH, "Content-Type": "application/json", "X-Standin": "cost=0.01"},
+                timeout=5,
+            )
             return r.status_code == 200
 
         wait_until(fits, 5, "a 2 MB body to fit again")
@@ -207,8 +223,11 @@ def test_bodies_buffered_past_the_bound_get_503_and_the_bound_frees_when_they_en
 @pytest.mark.system
 @pytest.mark.parametrize(
     ("extra", "auth", "status"),
-    [("guard: {unknown_keys: reject}\n", "sk-nobody", 401), ("", None, 401),
-     ("routes: [{path: /v1/openai/images/generations, kind: image, enabled: false}]\n", KEY_A, 403)],
+    [
+        ("guard: {unknown_keys: reject}\n", "sk-nobody", 401),
+        ("", None, 401),
+        ("routes: [{path: /v1/openai/images/generations, kind: image, enabled: false}]\n", KEY_A, 403),
+    ],
     ids=["unknown-key-rejected", "no-bearer", "route-disabled"],
 )
 def test_a_caller_the_policy_refuses_is_answered_before_its_body_is_sent(tmp_path, up, extra, auth, status):
@@ -235,8 +254,11 @@ def test_a_large_body_is_priced_off_the_event_loop(make_proxy, up, monkeypatch):
     monkeypatch.setattr(guard, "read_price_fields", spy)
     p = make_proxy(f"keys: [{{name: alice, key_sha256: {SHA_A}, budgets: [{{limit_usd: 5, period: null}}]}}]\n")
     small = p.client.post(ROUTE, json={"model": "openai/gpt-image-1"}, headers={**AUTH, "X-Standin": "cost=0.01"})
-    big = p.client.post(ROUTE, json={"model": "openai/gpt-image-1", "image": "x" * 3_000_000},
-                        headers={**AUTH, "X-Standin": "cost=0.01"})
+    big = p.client.post(
+        ROUTE,
+        json={"model": "openai/gpt-image-1", "image": "x" * 3_000_000},
+        headers={**AUTH, "X-Standin": "cost=0.01"},
+    )
     assert small.status_code == big.status_code == 200
     loop_thread, big_thread = threads
     assert big_thread != loop_thread and big_thread.startswith("asyncio_")  # the default executor's
@@ -294,8 +316,12 @@ def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_time
 def test_a_cut_upstream_body_is_one_warning_line_not_a_traceback(tmp_path, up):
     with ServedProxy(write_policy(tmp_path), up.url, None) as proxy:
         with pytest.raises(httpx.RemoteProtocolError):
-            httpx.post(proxy.url + ROUTE, json={"model": "openai/gpt-image-1"},
-                       headers={**AUTH, "X-Standin": "heartbeat=1,cut"}, timeout=10)
+            httpx.post(
+                proxy.url + ROUTE,
+                json={"model": "openai/gpt-image-1"},
+                headers={**AUTH, "X-Standin": "heartbeat=1,cut"},
+                timeout=10,
+            )
         # the cut call settles by charging its hold; its log line comes with the settle
         wait_until(lambda: spent(proxy) == "0.3000", 5, "the cut call to settle")
         wait_until(lambda: "broke off" in proxy.output(), 5, "the warning")
@@ -321,8 +347,12 @@ def test_client_limits_come_from_serve_options_or_spend_guard_env(monkeypatch):
     )
     assert result.exit_code == 0, result.output
     (settings,) = seen
-    assert (settings.head_timeout_s, settings.body_timeout_s, settings.max_connections,
-            settings.max_buffered_bytes) == (2.5, 12, 7, 1000)
+    assert (
+        settings.head_timeout_s,
+        settings.body_timeout_s,
+        settings.max_connections,
+        settings.max_buffered_bytes,
+    ) == (2.5, 12, 7, 1000)
     # ...and reach the workers (uvicorn factory mode) through the same variables
     assert Settings.from_env(settings.to_env()) == settings
     assert CliRunner().invoke(main, ["serve", "--max-connections", "0"]).exit_code == 2

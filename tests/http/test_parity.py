@@ -91,8 +91,9 @@ def stack() -> Iterator[Stack]:
         pytest.skip(missing)
     assert node is not None
     with tempfile.TemporaryFile() as errors:
-        proc = subprocess.Popen([node, "app.js"], cwd=PARITY_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=errors)
+        proc = subprocess.Popen(
+            [node, "app.js"], cwd=PARITY_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors
+        )
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline()  # the app prints its port once it listens
@@ -178,7 +179,9 @@ def through_guard(
         f"{label}: the guard priced {expected.model!r}, ImageRouter ran {report['model']!r}"
     )
     assert access and access[-1]["model"] == excerpt(expected.model) and access[-1]["decision"] == "allowed", (
-        label, access)
+        label,
+        access,
+    )
     return "priced"
 
 
@@ -220,8 +223,12 @@ SMUGGLED = gzip_with_comment(
 )
 ENCODED: list[tuple[str, bytes, str, str]] = [
     ("gzip-json", gzip.compress(JSON_BODY), "application/json", "gzip"),
-    ("gzip-json-two-members", gzip.compress(b'{"model": ') + gzip.compress(b'"google/veo-3.1"}'), "application/json",
-     "gzip"),
+    (
+        "gzip-json-two-members",
+        gzip.compress(b'{"model": ') + gzip.compress(b'"google/veo-3.1"}'),
+        "application/json",
+        "gzip",
+    ),
     ("deflate-json", zlib.compress(JSON_BODY), "application/json", "deflate"),
     ("raw-deflate-json", RAW_DEFLATE.compress(JSON_BODY) + RAW_DEFLATE.flush(), "application/json", "deflate"),
     ("x-gzip-json", gzip.compress(JSON_BODY), "application/json", "x-gzip"),
@@ -264,7 +271,9 @@ def test_a_double_encoded_spending_path_is_refused_on_every_method(proxy, stack,
     before = stack.posts()
     body = form_body(DENIED)
     resp = proxy.request(
-        method, path.decode(), content=body,
+        method,
+        path.decode(),
+        content=body,
         headers={"Authorization": f"Bearer {KEY_A}", "Content-Type": "multipart/form-data; boundary=B"},
     )
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
@@ -282,21 +291,49 @@ def test_a_long_model_is_echoed_bounded_in_the_message_and_the_log(proxy, stack,
 
 # -- generated bodies ---------------------------------------------------------------------------
 
-NAMES = [b"model", b"model", b"model", b"prompt", b"image", b"mask", b"model[]", b"Model", b"seconds", b"model ",
-         b"image[]"]
+NAMES = [
+    b"model",
+    b"model",
+    b"model",
+    b"prompt",
+    b"image",
+    b"mask",
+    b"model[]",
+    b"Model",
+    b"seconds",
+    b"model ",
+    b"image[]",
+]
 VALUES = [CHEAP, DENIED, b"", b"a cat", "модель".encode(), b"test/test!", b"m\xe9", b"x\r\ny", b"--B", b"\r\n--B"]
 DISPOSITIONS = [
-    b'form-data; name="%s"', b"form-data; name=%s", b'Form-Data; NAME="%s"', b'form-data; name="%s"; filename="a.png"',
-    b'form-data; filename="a.png"; name="%s"', b'form-data; name="%s"; filename=""', b'form-data; foo="x"; name="%s"',
-    b"form-data; name*=utf-8''%s", b'attachment; name="%s"', b'form-data; name="%s";', b'form-data;\r\n name="%s"',
-    b'form-data; name = "%s"', b'form-data\t; name="%s"',
+    b'form-data; name="%s"',
+    b"form-data; name=%s",
+    b'Form-Data; NAME="%s"',
+    b'form-data; name="%s"; filename="a.png"',
+    b'form-data; filename="a.png"; name="%s"',
+    b'form-data; name="%s"; filename=""',
+    b'form-data; foo="x"; name="%s"',
+    b"form-data; name*=utf-8''%s",
+    b'attachment; name="%s"',
+    b'form-data; name="%s";',
+    b'form-data;\r\n name="%s"',
+    b'form-data; name = "%s"',
+    b'form-data\t; name="%s"',
 ]
 EXTRA_HEADERS = [
-    b"", b"", b"", b"\r\nContent-Type: text/plain", b"\r\nContent-Type: text/plain; charset=utf-8",
-    b"\r\nContent-Type: text/plain; charset=latin1", b"\r\nContent-Type: text/plain; charset=utf-16le",
-    b"\r\nContent-Type: application/octet-stream", b"\r\nContent-Transfer-Encoding: base64",
-    b"\r\nContent-Transfer-Encoding: 8bit", b"\r\nX-Note: a\r\n b",
-    b"\r\ncontent-disposition: form-data; name=\"model\"", b"\r\nContent-Type: text/plain; charset=US-ASCII",
+    b"",
+    b"",
+    b"",
+    b"\r\nContent-Type: text/plain",
+    b"\r\nContent-Type: text/plain; charset=utf-8",
+    b"\r\nContent-Type: text/plain; charset=latin1",
+    b"\r\nContent-Type: text/plain; charset=utf-16le",
+    b"\r\nContent-Type: application/octet-stream",
+    b"\r\nContent-Transfer-Encoding: base64",
+    b"\r\nContent-Transfer-Encoding: 8bit",
+    b"\r\nX-Note: a\r\n b",
+    b'\r\ncontent-disposition: form-data; name="model"',
+    b"\r\nContent-Type: text/plain; charset=US-ASCII",
     b"\r\nContent-Type: image/png",
 ]
 DELIMITER_TAILS = [b"\r\n"] * 8 + [b" \r\n", b"\t\r\n", b"x\r\n", b"\n", b"-\r\n", b"\r\n\r\n"]
@@ -343,24 +380,57 @@ def multipart_bodies(draw: st.DrawFn) -> Case:
             body = body.replace(b"\r\n", b"\n", 1)
     quoted = draw(st.booleans()) or any(ch in boundary for ch in b" '()+,/:=?")
     declared = ('"' + boundary.decode() + '"') if quoted else boundary.decode()
-    ctype = draw(st.sampled_from(["multipart/form-data; boundary=%s", "Multipart/Form-Data;boundary=%s",
-                                  "multipart/form-data; charset=utf-8; boundary=%s"]))
+    ctype = draw(
+        st.sampled_from(
+            [
+                "multipart/form-data; boundary=%s",
+                "Multipart/Form-Data;boundary=%s",
+                "multipart/form-data; charset=utf-8; boundary=%s",
+            ]
+        )
+    )
     return "generated", body, ctype % declared
 
 
 @st.composite
 def json_bodies(draw: st.DrawFn) -> Case:
     keys = [b'"model"', b'"m\\u006fdel"', b'"prompt"', b'"__proto__"', b'"Model"', b'"model "']
-    values = [b'"test/test"', b'"google/veo-3.1"', b'"google\\/veo-3.1"', b'"\\u0067oogle/veo-3.1"', b"null", b"3",
-              b'["google/veo-3.1"]', b'{"model": "x"}', b'" test/test"', b'"test/test\\n"', b"NaN", b'"\\ud800"']
-    pairs = draw(st.lists(st.tuples(mostly(keys[0], *keys[1:], weight=4), mostly(values[0], *values[1:], weight=4)),
-                          min_size=1, max_size=4))
+    values = [
+        b'"test/test"',
+        b'"google/veo-3.1"',
+        b'"google\\/veo-3.1"',
+        b'"\\u0067oogle/veo-3.1"',
+        b"null",
+        b"3",
+        b'["google/veo-3.1"]',
+        b'{"model": "x"}',
+        b'" test/test"',
+        b'"test/test\\n"',
+        b"NaN",
+        b'"\\ud800"',
+    ]
+    pairs = draw(
+        st.lists(
+            st.tuples(mostly(keys[0], *keys[1:], weight=4), mostly(values[0], *values[1:], weight=4)),
+            min_size=1,
+            max_size=4,
+        )
+    )
     text = b"{" + b", ".join(k + b": " + v for k, v in pairs) + b"}"
     text = draw(mostly(b"", b"\xef\xbb\xbf", b" \r\n", b"\xef\xbb\xbf\xef\xbb\xbf")) + text
     text += draw(mostly(b"", b"\n", b" x", b","))
-    ctype = draw(st.sampled_from(["application/json", "application/json; charset=utf-8",
-                                  "application/json; charset=UTF-8", "Application/JSON",
-                                  "application/json; charset=latin1", "application/json;charset=utf-8"]))
+    ctype = draw(
+        st.sampled_from(
+            [
+                "application/json",
+                "application/json; charset=utf-8",
+                "application/json; charset=UTF-8",
+                "Application/JSON",
+                "application/json; charset=latin1",
+                "application/json;charset=utf-8",
+            ]
+        )
+    )
     return "generated-json", text, ctype
 
 
@@ -372,15 +442,32 @@ def sane_multipart_bodies(draw: st.DrawFn) -> Case:
     names = draw(st.permutations([b"model", b"prompt", b"image", b"quality"]).map(lambda p: p[: 1 + p.index(b"model")]))
     body = draw(st.sampled_from([b"", b"preamble\r\n", b"\r\n"]))
     for name in names:
-        disposition = draw(st.sampled_from([b'form-data; name="%s"', b"form-data; name=%s", b'FORM-DATA; Name="%s"',
-                                            b'form-data;name="%s"', b'form-data; x="y;z"; name="%s"',
-                                            b'form-data; name="%s"  ']))
+        disposition = draw(
+            st.sampled_from(
+                [
+                    b'form-data; name="%s"',
+                    b"form-data; name=%s",
+                    b'FORM-DATA; Name="%s"',
+                    b'form-data;name="%s"',
+                    b'form-data; x="y;z"; name="%s"',
+                    b'form-data; name="%s"  ',
+                ]
+            )
+        )
         if name == b"image":
             disposition += b'; filename="a.png"'
-        extra = draw(st.sampled_from([b"", b"\r\nContent-Type: text/plain",
-                                      b"\r\ncontent-type: text/plain; charset=UTF-8", b"\r\nX-Note: x",
-                                      b"\r\nContent-Transfer-Encoding: 8bit",
-                                      b"\r\nContent-Type: text/plain;charset=us-ascii"]))
+        extra = draw(
+            st.sampled_from(
+                [
+                    b"",
+                    b"\r\nContent-Type: text/plain",
+                    b"\r\ncontent-type: text/plain; charset=UTF-8",
+                    b"\r\nX-Note: x",
+                    b"\r\nContent-Transfer-Encoding: 8bit",
+                    b"\r\nContent-Type: text/plain;charset=us-ascii",
+                ]
+            )
+        )
         value = draw(st.sampled_from([CHEAP, DENIED, b"openai/gpt-image-1", "модель".encode(), b"a b", b"x" * 300]))
         body += b"--" + boundary + b"\r\n" + draw(st.sampled_from([b"Content-Disposition: ", b"content-disposition:"]))
         body += disposition % name + extra + b"\r\n\r\n" + value + b"\r\n"
@@ -402,13 +489,15 @@ def test_generated_bodies_are_read_alike_by_the_guard_and_imagerouters_stack(sta
         read = stack.parse(body, content_type)
         if read.get("status") == 400 and read["error"].get("code") in LAYOUT_ERRORS:
             return  # ImageRouter runs nothing (see LAYOUT_ERRORS)
-        assert read == {
-            "parity": True, "body": "object", "model": expected.model, "model_type": "string", "cost": 0
-        }, (body, content_type)
+        assert read == {"parity": True, "body": "object", "model": expected.model, "model_type": "string", "cost": 0}, (
+            body,
+            content_type,
+        )
 
 
-@settings(max_examples=80, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(case=GENERATED)
 def test_generated_bodies_through_the_guard(proxy, stack, caplog, case):
     caplog.set_level(logging.INFO, logger="spend_guard.access")

@@ -77,7 +77,8 @@ def test_sigterm_during_a_rolling_restart_stops_within_one_grace_period(tmp_path
         # uvicorn's own supervisor finished the restart first: a second worker's start and drain
         # (14.0 s here).
         assert took < GRACE_S + 4, (
-            f"SIGTERM took {took:.1f} s with shutdown_grace_s={GRACE_S}:\n{proxy.output()[-3000:]}")
+            f"SIGTERM took {took:.1f} s with shutdown_grace_s={GRACE_S}:\n{proxy.output()[-3000:]}"
+        )
         assert proxy.proc.returncode is not None
     finally:
         up.release("hold")

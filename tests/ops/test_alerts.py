@@ -142,14 +142,18 @@ def test_a_new_window_recovers_and_alerts_again(make_proxy, up, receiver):
     recovered = receiver.wait_for(2)[1].event
     assert recovered["scope"] == "budget:key:alice:day"
     assert recovered["window_start"] == format_ms(
-        to_ms(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), UTC)))
+        to_ms(dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), UTC))
+    )
     assert recovered["spent_usd"] == "0.0000" and recovered["threshold"] is None
     assert p.run(p.app.alerts.evaluate) == []  # once
     for _ in range(5):
         assert p.generate(standin="cost=0.1").status_code == 200
     again = receiver.wait_for(3)[2].event
     assert (again["type"], again["threshold"], again["window_start"]) == (
-        "budget.threshold", 0.5, recovered["window_start"])
+        "budget.threshold",
+        0.5,
+        recovered["window_start"],
+    )
     drain(p)
     assert len(receiver.deliveries) == 3
 
@@ -183,13 +187,18 @@ def test_credits_low_and_topped_up_and_a_key_about_to_expire(make_proxy, up, rec
     low, expiring = got["credits.low"], got["key.expiring"]
     assert (low["scope"], low["credits_usd"], low["threshold_usd"]) == ("account", "5.0000", "10.0000")
     assert (expiring["scope"], expiring["expires_at"]) == (
-        "key:alice", format_ms(to_ms(expires.replace(microsecond=0))))
+        "key:alice",
+        format_ms(to_ms(expires.replace(microsecond=0))),
+    )
     assert p.run(p.app.alerts.evaluate) == []
     up.credits_remaining_micros = 50_000_000
     p.refresh()
     [recovered] = p.run(p.app.alerts.evaluate)
     assert (recovered["type"], recovered["scope"], recovered["credits_usd"]) == (
-        "budget.recovered", "account", "50.0000")
+        "budget.recovered",
+        "account",
+        "50.0000",
+    )
     assert receiver.wait_for(3)[2].signed_by(SECRET)
 
 

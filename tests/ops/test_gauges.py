@@ -29,8 +29,8 @@ def scrape(proxy) -> dict[tuple[str, str], decimal.Decimal]:
                 "spend_guard_account_credits_usd",
                 "spend_guard_build_info",
             ):
-                found[(sample.name, sample.labels.get("scope") or sample.labels.get("version", ""))] = (
-                    decimal.Decimal(repr(sample.value))
+                found[(sample.name, sample.labels.get("scope") or sample.labels.get("version", ""))] = decimal.Decimal(
+                    repr(sample.value)
                 )
     return found
 

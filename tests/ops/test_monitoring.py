@@ -48,7 +48,7 @@ def metric_names(expr: str) -> set[str]:
     expr = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
     names = set()
     for match in re.finditer(r"[A-Za-z_:][A-Za-z0-9_:]*", expr):
-        word, rest = match.group(), expr[match.end():].lstrip()
+        word, rest = match.group(), expr[match.end() :].lstrip()
         if word in PROMQL_WORDS or rest.startswith("(") or expr[match.start() - 1 : match.start()] == "$":
             continue
         names.add(word)
@@ -79,7 +79,7 @@ def exposed_names(text: str) -> set[str]:
 def test_metric_names_are_read_from_promql() -> None:
     expr = (
         'sum by (scope) (rate(spend_guard_decisions_total{outcome="refused",scope!="store"}[5m]))'
-        ' / on () group_left () histogram_quantile(0.9, sum by (le) (rate(x_bucket[$__rate_interval])))'
+        " / on () group_left () histogram_quantile(0.9, sum by (le) (rate(x_bucket[$__rate_interval])))"
         ' and up{job="a"} == 0 > bool 1'
     )
     assert metric_names(expr) == {"spend_guard_decisions_total", "x_bucket", "up"}
@@ -87,8 +87,14 @@ def test_metric_names_are_read_from_promql() -> None:
 
 def test_the_six_named_alerts_are_shipped() -> None:
     alerts = rule_exprs()
-    for wanted in ("CreditsLow", "BudgetAbove80Percent", "Unavailable", "RefusalsSpiking", "SnapshotStale",
-                   "UnguardedCalls"):
+    for wanted in (
+        "CreditsLow",
+        "BudgetAbove80Percent",
+        "Unavailable",
+        "RefusalsSpiking",
+        "SnapshotStale",
+        "UnguardedCalls",
+    ):
         assert f"SpendGuard{wanted}" in alerts
 
 
@@ -100,21 +106,37 @@ def test_every_metric_the_rules_and_dashboard_query_is_in_a_live_scrape(make_pro
     assert proxy.generate(token=KEY_B).status_code == 402  # bob's $0.01 week budget refuses
     text = proxy.client.get("/-/metrics").text
     exposed = exposed_names(text)
-    queries = {**{f"rule {k}": v for k, v in rule_exprs().items()},
-               **{f"panel {k}": v for k, v in dashboard_exprs().items()}}
+    queries = {
+        **{f"rule {k}": v for k, v in rule_exprs().items()},
+        **{f"panel {k}": v for k, v in dashboard_exprs().items()},
+    }
     assert len(queries) >= 20
     missing = {where: sorted(metric_names(expr) - exposed - PROMETHEUS_OWN) for where, expr in queries.items()}
     assert {where: names for where, names in missing.items() if names} == {}
     read = set().union(*(metric_names(expr) for expr in queries.values()))
-    for name in ("spend_guard_account_credits_usd", "spend_guard_scope_spent_usd", "spend_guard_decisions_total",
-                 "spend_guard_upstream_latency_seconds_bucket", "spend_guard_unguarded_total",
-                 "spend_guard_snapshot_age_seconds"):
+    for name in (
+        "spend_guard_account_credits_usd",
+        "spend_guard_scope_spent_usd",
+        "spend_guard_decisions_total",
+        "spend_guard_upstream_latency_seconds_bucket",
+        "spend_guard_unguarded_total",
+        "spend_guard_snapshot_age_seconds",
+    ):
         assert name in read
     # The budget alert's scopes are the ones the policy defines, as refusals spell them.
-    scopes = {s.labels["scope"] for f in text_string_to_metric_families(text) if f.name == "spend_guard_scope_limit_usd"
-              for s in f.samples}
-    assert {"account", "key:alice:week", "budget:key:alice:day", "budget:group:design:month",
-            "budget:key:bob:week"} <= scopes
+    scopes = {
+        s.labels["scope"]
+        for f in text_string_to_metric_families(text)
+        if f.name == "spend_guard_scope_limit_usd"
+        for s in f.samples
+    }
+    assert {
+        "account",
+        "key:alice:week",
+        "budget:key:alice:day",
+        "budget:group:design:month",
+        "budget:key:bob:week",
+    } <= scopes
 
 
 def test_compose_monitoring_profile_mounts_the_shipped_files() -> None:
@@ -143,10 +165,14 @@ def promtool() -> str:
 @pytest.mark.system
 def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
     binary = promtool()
-    for args in (["check", "rules", "alerts.yml"], ["check", "config", "prometheus.yml"],
-                 ["test", "rules", "alerts_test.yml"]):
-        done = subprocess.run([binary, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True, timeout=60,
-                              check=False)
+    for args in (
+        ["check", "rules", "alerts.yml"],
+        ["check", "config", "prometheus.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ):
+        done = subprocess.run(
+            [binary, *args], cwd=DOCKER / "prometheus", capture_output=True, text=True, timeout=60, check=False
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -167,28 +193,42 @@ def test_a_real_prometheus_scraping_a_served_proxy_fires_the_budget_alert(up, tm
             rule.pop("for", None)
     (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
     policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.replace("account: {name: t,", "account: {name: prom,")
-                      .replace("refresh_s: 3600,", "refresh_s: 1,", 1))
+    policy.write_text(
+        POLICY.replace("account: {name: t,", "account: {name: prom,").replace("refresh_s: 3600,", "refresh_s: 1,", 1)
+    )
     with RedisServer() as redis, ServedProxy(policy, up.url, redis.url) as proxy:
-        assert httpx.post(
-            proxy.url + "/v1/openai/images/generations",
-            json={"model": "openai/gpt-image-1", "prompt": "a cat"},
-            headers={"Authorization": f"Bearer {KEY_A}", "X-Standin": "cost=1.70"},
-            timeout=30,
-        ).status_code == 200  # alice's $2.00 day budget: 85 %
+        assert (
+            httpx.post(
+                proxy.url + "/v1/openai/images/generations",
+                json={"model": "openai/gpt-image-1", "prompt": "a cat"},
+                headers={"Authorization": f"Bearer {KEY_A}", "X-Standin": "cost=1.70"},
+                timeout=30,
+            ).status_code
+            == 200
+        )  # alice's $2.00 day budget: 85 %
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": ["alerts.yml"],
-            "scrape_configs": [{"job_name": "spend-guard", "metrics_path": "/-/metrics",
-                                "static_configs": [{"targets": [proxy.url.removeprefix("http://")]}]}],
+            "scrape_configs": [
+                {
+                    "job_name": "spend-guard",
+                    "metrics_path": "/-/metrics",
+                    "static_configs": [{"targets": [proxy.url.removeprefix("http://")]}],
+                }
+            ],
         }
         (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
         port = free_port()
         with open(tmp_path / "prometheus.log", "wb") as log:
             prom = subprocess.Popen(
-                [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{port}"],
-                stdout=log, stderr=subprocess.STDOUT,
+                [
+                    binary,
+                    f"--config.file={tmp_path / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
             )
             firing: list[dict[str, str]] = []
 
@@ -201,8 +241,11 @@ def test_a_real_prometheus_scraping_a_served_proxy_fires_the_budget_alert(up, tm
                 if response.status_code != 200:
                     return False  # a starting Prometheus answers 503 "Service Unavailable" in plain text
                 alerts = response.json()["data"]["alerts"]
-                firing[:] = [a["labels"] for a in alerts
-                             if a["state"] == "firing" and a["labels"]["alertname"] == "SpendGuardBudgetAbove80Percent"]
+                firing[:] = [
+                    a["labels"]
+                    for a in alerts
+                    if a["state"] == "firing" and a["labels"]["alertname"] == "SpendGuardBudgetAbove80Percent"
+                ]
                 return bool(firing)
 
             try:

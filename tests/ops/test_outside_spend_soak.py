@@ -51,11 +51,15 @@ def one_call(rng: random.Random, url: str) -> int:
         "slow image": (f"{beat},cost={cost}", IMAGES, {"model": "openai/gpt-image-1", "prompt": "x"}),
         "refund": (f"{beat},error", IMAGES, {"model": "openai/gpt-image-1", "prompt": "x"}),
         "held": ("nocost", IMAGES, {"model": "openai/gpt-image-1", "prompt": "x"}),
-        "chat": (f"{beat},cost={cost}", CHAT, {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x"}],
-                                               "max_tokens": 100}),
+        "chat": (
+            f"{beat},cost={cost}",
+            CHAT,
+            {"model": "openai/gpt-4o", "messages": [{"role": "user", "content": "x"}], "max_tokens": 100},
+        ),
     }[kind]
-    response = httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {token}", "X-Standin": standin},
-                          timeout=60)
+    response = httpx.post(
+        url + path, json=body, headers={"Authorization": f"Bearer {token}", "X-Standin": standin}, timeout=60
+    )
     return response.status_code
 
 
@@ -80,9 +84,11 @@ def test_guarded_traffic_across_refreshes_is_never_spend_outside_the_guard(tmp_p
     ]
     up.key_ids = {KEY_A: "key-a", KEY_B: "key-b"}
     path = policy(tmp_path)
-    with RedisServer() as redis_server, ServedProxy(path, up.url, redis_server.url) as p1, ServedProxy(
-        path, up.url, redis_server.url
-    ) as p2:
+    with (
+        RedisServer() as redis_server,
+        ServedProxy(path, up.url, redis_server.url) as p1,
+        ServedProxy(path, up.url, redis_server.url) as p2,
+    ):
         deadline = time.monotonic() + SOAK_S
 
         def worker(seed: int) -> list[int]:

@@ -90,7 +90,11 @@ def test_status_json_shows_every_scope_credits_holds_and_the_latest_refusals(mak
     assert set(scopes) == {"account", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"}
     day = scopes["budget:key:alice:day"]
     assert (day["limit_usd"], day["spent_usd"], day["held_usd"], day["remaining_usd"]) == (
-        "2.0000", "0.2500", "0.0000", "1.7500")
+        "2.0000",
+        "0.2500",
+        "0.0000",
+        "1.7500",
+    )
     assert day["used_fraction"] == 0.125 and day["resets_at"].endswith("T00:00:00Z")
     assert scopes["budget:group:design:month"]["spent_usd"] == "0.2500"
     assert scopes["account"]["resets_at"] is None
@@ -99,7 +103,11 @@ def test_status_json_shows_every_scope_credits_holds_and_the_latest_refusals(mak
     assert data["refusals"]["since_start"] == 1
     (latest,) = data["refusals"]["latest"]
     assert (latest["key"], latest["scope"], latest["status"], latest["error_type"]) == (
-        "bob", "budget:key:bob:week", 402, "spend_limit_exceeded")
+        "bob",
+        "budget:key:bob:week",
+        402,
+        "spend_limit_exceeded",
+    )
     assert latest["request_id"] == refused.headers["x-request-id"]
     assert data["store_error"] is None
     for text in (response.text, caplog.text):
@@ -122,8 +130,11 @@ def test_status_json_says_when_the_store_cannot_be_read(make_proxy, monkeypatch)
 def test_the_refusal_ring_keeps_only_the_latest() -> None:
     ring = RecentRefusals()
     for n in range(MAX_RECENT_REFUSALS + 7):
-        ring.add(RecentRefusal(1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}",
-                         f"r{n}"))
+        ring.add(
+            RecentRefusal(
+                1_700_000_000 + n, "bob", "budget:key:bob:week", 402, "spend_limit_exceeded", f"#{n}", f"r{n}"
+            )
+        )
     latest = ring.latest()
     assert len(latest) == MAX_RECENT_REFUSALS and ring.count == MAX_RECENT_REFUSALS + 7
     assert latest[0].message == f"#{MAX_RECENT_REFUSALS + 6}" and latest[-1].message == "#7"
@@ -149,7 +160,9 @@ def test_status_json_lists_the_alerts_sent_in_each_scopes_current_window(make_pr
     data = proxy.client.get("/-/status.json", headers=basic("ops", ADMIN_TOKEN)).json()
     # newest first: the 50 % mark, claimed five seconds earlier, comes last
     assert (data["alerts"][-1]["scope"], data["alerts"][-1]["alert"]) == (
-        "budget:key:alice:day", "budget.threshold 50%")
+        "budget:key:alice:day",
+        "budget.threshold 50%",
+    )
     assert sorted((a["scope"], a["alert"]) for a in data["alerts"]) == [
         ("account", "credits.low"),
         ("budget:key:alice:day", "budget.threshold 50%"),
@@ -166,17 +179,25 @@ def test_every_spelling_of_an_own_path_is_served_here_and_never_forwarded(tmp_pa
     policy.write_text("account: {name: spellings, refresh_s: 1, max_staleness_s: 300}\n" + POLICY)
     auth = basic("ops", ADMIN_TOKEN)["Authorization"]
     with ServedProxy(policy, up.url, None) as proxy:
-        for path in ("//-/status.json", "/x/../-/status.json", "/%2D/status.json", "/-/STATUS.json", "/-/status.json/",
-                     "http://elsewhere.example/-/status.json"):
+        for path in (
+            "//-/status.json",
+            "/x/../-/status.json",
+            "/%2D/status.json",
+            "/-/STATUS.json",
+            "/-/status.json/",
+            "http://elsewhere.example/-/status.json",
+        ):
             with connect(proxy.port) as sock:
-                sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
-                             .encode())
+                sock.sendall(
+                    f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n".encode()
+                )
                 reply, _ = read_until_closed(sock, 5)
             status, _, body = envelope(reply)
             assert status == 200 and "scopes" in body, (path, reply[:200])
         with connect(proxy.port) as sock:  # unknown ones are this proxy's 404, not ImageRouter's
-            sock.sendall(f"GET //-/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n"
-                         .encode())
+            sock.sendall(
+                f"GET //-/nothing HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nConnection: close\r\n\r\n".encode()
+            )
             reply, _ = read_until_closed(sock, 5)
         assert reply.startswith(b"HTTP/1.1 404") and b"spend-guard" not in reply
         # The page with a trailing slash goes to its one spelling, relative: never built from Host.

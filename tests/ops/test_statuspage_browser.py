@@ -83,14 +83,27 @@ async def test_status_page_in_a_browser_shows_the_budgets_and_updates_after_call
 
             before = await rows(page)
             assert set(before) == {
-                "account", "budget:key:alice:day", "budget:group:design:month", "budget:key:bob:week"}
+                "account",
+                "budget:key:alice:day",
+                "budget:group:design:month",
+                "budget:key:bob:week",
+            }
             day = before["budget:key:alice:day"]
             assert (day["spent"], day["held"], day["limit"], day["remaining"], day["pct"]) == (
-                "$1.7000", "$0.0000", "$2.0000", "$0.3000", "85 %")
+                "$1.7000",
+                "$0.0000",
+                "$2.0000",
+                "$0.3000",
+                "85 %",
+            )
             assert day["level"] == "amber" and day["bar"] == "85%" and day["resets"].startswith("in ")
             month = before["budget:group:design:month"]
             assert (month["spent"], month["limit"], month["pct"], month["level"]) == (
-                "$1.7000", "$2.3000", "74 %", "ok")
+                "$1.7000",
+                "$2.3000",
+                "74 %",
+                "ok",
+            )
             assert before["budget:key:bob:week"]["spent"] == "$0.0000"
             # The credits snapshot is refetched every second: the balance before or after that call.
             assert await page.evaluate("document.getElementById('credits').textContent") in ("$100.0000", "$98.3000")
@@ -106,7 +119,12 @@ async def test_status_page_in_a_browser_shows_the_budgets_and_updates_after_call
             after = await rows(page)
             day = after["budget:key:alice:day"]
             assert (day["spent"], day["remaining"], day["pct"], day["level"], day["bar"]) == (
-                "$2.0000", "$0.0000", "100 %", "red", "100%")
+                "$2.0000",
+                "$0.0000",
+                "100 %",
+                "red",
+                "100%",
+            )
             month = after["budget:group:design:month"]
             assert (month["spent"], month["pct"], month["level"]) == ("$2.0000", "87 %", "amber")
             (refusal,) = await page.evaluate(REFUSALS)

@@ -31,8 +31,12 @@ def test_a_secret_without_the_prefix_is_its_own_bytes_and_a_bad_one_is_never_sho
             signing_key(bad)
         assert bad[6:] == "" or bad[6:] not in str(caught.value)
     found = endpoints(
-        [WebhookPolicy("http://127.0.0.1:9/a", "SG_SET"), WebhookPolicy("http://127.0.0.1:9/b", "SG_UNSET"),
-         WebhookPolicy("http://127.0.0.1:9/c", "SG_BAD"), WebhookPolicy("http://127.0.0.1:9/d")],
+        [
+            WebhookPolicy("http://127.0.0.1:9/a", "SG_SET"),
+            WebhookPolicy("http://127.0.0.1:9/b", "SG_UNSET"),
+            WebhookPolicy("http://127.0.0.1:9/c", "SG_BAD"),
+            WebhookPolicy("http://127.0.0.1:9/d"),
+        ],
         {"SG_SET": "whsec_c2VjcmV0", "SG_BAD": "whsec_%%%"},
     )
     assert [(e.key, e.broken) for e in found] == [
@@ -70,8 +74,7 @@ async def test_an_unusable_secret_sends_nothing_and_says_so_once(caplog):
         await sender.aclose()
     assert metrics.webhook_deliveries.labels("failed")._value.get() == 3
     assert [r.getMessage() for r in caplog.records] == [
-        "alert webhook http://127.0.0.1:9 is not sent: SG_BAD: the secret starts with whsec_ "
-        "but the rest is not base64"
+        "alert webhook http://127.0.0.1:9 is not sent: SG_BAD: the secret starts with whsec_ but the rest is not base64"
     ]
     assert "%%%" not in caplog.text
 

@@ -36,39 +36,76 @@ SMUGGLING_CASES: list[Case] = [
     # 1. a delimiter mid-line in the preamble: the "part" priced does not exist for busboy
     ("smuggling-delimiter-mid-line", b"X--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + form(PROMPT), MP),
     # 2. bytes after a delimiter: busboy drops what follows up to the next delimiter
-    ("smuggling-junk-after-delimiter",
-     form(PROMPT, b"--B junk\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"), MP),
+    (
+        "smuggling-junk-after-delimiter",
+        form(PROMPT, b"--B junk\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"),
+        MP,
+    ),
     # 3. folded part headers: busboy reads the continuation, a line reader does not
-    ("smuggling-folded-header",
-     form(part(b"Content-Disposition: form-data\r\n ; name=\"model\"", DENIED), part(cd(b"model "), CHEAP)), MP),
-    ("smuggling-folded-into-content-type",
-     form(part(b"Content-Type: text/plain\r\n " + cd(b"model"), CHEAP), PROMPT), MP),
+    (
+        "smuggling-folded-header",
+        form(part(b'Content-Disposition: form-data\r\n ; name="model"', DENIED), part(cd(b"model "), CHEAP)),
+        MP,
+    ),
+    (
+        "smuggling-folded-into-content-type",
+        form(part(b"Content-Type: text/plain\r\n " + cd(b"model"), CHEAP), PROMPT),
+        MP,
+    ),
     # 4. a per-part charset: busboy decodes by it
-    ("smuggling-charset-utf16le",
-     form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=utf-16le", b"test/test!"), PROMPT), MP),
-    ("smuggling-charset-latin1",
-     form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=latin1", DENIED + b"\xc3\xa9")), MP),
+    (
+        "smuggling-charset-utf16le",
+        form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=utf-16le", b"test/test!"), PROMPT),
+        MP,
+    ),
+    (
+        "smuggling-charset-latin1",
+        form(part(cd(b"model") + b"\r\nContent-Type: text/plain; charset=latin1", DENIED + b"\xc3\xa9")),
+        MP,
+    ),
 ]
 
 
 def _boundaries() -> Iterator[Case]:
     for boundary, declared in [
-        (b"B", "B"), (b"B", '"B"'), (b"a b", '"a b"'), (b"'()+_,-./:=?", "\"'()+_,-./:=?\""),
-        (b"x" * 70, "x" * 70), (b"x" * 71, "x" * 71), (b"B ", '"B "'), (b"a\"b", '"a\\"b"'), (b"a\\b", '"a\\\\b"'),
-        (b"----WebKitFormBoundary7MA4YWxkTrZu0gW", "----WebKitFormBoundary7MA4YWxkTrZu0gW"), (b"B", "b"),
-        (b"\xe9", '"\xe9"'), (b"B;", '"B;"'), (b"", '""'),
+        (b"B", "B"),
+        (b"B", '"B"'),
+        (b"a b", '"a b"'),
+        (b"'()+_,-./:=?", '"\'()+_,-./:=?"'),
+        (b"x" * 70, "x" * 70),
+        (b"x" * 71, "x" * 71),
+        (b"B ", '"B "'),
+        (b'a"b', '"a\\"b"'),
+        (b"a\\b", '"a\\\\b"'),
+        (b"----WebKitFormBoundary7MA4YWxkTrZu0gW", "----WebKitFormBoundary7MA4YWxkTrZu0gW"),
+        (b"B", "b"),
+        (b"\xe9", '"\xe9"'),
+        (b"B;", '"B;"'),
+        (b"", '""'),
     ]:
         body = form(part(cd(b"prompt"), b"x", boundary), part(cd(b"model"), DENIED, boundary), boundary=boundary)
         yield f"boundary-{declared!r}", body, "multipart/form-data; boundary=" + declared
     for ctype in [
-        "multipart/form-data; charset=utf-8; boundary=B", "Multipart/Form-Data; BOUNDARY=B",
-        "multipart/form-data ; boundary=B", "multipart/form-data;boundary=B", "multipart/form-data;  boundary=B  ",
-        "multipart/form-data;\tboundary=B", "multipart/form-data; boundary =B", "multipart/form-data; boundary= B",
-        "multipart/form-data; boundary=B; boundary=C", "multipart/form-data; boundary=C; boundary=B",
-        "multipart/form-data; boundary=B;", "multipart/form-data", "multipart/mixed; boundary=B",
-        "multipart/form-data; boundary=B, text/plain", "multipart/form-data; boundary*=utf-8''B",
-        "multipart/form-data; xboundary=C; boundary=B", 'multipart/form-data; note="boundary=C"; boundary=B',
-        "multipart/form-data boundary=B", "multipart/; boundary=B", "text/plain; boundary=B",
+        "multipart/form-data; charset=utf-8; boundary=B",
+        "Multipart/Form-Data; BOUNDARY=B",
+        "multipart/form-data ; boundary=B",
+        "multipart/form-data;boundary=B",
+        "multipart/form-data;  boundary=B  ",
+        "multipart/form-data;\tboundary=B",
+        "multipart/form-data; boundary =B",
+        "multipart/form-data; boundary= B",
+        "multipart/form-data; boundary=B; boundary=C",
+        "multipart/form-data; boundary=C; boundary=B",
+        "multipart/form-data; boundary=B;",
+        "multipart/form-data",
+        "multipart/mixed; boundary=B",
+        "multipart/form-data; boundary=B, text/plain",
+        "multipart/form-data; boundary*=utf-8''B",
+        "multipart/form-data; xboundary=C; boundary=B",
+        'multipart/form-data; note="boundary=C"; boundary=B',
+        "multipart/form-data boundary=B",
+        "multipart/; boundary=B",
+        "text/plain; boundary=B",
         "multipart/form-data; boundary=b",
     ]:
         yield f"content-type-{ctype!r}", BASE, ctype
@@ -77,10 +114,21 @@ def _boundaries() -> Iterator[Case]:
 def _line_endings() -> Iterator[Case]:
     yield "lf-everywhere", BASE.replace(b"\r\n", b"\n"), MP
     yield "cr-everywhere", BASE.replace(b"\r\n", b"\r"), MP
-    yield "lf-before-model-delimiter", BASE.replace(b"\r\n--B\r\nContent-Disposition: form-data; name=\"model\"",
-                                                    b"\n--B\r\nContent-Disposition: form-data; name=\"model\""), MP
-    yield "lf-after-model-delimiter", BASE.replace(b"--B\r\nContent-Disposition: form-data; name=\"model\"",
-                                                   b"--B\nContent-Disposition: form-data; name=\"model\""), MP
+    yield (
+        "lf-before-model-delimiter",
+        BASE.replace(
+            b'\r\n--B\r\nContent-Disposition: form-data; name="model"',
+            b'\n--B\r\nContent-Disposition: form-data; name="model"',
+        ),
+        MP,
+    )
+    yield (
+        "lf-after-model-delimiter",
+        BASE.replace(
+            b'--B\r\nContent-Disposition: form-data; name="model"', b'--B\nContent-Disposition: form-data; name="model"'
+        ),
+        MP,
+    )
     yield "lf-header-end", BASE.replace(b'name="model"\r\n\r\n', b'name="model"\n\n'), MP
     yield "crlf-lf-header-end", BASE.replace(b'name="model"\r\n\r\n', b'name="model"\r\n\n'), MP
     yield "lf-before-close", BASE.replace(b"\r\n--B--", b"\n--B--"), MP
@@ -92,15 +140,25 @@ def _line_endings() -> Iterator[Case]:
     yield "leading-lf", b"\n" + BASE, MP
     yield "no-epilogue-crlf", form(PROMPT, MODEL, epilogue=b""), MP
     for pad in [b" ", b"\t", b"  \t", b" x"]:
-        yield f"transport-padding-{pad!r}", BASE.replace(
-            b'--B\r\nContent-Disposition: form-data; name="model"',
-            b"--B" + pad + b'\r\nContent-Disposition: form-data; name="model"',
-        ), MP
-        yield f"padding-on-first-{pad!r}", form(part(cd(b"model"), CHEAP)).replace(
-            b"--B\r\n", b"--B" + pad + b"\r\n", 1), MP
+        yield (
+            f"transport-padding-{pad!r}",
+            BASE.replace(
+                b'--B\r\nContent-Disposition: form-data; name="model"',
+                b"--B" + pad + b'\r\nContent-Disposition: form-data; name="model"',
+            ),
+            MP,
+        )
+        yield (
+            f"padding-on-first-{pad!r}",
+            form(part(cd(b"model"), CHEAP)).replace(b"--B\r\n", b"--B" + pad + b"\r\n", 1),
+            MP,
+        )
     for junk in [b"-", b"-x", b"x", b"\r", b"\rX", b"B", b"--"]:
-        yield f"junk-after-delimiter-{junk!r}", form(
-            PROMPT, b"--B" + junk + b"\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"), MP
+        yield (
+            f"junk-after-delimiter-{junk!r}",
+            form(PROMPT, b"--B" + junk + b"\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"),
+            MP,
+        )
 
 
 def _headers() -> Iterator[Case]:
@@ -151,7 +209,7 @@ def _headers() -> Iterator[Case]:
         ),
         "other-header-first": b'X-Note: hi\r\nContent-Disposition: form-data; name="model"',
         "folded-other": b'X-Note: hi\r\n there\r\nContent-Disposition: form-data; name="model"',
-        "folded-tab": b"Content-Disposition: form-data;\r\n\tname=\"model\"",
+        "folded-tab": b'Content-Disposition: form-data;\r\n\tname="model"',
         "no-disposition": b"Content-Type: text/plain",
         "empty-header-value": b'X-Empty:\r\nContent-Disposition: form-data; name="model"',
         "long-header": b"X-Long: " + b"a" * 17000 + b'\r\nContent-Disposition: form-data; name="model"',
@@ -161,18 +219,34 @@ def _headers() -> Iterator[Case]:
         yield f"header-{label}", form(PROMPT, part(headers, DENIED)), MP
         yield f"header-{label}-beside-model", form(part(headers, DENIED), part(cd(b"model"), CHEAP)), MP
     yield "no-headers", form(PROMPT, b"--B\r\n\r\n" + CHEAP + b"\r\n", MODEL), MP
-    yield "headers-cross-delimiter", form(
-        PROMPT, b"--B\r\n" + cd(b"model") + b"\r\n--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"), MP
+    yield (
+        "headers-cross-delimiter",
+        form(PROMPT, b"--B\r\n" + cd(b"model") + b"\r\n--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n"),
+        MP,
+    )
 
 
 def _charsets() -> Iterator[Case]:
     values = {
-        "utf-8": DENIED, "UTF-8": DENIED, "utf8": DENIED, "us-ascii": DENIED, "ascii": DENIED, '"utf-8"': DENIED,
-        "us-ascii-high": "mod\xe9le".encode("latin-1"), "latin1": "modèle".encode("latin-1"),
-        "iso-8859-1": DENIED + b"\xe9", "windows-1252": b"\x93test/test\x94",
+        "utf-8": DENIED,
+        "UTF-8": DENIED,
+        "utf8": DENIED,
+        "us-ascii": DENIED,
+        "ascii": DENIED,
+        '"utf-8"': DENIED,
+        "us-ascii-high": "mod\xe9le".encode("latin-1"),
+        "latin1": "modèle".encode("latin-1"),
+        "iso-8859-1": DENIED + b"\xe9",
+        "windows-1252": b"\x93test/test\x94",
         "utf-16le": "google/veo-3.1".encode("utf-16le"),
-        "utf16le": b"test/test!", "ucs2": b"test/test!", "base64": b"test", "utf-16be": "test".encode("utf-16-be"),
-        "shift_jis": b"test/test", "bogus": DENIED, '" utf-8"': DENIED, "utf-7": b"test+AC8-test",
+        "utf16le": b"test/test!",
+        "ucs2": b"test/test!",
+        "base64": b"test",
+        "utf-16be": "test".encode("utf-16-be"),
+        "shift_jis": b"test/test",
+        "bogus": DENIED,
+        '" utf-8"': DENIED,
+        "utf-7": b"test+AC8-test",
     }
     for charset, value in values.items():
         label = charset.split("-high")[0]
@@ -180,25 +254,49 @@ def _charsets() -> Iterator[Case]:
             label = "us-ascii"
         headers = cd(b"model") + b"\r\nContent-Type: text/plain; charset=" + label.encode()
         yield f"charset-{charset}", form(PROMPT, part(headers, value)), MP
-    for ctype in [b"application/json", b"application/octet-stream", b"Application/Octet-Stream", b"text/plain; charset",
-                  b"text/plain;charset=utf-8", b"text", b"text/plain; charset=utf-8; charset=latin1",
-                  b"multipart/mixed; boundary=C", b"text/plain; charset*=utf-8''latin1"]:
+    for ctype in [
+        b"application/json",
+        b"application/octet-stream",
+        b"Application/Octet-Stream",
+        b"text/plain; charset",
+        b"text/plain;charset=utf-8",
+        b"text",
+        b"text/plain; charset=utf-8; charset=latin1",
+        b"multipart/mixed; boundary=C",
+        b"text/plain; charset*=utf-8''latin1",
+    ]:
         yield f"part-type-{ctype!r}", form(PROMPT, part(cd(b"model") + b"\r\nContent-Type: " + ctype, DENIED)), MP
     yield "utf8-invalid", form(part(cd(b"model"), b"test/\xfftest")), MP
     yield "utf8-non-ascii", form(part(cd(b"model"), "модель/test".encode())), MP
     yield "utf8-bom", form(part(cd(b"model"), b"\xef\xbb\xbf" + DENIED)), MP
-    yield "charset-on-prompt-only", form(
-        part(cd(b"prompt") + b"\r\nContent-Type: text/plain; charset=utf-16le", b"x\x00"), MODEL), MP
+    yield (
+        "charset-on-prompt-only",
+        form(part(cd(b"prompt") + b"\r\nContent-Type: text/plain; charset=utf-16le", b"x\x00"), MODEL),
+        MP,
+    )
 
 
 def _encodings() -> Iterator[Case]:
-    for cte, value in [(b"base64", b"Z29vZ2xlL3Zlby0zLjE="), (b"quoted-printable", b"google/veo=2D3.1"),
-                       (b"7bit", DENIED), (b"8bit", DENIED), (b"binary", DENIED), (b"Binary", DENIED),
-                       (b"x-token", DENIED), (b"base64", b"dGVzdC90ZXN0")]:
-        yield f"cte-{cte!r}-{value[:6]!r}", form(
-            PROMPT, part(cd(b"model") + b"\r\nContent-Transfer-Encoding: " + cte, value)), MP
-    yield "cte-on-image", form(
-        part(cd(b"image", b'; filename="a.png"') + b"\r\nContent-Transfer-Encoding: base64", b"iVBORw0K"), MODEL), MP
+    for cte, value in [
+        (b"base64", b"Z29vZ2xlL3Zlby0zLjE="),
+        (b"quoted-printable", b"google/veo=2D3.1"),
+        (b"7bit", DENIED),
+        (b"8bit", DENIED),
+        (b"binary", DENIED),
+        (b"Binary", DENIED),
+        (b"x-token", DENIED),
+        (b"base64", b"dGVzdC90ZXN0"),
+    ]:
+        yield (
+            f"cte-{cte!r}-{value[:6]!r}",
+            form(PROMPT, part(cd(b"model") + b"\r\nContent-Transfer-Encoding: " + cte, value)),
+            MP,
+        )
+    yield (
+        "cte-on-image",
+        form(part(cd(b"image", b'; filename="a.png"') + b"\r\nContent-Transfer-Encoding: base64", b"iVBORw0K"), MODEL),
+        MP,
+    )
 
 
 def _structure() -> Iterator[Case]:
@@ -207,12 +305,22 @@ def _structure() -> Iterator[Case]:
     yield "model-only", form(MODEL), MP
     yield "with-image", form(PROMPT, IMAGE, MODEL), MP
     yield "image-then-model", form(IMAGE, MODEL), MP
-    yield "image-array", form(part(cd(b"image[]", b'; filename="a.png"'), b"png"),
-                              part(cd(b"image[]", b'; filename="b.png"'), b"png"), MODEL), MP
+    yield (
+        "image-array",
+        form(
+            part(cd(b"image[]", b'; filename="a.png"'), b"png"),
+            part(cd(b"image[]", b'; filename="b.png"'), b"png"),
+            MODEL,
+        ),
+        MP,
+    )
     yield "mask", form(part(cd(b"mask", b'; filename="m.png"'), b"png"), MODEL), MP
     yield "file-named-model-only", form(PROMPT, part(cd(b"model", b'; filename="m.txt"'), DENIED)), MP
-    yield "octet-stream-model-beside-model", form(
-        part(cd(b"model") + b"\r\nContent-Type: application/octet-stream", DENIED), part(cd(b"model"), CHEAP)), MP
+    yield (
+        "octet-stream-model-beside-model",
+        form(part(cd(b"model") + b"\r\nContent-Type: application/octet-stream", DENIED), part(cd(b"model"), CHEAP)),
+        MP,
+    )
     yield "model-twice", form(part(cd(b"model"), CHEAP), MODEL), MP
     yield "model-and-brackets", form(part(cd(b"model"), CHEAP), part(cd(b"model[]"), DENIED)), MP
     yield "empty-model", form(part(cd(b"model"), b"")), MP
@@ -234,19 +342,33 @@ def _structure() -> Iterator[Case]:
     yield "value-contains-boundary-prefix", form(part(cd(b"prompt"), b"x\r\n--Bx"), MODEL), MP
     yield "value-contains-dashes", form(part(cd(b"prompt"), b"--\r\n-- B --"), MODEL), MP
     nested = form(part(cd(b"model"), CHEAP, b"C"), boundary=b"C")
-    yield "nested-multipart-field", form(
-        part(cd(b"prompt") + b"\r\nContent-Type: multipart/mixed; boundary=C", nested), MODEL), MP
-    yield "nested-multipart-model", form(
-        part(cd(b"model") + b"\r\nContent-Type: multipart/mixed; boundary=C", nested)), MP
-    yield "nested-in-file", form(
-        part(cd(b"image", b'; filename="x"') + b"\r\nContent-Type: multipart/form-data; boundary=C", nested), MODEL), MP
+    yield (
+        "nested-multipart-field",
+        form(part(cd(b"prompt") + b"\r\nContent-Type: multipart/mixed; boundary=C", nested), MODEL),
+        MP,
+    )
+    yield (
+        "nested-multipart-model",
+        form(part(cd(b"model") + b"\r\nContent-Type: multipart/mixed; boundary=C", nested)),
+        MP,
+    )
+    yield (
+        "nested-in-file",
+        form(
+            part(cd(b"image", b'; filename="x"') + b"\r\nContent-Type: multipart/form-data; boundary=C", nested), MODEL
+        ),
+        MP,
+    )
     yield "nested-outer-boundary-inside", form(part(cd(b"prompt"), form(part(cd(b"model"), CHEAP)))), MP
     for size in (1_000, 100_000, 2_000_000):
         yield f"preamble-{size}", form(PROMPT, MODEL, preamble=b"p" * size + b"\r\n"), MP
     yield "preamble-decoy-boundary", form(part(cd(b"model"), CHEAP, b"D"), boundary=b"D") + BASE, MP
     yield "preamble-mid-line-delimiter", b"preamble --B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + BASE, MP
-    yield "preamble-lf-delimiter", (
-        b"preamble\n--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + form(PROMPT)), MP
+    yield (
+        "preamble-lf-delimiter",
+        (b"preamble\n--B\r\n" + cd(b"model") + b"\r\n\r\n" + CHEAP + b"\r\n" + form(PROMPT)),
+        MP,
+    )
     yield "preamble-crlf", b"preamble\r\n" + BASE, MP
     yield "big-field", form(part(cd(b"prompt"), b"x" * 1_100_000), MODEL), MP
     yield "big-model", form(part(cd(b"model"), b"m" * (1024 * 1024))), MP
@@ -302,13 +424,27 @@ def _json() -> Iterator[Case]:
     for label, body in bodies.items():
         yield f"json-{label}", body, aj
     plain = bodies["plain"]
-    for ctype in ["application/json; charset=utf-8", "application/json; charset=UTF-8",
-                  "application/json;charset=utf-8", "APPLICATION/JSON", "application/json; charset=utf8",
-                  "application/json; charset=utf-16",
-                  "application/json; charset=latin1", "application/json; charset=utf-8; charset=latin1",
-                  "application/json; foo=bar", "application/json ; charset=utf-8", "application/json;\tcharset=utf-8",
-                  "application/vnd.api+json", "text/json", "application/json-patch+json", "application/jsonx",
-                  "text/plain", "application/octet-stream", None, ""]:
+    for ctype in [
+        "application/json; charset=utf-8",
+        "application/json; charset=UTF-8",
+        "application/json;charset=utf-8",
+        "APPLICATION/JSON",
+        "application/json; charset=utf8",
+        "application/json; charset=utf-16",
+        "application/json; charset=latin1",
+        "application/json; charset=utf-8; charset=latin1",
+        "application/json; foo=bar",
+        "application/json ; charset=utf-8",
+        "application/json;\tcharset=utf-8",
+        "application/vnd.api+json",
+        "text/json",
+        "application/json-patch+json",
+        "application/jsonx",
+        "text/plain",
+        "application/octet-stream",
+        None,
+        "",
+    ]:
         yield f"json-ctype-{ctype!r}", plain, ctype
     yield "json-utf16-declared", '{"model": "google/veo-3.1"}'.encode("utf-16-le"), "application/json; charset=utf-16le"
 
@@ -322,8 +458,17 @@ def _urlencoded() -> Iterator[Case]:
 
 def corpus() -> list[Case]:
     cases = [*SMUGGLING_CASES]
-    for source in (_boundaries, _line_endings, _headers, _charsets, _encodings, _structure, _truncations, _json,
-                   _urlencoded):
+    for source in (
+        _boundaries,
+        _line_endings,
+        _headers,
+        _charsets,
+        _encodings,
+        _structure,
+        _truncations,
+        _json,
+        _urlencoded,
+    ):
         cases.extend(source())
     ids = [c[0] for c in cases]
     assert len(ids) == len(set(ids)), [i for i in ids if ids.count(i) > 1]

@@ -16,8 +16,10 @@ ALICE = policy_yaml(
     groups=[flow(name="design", id="grp-7", budgets=[budget("10.00", "day")])],
     keys=[key_entry(group="design", budgets=[budget("0.50", "day")])],
 )
-RENAMED = ALICE.replace("name: alice", "name: alice-renamed").replace("name: design", "name: design-renamed").replace(
-    "group: design", "group: design-renamed"
+RENAMED = (
+    ALICE.replace("name: alice", "name: alice-renamed")
+    .replace("name: design", "name: design-renamed")
+    .replace("group: design", "group: design-renamed")
 )
 
 

@@ -249,7 +249,10 @@ def test_alerts_section_loads_with_its_defaults(tmp_path: Path) -> None:
         (0.25, 0.9),
         10_000_000,
         7.0,
-        (WebhookPolicy("https://hooks.example.com/spend/", "SPEND_GUARD_WEBHOOK_SECRET"), WebhookPolicy("http://127.0.0.1:9000/hook")),
+        (
+            WebhookPolicy("https://hooks.example.com/spend/", "SPEND_GUARD_WEBHOOK_SECRET"),
+            WebhookPolicy("http://127.0.0.1:9000/hook"),
+        ),
     )
 
 
@@ -263,8 +266,12 @@ def test_admin_section_enables_the_status_page_by_a_token_digest(tmp_path: Path)
 
 
 def test_key_fingerprints_are_never_printed_in_full() -> None:
-    for name in ("duplicate_key_sha256.yaml", "key_sha256_uppercase.yaml", "key_sha256_short.yaml",
-                 "key_sha256_number.yaml"):
+    for name in (
+        "duplicate_key_sha256.yaml",
+        "key_sha256_uppercase.yaml",
+        "key_sha256_short.yaml",
+        "key_sha256_number.yaml",
+    ):
         hashes = re.findall(r"[0-9a-fA-F]{40,}", (BAD / name).read_text())
         assert hashes
         for problem in problems_of(BAD / name):
@@ -321,8 +328,9 @@ def test_full_policy_loads_every_field() -> None:
             budgets=(
                 # The counters follow the key's fingerprint, so a rename keeps what they counted.
                 Budget("key:batch-renderer:day", 2_000_000, "day", shadow=False, counter=f"key-fp:{SHA_1[:24]}:day"),
-                Budget("key:batch-renderer:week", 10_000_000, "week", shadow=False,
-                       counter=f"key-fp:{SHA_1[:24]}:week"),
+                Budget(
+                    "key:batch-renderer:week", 10_000_000, "week", shadow=False, counter=f"key-fp:{SHA_1[:24]}:week"
+                ),
             ),
             max_request_micros=1_000_000,
             rules=ModelRules(("openai/*",), ("openai/dall-e-2",)),
@@ -549,12 +557,7 @@ def test_missing_path_and_empty_directory_are_errors(tmp_path: Path) -> None:
 
 def test_yaml_anchors_and_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
     path = tmp_path / "anchors.yaml"
-    path.write_text(
-        "groups:\n"
-        "  - &team {name: design, max_request_usd: 2}\n"
-        "  - <<: *team\n"
-        "    name: research\n"
-    )
+    path.write_text("groups:\n  - &team {name: design, max_request_usd: 2}\n  - <<: *team\n    name: research\n")
     groups = load_policy(path).groups
     assert groups["research"].max_request_micros == 2_000_000
 

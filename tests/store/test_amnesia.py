@@ -91,11 +91,14 @@ def test_store_recover_command(make_proxy, up, store_target):
     runner = CliRunner()
     bad = runner.invoke(main, ["store", "recover", "--policy", policy_path, "--redis-url", store_target.url])
     assert bad.exit_code == 2 and "exactly one of" in bad.output
-    unknown = runner.invoke(main, ["store", "recover", "--policy", policy_path, "--redis-url", store_target.url,
-                                   "--seed", "key:carol:day=1"])
+    unknown = runner.invoke(
+        main,
+        ["store", "recover", "--policy", policy_path, "--redis-url", store_target.url, "--seed", "key:carol:day=1"],
+    )
     assert unknown.exit_code == 2 and "key:alice:day" in unknown.output
-    ok = runner.invoke(main, ["store", "recover", "--policy", policy_path, "--redis-url", store_target.url,
-                              "--accept-loss"])
+    ok = runner.invoke(
+        main, ["store", "recover", "--policy", policy_path, "--redis-url", store_target.url, "--accept-loss"]
+    )
     assert ok.exit_code == 0, ok.output
     assert "recovered: the store's state was emptied" in ok.output
     assert generate_within(p, 2.0, standin="cost=0.2").status_code == 200

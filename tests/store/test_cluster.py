@@ -61,9 +61,25 @@ class Cluster:
         for port, bus, where in zip(self.ports, self.bus_ports, self.dirs, strict=True):
             self.procs.append(
                 subprocess.Popen(
-                    [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-                     "--cluster-config-file", f"nodes-{port}.conf", "--cluster-port", str(bus),
-                     "--save", "", "--appendonly", "no", "--dir", where],
+                    [
+                        server,
+                        "--port",
+                        str(port),
+                        "--bind",
+                        "127.0.0.1",
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        f"nodes-{port}.conf",
+                        "--cluster-port",
+                        str(bus),
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        where,
+                    ],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -71,8 +87,15 @@ class Cluster:
         for port in self.ports:
             wait_until(lambda p=port: self._ping(p), 10, f"cluster node {port} to start")
         created = subprocess.run(
-            [cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
-             "--cluster-replicas", "0", "--cluster-yes"],
+            [
+                cli,
+                "--cluster",
+                "create",
+                *[f"127.0.0.1:{p}" for p in self.ports],
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
             capture_output=True,
             timeout=60,
             check=False,
@@ -89,8 +112,10 @@ class Cluster:
 
     def _all_ok(self) -> bool:
         try:
-            return all(self.node(p).execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0
-                       for p in self.ports)
+            return all(
+                self.node(p).execute_command("CLUSTER", "INFO").decode().find("cluster_state:ok") >= 0
+                for p in self.ports
+            )
         except redis.RedisError:
             return False
 
@@ -255,9 +280,14 @@ async def test_two_accounts_on_different_nodes_are_independent(flushed):
 def test_served_proxy_guards_a_call_end_to_end_on_a_cluster(tmp_path: Path, up, flushed):
     path = alice_policy(tmp_path, account="clu", budget_usd="0.60", refresh_s=1)
     with ServedProxy(path, up.url, flushed.url) as p1, ServedProxy(path, up.url, flushed.url) as p2:
+
         def call(proxy: ServedProxy, standin: str) -> httpx.Response:
-            return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                              headers={**AUTH, "X-Standin": standin}, timeout=30)
+            return httpx.post(
+                proxy.url + "/v1/openai/images/generations",
+                json={"model": "openai/gpt-image-1"},
+                headers={**AUTH, "X-Standin": standin},
+                timeout=30,
+            )
 
         ok = call(p1, "heartbeat=3,interval=0.01,cost=0.1234")
         assert ok.status_code == 200 and ok.json()["cost"] == 0.1234, ok.text
@@ -266,6 +296,7 @@ def test_served_proxy_guards_a_call_end_to_end_on_a_cluster(tmp_path: Path, up, 
         assert call(p2, "nocost").status_code == 200  # no cost reported: charged the 0.30 hold
         refused = call(p1, "cost=0.01")  # 0.60 - 0.4234 spent leaves less than a 0.30 hold
         assert refused.status_code == 402 and refused.headers["x-spend-guard-scope"] == "budget:key:alice:lifetime"
+
         def ledger(proxy: ServedProxy) -> tuple[str, str]:
             me = httpx.get(proxy.url + "/-/me", headers=AUTH, timeout=5).json()
             scope = next(s for s in me["scopes"] if s["scope"] == "budget:key:alice:lifetime")
@@ -338,7 +369,7 @@ class ScriptFeed:
             if command["client_type"] == "lua" or args[0].upper() != "EVALSHA" or args[1] not in self.kinds:
                 continue
             kind, n_keys = self.kinds[args[1]], int(args[2])
-            argv = args[3 + n_keys:]
+            argv = args[3 + n_keys :]
             if kind == "reserve":  # ARGV[1] now_ms, ARGV[2] hold_id
                 self.seen.append((command["time"], kind, argv[1], None, args))
             else:  # ARGV[1] hold_id, ARGV[2] cost
@@ -371,8 +402,12 @@ class PausedNode:
             yield proxy
 
     def call(self) -> httpx.Response:
-        return httpx.post(self.proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                          headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=60)
+        return httpx.post(
+            self.proxy.url + "/v1/openai/images/generations",
+            json={"model": "openai/gpt-image-1"},
+            headers={**AUTH, "X-Standin": "cost=0.01"},
+            timeout=60,
+        )
 
     def holds(self) -> int:
         return int(self.node.hlen(f"sg:{{{self.name}}}:holds"))
@@ -415,10 +450,12 @@ def test_a_reserve_stalled_past_the_store_timeout_is_a_503_and_holds_nothing_onc
             response = pending.result(30)  # the node is still paused
             paused.resume()
             assert response.status_code == 503, (response.status_code, response.text)
-            assert response.json() == {"error": {
-                "message": "Spend guard unavailable: store error (TimeoutError). The call was not forwarded.",
-                "type": "guard_unavailable",
-            }}
+            assert response.json() == {
+                "error": {
+                    "message": "Spend guard unavailable: store error (TimeoutError). The call was not forwarded.",
+                    "type": "guard_unavailable",
+                }
+            }
             assert response.headers["x-spend-guard-scope"] == "store"
             # The queued reserve ran once the node resumed, and so did a release of its hold.
             feed.wait_for(lambda f: f.reserves(), "the queued reserve to run")
@@ -471,9 +508,25 @@ def restart_node(c: Cluster, port: int) -> None:
     server = shutil.which("redis-server")
     assert server
     c.procs[i] = subprocess.Popen(
-        [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
-         "--cluster-config-file", f"nodes-{port}.conf", "--cluster-port", str(c.bus_ports[i]),
-         "--save", "", "--appendonly", "no", "--dir", c.dirs[i]],
+        [
+            server,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-config-file",
+            f"nodes-{port}.conf",
+            "--cluster-port",
+            str(c.bus_ports[i]),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            c.dirs[i],
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -498,17 +551,24 @@ def test_a_flapping_slot_owner_never_gets_a_500_and_the_proxy_recovers_by_itself
         )
         statuses: list[int] = []
         with ServedProxy(path, up.url, flap.url) as proxy:
+
             def call() -> int:
                 try:
-                    return httpx.post(proxy.url + "/v1/openai/images/generations", json={"model": "openai/gpt-image-1"},
-                                      headers={**AUTH, "X-Standin": "cost=0.01"}, timeout=30).status_code
+                    return httpx.post(
+                        proxy.url + "/v1/openai/images/generations",
+                        json={"model": "openai/gpt-image-1"},
+                        headers={**AUTH, "X-Standin": "cost=0.01"},
+                        timeout=30,
+                    ).status_code
                 except httpx.HTTPError:
                     return 0
 
             stop = time.monotonic() + 60
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
-                load = [pool.submit(lambda: [statuses.append(call()) for _ in range(400) if time.monotonic() < stop])
-                        for _ in range(16)]
+                load = [
+                    pool.submit(lambda: [statuses.append(call()) for _ in range(400) if time.monotonic() < stop])
+                    for _ in range(16)
+                ]
                 for _ in range(3):
                     restart_node(flap, port)
                     wait_until(flap._all_ok, 30, "cluster_state:ok after the restart")

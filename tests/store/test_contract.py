@@ -27,8 +27,9 @@ class Recording:
             return Decision(False, ScopeRefusal.of("budget", "budget:key:alice:lifetime", 1_000_000, 1_000_000, 0))
         return await self.inner.reserve(req)
 
-    async def settle(self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0,
-                     counters: Any = ()) -> int | None:
+    async def settle(
+        self, hold_id: str, cost_micros: int | None, now_ms: int, started_ms: int = 0, counters: Any = ()
+    ) -> int | None:
         self.calls.append("settle")
         return await self.inner.settle(hold_id, cost_micros, now_ms, started_ms, counters)
 

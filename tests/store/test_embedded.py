@@ -123,8 +123,10 @@ def test_a_second_proxy_on_the_same_state_dir_fails_with_one_line(tmp_path, up, 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--embedded-server", "/nonexistent/valkey-server"],
-         "server binary /nonexistent/valkey-server does not exist"),
+        (
+            ["--embedded-server", "/nonexistent/valkey-server"],
+            "server binary /nonexistent/valkey-server does not exist",
+        ),
         (["--state-dir", "{file}/state"], "cannot use state dir {file}/state: Not a directory"),
         (["--state-dir", "{dir}/" + "d" * 120], "is too long a path for the server's unix socket"),
     ],
@@ -179,8 +181,11 @@ def test_a_server_left_behind_on_the_state_dir_is_stopped_and_its_data_kept(tmp_
         stdout=subprocess.DEVNULL,
     )
     try:
-        wait_until(lambda: answers(socket_file) and redis.Redis(unix_socket_path=socket_file).set("kept", "1"), 10,
-                   "the leftover server")
+        wait_until(
+            lambda: answers(socket_file) and redis.Redis(unix_socket_path=socket_file).set("kept", "1"),
+            10,
+            "the leftover server",
+        )
         with EmbeddedServer(str(state_dir)) as server:
             assert leftover.wait(10) == 0  # shut down cleanly (SHUTDOWN fsyncs its append-only file)
             assert server.proc is not None and server_pids(state_dir) == [server.proc.pid]

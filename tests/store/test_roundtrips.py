@@ -59,7 +59,7 @@ def test_status_reads_every_key_and_group_in_two_round_trips(store_target, tmp_p
 
     groups = "".join(f"  - name: g{i}\n    budgets: [{{limit_usd: 5, period: day}}]\n" for i in range(4))
     keys = "".join(
-        f"  - name: k{i}\n    key_sha256: \"{i:064x}\"\n    group: g{i % 4}\n"
+        f'  - name: k{i}\n    key_sha256: "{i:064x}"\n    group: g{i % 4}\n'
         "    budgets: [{limit_usd: 1, period: month}]\n"
         for i in range(20)
     )

@@ -95,7 +95,8 @@ class Page:
     def _note(self, method: str, params: dict[str, Any]) -> None:
         if method == "Runtime.consoleAPICalled" and params["type"] in ("error", "assert"):
             self.errors.append(
-                "console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"]))
+                "console: " + " ".join(str(a.get("value", a.get("description"))) for a in params["args"])
+            )
         elif method == "Runtime.exceptionThrown":
             self.errors.append("exception: " + json.dumps(params["exceptionDetails"])[:500])
         elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
@@ -108,10 +109,14 @@ class Page:
             if self.credentials is None:
                 answer = {"response": "CancelAuth"}
             else:
-                answer = {"response": "ProvideCredentials", "username": self.credentials[0],
-                          "password": self.credentials[1]}
-            self._spawn(self.call("Fetch.continueWithAuth", requestId=params["requestId"],
-                                  authChallengeResponse=answer))
+                answer = {
+                    "response": "ProvideCredentials",
+                    "username": self.credentials[0],
+                    "password": self.credentials[1],
+                }
+            self._spawn(
+                self.call("Fetch.continueWithAuth", requestId=params["requestId"], authChallengeResponse=answer)
+            )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.create_task(coroutine)
@@ -127,11 +132,24 @@ async def chromium_page(
     binary = chromium_binary()
     profile = tempfile.mkdtemp(prefix="sg-chromium-")
     args = [
-        binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0",
-        f"--user-data-dir={profile}", f"--window-size={width},{height}", "--no-first-run", "--no-default-browser-check",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions",
-        "--disable-domain-reliability", "--disable-client-side-phishing-detection", "--metrics-recording-only",
-        "--disable-dev-shm-usage", "about:blank",
+        binary,
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        f"--window-size={width},{height}",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--disable-domain-reliability",
+        "--disable-client-side-phishing-detection",
+        "--metrics-recording-only",
+        "--disable-dev-shm-usage",
+        "about:blank",
     ]
     proc = await asyncio.create_subprocess_exec(*args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

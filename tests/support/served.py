@@ -84,8 +84,19 @@ class RedisServer:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed"
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
-             "--dir", self.dir],
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                self.dir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -147,8 +158,23 @@ class ServedProxy:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SPEND_GUARD_")}
         env["IMAGEROUTER_API_KEY"] = DEFAULT_ACCOUNT_KEY
         env.update(self.extra_env)
-        cmd = [*self.wrap, sys.executable, "-m", "proxy", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--policy", str(self.policy), "--upstream", self.upstream, "--workers", str(self.workers)]
+        cmd = [
+            *self.wrap,
+            sys.executable,
+            "-m",
+            "proxy",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--policy",
+            str(self.policy),
+            "--upstream",
+            self.upstream,
+            "--workers",
+            str(self.workers),
+        ]
         if self.redis_url:
             cmd += ["--redis-url", self.redis_url]
         cmd += self.args
@@ -217,8 +243,21 @@ class PersistentRedisServer(RedisServer):
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed"
         self.proc = subprocess.Popen(
-            [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", self.dir],
+            [
+                binary,
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                self.dir,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -239,8 +278,9 @@ def generate(base: str, standin: str = "", model: str = "openai/gpt-image-1", ti
     headers = dict(AUTH)
     if standin:
         headers["X-Standin"] = standin
-    return httpx.post(base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers,
-                      timeout=timeout)
+    return httpx.post(
+        base + "/v1/openai/images/generations", json={"model": model, "prompt": "x"}, headers=headers, timeout=timeout
+    )
 
 
 def scraped(proxy: ServedProxy, name: str, **labels: str) -> float:

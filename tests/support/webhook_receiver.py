@@ -56,8 +56,9 @@ class Receiver:
 
     def __enter__(self) -> Receiver:
         ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve(ready)), name="webhook-receiver",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=lambda: asyncio.run(self._serve(ready)), name="webhook-receiver", daemon=True
+        )
         self._thread.start()
         assert ready.wait(10), "webhook receiver did not start"
         return self
