@@ -45,14 +45,6 @@ def by_name(name: str) -> str:
 # -- parse_credits --------------------------------------------------------------------------
 
 
-def test_parse_credits_reads_the_account_credit_usage():
-    doc = json.dumps({"remaining_credits": "25.5000", "credit_usage": "4.5000"}).encode()
-    assert parse_credits(doc, 1).usage_micros == 4_500_000
-    assert parse_credits(json.dumps({"remaining_credits": "1"}).encode(), 1).usage_micros is None
-    with pytest.raises(CreditsError, match="credit_usage"):
-        parse_credits(json.dumps({"remaining_credits": "1", "credit_usage": "-1"}).encode(), 1)
-
-
 def test_parse_credits_on_realistic_rows():
     rows = [
         key_row("k-life", "lifetime", spend_limit="10", period=None, period_spend="3.2500", credit_usage="3.2500"),

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 # The account's fixed keys (each script receives those of them it uses: SCRIPT_KEYS).
 BASE = (
-    "snap",  # hash: the credits snapshot (fetched_ms, remaining, usage, "r:<row_ref>" rows, "k:<scope>")
+    "snap",  # hash: the credits snapshot (fetched_ms, remaining, "r:<row_ref>" rows)
     "holds",  # hash: hold_id -> hold record (its versions: parse_hold in _common.lua)
     "held",  # hash: what calls in flight hold, per scope ("acct", "row:<ref>", "b:<budget>")
     "leases",  # sorted set: hold_id by lease expiry (ms)
@@ -23,7 +23,6 @@ BASE = (
     "chsum",  # hash: charges since the snapshot ("acct", "row:<ref>:<window>")
     "chlog",  # sorted set: charged hold_id by the instant it counts from
     "chamt",  # hash: charged hold_id -> "amount|row field"
-    "base",  # hash: hold_id -> the snapshot figures its call was admitted against, until one contains it
     "quarantine",  # hash: hold_id -> an unreadable record moved aside
     "epoch",  # string: the store's identity (amnesia check)
     "lost",  # string: why and when the store lost its local budget state
@@ -34,11 +33,11 @@ BASE = (
 # (`lua_binding`) and the keys the store passes (`Keys.fixed`) come from the same tuple. Fewer
 # keys per call is less to encode and send (a reserve and a settle run on every guarded call).
 SCRIPT_KEYS = {
-    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "base"),
-    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "base"),
-    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "base"),
-    "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine", "base"),
-    "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "base"),
+    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost"),
+    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine"),
+    "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
     "levels": ("snap", "held", "chsum"),
     "identity": ("epoch", "lost"),
 }

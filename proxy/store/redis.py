@@ -70,11 +70,10 @@ STORE_TIMEOUT_S = 2.0
 MAX_CONCURRENT_OPS = 64
 # How long a burst may wait for a free slot; each operation then has STORE_TIMEOUT_S of its own.
 QUEUE_TIMEOUT_S = 10.0
-# A call the upstream answered this long before a credits fetch began may be in that snapshot:
-# the upstream pre-charges a call before it answers it (docs/imagerouter-api.md). The snapshot
-# contains the call only if its figures have also risen by the call's amount (apply_snapshot.lua,
-# docs/state.md). The margin covers what is left of clock differences between instances once
-# each measures its offset to the store's clock.
+# A call the upstream answered this long before a credits fetch began is in that snapshot: the
+# upstream pre-charges a call before it answers it (docs/imagerouter-api.md). The margin covers
+# what is left of clock differences between instances once each measures its offset to the
+# store's clock.
 CONTAIN_MARGIN_MS = 250
 
 
@@ -397,8 +396,7 @@ class Store:
         `now_ms` is from a clock that ran ahead, and is replaced); drop the charges and in-flight
         holds it already contains."""
         now = snapshot.fetched_ms if now_ms is None else now_ms
-        usage = "" if snapshot.usage_micros is None else snapshot.usage_micros
-        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros, CONTAIN_MARGIN_MS, now, usage]
+        args: list[Any] = [snapshot.fetched_ms, snapshot.remaining_micros, CONTAIN_MARGIN_MS, now]
         for ref, row in snapshot.rows.items():
             args += [f"r:{ref}", row.encode()]
         for ref in snapshot.bad_rows:
@@ -414,8 +412,7 @@ class Store:
         data = {as_text(k): as_text(v) for k, v in raw.items()}
         rows = {k[2:]: RowState.decode(v) for k, v in data.items() if k.startswith("r:") and v != UNREADABLE_ROW}
         bad = {k[2:]: "unreadable" for k, v in data.items() if k.startswith("r:") and v == UNREADABLE_ROW}
-        usage = int(data["usage"]) if "usage" in data else None
-        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows, bad, usage)
+        return Snapshot(int(data["fetched_ms"]), int(data["remaining"]), rows, bad)
 
     async def snapshot_fetched_ms(self) -> int | None:
         raw = await self._call(lambda: self.client.hget(self.key("snap"), "fetched_ms"))

@@ -8,9 +8,8 @@ import pytest
 
 from proxy.errors import HoldQuarantined
 from proxy.money import MAX_ABS_MICROS
-from proxy.store.records import Snapshot
 from proxy.store.redis import CONTAIN_MARGIN_MS, Store
-from tests.store.test_store import HOUR_MS, NOW_MS, REF, USD, budget, charged, held, req, row, snap, windows
+from tests.store.test_store import NOW_MS, REF, USD, budget, charged, held, req, row, snap
 
 ACCOUNT = "acct"
 BIG = MAX_ABS_MICROS  # $1,000,000,000: the largest amount a scope may carry
@@ -195,131 +194,6 @@ async def test_a_charge_settled_without_a_start_time_survives_a_snapshot_fetched
     assert await store.settle("t", 20_000, NOW_MS + 3000, 0) == 20_000
     await store.apply_snapshot(snap(fetched_ms=NOW_MS + 2000))
     assert await charged(store, "acct") == 20_000
-
-
-# -- containment by figures: a snapshot holds a call only once its figures have risen by it -----
-
-
-def figures(fetched_ms: int, usage: int, spend: int, start: int | None = None) -> Snapshot:
-    """A snapshot whose account credit_usage is `usage` and whose key row has spent `spend`."""
-    return Snapshot(fetched_ms, BIG, {REF: row(None, "day", spend, start)}, {}, usage)
-
-
-ROW_FIELD = f"row:{REF}:{windows(NOW_MS)[0]}"  # the key row's day, as a scope of `usage`
-
-
-async def base_records(store: Store) -> int:
-    return int(await raw(store, "HLEN", store.key("base")))  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("amount", [0, 1, 300_000, 10**14, 10**15 - 1])
-async def test_a_hold_of_any_amount_is_contained_only_once_the_figures_have_risen_by_it(store, amount):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 5 * USD, 2 * USD))
-    assert (await store.reserve(req("h", amount, row=REF))).allowed
-    started = NOW_MS + 10
-    await store.mark_started([("h", started)])
-    fetched = started + CONTAIN_MARGIN_MS + 1000
-    # The endpoint lags: fetched long after the call started, its figures do not hold the call.
-    await store.apply_snapshot(figures(fetched, 5 * USD, 2 * USD))
-    if amount > 0:
-        assert await held(store, "acct") == amount
-        assert await held(store, ROW_FIELD) == amount
-        # Risen by one micro-dollar less than the hold: not yet.
-        await store.apply_snapshot(figures(fetched + 1, 5 * USD + amount - 1, 2 * USD + amount - 1))
-        assert await held(store, "acct") == amount
-    await store.apply_snapshot(figures(fetched + 2, 5 * USD + amount, 2 * USD + amount))
-    assert await held(store, "acct") == 0
-    assert await held(store, ROW_FIELD) == 0
-    assert await base_records(store) == 0
-    # Settling the contained call charges nothing upstream again.
-    assert await store.settle("h", amount, fetched + 3, started) == amount
-    assert await charged(store, "acct") == 0
-
-
-@pytest.mark.parametrize("amount", [1, 300_000, 10**14, 10**15 - 1])
-async def test_a_charge_of_any_amount_is_dropped_only_once_the_figures_have_risen_by_it(store, amount):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
-    assert (await store.reserve(req("h", amount, row=REF))).allowed
-    started = NOW_MS + 10
-    assert await store.settle("h", amount, NOW_MS + 100, started) == amount
-    fetched = NOW_MS + 2000
-    await store.apply_snapshot(figures(fetched, 0, 0))
-    assert await charged(store, "acct") == amount
-    assert (await store.usage([ROW_FIELD], []))[ROW_FIELD].charged_micros == amount
-    await store.apply_snapshot(figures(fetched + 1, amount, amount - 1))  # the key row lags
-    assert await charged(store, "acct") == amount
-    await store.apply_snapshot(figures(fetched + 2, amount, amount))
-    assert await charged(store, "acct") == 0
-    assert (await store.usage([ROW_FIELD], []))[ROW_FIELD].charged_micros == 0
-    assert await base_records(store) == 0
-
-
-async def test_one_rise_contains_the_oldest_calls_it_covers_and_no_more(store):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
-    for i in range(3):
-        assert (await store.reserve(req(f"h{i}", 300_000, row=REF))).allowed
-        await store.mark_started([(f"h{i}", NOW_MS + 10 + i)])
-    fetched = NOW_MS + 2000
-    await store.apply_snapshot(figures(fetched, 700_000, 700_000))  # two calls' worth, and some
-    assert await held(store, "acct") == 300_000
-    assert await raw(store, "ZRANGE", store.key("started"), 0, -1) == [b"h2"]
-    # A call marked after that snapshot landed goes on from what it gave out: 100_000 is left.
-    assert (await store.reserve(req("h3", 100_000, fetched + 1, row=REF))).allowed
-    assert (await store.reserve(req("h4", 100_001, fetched + 1, row=REF))).allowed
-    await store.mark_started([("h3", NOW_MS + 20), ("h4", NOW_MS + 21)])
-    assert await held(store, "acct") == 300_000 + 100_000 + 100_001
-    await store.apply_snapshot(figures(fetched + 1, 1_200_001, 1_200_001))
-    assert await held(store, "acct") == 0
-
-
-async def test_a_call_admitted_against_a_snapshot_stays_until_a_later_one_rises(store):
-    # mark_started finds the snapshot the call was admitted against; its figures cannot hold it.
-    await store.apply_snapshot(figures(NOW_MS - 5000, 0, 0))
-    assert (await store.reserve(req("h", 300_000, row=REF))).allowed
-    await store.mark_started([("h", NOW_MS - 5000 - CONTAIN_MARGIN_MS - 1)])
-    assert await held(store, "acct") == 300_000
-
-
-async def test_the_account_and_the_key_row_must_both_have_risen(store):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
-    assert (await store.reserve(req("h", 300_000, row=REF))).allowed
-    await store.mark_started([("h", NOW_MS + 10)])
-    await store.apply_snapshot(figures(NOW_MS + 2000, 300_000, 0))
-    assert await held(store, "acct") == 300_000
-    await store.apply_snapshot(figures(NOW_MS + 2001, 0, 300_000))
-    assert await held(store, "acct") == 300_000
-    await store.apply_snapshot(figures(NOW_MS + 2002, 300_000, 300_000))
-    assert await held(store, "acct") == 0
-
-
-async def test_a_key_row_whose_period_started_again_leaves_the_account_to_decide(store):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 900_000, start=NOW_MS - HOUR_MS))
-    assert (await store.reserve(req("h", 300_000, row=REF))).allowed
-    await store.mark_started([("h", NOW_MS + 10)])
-    # The row's period started again: its spend fell to 0.10, which says nothing about the call.
-    await store.apply_snapshot(figures(NOW_MS + 2000, 0, 100_000, start=NOW_MS + 1))
-    assert await held(store, "acct") == 300_000
-    await store.apply_snapshot(figures(NOW_MS + 2001, 300_000, 100_000, start=NOW_MS + 1))
-    assert await held(store, "acct") == 0
-
-
-async def test_a_call_admitted_without_figures_is_contained_on_timing_alone(store):
-    # A snapshot without credit_usage (or a hold a release that recorded no figures took).
-    await store.apply_snapshot(snap(fetched_ms=NOW_MS - 1000))
-    assert (await store.reserve(req("h", 300_000))).allowed
-    await store.mark_started([("h", NOW_MS + 10)])
-    await store.apply_snapshot(figures(NOW_MS + 2000, 0, 0))
-    assert await held(store, "acct") == 0
-
-
-async def test_figures_of_a_call_the_store_no_longer_tracks_are_dropped(store):
-    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
-    assert (await store.reserve(req("h", 300_000))).allowed
-    assert await store.settle("h", 0, NOW_MS + 10) == 0  # released: nothing left to contain
-    assert await base_records(store) == 0
-    await raw(store, "HSET", store.key("base"), "gone", "1|2|3")  # left by an older release's settle
-    await store.apply_snapshot(figures(NOW_MS + 2000, 0, 0))
-    assert await base_records(store) == 0
 
 
 # -- levels: one read of every scope, by reserve.lua's rules ---------------------------------

@@ -91,7 +91,6 @@ local function contain(hold_id, h)
   h.contained = true
   redis.call("HSET", K.holds, hold_id, format_hold(h))
   redis.call("ZREM", K.started, hold_id)
-  redis.call("HDEL", K.base, hold_id)
 end
 
 -- A record that cannot be read is moved aside, never left where every reserve would trip on it.
@@ -100,84 +99,6 @@ local function quarantine(hold_id, rec)
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
   redis.call("ZREM", K.started, hold_id)
-  redis.call("HDEL", K.base, hold_id)
-end
-
--- Containment by figures (docs/state.md, "The credits refresher"). A snapshot contains a call's
--- charge (or its in-flight hold) only when its figures have risen by at least the amount since
--- the call started: the account's `credit_usage` (snap field "usage") and, for a call on a key
--- row, that row's `period_spend`. reserve.lua records the figures of the snapshot a call was
--- admitted against in K.base ("<usage>|<row spend>|<row period start>", "" = not known); that
--- snapshot was fetched before the call was sent, so its figures cannot hold the call's charge.
--- The calls one snapshot contains are taken oldest first, and together: the set contained in a
--- scope never adds up to more than that scope's figure less the highest baseline among them
--- (any of them may be in the rise since any other's baseline). What the snapshot has given out
--- so far is kept beside it ("k:<scope>" = "<given>|<highest baseline>"), so mark_started.lua
--- goes on from where apply_snapshot.lua stopped. A row whose period started again since the
--- call started (its period start differs) says nothing about the call: the account decides.
--- A call with no recorded figures (admitted by a release that did not record them, or against
--- a snapshot without `credit_usage`) is contained on timing alone, as before.
-local function base_of(id)
-  local rec = redis.call("HGET", K.base, id)
-  if not rec then return nil end
-  local acct, row, row_start = string.match(rec, "^(%-?%d*)|(%-?%d*)|(%-?%d*)$")
-  if not acct or acct == "" then return nil end
-  return {acct = tonumber(acct), row = tonumber(row), row_start = tonumber(row_start)}
-end
-
--- The stored snapshot's figure for a scope ("acct" or "r:<row_ref>"): {figure, period_start},
--- or nil when it has none (no such row, an unreadable row, no `credit_usage`).
-local function figure_of(scope)
-  local v = redis.call("HGET", K.snap, scope == "acct" and "usage" or scope)
-  if not v or v == "!" then return nil end
-  if scope == "acct" then return {figure = tonumber(v), start = -1} end
-  local f = {}
-  for part in string.gmatch(v .. "|", "([^|]*)|") do
-    f[#f + 1] = part
-  end
-  return {figure = tonumber(f[5]), start = tonumber(f[6])}
-end
-
--- Whether the stored snapshot contains `amount` charged by a call with baseline `base` on key row
--- `row_ref` ("" = none); when it does, the amount is given out of the scopes' rises (see above).
--- `scopes` caches the scopes' state for one script run.
-local function figures_contain(scopes, amount, base, row_ref)
-  if base == nil then return true end
-  local checks = {{name = "acct", base = base.acct}}
-  if row_ref ~= "" and base.row ~= nil then
-    checks[2] = {name = "r:" .. row_ref, base = base.row, start = base.row_start}
-  end
-  local states = {}
-  for i, c in ipairs(checks) do
-    local st = scopes[c.name]
-    if st == nil then
-      local fig = figure_of(c.name)
-      local given = redis.call("HGET", K.snap, "k:" .. c.name)
-      local g, top = 0, nil
-      if given then
-        local a, b = string.match(given, "^(%d+)|(%-?%d+)$")
-        g, top = tonumber(a), tonumber(b)
-      end
-      st = {fig = fig, given = g, top = top}
-      scopes[c.name] = st
-    end
-    if st.fig == nil then
-      if c.name == "acct" then return false end
-      -- the row is gone or unreadable: nothing counts against it, the account decides
-    elseif c.start ~= nil and c.start >= 0 and st.fig.start >= 0 and c.start ~= st.fig.start then
-      -- the row's period started again: its figure says nothing about this call
-    else
-      local top = c.base
-      if st.top ~= nil and st.top > top then top = st.top end
-      if st.given + amount > st.fig.figure - top then return false end
-      states[#states + 1] = {name = c.name, st = st, top = top}
-    end
-  end
-  for _, s in ipairs(states) do
-    s.st.given, s.st.top = s.st.given + amount, s.top
-    redis.call("HSET", K.snap, "k:" .. s.name, int(s.st.given) .. "|" .. int(s.top))
-  end
-  return true
 end
 
 -- The budget counters a script received: KEYS[first_key..] with their specs ("<id>@<window
@@ -268,10 +189,6 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
   end
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
-  if h.contained or charge <= 0 then
-    -- nothing of this call is left for a snapshot to contain
-    redis.call("HDEL", K.base, hold_id)
-  end
   if h.started > 0 and not h.contained then
     -- only mark_started puts a hold in `started`, and contain() takes it out
     redis.call("ZREM", K.started, hold_id)
@@ -306,5 +223,5 @@ local function row_level(row_ref, windows, fetched_ms)
   local charged = tonumber(redis.call("HGET", K.chsum, "row:" .. row_ref .. ":" .. win) or "0")
   local held = tonumber(redis.call("HGET", K.held, "row:" .. row_ref) or "0")
   return {active = f[1] == "1", expires_ms = tonumber(f[2]), limit = tonumber(f[3]), period = period,
-          win = win, spent = counted + charged, held = held, spend = spend, period_start = period_start_ms}
+          win = win, spent = counted + charged, held = held}
 end

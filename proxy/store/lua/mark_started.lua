@@ -3,16 +3,13 @@
 -- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] containment margin (ms)  ARGV[2..] pairs of hold_id, started_ms
--- A hold leaves the upstream scopes' held sums at once when the stored snapshot contains it by
--- the rule of apply_snapshot.lua: its fetch began at least `margin` after the call started, and
--- its figures have risen by at least the hold since then (figures_contain in _common.lua, which
--- goes on from what apply_snapshot.lua gave out of the same snapshot). The others wait in the
--- `started` sorted set for the next snapshot. Returns how many were marked.
+-- A hold whose call started at least `margin` before the stored snapshot's fetch began is in
+-- that snapshot already and leaves the upstream scopes' held sums at once; the others wait in
+-- the `started` sorted set for the next snapshot (apply_snapshot.lua). Returns how many were marked.
 local margin = tonumber(ARGV[1])
 local PAIRS_FROM = 2
 local fetched = tonumber(redis.call("HGET", K.snap, "fetched_ms") or "-1")
 local marked = 0
-local scopes = {}
 for i = PAIRS_FROM, #ARGV, 2 do
   local hold_id, started = ARGV[i], tonumber(ARGV[i + 1])
   local rec = redis.call("HGET", K.holds, hold_id)
@@ -21,7 +18,7 @@ for i = PAIRS_FROM, #ARGV, 2 do
     quarantine(hold_id, rec)
   elseif h and h.started == 0 and not h.contained then
     h.started = started
-    if fetched >= 0 and started + margin <= fetched and figures_contain(scopes, h.amount, base_of(hold_id), h.row_ref) then
+    if fetched >= 0 and started + margin <= fetched then
       contain(hold_id, h)
     else
       redis.call("HSET", K.holds, hold_id, format_hold(h))

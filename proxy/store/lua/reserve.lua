@@ -3,7 +3,6 @@
 -- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K), then KEYS[N_BASE + 1] this hold's tombstone, then KEYS[N_BASE + 1 + i]
 -- the counter of local budget i in its current window (micro-dollars)
--- Records the figures the hold was admitted against in K.base (figures_contain in _common.lua).
 -- ARGV[1] now_ms  ARGV[2] hold_id  ARGV[3] amount (micros)  ARGV[4] lease_expiry_ms
 -- ARGV[5] account floor (micros)  ARGV[6] max_staleness_ms  ARGV[7] row_ref ("" = none)
 -- ARGV[8..10] day, week, month window starts (ms)  ARGV[11] shadow_all (0/1)
@@ -82,7 +81,7 @@ if #budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
   return {REFUSED, "state_lost", "store", 0, 0, 0}
 end
 
-local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining", "usage")
+local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining")
 if not snap[1] then
   return {REFUSED, "no_snapshot", "account", 0, 0, 0}
 end
@@ -112,7 +111,6 @@ local function consider(code, scope, limit, spent, in_hold, shadow)
 end
 
 local row_win = 0
-local row_spend, row_start = "", ""
 if row_ref ~= "" then
   local row = row_level(row_ref, windows, fetched_ms)
   if row == "!" then
@@ -126,7 +124,6 @@ if row_ref ~= "" then
       refusal = {code = "key_expired", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
     end
     row_win = row.win
-    row_spend, row_start = int(row.spend), int(row.period_start)
     if row.limit >= 0 then
       local scope = "key:lifetime"
       if row_win > 0 then scope = "key:" .. row.period end
@@ -151,11 +148,6 @@ end
 redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease_expiry_ms, row_ref = row_ref,
   row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false}))
 redis.call("ZADD", K.leases, lease_expiry_ms, hold_id)
--- The figures this call was admitted against: a snapshot contains its charge only once they have
--- risen by at least it (figures_contain in _common.lua).
-if snap[3] then
-  redis.call("HSET", K.base, hold_id, snap[3] .. "|" .. row_spend .. "|" .. row_start)
-end
 redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
