@@ -80,27 +80,16 @@ class RedisServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.dir = tempfile.mkdtemp(prefix="sg-redis-")
 
+    # What the server keeps on disk, and how long it may take to start (loading what it kept).
+    PERSISTENCE: tuple[str, ...] = ("--appendonly", "no")
+    START_S = 10.0
+
     def start(self) -> None:
         binary = shutil.which("redis-server")
         assert binary, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, 10, "redis-server to start")
+        argv = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", *self.PERSISTENCE]
+        self.proc = subprocess.Popen([*argv, "--dir", self.dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(self._answers, self.START_S, "redis-server to start (and load what it kept)")
 
     def _answers(self) -> bool:
         try:
@@ -239,29 +228,8 @@ class PersistentRedisServer(RedisServer):
     """A private redis-server whose data survives `stop()` (SIGKILL) and `start()` on the same
     port and directory: an append-only file fsynced on every write (`appendfsync always`)."""
 
-    def start(self) -> None:
-        binary = shutil.which("redis-server")
-        assert binary, "redis-server is not installed"
-        self.proc = subprocess.Popen(
-            [
-                binary,
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                self.dir,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_until(self._answers, 30, "redis-server to start (and load its append-only file)")
+    PERSISTENCE = ("--appendonly", "yes", "--appendfsync", "always")
+    START_S = 30.0
 
 
 # -- talking to a served proxy ---------------------------------------------------------------
