@@ -44,55 +44,15 @@ def app_module(root: str, upstream_url: str) -> None:
 
 def commands(port: int) -> dict[str, list[str]]:
     py = sys.executable
-    found = {
-        "uvicorn-httptools": [
-            py,
-            "-m",
-            "uvicorn",
-            APP,
-            "--port",
-            str(port),
-            "--http",
-            "httptools",
-            "--loop",
-            "uvloop",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        "uvicorn-h11": [
-            py,
-            "-m",
-            "uvicorn",
-            APP,
-            "--port",
-            str(port),
-            "--http",
-            "h11",
-            "--loop",
-            "uvloop",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-    }
+
+    def uvicorn(http: str) -> list[str]:
+        return [py, "-m", "uvicorn", APP, "--port", str(port), "--http", http, "--loop", "uvloop",
+                "--log-level", "warning", "--no-access-log"]  # fmt: skip
+
+    found = {"uvicorn-httptools": uvicorn("httptools"), "uvicorn-h11": uvicorn("h11")}
     if importlib.util.find_spec("proxy"):
         # The proxy's own protocol: httptools with the head, pipeline and connection bounds.
-        found["uvicorn-guarded"] = [
-            py,
-            "-m",
-            "uvicorn",
-            APP,
-            "--port",
-            str(port),
-            "--http",
-            "proxy.http.protocol:GuardedHttpProtocol",
-            "--loop",
-            "uvloop",
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ]
+        found["uvicorn-guarded"] = uvicorn("proxy.http.protocol:GuardedHttpProtocol")
     if importlib.util.find_spec("hypercorn"):
         found["hypercorn"] = [py, "-m", "hypercorn", APP, "--bind", f"127.0.0.1:{port}", "--log-level", "warning"]
     if importlib.util.find_spec("granian"):
