@@ -79,7 +79,7 @@ class Guard:
             await self.guarded(scope, receive, send, match, path)
             return
         if match.free:
-            self.runtime.metrics.free_routes.labels(match.path).inc()
+            self.runtime.metrics.count_free_route(match.path)
         elif match.unknown and not self.pass_unknown_route(scope, match):
             await self.refuse_unknown_route(scope, receive, send, match)
             return

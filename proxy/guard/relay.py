@@ -21,6 +21,7 @@ from proxy.http.upstream import (
     ClientStalled,
     WriteStalled,
     abort_client,
+    arrived_whole,
     body_chunks,
     request_head,
     response_headers,
@@ -103,6 +104,13 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
             async with deadline_at(deadline):
                 await send({"type": "http.response.start", "status": resp.status, "headers": out_headers})
                 sending = False
+                whole = arrived_whole(resp.content)
+                if whole is not None:
+                    observer.feed(whole)
+                    outcome, finished = observer.finish(True), True
+                    sending = True
+                    await send_within(scope, send, {"type": "http.response.body", "body": whole}, write_s)
+                    return
                 async for chunk in body_chunks(resp.content):
                     observer.feed(chunk)
                     # After a client disconnect uvicorn drops these sends; we keep reading to the

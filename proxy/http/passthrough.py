@@ -17,6 +17,7 @@ from proxy.http.upstream import (
     ClientStalled,
     WriteStalled,
     abort_client,
+    arrived_whole,
     body_chunks,
     request_head,
     response_headers,
@@ -80,6 +81,11 @@ async def passthrough(rt: Runtime, scope: Scope, receive: Receive, send: Send, p
                 # Only a response still arriving needs watching; most arrive whole with the headers.
                 watcher = asyncio.create_task(watch_disconnect())
             write_s = rt.settings.write_timeout_s
+            whole = arrived_whole(resp.content)
+            if whole is not None:
+                sending = True
+                await send_within(scope, send, {"type": "http.response.body", "body": whole}, write_s)
+                return
             async for chunk in body_chunks(resp.content):
                 sending = True
                 message = {"type": "http.response.body", "body": chunk, "more_body": True}

@@ -262,26 +262,29 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         # kept-alive connection is uvicorn's timeout_keep_alive's to close).
         self._arm()
 
+    # on_url and on_header run for every piece of every head: the head's size is counted inline.
+
     def on_url(self, url: bytes) -> None:
-        self.url_bytes += len(url)
+        size = len(url)
+        self.url_bytes += size
         if self.url_bytes > MAX_URL_BYTES:
             self._stop(URL_TOO_LONG_RESPONSE)
-        self._count(len(url))
+        self.head_size += size
+        if self.head_size > self.max_head_bytes:
+            self._stop(head_too_large_response(self.max_head_bytes))
         self.url_parts.append(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.header_count += 1
         if self.header_count > MAX_HEADERS:
             self._stop(TOO_MANY_HEADERS_RESPONSE)
-        if len(name) + len(value) > MAX_LINE_BYTES:
+        size = len(name) + len(value)
+        if size > MAX_LINE_BYTES:
             self._stop(LINE_TOO_LONG_RESPONSE)
-        self._count(len(name) + len(value))
-        super().on_header(name, value)
-
-    def _count(self, size: int) -> None:
         self.head_size += size
         if self.head_size > self.max_head_bytes:
             self._stop(head_too_large_response(self.max_head_bytes))
+        super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
         self._disarm()

@@ -44,6 +44,8 @@ _REWRITTEN = frozenset({b"host", b"content-length", b"expect"})
 _NOTHING: frozenset[bytes] = frozenset()
 # aiohttp's own threshold (payload.TOO_LARGE_BYTES_BODY) for a body sent as one `bytes` write.
 LARGE_BODY_BYTES = 1 << 20
+# A response body at most this big that arrived whole with its head goes out as one message.
+WHOLE_RESPONSE_BYTES = 256 * 1024
 # The scope extension through which the server lets the guard drop a client's connection at once
 # (set by `proxy.http.protocol.GuardedHttpProtocol`).
 ABORT_EXTENSION = "spend_guard.abort"
@@ -221,6 +223,15 @@ def response_headers(resp: aiohttp.ClientResponse) -> list[tuple[bytes, bytes]]:
     if listed:
         out = [(name, value) for name, value in out if name not in listed]
     return out
+
+
+def arrived_whole(content: aiohttp.StreamReader) -> bytes | None:
+    """The whole body if it arrived with the head and is at most WHOLE_RESPONSE_BYTES (it then goes
+    to the client as one last message); None: stream it with `body_chunks`. A bigger body is in
+    memory too, but is not copied again."""
+    if content.is_eof() and content.total_bytes <= WHOLE_RESPONSE_BYTES:
+        return content.read_nowait()
+    return None
 
 
 async def body_chunks(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -79,6 +79,7 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self._free_route_children: dict[str, Counter] = {}
         self.refresh_failures = Counter("spend_guard_refresh_failures", "Failed credits refreshes.", registry=r)
         self.policy_reloads = Counter("spend_guard_policy_reloads", "Policy reloads by result.", ["result"], registry=r)
         self.settle_retries = Counter(
@@ -173,6 +174,14 @@ class Metrics:
             buckets=OVERHEAD_BUCKETS,
             registry=r,
         )
+
+    def count_free_route(self, route: str) -> None:
+        """One more request to `route`, a route the policy lists as free (its labelled child is
+        looked up once: the routes are the policy's, so the cache is as bounded as they are)."""
+        child = self._free_route_children.get(route)
+        if child is None:
+            child = self._free_route_children[route] = self.free_routes.labels(route)
+        child.inc()
 
     def add_collector(self, collector: Collector) -> None:
         """A collector read when scraped, by whichever process answers (never summed over workers)."""
