@@ -3,16 +3,21 @@ could not reach the store before the end is said to be abandoned. See docs/opera
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import socket
+from pathlib import Path
 
 import pytest
 
+from proxy.http.protocol import RETIRING_FIRST_BYTE_S
 from proxy.runtime import Pending
 from tests.store.test_embedded import server_pids
 from tests.support.policies import KEYS
 from tests.support.served import ServedProxy, alice_policy, wait_until
+from tests.support.sockets import connect, read_until_closed
 
 FAKE = [pytest.param("fake", marks=pytest.mark.fake)]
 
@@ -43,3 +48,53 @@ def test_a_stop_signal_exits_0_with_one_worker_as_with_several(tmp_path, up, sta
         assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]
         wait_until(lambda: not server_pids(state_home / "spend-guard"), 10, "the embedded server to stop")
         assert "embedded store: the server exited" not in proxy.output()  # stopped, not restarted
+
+
+def accepted(pid: int, client: socket.socket) -> bool:
+    """Whether process `pid` holds the server side of `client`'s connection (it has accepted it)."""
+    server_port, client_port = client.getpeername()[1], client.getsockname()[1]
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if int(local.split(":")[1], 16) == server_port and int(remote.split(":")[1], 16) == client_port:
+            inodes.add(fields[9])
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in {f"socket:[{inode}]" for inode in inodes}:
+                return True
+    return False
+
+
+@pytest.mark.embedded
+@pytest.mark.system
+def test_a_connection_accepted_as_the_server_stops_is_answered_and_then_closed(tmp_path, up, state_home):
+    # A rolling restart retires a worker that may have just accepted a client's connection: the
+    # request that client sends next gets its answer (Connection: close), not a dropped connection.
+    policy = alice_policy(tmp_path, account="stop-accepted", budget_usd="5", shutdown_grace_s=10)
+    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as client:
+        assert proxy.proc is not None
+        wait_until(lambda: accepted(proxy.proc.pid, client), 10, "the proxy to accept the connection")
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        wait_until(lambda: "Shutting down" in proxy.output(), 10, "the shutdown to begin")
+        client.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: guard\r\n\r\n")
+        reply, closed = read_until_closed(client, 10)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
+        assert b"\r\nconnection: close\r\n" in reply.lower()
+        assert closed
+        assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]
+
+
+@pytest.mark.embedded
+@pytest.mark.system
+def test_a_connection_that_sends_nothing_does_not_hold_up_the_stop(tmp_path, up, state_home):
+    # The shape next to it: an accepted connection that stays silent is closed unanswered within
+    # RETIRING_FIRST_BYTE_S, not kept for the head deadline (10 s) or the grace period (30 s).
+    policy = alice_policy(tmp_path, account="stop-silent", budget_usd="5", shutdown_grace_s=30)
+    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as client:
+        assert proxy.proc is not None
+        wait_until(lambda: accepted(proxy.proc.pid, client), 10, "the proxy to accept the connection")
+        os.kill(proxy.proc.pid, signal.SIGTERM)
+        reply, closed = read_until_closed(client, RETIRING_FIRST_BYTE_S + 5)
+        assert (reply, closed) == (b"", True)
+        assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]

@@ -65,6 +65,9 @@ from proxy.http.upstream import ABORT_EXTENSION, FLOW_EXTENSION, ClientStalled
 from proxy.logs import LogFormat, uvicorn_log_config
 from proxy.settings import Settings
 
+# When the server stops, a connection accepted but not sent a byte yet is closed after this long.
+RETIRING_FIRST_BYTE_S = 1.0
+
 
 @functools.lru_cache(maxsize=1)
 def _worker_settings() -> Settings:
@@ -118,6 +121,7 @@ class GuardedHttpProtocol(HttpToolsProtocol):
         self.refusal: bytes | None = None  # a head was refused: nothing more is read
         self.body_left = 0  # of a body of known length being read
         self.held: bytearray | None = None  # read but not parsed while enough requests wait (reading paused)
+        self.retiring = False  # the server is stopping: the request this connection is waiting for is its last
         # This process's connections waiting for a request head, oldest first (one server per
         # process, so its state object is where they are shared).
         self.waiting: dict[GuardedHttpProtocol, None] = server_state.__dict__.setdefault("spend_guard_waiting", {})
@@ -142,6 +146,23 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                     return
                 oldest.cut_slow_head()
         self._arm()  # the first request's head is due within head_timeout_s of the connection
+
+    def shutdown(self) -> None:
+        """uvicorn closes a connection that has no request yet at once when the server stops. One
+        accepted just before (its request perhaps already on the wire) would see its connection
+        dropped unanswered, so it is kept for its one request, answered with `Connection: close`:
+        a head already begun has its head deadline; no byte yet, RETIRING_FIRST_BYTE_S."""
+        if self.cycle is not None or self.transport.is_closing():
+            super().shutdown()
+            return
+        self.retiring = True
+        if not self.head_begun:
+            self.loop.call_later(RETIRING_FIRST_BYTE_S, self._close_if_no_request)
+
+    def _close_if_no_request(self) -> None:
+        if self.cycle is None and not self.head_begun and not self.transport.is_closing():
+            self._disarm()
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -298,6 +319,8 @@ class GuardedHttpProtocol(HttpToolsProtocol):
                 self.body_left = 0
                 break
         super().on_headers_complete()
+        if self.retiring and self.cycle is not None:
+            self.cycle.keep_alive = False  # the server is stopping: this request is the connection's last
         extensions: dict[str, Any] = self.scope.setdefault("extensions", {})
         extensions[ABORT_EXTENSION] = self.transport.abort
         extensions[FLOW_EXTENSION] = self.flow
