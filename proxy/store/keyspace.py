@@ -26,6 +26,9 @@ BASE = (
     "quarantine",  # hash: hold_id -> an unreadable record moved aside
     "epoch",  # string: the store's identity (amnesia check)
     "lost",  # string: why and when the store lost its local budget state
+    "counted",  # hash: budget counter id -> the window start (ms) of its counter's latest charge
+    "seq",  # hash: instance id -> how many settles of that instance the store took (rollback check)
+    "seqseen",  # sorted set: instance id by when it last checked the store's identity (ms)
 )
 
 
@@ -33,13 +36,13 @@ BASE = (
 # (`lua_binding`) and the keys the store passes (`Keys.fixed`) come from the same tuple. Fewer
 # keys per call is less to encode and send (a reserve and a settle run on every guarded call).
 SCRIPT_KEYS = {
-    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost"),
-    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
-    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "counted"),
+    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted"),
+    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "lost", "seq"),
     "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine"),
     "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
     "levels": ("snap", "held", "chsum"),
-    "identity": ("epoch", "lost"),
+    "identity": ("epoch", "lost", "seq", "seqseen"),
 }
 
 

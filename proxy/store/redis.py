@@ -48,6 +48,7 @@ from proxy.store.scripts import (
     ledger_script,
     lone_script,
     row_level_of,
+    settle_of,
 )
 
 T = TypeVar("T")
@@ -55,9 +56,14 @@ LOCK_REFRESH = "lock:refresh"
 # What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
 UNREADABLE_ROW = "!"
 LOCK_MODELS = "lock:models"
-# The reason identity.lua records for a store found without an epoch that nothing showed to be new
-# (`spend-guard store init` lifts it; any other loss needs `store recover`).
+# The reasons the lost marker records (LOST_* in lua/_common.lua spell them the same). A store found
+# without an epoch that nothing showed to be new is LOST_UNKNOWN (`spend-guard store init` lifts
+# it; any other loss needs `store recover`).
+LOST_EMPTIED = "the store's state was emptied"
+LOST_CHANGED = "the store's epoch changed"
 LOST_UNKNOWN = "the store has no epoch and nothing shows it is new"
+LOST_ROLLED_BACK = "the store went back to an earlier copy of itself, without charges it had taken"
+LOST_VANISHED = "a budget counter vanished during its window (evicted?)"
 
 
 # Every store operation, connection included, answers within this or fails as StoreError. One
@@ -114,6 +120,11 @@ class Store:
         self.account = account
         self.keys = Keys(account)
         self.epoch = ""  # learned by adopt_epoch(); "" = not yet, and no amnesia check
+        # The rollback check (check_sequence in lua/_common.lua): this instance's id, and how many
+        # of its settles the store has answered as taken. The store counts them too; finding fewer
+        # there means it went back to an earlier copy of itself.
+        self.instance = os.urandom(8).hex()
+        self.settles_seen = 0
         self._in_flight = 0  # operations holding one of the MAX_CONCURRENT_OPS slots
         self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
         self._failing = False  # the last operation failed: don't queue behind a dead store
@@ -140,10 +151,11 @@ class Store:
 
     async def check_identity(self, now_ms: int, *, new_is_safe: bool) -> str | None:
         """Is this still the store this instance counts in (identity.lua)? An epoch that vanished
-        or changed since this instance learned it, or none at all unless `new_is_safe` (nothing
-        can have been counted anywhere yet), marks the local budget state lost. Learns the
-        store's epoch and returns its lost marker (`"<why>|<ms>"`), or None."""
-        args = [self.epoch, os.urandom(8).hex(), now_ms, 1 if new_is_safe else 0]
+        or changed since this instance learned it, none at all unless `new_is_safe` (nothing
+        can have been counted anywhere yet), or fewer of this instance's settles than the store
+        has answered as taken (it went back to an earlier copy) marks the local budget state
+        lost. Learns the store's epoch and returns its lost marker (`"<why>|<ms>"`), or None."""
+        args = [self.epoch, os.urandom(8).hex(), now_ms, 1 if new_is_safe else 0, self.instance, self.settles_seen]
         epoch, lost = await self._call(lambda: self.lua_identity(keys=self.keys.fixed("identity"), args=args))
         self.epoch = as_text(epoch)
         return as_text(lost) if lost else None
@@ -195,9 +207,12 @@ class Store:
 
         async def write() -> None:
             pipe = self.client.pipeline(transaction=True)
+            # What the recovery does not set starts from $0: a counter missing now is not a loss.
+            pipe.delete(self.key("counted"))
             for budget, micros in counters:
                 key = self.budget_key(budget.id, budget.window_start_ms)
                 pipe.set(key, micros)
+                pipe.hset(self.key("counted"), budget.id, budget.window_start_ms)
                 if budget.window_end_ms:
                     pipe.pexpireat(key, budget.window_end_ms + 86_400_000)  # as settle_hold keeps it
             pipe.delete(self.key("lost"))
@@ -373,16 +388,30 @@ class Store:
                 self.keys.tomb(hold_id),
                 *self.keys.budgets(counters),
             ]
-            args = [hold_id, cost, now_ms, started_ms, *(spec(*c) for c in counters)]
+            args = self.settle_args(hold_id, cost, now_ms, started_ms, counters)
             reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
             if not isinstance(reply, list):
                 break
             counters = counters_named(reply)  # the counters it needs: nothing changed yet
         else:
             raise StoreScriptError(f"settle of hold {hold_id} still needs budget counters {counters}")
+        return self.settled(hold_id, reply)
+
+    def settle_args(
+        self, hold_id: str, cost: int, now_ms: int, started_ms: int, counters: Sequence[tuple[str, int]]
+    ) -> list[Any]:
+        """settle.lua's ARGV: six fixed fields, then one spec per budget counter (its header)."""
+        return [hold_id, cost, now_ms, started_ms, self.instance, self.settles_seen, *(spec(*c) for c in counters)]
+
+    def settled(self, hold_id: str, reply: int) -> int | None:
+        """settle.lua's answer (other than the counters it needs): the charge, or None when the
+        hold was gone. A hold it ended counts as one settle of this instance the store took."""
         if reply == SETTLE_QUARANTINED:
             raise HoldQuarantined(hold_id)
-        return None if reply < 0 else int(reply)  # SETTLE_GONE: no such hold
+        charged = settle_of(reply)
+        if charged is not None:
+            self.settles_seen += 1
+        return charged
 
     async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
         """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""

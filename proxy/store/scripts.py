@@ -152,6 +152,12 @@ def counters_named(specs: Sequence[bytes | str]) -> list[tuple[str, int]]:
     return [parse_spec(as_text(s)) for s in specs]
 
 
+def settle_of(reply: int) -> int | None:
+    """settle.lua's answer once it had the counters it needs and the record was readable (not
+    SETTLE_QUARANTINED): the amount charged (micros), or None for SETTLE_GONE (no such hold)."""
+    return None if int(reply) < 0 else int(reply)
+
+
 def row_level_of(row: Sequence[Any]) -> RowLevel | str | None:
     """One key row of levels.lua's reply: None (no such row), "unreadable", or its level."""
     status, active, expires_ms, limit_micros, period, window_start_ms, spent_micros, held_micros = row

@@ -1,6 +1,8 @@
 """A store that can evict the guard's keys (any `maxmemory-policy` but `noeviction`) would forget
 budget counters silently when full: every instance says so within a refresh round (readyz 503, a
-metric, one ERROR line) while the policy counts local budgets. See docs/failure-modes.md."""
+metric, one ERROR line) while the policy counts local budgets; and a budget counter found gone in a
+window it was charged in is lost state, never a budget counted from $0 again. See
+docs/failure-modes.md."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ import httpx
 import pytest
 import redis
 
+from proxy.commands.recover import Plan, recover
+from proxy.store.records import BudgetHold
+from proxy.store.redis import LOST_VANISHED, Store
+from tests.store.test_store import BOUNDARY_MS, NOW_MS, USD, budget, req, snap
 from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
 
-pytestmark = [pytest.mark.real, pytest.mark.system]
+AGES = 10**12  # a snapshot this old still counts: the tests move between far-apart instants
 PROBLEM = "store: its maxmemory-policy volatile-ttl can evict budget counters; set noeviction"
 
 
@@ -18,6 +24,8 @@ def problems(proxy: ServedProxy) -> list[str]:
     return list(httpx.get(proxy.url + "/-/readyz", timeout=5).json().get("problems", []))
 
 
+@pytest.mark.real
+@pytest.mark.system
 def test_an_evicting_store_is_loudly_unready_until_set_to_noeviction(tmp_path, up):
     policy = alice_policy(tmp_path, account="evict", budget_usd="1", refresh_s=1)
     with RedisServer() as server, ServedProxy(policy, up.url, server.url) as proxy:
@@ -29,3 +37,55 @@ def test_an_evicting_store_is_loudly_unready_until_set_to_noeviction(tmp_path, u
         wait_until(lambda: problems(proxy) == [], 5, "ready again")
         assert "spend_guard_store_can_evict 0.0" in httpx.get(proxy.url + "/-/metrics", timeout=5).text
         assert proxy.output().count("STORE CAN EVICT BUDGET COUNTERS: its maxmemory-policy is volatile-ttl") == 1
+
+
+@pytest.fixture
+async def store(store_target):
+    client = store_target.client()
+    s = Store(client, "acct")
+    await s.apply_snapshot(snap())
+    yield s
+    await client.aclose()
+
+
+async def spend(store: Store, b: BudgetHold, hold_id: str, cost: int, now_ms: int = NOW_MS) -> None:
+    assert (await store.reserve(req(hold_id, 1, now_ms, staleness_ms=AGES, budgets=(b,)))).allowed
+    assert await store.settle(hold_id, cost, now_ms, 0, [(b.id, b.window_start_ms)]) == cost
+
+
+@pytest.mark.parametrize("period", ["day", None])
+async def test_a_counter_gone_in_a_window_it_was_charged_in_is_lost_state(store, period):
+    b = budget("key:alice", 10 * USD, period)
+    await spend(store, b, "h1", 1)  # 1 µ$ is enough for the window to be known
+    await store.client.delete(store.budget_key(b.id, b.window_start_ms))  # evicted
+    refused = await store.reserve(req("h2", USD, budgets=(b,)))
+    assert refused.refusal is not None and refused.refusal.code == "state_lost"
+    assert await store.state_lost() == f"{LOST_VANISHED}|{NOW_MS}"
+    assert (await store.reserve(req("h3", USD))).allowed  # a call touching no local budget goes on
+    # accepting the loss counts the budget from $0 again, and no longer calls the counter vanished
+    await recover(store, Plan([]))
+    await spend(store, b, "h4", 10**12 // 10**3)
+    assert (await store.usage([], [b]))[f"b:{b.id}"].charged_micros == 10**9
+
+
+async def test_a_counter_never_charged_in_its_window_is_not_a_loss(store):
+    day = budget("key:alice:day", 10 * USD)
+    assert (await store.reserve(req("h1", USD, budgets=(day,)))).allowed  # never charged at all
+    assert await store.settle("h1", 0, NOW_MS, 0, [(day.id, day.window_start_ms)]) == 0  # a release
+    assert (await store.reserve(req("h2", USD, budgets=(day,)))).allowed
+    # charged yesterday: today's counter has not been written yet
+    yesterday_ms = BOUNDARY_MS - 1000
+    yesterday = budget("key:bob:day", 10 * USD, "day", yesterday_ms)
+    await spend(store, yesterday, "h3", 5 * USD, yesterday_ms)
+    today = budget("key:bob:day", 10 * USD, "day", BOUNDARY_MS)
+    assert (await store.reserve(req("h4", USD, BOUNDARY_MS, staleness_ms=AGES, budgets=(today,)))).allowed
+    assert await store.state_lost() is None
+
+
+async def test_a_counter_a_recovery_set_and_that_then_vanished_is_a_loss(store):
+    day = budget("key:alice:day", 10 * USD)
+    await recover(store, Plan([(day, 300_000)]), force=True)
+    assert (await store.usage([], [day]))[f"b:{day.id}"].charged_micros == 300_000
+    await store.client.delete(store.budget_key(day.id, day.window_start_ms))
+    refused = await store.reserve(req("h1", USD, budgets=(day,)))
+    assert refused.refusal is not None and refused.refusal.code == "state_lost"

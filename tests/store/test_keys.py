@@ -2,9 +2,10 @@
 
 Redis enforces none of this on one node, so each script runs here behind a shim that fails it
 on the first command naming a key it was not given, while the store's operations take every
-path of every script: reserve (allowed, refused, cancelled, state lost, reclaim first), reclaim
-(charged, quarantined, counters missing), settle (charge, release, tombstone, counters missing),
-mark_started, apply_snapshot (containment), levels and alert marks.
+path of every script: reserve (allowed, refused, cancelled, state lost, a vanished counter,
+reclaim first), reclaim (charged, quarantined, counters missing), settle (charge, release,
+tombstone, counters missing, rollback), mark_started, apply_snapshot (containment), levels,
+identity (rollback) and alert marks.
 """
 
 from __future__ import annotations
@@ -136,6 +137,20 @@ async def test_every_script_path_touches_only_declared_keys(store):
     await store.client.delete(store.keys("epoch"))
     d = await store.reserve(req("h7", USD, NOW_MS + 31_000, budgets=budgets))
     assert d.refusal is not None and d.refusal.code == "state_lost"
+
+    # identity: a rollback the settle count shows (the settle and the round both check it)
+    await store.client.delete(store.keys("lost"))
+    assert await store.check_identity(NOW_MS + 32_000, new_is_safe=False) is None
+    await store.client.hset(store.keys("seq"), store.instance, 0)
+    assert await store.settle("gone", 0, NOW_MS + 32_000) is None
+    assert (await store.check_identity(NOW_MS + 33_000, new_is_safe=False) or "").startswith("the store went back")
+
+    # a budget counter that vanished in its window
+    await store.client.delete(store.keys("lost"))
+    await store.client.delete(store.budget_key(day.id, day.window_start_ms))
+    d = await store.reserve(req("h8", USD, NOW_MS + 34_000, budgets=budgets))
+    assert d.refusal is not None and d.refusal.code == "state_lost"
+    assert (await store.state_lost() or "").startswith("a budget counter vanished")
 
     # alert marks
     marks = await store.alert_marks(

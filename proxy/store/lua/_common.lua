@@ -76,6 +76,32 @@ local function format_hold(h)
     .. "|" .. int(h.started) .. "|" .. contained
 end
 
+-- Why the store lost its local budget state, as the marker K.lost records it ("<why>|<ms>",
+-- the first reason found; proxy/store/redis.py names the same as LOST_*).
+local LOST_EMPTIED = "the store's state was emptied"
+local LOST_CHANGED = "the store's epoch changed"
+local LOST_UNKNOWN = "the store has no epoch and nothing shows it is new"
+local LOST_ROLLED_BACK = "the store went back to an earlier copy of itself, without charges it had taken"
+local LOST_VANISHED = "a budget counter vanished during its window (evicted?)"
+
+local function mark_lost(why, now_ms)
+  redis.call("SET", K.lost, why .. "|" .. int(now_ms), "NX")
+end
+
+-- The rollback check. K.seq counts, per instance, the settles the store took from it; an
+-- instance that has seen the store take `seen` of its settles finds at least that many there,
+-- unless the store went back to an earlier copy of itself (a failover to a replica that missed
+-- them, a restore from an older file), which lost the charges of those settles too. Only that
+-- instance's own settles raise its count, so other instances' traffic cannot hide the gap. The
+-- loss recorded, the count is raised to `seen`: one rollback is recorded once.
+local function check_sequence(instance, seen, now_ms)
+  if instance == "" or seen <= 0 then return end
+  if tonumber(redis.call("HGET", K.seq, instance) or "0") < seen then
+    mark_lost(LOST_ROLLED_BACK, now_ms)
+    redis.call("HSET", K.seq, instance, int(seen))
+  end
+end
+
 local function decr(key, field, amount)
   if redis.call("HINCRBY", key, field, int(0 - amount)) <= 0 then
     redis.call("HDEL", key, field)
@@ -180,7 +206,10 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
     decr(K.held, "b:" .. b.id, h.amount)
     if charge > 0 then
       local counter = counters[b.id .. "@" .. b.win]
-      redis.call("INCRBY", counter, int(charge))
+      if redis.call("INCRBY", counter, int(charge)) == charge then
+        -- its first charge in this window: a reserve that finds the counter gone knows it vanished
+        redis.call("HSET", K.counted, b.id, b.win)
+      end
       if b.win_end > 0 then
         -- keep a finished window a day past its end, for `status` and audits
         redis.call("PEXPIREAT", counter, int(b.win_end + 86400000))

@@ -13,7 +13,8 @@
 -- Returns, by its first element (proxy/store/scripts.py names the same codes):
 --   {REFUSED (0), code, scope, limit, spent, held} with code in
 --      no_snapshot, stale, key_inactive, key_expired, key_limit, credits, budget, cancelled, row_unreadable,
---      state_lost (the store lost its local budget state; only calls that touch a local budget)
+--      state_lost (the store lost its local budget state, found here when the epoch changed or
+--      a counter charged in this window is gone; only calls that touch a local budget)
 --   {ALLOWED (1), tight_scope, tight_remaining, code, scope, limit, spent, held}: the last five are
 --      the refusal a shadow scope would have made (code "" = none)
 --   {RECLAIM_FIRST (2), {specs}}: leases of instances that died mid-request have expired; nothing
@@ -71,10 +72,18 @@ end
 if epoch_arg ~= "" then
   local epoch = redis.call("GET", K.epoch)
   if epoch ~= epoch_arg then
-    local why = "the store's state was emptied"
-    if epoch then why = "the store's epoch changed" end
-    redis.call("SET", K.lost, why .. "|" .. int(now_ms), "NX")
+    local why = LOST_EMPTIED
+    if epoch then why = LOST_CHANGED end
+    mark_lost(why, now_ms)
     if not epoch then redis.call("SET", K.epoch, epoch_arg) end
+  end
+end
+-- Eviction: a counter that is gone although it was charged in this very window (K.counted
+-- says so) took that window's spend with it.
+for _, b in ipairs(budgets) do
+  b.spent = redis.call("GET", b.counter)
+  if not b.spent and redis.call("HGET", K.counted, b.id) == b.win then
+    mark_lost(LOST_VANISHED, now_ms)
   end
 end
 if #budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
@@ -136,7 +145,7 @@ consider("credits", "account", tonumber(snap[2]) - floor, charged("acct"), held(
 
 local budget_specs = {}
 for _, b in ipairs(budgets) do
-  local spent = tonumber(redis.call("GET", b.counter) or "0")
+  local spent = tonumber(b.spent or "0")
   consider("budget", "budget:" .. b.id, b.limit, spent, held("b:" .. b.id), b.shadow or shadow_all)
   budget_specs[#budget_specs + 1] = b.id .. "@" .. b.win .. "@" .. b.win_end
 end

@@ -4,7 +4,10 @@
 -- KEYS: the account's (K), then KEYS[N_BASE + 1] the hold's tombstone, then budget counters
 -- ARGV[1] hold_id  ARGV[2] cost (micros; -1 = charge the hold, 0 = release)  ARGV[3] now_ms
 -- ARGV[4] started_ms: when the upstream answered (0 = it did not, or unknown)
--- ARGV[5..] one spec ("<id>@<window start ms>") per budget counter in KEYS, in the same order
+-- ARGV[5] the settling instance's id ("" = none)  ARGV[6] how many of its settles it has seen
+--   the store take: fewer found there is a rollback (check_sequence in _common.lua)
+-- ARGV[7..] one spec ("<id>@<window start ms>") per budget counter in KEYS, in the same order
+-- A settle that ends its hold (a charge or a release) counts in K.seq for its instance.
 -- Returns the amount charged (micros, >= 0), or (proxy/store/scripts.py names the same codes):
 --   GONE (-1): the hold was already settled or reclaimed (or is not there yet: see the
 --     tombstone below)
@@ -16,10 +19,15 @@ local hold_id = ARGV[1]
 local cost = tonumber(ARGV[2])
 local now_ms = tonumber(ARGV[3])
 local started_ms = tonumber(ARGV[4])
-local SPECS_FROM = 5
+local instance, seen = ARGV[5], tonumber(ARGV[6])
+local SPECS_FROM = 7
 local tomb = KEYS[N_BASE + 1]
 local counters = declared_counters(N_BASE + 2, SPECS_FROM)
+check_sequence(instance, seen, now_ms)
 local charged = settle_hold(counters, hold_id, cost, now_ms, started_ms)
+if type(charged) == "number" and instance ~= "" then
+  redis.call("HINCRBY", K.seq, instance, 1)
+end
 if charged == "quarantined" then
   return QUARANTINED
 end
