@@ -16,7 +16,7 @@ from starlette.routing import Route, Router
 
 from proxy import logs
 from proxy.credits import Refresher
-from proxy.errors import Rejected, StoreAuthError, StoreError, error_response
+from proxy.errors import Rejected, StartupRefused, StoreAuthError, StoreError, error_response
 from proxy.guard.guard import Guard
 from proxy.guard.verdicts import budget_holds
 from proxy.http.upstream import create_session
@@ -109,6 +109,10 @@ class SpendGuardApp(OwnEndpoints):
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await self.startup(stack)
+            except StartupRefused as exc:
+                log.error("startup refused: %s", exc)
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
             except Exception as exc:
                 log.exception("startup failed")
                 await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -198,6 +202,8 @@ class SpendGuardApp(OwnEndpoints):
         except TimeoutError:
             log.warning("first credits/prices refresh took over %g s; starting without it", STARTUP_REFRESH_S)
             first_delay = 0.0
+        if refresher.account_conflict is not None:
+            raise StartupRefused(refresher.account_conflict)
         await self._adopt_name_counters(policy)
         loop = asyncio.get_running_loop()
         rt = self.runtime

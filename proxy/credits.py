@@ -189,6 +189,10 @@ class Refresher:
         self.loss_logged: str | None = None  # the last lost-state marker logged (once each)
         self.evicting: str | None = None  # the store's maxmemory-policy, when it can evict the guard's keys
         self.store_auth_failed = False  # the store refused our credentials in the last round
+        # The store counts this ImageRouter account under another account.name (claim_account):
+        # the message to refuse with, or None. Checked until the store first answers.
+        self.account_conflict: str | None = None
+        self.account_claimed = False
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -241,6 +245,7 @@ class Refresher:
             if isinstance(self.clock, StoreClock):
                 await self.sync_clock(self.clock)
             await self.check_identity()
+            await self.check_account()
             await self.check_eviction()
             if await self.store.acquire_lock(LOCK_REFRESH, self.owner, int(account.refresh_s * 1000)):
                 if not await self.refresh_credits():
@@ -292,6 +297,25 @@ class Refresher:
         self.state_lost = lost
         if record is not None:
             record.write(self.store.epoch)
+
+    async def check_account(self) -> None:
+        """Once per process, when the store first answers: is the ImageRouter account whose key
+        this proxy holds already counted in this store under another `account.name`? Two names
+        for one account keep two sets of budgets, each allowing its whole limit, so this one is
+        refused (at start: the proxy does not start; later: spending calls get 503)."""
+        if self.account_claimed or self.api_key is None:
+            return
+        name = self.policy().account.name
+        other = await self.store.claim_account(self.api_key.value)
+        self.account_claimed = True
+        if other is not None:
+            self.account_conflict = (
+                f"this store already counts the ImageRouter account of {self.policy().account.api_key_env} "
+                f"as account.name '{other}', and this policy names it '{name}': its budgets would be counted "
+                f"twice, each allowing its whole limit; set account.name: {other} (or give this account "
+                "its own store)"
+            )
+            log.error("STORE COUNTS THIS ACCOUNT UNDER ANOTHER NAME: %s", self.account_conflict)
 
     async def check_eviction(self) -> None:
         """Every round: can the store evict the guard's keys? Under any `maxmemory-policy` but

@@ -7,6 +7,7 @@ SpendGuardError
  │    └── StoreAuthError       it refused this proxy's credentials (the Redis URL's password)
  ├── HoldQuarantined       a hold record could not be read; it was moved aside
  ├── EmbeddedStoreError    the embedded store's server could not start (store/embedded.py)
+ ├── StartupRefused        the proxy will not serve this store (one line, no traceback)
  └── Rejected              a request refused by the guard: status, type, message, headers
       └── UpstreamError        ImageRouter unreachable (502) or timed out (504)
            └── UpstreamNotSent     the connection never opened: nothing can have been billed
@@ -58,6 +59,11 @@ class HoldQuarantined(SpendGuardError):
     def __init__(self, hold_id: str) -> None:
         super().__init__(f"hold {hold_id} was unreadable and has been quarantined")
         self.hold_id = hold_id
+
+
+class StartupRefused(SpendGuardError):
+    """The proxy found at start that it must not serve (the store counts its account under another
+    name): the message is the one line the log shows."""
 
 
 class Rejected(SpendGuardError):

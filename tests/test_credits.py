@@ -14,6 +14,7 @@ from proxy.credits import PRICE_KICK_INTERVAL_S, CreditsError, Refresher, parse_
 from proxy.policy.model import Policy, default_policy
 from proxy.prices import PriceTable
 from proxy.settings import Secret
+from proxy.store.keyspace import ACCOUNTS
 from proxy.store.records import RowState, row_ref
 from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, Store
 from proxy.windows import parse_timestamp_ms
@@ -324,8 +325,12 @@ async def test_two_refreshers_racing_make_one_credits_call_per_interval(env, up,
     assert up.models_calls == 1  # the models lock has its own, longer interval
 
     keys = [k.decode() for k in await r1.store.client.keys("*")]
-    assert keys and all(k.startswith("sg:{main}:") for k in keys)
+    # the account's keys, and the one record of which name counts which account (no key in it)
+    assert keys and all(k.startswith("sg:{main}:") or k == ACCOUNTS for k in keys)
     assert all(up.account_key not in k for k in keys)
+    registry = await r1.store.client.hgetall(ACCOUNTS)
+    assert list(registry.values()).count(b"main") == 1
+    assert all(up.account_key.encode() not in field + value for field, value in registry.items())
 
 
 async def test_lock_ttl_is_the_refresh_interval(env, up):

@@ -198,7 +198,8 @@ class Guard:
         return Admitted(scope, receive, send, path, body, lease, flight, call, policy)
 
     def check_servable(self, scope: Scope, match: Match, call: Call) -> None:
-        """Refuse what no policy could allow: an ambiguous path, or any call while shutting down."""
+        """Refuse what no policy could allow: an ambiguous path, any call while shutting down, or
+        while the store counts this account under another name."""
         if any(name in (b"content-length", b"transfer-encoding") for name, _ in scope["headers"]):
             # Refused before its body is read: close the connection rather than read the rest of
             # the upload into the void (kept until the body is in).
@@ -218,6 +219,16 @@ class Guard:
                 "The proxy is shutting down; retry on another instance.",
                 scope="store",
                 headers={"Retry-After": "1"},
+            )
+        if self.runtime.refresher.account_conflict is not None:
+            # Found after start (the store did not answer then): the proxy's log and readyz say why.
+            raise Rejected(
+                503,
+                "guard_unavailable",
+                "Spend guard unavailable: its store counts this ImageRouter account under another "
+                "account name, so its budgets cannot be enforced. The call was not forwarded.",
+                scope="store",
+                headers={"Retry-After": "60"},
             )
 
     def identify(

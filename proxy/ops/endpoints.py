@@ -150,6 +150,8 @@ class OwnEndpoints:
                 f"store: local budget state was lost ({why}); run "
                 + (fix if why == LOST_UNKNOWN else "`spend-guard store recover`")
             )
+        if rt.refresher.account_conflict is not None:
+            problems.append(f"store: {rt.refresher.account_conflict}")
         if rt.refresher.evicting and rt.policy.has_local_budgets:
             problems.append(
                 f"store: its maxmemory-policy {rt.refresher.evicting} can evict budget counters; set noeviction"

@@ -46,6 +46,12 @@ SCRIPT_KEYS = {
 }
 
 
+# The one key outside every account's keyspace: which account name counts each ImageRouter account
+# in this store (hash: "salt" -> the salt of the account key fingerprints, "fp:<fingerprint>" -> the
+# account name). Touched only by plain commands, never by a script, so it may live in any slot.
+ACCOUNTS = "sg:accounts"
+
+
 def spec(budget_id: str, window_start_ms: int) -> str:
     """A budget counter as hold records and scripts spell it: `<id>@<window start ms>`."""
     return f"{budget_id}@{window_start_ms}"

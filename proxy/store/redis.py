@@ -13,6 +13,8 @@ import asyncio
 import collections
 import contextlib
 import functools
+import hashlib
+import hmac
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -24,7 +26,7 @@ import redis.exceptions
 from proxy.deadlines import deadline
 from proxy.errors import HoldQuarantined, StoreAuthError, StoreError, StoreScriptError
 from proxy.prices import PriceTable
-from proxy.store.keyspace import Keys, spec
+from proxy.store.keyspace import ACCOUNTS, Keys, spec
 from proxy.store.records import (
     BudgetHold,
     Decision,
@@ -175,6 +177,22 @@ class Store:
             return written, None if lost is None else as_text(lost)
 
         return await self._call(run)
+
+    async def claim_account(self, account_key: str) -> str | None:
+        """Record that this account name counts the ImageRouter account whose key is `account_key`
+        in this store. The store keeps a fingerprint of the key (HMAC-SHA256 under a salt it
+        keeps), never the key. Returns the name the account is already counted under when that
+        is another (its budgets would be counted twice), else None."""
+
+        async def run() -> str:
+            await self.client.hsetnx(ACCOUNTS, "salt", os.urandom(16).hex())
+            salt = as_text(await self.client.hget(ACCOUNTS, "salt") or "")
+            field = "fp:" + hmac.new(salt.encode(), account_key.encode(), hashlib.sha256).hexdigest()
+            await self.client.hsetnx(ACCOUNTS, field, self.account)
+            return as_text(await self.client.hget(ACCOUNTS, field) or self.account)
+
+        owner = await self._call(run)
+        return None if owner == self.account else owner
 
     async def time_s(self) -> float:
         """The store's clock (Redis TIME), in seconds since the epoch."""
