@@ -189,6 +189,15 @@ class SpendGuardApp(OwnEndpoints):
                 "shared by this proxy's workers only",
                 self.settings.state_dir or "default",
             )
+            if policy.has_local_budgets and not EpochRecord(self.settings.state_dir).read():
+                # Where the state lives follows --state-dir or the environment ($XDG_STATE_HOME,
+                # $HOME): a proxy started elsewhere than before starts here with empty budgets.
+                log.warning(
+                    "store: a first start in state dir %s (no store recorded there): local budgets count from "
+                    "$0; if this proxy served before from another directory (another user or $HOME, "
+                    "$XDG_STATE_HOME, a container without its volume), stop it and pass that one with --state-dir",
+                    self.settings.state_dir or "default",
+                )
             self.metrics.computed.add_counter(
                 "spend_guard_embedded_store_restarts",
                 "Times the embedded store's server died and `serve` started it again on its append-only file.",

@@ -117,3 +117,16 @@ def test_an_embedded_store_that_lost_its_append_only_file_is_a_loss(tmp_path, up
         wait_until(lambda: lost(proxy), 10, "the restarted proxy to see the loss")
         assert generate(proxy, "0.3").status_code == 503
         assert len(up.generation_requests) == 1
+
+
+@pytest.mark.embedded
+def test_a_first_start_in_a_state_dir_says_so_and_a_restart_there_does_not(tmp_path, up, state_home):
+    path = day_budget_policy(tmp_path, "1.00")
+    line = f"store: a first start in state dir {state_home / 'spend-guard'} (no store recorded there)"
+    proxy = ServedProxy(path, up.url, None)
+    with proxy:
+        assert proxy.output().count(line) == 1
+        assert proxy.stop(signal.SIGTERM) == 0
+        proxy.start()  # the same state dir: its store is recorded there
+        assert proxy.output().count(line) == 1
+        assert proxy.output().count(f"store: embedded server, state dir {state_home / 'spend-guard'} (") == 2
