@@ -111,7 +111,7 @@ class SpendGuardApp(OwnEndpoints):
                 await self.startup(stack)
             except StartupRefused as exc:
                 log.error("startup refused: %s", exc)
-                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                await send({"type": "lifespan.startup.failed", "message": ""})  # said once, above
                 return
             except Exception as exc:
                 log.exception("startup failed")

@@ -193,6 +193,7 @@ class Refresher:
         # the message to refuse with, or None. Checked until the store first answers.
         self.account_conflict: str | None = None
         self.account_claimed = False
+        self.serving = False  # the app started: rounds run from `run()`, not the one at start
 
     def _now_ms(self) -> int:
         return int(self.clock() * 1000)
@@ -217,6 +218,7 @@ class Refresher:
             self._wake.set()
 
     async def run(self, first_delay: float = 0.0) -> None:
+        self.serving = True
         delay = first_delay
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -315,7 +317,8 @@ class Refresher:
                 f"twice, each allowing its whole limit; set account.name: {other} (or give this account "
                 "its own store)"
             )
-            log.error("STORE COUNTS THIS ACCOUNT UNDER ANOTHER NAME: %s", self.account_conflict)
+            if self.serving:  # at start the proxy refuses to start instead, saying why
+                log.error("STORE COUNTS THIS ACCOUNT UNDER ANOTHER NAME: %s", self.account_conflict)
 
     async def check_eviction(self) -> None:
         """Every round: can the store evict the guard's keys? Under any `maxmemory-policy` but

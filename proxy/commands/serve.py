@@ -153,13 +153,15 @@ def _serve(settings: Settings, policy: Policy) -> None:
             server.handle_exit(signum, frame)
 
     signal.signal(signal.SIGTERM, stopped)
+    supervisor = None
     try:
         if settings.workers > 1:
             # uvicorn's supervisor, except that SIGTERM never waits behind a rolling restart.
-            Supervisor(config, sockets=[config.bind_socket()]).run()
+            supervisor = Supervisor(config, sockets=[config.bind_socket()])
+            supervisor.run()
         else:
             server.run()
     except KeyboardInterrupt:
         pass
-    if settings.workers == 1 and not server.started:
+    if supervisor.startup_failed if supervisor is not None else not server.started:
         sys.exit(STARTUP_FAILURE)

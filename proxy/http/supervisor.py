@@ -61,6 +61,7 @@ class Supervisor(Multiprocess):
         super().__init__(config, sockets)
         self.stop = _StopFlag()
         self.retiring: list[Process] = []  # old workers told to drain, not yet exited
+        self.startup_failed = False  # a worker failed before it served: `serve` exits 3, as with one
         for sig in SIGNALS:
             signal.signal(sig, self._on_signal)
 
@@ -87,6 +88,7 @@ class Supervisor(Multiprocess):
             if process.exitcode == STARTUP_FAILURE:
                 # The app, the socket or the policy is broken: every restart would fail the same way.
                 log.error("Child process [%s] failed to start, stopping the parent process.", process.pid)
+                self.startup_failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():

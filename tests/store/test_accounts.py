@@ -66,13 +66,16 @@ def policy_named(tmp_path, name: str):
 
 @pytest.mark.real
 @pytest.mark.system
-def test_a_second_account_name_for_one_account_on_one_store_is_refused_at_start(tmp_path, up):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_account_name_for_one_account_on_one_store_is_refused_at_start(tmp_path, up, workers):
     with RedisServer() as server, ServedProxy(policy_named(tmp_path, "prod"), up.url, server.url) as first:
-        second = ServedProxy(policy_named(tmp_path, "production"), up.url, server.url, ready=False)
+        second = ServedProxy(policy_named(tmp_path, "production"), up.url, server.url, workers=workers, ready=False)
         try:
             with pytest.raises(RuntimeError, match="proxy exited with 3"):
                 second.start()
-            assert second.output().count(f"{REFUSED} 'prod', and this policy names it 'production'") == 1
+            # one line per worker, and the message nowhere else
+            assert second.output().count(f"{REFUSED} 'prod', and this policy names it 'production'") == workers
+            assert second.output().count("and this policy names it 'production'") == workers
             assert "Traceback" not in second.output()
         finally:
             second.__exit__(None, None, None)
