@@ -14,7 +14,9 @@ from proxy.commands.recover import Plan, recover
 from proxy.store.records import BudgetHold
 from proxy.store.redis import LOST_VANISHED, Store
 from tests.store.test_store import BOUNDARY_MS, NOW_MS, USD, budget, req, snap
-from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
+from tests.support.policies import budget as budget_entry
+from tests.support.policies import flow, key_entry, policy_yaml
+from tests.support.served import RedisServer, ServedProxy, alice_policy, generate, wait_until
 
 AGES = 10**12  # a snapshot this old still counts: the tests move between far-apart instants
 PROBLEM = "store: its maxmemory-policy volatile-ttl can evict budget counters; set noeviction"
@@ -37,6 +39,40 @@ def test_an_evicting_store_is_loudly_unready_until_set_to_noeviction(tmp_path, u
         wait_until(lambda: problems(proxy) == [], 5, "ready again")
         assert "spend_guard_store_can_evict 0.0" in httpx.get(proxy.url + "/-/metrics", timeout=5).text
         assert proxy.output().count("STORE CAN EVICT BUDGET COUNTERS: its maxmemory-policy is volatile-ttl") == 1
+
+
+@pytest.mark.real
+@pytest.mark.system
+def test_a_counter_evicted_by_a_cache_filling_a_volatile_ttl_store_is_lost_state_not_a_reset(tmp_path, up):
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        policy_yaml(
+            account=flow(name="cache", refresh_s=1, max_staleness_s=300),
+            keys=[key_entry(budgets=[budget_entry("1.00", "day")])],
+        )
+    )
+    with RedisServer() as server, ServedProxy(path, up.url, server.url) as proxy:
+        assert generate(proxy.url, "cost=0.6").status_code == 200  # $0.60 of alice's $1.00 today
+        admin = redis.Redis(port=server.port)  # a private server
+        (counter,) = admin.keys("sg:{cache}:b:*")
+        # Shared with a cache: volatile-ttl, and the cache's entries outlive the budget counter
+        # (which lives a day past its window), so a full store evicts the counter first.
+        admin.config_set("maxmemory-policy", "volatile-ttl")
+        admin.config_set("maxmemory", int(admin.info("memory")["used_memory"]) + 1_000_000)
+        for batch in range(100):
+            if not admin.exists(counter):
+                break
+            with admin.pipeline(transaction=False) as pipe:
+                for i in range(200):
+                    pipe.set(f"cache:{batch}:{i}", "x" * 1000, ex=30 * 86_400)
+                pipe.execute()
+        assert not admin.exists(counter)
+        admin.config_set("maxmemory", 0)  # room again: reserves can write
+        refused = generate(proxy.url, "cost=0.6")  # counted from $0, this would fit
+        assert refused.status_code == 503 and "lost its local budget state" in refused.text
+        problems = httpx.get(proxy.url + "/-/readyz", timeout=5).json()["problems"]
+        assert f"store: local budget state was lost ({LOST_VANISHED}); run `spend-guard store recover`" in problems
+        assert len(up.generation_requests) == 1
 
 
 @pytest.fixture
