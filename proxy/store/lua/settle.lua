@@ -23,10 +23,15 @@ local instance, seen = ARGV[5], tonumber(ARGV[6])
 local SPECS_FROM = 7
 local tomb = KEYS[N_BASE + 1]
 local counters = declared_counters(N_BASE + 2, SPECS_FROM)
-check_sequence(instance, seen, now_ms)
 local charged = settle_hold(counters, hold_id, cost, now_ms, started_ms)
 if type(charged) == "number" and instance ~= "" then
-  redis.call("HINCRBY", K.seq, instance, 1)
+  -- this settle counted, the count checked in the same call (check_sequence's rule)
+  if redis.call("HINCRBY", K.seq, instance, 1) <= seen then
+    mark_lost(LOST_ROLLED_BACK, now_ms)
+    redis.call("HSET", K.seq, instance, int(seen + 1))
+  end
+else
+  check_sequence(instance, seen, now_ms)
 end
 if charged == "quarantined" then
   return QUARANTINED
