@@ -73,9 +73,11 @@ def test_a_second_account_name_for_one_account_on_one_store_is_refused_at_start(
         try:
             with pytest.raises(RuntimeError, match="proxy exited with 3"):
                 second.start()
-            # one line per worker, and the message nowhere else
-            assert second.output().count(f"{REFUSED} 'prod', and this policy names it 'production'") == workers
-            assert second.output().count("and this policy names it 'production'") == workers
+            # one line per worker that got that far (the parent stops the others once one fails),
+            # and the message nowhere else
+            said = second.output().count(f"{REFUSED} 'prod', and this policy names it 'production'")
+            assert 1 <= said <= workers
+            assert second.output().count("and this policy names it 'production'") == said
             assert "Traceback" not in second.output()
         finally:
             second.__exit__(None, None, None)
