@@ -32,7 +32,7 @@ from proxy.policy.reload import PolicyHolder
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store.backends import redis_client
-from proxy.store.embedded import EpochRecord
+from proxy.store.embedded import EpochRecord, StateDirs, default_state_dir
 from proxy.store.embedded import restarts as embedded_restarts
 from proxy.store.redis import Store
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
@@ -82,6 +82,11 @@ class SpendGuardApp(OwnEndpoints):
             ],
             redirect_slashes=False,  # (starlette builds its redirects from the Host header)
         )
+
+    @property
+    def state_dir(self) -> str:
+        """The embedded store's directory (without a Redis URL)."""
+        return self.settings.state_dir or default_state_dir()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -150,6 +155,11 @@ class SpendGuardApp(OwnEndpoints):
             on_crash=self.metrics.background_errors.labels("refresher").inc,
             epoch_record=None if self.settings.redis_url else EpochRecord(self.settings.state_dir),
         )
+        state_dirs = None
+        if not self.settings.redis_url and key is not None:
+            # Is this account's embedded store kept in another state dir while this one is empty?
+            state_dirs = StateDirs()
+            refresher.store_elsewhere = state_dirs.elsewhere(key.value, self.state_dir)
         if self.settings.upstream:
             refresher.upstream_url = lambda: self.settings.upstream or ""
         refresher.outside = OutsideWatch(store, lambda: holder.policy, self.clock, self._outside_spend)
@@ -213,6 +223,8 @@ class SpendGuardApp(OwnEndpoints):
             first_delay = 0.0
         if refresher.account_conflict is not None:
             raise StartupRefused(refresher.account_conflict)
+        if state_dirs is not None and key is not None:
+            state_dirs.record(key.value, self.state_dir)
         await self._adopt_name_counters(policy)
         loop = asyncio.get_running_loop()
         rt = self.runtime

@@ -170,6 +170,9 @@ class Refresher:
         self.on_crash = on_crash
         # Where the store's epoch is kept outside it (the embedded store's state dir), if anywhere.
         self.epoch_record = epoch_record
+        # Another state dir that keeps this account's embedded store while this one is empty
+        # (StateDirs in proxy/store/embedded.py): then an empty store here is a loss. Set by the app.
+        self.store_elsewhere: str | None = None
         # Unreadable rows of the latest snapshot: each is logged when it first appears.
         self.bad_rows_logged: set[str] = set()
         self.owner = uuid.uuid4().hex
@@ -285,8 +288,12 @@ class Refresher:
         record = self.epoch_record
         if not self.store.epoch and record is not None:
             self.store.epoch = record.read()
-        new_is_safe = record is not None or not self.policy().has_local_budgets
-        lost = await self.store.check_identity(self._now_ms(), new_is_safe=new_is_safe)
+        new_is_safe = (record is not None and self.store_elsewhere is None) or not self.policy().has_local_budgets
+        why = LOST_UNKNOWN
+        if self.store_elsewhere is not None:
+            elsewhere = self.store_elsewhere.replace("|", "%7C")  # "|" ends the marker's reason
+            why = f"the embedded store's state dir is new, and this account's store is kept in {elsewhere}"
+        lost = await self.store.check_identity(self._now_ms(), new_is_safe=new_is_safe, not_new_why=why)
         if lost and lost != self.loss_logged:
             self.loss_logged = lost
             why, _, _ = lost.partition("|")

@@ -151,13 +151,15 @@ class Store:
         self.epoch = as_text(await self._call(adopt) or epoch)
         return self.epoch
 
-    async def check_identity(self, now_ms: int, *, new_is_safe: bool) -> str | None:
+    async def check_identity(self, now_ms: int, *, new_is_safe: bool, not_new_why: str = LOST_UNKNOWN) -> str | None:
         """Is this still the store this instance counts in (identity.lua)? An epoch that vanished
         or changed since this instance learned it, none at all unless `new_is_safe` (nothing
-        can have been counted anywhere yet), or fewer of this instance's settles than the store
-        has answered as taken (it went back to an earlier copy) marks the local budget state
-        lost. Learns the store's epoch and returns its lost marker (`"<why>|<ms>"`), or None."""
-        args = [self.epoch, os.urandom(8).hex(), now_ms, 1 if new_is_safe else 0, self.instance, self.settles_seen]
+        can have been counted anywhere yet; recorded as `not_new_why`), or fewer of this
+        instance's settles than the store has answered as taken (it went back to an earlier
+        copy) marks the local budget state lost. Learns the store's epoch and returns its lost
+        marker (`"<why>|<ms>"`), or None."""
+        safe = 1 if new_is_safe else 0
+        args = [self.epoch, os.urandom(8).hex(), now_ms, safe, self.instance, self.settles_seen, not_new_why]
         epoch, lost = await self._call(lambda: self.lua_identity(keys=self.keys.fixed("identity"), args=args))
         self.epoch = as_text(epoch)
         return as_text(lost) if lost else None

@@ -12,6 +12,8 @@
 -- ARGV[5] this instance's id ("" = none: nothing of the rollback check)
 -- ARGV[6] how many of its settles this instance has seen the store take (check_sequence in
 --         _common.lua): fewer found there means the store went back to an earlier copy
+-- ARGV[7] the reason recorded for a store without an epoch that is not provably new
+--         (LOST_UNKNOWN when not given)
 -- An epoch that vanished or changed under this instance, a missing one not provably new, or fewer
 -- of this instance's settles than it has seen taken sets the lost marker (the reason, LOST_* in
 -- _common.lua, and when; reserve.lua refuses local budgets while it is set). The loss recorded,
@@ -20,6 +22,7 @@
 -- Returns {the store's epoch, the lost marker ("<why>|<ms>") or false}.
 local mine, fresh, now_ms, new_is_safe = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4] == "1"
 local instance, seen = ARGV[5], tonumber(ARGV[6])
+local not_new_why = ARGV[7] or LOST_UNKNOWN
 -- An instance that has not checked in for this long is gone: its settle count is dropped.
 local SEQ_FORGET_MS = 7 * 86400000
 
@@ -30,7 +33,7 @@ if stored then
 elseif mine ~= "" then
   why = LOST_EMPTIED
 elseif not new_is_safe then
-  why = LOST_UNKNOWN
+  why = not_new_why
 end
 if why then
   mark_lost(why, now_ms)
