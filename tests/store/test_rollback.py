@@ -148,3 +148,34 @@ def test_a_failover_to_a_copy_that_missed_the_last_charges_is_detected_as_lost_s
         refused = generate(proxy, "0.2")  # $0.10 counted, so this would have fitted
         assert refused.status_code == 503 and "lost its local budget state" in refused.text
         assert len(up.generation_requests) == 4
+
+
+def in_sync(primary: redis.Redis, replica: redis.Redis) -> bool:
+    offset = primary.info("replication")["master_repl_offset"]
+    info = replica.info("replication")
+    return info.get("master_link_status") == "up" and info.get("slave_repl_offset", -1) >= offset
+
+
+@pytest.mark.real
+@pytest.mark.system
+def test_the_primary_replaced_by_a_replica_that_stopped_replicating_is_detected(tmp_path, up):
+    policy = alice_policy(tmp_path, account="replica", budget_usd="1", refresh_s=1)
+    with RedisServer() as server, RedisServer() as spare, ServedProxy(policy, up.url, server.url) as proxy:
+        primary, replica = redis.Redis(port=server.port), redis.Redis(port=spare.port)
+        for node in (primary, replica):
+            node.config_set("repl-diskless-sync-delay", 0)  # a full sync at once, not after 5 s
+        replica.replicaof("127.0.0.1", server.port)
+        assert generate(proxy, "0.1").status_code == 200
+        wait_until(lambda: in_sync(primary, replica), 10, "the replica to catch up")
+        replica.replicaof("NO", "ONE")  # it falls behind: the next charges never reach it
+        for _ in range(3):
+            assert generate(proxy, "0.2").status_code == 200
+        # The failover: the proxy's store takes the replica's data (a full sync from it) and is
+        # writable again, with the epoch intact and the last three charges gone.
+        primary.replicaof("127.0.0.1", spare.port)
+        wait_until(lambda: in_sync(replica, primary), 10, "the store to take the replica's data")
+        primary.replicaof("NO", "ONE")
+        wait_until(lambda: lost_for(proxy, LOST_ROLLED_BACK), 5, "the proxy to see the rollback")
+        refused = generate(proxy, "0.2")
+        assert refused.status_code == 503 and "lost its local budget state" in refused.text
+        assert len(up.generation_requests) == 4
