@@ -32,9 +32,10 @@ from proxy.policy.reload import PolicyHolder
 from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store.backends import redis_client
-from proxy.store.embedded import EpochRecord, StateDirs, default_state_dir
+from proxy.store.embedded import default_state_dir
 from proxy.store.embedded import restarts as embedded_restarts
 from proxy.store.redis import Store
+from proxy.store.statedir import EpochRecord, StateDirs
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
 
 log = logging.getLogger("spend_guard")

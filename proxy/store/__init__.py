@@ -3,8 +3,9 @@
 `contract` names what the rest of the proxy may ask of it (`Ledger`, `SnapshotStore`,
 `StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`), which
 `scripts` assembles, runs and reads the replies of; `keyspace` builds every key; `records` holds
-the typed values that cross the seam; `backends` maps a URL scheme to a client, and `embedded`
-runs the private server used when no URL is given.
+the typed values that cross the seam; `backends` maps a URL scheme to a client, `embedded`
+runs the private server used when no URL is given, and `statedir` keeps what is recorded about
+it outside it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from proxy.store.embedded import EpochRecord, StateDirs
+from proxy.store.statedir import EpochRecord, StateDirs
 from tests.store.test_embedded import day_budget_policy, generate
 from tests.store.test_identity import lost
 from tests.support.served import ServedProxy, wait_until
