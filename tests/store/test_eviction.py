@@ -54,6 +54,7 @@ def test_a_counter_evicted_by_a_cache_filling_a_volatile_ttl_store_is_lost_state
     with RedisServer() as server, ServedProxy(path, up.url, server.url) as proxy:
         assert generate(proxy.url, "cost=0.6").status_code == 200  # $0.60 of alice's $1.00 today
         admin = redis.Redis(port=server.port)  # a private server
+        wait_until(lambda: admin.keys("sg:{cache}:b:*"), 5, "the charge to be settled (after the answer)")
         (counter,) = admin.keys("sg:{cache}:b:*")
         # Shared with a cache: volatile-ttl, and the cache's entries outlive the budget counter
         # (which lives a day past its window), so a full store evicts the counter first.
