@@ -14,7 +14,7 @@ from proxy.commands.recover import Plan, recover
 from proxy.store.redis import LOST_ROLLED_BACK, Store
 from tests.store.test_store import NOW_MS, budget, req, snap
 from tests.support.constants import KEY_A
-from tests.support.served import RedisServer, ServedProxy, alice_policy, wait_until
+from tests.support.served import RedisServer, ServedProxy, alice_policy, spent, wait_until
 
 DAY = budget("key:alice:day", 10**14)
 COUNTERS = [(DAY.id, DAY.window_start_ms)]
@@ -41,7 +41,7 @@ async def restore(store: Store, copy: dict[bytes, tuple[bytes, int]]) -> None:
         await store.client.restore(key, ttl_ms, value)
 
 
-async def spent(store: Store) -> int:
+async def counted(store: Store) -> int:
     return (await store.usage([], [DAY]))[f"b:{DAY.id}"].charged_micros
 
 
@@ -64,7 +64,7 @@ async def test_a_store_back_at_an_earlier_copy_is_lost_state_at_the_next_round(s
     assert await charge(one, "h2", 200_000) == 200_000
     assert await charge(one, "h3", 1) == 1
     await restore(one, earlier)  # the epoch is intact; the last two charges are gone
-    assert await spent(one) == 100_000
+    assert await counted(one) == 100_000
     lost = await one.check_identity(NOW_MS + 1000, new_is_safe=False)
     assert lost == f"{LOST_ROLLED_BACK}|{NOW_MS + 1000}"
     # every instance sees the marker; budgeted calls are refused, as with any other loss
@@ -136,9 +136,11 @@ def test_a_failover_to_a_copy_that_missed_the_last_charges_is_detected_as_lost_s
     policy = alice_policy(tmp_path, account="rolled", budget_usd="1", refresh_s=1)
     with RedisServer() as server, ServedProxy(policy, up.url, server.url) as proxy:
         assert generate(proxy, "0.1").status_code == 200
+        wait_until(lambda: spent(proxy) == "0.1000", 5, "the charge to be settled")
         redis.Redis(port=server.port).save()  # what a replica that then fell behind holds (dump.rdb)
         for _ in range(3):
-            assert generate(proxy, "0.2").status_code == 200  # $0.70 spent of $1.00
+            assert generate(proxy, "0.2").status_code == 200
+        wait_until(lambda: spent(proxy) == "0.7000", 5, "the charges to be settled")  # of $1.00
         server.stop()  # the primary dies; its replacement starts from the earlier copy
         server.start()
         assert redis.Redis(port=server.port).get("sg:{rolled}:epoch") is not None  # the epoch survived
@@ -166,10 +168,12 @@ def test_the_primary_replaced_by_a_replica_that_stopped_replicating_is_detected(
             node.config_set("repl-diskless-sync-delay", 0)  # a full sync at once, not after 5 s
         replica.replicaof("127.0.0.1", server.port)
         assert generate(proxy, "0.1").status_code == 200
+        wait_until(lambda: spent(proxy) == "0.1000", 5, "the charge to be settled")
         wait_until(lambda: in_sync(primary, replica), 10, "the replica to catch up")
         replica.replicaof("NO", "ONE")  # it falls behind: the next charges never reach it
         for _ in range(3):
             assert generate(proxy, "0.2").status_code == 200
+        wait_until(lambda: spent(proxy) == "0.7000", 5, "the charges to be settled")
         # The failover: the proxy's store takes the replica's data (a full sync from it) and is
         # writable again, with the epoch intact and the last three charges gone.
         primary.replicaof("127.0.0.1", spare.port)
