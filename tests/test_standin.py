@@ -284,3 +284,56 @@ def test_echo_and_unknown_paths_are_recorded(up, client):
     assert missing.status_code == 404 and missing.json()["error"]["type"] == "invalid_request_error"
     assert [r.path for r in up.requests] == ["/v1/anything%2Fraw", "/echo/x", "/v1/openai/images/generations/"]
     assert up.requests[0].header("x-trace") == "t1" and up.requests[0].body == b"payload"
+
+
+# -- prices by what the request asks for (proxy/standin/tiers.py) --------------------------------
+
+VIDEOS = "/v1/openai/videos/generations"
+
+
+def charge(client: httpx.Client, up: StandIn, path: str = IMAGES, **fields: object) -> tuple[int, object]:
+    before = up.charged_micros
+    body = client.post(path, json={"prompt": "a cat", **fields}, headers=AUTH).json()
+    return up.charged_micros - before, body.get("cost", body.get("error"))
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "micros"),
+    [
+        (IMAGES, {"model": "openai/gpt-image-1", "quality": "low"}, 11_000),
+        (IMAGES, {"model": "openai/gpt-image-1", "quality": "medium", "size": "1024x1536"}, 63_000),
+        (IMAGES, {"model": "openai/gpt-image-1"}, 167_000),  # auto: charged as high
+        (IMAGES, {"model": "openai/dall-e-3", "quality": "high", "size": "1536x1024"}, 120_000),
+        (IMAGES, {"model": "openai/dall-e-3", "size": "1536X1024"}, 40_000),  # not a size it lists
+        (VIDEOS, {"model": "google/veo-3.1", "seconds": 8}, 3_200_000),  # linear per second
+        (VIDEOS, {"model": "google/veo-3.1", "seconds": 7}, 1_600_000),  # unlisted: its default 4 s
+        (VIDEOS, {"model": "google/veo-3.1", "seconds": "6"}, 2_400_100),  # 0.4 * 6 in doubles
+        (VIDEOS, {"model": "openai/sora-2", "seconds": 5}, 800_000),  # stepped: two 4 s steps
+        (VIDEOS, {"model": "openai/sora-2", "seconds": 12}, 1_200_000),
+        (VIDEOS, {"model": "openai/sora-2"}, 400_000),
+    ],
+)
+def test_tiered_prices_charge_by_quality_size_and_seconds(up, client, path, fields, micros):
+    up.price_by_request()
+    assert charge(client, up, path, **fields)[0] == micros
+
+
+def test_a_post_generation_tier_is_pre_charged_the_maximum_and_a_factor_raises_every_tier(up, client):
+    up.price_by_request(factor=2)
+    headers = {**AUTH, "X-Standin": "gate=g"}
+    body = {"model": "openai/gpt-image-1", "quality": "low"}
+    with client.stream("POST", IMAGES, json=body, headers=headers) as resp:
+        up.wait_for_requests(1)
+        assert up.charged_micros == 300_000
+        up.release("g")
+        assert json.loads(resp.read())["cost"] == 0.022
+    assert charge(client, up, VIDEOS, model="openai/sora-2", seconds=4)[0] == 800_000
+
+
+def test_tiers_are_off_by_default_and_refuse_a_quality_imagerouter_refuses(up, client):
+    assert charge(client, up, model="openai/gpt-image-1", quality="low") == (167_000, 0.167)
+    assert "openai/sora-2" not in client.get("/v2/models").json()
+    up.price_by_request()
+    assert "openai/sora-2" in client.get("/v2/models").json()
+    micros, error = charge(client, up, model="openai/gpt-image-1", quality="ultra")
+    assert micros == 0 and error["type"] == "invalid_request_error"

@@ -90,7 +90,9 @@ class Demo:
         self._given_policy = (os.path.abspath(policy_path), policy) if policy_path and policy else None
         self.key_env = ACCOUNT_KEY_ENV
         self._saved_env: str | None = None
-        self.standin = StandIn(default_behaviour=BEHAVIOUR, max_records=MAX_RECORDS, sse_from_body=True)
+        self.standin = StandIn(
+            default_behaviour=BEHAVIOUR, max_records=MAX_RECORDS, sse_from_body=True, tiered_prices=True
+        )
         self.policy_path = ""
         self.state_dir = ""
         self.upstream_url = ""

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from proxy.standin.tiers import TIERED_PRICES
 from proxy.standin.wire import (
     _B64_CHUNK,
     CALCULATED_PRICES,
@@ -24,6 +25,7 @@ from proxy.standin.wire import (
     TEXT_DEFAULT_COST_UNITS,
     UNAUTHORIZED,
     WRITE_CHUNK,
+    CalcParams,
     Plan,
     Recorded,
     _error_json,
@@ -32,6 +34,8 @@ from proxy.standin.wire import (
     _price_units,
     calc_params,
 )
+
+PriceFunction = Callable[[CalcParams], float]
 
 
 def _wants_stream(content_type: str, body: bytes) -> bool:
@@ -54,6 +58,8 @@ class Generation:
     credits_remaining_micros: int
     _serial: int
     sse_from_body: bool
+    tiered_prices: bool
+    price_factor: float
 
     if TYPE_CHECKING:
 
@@ -102,18 +108,25 @@ class Generation:
                 )
             price = (model or {}).get("price") or {}
             hold_units = _price_units(price.get("max"))
-            calculate = CALCULATED_PRICES.get(str((model or {}).get("id")))
-            if calculate is not None:
-                # A calculated price is pre-charged, and finally charged, as computed from the request.
+            calculate, post = self._price_functions(str((model or {}).get("id")))
+            post_units = 0
+            if calculate is not None or post is not None:
+                # A calculated price is pre-charged, and finally charged, as computed from the
+                # request; a post-generation one is pre-charged price.max and charged as computed.
                 try:
                     params = calc_params(request.headers.get("Content-Type", ""), record.body)
-                    hold_units = _price_units(calculate(params))
+                    if calculate is not None:
+                        hold_units = _price_units(calculate(params))
+                    if post is not None:
+                        post_units = _price_units(post(params))
                 except ValueError as exc:
                     return _json_response(400, _error_json(str(exc), "invalid_request_error"))
             if plan.cost_units is not None:
                 cost_units = plan.cost_units
             elif calculate is not None:
                 cost_units = hold_units
+            elif post is not None:
+                cost_units = post_units
             elif model is None:
                 cost_units = TEXT_DEFAULT_COST_UNITS
             else:
@@ -178,6 +191,20 @@ class Generation:
                     settled = True
                 self.active_streams -= 1
                 self._cond.notify_all()
+
+    def _price_functions(self, model_id: str) -> tuple[PriceFunction | None, PriceFunction | None]:
+        """(calculated, post-generation) price functions of a model: ImageRouter's calculated
+        prices always; the request-priced tiers (proxy/standin/tiers.py) when turned on."""
+        calculate = CALCULATED_PRICES.get(model_id)
+        if not self.tiered_prices or model_id not in TIERED_PRICES:
+            return calculate, None
+        shape, tier = TIERED_PRICES[model_id]
+        factor = self.price_factor
+
+        def priced(params: CalcParams) -> float:
+            return tier(params) * factor
+
+        return (priced, None) if shape == "calculated" else (calculate, priced)
 
     def _final_body(self, route: str, model: str, plan: Plan, cost: float, started: float) -> bytes:
         self._serial += 1

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, unquote
 from aiohttp import web
 
 from proxy.standin.generate import Generation
+from proxy.standin.tiers import tiered_models
 from proxy.standin.wire import (
     DEFAULT_ACCOUNT_KEY,
     DEFAULT_BALANCE_MICROS,
@@ -56,6 +57,8 @@ class StandIn(Generation):
     requests: list[Recorded]
     credits_calls: int
     models_calls: int
+    tiered_prices: bool
+    price_factor: float
     generation_calls: int
     charged_micros: int
     charged_by_key: dict[str, int]
@@ -63,12 +66,19 @@ class StandIn(Generation):
     closed_early: int
 
     def __init__(
-        self, *, default_behaviour: str = "", max_records: int | None = None, sse_from_body: bool = False
+        self,
+        *,
+        default_behaviour: str = "",
+        max_records: int | None = None,
+        sse_from_body: bool = False,
+        tiered_prices: bool = False,
     ) -> None:
         # `X-Standin` for a request that sends none (the demo gives every call a heartbeat).
         self.default_behaviour = default_behaviour
         # Answer a text call whose JSON body says `"stream": true` with SSE, without `sse` in X-Standin.
         self.sse_from_body = sse_from_body
+        # Price image and video calls by quality, size and seconds (proxy/standin/tiers.py); kept by reset().
+        self.tiered_by_default = tiered_prices
         # Keep only the latest `max_records` requests (a long-running demo must not grow).
         self.max_records = max_records
         Plan.parse(default_behaviour)  # a bad default fails here, not on every request
@@ -150,7 +160,11 @@ class StandIn(Generation):
             self.total_deposits_micros = None
             self.key_rows = []
             self.key_ids = {}
+            self.tiered_prices = self.tiered_by_default
+            self.price_factor = 1.0
             self.models = default_models()
+            if self.tiered_prices:
+                self.models.update(tiered_models())
             self.unlisted_aliases = dict(UNLISTED_ALIASES)
             self.models_as_array = False
             self.account_key = DEFAULT_ACCOUNT_KEY
@@ -169,6 +183,13 @@ class StandIn(Generation):
         self._in_loop(self._reset_gates)
 
     # -- test helpers ------------------------------------------------------------------------
+
+    def price_by_request(self, factor: float = 1.0) -> None:
+        """Charge image and video calls by quality, size and seconds (proxy/standin/tiers.py), each
+        tier times `factor` (a price rise `/v2/models` does not show); lists the tiered models."""
+        with self.lock:
+            self.tiered_prices, self.price_factor = True, factor
+            self.models.update(tiered_models())
 
     def release(self, tag: str) -> None:
         """Open gate `tag`: waiting responses go on, and later ones with it no longer wait."""

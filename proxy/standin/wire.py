@@ -126,17 +126,20 @@ HUNYUAN_PER_SECOND = {"832x480": 0.02, "480x832": 0.02, "1280x720": 0.04, "720x1
 GROK_720P = ("1280x720", "960x720", "1088x720", "720x720", "720x1088", "720x960", "720x1280")
 GROK_480P = ("848x480", "640x480", "720x480", "480x480", "480x720", "480x640", "480x848")
 _SIZE_FIELD = re.compile(r"\d+[xX×*]\d+", re.ASCII)  # the validators' `size` rule (or `auto`)
+QUALITIES = ("auto", "low", "medium", "high")  # the validators' `quality` enum
 _SIZE_VALUE = re.compile(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", re.ASCII)  # extractWidthHeight
 
 
 @dataclass(frozen=True)
 class CalcParams:
     """What a calculated price reads: `seconds` as zod's coerce leaves it (a number, or `auto`),
-    `size` (`auto` when absent) and the input image files of a multipart body."""
+    `size` (`auto` when absent), the input image files of a multipart body and `quality` (`auto`
+    when absent)."""
 
     seconds: float | str
     size: str
     images: int
+    quality: str = "auto"
 
 
 def _hunyuan(params: CalcParams) -> float:
@@ -187,7 +190,10 @@ def calc_params(content_type: str, body: bytes) -> CalcParams:
     size = data.get("size", "auto")
     if not isinstance(size, str) or (size != "auto" and not _SIZE_FIELD.fullmatch(size)):
         raise ValueError("'size' must be 'auto' or in the format 'WIDTHxHEIGHT' (e.g. '1024x768')")
-    return CalcParams(seconds, size, images)
+    quality = data.get("quality", "auto")
+    if quality not in QUALITIES:
+        raise ValueError("Invalid enum value. Expected 'auto' | 'low' | 'medium' | 'high'")
+    return CalcParams(seconds, size, images, quality)
 
 
 def _image_files(content_type: str, body: bytes) -> int:
