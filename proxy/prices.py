@@ -20,6 +20,7 @@ proxy/guard/pricing.py scales the hold of a request asking for more
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import re
@@ -77,6 +78,12 @@ class PriceTable:
     fetched_at_ms: int = 0
     dearest: Mapping[str, int] = field(default_factory=dict)
     covers: Mapping[str, Covers] = field(default_factory=dict)
+    # Per model: its published `price.min` (micro-dollars, rounded up), and a digest of what it
+    # publishes for its price (`stamp_for`): a change of either starts its learned holds afresh.
+    mins: Mapping[str, int] = field(default_factory=dict)
+    stamps: Mapping[str, str] = field(default_factory=dict)
+    # Per model, what it produces as listed (`["video"]`); absent when it does not say.
+    outputs: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def loaded(self) -> bool:
@@ -108,6 +115,18 @@ class PriceTable:
         """What the price of `model` (a resolved id) covers; nothing known for an unlisted name."""
         return self.covers.get(model, NO_COVERS)
 
+    def min_for(self, model: str) -> int:
+        """The published `price.min` of `model` (a resolved id); 0 when it publishes none."""
+        return self.mins.get(model, 0)
+
+    def produces(self, model: str, kind: str) -> bool:
+        """Whether `model` (a resolved id) is listed as producing `kind` (`image`, `video`)."""
+        return kind in self.outputs.get(model, ())
+
+    def stamp_for(self, model: str) -> str:
+        """A digest of the price `/v2/models` publishes for `model` ("" when none is listed)."""
+        return self.stamps.get(model, "")
+
     def dearest_for(self, kind: str) -> int | None:
         """The dearest hold of a model producing `kind` (of any model if none is known to)."""
         return self.dearest.get(kind, max(self.holds.values(), default=None))
@@ -120,6 +139,9 @@ class PriceTable:
                 "fetched_at_ms": self.fetched_at_ms,
                 "dearest": dict(self.dearest),
                 "covers": {model: [c.seconds, c.pixels] for model, c in self.covers.items()},
+                "mins": dict(self.mins),
+                "stamps": dict(self.stamps),
+                "outputs": {model: list(kinds) for model, kinds in self.outputs.items()},
             }
         )
 
@@ -130,7 +152,19 @@ class PriceTable:
         dearest = dict(data.get("dearest", {}))
         # Nor `covers`: each model's hold then scales from the rules' defaults until the next refresh.
         covers = {model: Covers(seconds, pixels) for model, (seconds, pixels) in data.get("covers", {}).items()}
-        return cls(dict(data["holds"]), dict(data["aliases"]), int(data["fetched_at_ms"]), dearest, covers)
+        # Nor `mins` and `stamps`: learned holds then wait for the next refresh's.
+        mins, stamps = dict(data.get("mins", {})), dict(data.get("stamps", {}))
+        outputs = {model: tuple(kinds) for model, kinds in data.get("outputs", {}).items()}
+        return cls(
+            dict(data["holds"]),
+            dict(data["aliases"]),
+            int(data["fetched_at_ms"]),
+            dearest,
+            covers,
+            mins,
+            stamps,
+            outputs,
+        )
 
 
 def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
@@ -156,6 +190,8 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
     aliases: dict[str, str] = {}
     outputs: dict[str, list[str]] = {}
     covers: dict[str, Covers] = {}
+    mins: dict[str, int] = {}
+    stamps: dict[str, str] = {}
     for model_id, entry in entries:
         if not isinstance(entry, dict):
             continue
@@ -166,6 +202,8 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
             covered = _covers(entry)
             if covered != NO_COVERS:
                 covers[model_id] = covered
+            mins[model_id] = min(_min_price(entry), hold)
+            stamps[model_id] = _stamp(entry)
         aliases_in = entry.get("aliases") or ()
         for alias in [aliases_in] if isinstance(aliases_in, str) else aliases_in:
             if isinstance(alias, str) and alias != model_id:
@@ -178,7 +216,8 @@ def parse_models(document: bytes, fetched_at_ms: int) -> PriceTable:
         kind: max(hold for model_id, hold in holds.items() if kind in outputs[model_id] or not outputs[model_id])
         for kind in kinds
     }
-    return PriceTable(holds, aliases, fetched_at_ms, dearest, covers)
+    listed = {model_id: tuple(produced) for model_id, produced in outputs.items() if produced}
+    return PriceTable(holds, aliases, fetched_at_ms, dearest, covers, mins, stamps, listed)
 
 
 NO_COVERS = Covers()
@@ -247,3 +286,22 @@ def _max_price(entry: Mapping[str, object]) -> int | None:
         as_double = math.ceil(float(str(candidate)) * 10000) * 100
         return max(exact, as_double)
     return None
+
+
+def _min_price(entry: Mapping[str, object]) -> int:
+    """`price.min` in micro-dollars rounded up; 0 when it is absent or malformed."""
+    price = entry.get("price")
+    low = price.get("min") if isinstance(price, Mapping) else None
+    if low is None or isinstance(low, bool):
+        return 0
+    try:
+        return usd_to_micros_ceil(low)
+    except MoneyError:
+        return 0
+
+
+def _stamp(entry: Mapping[str, object]) -> str:
+    """A short digest of the model's published `price` and `inputs`: what prices its calls."""
+    published = {"price": entry.get("price"), "inputs": entry.get("inputs")}
+    text = json.dumps(published, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]

@@ -54,6 +54,8 @@ class Flight:
     model: str = ""
     # The budget counters it holds against, (budget id, window start ms): the settle's keys.
     counters: tuple[tuple[str, int], ...] = ()
+    # The price signature a reported cost is learned under, (digest, text); None: not learned.
+    learn_as: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,8 @@ class Runtime:
     hold_floors: dict[str, int] = field(default_factory=dict)
     # Told each underheld call, at once and without waiting (the alert loop sends `call.underheld`).
     on_underheld: Callable[[Underheld], None] | None = None
+    # The learned holds table was found full (logged once per process).
+    learned_full_logged: bool = False
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
@@ -269,14 +273,20 @@ class Runtime:
 
     def compare_to_hold(self, flight: Flight, cost_micros: int | None, charged: int | None) -> None:
         """How the hold compared with the bill, so an operator sees a rate that is too low before it
-        costs money: charged / held per route kind, and a call whose real cost exceeded its hold
-        (the hold bounded nothing then) logged once at WARNING, counted and summed per model,
+        costs money: charged / held per route kind, held / cost per route kind and model, and a call
+        whose real cost exceeded its hold (the hold bounded nothing then) logged once at WARNING,
+        counted and summed per model,
         told to the alerts (`call.underheld`), and its cost made the model's least hold from now
         on (`hold_floor`)."""
         if charged is None and flight.reclaimed:
             charged = flight.amount_micros  # the reclaiming reserve charged the hold
         if charged is not None and flight.amount_micros > 0:
             self.metrics.held_ratio.labels(flight.kind or "unknown").observe(charged / flight.amount_micros)
+        if cost_micros is not None and cost_micros > 0:
+            # Only a billed call names its model: a client's made-up names never become series.
+            self.metrics.hold_to_cost.labels(flight.kind or "unknown", excerpt(flight.model or "unknown")).observe(
+                flight.amount_micros / cost_micros
+            )
         if cost_micros is not None and cost_micros > flight.amount_micros:
             model = excerpt(flight.model or "unknown")
             self.metrics.underheld.labels(model).inc()

@@ -15,7 +15,7 @@ import time
 
 from proxy.errors import Rejected, StoreError
 from proxy.guard.identity import UNREGISTERED, identify_token
-from proxy.guard.pricing import quote_hold
+from proxy.guard.observed import price_call
 from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import Admitted, relay
 from proxy.guard.verdicts import (
@@ -272,7 +272,7 @@ class Guard:
         model = self.runtime.refresher.prices.resolve(fields.model)
         call.model = model
         self.check_model(model, fields.model, policy, key, verdicts)
-        hold = self.hold_for(match, fields, model, policy, verdicts)
+        hold = await self.hold_for(match, fields, model, policy, verdicts, call)
         if hold is None:
             return None  # fail-open without a price table: forwarded unguarded, counted
         call.hold_micros = hold
@@ -325,15 +325,18 @@ class Guard:
         call.decision, call.scope = "would_refuse", refusal.scope or "policy"
         log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
 
-    def hold_for(self, match: Match, fields: PriceFields, model: str, policy: Policy, verdicts: Verdicts) -> int | None:
-        """The call's hold (proxy.guard.pricing.quote_hold); None: forward unguarded (failed open)."""
-        quote = quote_hold(match.kind or "", match.path, fields, model, self.runtime.refresher.prices, policy.models)
-        if quote.micros is None:
+    async def hold_for(
+        self, match: Match, fields: PriceFields, model: str, policy: Policy, verdicts: Verdicts, call: Call
+    ) -> int | None:
+        """The call's hold (proxy.guard.observed.price_call); None: forward unguarded (failed open)."""
+        priced = await price_call(self.runtime, match.kind or "", match.path, fields, model, policy.models)
+        call.hold_basis = priced.basis
+        if priced.micros is None:
             verdicts.enforce()  # a model the policy refuses is refused, priced or not
             self.fail_open_or_closed("no price table has been loaded from /v2/models yet", "no_prices")
             return None
-        if quote.unpriced and policy.guard.unknown_models == "reject":
-            why = "matches no models.text_rates entry" if quote.basis == "text_default" else "has no published price"
+        if priced.quote.unpriced and policy.guard.unknown_models == "reject":
+            why = "matches no models.text_rates entry" if priced.basis == "text_default" else "has no published price"
             verdicts.add(
                 Rejected(
                     403,
@@ -342,8 +345,8 @@ class Guard:
                     scope="policy",
                 )
             )
-        # At least the highest cost seen above one of this model's holds (Runtime.compare_to_hold).
-        return max(quote.micros, self.runtime.hold_floor(model))
+        call.signature = priced.signature
+        return priced.micros
 
     def fail_open_or_closed(self, reason: str, kind: str) -> None:
         """The guard cannot decide (`guard.on_store_error`): fail closed (raise 503) or open
@@ -462,6 +465,7 @@ class Guard:
             kind=call.kind,
             model=call.model or "",
             counters=counters_of(request.budgets),
+            learn_as=None if call.signature is None else (call.signature.digest, call.signature.text),
         )
         self.runtime.open_flight(flight)
         if call.decision != "would_refuse":

@@ -15,6 +15,7 @@ from proxy.cost.observers import observer_for, readable_accept_encoding
 from proxy.cost.scanner import Outcome
 from proxy.deadlines import deadline_at
 from proxy.errors import UpstreamBroken, UpstreamError, UpstreamNotSent
+from proxy.guard.observed import learn
 from proxy.guard.verdicts import Call, log_decision
 from proxy.http.request import BodyLease
 from proxy.http.upstream import (
@@ -27,7 +28,8 @@ from proxy.http.upstream import (
     response_headers,
     send_within,
 )
-from proxy.policy.model import Policy
+from proxy.money import MAX_CALL_MICROS
+from proxy.policy.model import ModelsPolicy, Policy
 from proxy.runtime import Flight, Runtime
 from proxy.types import Receive, Scope, Send
 
@@ -144,15 +146,20 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
             resp.release()
         rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
         if flight is not None:
-            await asyncio.shield(settle(rt, flight, outcome, call))
+            await asyncio.shield(settle(rt, flight, outcome, call, policy.models))
         admitted.body_lease.release()
         log_decision(call, policy)
 
 
-async def settle(rt: Runtime, flight: Flight, outcome: Outcome, call: Call) -> None:
+async def settle(rt: Runtime, flight: Flight, outcome: Outcome, call: Call, models: ModelsPolicy) -> None:
     """Exactly once per reservation: error -> release, cost -> charge it, else charge the hold."""
     cost = 0 if outcome.kind == "error" else outcome.cost_micros if outcome.kind == "cost" else None
     call.outcome = call.outcome or outcome.kind
     call.cost_micros = await rt.settle(flight, cost)
+    if outcome.kind == "cost" and flight.learn_as is not None and outcome.cost_micros is not None:
+        # Only a cost ImageRouter reported is learned from: a release or an assumed charge says
+        # nothing about what the signature costs.
+        digest, text = flight.learn_as
+        await learn(rt, digest, text, min(outcome.cost_micros, MAX_CALL_MICROS), models)
     if flight.reclaimed:
         call.outcome, call.cost_micros = "reclaimed", flight.amount_micros

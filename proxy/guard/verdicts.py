@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from proxy.errors import Rejected
+from proxy.guard.signature import Signature
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
 from proxy.settings import Secret
@@ -35,6 +36,10 @@ class Call:
     key_name: str = "unknown"
     model: str | None = None
     hold_micros: int = 0
+    # What the hold rests on (proxy.guard.observed.Priced.basis), and the price signature the
+    # call is learned under (None: not learned from).
+    hold_basis: str = ""
+    signature: Signature | None = None
     decision: str = "refused"
     scope: str = ""
     cost_micros: int | None = None
@@ -80,7 +85,7 @@ def stale_reason(refusal: ScopeRefusal, max_staleness_s: float) -> str:
 def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: float, floor_micros: int) -> Rejected:
     """The 402/403 a reserve refusal becomes: scope, limit, spent, held, reset, Retry-After."""
     spent, held, limit = format_usd(r.spent_micros), format_usd(r.held_micros), format_usd(r.limit_micros)
-    this = format_usd(call.hold_micros)
+    this = format_usd(call.hold_micros) + (f" (hold basis: {call.hold_basis})" if call.hold_basis else "")
     key = f"Key '{call.key_name}'" if call.key else "This key"
     if r.code == "key_inactive":
         return Rejected(403, "key_inactive", f"{key} is inactive at ImageRouter.", scope="key")
@@ -129,6 +134,7 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
         "route": excerpt(call.route),
         "model": None if call.model is None else excerpt(call.model),
         "hold_usd": format_usd(call.hold_micros) if call.hold_micros else None,
+        "hold_basis": call.hold_basis or None,
         "cost_usd": None if call.cost_micros is None else format_usd(call.cost_micros),
         "outcome": call.outcome or None,
         "upstream_status": call.upstream_status,

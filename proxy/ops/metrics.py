@@ -23,6 +23,8 @@ OVERHEAD_BUCKETS = (0.0002, 0.0005, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005, 0
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 900)
 # Charged / held at a settle: 0 is a release, 1 a hold charged in full, above 1 an underheld call.
 RATIO_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
+# Held / charged at a settle with a cost: below 1 an underheld call, 1.1 the default observed margin.
+HOLD_TO_COST_BUCKETS = (0.5, 0.9, 1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 
 
 class Computed(Collector):
@@ -106,6 +108,20 @@ class Metrics:
             "(above 1: the call cost more than its hold).",
             ["kind"],
             buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.hold_to_cost = Histogram(
+            "spend_guard_hold_to_cost_ratio",
+            "At each settle with a reported cost above 0, the hold divided by the cost, by route kind and model "
+            "(1 is a hold that fit exactly; below 1 an underheld call).",
+            ["kind", "model"],
+            buckets=HOLD_TO_COST_BUCKETS,
+            registry=r,
+        )
+        self.learned_full = Counter(
+            "spend_guard_learned_table_full",
+            "Costs not learned because the learned holds table had no room for a new signature "
+            "(models.observed.max_signatures).",
             registry=r,
         )
         self.charged_by_model = Counter(

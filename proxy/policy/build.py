@@ -36,6 +36,7 @@ from proxy.policy.model import (
     KeyPolicy,
     ModelRules,
     ModelsPolicy,
+    ObservedPolicy,
     Policy,
     RoutePolicy,
     TextRate,
@@ -325,6 +326,10 @@ class Builder:
                     values["overrides"] = file.overrides(raw.get("overrides"), "models.overrides")
                     values["text_rates"] = file.text_rates(raw.get("text_rates"), "models.text_rates")
                     values["rules"] = file.rules(raw, section)
+                    if raw.get("observed") is not None:
+                        observed = file.mapping(raw["observed"], "models.observed", "observed")
+                        if observed is not None:
+                            values["observed"] = ObservedPolicy(**file.fields(observed, "models.observed", "observed"))
                 if section == "alerts":
                     file.alerts(raw, values)
                 self.sections[section] = _Section(file, raw, values)

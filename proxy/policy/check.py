@@ -20,8 +20,12 @@ from proxy.policy.model import (
     ACCOUNT_NAME_RE,
     ENV_NAME_RE,
     LISTS,
+    MAX_MARGIN,
+    MAX_OBSERVATIONS,
+    MAX_SIGNATURES,
     MAX_THRESHOLD,
     MAX_TOKENS,
+    MAX_WINDOW_DAYS,
     MIN_BODY_BYTES,
     NAME_RE,
     SECTIONS,
@@ -161,6 +165,34 @@ def _tokens(value: object) -> int:
         raise _Invalid(f"expected a whole number of tokens, got {_show(value)}")
     if not 1 <= value <= MAX_TOKENS:
         raise _Invalid(f"must be between 1 and {MAX_TOKENS} tokens, got {value}")
+    return value
+
+
+def _observations(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a whole number of calls, got {_show(value)}")
+    if not 1 <= value <= MAX_OBSERVATIONS:
+        raise _Invalid(f"must be between 1 and {MAX_OBSERVATIONS}, got {value}")
+    return value
+
+
+def _margin(value: object) -> float:
+    if not 0 <= (margin := _number(value)) <= MAX_MARGIN:
+        raise _Invalid(f"must be between 0 and {MAX_MARGIN:g}, got {_show(value)}")
+    return margin
+
+
+def _window_days(value: object) -> float:
+    if not 0 < (days := _number(value)) <= MAX_WINDOW_DAYS:
+        raise _Invalid(f"must be greater than 0 and at most {MAX_WINDOW_DAYS} days, got {_show(value)}")
+    return days
+
+
+def _signatures(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Invalid(f"expected a whole number of signatures, got {_show(value)}")
+    if not 1 <= value <= MAX_SIGNATURES:
+        raise _Invalid(f"must be between 1 and {MAX_SIGNATURES}, got {value}")
     return value
 
 
@@ -359,6 +391,15 @@ FIELDS: Mapping[str, _Spec] = {
         "text_hold_usd": ("text_hold_micros", _money),
         "max_request_usd": ("max_request_micros", _optional_money),
         "text_media_input_tokens": ("text_media_input_tokens", _tokens),
+        "holds": ("holds", _choice("value", ("max", "observed"))),
+    },
+    # `models.observed` (docs/how-it-works.md#observed-holds). These names are a contract
+    # operators' files rely on: keep them.
+    "observed": {
+        "min_observations": ("min_observations", _observations),
+        "margin": ("margin", _margin),
+        "window_days": ("window_days", _window_days),
+        "max_signatures": ("max_signatures", _signatures),
     },
     # One `models.text_rates` entry (docs/text-holds.md). These names are a contract operators'
     # files and other tools rely on: keep them.
@@ -415,7 +456,7 @@ RULES_KEYS = ("allow", "deny")
 # Keys each mapping accepts beyond its flat FIELDS: nested lists and mappings parsed on their own.
 NESTED_KEYS: Mapping[str, tuple[str, ...]] = {
     "policy": (*SECTIONS, *LISTS),
-    "models": ("overrides", "text_rates", *RULES_KEYS),
+    "models": ("overrides", "text_rates", "observed", *RULES_KEYS),
     "alerts": ("thresholds", "webhooks"),
     "rules": RULES_KEYS,
     "group": ("budgets",),

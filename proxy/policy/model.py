@@ -44,6 +44,12 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 MIN_BODY_BYTES = 1024
 # Bound on any token count in a policy (a rate's max_output_tokens, text_media_input_tokens).
 MAX_TOKENS = 100_000_000
+# Bounds of `models.observed`: a hold may be learned from one call, taken with up to ten times its
+# highest cost, over up to a year; at most a million signatures per account.
+MAX_OBSERVATIONS = 1_000_000
+MAX_MARGIN = 10.0
+MAX_WINDOW_DAYS = 366
+MAX_SIGNATURES = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +113,21 @@ class TextRate:
     max_output_tokens: int
 
 
+HoldsMode = Literal["max", "observed"]
+
+
+@dataclass(frozen=True, slots=True)
+class ObservedPolicy:
+    """`models.observed` (docs/how-it-works.md#observed-holds). These YAML names are a contract
+    operators' files rely on: min_observations, margin, window_days."""
+
+    min_observations: int = 20  # settled calls of a signature before its learned hold is used
+    margin: float = 0.1  # hold = highest cost in the window x (1 + margin)
+    window_days: float = 7.0  # how far back the highest cost is looked for
+    # Signatures learned per account at once; a new one beyond it keeps the conservative hold.
+    max_signatures: int = 10_000
+
+
 @dataclass(frozen=True, slots=True)
 class ModelsPolicy:
     default_hold_micros: int = 500_000
@@ -119,6 +140,10 @@ class ModelsPolicy:
     # Input tokens counted for each input a body does not carry as text (an image, audio or file
     # part, a stored response or conversation it refers to) instead of its bytes.
     text_media_input_tokens: int = 10_000
+    # `max`: an image or video call holds its model's price.max (scaled); `observed`: the highest
+    # cost charged for its price signature, once learned (proxy/guard/observed.py).
+    holds: HoldsMode = "max"
+    observed: ObservedPolicy = field(default_factory=ObservedPolicy)
 
 
 DEFAULT_THRESHOLDS = (0.5, 0.8, 1.0)

@@ -90,6 +90,15 @@ class Keys:
         """Left by a release that found no hold: its reserve, if it still runs, holds nothing."""
         return f"{self.prefix}tomb:{hold_id}"
 
+    def learned(self, digest: str) -> str:
+        """One price signature's learned costs (proxy/store/learned.py)."""
+        return f"{self.prefix}learned:{digest}"
+
+    @property
+    def learned_index(self) -> str:
+        """Every learned signature by when it was last written: the table's bound."""
+        return f"{self.prefix}learned-index"
+
     def alert(self, scope: str) -> str:
         return f"{self.prefix}alert:{scope}"
 

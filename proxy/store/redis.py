@@ -27,6 +27,7 @@ from proxy.deadlines import deadline
 from proxy.errors import HoldQuarantined, StoreAuthError, StoreError, StoreScriptError
 from proxy.prices import PriceTable
 from proxy.store.keyspace import ACCOUNTS, Keys, spec
+from proxy.store.learned import Learned, Window, learned_of, observe_args
 from proxy.store.records import (
     BudgetHold,
     Decision,
@@ -138,6 +139,7 @@ class Store:
         self.lua_levels = ledger_script(client, "levels")
         self.lua_identity = ledger_script(client, "identity")
         self.lua_alert_marks = lone_script(client, "alert_marks")
+        self.lua_observe = lone_script(client, "observe")
 
     async def adopt_epoch(self) -> str:
         """Learn the store's epoch, writing one if the store has none (a new store). Reserves
@@ -543,6 +545,21 @@ class Store:
         ]
         claimed, released, recovered = await self._call(lambda: self.lua_alert_marks(keys=keys, args=args))
         return Marks(tuple(as_text(v) for v in claimed), tuple(as_text(v) for v in released), bool(recovered))
+
+    async def learned(self, digest: str, window: Window, now_ms: int) -> Learned:
+        """What the price signature `digest` has been charged within `window` (proxy/store/learned.py)."""
+        fields = await self._call(lambda: self.client.hgetall(self.keys.learned(digest)))
+        return learned_of(fields, window, now_ms)
+
+    async def observe(
+        self, digest: str, text: str, cost_micros: int, window: Window, now_ms: int, max_signatures: int
+    ) -> Learned:
+        """Record one call of signature `digest` charged `cost_micros` (observe.lua); returns what it
+        has now been charged within the window (`full`: not recorded, the table is full)."""
+        keys = [self.keys.learned(digest), self.keys.learned_index]
+        args = observe_args(window, now_ms, cost_micros, max_signatures, digest, text)
+        highest, count = await self._call(lambda: self.lua_observe(keys=keys, args=args))
+        return Learned(0, 0, True) if int(highest) < 0 else Learned(int(highest), int(count))
 
     async def open_holds(self) -> int:
         return int(await self._call(lambda: self.client.hlen(self.key("holds"))))

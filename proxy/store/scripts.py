@@ -1,16 +1,16 @@
 """The Lua scripts as the store sends them, and what their replies mean.
 
-A ledger script (every file under `lua/` but `_common.lua` and `alert_marks.lua`) is sent as
-three parts, in this order (`ledger_script`):
+A ledger script (every file under `lua/` but `_common.lua`, `alert_marks.lua` and
+`observe.lua`) is sent as three parts, in this order (`ledger_script`):
 
 1. the key binding: `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>`, naming the
    account's fixed keys that script receives first (`Keys.lua_binding`, from `SCRIPT_KEYS`);
 2. `_common.lua`: what every ledger script shares (hold records, `settle_hold`, `row_level`);
 3. the script's own file.
 
-`alert_marks.lua` touches no account key and is sent alone. Redis numbers the lines of the whole
-text it runs, so `Script` maps an error's `user_script:<n>` back to the part it came from and
-that part's own line (`reserve.lua:88`, `_common.lua:126`).
+`alert_marks.lua` and `observe.lua` touch no fixed account key and are sent alone. Redis numbers
+the lines of the whole text it runs, so `Script` maps an error's `user_script:<n>` back to the
+part it came from and that part's own line (`reserve.lua:88`, `_common.lua:126`).
 
 Replies are plain Lua values; the reply codes below carry the same names in the scripts' headers
 (tests/store/test_store.py checks that each script spells them as here), and the functions below turn

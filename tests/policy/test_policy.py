@@ -22,6 +22,7 @@ from proxy.policy.model import (
     KeyPolicy,
     ModelRules,
     ModelsPolicy,
+    ObservedPolicy,
     RoutePolicy,
     TextRate,
     UpstreamPolicy,
@@ -171,6 +172,13 @@ EXPECTED = {
     "unknown_top_key.yaml": (
         "acount: unknown key; expected one of mode, upstream, account, guard, models, alerts, admin, routes, "
         "groups, keys"
+    ),
+    "holds_unknown.yaml": "models.holds: unknown value 'learned'; expected max or observed",
+    "observed_min_observations_zero.yaml": "models.observed.min_observations: must be between 1 and 1000000, got 0",
+    "observed_margin_negative.yaml": "models.observed.margin: must be between 0 and 10, got -0.1",
+    "observed_window_zero.yaml": "models.observed.window_days: must be greater than 0 and at most 366 days, got 0",
+    "observed_unknown_key.yaml": (
+        "models.observed.min_obs: unknown key; expected one of min_observations, margin, window_days, max_signatures"
     ),
     "text_media_input_tokens_bool.yaml": "models.text_media_input_tokens: expected a whole number of tokens, got true",
     "text_rate_glob_not_string.yaml": "models.text_rates[7]: expected a model id or glob",
@@ -366,6 +374,13 @@ def test_text_rates_load_in_file_order_with_their_pinned_field_names(tmp_path: P
     )
     assert models.text_media_input_tokens == 2500
     assert (ModelsPolicy().text_rates, ModelsPolicy().text_media_input_tokens) == ((), 10_000)
+    assert (ModelsPolicy().holds, ModelsPolicy().observed) == ("max", ObservedPolicy(20, 0.1, 7.0, 10_000))
+
+
+def test_models_holds_observed_and_its_tuning_are_read(write_policy) -> None:
+    path = write_policy("models:\n  holds: observed\n  observed: {min_observations: 5, margin: 0, window_days: 0.5}\n")
+    models = load_policy(path).models
+    assert (models.holds, models.observed) == ("observed", ObservedPolicy(5, 0.0, 0.5, 10_000))
 
 
 def test_a_glob_given_twice_in_text_rates_is_reported(tmp_path: Path) -> None:
