@@ -78,6 +78,7 @@ class SpendGuardApp(OwnEndpoints):
                 Route("/-/readyz", self.readyz),
                 Route("/-/metrics", self.metrics_endpoint),
                 Route("/-/me", self.me),
+                Route("/-/quote", self.quote, methods=["GET", "POST"]),
                 Route("/-/status", self.status_page),
                 Route("/-/status.json", self.status_json),
             ],

@@ -1,5 +1,5 @@
 """The own endpoints under `/-/`: which paths they are however spelled, and their handlers
-(`/-/healthz`, `/-/readyz`, `/-/metrics`, `/-/me`, `/-/status`, `/-/status.json`).
+(`/-/healthz`, `/-/readyz`, `/-/metrics`, `/-/me`, `/-/quote`, `/-/status`, `/-/status.json`).
 
 `OwnEndpoints` is mixed into `SpendGuardApp` (proxy/app.py), whose lifespan sets what the handlers
 read; they are never forwarded upstream, so they never shadow an upstream path.
@@ -24,6 +24,7 @@ from proxy.http.routing import canonical_path
 from proxy.ops.gauges import LevelGauges
 from proxy.ops.levels import me_report
 from proxy.ops.metrics import Metrics
+from proxy.ops.quote import quote_report
 from proxy.ops.statuspage import authorize, authorize_metrics, page_response, status_data
 from proxy.policy.model import Policy
 from proxy.settings import Settings
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 
 OWN_PREFIX = "/-/"
 STATUS_PAGE = "/-/status"
-OWN_PATHS = frozenset({"/-/healthz", "/-/readyz", "/-/metrics", "/-/me", STATUS_PAGE, "/-/status.json"})
+OWN_PATHS = frozenset({"/-/healthz", "/-/readyz", "/-/metrics", "/-/me", "/-/quote", STATUS_PAGE, "/-/status.json"})
 # After a reserve failed, /-/readyz says so for this long (a success since does not end it: a
 # flapping store stays unready); then it lets traffic try again, so a recovered store is noticed
 # even behind a load balancer.
@@ -182,6 +183,16 @@ class OwnEndpoints:
         except Rejected as exc:
             return exc.response()
         return JSONResponse(report)
+
+    async def quote(self, request: Request) -> Response:
+        """What a call would hold, asked before it is sent (proxy/ops/quote.py)."""
+        if self.runtime is None or self.guard is None:
+            return error_response(503, "guard_unavailable", "The proxy is starting.")
+        try:
+            answer = await quote_report(self.runtime, self.guard, request)
+        except Rejected as exc:
+            return exc.response()
+        return JSONResponse(answer, headers={"Cache-Control": "no-store"})
 
     async def status_page(self, request: Request) -> Response:
         """The status page (proxy/ops/statuspage.py): a shell that fetches /-/status.json."""
