@@ -209,6 +209,16 @@ class StandIn(Generation):
             lambda: self.active_streams == n, timeout, lambda: f"{self.active_streams} active streams, wanted {n}"
         )
 
+    def wait_until(self, done: Callable[[], bool], timeout: float = 10) -> None:
+        """Block until `done()` holds, checked whenever a request arrives or a stream opens or
+        closes, and whenever `wake()` is called."""
+        self._wait(done, timeout, lambda: "the condition waited for did not come true")
+
+    def wake(self) -> None:
+        """Have `wait_until` check its condition again (something outside the stand-in changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
     @property
     def generation_requests(self) -> list[Recorded]:
         with self.lock:

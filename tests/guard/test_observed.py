@@ -142,3 +142,13 @@ def test_a_learned_hold_is_never_below_price_min(make_proxy, tiered, caplog):
 )
 def test_observed_hold_rules(highest, margin, conservative, minimum, hold):
     assert observed_hold(highest, margin, conservative, minimum) == hold
+
+
+def test_proxies_sharing_a_store_learn_one_table_and_a_restart_keeps_it(make_proxy, tiered, store_target, caplog):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    first, second, third = (make_proxy(BUDGET + OBSERVED) for _ in range(3))
+    for p in (first, second, third):  # one call each: three observations of one signature
+        assert held(p, caplog, "openai/dall-e-3", quality="high")[1] == "max"
+    assert held(second, caplog, "openai/dall-e-3", quality="high") == (88_000, "observed", 80_000)
+    restarted = make_proxy(BUDGET + OBSERVED, init=False)
+    assert held(restarted, caplog, "openai/dall-e-3", quality="high") == (88_000, "observed", 80_000)
