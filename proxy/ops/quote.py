@@ -62,7 +62,8 @@ async def quote_report(rt: Runtime, guard: Guard, request: Request) -> dict[str,
         "hold_usd": None if priced.micros is None else format_usd(priced.micros),
         "basis": priced.basis,
         "signature": None if priced.signature is None else priced.signature.as_json(),
-        "observations": None if priced.learned is None else priced.learned.count,
+        # How many calls the account made is not told to a token the policy does not list.
+        "observations": None if priced.learned is None or not shows_account(policy, key) else priced.learned.count,
     }
     answer.update(await room(rt, policy, key, priced.micros))
     refusal = policy_refusal(guard, policy, key, model, fields.model, priced.micros)
@@ -120,7 +121,7 @@ async def room(rt: Runtime, policy: Policy, key: KeyPolicy | None, hold: int | N
     """The caller's tightest remaining room among the scopes its calls are held against (null for
     a key the policy does not list, unless the policy shows it the account), and whether the hold
     fits in it."""
-    if key is None and not policy.guard.show_account_to_unknown_keys:
+    if not shows_account(policy, key):
         return {"remaining_usd": None, "remaining_scope": None, "fits": None}
     try:
         report = await scopes_for(rt.ledger, policy, key, rt.clock())
@@ -132,6 +133,12 @@ async def room(rt: Runtime, policy: Policy, key: KeyPolicy | None, hold: int | N
     tightest = min(enforced, key=lambda s: usd_to_micros(s["remaining_usd"]))
     fits = None if hold is None else hold <= usd_to_micros(tightest["remaining_usd"])
     return {"remaining_usd": tightest["remaining_usd"], "remaining_scope": tightest["scope"], "fits": fits}
+
+
+def shows_account(policy: Policy, key: KeyPolicy | None) -> bool:
+    """Whether the caller may see account figures (a listed key, or any under
+    `guard.show_account_to_unknown_keys`), as on `/-/me`."""
+    return key is not None or policy.guard.show_account_to_unknown_keys
 
 
 def policy_refusal(

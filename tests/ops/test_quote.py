@@ -76,6 +76,18 @@ def test_a_quote_names_the_refusal_and_a_refusal_names_hold_and_basis(make_proxy
     assert capped["refusal"]["status"] == 403 and "per-request cap of $2.0000" in capped["refusal"]["message"]
 
 
+def test_a_token_the_policy_does_not_list_learns_nothing_of_the_account(make_proxy, tiered, caplog):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(BUDGET + OBSERVED)
+    for _ in range(3):
+        held(p, caplog, "openai/dall-e-3")
+    mine = quote(p, model="openai/dall-e-3").json()
+    theirs = quote(p, token="sk-made-up-" + "x" * 40, model="openai/dall-e-3").json()
+    assert mine["observations"] == 3 and mine["remaining_usd"] is not None
+    assert theirs["hold_usd"] == mine["hold_usd"] == "0.0440"
+    assert (theirs["observations"], theirs["remaining_usd"], theirs["fits"]) == (None, None, None)
+
+
 def test_a_quote_needs_a_bearer_token_and_a_known_route(make_proxy, up):
     p = make_proxy(BUDGET + "guard: {unknown_keys: reject}\n")
     assert p.client.get("/-/quote", params={"model": "openai/gpt-image-1"}).status_code == 401
