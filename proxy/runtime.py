@@ -117,6 +117,9 @@ class Runtime:
     on_underheld: Callable[[Underheld], None] | None = None
     # The learned holds table was found full (logged once per process).
     learned_full_logged: bool = False
+    # Per price signature digest, what this process last wrote to the learned table: (bucket,
+    # highest cost written in it, the signature's count then); see proxy.guard.observed.learn.
+    learned_written: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:

@@ -85,23 +85,35 @@ def window_of(models: ModelsPolicy) -> Window:
 
 
 async def learn(rt: Runtime, digest: str, text: str, cost_micros: int, models: ModelsPolicy) -> None:
-    """Record what ImageRouter charged one call of a signature. A store error loses the one
-    observation (logged): the signature's calls hold more, never less, meanwhile."""
+    """Record what ImageRouter charged one call of a signature. Once a signature has enough
+    calls, a process writes it again only in a new bucket of the window or for a cost above what
+    it wrote in this one, so the steady state costs no store round trip per settle and the
+    highest cost of every bucket is still in the store. A store error loses the one observation
+    (logged): the signature's calls hold more, never less, meanwhile."""
+    window = window_of(models)
+    now_ms = rt.now_ms()
+    bucket = window.current(now_ms)
+    written = rt.learned_written.get(digest)
+    in_bucket = written[1] if written is not None and written[0] == bucket else -1
+    if written is not None and cost_micros <= in_bucket and written[2] >= models.observed.min_observations:
+        return
     try:
-        learned = await rt.store.observe(
-            digest, text, cost_micros, window_of(models), rt.now_ms(), models.observed.max_signatures
-        )
+        learned = await rt.store.observe(digest, text, cost_micros, window, now_ms, models.observed.max_signatures)
     except StoreError as exc:
         log.warning("could not record a learned cost: %s", exc)
         return
-    if learned.full:
-        rt.metrics.learned_full.inc()
-        if rt.learned_full_logged:
-            return
-        rt.learned_full_logged = True
-        log.warning(
-            "the learned holds table is full (models.observed.max_signatures=%d): %s and other new signatures"
-            " keep their conservative hold (logged once; spend_guard_learned_table_full_total counts them)",
-            models.observed.max_signatures,
-            text,
-        )
+    if not learned.full:
+        if len(rt.learned_written) >= models.observed.max_signatures:
+            rt.learned_written.clear()
+        rt.learned_written[digest] = (bucket, max(in_bucket, cost_micros), learned.count)
+        return
+    rt.metrics.learned_full.inc()
+    if rt.learned_full_logged:
+        return
+    rt.learned_full_logged = True
+    log.warning(
+        "the learned holds table is full (models.observed.max_signatures=%d): %s and other new signatures"
+        " keep their conservative hold (logged once; spend_guard_learned_table_full_total counts them)",
+        models.observed.max_signatures,
+        text,
+    )

@@ -12,8 +12,10 @@ from decimal import Decimal
 import pytest
 
 from proxy.guard.observed import observed_hold
+from proxy.store.learned import Window
 from tests.support.constants import KEY_A
 from tests.support.policies import alice_keys
+from tests.support.proxies import FakeClock
 from tests.support.webhook_receiver import Receiver
 
 IMAGES = "/v1/openai/images/generations"
@@ -152,3 +154,24 @@ def test_proxies_sharing_a_store_learn_one_table_and_a_restart_keeps_it(make_pro
     assert held(second, caplog, "openai/dall-e-3", quality="high") == (88_000, "observed", 80_000)
     restarted = make_proxy(BUDGET + OBSERVED, init=False)
     assert held(restarted, caplog, "openai/dall-e-3", quality="high") == (88_000, "observed", 80_000)
+
+
+def test_a_learned_signature_is_written_again_only_for_a_higher_cost_or_in_a_new_bucket(make_proxy, tiered, caplog):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    clock = FakeClock()
+    p = make_proxy(BUDGET + OBSERVED, clock=clock)
+
+    def observations() -> int:
+        answer = p.client.get("/-/quote", params={"model": "openai/dall-e-3"}, headers=AUTH).json()
+        return answer["observations"]
+
+    for _ in range(5):
+        held(p, caplog, "openai/dall-e-3")
+    assert observations() == 3  # the store saw enough: the same cost again costs no round trip
+    tiered.price_by_request(factor=1.5)
+    assert held(p, caplog, "openai/dall-e-3") == (44_000, "observed", 60_000)
+    assert observations() == 4  # a higher cost is written at once
+    clock.now += Window.of_days(7).bucket_ms / 1000
+    p.refresh()
+    held(p, caplog, "openai/dall-e-3")
+    assert observations() == 5  # and a new bucket of the window is written once

@@ -46,7 +46,7 @@ def test_a_quote_is_the_hold_the_guard_then_takes(make_proxy, tiered, caplog, mo
         hold, basis, _ = held(p, caplog, model, path, **fields)
         assert (micros(body["hold_usd"]), body["basis"]) == (hold, basis)
         assert body["route"] == path and body["signature"]["model"] == model
-    assert body["basis"] == "observed" and body["observations"] == 4
+    assert body["basis"] == "observed" and body["observations"] == 3  # a cost no higher is not written again
     assert body["remaining_scope"] == "budget:key:alice:day" and body["fits"] is True
 
 
