@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["debug", "info", "warning", "error"],
         help="the proxy's --log-level; info (the default) writes one access line per guarded call",
     )
+    parser.add_argument(
+        "--holds",
+        default="max",
+        choices=["max", "observed"],
+        help="the policy's models.holds; observed reads the learned table on every guarded call and writes it at "
+        "every settle",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 3 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -180,7 +187,7 @@ class Bench:
         self.procs.wait_ready("passthrough", self.base("passthrough") + "/v1/credits")
 
         policy = os.path.join(self.root, "policy.yaml")
-        Path(policy).write_text(POLICY)
+        Path(policy).write_text(POLICY + f"models: {{holds: {self.args.holds}}}\n")
         if self.args.redis or self.args.workers2:
             self.redis_url = start_redis(self.procs, self.env)
         self.start_proxy("proxy", policy, self.redis_url if self.args.redis else None, workers=1)
