@@ -276,7 +276,7 @@ class Guard:
         if hold is None:
             return None  # fail-open without a price table: forwarded unguarded, counted
         call.hold_micros = hold
-        self.check_hold(hold, policy, key, verdicts)
+        self.check_hold(hold, policy, key, verdicts, call.hold_basis)
         verdicts.enforce()
         flight = await self.reserve(call, policy, key, hold, verdicts)
         if verdicts.refusals:
@@ -297,13 +297,15 @@ class Guard:
                 )
                 break
 
-    def check_hold(self, hold: int, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
-        """The hold against the guard's per-call maximum (raises) and the policy's per-request caps."""
+    def check_hold(self, hold: int, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts, basis: str = "") -> None:
+        """The hold against the guard's per-call maximum (raises) and the policy's per-request caps;
+        a refusal names the hold and its `basis`."""
+        held = f"${format_usd(hold)}" + (f" (hold basis: {basis})" if basis else "")
         if hold > MAX_CALL_MICROS:
             raise Rejected(
                 403,
                 "policy_violation",
-                f"This call may cost up to ${format_usd(hold)}, above the spend guard's per-call maximum "
+                f"This call may cost up to {held}, above the spend guard's per-call maximum "
                 f"of ${format_usd(MAX_CALL_MICROS)}.",
                 scope="policy",
             )
@@ -313,8 +315,7 @@ class Guard:
                     Rejected(
                         403,
                         "policy_violation",
-                        f"This call may cost up to ${format_usd(hold)}, above the per-request cap of "
-                        f"${format_usd(cap)} ({where}).",
+                        f"This call may cost up to {held}, above the per-request cap of ${format_usd(cap)} ({where}).",
                         scope="policy",
                     )
                 )

@@ -66,7 +66,7 @@ async def quote_report(rt: Runtime, guard: Guard, request: Request) -> dict[str,
         "observations": None if priced.learned is None or not shows_account(policy, key) else priced.learned.count,
     }
     answer.update(await room(rt, policy, key, priced.micros))
-    refusal = policy_refusal(guard, policy, key, model, fields.model, priced.micros)
+    refusal = policy_refusal(guard, policy, key, model, fields.model, priced.micros, priced.basis)
     if refusal is not None:
         answer["refusal"] = {"status": refusal.status, "type": refusal.error_type, "message": refusal.message}
     return answer
@@ -142,14 +142,14 @@ def shows_account(policy: Policy, key: KeyPolicy | None) -> bool:
 
 
 def policy_refusal(
-    guard: Guard, policy: Policy, key: KeyPolicy | None, model: str, asked: str, hold: int | None
+    guard: Guard, policy: Policy, key: KeyPolicy | None, model: str, asked: str, hold: int | None, basis: str
 ) -> Rejected | None:
     """The first refusal the policy's model rules or per-request caps would give the call."""
     verdicts = Verdicts(False)
     guard.check_model(model, asked, policy, key, verdicts)
     try:
         if hold is not None:
-            guard.check_hold(hold, policy, key, verdicts)
+            guard.check_hold(hold, policy, key, verdicts, basis)
     except Rejected as exc:
         return exc
     return verdicts.refusals[0] if verdicts.refusals else None

@@ -73,7 +73,13 @@ def test_a_quote_names_the_refusal_and_a_refusal_names_hold_and_basis(make_proxy
     assert refused.status_code == 402
     assert "this call holds up to $0.3000 (hold basis: max)" in refused.json()["error"]["message"]
     capped = quote(p, model="google/veo-3.1", seconds="60").json()
-    assert capped["refusal"]["status"] == 403 and "per-request cap of $2.0000" in capped["refusal"]["message"]
+    assert capped["refusal"]["status"] == 403
+    assert (
+        "may cost up to $24.0001 (hold basis: max), above the per-request cap of $2.0000"
+        in (capped["refusal"]["message"])
+    )
+    refused = call(p, "google/veo-3.1", VIDEOS, seconds="60")
+    assert refused.status_code == 403 and refused.json()["error"]["message"] == capped["refusal"]["message"]
 
 
 def test_a_token_the_policy_does_not_list_learns_nothing_of_the_account(make_proxy, tiered, caplog):
