@@ -533,4 +533,4 @@ async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int
     return read()
 
 
-__all__ = ["Guard"]
+__all__ = ["Guard", "read_fields"]

@@ -22,18 +22,18 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 from proxy.errors import Rejected
+from proxy.guard.guard import Guard, read_fields
 from proxy.guard.identity import UNREGISTERED, identify_token
 from proxy.guard.observed import price_call
 from proxy.guard.verdicts import Verdicts
 from proxy.http.body import PriceFields, read_price_fields
-from proxy.http.request import BEARER_RE, fingerprint
+from proxy.http.request import BEARER_RE, fingerprint, header_pairs
 from proxy.money import format_usd, usd_to_micros
 from proxy.ops.levels import scopes_for
 from proxy.policy.model import KeyPolicy, Policy
 from proxy.untrusted import excerpt
 
 if TYPE_CHECKING:
-    from proxy.guard.guard import Guard
     from proxy.runtime import Runtime
 
 # Query fields a GET reads (`images`: the number of input image files the call would send).
@@ -47,13 +47,15 @@ async def quote_report(rt: Runtime, guard: Guard, request: Request) -> dict[str,
     policy = rt.policy
     key = caller(rt, policy, request.headers.getlist("authorization"))
     body = await read_body(request, policy) if request.method == "POST" else None
-    content_type = request.headers.get("content-type")
-    fields = query_fields(request) if body is None else read_price_fields(body, content_type)
+    headers = header_pairs(request.scope)
+    limit = policy.guard.max_body_bytes
+    # A body is read as the guard reads it (Content-Encoding undone, large ones off the loop).
+    fields = query_fields(request) if body is None else await read_fields(body, headers, limit)
     prices = rt.refresher.prices
     model = prices.resolve(fields.model)
     route, kind = route_of(policy, request.query_params.get("route"), prices.produces(model, "video"))
     if kind == "text" and body is not None:
-        fields = read_price_fields(body, content_type, text=True)  # its input's size bounds the hold
+        fields = await read_fields(body, headers, limit, text=True)  # its input's size bounds the hold
     priced = await price_call(rt, kind, route, fields, model, policy.models)
     answer: dict[str, Any] = {
         "model": model,

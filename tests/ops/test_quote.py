@@ -3,10 +3,13 @@ answer is the hold the guard then takes, for every route kind (docs/operations.m
 
 from __future__ import annotations
 
+import gzip
+import json
 import logging
 
 import pytest
 
+from tests.guard.test_calculated_prices import multipart
 from tests.guard.test_observed import AUTH, BUDGET, IMAGES, OBSERVED, VIDEOS, call, held, last_access, micros
 from tests.support.constants import KEY_A
 from tests.support.policies import alice_keys
@@ -48,6 +51,25 @@ def test_a_quote_is_the_hold_the_guard_then_takes(make_proxy, tiered, caplog, mo
         assert body["route"] == path and body["signature"]["model"] == model
     assert body["basis"] == "observed" and body["observations"] == 3  # a cost no higher is not written again
     assert body["remaining_scope"] == "budget:key:alice:day" and body["fits"] is True
+
+
+def test_a_posted_body_is_read_as_the_guard_reads_it_compressed_or_multipart(make_proxy, tiered, caplog):
+    caplog.set_level(logging.INFO, logger="spend_guard.access")
+    p = make_proxy(BUDGET + OBSERVED)
+    body = gzip.compress(json.dumps({"model": "runware/Flux-2-Dev-Turbo", "size": "2048x2048"}).encode())
+    headers = {**AUTH, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    answer = p.client.post("/-/quote", content=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    assert p.client.post(IMAGES, content=body, headers=headers).status_code == 200
+    assert last_access(caplog)["hold_usd"] == answer.json()["hold_usd"] == "0.0961"
+    form, ctype = multipart({"model": "runware/Flux-2-Dev-Turbo", "size": "2048x2048"}, 1)
+    headers = {**AUTH, "Content-Type": ctype}
+    answer = p.client.post("/-/quote?route=/v1/openai/images/edits", content=form, headers=headers).json()
+    assert p.client.post("/v1/openai/images/edits", content=form, headers=headers).status_code == 200
+    assert answer["signature"]["input_images"] == 1
+    assert last_access(caplog)["hold_usd"] == answer["hold_usd"]
+    bad = p.client.post("/-/quote", content=b"{", headers={**AUTH, "Content-Type": "application/json"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_a_quote_for_a_text_call_is_its_token_priced_hold(make_proxy, up, caplog):
