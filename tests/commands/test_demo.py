@@ -148,6 +148,8 @@ def test_json_log_format_makes_every_line_one_json_object(demo: Demo) -> None:
 def test_json_log_format_covers_the_worker_supervisor_and_its_workers(tmp_path: Path) -> None:
     demo = Demo(tmp_path, "--log-format", "json", "--workers", "2")
     try:
+        # /-/readyz answered for the worker that took its connection; the call may reach the other.
+        wait_until(lambda: demo.out.read_text().count("spend guard ready") >= 2, 30, "both workers ready")
         assert demo.image(BOB, "test/test").status_code == 200
         wait_until(lambda: '"decision":"allowed"' in demo.out.read_text(), 10, "the call's access line")
     finally:
