@@ -71,6 +71,10 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
         remaining = usd_to_micros(data.get("remaining_credits"), allow_negative=True)
     except MoneyError as exc:
         raise CreditsError(f"remaining_credits: {exc}") from exc
+    try:
+        usage = None if data.get("credit_usage") is None else usd_to_micros(data.get("credit_usage"))
+    except MoneyError as exc:
+        raise CreditsError(f"credit_usage: {exc}") from exc
     rows_in = data.get("usage_by_api_key", [])
     if not isinstance(rows_in, list):
         raise CreditsError("usage_by_api_key is not a list")
@@ -103,7 +107,7 @@ def parse_credits(document: bytes, fetched_ms: int) -> Snapshot:
             bad.pop(row_ref(None, name) or "", None)
     for ref in bad:
         rows.pop(ref, None)
-    return Snapshot(fetched_ms, remaining, rows, bad)
+    return Snapshot(fetched_ms, remaining, rows, bad, usage)
 
 
 def _row_state(raw: dict[str, object]) -> RowState:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 # The account's fixed keys (each script receives those of them it uses: SCRIPT_KEYS).
 BASE = (
-    "snap",  # hash: the credits snapshot (fetched_ms, remaining, "r:<row_ref>" rows)
+    "snap",  # hash: the credits snapshot (fetched_ms, remaining, usage, "r:<row_ref>" rows)
     "holds",  # hash: hold_id -> hold record (its versions: parse_hold in _common.lua)
     "held",  # hash: what calls in flight hold, per scope ("acct", "row:<ref>", "b:<budget>")
     "leases",  # sorted set: hold_id by lease expiry (ms)
@@ -23,6 +23,9 @@ BASE = (
     "chsum",  # hash: charges since the snapshot ("acct", "row:<ref>:<window>")
     "chlog",  # sorted set: charged hold_id by the instant it counts from
     "chamt",  # hash: charged hold_id -> "amount|row field"
+    "base",  # hash: hold_id -> the snapshot figures its call was admitted against (figures_contain)
+    "pend",  # hash: "<scope field>|<slot>" -> charges the figures have not shown yet, and their baseline
+    "wm",  # hash: scope field -> how far up its figure is spoken for by what has left it
     "quarantine",  # hash: hold_id -> an unreadable record moved aside
     "epoch",  # string: the store's identity (amnesia check)
     "lost",  # string: why and when the store lost its local budget state
@@ -36,11 +39,17 @@ BASE = (
 # (`lua_binding`) and the keys the store passes (`Keys.fixed`) come from the same tuple. Fewer
 # keys per call is less to encode and send (a reserve and a settle run on every guarded call).
 SCRIPT_KEYS = {
-    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "counted"),
-    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted"),
-    "settle": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "lost", "seq"),
-    "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine"),
-    "apply_snapshot": ("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "counted", "base"),
+    "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "base", "wm"),
+    "settle": (
+        *("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "lost", "seq"),
+        *("base", "wm"),
+    ),
+    "mark_started": ("snap", "holds", "held", "leases", "started", "quarantine", "base", "wm"),
+    "apply_snapshot": (
+        *("snap", "holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine"),
+        *("base", "pend", "wm"),
+    ),
     "levels": ("snap", "held", "chsum"),
     "identity": ("epoch", "lost", "seq", "seqseen"),
 }

@@ -161,6 +161,9 @@ class Snapshot:
     # with the reason. A policy key on such a row gets no upstream-limit check: its calls are
     # refused 503 (or forwarded unguarded under on_store_error: open) until the row reads again.
     bad_rows: dict[str, str] = field(default_factory=dict)
+    # The account's `credit_usage` (None: not given). A snapshot takes a charge off the account
+    # only once this has risen by it since the call was admitted (docs/state.md).
+    usage_micros: int | None = None
 
 
 @dataclass(frozen=True)

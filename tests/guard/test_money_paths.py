@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.constants import KEY_A
 from tests.support.policies import budget, entry, key_entry, policy_yaml
 from tests.support.proxies import envelope, open_holds, spent
 from tests.support.standin import key_row
@@ -194,6 +195,55 @@ def test_a_snapshot_fetched_within_the_margin_of_a_start_does_not_contain_the_ca
         finally:
             up.release("m")
         assert running.result().status_code == 200
+
+
+def _image_calls(p, clock, n: int) -> list[int]:
+    """`n` $0.30 image calls one after another, each followed by a credits snapshot fetched a
+    second after it started (well past the containment margin)."""
+    statuses = []
+    for _ in range(n):
+        statuses.append(p.generate(standin="cost=0.30").status_code)
+        p.run(p.runtime.mark_started)
+        clock.now += 1.0
+        p.refresh()
+    return statuses
+
+
+def test_a_lagging_credits_endpoint_does_not_drop_the_charges_it_has_not_counted(make_proxy, up):
+    # /v1/credits serves figures that do not hold the calls ImageRouter has already pre-charged:
+    # a snapshot fetched well after a call started leaves its charge counted, since the key row's
+    # period_spend (and the account's credit_usage) has not risen by it. Three $0.30 calls fit a
+    # $1.00 key limit; the next three are refused.
+    from tests.support.proxies import FakeClock
+
+    up.credits_lag_s = 3600.0
+    up.key_rows = [key_row("key-a", "alice", spend_limit="1.00", period="day")]
+    up.key_ids = {KEY_A: "key-a"}
+    clock = FakeClock()
+    p = make_proxy(GROUPED.replace("    group: design\n", ""), clock=clock)
+    assert _image_calls(p, clock, 6) == [200, 200, 200, 402, 402, 402]
+    assert up.charged_micros == 900_000
+    # Once the endpoint catches up, the charges leave and count once, in its figures: $0.10 is left.
+    up.credits_lag_s = 0.0
+    clock.now += 1.0
+    p.refresh()
+    assert spent(p, "key:day") == "0.9000"
+    assert p.generate(standin="cost=0.30").status_code == 402
+    assert p.generate(model="google/gemini-2.5-flash", standin="cost=0.039").status_code == 200
+
+
+def test_a_snapshot_that_holds_the_pre_charges_drops_them_so_they_count_once(make_proxy, up):
+    # The usual case: each snapshot holds the calls' pre-charges, so the guard forgets its own
+    # charges and the key row's period_spend alone counts them; the fourth $0.30 call is refused.
+    from tests.support.proxies import FakeClock
+
+    up.key_rows = [key_row("key-a", "alice", spend_limit="1.00", period="day")]
+    up.key_ids = {KEY_A: "key-a"}
+    clock = FakeClock()
+    p = make_proxy(GROUPED.replace("    group: design\n", ""), clock=clock)
+    assert _image_calls(p, clock, 5) == [200, 200, 200, 402, 402]
+    assert spent(p, "key:day") == "0.9000"
+    assert p.generate(model="google/gemini-2.5-flash", standin="cost=0.039").status_code == 200
 
 
 @pytest.mark.parametrize(("cost", "charged"), [("1000000", "1000000.0000"), ("1000000.5", "1000000.0000")])

@@ -601,14 +601,17 @@ async def test_a_charge_settled_during_a_fetch_is_kept_by_it_and_dropped_by_the_
     await charge("during", 300_000, t1 + 50)  # settled while the fetch was in flight
     assert await charged(store, "acct") == 321_000
 
-    assert await store.apply_snapshot(snap(fetched_ms=t1))
+    def billed(spend: int) -> dict[str, RowState]:  # the key row as the upstream shows it
+        return {REF: row(100 * USD, "day", spend, win("day"))}
+
+    assert await store.apply_snapshot(snap(fetched_ms=t1, rows=billed(1_000)))
     usage = await store.usage(["acct", ref_field], [])
     # the upstream may not have seen the last two: they stay counted (never lost) ...
     assert usage["acct"].charged_micros == 320_000
     assert usage[ref_field].charged_micros == 320_000
 
     # ... and a snapshot fetched after them contains them, so they stop counting (never twice)
-    assert await store.apply_snapshot(snap(fetched_ms=t1 + 1_000))
+    assert await store.apply_snapshot(snap(fetched_ms=t1 + 1_000, rows=billed(321_000)))
     usage = await store.usage(["acct", ref_field], [])
     assert usage["acct"].charged_micros == 0
     assert usage[ref_field].charged_micros == 0

@@ -125,6 +125,110 @@ local function quarantine(hold_id, rec)
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
   redis.call("ZREM", K.started, hold_id)
+  redis.call("HDEL", K.base, hold_id)
+end
+
+-- A key row's period spend that counts in the window starting at `win` (0 = lifetime), from its
+-- snapshot fields (RowState.encode): a row whose period began before that window (or, with no
+-- period start, a snapshot fetched before it) counts as zero.
+local function row_counted(f, win, fetched_ms)
+  local spend, period_start_ms = tonumber(f[5]), tonumber(f[6])
+  if win > 0 then
+    if period_start_ms >= 0 then
+      if period_start_ms < win then return 0 end
+    elseif fetched_ms < win then
+      return 0
+    end
+  end
+  return spend
+end
+
+local function split_row(row)
+  local f = {}
+  for part in string.gmatch(row .. "|", "([^|]*)|") do
+    f[#f + 1] = part
+  end
+  return f
+end
+
+-- Containment by figures (docs/state.md, "The credits refresher"). A snapshot takes a charge, or
+-- the hold of a pre-charged call in flight, off an upstream scope only once the scope's figure has
+-- risen by at least it since the call was admitted: the account's `credit_usage` (snap field
+-- "usage") for "acct", a key row's period spend in the charge's window for "row:<ref>:<win>".
+--   K.base  hold_id -> "<acct>|<row>": the figures of the snapshot the call was admitted against
+--           ("" = not known); that snapshot was fetched before the call was sent. Once a snapshot
+--           contains the hold: "=<acct>|<row>", "1" where containing it used the figure's rise.
+--   K.pend  "<field>|<slot>" -> "<amount>|<baseline>": charges past the timing test whose figure
+--           has not yet risen by them, summed per scope field and per slot (a tenth of the
+--           horizon) of the snapshot that found them due; the baseline is the highest among them.
+--   K.wm    field -> how far up that scope's figure is spoken for by what has left it, so that one
+--           rise never contains two calls, across snapshots too.
+-- A scope takes min(amount, figure - max(watermark, baseline)) off a pending sum, oldest first,
+-- and moves its watermark up by that much. Pending sums the figures have not reached within the
+-- horizon leave by the timing rule alone. Charges and holds without a baseline (admitted against
+-- a snapshot without `credit_usage`, or by a release that did not record one) and the account
+-- while the snapshot has no `credit_usage` keep the timing rule.
+local function base_of(hold_id)
+  local rec = redis.call("HGET", K.base, hold_id)
+  if not rec then return nil end
+  local contained, acct, row = string.match(rec, "^(=?)(%-?%d*)|(%-?%d*)$")
+  if not acct then return nil end
+  return {contained = contained == "=", acct = tonumber(acct), row = tonumber(row)}
+end
+
+-- The stored snapshot's figure for a scope field, or nil when it has none (no `credit_usage`; a
+-- key row missing or unreadable). `memo` caches them for one script run.
+local function figure_of(memo, field)
+  if memo[field] ~= nil then return memo[field] or nil end
+  local fig = nil
+  if field == "acct" then
+    fig = tonumber(redis.call("HGET", K.snap, "usage") or "")
+  else
+    local ref, win = string.match(field, "^row:(.*):(%-?%d+)$")
+    local row = ref and redis.call("HGET", K.snap, "r:" .. ref)
+    if row and row ~= "!" then
+      fig = row_counted(split_row(row), tonumber(win), tonumber(redis.call("HGET", K.snap, "fetched_ms")))
+    end
+  end
+  memo[field] = fig or false
+  return fig
+end
+
+-- How much of `amount` (baseline `b`) the scope's figure has risen by and no other call took.
+local function covered(memo, field, b, amount)
+  local fig = figure_of(memo, field)
+  if fig == nil then return nil end
+  local w = tonumber(redis.call("HGET", K.wm, field) or "")
+  local floor = b
+  if w ~= nil and w > floor then floor = w end
+  local room = fig - floor
+  if room <= 0 then return 0, floor end
+  if room < amount then return room, floor end
+  return amount, floor
+end
+
+-- Whether the stored snapshot contains hold h (hold_id) in flight: the account's and its key row's
+-- figures have both risen by its amount. If so, their watermarks move up and the record says so.
+local function figures_contain(memo, hold_id, h)
+  local b = base_of(hold_id)
+  if b == nil or b.contained then return true end
+  local used, moves = {"", ""}, {}
+  local scopes = {{"acct", b.acct, 1}}
+  if h.row_ref ~= "" then scopes[2] = {"row:" .. h.row_ref .. ":" .. h.row_win, b.row, 2} end
+  for _, s in ipairs(scopes) do
+    local field, base, slot = s[1], s[2], s[3]
+    if base ~= nil and (field ~= "acct" or figure_of(memo, field) ~= nil) then
+      local d, floor = covered(memo, field, base, h.amount)
+      if d == nil or d < h.amount then return false end
+      moves[#moves + 1] = {field, floor + h.amount}
+      used[slot] = "1"
+    end
+  end
+  for _, m in ipairs(moves) do
+    redis.call("HSET", K.wm, m[1], int(m[2]))
+  end
+  redis.call("HSET", K.base, hold_id, "=" .. used[1] .. "|" .. used[2])
+  return true
 end
 
 -- The budget counters a script received: KEYS[first_key..] with their specs ("<id>@<window
@@ -218,6 +322,22 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
   end
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
+  if h.contained or charge <= 0 then
+    -- A contained hold took its amount off the figures' rise; the upstream charged `charge` (and
+    -- refunds the rest), so its scopes' watermarks move by the difference.
+    local b = h.contained and base_of(hold_id)
+    if b and b.contained and charge ~= h.amount then
+      local fields = {}
+      if b.acct == 1 then fields[#fields + 1] = "acct" end
+      if b.row == 1 then fields[#fields + 1] = "row:" .. h.row_ref .. ":" .. h.row_win end
+      for _, field in ipairs(fields) do
+        if redis.call("HEXISTS", K.wm, field) == 1 then
+          redis.call("HINCRBY", K.wm, field, int(charge - h.amount))
+        end
+      end
+    end
+    redis.call("HDEL", K.base, hold_id)
+  end
   if h.started > 0 and not h.contained then
     -- only mark_started puts a hold in `started`, and contain() takes it out
     redis.call("ZREM", K.started, hold_id)
@@ -235,22 +355,12 @@ local function row_level(row_ref, windows, fetched_ms)
   local row = redis.call("HGET", K.snap, "r:" .. row_ref)
   if not row then return nil end
   if row == "!" then return "!" end
-  local f = {}
-  for part in string.gmatch(row .. "|", "([^|]*)|") do
-    f[#f + 1] = part
-  end
-  local period, spend, period_start_ms = f[4], tonumber(f[5]), tonumber(f[6])
+  local f = split_row(row)
+  local period = f[4]
   local win = windows[period] or 0
-  local counted = spend
-  if win > 0 then
-    if period_start_ms >= 0 then
-      if period_start_ms < win then counted = 0 end
-    elseif fetched_ms < win then
-      counted = 0
-    end
-  end
+  local counted = row_counted(f, win, fetched_ms)
   local charged = tonumber(redis.call("HGET", K.chsum, "row:" .. row_ref .. ":" .. win) or "0")
   local held = tonumber(redis.call("HGET", K.held, "row:" .. row_ref) or "0")
   return {active = f[1] == "1", expires_ms = tonumber(f[2]), limit = tonumber(f[3]), period = period,
-          win = win, spent = counted + charged, held = held}
+          win = win, spent = counted + charged, held = held, counted = counted}
 end

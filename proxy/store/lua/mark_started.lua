@@ -3,13 +3,15 @@
 -- _common.lua (proxy/store/scripts.py); an error names the file and line it comes from.
 -- KEYS: the account's (K)
 -- ARGV[1] containment margin (ms)  ARGV[2..] pairs of hold_id, started_ms
--- A hold whose call started at least `margin` before the stored snapshot's fetch began is in
--- that snapshot already and leaves the upstream scopes' held sums at once; the others wait in
--- the `started` sorted set for the next snapshot (apply_snapshot.lua). Returns how many were marked.
+-- A hold whose call started at least `margin` before the stored snapshot's fetch began, and
+-- whose amount that snapshot's figures have risen by (figures_contain in _common.lua), is in that
+-- snapshot already and leaves the upstream scopes' held sums at once; the others wait in the
+-- `started` sorted set for the next snapshot (apply_snapshot.lua). Returns how many were marked.
 local margin = tonumber(ARGV[1])
 local PAIRS_FROM = 2
 local fetched = tonumber(redis.call("HGET", K.snap, "fetched_ms") or "-1")
 local marked = 0
+local memo = {}
 for i = PAIRS_FROM, #ARGV, 2 do
   local hold_id, started = ARGV[i], tonumber(ARGV[i + 1])
   local rec = redis.call("HGET", K.holds, hold_id)
@@ -18,7 +20,7 @@ for i = PAIRS_FROM, #ARGV, 2 do
     quarantine(hold_id, rec)
   elseif h and h.started == 0 and not h.contained then
     h.started = started
-    if fetched >= 0 and started + margin <= fetched then
+    if fetched >= 0 and started + margin <= fetched and figures_contain(memo, hold_id, h) then
       contain(hold_id, h)
     else
       redis.call("HSET", K.holds, hold_id, format_hold(h))

@@ -90,7 +90,7 @@ if #budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
   return {REFUSED, "state_lost", "store", 0, 0, 0}
 end
 
-local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining")
+local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining", "usage")
 if not snap[1] then
   return {REFUSED, "no_snapshot", "account", 0, 0, 0}
 end
@@ -120,7 +120,9 @@ local function consider(code, scope, limit, spent, in_hold, shadow)
 end
 
 local row_win = 0
+local row_base = ""  -- the key row's figure this call is admitted against (a row not listed: 0)
 if row_ref ~= "" then
+  row_base = "0"
   local row = row_level(row_ref, windows, fetched_ms)
   if row == "!" then
     -- The snapshot had this key's row but could not read it: its limit cannot be checked.
@@ -132,7 +134,7 @@ if row_ref ~= "" then
     elseif row.expires_ms >= 0 and row.expires_ms <= now_ms then
       refusal = {code = "key_expired", scope = "key", limit = 0, spent = 0, held = 0, shadow = shadow_all}
     end
-    row_win = row.win
+    row_win, row_base = row.win, int(row.counted)
     if row.limit >= 0 then
       local scope = "key:lifetime"
       if row_win > 0 then scope = "key:" .. row.period end
@@ -157,6 +159,10 @@ end
 redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease_expiry_ms, row_ref = row_ref,
   row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false}))
 redis.call("ZADD", K.leases, lease_expiry_ms, hold_id)
+-- The figures a snapshot must rise above before it contains this call (K.base in _common.lua).
+if snap[3] or row_base ~= "" then
+  redis.call("HSET", K.base, hold_id, (snap[3] or "") .. "|" .. row_base)
+end
 redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
