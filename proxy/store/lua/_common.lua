@@ -168,12 +168,15 @@ end
 -- horizon leave by the timing rule alone. Charges and holds without a baseline (admitted against
 -- a snapshot without `credit_usage`, or by a release that did not record one) and the account
 -- while the snapshot has no `credit_usage` keep the timing rule.
-local function base_of(hold_id)
-  local rec = redis.call("HGET", K.base, hold_id)
-  if not rec then return nil end
+local function parse_base(rec)
   local contained, acct, row = string.match(rec, "^(=?)(%-?%d*)|(%-?%d*)$")
   if not acct then return nil end
   return {contained = contained == "=", acct = tonumber(acct), row = tonumber(row)}
+end
+
+local function base_of(hold_id)
+  local rec = redis.call("HGET", K.base, hold_id)
+  return rec and parse_base(rec) or nil
 end
 
 -- The stored snapshot's figure for a scope field, or nil when it has none (no `credit_usage`; a

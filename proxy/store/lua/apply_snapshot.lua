@@ -42,38 +42,55 @@ local slot = fetched_ms - fetched_ms % slot_ms
 
 -- Charges of calls the upstream answered before the fetch started pass the timing test. One
 -- without a baseline, or on the account while it has no credit_usage, leaves now; the others
--- wait in their scope's pending sum for this slot.
+-- join their scope's pending sum for this slot. Read and removed a chunk at a time.
+local gone, joined = {}, {}
 local function pend(field, amount, b)
-  if b == nil or figure_of(memo, field) == nil and field == "acct" then
-    decr(K.chsum, field, amount)
+  if b == nil or field == "acct" and figure_of(memo, field) == nil then
+    gone[field] = (gone[field] or 0) + amount
     return
   end
-  local key = field .. "|" .. int(slot)
-  local rec = redis.call("HGET", K.pend, key)
-  if rec then
-    local a, top = string.match(rec, "^(%d+)|(%-?%d+)$")
-    if a then
-      amount = amount + tonumber(a)
-      if tonumber(top) > b then b = tonumber(top) end
-    end
+  local j = joined[field]
+  if j == nil then
+    joined[field] = {amount = amount, b = b}
+  else
+    j.amount = j.amount + amount
+    if b > j.b then j.b = b end
   end
-  redis.call("HSET", K.pend, key, int(amount) .. "|" .. int(b))
 end
+local CHUNK = 500
 local done = redis.call("ZRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
-for _, id in ipairs(done) do
-  local rec = redis.call("HGET", K.chamt, id)
-  if rec then
-    local amount, row_field = string.match(rec, "^(%d+)|(.*)$")
+for from = 1, #done, CHUNK do
+  local ids = {unpack(done, from, math.min(from + CHUNK - 1, #done))}
+  local recs = redis.call("HMGET", K.chamt, unpack(ids))
+  local bases = redis.call("HMGET", K.base, unpack(ids))
+  for i = 1, #ids do
+    local amount, row_field = nil, ""
+    if recs[i] then amount, row_field = string.match(recs[i], "^(%d+)|(.*)$") end
     if amount then
-      local b = base_of(id) or {}
+      local b = {}
+      if bases[i] then b = parse_base(bases[i]) or {} end
       pend("acct", tonumber(amount), b.acct)
       if row_field ~= "" then pend(row_field, tonumber(amount), b.row) end
     end
-    redis.call("HDEL", K.chamt, id)
   end
-  redis.call("HDEL", K.base, id)
+  redis.call("HDEL", K.chamt, unpack(ids))
+  redis.call("HDEL", K.base, unpack(ids))
 end
 redis.call("ZREMRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
+for field, amount in pairs(gone) do
+  decr(K.chsum, field, amount)
+end
+for field, j in pairs(joined) do
+  local key = field .. "|" .. int(slot)
+  local rec = redis.call("HGET", K.pend, key)
+  local a, top = nil, nil
+  if rec then a, top = string.match(rec, "^(%d+)|(%-?%d+)$") end
+  if a then
+    j.amount = j.amount + tonumber(a)
+    if tonumber(top) > j.b then j.b = tonumber(top) end
+  end
+  redis.call("HSET", K.pend, key, int(j.amount) .. "|" .. int(j.b))
+end
 
 -- Pending sums leave their scope as far as its figure has risen, oldest first, or whole once
 -- past the horizon.
