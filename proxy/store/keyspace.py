@@ -21,9 +21,9 @@ BASE = (
     "leases",  # sorted set: hold_id by lease expiry (ms)
     "started",  # sorted set: hold_id by when the upstream answered, until a snapshot holds it
     "chsum",  # hash: charges since the snapshot ("acct", "row:<ref>:<window>")
-    "chlog",  # sorted set: charged hold_id by the instant it counts from
-    "chamt",  # hash: charged hold_id -> "amount|row field"
-    "base",  # hash: hold_id -> the snapshot figures its call was admitted against (figures_contain)
+    "chlog",  # sorted set: charge ("<hold_id>[;<figures admitted against>]") by the instant it counts from
+    "chamt",  # hash: charge (as in chlog) -> "amount|row field"
+    "base",  # hash: hold_id -> which scopes' figures contained its call in flight, until it settles
     "pend",  # hash: "<scope field>|<slot>" -> charges the figures have not shown yet, and their baseline
     "wm",  # hash: scope field -> how far up its figure is spoken for by what has left it
     "quarantine",  # hash: hold_id -> an unreadable record moved aside
@@ -39,7 +39,7 @@ BASE = (
 # (`lua_binding`) and the keys the store passes (`Keys.fixed`) come from the same tuple. Fewer
 # keys per call is less to encode and send (a reserve and a settle run on every guarded call).
 SCRIPT_KEYS = {
-    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "counted", "base"),
+    "reserve": ("snap", "holds", "held", "leases", "chsum", "epoch", "lost", "counted"),
     "reclaim": ("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "base", "wm"),
     "settle": (
         *("holds", "held", "leases", "started", "chsum", "chlog", "chamt", "quarantine", "counted", "lost", "seq"),

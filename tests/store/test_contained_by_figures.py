@@ -205,14 +205,27 @@ async def test_what_the_store_keeps_stays_bounded_when_the_figures_never_rise(st
     assert peak["wm"] <= 1  # the base sweep's cursor at most
 
 
-async def test_baselines_left_behind_by_another_release_are_swept(store):
-    # Baselines of calls an older release settled (it does not remove them), among as many of
-    # charges still waiting for the figures: each snapshot looks at a few and goes on from there.
+async def test_containment_records_left_behind_by_another_release_are_swept(store):
+    # Records of contained calls an older release settled (it does not remove them), among as many
+    # of calls still in flight: each snapshot looks at a few and goes on from there at the next.
     await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
     live = [f"live-{i}" for i in range(400)]
-    await raw(store, "HSET", store.key("chamt"), *(x for h in live for x in (h, "1|")))
-    await raw(store, "HSET", store.key("base"), *(x for h in live for x in (h, "0|")))
-    await raw(store, "HSET", store.key("base"), *(x for i in range(400) for x in (f"gone-{i}", "1|2")))
+    await raw(store, "HSET", store.key("holds"), *(x for h in live for x in (h, "in flight")))
+    await raw(store, "HSET", store.key("base"), *(x for h in live for x in (h, "1|1")))
+    await raw(store, "HSET", store.key("base"), *(x for i in range(400) for x in (f"gone-{i}", "1|1")))
     for i in range(40):
         await store.apply_snapshot(figures(NOW_MS + i, 0, 0))
     assert sorted(await raw(store, "HKEYS", store.key("base"))) == sorted(h.encode() for h in live)
+
+
+async def test_a_hold_an_older_release_took_without_figures_keeps_the_timing_rule(store):
+    await store.apply_snapshot(figures(NOW_MS - 1000, 0, 0))
+    assert (await store.reserve(req("new", 300_000, row=REF))).allowed
+    record = (await raw(store, "HGET", store.key("holds"), "new")).decode()  # type: ignore[union-attr]
+    assert record.endswith("|0;0;0")  # admitted against $0 of credit_usage and key row spend
+    await raw(store, "HSET", store.key("holds"), "old", record.removesuffix(";0;0"))
+    await raw(store, "HINCRBY", store.key("held"), "acct", 300_000)
+    await raw(store, "HINCRBY", store.key("held"), f"row:{REF}", 300_000)
+    await store.mark_started([("new", NOW_MS + 10), ("old", NOW_MS + 10)])
+    await store.apply_snapshot(figures(NOW_MS + 2000, 0, 0))
+    assert await held(store, "acct") == 300_000  # only "new" waits for the figures

@@ -24,7 +24,9 @@ end
 -- window_end_ms" joined by ","; started_ms when the upstream answered (it pre-charges before
 -- answering; 0 = not yet); contained "1" once a credits snapshot fetched after started_ms holds
 -- the call's pre-charge: from then on the hold no longer counts against the upstream scopes
--- (account, key row), only against local budgets.
+-- (account, key row), only against local budgets. Not contained, it may carry the figures of the
+-- snapshot the call was admitted against, "0;<credit_usage>;<key row spend>" ("" = not known;
+-- figures_contain below): a release that reads only "1" as contained reads that as "0".
 --
 -- The forms read, by version:
 --   "v2|" then the seven fields: version 2 tagged, read but not written yet. A form's reader
@@ -58,19 +60,20 @@ local function parse_hold(rec)
     if not id then return nil end
     budgets[#budgets + 1] = {id = id, win = win, win_end = tonumber(win_end)}
   end
-  local started, contained = 0, false
+  local started, contained, figures = 0, false, ""
   if #f == HOLD_V2_FIELDS then
     if not string.match(f[6], "^%d+$") then return nil end
     started, contained = tonumber(f[6]), f[7] == "1"
+    figures = string.match(f[7], "^0(;%-?%d*;%-?%d*)$") or ""
   end
   return {amount = tonumber(f[1]), lease = f[2], row_ref = f[3], row_win = f[4], budgets_text = f[5],
-          budgets = budgets, started = started, contained = contained}
+          budgets = budgets, started = started, contained = contained, figures = figures}
 end
 
 -- Writes version 2, untagged (parse_hold says why); a version 1 record rewritten (mark_started,
 -- contain) becomes version 2.
 local function format_hold(h)
-  local contained = "0"
+  local contained = "0" .. (h.figures or "")
   if h.contained then contained = "1" end
   return int(h.amount) .. "|" .. h.lease .. "|" .. h.row_ref .. "|" .. h.row_win .. "|" .. h.budgets_text
     .. "|" .. int(h.started) .. "|" .. contained
@@ -155,28 +158,32 @@ end
 -- the hold of a pre-charged call in flight, off an upstream scope only once the scope's figure has
 -- risen by at least it since the call was admitted: the account's `credit_usage` (snap field
 -- "usage") for "acct", a key row's period spend in the charge's window for "row:<ref>:<win>".
---   K.base  hold_id -> "<acct>|<row>": the figures of the snapshot the call was admitted against
---           ("" = not known); that snapshot was fetched before the call was sent. Once a snapshot
---           contains the hold: "=<acct>|<row>", "1" where containing it used the figure's rise.
+--   figures ";<acct>;<row>": the figures of the snapshot the call was admitted against ("" = not
+--           known), carried by its hold record and then by its charge's id in K.chlog and K.chamt
+--           ("<hold_id>;<acct>;<row>"); that snapshot was fetched before the call was sent.
 --   K.pend  "<field>|<slot>" -> "<amount>|<baseline>": charges past the timing test whose figure
 --           has not yet risen by them, summed per scope field and per slot (a tenth of the
 --           horizon) of the snapshot that found them due; the baseline is the highest among them.
 --   K.wm    field -> how far up that scope's figure is spoken for by what has left it, so that one
 --           rise never contains two calls, across snapshots too.
+--   K.base  hold_id -> "<acct>|<row>", "1" where containing the call in flight used that figure's
+--           rise, until it settles.
 -- A scope takes min(amount, figure - max(watermark, baseline)) off a pending sum, oldest first,
 -- and moves its watermark up by that much. Pending sums the figures have not reached within the
--- horizon leave by the timing rule alone. Charges and holds without a baseline (admitted against
--- a snapshot without `credit_usage`, or by a release that did not record one) and the account
+-- horizon leave by the timing rule alone. Charges and holds without figures (admitted against a
+-- snapshot without `credit_usage`, or by a release that did not record them) and the account
 -- while the snapshot has no `credit_usage` keep the timing rule.
-local function parse_base(rec)
-  local contained, acct, row = string.match(rec, "^(=?)(%-?%d*)|(%-?%d*)$")
-  if not acct then return nil end
-  return {contained = contained == "=", acct = tonumber(acct), row = tonumber(row)}
+local function parse_figures(text)
+  local acct, row = string.match(text, "^;(%-?%d*);(%-?%d*)$")
+  if not acct then return {} end
+  return {acct = tonumber(acct), row = tonumber(row)}
 end
 
-local function base_of(hold_id)
-  local rec = redis.call("HGET", K.base, hold_id)
-  return rec and parse_base(rec) or nil
+-- A charge's entry in K.chlog and K.chamt: its hold id and the figures its call was admitted against.
+local function charge_of(entry)
+  local hold_id, figures = string.match(entry, "^([^;]*)(;%-?%d*;%-?%d*)$")
+  if not hold_id then return entry, {} end
+  return hold_id, parse_figures(figures)
 end
 
 -- The stored snapshot's figure for a scope field, or nil when it has none (no `credit_usage`; a
@@ -213,8 +220,7 @@ end
 -- Whether the stored snapshot contains hold h (hold_id) in flight: the account's and its key row's
 -- figures have both risen by its amount. If so, their watermarks move up and the record says so.
 local function figures_contain(memo, hold_id, h)
-  local b = base_of(hold_id)
-  if b == nil or b.contained then return true end
+  local b = parse_figures(h.figures)
   local used, moves = {"", ""}, {}
   local scopes = {{"acct", b.acct, 1}}
   if h.row_ref ~= "" then scopes[2] = {"row:" .. h.row_ref .. ":" .. h.row_win, b.row, 2} end
@@ -230,7 +236,7 @@ local function figures_contain(memo, hold_id, h)
   for _, m in ipairs(moves) do
     redis.call("HSET", K.wm, m[1], int(m[2]))
   end
-  redis.call("HSET", K.base, hold_id, "=" .. used[1] .. "|" .. used[2])
+  if #moves > 0 then redis.call("HSET", K.base, hold_id, used[1] .. "|" .. used[2]) end
   return true
 end
 
@@ -297,7 +303,7 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
       decr(K.held, "row:" .. h.row_ref, h.amount)
     end
     if charge > 0 then
-      local row_field = ""
+      local row_field, entry = "", hold_id .. h.figures
       redis.call("HINCRBY", K.chsum, "acct", int(charge))
       if h.row_ref ~= "" then
         row_field = "row:" .. h.row_ref .. ":" .. h.row_win
@@ -305,8 +311,8 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
       end
       local at = now_ms
       if started_ms > 0 and started_ms < now_ms then at = started_ms end
-      redis.call("ZADD", K.chlog, int(at), hold_id)
-      redis.call("HSET", K.chamt, hold_id, int(charge) .. "|" .. row_field)
+      redis.call("ZADD", K.chlog, int(at), entry)
+      redis.call("HSET", K.chamt, entry, int(charge) .. "|" .. row_field)
     end
   end
   for _, b in ipairs(h.budgets) do
@@ -325,21 +331,21 @@ local function settle_hold(counters, hold_id, cost, now_ms, started_ms)
   end
   redis.call("HDEL", K.holds, hold_id)
   redis.call("ZREM", K.leases, hold_id)
-  if h.contained or charge <= 0 then
-    -- A contained hold took its amount off the figures' rise; the upstream charged `charge` (and
-    -- refunds the rest), so its scopes' watermarks move by the difference.
-    local b = h.contained and base_of(hold_id)
-    if b and b.contained and charge ~= h.amount then
+  if h.contained then
+    -- Containing it took its amount off the figures' rise; the upstream charged `charge` (and
+    -- refunds the rest), so those scopes' watermarks move by the difference.
+    local used = redis.call("HGET", K.base, hold_id)
+    if used then
       local fields = {}
-      if b.acct == 1 then fields[#fields + 1] = "acct" end
-      if b.row == 1 then fields[#fields + 1] = "row:" .. h.row_ref .. ":" .. h.row_win end
+      if string.match(used, "^1|") then fields[#fields + 1] = "acct" end
+      if string.match(used, "|1$") then fields[#fields + 1] = "row:" .. h.row_ref .. ":" .. h.row_win end
       for _, field in ipairs(fields) do
-        if redis.call("HEXISTS", K.wm, field) == 1 then
+        if charge ~= h.amount and redis.call("HEXISTS", K.wm, field) == 1 then
           redis.call("HINCRBY", K.wm, field, int(charge - h.amount))
         end
       end
+      redis.call("HDEL", K.base, hold_id)
     end
-    redis.call("HDEL", K.base, hold_id)
   end
   if h.started > 0 and not h.contained then
     -- only mark_started puts a hold in `started`, and contain() takes it out

@@ -60,21 +60,18 @@ end
 local CHUNK = 500
 local done = redis.call("ZRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
 for from = 1, #done, CHUNK do
-  local ids = {unpack(done, from, math.min(from + CHUNK - 1, #done))}
-  local recs = redis.call("HMGET", K.chamt, unpack(ids))
-  local bases = redis.call("HMGET", K.base, unpack(ids))
-  for i = 1, #ids do
+  local entries = {unpack(done, from, math.min(from + CHUNK - 1, #done))}
+  local recs = redis.call("HMGET", K.chamt, unpack(entries))
+  for i = 1, #entries do
     local amount, row_field = nil, ""
     if recs[i] then amount, row_field = string.match(recs[i], "^(%d+)|(.*)$") end
     if amount then
-      local b = {}
-      if bases[i] then b = parse_base(bases[i]) or {} end
+      local _, b = charge_of(entries[i])
       pend("acct", tonumber(amount), b.acct)
       if row_field ~= "" then pend(row_field, tonumber(amount), b.row) end
     end
   end
-  redis.call("HDEL", K.chamt, unpack(ids))
-  redis.call("HDEL", K.base, unpack(ids))
+  redis.call("HDEL", K.chamt, unpack(entries))
 end
 redis.call("ZREMRANGEBYSCORE", K.chlog, "-inf", "(" .. ARGV[1])
 for field, amount in pairs(gone) do
@@ -155,12 +152,12 @@ for _, field in ipairs(redis.call("HKEYS", K.wm)) do
     end
   end
 end
--- Baselines whose call is gone (settled by a release that does not keep them), a few a run.
+-- Records of calls gone (settled by a release that does not remove them), a few a run.
 local cursor = redis.call("HGET", K.wm, "sweep") or "0"
 local scan = redis.call("HSCAN", K.base, cursor, "COUNT", SWEEP_COUNT)
 for i = 1, #scan[2], 2 do
   local id = scan[2][i]
-  if redis.call("HEXISTS", K.holds, id) == 0 and redis.call("HEXISTS", K.chamt, id) == 0 then
+  if redis.call("HEXISTS", K.holds, id) == 0 then
     redis.call("HDEL", K.base, id)
   end
 end

@@ -156,13 +156,13 @@ if refusal ~= nil and not refusal.shadow then
   return {REFUSED, refusal.code, refusal.scope, refusal.limit, refusal.spent, refusal.held}
 end
 
+-- The figures a snapshot must rise above before it contains this call (figures_contain in _common.lua).
+local figures = ""
+if snap[3] or row_base ~= "" then figures = ";" .. (snap[3] or "") .. ";" .. row_base end
 redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease_expiry_ms, row_ref = row_ref,
-  row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false}))
+  row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false,
+  figures = figures}))
 redis.call("ZADD", K.leases, lease_expiry_ms, hold_id)
--- The figures a snapshot must rise above before it contains this call (K.base in _common.lua).
-if snap[3] or row_base ~= "" then
-  redis.call("HSET", K.base, hold_id, (snap[3] or "") .. "|" .. row_base)
-end
 redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
