@@ -25,6 +25,7 @@ from proxy.policy.model import Policy
 from proxy.policy.reload import PolicyHolder
 from proxy.policy.upstream_keys import UpstreamKeys, bearer_value, expired
 from proxy.settings import Settings
+from proxy.store.batch import BatchedLedger
 from proxy.store.contract import Ledger
 from proxy.store.records import Reclaimed
 from proxy.store.redis import Store
@@ -89,8 +90,9 @@ class Runtime:
     metrics: Metrics
     clock: Clock
     upstream: Upstream = field(init=False)
-    # The money path: reserves, settles and level reads go through it. The store itself unless a
-    # layer is put in front of it (see proxy/store/contract.py); everything else uses `store`.
+    # The money path: reserves, settles and level reads go through it. The store behind its
+    # batcher (proxy/store/batch.py: what is issued while a round trip is in flight goes to the
+    # store as one), or another layer (see proxy/store/contract.py); everything else uses `store`.
     ledger: Ledger = field(init=False)
     routes: RouteTable = field(init=False)
     # The fields below change only through the methods further down (open_flight, settle,
@@ -123,7 +125,7 @@ class Runtime:
     _policy_seen: Policy | None = None
 
     def __post_init__(self) -> None:
-        self.ledger = self.store
+        self.ledger = BatchedLedger(self.store)
         self.apply_policy(self.holder.policy)
 
     @property

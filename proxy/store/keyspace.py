@@ -76,6 +76,7 @@ class Keys:
 
     def __init__(self, account: str) -> None:
         self.prefix = f"sg:{{{account}}}:"
+        self.base = tuple((self.prefix + name).encode() for name in BASE)  # every fixed key, in BASE order
         self._fixed = {
             script: tuple((self.prefix + name).encode() for name in names) for script, names in SCRIPT_KEYS.items()
         }

@@ -44,6 +44,7 @@ from proxy.store.records import (
 from proxy.store.scripts import (
     RESERVE_RECLAIM_FIRST,
     SETTLE_QUARANTINED,
+    Script,
     as_text,
     budget_level_of,
     counters_named,
@@ -55,6 +56,10 @@ from proxy.store.scripts import (
 )
 
 T = TypeVar("T")
+# How a ledger operation's script reaches the store: its name, the keys it receives after its
+# fixed ones, its ARGV; answers the script's reply. `Store.run_ledger_script` sends it alone;
+# proxy/store/batch.py sends it with others.
+Send = Callable[[str, Sequence[str | bytes], Sequence[Any]], Awaitable[Any]]
 LOCK_REFRESH = "lock:refresh"
 # What the snapshot keeps for a key row it could not read (reserve.lua refuses `row_unreadable`).
 UNREADABLE_ROW = "!"
@@ -145,6 +150,11 @@ class Store:
         self.lua_identity = ledger_script(client, "identity")
         self.lua_alert_marks = lone_script(client, "alert_marks")
         self.lua_observe = lone_script(client, "observe")
+        self._ledger_scripts = {
+            "reserve": self.lua_reserve,
+            "settle": self.lua_settle,
+            "mark_started": self.lua_mark_started,
+        }
 
     async def adopt_epoch(self) -> str:
         """Learn the store's epoch, writing one if the store has none (a new store). Reserves
@@ -281,6 +291,19 @@ class Store:
     def budget_key(self, budget_id: str, window_start_ms: int) -> str:
         return self.keys.budget(budget_id, window_start_ms)
 
+    @property
+    def failing(self) -> bool:
+        """The last operation failed as an outage (not as a script fault)."""
+        return self._failing
+
+    async def run(self, script: Script, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """One run of `script`, as every store operation runs (deadline, slot, errors)."""
+        return await self._call(functools.partial(script, keys=keys, args=args))
+
+    async def run_ledger_script(self, name: str, own_keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+        """Run ledger script `name` alone: its fixed keys, then `own_keys`, and `args`."""
+        return await self.run(self._ledger_scripts[name], [*self.keys.fixed(name), *own_keys], args)
+
     async def _call(self, op: Callable[[], Awaitable[T]]) -> T:
         await self._take_slot()
         try:
@@ -355,23 +378,19 @@ class Store:
     async def ping(self) -> None:
         await self._call(self.client.ping)
 
-    async def reserve(self, req: ReserveRequest) -> Decision:
+    async def reserve(self, req: ReserveRequest, send: Send | None = None) -> Decision:
         """Hold `amount_micros` against account, key row and budgets in one round trip, or refuse.
-        Expired leases are reclaimed first (two more round trips, only when some expired)."""
+        Expired leases are reclaimed first (two more round trips, only when some expired).
+        `send` runs the script (default: alone, `run_ledger_script`)."""
+        send = send or self.run_ledger_script
         counters = counters_of(req.budgets)
-        keys: list[str | bytes] = [
-            *self.keys.fixed("reserve"),
-            self.keys.tomb(req.hold_id),
-            *self.keys.budgets(counters),
-        ]
-        args = _reserve_args(req, self.epoch, reclaim_first=True)
-        reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+        keys: list[str | bytes] = [self.keys.tomb(req.hold_id), *self.keys.budgets(counters)]
+        reply = await send("reserve", keys, _reserve_args(req, self.epoch, reclaim_first=True))
         reclaimed = Reclaimed()
         if reply[0] == RESERVE_RECLAIM_FIRST:
             _, expired_counters = reply
             reclaimed = await self.reclaim(req.now_ms, counters_named(expired_counters))
-            args = _reserve_args(req, self.epoch, reclaim_first=False)
-            reply = await self._call(lambda: self.lua_reserve(keys=keys, args=args))
+            reply = await send("reserve", keys, _reserve_args(req, self.epoch, reclaim_first=False))
         return decision_of(reply, reclaimed)
 
     async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:
@@ -401,22 +420,21 @@ class Store:
         now_ms: int,
         started_ms: int = 0,
         counters: Sequence[tuple[str, int]] = (),
+        send: Send | None = None,
     ) -> int | None:
         """Charge `cost_micros` (None: the whole hold; 0: release). Returns the charge, or None if
         the hold no longer exists (settled already, or reclaimed after its lease). `started_ms`
         is when the upstream answered (0: it did not), so the next snapshot knows it holds the
         charge. `counters` are the hold's budget counters, `(budget id, window start ms)`; a
         charge that needs counters not given is run again with them (one more round trip). An
-        unreadable hold record is quarantined and raises `HoldQuarantined`."""
+        unreadable hold record is quarantined and raises `HoldQuarantined`. `send` runs the
+        script (default: alone)."""
+        send = send or self.run_ledger_script
         cost = -1 if cost_micros is None else cost_micros
         for _ in range(2):
-            keys: list[str | bytes] = [
-                *self.keys.fixed("settle"),
-                self.keys.tomb(hold_id),
-                *self.keys.budgets(counters),
-            ]
+            keys: list[str | bytes] = [self.keys.tomb(hold_id), *self.keys.budgets(counters)]
             args = self.settle_args(hold_id, cost, now_ms, started_ms, counters)
-            reply = await self._call(functools.partial(self.lua_settle, keys=keys, args=args))
+            reply = await send("settle", keys, args)
             if not isinstance(reply, list):
                 break
             counters = counters_named(reply)  # the counters it needs: nothing changed yet
@@ -440,12 +458,12 @@ class Store:
             self.settles_seen += 1
         return charged
 
-    async def mark_started(self, started: Sequence[tuple[str, int]]) -> int:
+    async def mark_started(self, started: Sequence[tuple[str, int]], send: Send | None = None) -> int:
         """Record when the upstream answered these holds' calls (see CONTAIN_MARGIN_MS)."""
         args: list[Any] = [CONTAIN_MARGIN_MS]
         for hold_id, started_ms in started:
             args += [hold_id, started_ms]
-        return int(await self._call(lambda: self.lua_mark_started(keys=self.keys.fixed("mark_started"), args=args)))
+        return int(await (send or self.run_ledger_script)("mark_started", (), args))
 
     async def apply_snapshot(self, snapshot: Snapshot, now_ms: int | None = None) -> bool:
         """Store a snapshot unless a later-fetched one is stored (one stamped more than 5 s after

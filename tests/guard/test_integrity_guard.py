@@ -159,7 +159,7 @@ def test_only_a_precharged_call_tells_the_store_when_it_started(make_proxy, prec
         seen.append(started_ms)
         return cost
 
-    p.runtime.store.settle = settle
+    p.runtime.ledger.settle = settle
     flight = Flight("h", 300_000, "alice", started_ms=1234, precharged=precharged)
     assert p.run(p.runtime.settle, flight, 20_000) == 20_000
     assert seen == [told]

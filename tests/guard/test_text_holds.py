@@ -385,7 +385,7 @@ def test_the_one_settle_path_compares_every_end_of_a_flight(make_proxy, store_ta
     async def settle(hold_id, cost, now_ms, started_ms=0, counters=()):
         return next(answers)
 
-    p.runtime.store.settle = settle
+    p.runtime.ledger.settle = settle
     assert p.run(p.runtime.settle, Flight("h1", 20_000, "alice", kind="text", model="openai/gpt-4o"), 30_000) is None
     assert p.run(p.runtime.settle, Flight("h2", 20_000, "alice", kind="text", model="openai/gpt-4o"), 40_000) == 40_000
     metrics = p.client.get("/-/metrics").text

@@ -34,6 +34,7 @@ from proxy.windows import to_ms, window_end, window_start_ms
 from tests.support.constants import ACCOUNT_KEY, KEY_A, KEY_B
 from tests.support.policies import key_entry, policy_yaml
 from tests.support.standin import key_row
+from tests.support.stores import BatchScriptStore
 
 ACCOUNT = "acct"
 USD = 1_000_000
@@ -107,10 +108,12 @@ def snap(
     return Snapshot(fetched_ms, remaining, rows or {})
 
 
-@pytest.fixture
-async def store(store_target):
+@pytest.fixture(params=["alone", "batched"])
+async def store(store_target, request):
+    """The store, its ledger operations each run by its own script (alone) or as an operation of
+    the batch script (batched)."""
     client = store_target.client()
-    yield Store(client, ACCOUNT)
+    yield (Store if request.param == "alone" else BatchScriptStore)(client, ACCOUNT)
     await client.aclose()
 
 

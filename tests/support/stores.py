@@ -7,6 +7,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from proxy.store.batch import batch_call, batch_script
+from proxy.store.redis import Store
 from tests.support.constants import REAL_REDIS_URL
 
 # The three kinds of store, as `store_target` params. The embedded store's server is a process
@@ -39,3 +41,17 @@ class StoreTarget:
     def flush(self) -> None:
         if self.url:
             redis.Redis.from_url(self.url).flushdb()
+
+
+class BatchScriptStore(Store):
+    """A store that runs every reserve, settle and started mark as an operation of the batch
+    script (proxy/store/batch.py) instead of with its own script, even alone: the store's tests
+    run on both, so the batch applies each operation exactly as its own script does."""
+
+    def __init__(self, client: aioredis.Redis, account: str) -> None:
+        super().__init__(client, account)
+        self.batch = batch_script(client)
+
+    async def run_ledger_script(self, name, own_keys, args):
+        (reply,) = await self.run(self.batch, *batch_call(self.keys.base, [(name, own_keys, args)]))
+        return reply
