@@ -26,6 +26,18 @@ from tests.support.proxies import Proxy
 from tests.support.standin import StandIn
 from tests.support.stores import EMBEDDED, FAKE, REAL, StoreTarget, assert_local
 
+# No test reads or writes the real home's state: each run gets its own $XDG_STATE_HOME (the
+# embedded store's default dir, and the record of which state dir each account's store is kept
+# in), set before any fixture runs and inherited by every process a test starts. A record left by
+# an earlier run would name that run's temporary state dirs, and a new run's empty one would be
+# a loss.
+SESSION_STATE_HOME = tempfile.mkdtemp(prefix="sg-run-state-")
+os.environ["XDG_STATE_HOME"] = SESSION_STATE_HOME
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_STATE_HOME, ignore_errors=True)
+
 
 @pytest.fixture(autouse=True)
 def state_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
