@@ -1,5 +1,6 @@
 """The guard: classify each request; identify, read, price and check a spending call, and
-reserve its hold before it goes up (forwarding and the settle are proxy/guard/relay.py's).
+reserve its hold before it goes up (the reserve is proxy/guard/reserving.py's; forwarding and
+the settle are proxy/guard/relay.py's).
 
 A spending call is forwarded only after one Lua script has held its estimated cost against the
 account floor, the key's upstream spend limit and every local budget, so two calls can never both
@@ -10,24 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 
-from proxy.errors import Rejected, StoreError
+from proxy.errors import Rejected
 from proxy.guard.identity import UNREGISTERED, identify_token
 from proxy.guard.observed import price_call
 from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import Admitted, relay
+from proxy.guard.reserving import fail_open_or_closed, record_would_refuse, reserve
 from proxy.guard.verdicts import (
-    REFUSAL_CODES,
     Call,
     Verdicts,
-    budget_holds,
-    budgets_for,
     log_decision,
     permits,
-    rejection_for,
-    stale_reason,
 )
 from proxy.http.body import PriceFields, decode_content, read_price_fields
 from proxy.http.passthrough import passthrough
@@ -45,23 +41,15 @@ from proxy.http.request import (
 )
 from proxy.http.routing import Match
 from proxy.money import MAX_CALL_MICROS, format_usd
-from proxy.policy.model import Budget, KeyPolicy, Policy
+from proxy.policy.model import KeyPolicy, Policy
 from proxy.runtime import Flight, Runtime
-from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
 from proxy.types import Receive, Scope, Send
 from proxy.untrusted import excerpt
-from proxy.windows import window_start_ms
 
 log = logging.getLogger("spend_guard.guard")
 
-# Releases kept for reserves that failed against the store (each ~120 bytes of memory; one
-# EVALSHA each, ~8,000/s, once the store answers again).
-MAX_PENDING_RELEASES = 10_000
 # Bodies above this are priced on a worker thread (parsing 64 MB of JSON takes ~0.2 s).
 OFF_LOOP_BYTES = 1 << 20
-# Routes whose calls ImageRouter pre-charges before it answers (its generation handler sends its
-# 200 only once the pre-charge passed). Text calls are billed afterwards.
-PRECHARGED_KINDS = frozenset({"image", "video"})
 
 
 class Guard:
@@ -278,9 +266,9 @@ class Guard:
         call.hold_micros = hold
         self.check_hold(hold, policy, key, verdicts, call.hold_basis)
         verdicts.enforce()
-        flight = await self.reserve(call, policy, key, hold, verdicts)
+        flight = await reserve(self.runtime, call, policy, key, hold, verdicts)
         if verdicts.refusals:
-            self.record_would_refuse(call, verdicts.refusals[0])
+            record_would_refuse(self.runtime, call, verdicts.refusals[0])
         return flight
 
     def check_model(self, model: str, asked: str, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts) -> None:
@@ -321,11 +309,6 @@ class Guard:
                 )
                 break
 
-    def record_would_refuse(self, call: Call, refusal: Rejected) -> None:
-        self.runtime.metrics.decisions.labels("would_refuse", refusal.scope or "policy", call.key_name).inc()
-        call.decision, call.scope = "would_refuse", refusal.scope or "policy"
-        log.info("shadow: would refuse %s (%s): %s", call.request_id, refusal.error_type, refusal.message)
-
     async def hold_for(
         self, match: Match, fields: PriceFields, model: str, policy: Policy, verdicts: Verdicts, call: Call
     ) -> int | None:
@@ -334,7 +317,7 @@ class Guard:
         call.hold_basis = priced.basis
         if priced.micros is None:
             verdicts.enforce()  # a model the policy refuses is refused, priced or not
-            self.fail_open_or_closed("no price table has been loaded from /v2/models yet", "no_prices")
+            fail_open_or_closed(self.runtime, "no price table has been loaded from /v2/models yet", "no_prices")
             return None
         if priced.quote.unpriced and policy.guard.unknown_models == "reject":
             why = "matches no models.text_rates entry" if priced.basis == "text_default" else "has no published price"
@@ -348,131 +331,6 @@ class Guard:
             )
         call.signature = priced.signature
         return priced.micros
-
-    def fail_open_or_closed(self, reason: str, kind: str) -> None:
-        """The guard cannot decide (`guard.on_store_error`): fail closed (raise 503) or open
-        (count and log the call as unguarded, and return; the caller forwards it without a hold)."""
-        if self.runtime.policy.guard.on_store_error == "open":
-            self.runtime.metrics.unguarded.labels(kind).inc()
-            log.warning("UNGUARDED: forwarding a spending call without a hold: %s", reason)
-            return
-        raise Rejected(
-            503, "guard_unavailable", f"Spend guard unavailable: {reason}. The call was not forwarded.", scope="store"
-        )
-
-    # -- the reserve -----------------------------------------------------------------------
-
-    async def reserve(
-        self, call: Call, policy: Policy, key: KeyPolicy | None, hold: int, verdicts: Verdicts
-    ) -> Flight | None:
-        """Hold `hold` against the account, the key and its budgets in one script. Returns the
-        flight, or None when the call goes up without a hold (failed open); raises the refusal
-        (in global shadow mode it is recorded in `verdicts` instead)."""
-        now_s = self.runtime.clock()
-        budgets = budgets_for(policy, key)
-        request = reserve_request(policy, key, hold, budgets, now_s)
-        decision = await self.ask_ledger(request, budgets)
-        if decision is None:
-            return None
-        if decision.reclaimed.count or decision.reclaimed.quarantined:
-            self.runtime.note_reclaimed(decision.reclaimed)
-        if not decision.allowed:
-            self.refuse_or_fail(decision, call, policy, budgets, now_s, verdicts)
-            return None
-        if decision.refusal is not None:
-            # The script only lets a refusal through when its scope is in shadow mode.
-            would = rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros)
-            if verdicts.shadow:
-                verdicts.add(would)  # recorded once, at the end of price_and_reserve
-            else:
-                self.record_would_refuse(call, would)
-        self.add_remaining_headers(call, decision)
-        return self.open_flight_for(call, request, decision)
-
-    async def ask_ledger(self, request: ReserveRequest, budgets: list[Budget]) -> Decision | None:
-        """Run the reserve against the ledger. A store error fails open (None) or closed (raises),
-        and the hold's release is queued in case the script still runs."""
-        rt = self.runtime
-        try:
-            decision = await rt.ledger.reserve(request)
-        except StoreError as exc:
-            # Clients and /-/readyz get the kind of failure; the log keeps the detail (which may
-            # name internal addresses).
-            reason = type(exc.__cause__ or exc).__name__
-            rt.note_reserve_failed(reason)
-            log.warning("reserve failed: %s", exc)
-            if rt.defer_release(request.hold_id, counters_of(request.budgets), MAX_PENDING_RELEASES):
-                log.warning(
-                    "%d settles wait for the store; later failed reserves are left to their lease", MAX_PENDING_RELEASES
-                )
-            self.fail_open_or_closed(f"store error ({reason})", "store")
-            return None
-        if budgets:
-            decision = decision.renamed({f"budget:{b.counter}": f"budget:{b.id}" for b in budgets})
-        return decision
-
-    def refuse_or_fail(
-        self, decision: Decision, call: Call, policy: Policy, budgets: list[Budget], now_s: float, verdicts: Verdicts
-    ) -> None:
-        """A reserve the store did not allow. A refusal is raised (recorded only, in global shadow
-        mode); when the store could not decide, the call fails open (return) or closed (raise)."""
-        assert decision.refusal is not None
-        code = decision.refusal.code
-        if code == "state_lost":
-            raise self.state_lost_refusal()
-        if code == "no_snapshot":
-            self.runtime.refresher.kick()  # the store was emptied or is new: fetch now, not at the next round
-        if code in ("no_snapshot", "stale"):
-            self.fail_open_or_closed(stale_reason(decision.refusal, policy.account.max_staleness_s), code)
-        elif code == "row_unreadable":
-            self.fail_open_or_closed(
-                f"ImageRouter's usage row for key '{call.key_name}' could not be read, so its spend limit "
-                "cannot be checked (the proxy log says why)",
-                "row_unreadable",
-            )
-        elif code not in REFUSAL_CODES:
-            self.fail_open_or_closed(f"reserve answered {code!r}", "store")
-        else:
-            verdicts.add(rejection_for(decision.refusal, call, budgets, now_s, policy.account.min_remaining_micros))
-            verdicts.enforce()  # raises unless in shadow mode
-
-    def state_lost_refusal(self) -> Rejected:
-        """The refusal while the store has lost its budget state. Never failed open: a budget
-        counted from $0 again is no budget at all."""
-        # The next refresh round runs now: it logs the loss (once) and lays a snapshot down for
-        # the recovery.
-        self.runtime.refresher.kick()
-        return Rejected(
-            503,
-            "guard_unavailable",
-            "Spend guard unavailable: the store lost its local budget state, so this key's budgets "
-            "cannot be enforced until an operator recovers it. The call was not forwarded.",
-            scope="store",
-            headers={"Retry-After": "60"},
-        )
-
-    def add_remaining_headers(self, call: Call, decision: Decision) -> None:
-        if decision.tight_scope:
-            call.headers["X-Spend-Guard-Remaining"] = format_usd(decision.tight_remaining_micros)
-            call.headers["X-Spend-Guard-Remaining-Scope"] = decision.tight_scope
-
-    def open_flight_for(self, call: Call, request: ReserveRequest, decision: Decision) -> Flight:
-        """The flight of a granted reserve, tracked by the runtime until it settles."""
-        flight = Flight(
-            request.hold_id,
-            request.amount_micros,
-            call.key_name,
-            precharged=call.kind in PRECHARGED_KINDS,
-            kind=call.kind,
-            model=call.model or "",
-            counters=counters_of(request.budgets),
-            learn_as=None if call.signature is None else (call.signature.digest, call.signature.text),
-        )
-        self.runtime.open_flight(flight)
-        if call.decision != "would_refuse":
-            call.decision = "allowed"
-            self.runtime.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
-        return flight
 
 
 def open_call(scope: Scope, headers: list[tuple[str, str]], match: Match, policy: Policy) -> Call:
@@ -498,25 +356,6 @@ def per_request_caps(policy: Policy, key: KeyPolicy | None) -> list[tuple[int, s
         if group is not None and group.max_request_micros is not None:
             caps.append((group.max_request_micros, f"group {group.name}"))
     return caps
-
-
-def reserve_request(
-    policy: Policy, key: KeyPolicy | None, hold: int, budgets: list[Budget], now_s: float
-) -> ReserveRequest:
-    """What the reserve script is asked: the hold, the lease, the floor and every scope's window."""
-    now_ms = int(now_s * 1000)
-    return ReserveRequest(
-        hold_id=os.urandom(16).hex(),  # 128 random bits (uuid4 has 122) at a fifth of its cost
-        amount_micros=hold,
-        now_ms=now_ms,
-        lease_expiry_ms=now_ms + int(policy.guard.hold_ttl_s * 1000),
-        floor_micros=policy.account.min_remaining_micros,
-        max_staleness_ms=int(policy.account.max_staleness_s * 1000),
-        row_ref=row_ref(key.api_key_id, key.api_key_name) if key else None,
-        windows_ms=(window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s)),
-        shadow=policy.mode == "shadow",
-        budgets=budget_holds(budgets, now_s),
-    )
 
 
 async def read_fields(raw: bytes, headers: list[tuple[str, str]], max_bytes: int, *, text: bool = False) -> PriceFields:

@@ -302,9 +302,9 @@ def test_store_down_fails_closed_then_recovers(make_proxy, up, store_target):
 def test_a_long_outage_keeps_a_bounded_number_of_pending_releases(make_proxy, up, store_target, monkeypatch):
     # Each reserve that failed might still run once Redis wakes, so its hold is released later;
     # a retry loop against a dead Redis must not grow that list without end.
-    import proxy.guard.guard
+    import proxy.guard.reserving
 
-    monkeypatch.setattr(proxy.guard.guard, "MAX_PENDING_RELEASES", 5)
+    monkeypatch.setattr(proxy.guard.reserving, "MAX_PENDING_RELEASES", 5)
     p = make_proxy(KEYS)
     store_target.server.connected = False
     assert [p.generate().status_code for _ in range(20)] == [503] * 20
