@@ -8,7 +8,7 @@ in one round trip (`ops.levels.read_levels`, the guard's own rules) and asks the
 marks the levels call for (`Store.alert_marks`); only a claimed mark becomes an event. Every
 SWEEP_S the loop evaluates every scope, which sends what no settle triggers: a new window's
 `budget.recovered`, credits topped up, a key nearing expiry, and what a reclaim or a deferred
-settle charged.
+settle charged. What each event says is proxy/ops/alert_events.py's.
 
 Marks survive a loss of the store's state: each instance remembers the threshold marks of the
 current windows (those it claimed, and, each sweep, those every instance claimed), claims nothing
@@ -41,7 +41,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -51,7 +50,8 @@ from proxy.deadlines import deadline_at
 from proxy.errors import StoreError
 from proxy.guard.verdicts import budgets_for
 from proxy.money import format_usd
-from proxy.ops.levels import ScopeLevel, budget_level, read_levels
+from proxy.ops.alert_events import PPM, alert_event, outside_event, scope_events, threshold_scopes, underheld_event
+from proxy.ops.levels import ScopeLevel, read_levels
 from proxy.ops.outside import OutsideSpend
 from proxy.ops.webhooks import Deliveries, endpoints
 from proxy.policy.model import Budget, KeyPolicy, Policy
@@ -63,7 +63,6 @@ from proxy.windows import format_ms, to_ms, window_end, window_start_ms
 log = logging.getLogger("spend_guard.alerts")
 SWEEP_S = 30.0
 DAY_MS = 86_400_000
-PPM = 1_000_000
 # How long a lifetime key's (or a scope without windows') spend-outside mark is kept.
 OUTSIDE_LIFETIME_MARK_MS = 90 * DAY_MS
 
@@ -151,7 +150,7 @@ class Alerts:
         if names is None:
             budgets.update({b.id: b for group in policy.groups.values() for b in group.budgets})
         levels, refs = await read_levels(self.rt.ledger, policy, keys, list(budgets.values()), now_s)
-        scopes = self._levels(policy, keys, refs, levels, budgets.values())
+        scopes = threshold_scopes(policy, keys, refs, levels, budgets.values())
         if names is None:
             await self._learn(scopes, now_s)
         found = await asyncio.gather(
@@ -167,24 +166,6 @@ class Alerts:
                 log.info("alert %s %s: %s", event["type"], event["scope"], event["message"])
                 self.deliveries.send(event, to)
         return events
-
-    @staticmethod
-    def _levels(
-        policy: Policy, keys: list[KeyPolicy], refs: dict[str, str | None], levels: Levels, budgets: Iterable[Budget]
-    ) -> list[ScopeLevel]:
-        """The scopes that can cross thresholds: each key's ImageRouter limit and each local budget,
-        with its mode (a key limit is shadow only while the whole policy is)."""
-        found = []
-        for key in keys:
-            row = levels.rows.get(refs.get(key.name) or "")
-            if isinstance(row, RowLevel) and row.limit_micros is not None and levels.fetched_ms is not None:
-                scope = f"key:{key.name}:{row.period or 'lifetime'}"
-                period = as_period(row.period)
-                found.append(
-                    ScopeLevel(scope, row.limit_micros, row.spent_micros, row.held_micros, period, policy.mode)
-                )
-        found += [budget_level(budget, levels, shadow_all=policy.mode == "shadow") for budget in budgets]
-        return found
 
     async def _scope(self, policy: Policy, level: ScopeLevel, now_s: float) -> list[dict[str, Any]]:
         crossed = [
@@ -210,46 +191,7 @@ class Alerts:
             "window_start": format_ms(start_ms) if start_ms else None,
             "resets_at": format_ms(end_ms) if end_ms else None,
         }
-        events = []
-        if marks.recovered:
-            events.append(
-                self._event(
-                    policy,
-                    "budget.recovered",
-                    level,
-                    None,
-                    now_s,
-                    window,
-                    f"{level.scope}: a new window started, ${format_usd(level.limit_micros)} available again",
-                )
-            )
-        for name in marks.claimed:
-            if name == "projected":
-                message = (
-                    f"{level.scope}: at the last hour's rate it runs out before it resets at {window['resets_at']}"
-                )
-                events.append(self._event(policy, "budget.projected", level, 1.0, now_s, window, message))
-            else:
-                t = float(name[2:])
-                message = (
-                    f"{level.scope} has spent {t:.0%} of its ${format_usd(level.limit_micros)} limit "
-                    f"(${format_usd(level.spent_micros)})"
-                )
-                if level.mode == "shadow" and t >= 1:
-                    message += "; shadow mode: calls over it would be refused, none is"
-                events.append(
-                    self._event(
-                        policy,
-                        "budget.threshold",
-                        level,
-                        t,
-                        now_s,
-                        window,
-                        message,
-                        threshold_usd=format_usd(-(-round(t * PPM) * level.limit_micros // PPM)),
-                    )
-                )
-        return events
+        return scope_events(policy, level, marks, now_s, window)
 
     def _remember(
         self, scope: str, period: Period | None, window_ms: int, expire_at_ms: int, marks: Iterable[str]
@@ -298,10 +240,10 @@ class Alerts:
         window = {"window_start": None, "resets_at": None}
         if "low" in marks.claimed:
             message = f"account credits are ${format_usd(credits)}, below ${format_usd(line)}"
-            return [self._event(policy, "credits.low", level, None, now_s, window, message, **extra)]
+            return [alert_event(policy, "credits.low", level, None, now_s, window, message, **extra)]
         if "low" in marks.released:
             message = f"account credits are ${format_usd(credits)} again, at or above ${format_usd(line)}"
-            return [self._event(policy, "budget.recovered", level, None, now_s, window, message, **extra)]
+            return [alert_event(policy, "budget.recovered", level, None, now_s, window, message, **extra)]
         return []
 
     async def _expiry(
@@ -329,7 +271,7 @@ class Alerts:
                 message = f"ImageRouter key of {key.name} {verb} at {expires}"
                 window = {"window_start": None, "resets_at": None}
                 events.append(
-                    self._event(
+                    alert_event(
                         policy,
                         "key.expiring",
                         level,
@@ -359,32 +301,7 @@ class Alerts:
             request = MarkRequest(0, expire_ms, now_ms, claim=(f"outside:{item.window_start_ms}",))
             if not (await self.rt.store.alert_marks(f"outside:{scope}", request)).claimed:
                 continue
-            whom = "the account" if item.key is None else f"key {item.key}"
-            figure = "spent this window" if item.key is not None else "of credits left"
-            message = (
-                f"ImageRouter charged {whom} ${format_usd(item.micros)} that did not pass through the guard "
-                f"(it reports ${format_usd(item.reported_micros)} {figure}; the guard accounted for "
-                f"${format_usd(item.bound_micros)})"
-            )
-            level = ScopeLevel(scope, 0, item.reported_micros, 0, as_period(item.period), policy.mode)
-            window = {
-                "window_start": format_ms(item.window_start_ms) if item.window_start_ms else None,
-                "resets_at": None if end is None or item.key is None else format_ms(to_ms(end)),
-            }
-            events.append(
-                self._event(
-                    policy,
-                    "key.spend_outside_guard",
-                    level,
-                    None,
-                    now_s,
-                    window,
-                    message,
-                    limit_usd=None,
-                    outside_usd=format_usd(item.micros),
-                    guard_usd=format_usd(item.bound_micros),
-                )
-            )
+            events.append(outside_event(policy, item, scope, now_s, end))
         if events and policy.alerts.webhooks:
             to = endpoints(policy.alerts.webhooks)
             for event in events:
@@ -399,63 +316,10 @@ class Alerts:
         policy: Policy = self.rt.policy
         if not policy.alerts.webhooks:
             return
-        excess = call.cost_micros - call.hold_micros
-        message = (
-            f"A {call.kind} call to model {call.model} by key {call.key_name} cost ${format_usd(call.cost_micros)}, "
-            f"${format_usd(excess)} above its hold of ${format_usd(call.hold_micros)}; the model's next calls hold at "
-            "least that cost"
-        )
-        level = ScopeLevel(f"key:{call.key_name}", 0, call.cost_micros, 0, None, policy.mode)
-        event = self._event(
-            policy,
-            "call.underheld",
-            level,
-            None,
-            self.rt.clock(),
-            {"window_start": None, "resets_at": None},
-            message,
-            limit_usd=None,
-            model=call.model,
-            hold_id=call.hold_id,
-            hold_usd=format_usd(call.hold_micros),
-            cost_usd=format_usd(call.cost_micros),
-            underheld_usd=format_usd(excess),
-        )
+        event = underheld_event(policy, call, self.rt.clock())
         self.rt.metrics.alerts.labels(event["type"]).inc()
         log.info("alert %s %s: %s", event["type"], event["scope"], event["message"])
         self.deliveries.send(event, endpoints(policy.alerts.webhooks))
-
-    def _event(
-        self,
-        policy: Policy,
-        kind: str,
-        level: ScopeLevel,
-        threshold: float | None,
-        now_s: float,
-        window: dict[str, Any],
-        message: str,
-        **extra: Any,
-    ) -> dict[str, Any]:
-        event: dict[str, Any] = {
-            "id": "msg_" + uuid.uuid4().hex,
-            "type": kind,
-            "timestamp": format_ms(int(now_s * 1000)),
-            "account": policy.account.name,
-            "scope": level.scope,
-            "threshold": threshold,
-            "limit_usd": format_usd(level.limit_micros),
-            "spent_usd": format_usd(level.spent_micros),
-            "held_usd": format_usd(level.held_micros),
-            "remaining_usd": format_usd(level.remaining_micros),
-            "mode": level.mode or "enforce",
-            "policy_version": policy.version,
-            "message": message,
-            **window,
-        }
-        event.update(extra)
-        if event["limit_usd"] is None:
-            event["remaining_usd"] = None
-        return event
 
 
 async def start_alerts(stack: contextlib.AsyncExitStack, runtime: Any) -> Alerts:
