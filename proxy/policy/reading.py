@@ -10,9 +10,6 @@ from types import MappingProxyType
 from typing import Any
 
 from proxy.policy.check import (
-    FIELDS,
-    NESTED_KEYS,
-    RULES_KEYS,
     _Invalid,
     _money,
     _sha256,
@@ -22,6 +19,7 @@ from proxy.policy.check import (
     glob_problem,
 )
 from proxy.policy.model import Budget, ModelRules, TextRate, Token, WebhookPolicy
+from proxy.policy.schema import FIELDS, NESTED_KEYS, RULES_KEYS
 from proxy.types import Period
 
 
