@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from starlette.routing import Route, Router
 
 from proxy import logs
+from proxy.app_metrics import add_computed_metrics
 from proxy.credits import Refresher
 from proxy.errors import Rejected, StartupRefused, StoreAuthError, StoreError, error_response
 from proxy.guard.guard import Guard
@@ -33,7 +34,6 @@ from proxy.runtime import Runtime
 from proxy.settings import Settings, account_key
 from proxy.store.backends import redis_client
 from proxy.store.embedded import default_state_dir
-from proxy.store.embedded import restarts as embedded_restarts
 from proxy.store.redis import Store
 from proxy.store.statedir import EpochRecord, StateDirs
 from proxy.types import Clock, Receive, Scope, Send, StoreClock
@@ -168,33 +168,7 @@ class SpendGuardApp(OwnEndpoints):
         self.runtime = Runtime(self.settings, holder, store, session, refresher, self.metrics, self.clock)
         self.guard = Guard(self.runtime)
         self.metrics.set_snapshot_age(self._snapshot_age)
-        self.metrics.set_policy_reload_failures(lambda: holder.reloads_failed)
-        self.metrics.computed.add(
-            "spend_guard_policy_reload_failing",
-            "1 while this instance's latest policy reload has failed (it enforces an older version than the files).",
-            lambda: 1.0 if holder.last_failure is not None else 0.0,
-        )
-        self.metrics.computed.add(
-            "spend_guard_clock_offset_seconds",
-            "The store's clock minus this machine's (the proxy judges time on the store's clock).",
-            lambda: float(getattr(self.clock, "offset_s", 0.0)),
-        )
-        self.metrics.computed.add(
-            "spend_guard_store_state_lost",
-            "1 while the store has lost its local budget state (calls touching a local budget get 503).",
-            lambda: 1.0 if refresher.state_lost else 0.0,
-        )
-        self.metrics.computed.add(
-            "spend_guard_store_can_evict",
-            "1 while the store's maxmemory-policy can evict the guard's keys (budget counters, the loss marker).",
-            lambda: 1.0 if refresher.evicting else 0.0,
-        )
-        self.metrics.computed.add(
-            "spend_guard_snapshot_rows_unreadable",
-            "Rows of the latest credits snapshot this proxy could not read "
-            "(their keys' upstream limits are not checked).",
-            lambda: len(refresher.bad_rows_logged),
-        )
+        add_computed_metrics(self.metrics, holder, refresher, self.clock, self.settings)
         if not self.settings.redis_url:
             log.info(
                 "store: embedded server, state dir %s (append-only file fsynced every second); "
@@ -210,11 +184,6 @@ class SpendGuardApp(OwnEndpoints):
                     "$XDG_STATE_HOME, a container without its volume), stop it and pass that one with --state-dir",
                     self.settings.state_dir or "default",
                 )
-            self.metrics.computed.add_counter(
-                "spend_guard_embedded_store_restarts",
-                "Times the embedded store's server died and `serve` started it again on its append-only file.",
-                lambda: float(embedded_restarts(self.settings.state_dir)),
-            )
         # Take calls only once the first refresh round (snapshot, prices) has run, so the first
         # calls after a start are guarded rather than refused for want of them; each worker
         # starts this way. Bounded: an unreachable upstream delays the start by STARTUP_REFRESH_S.
