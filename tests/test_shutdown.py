@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -66,23 +67,31 @@ def accepted(pid: int, client: socket.socket) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def stopped_beside_a_connection(policy: Path, up) -> Iterator[tuple[ServedProxy, socket.socket]]:
+    """A served proxy sent SIGTERM just after it accepted a connection that has sent nothing yet."""
+    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as client:
+        assert proxy.proc is not None
+        pid = proxy.proc.pid
+        wait_until(lambda: accepted(pid, client), 10, "the proxy to accept the connection")
+        os.kill(pid, signal.SIGTERM)
+        yield proxy, client
+        assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]
+
+
 @pytest.mark.embedded
 @pytest.mark.system
 def test_a_connection_accepted_as_the_server_stops_is_answered_and_then_closed(tmp_path, up, state_home):
     # A rolling restart retires a worker that may have just accepted a client's connection: the
     # request that client sends next gets its answer (Connection: close), not a dropped connection.
     policy = alice_policy(tmp_path, account="stop-accepted", budget_usd="5", shutdown_grace_s=10)
-    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as client:
-        assert proxy.proc is not None
-        wait_until(lambda: accepted(proxy.proc.pid, client), 10, "the proxy to accept the connection")
-        os.kill(proxy.proc.pid, signal.SIGTERM)
+    with stopped_beside_a_connection(policy, up) as (proxy, client):
         wait_until(lambda: "Shutting down" in proxy.output(), 10, "the shutdown to begin")
         client.sendall(b"GET /-/healthz HTTP/1.1\r\nHost: guard\r\n\r\n")
         reply, closed = read_until_closed(client, 10)
         assert reply.startswith(b"HTTP/1.1 200 "), reply[:300]
         assert b"\r\nconnection: close\r\n" in reply.lower()
         assert closed
-        assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]
 
 
 @pytest.mark.embedded
@@ -91,10 +100,6 @@ def test_a_connection_that_sends_nothing_does_not_hold_up_the_stop(tmp_path, up,
     # The shape next to it: an accepted connection that stays silent is closed unanswered within
     # RETIRING_FIRST_BYTE_S, not kept for the head deadline (10 s) or the grace period (30 s).
     policy = alice_policy(tmp_path, account="stop-silent", budget_usd="5", shutdown_grace_s=30)
-    with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port) as client:
-        assert proxy.proc is not None
-        wait_until(lambda: accepted(proxy.proc.pid, client), 10, "the proxy to accept the connection")
-        os.kill(proxy.proc.pid, signal.SIGTERM)
+    with stopped_beside_a_connection(policy, up) as (_, client):
         reply, closed = read_until_closed(client, RETIRING_FIRST_BYTE_S + 5)
         assert (reply, closed) == (b"", True)
-        assert proxy.proc.wait(30) == 0, proxy.output()[-3000:]
