@@ -55,35 +55,21 @@ class Cluster:
     def node(self, port: int) -> redis.Redis:
         return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
 
+    def start_node(self, i: int) -> subprocess.Popen[bytes]:
+        """Start node `i` on its port, bus port and dir (nothing persisted but its nodes-<port>.conf)."""
+        server = shutil.which("redis-server")
+        assert server
+        port = self.ports[i]
+        argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+        argv += ["--cluster-config-file", f"nodes-{port}.conf", "--cluster-port", str(self.bus_ports[i])]
+        argv += ["--save", "", "--appendonly", "no", "--dir", self.dirs[i]]
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
     def start(self) -> None:
-        server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
-        assert server and cli
-        for port, bus, where in zip(self.ports, self.bus_ports, self.dirs, strict=True):
-            self.procs.append(
-                subprocess.Popen(
-                    [
-                        server,
-                        "--port",
-                        str(port),
-                        "--bind",
-                        "127.0.0.1",
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-config-file",
-                        f"nodes-{port}.conf",
-                        "--cluster-port",
-                        str(bus),
-                        "--save",
-                        "",
-                        "--appendonly",
-                        "no",
-                        "--dir",
-                        where,
-                    ],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
+        cli = shutil.which("redis-cli")
+        assert cli
+        for i in range(len(self.ports)):
+            self.procs.append(self.start_node(i))  # one by one: stop() ends those that started
         for port in self.ports:
             wait_until(lambda p=port: self._ping(p), 10, f"cluster node {port} to start")
         created = subprocess.run(
@@ -505,31 +491,7 @@ def restart_node(c: Cluster, port: int) -> None:
     i = c.ports.index(port)
     c.procs[i].kill()
     c.procs[i].wait(10)
-    server = shutil.which("redis-server")
-    assert server
-    c.procs[i] = subprocess.Popen(
-        [
-            server,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--cluster-enabled",
-            "yes",
-            "--cluster-config-file",
-            f"nodes-{port}.conf",
-            "--cluster-port",
-            str(c.bus_ports[i]),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            c.dirs[i],
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    c.procs[i] = c.start_node(i)
     wait_until(lambda: c._ping(port), 10, f"node {port} to restart")
 
 
