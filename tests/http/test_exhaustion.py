@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.http.test_hostile import AUTH, ROUTE, head, spent, write_policy
+from tests.http.test_hostile import AUTH, ROUTE, head, spent, start_reading_then_stop, write_policy
 from tests.support.constants import KEY_A
 from tests.support.served import ServedProxy, wait_until
 from tests.support.sockets import connect, envelope, read_until_closed
@@ -357,13 +357,7 @@ def test_a_client_that_stops_reading_a_guarded_answer_is_dropped_at_the_write_ti
         ServedProxy(policy, up.url, None, args=("--write-timeout-s", "2")) as proxy,
         connect(proxy.port, SO_RCVBUF=65536) as sock,
     ):
-        body = b'{"model": "openai/gpt-image-1", "prompt": "x"}'
-        started = time.monotonic()
-        sock.sendall(head(len(body), extra=f"X-Standin: b64={20 * 1024 * 1024},cost=0.05\r\n") + body)
-        got = b""
-        while len(got) < 64 * 1024:
-            got += sock.recv(65536)
-        assert got.startswith(b"HTTP/1.1 200")
+        started, _ = start_reading_then_stop(sock)
         # ...and reads no more: dropped 2 s after the proxy could send nothing, not at timeout_s (60 s)
         wait_until(lambda: spent(proxy) != "0.0000", 15, "the stalled call to settle")
         assert time.monotonic() - started < 10

@@ -282,17 +282,24 @@ def held_by_a_process(local_port: int, remote_port: int) -> bool:
     return False
 
 
+def start_reading_then_stop(sock: socket.socket) -> tuple[float, bytes]:
+    """Ask for a 20 MiB guarded answer ($0.30 hold, $0.05 cost), read its first 64 KiB and no more;
+    answers when the call was sent and what was read."""
+    body = b'{"model": "openai/gpt-image-1", "prompt": "x"}'
+    started = time.monotonic()
+    sock.sendall(head(len(body), extra=f"X-Standin: b64={20 * 1024 * 1024},cost=0.05\r\n") + body)
+    got = b""
+    while len(got) < 64 * 1024:
+        got += sock.recv(65536)
+    assert got.startswith(b"HTTP/1.1 200")
+    return started, got
+
+
 @pytest.mark.system
 def test_a_client_that_stops_reading_is_dropped_and_its_call_settled_within_timeout_s(tmp_path, up):
     policy = write_policy(tmp_path, "upstream: {timeout_s: 5}\nguard: {hold_ttl_s: 60}\n")
     with ServedProxy(policy, up.url, None) as proxy, connect(proxy.port, SO_RCVBUF=65536) as sock:
-        body = b'{"model": "openai/gpt-image-1", "prompt": "x"}'
-        started = time.monotonic()
-        sock.sendall(head(len(body), extra=f"X-Standin: b64={20 * 1024 * 1024},cost=0.05\r\n") + body)
-        got = b""
-        while len(got) < 64 * 1024:
-            got += sock.recv(65536)
-        assert got.startswith(b"HTTP/1.1 200")
+        started, got = start_reading_then_stop(sock)
         # ...and the client reads no more, holding its socket open. The proxy is soon blocked
         # sending to it; upstream.timeout_s (5 s) still ends the call and settles its hold.
         wait_until(lambda: spent(proxy) != "0.0000", 15, "the stalled call to settle")
