@@ -11,10 +11,10 @@ import pytest
 import redis
 
 from proxy.errors import StoreError
-from proxy.store.batch import BatchedLedger
+from proxy.store.batch import BatchedLedger, batch_call
 from proxy.store.redis import Store
 from tests.store.test_roundtrips import SENTINEL, watch
-from tests.store.test_store import NOW_MS, USD, budget, req, snap
+from tests.store.test_store import NOW_MS, USD, budget, req, row, snap
 from tests.support.constants import KEY_A
 from tests.support.policies import KEYS
 from tests.support.proxies import envelope, open_holds
@@ -71,6 +71,30 @@ async def test_reserves_issued_while_one_is_in_flight_go_as_one_round_trip_each_
     assert got == expected  # each decision, refusal and tightest scope, as alone in that order
     assert (ledger.round_trips, ledger.operations) == (2, 10)  # the first alone, then nine as one
     assert await state(ledger.store) == await state(alone)
+
+
+async def test_arguments_json_would_escape_reach_a_batched_script_as_they_reach_it_alone(store_target):
+    """The batch sends its operations' arguments as one JSON text: a key row named with quotes,
+    backslashes, control and non-ASCII characters is still found, and its spend limit applies."""
+    name = 'k\u00e9"\\y\x01\u2603 \U0001f600'
+    client = store_target.client()
+    try:
+        batched, alone = Store(client, "batched"), Store(client, "alone")
+        for store in (batched, alone):
+            await store.apply_snapshot(snap(remaining=LARGE, rows={name: row(limit=USD, period="day")}))
+        ledger = BatchedLedger(batched)
+        asks = [req("w0", USD // 2, row=name), req("w1", USD // 2 + 1, row=name), req("w2", USD // 2, row=name)]
+        expected = [await alone.reserve(r) for r in asks]
+        assert [d.allowed for d in expected] == [True, False, True]  # the row's $1 limit was found
+        got = await asyncio.gather(*(ledger.reserve(r) for r in asks))
+        assert (got, ledger.round_trips) == (expected, 2)  # the first alone, then two as one batch
+    finally:
+        await client.aclose()
+
+
+def test_a_batch_refuses_an_argument_redis_would_refuse():
+    with pytest.raises(TypeError, match="bool"):
+        batch_call([], [("settle", [], ["h", True])])
 
 
 async def test_settles_and_started_marks_go_as_one_round_trip_each_as_it_would_alone(stores):
