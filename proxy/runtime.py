@@ -204,7 +204,7 @@ class Runtime:
         """Track a reservation the store granted until `settle` ends it."""
         self.flights[flight.hold_id] = flight
         self.metrics.inflight.set(len(self.flights))
-        self.metrics.usd.labels("held", flight.key_name).inc(flight.amount_micros / 1e6)
+        self.metrics.child(self.metrics.usd, "held", flight.key_name).inc(flight.amount_micros / 1e6)
 
     async def settle(self, flight: Flight, cost_micros: int | None) -> int | None:
         """The one way a flight ends (request path and shutdown alike): charge `cost_micros`
@@ -252,11 +252,13 @@ class Runtime:
         if self.on_settled is not None and (charged or flight.reclaimed) and flight.hold_id not in self.pending_settles:
             self.on_settled(flight.key_name)
         if charged is not None:
-            self.metrics.usd.labels("charged", flight.key_name).inc(charged / 1e6)
-            self.metrics.usd.labels("released", flight.key_name).inc(max(0, flight.amount_micros - charged) / 1e6)
+            self.metrics.child(self.metrics.usd, "charged", flight.key_name).inc(charged / 1e6)
+            self.metrics.child(self.metrics.usd, "released", flight.key_name).inc(
+                max(0, flight.amount_micros - charged) / 1e6
+            )
             if charged > 0:
                 # Only a billed call names its model: a client's made-up names never become series.
-                self.metrics.charged_by_model.labels(excerpt(flight.model or "unknown")).inc(charged / 1e6)
+                self.metrics.child(self.metrics.charged_by_model, excerpt(flight.model or "unknown")).inc(charged / 1e6)
         self.compare_to_hold(flight, cost_micros, charged)
         return charged
 
@@ -286,12 +288,14 @@ class Runtime:
         if charged is None and flight.reclaimed:
             charged = flight.amount_micros  # the reclaiming reserve charged the hold
         if charged is not None and flight.amount_micros > 0:
-            self.metrics.held_ratio.labels(flight.kind or "unknown").observe(charged / flight.amount_micros)
+            self.metrics.child(self.metrics.held_ratio, flight.kind or "unknown").observe(
+                charged / flight.amount_micros
+            )
         if cost_micros is not None and cost_micros > 0:
             # Only a billed call names its model: a client's made-up names never become series.
-            self.metrics.hold_to_cost.labels(flight.kind or "unknown", excerpt(flight.model or "unknown")).observe(
-                flight.amount_micros / cost_micros
-            )
+            self.metrics.child(
+                self.metrics.hold_to_cost, flight.kind or "unknown", excerpt(flight.model or "unknown")
+            ).observe(flight.amount_micros / cost_micros)
         if cost_micros is not None and cost_micros > flight.amount_micros:
             model = excerpt(flight.model or "unknown")
             self.metrics.underheld.labels(model).inc()

@@ -172,7 +172,7 @@ def open_flight_for(runtime: Runtime, call: Call, request: ReserveRequest, decis
     runtime.open_flight(flight)
     if call.decision != "would_refuse":
         call.decision = "allowed"
-        runtime.metrics.decisions.labels("allowed", decision.tight_scope or "none", call.key_name).inc()
+        runtime.metrics.child(runtime.metrics.decisions, "allowed", decision.tight_scope or "none", call.key_name).inc()
     return flight
 
 
