@@ -63,8 +63,12 @@ def to_ms(moment: dt.datetime) -> int:
 
 def window_start_ms(period: Period | None, now_s: float) -> int:
     """Window start in epoch milliseconds; 0 for a lifetime cap (everything counts)."""
-    start = window_start(period, now_s)
-    return 0 if start is None else to_ms(start)
+    return 0 if period is None else _window_start_ms(period, math.floor(now_s))
+
+
+@functools.lru_cache(maxsize=256)
+def _window_start_ms(period: Period, second: int) -> int:
+    return to_ms(_window_start(period, second))
 
 
 def window_starts_ms(now_s: float) -> tuple[int, int, int]:
