@@ -123,10 +123,22 @@ def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: flo
     return Rejected(402, "spend_limit_exceeded", message, scope=r.scope, headers=headers)
 
 
+_stamp: tuple[int, str] = (-1, "")
+
+
+def _utc_now_text() -> str:
+    """The current UTC second as the access line spells it, formatted once per second."""
+    global _stamp
+    second = int(time.time())
+    if second != _stamp[0]:
+        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+    return _stamp[1]
+
+
 def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     """One bare JSON object per guarded call on `spend_guard.access`; never a secret."""
     record = {
-        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "time": _utc_now_text(),
         "request_id": excerpt(call.request_id),
         "decision": call.decision,
         "scope": call.scope or None,
