@@ -272,15 +272,15 @@ def batch_call(
     ops: list[list[Any]] = []
     for name, own_keys, own_args in calls:
         keys += own_keys
-        ops.append([name, len(own_keys), [_as_arg(arg) for arg in own_args]])
+        ops.append([name, len(own_keys), [arg if type(arg) is str else _as_arg(arg) for arg in own_args]])
     return keys, [json.dumps(ops, separators=(",", ":"))]
 
 
 def _as_arg(value: Any) -> str:
     """`value` as the text redis-py sends for it: a str as is, an int or float as its repr, bytes as
     UTF-8 text (a ledger script's arguments are text)."""
-    if type(value) is str:
-        return value
+    if type(value) is int or type(value) is str:
+        return str(value)
     if isinstance(value, bool) or not isinstance(value, (int, float, bytes)):
         raise TypeError(f"a ledger script's argument must be str, int, float or bytes, not {type(value).__name__}")
     return value.decode() if isinstance(value, bytes) else repr(value)
