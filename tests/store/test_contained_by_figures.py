@@ -11,21 +11,10 @@ from proxy.money import MAX_ABS_MICROS
 from proxy.store.records import Snapshot
 from proxy.store.redis import CONTAIN_HORIZON_MS, CONTAIN_MARGIN_MS, Store
 from tests.store.test_store import NOW_MS, REF, USD, charged, held, req, row, snap, windows
+from tests.support.stores import raw
 
-ACCOUNT = "acct"
 BIG = MAX_ABS_MICROS
 ROW_FIELD = f"row:{REF}:{windows(NOW_MS)[0]}"  # the key row's day, as a scope field
-
-
-@pytest.fixture
-async def store(store_target):
-    client = store_target.client()
-    yield Store(client, ACCOUNT)
-    await client.aclose()
-
-
-async def raw(store: Store, *command: object) -> object:
-    return await store.client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
 def figures(fetched_ms: int, usage: int | None, spend: int, start: int | None = None) -> Snapshot:

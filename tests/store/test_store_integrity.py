@@ -8,22 +8,11 @@ import pytest
 
 from proxy.errors import HoldQuarantined
 from proxy.money import MAX_ABS_MICROS
-from proxy.store.redis import CONTAIN_MARGIN_MS, Store
+from proxy.store.redis import CONTAIN_MARGIN_MS
 from tests.store.test_store import NOW_MS, REF, USD, budget, charged, held, req, row, snap
+from tests.support.stores import raw
 
-ACCOUNT = "acct"
 BIG = MAX_ABS_MICROS  # $1,000,000,000: the largest amount a scope may carry
-
-
-@pytest.fixture
-async def store(store_target):
-    client = store_target.client()
-    yield Store(client, ACCOUNT)
-    await client.aclose()
-
-
-async def raw(store: Store, *command: object) -> object:
-    return await store.client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
 # -- amounts: 0, 1 micro-dollar, large ----------------------------------------------------------

@@ -55,3 +55,8 @@ class BatchScriptStore(Store):
     async def run_ledger_script(self, name, own_keys, args):
         (reply,) = await self.run(self.batch, *batch_call(self.keys.base, [(name, own_keys, args)]))
         return reply
+
+
+async def raw(store: Store, *command: object) -> object:
+    """A command sent to the store's server as is, to read or break what a test looks at."""
+    return await store.client.execute_command(*command)  # type: ignore[no-untyped-call]
