@@ -193,7 +193,7 @@ class Budget:
     limit_micros: int
     period: Period | None  # None = lifetime
     shadow: bool
-    # The store counter's identity: survives renaming the key or group (policy_build._counter_owner).
+    # The store counter's identity: survives renaming the key or group (proxy.policy.build._counter_owner).
     counter: str = ""
 
     def __post_init__(self) -> None:

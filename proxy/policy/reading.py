@@ -189,7 +189,7 @@ class _File:
 
     def budgets(self, data: Mapping[Any, Any], where: str, owner: str, counter_owner: str) -> tuple[Budget, ...]:
         """`owner` is `key:<name>` or `group:<name>` (how refusals name the budget), `counter_owner`
-        what its store counter is keyed by (see `_counter_owner`). A period has at most one
+        what its store counter is keyed by (see `proxy.policy.build._counter_owner`). A period has at most one
         enforced and one shadow budget (a tighter cap on trial beside the enforced one); the
         shadow one of such a pair is `<owner>:<period>:shadow`, so every budget keeps an identity
         of its own (docs/policies.md#budgets-keep-their-identity)."""
