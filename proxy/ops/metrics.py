@@ -25,11 +25,10 @@ LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 9
 # Charged / held at a settle: 0 is a release, 1 a hold charged in full, above 1 an underheld call.
 RATIO_BUCKETS = (0.0, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.25, 1.5, 2.0, 5.0)
 # Held / charged at a settle with a cost: below 1 an underheld call, 1.1 the default observed margin.
+HOLD_TO_COST_BUCKETS = (0.5, 0.9, 1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 # Labelled children `Metrics.child` keeps looked up at most.
 MAX_CACHED_CHILDREN = 4096
 M = TypeVar("M", Counter, Gauge, Histogram)
-
-HOLD_TO_COST_BUCKETS = (0.5, 0.9, 1.0, 1.05, 1.1, 1.2, 1.5, 2.0, 3.0, 5.0, 10.0, 25.0, 100.0)
 
 
 class Computed(Collector):
