@@ -157,20 +157,22 @@ def _body_bytes(value: object) -> int:
     return value
 
 
-def _tokens(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"expected a whole number of tokens, got {_show(value)}")
-    if not 1 <= value <= MAX_TOKENS:
-        raise _Invalid(f"must be between 1 and {MAX_TOKENS} tokens, got {value}")
-    return value
+def _counted(noun: str, maximum: int, unit: str = "") -> _Check:
+    """A whole number of `noun` from 1 to `maximum` (`unit` follows the maximum in the message)."""
+
+    def check(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected a whole number of {noun}, got {_show(value)}")
+        if not 1 <= value <= maximum:
+            raise _Invalid(f"must be between 1 and {maximum}{unit}, got {value}")
+        return value
+
+    return check
 
 
-def _observations(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"expected a whole number of calls, got {_show(value)}")
-    if not 1 <= value <= MAX_OBSERVATIONS:
-        raise _Invalid(f"must be between 1 and {MAX_OBSERVATIONS}, got {value}")
-    return value
+_tokens = _counted("tokens", MAX_TOKENS, " tokens")
+_observations = _counted("calls", MAX_OBSERVATIONS)
+_signatures = _counted("signatures", MAX_SIGNATURES)
 
 
 def _margin(value: object) -> float:
@@ -183,14 +185,6 @@ def _window_days(value: object) -> float:
     if not 0 < (days := _number(value)) <= MAX_WINDOW_DAYS:
         raise _Invalid(f"must be greater than 0 and at most {MAX_WINDOW_DAYS} days, got {_show(value)}")
     return days
-
-
-def _signatures(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _Invalid(f"expected a whole number of signatures, got {_show(value)}")
-    if not 1 <= value <= MAX_SIGNATURES:
-        raise _Invalid(f"must be between 1 and {MAX_SIGNATURES}, got {value}")
-    return value
 
 
 def _bool(value: object) -> bool:
