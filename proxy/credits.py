@@ -27,8 +27,9 @@ from proxy.policy.model import Policy
 from proxy.prices import PriceTable, PriceTableError, parse_models
 from proxy.settings import Secret
 from proxy.store.contract import SnapshotStore
+from proxy.store.identity import LOST_UNKNOWN
 from proxy.store.records import RowState, Snapshot, row_ref
-from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, LOST_UNKNOWN
+from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH
 from proxy.store.statedir import EpochRecord
 from proxy.types import Clock, StoreClock, is_period
 from proxy.windows import parse_timestamp_ms

@@ -28,7 +28,7 @@ from proxy.ops.quote import quote_report
 from proxy.ops.statuspage import authorize, authorize_metrics, page_response, status_data
 from proxy.policy.model import Policy
 from proxy.settings import Settings
-from proxy.store.redis import LOST_UNKNOWN
+from proxy.store.identity import LOST_UNKNOWN
 from proxy.types import Receive, Scope, Send
 
 if TYPE_CHECKING:

@@ -2,10 +2,12 @@
 
 `contract` names what the rest of the proxy may ask of it (`Ledger`, `SnapshotStore`,
 `StatusStore`); `redis` implements it with one Lua script per atomic operation (`lua/`), which
-`scripts` assembles, runs and reads the replies of; `keyspace` builds every key; `records` holds
-the typed values that cross the seam; `backends` maps a URL scheme to a client, `embedded`
-runs the private server used when no URL is given, and `statedir` keeps what is recorded about
-it outside it.
+`scripts` assembles, runs and reads the replies of; `Store` there builds on `identity` (which
+store this is, and whether it still holds the local budget state) and `connection` (each
+operation's deadline and slot, driver errors as `StoreError`); `keyspace` builds every key;
+`records` holds the typed values that cross the seam; `backends` maps a URL scheme to a client,
+`embedded` runs the private server used when no URL is given, and `statedir` keeps what is
+recorded about it outside it.
 """
 
 from __future__ import annotations

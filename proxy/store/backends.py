@@ -46,7 +46,7 @@ def _single_client(url: str) -> aioredis.Redis:
         url,
         socket_timeout=None,
         socket_connect_timeout=1.0,
-        health_check_interval=10,  # see STORE_TIMEOUT_S
+        health_check_interval=10,  # see STORE_TIMEOUT_S (proxy/store/connection.py)
     )
     return client
 

@@ -34,9 +34,10 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from proxy.errors import StoreError
+from proxy.store.connection import QUEUE_TIMEOUT_S
 from proxy.store.keyspace import BASE, SCRIPT_KEYS, Keys
 from proxy.store.records import BudgetHold, Decision, Levels, ReserveRequest
-from proxy.store.redis import QUEUE_TIMEOUT_S, Store
+from proxy.store.redis import Store
 from proxy.store.scripts import Part, Script, lua_source
 
 # Operations a round trip carries at most. 16 operations as one EVALSHA cost ~11 us of the

@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from proxy.commands.recover import Plan, recover
+from proxy.store.identity import LOST_VANISHED
 from proxy.store.records import BudgetHold
-from proxy.store.redis import LOST_VANISHED, Store
+from proxy.store.redis import Store
 from tests.store.test_store import BOUNDARY_MS, NOW_MS, USD, budget, req, snap
 from tests.support.policies import budget as budget_entry
 from tests.support.policies import flow, key_entry, policy_yaml

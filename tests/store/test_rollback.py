@@ -11,7 +11,8 @@ import pytest
 import redis
 
 from proxy.commands.recover import Plan, recover
-from proxy.store.redis import LOST_ROLLED_BACK, Store
+from proxy.store.identity import LOST_ROLLED_BACK
+from proxy.store.redis import Store
 from tests.store.test_store import NOW_MS, budget, req, snap
 from tests.support.constants import KEY_A
 from tests.support.served import RedisServer, ServedProxy, alice_policy, spent, wait_until

@@ -80,7 +80,7 @@ local function format_hold(h)
 end
 
 -- Why the store lost its local budget state, as the marker K.lost records it ("<why>|<ms>",
--- the first reason found; proxy/store/redis.py names the same as LOST_*).
+-- the first reason found; proxy/store/identity.py names the same as LOST_*).
 local LOST_EMPTIED = "the store's state was emptied"
 local LOST_CHANGED = "the store's epoch changed"
 local LOST_UNKNOWN = "the store has no epoch and nothing shows it is new"
