@@ -14,7 +14,7 @@ SpendGuardError
 UpstreamBroken             raised on purpose after a response started, to cut the client
 ValueError
  ├── MoneyError            an amount that does not convert exactly (money.py)
- ├── CreditsError          a credits answer that is not stored (credits.py)
+ ├── CreditsError          a credits answer that is not stored (snapshot.py)
  ├── PriceTableError       a /v2/models answer that is not stored (prices.py)
  ├── SettingsError         a SPEND_GUARD_* value that does not parse (settings.py)
  └── RecoveryError         a `store recover` seed or log line to fix (commands/recover.py)

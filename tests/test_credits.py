@@ -10,10 +10,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.credits import PRICE_KICK_INTERVAL_S, CreditsError, Refresher, parse_credits
+from proxy.credits import PRICE_KICK_INTERVAL_S, Refresher
 from proxy.policy.model import Policy, default_policy
 from proxy.prices import PriceTable
 from proxy.settings import Secret
+from proxy.snapshot import CreditsError, parse_credits
 from proxy.store.keyspace import ACCOUNTS
 from proxy.store.records import RowState, row_ref
 from proxy.store.redis import LOCK_MODELS, LOCK_REFRESH, Store
