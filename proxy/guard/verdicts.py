@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 
 from proxy.errors import Rejected
 from proxy.guard.signature import Signature
+from proxy.logs import access_line
 from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, ModelRules, Policy
 from proxy.settings import Secret
@@ -19,7 +19,6 @@ from proxy.types import as_period
 from proxy.untrusted import excerpt
 from proxy.windows import format_ms, to_ms, window_end, window_start
 
-access_log = logging.getLogger("spend_guard.access")
 # What reserve.lua refuses for; anything else it says is treated as the store being unavailable.
 REFUSAL_CODES = frozenset({"key_inactive", "key_expired", "key_limit", "credits", "budget"})
 
@@ -157,7 +156,7 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     }
     if error:
         record["error"] = error
-    access_log.info(json.dumps(record, separators=(",", ":")))
+    access_line(json.dumps(record, separators=(",", ":")))
 
 
 def permits(rules: ModelRules, names: set[str]) -> bool:

@@ -1,0 +1,96 @@
+"""Access lines: the served proxy's handler writes the lines of one event-loop turn together, at the
+turn's end; with any other handler on the access logger, each line is a record as before."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Callable
+
+import pytest
+
+from proxy import logs
+
+
+class Stream:
+    """A stream that keeps each write, and counts flushes."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+        self.flushes = 0
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+
+@pytest.fixture
+def access(monkeypatch: pytest.MonkeyPatch) -> Callable[[], tuple[logs.TurnBufferedHandler, Stream]]:
+    """Sets the access logger up as the served proxy does, writing to a `Stream`. Called in the
+    test itself: pytest puts its capturing handlers on loggers once the fixtures have run."""
+
+    def install() -> tuple[logs.TurnBufferedHandler, Stream]:
+        stream = Stream()
+        handler = logs.TurnBufferedHandler(stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger(logs.ACCESS_LOGGER)
+        monkeypatch.setattr(logger, "handlers", [handler])
+        monkeypatch.setattr(logger, "propagate", False)
+        monkeypatch.setattr(logger, "level", logging.INFO)
+        monkeypatch.setattr(logs, "_buffered", handler)
+        return handler, stream
+
+    return install
+
+
+def test_the_lines_of_one_loop_turn_go_out_in_one_write_at_its_end(access):
+    _, stream = access()
+
+    async def turns() -> list[list[str]]:
+        seen = []
+        for line in ("a", "b", "c"):
+            logs.access_line(line)
+        seen.append(list(stream.writes))  # nothing yet: the turn is not over
+        turn_over = asyncio.Event()
+        asyncio.get_running_loop().call_soon(turn_over.set)  # runs after the write scheduled above
+        await turn_over.wait()
+        seen.append(list(stream.writes))
+        logs.access_line("d")
+        turn_over.clear()
+        asyncio.get_running_loop().call_soon(turn_over.set)
+        await turn_over.wait()
+        seen.append(list(stream.writes))
+        return seen
+
+    assert asyncio.run(turns()) == [[], ["a\nb\nc\n"], ["a\nb\nc\n", "d\n"]]
+    assert stream.flushes == 2
+
+
+def test_off_the_event_loop_each_line_is_written_at_once(access):
+    _, stream = access()
+    logs.access_line("x")
+    logging.getLogger(logs.ACCESS_LOGGER).info("y")  # a record, through the same handler
+    assert stream.writes == ["x\n", "y\n"] and stream.flushes == 2
+
+
+def test_lines_still_waiting_are_written_when_logging_shuts_down(access):
+    handler, stream = access()
+
+    async def log_and_stop() -> None:
+        logs.access_line("last")
+        logging.shutdown([weakref.ref(handler)])  # as at exit, before the turn's end
+
+    asyncio.run(log_and_stop())
+    assert stream.writes == ["last\n"]
+
+
+def test_with_another_handler_on_the_access_logger_each_line_is_a_record(access, caplog):
+    _, stream = access()
+    with caplog.at_level(logging.INFO, logger=logs.ACCESS_LOGGER):
+        logging.getLogger(logs.ACCESS_LOGGER).addHandler(caplog.handler)
+        logs.access_line('{"decision":"allowed"}')
+    assert [r.getMessage() for r in caplog.records if r.name == logs.ACCESS_LOGGER] == ['{"decision":"allowed"}']
+    assert stream.writes == ['{"decision":"allowed"}\n']  # the proxy's own handler still gets it
