@@ -246,6 +246,13 @@ class Runtime:
             self.metrics.settle_retries.inc()
             log.warning("settle of hold %s deferred: %s", flight.hold_id, exc)
             charged = flight.amount_micros if cost_micros is None else cost_micros
+        except asyncio.CancelledError:
+            # The call's task was cancelled mid-settle (a stop past its grace): whether or not
+            # the script ran, the settle is retried as after a store error (the shutdown retries
+            # once more), so the hold still ends at this cost, not at its lease.
+            self.pending_settles[flight.hold_id] = Pending(cost_micros, started_ms, flight.counters)
+            self.metrics.settle_retries.inc()
+            raise
         finally:
             self.flights.pop(flight.hold_id, None)
             self.metrics.inflight.set(len(self.flights))

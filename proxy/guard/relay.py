@@ -145,10 +145,14 @@ async def relay(rt: Runtime, admitted: Admitted) -> None:
         if resp is not None:
             resp.release()
         rt.metrics.upstream_latency.observe(time.perf_counter() - forwarded_at)
-        if flight is not None:
-            await asyncio.shield(settle(rt, flight, outcome, call, policy.models))
-        admitted.body_lease.release()
-        log_decision(call, policy)
+        try:
+            if flight is not None:
+                # Awaited in this task: a cancellation cuts it, and Runtime.settle then leaves
+                # it to the settle retries.
+                await settle(rt, flight, outcome, call, policy.models)
+        finally:
+            admitted.body_lease.release()
+            log_decision(call, policy)
 
 
 async def settle(rt: Runtime, flight: Flight, outcome: Outcome, call: Call, models: ModelsPolicy) -> None:

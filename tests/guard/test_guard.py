@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import hashlib
 import json
@@ -10,6 +11,11 @@ import fakeredis
 import pytest
 import redis
 
+from proxy.guard.identity import identify_token
+from proxy.guard.reserving import reserve_request
+from proxy.guard.verdicts import budgets_for
+from proxy.runtime import Flight
+from proxy.store.records import counters_of
 from tests.support.constants import KEY_A, KEY_B
 from tests.support.policies import KEYS, alice_keys
 from tests.support.proxies import FakeClock, envelope, open_holds, spent
@@ -314,6 +320,45 @@ def test_a_long_outage_keeps_a_bounded_number_of_pending_releases(make_proxy, up
     assert p.runtime.pending_settles == {}
     assert p.generate(standin="cost=0.01").status_code == 200
     assert open_holds(p) == 0
+
+
+@FAKE_ONLY
+def test_a_settle_cut_by_a_cancellation_is_retried_at_the_calls_cost(make_proxy, up, store_target):
+    # A stop past its grace cancels the calls still running, some in the middle of their settle:
+    # the settle is retried (the shutdown retries once more), so the hold ends at the call's
+    # cost, not charged in full at its lease.
+    p = make_proxy(KEYS)
+    rt = p.runtime
+    key = identify_token(rt.policy, hashlib.sha256(KEY_A.encode()).hexdigest(), rt.clock())
+    budgets = budgets_for(rt.policy, key)
+    request = reserve_request(rt.policy, key, 500_000, budgets, rt.clock())
+    assert p.run(rt.ledger.reserve, request).allowed
+    flight = Flight(request.hold_id, 500_000, "alice", counters=counters_of(request.budgets))
+    rt.open_flight(flight)
+
+    async def cancelled_mid_settle() -> None:
+        entered = asyncio.Event()
+
+        async def never_answered(*args: object) -> None:
+            entered.set()
+            await asyncio.Event().wait()
+
+        real, rt.ledger.settle = rt.ledger.settle, never_answered
+        try:
+            task = asyncio.ensure_future(rt.settle(flight, 123_400))
+            await entered.wait()
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        finally:
+            rt.ledger.settle = real
+
+    p.run(cancelled_mid_settle)
+    assert rt.pending_settles[request.hold_id].cost_micros == 123_400
+    assert open_holds(p) == 1
+    p.run(rt.settle_pending)
+    assert rt.pending_settles == {} and open_holds(p) == 0
+    assert spent(p, "budget:key:alice:lifetime") == "0.1234"
 
 
 @FAKE_ONLY
