@@ -17,7 +17,6 @@ operator's own) each line is logged as a record of `spend_guard.access`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import sys
@@ -83,10 +82,15 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         self.due = False
         lines, self.lines = self.lines, []
-        with contextlib.suppress(ValueError):  # the stream was closed (interpreter exit)
+        try:
             if lines:
                 self.stream.write(self.terminator.join(lines) + self.terminator)
             self.stream.flush()
+        except ValueError:
+            pass  # the stream was closed (interpreter exit)
+        except OSError:
+            # As logging.StreamHandler reports a record it could not write (stderr, once a turn).
+            self.handleError(logging.makeLogRecord({"name": ACCESS_LOGGER, "msg": lines[0] if lines else ""}))
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
@@ -95,9 +99,16 @@ _buffered: TurnBufferedHandler | None = None  # installed by configure_logging
 
 def access_line(line: str) -> None:
     """Log one access line: straight into the served proxy's own handler when it is the access
-    logger's only one, else as a record of `spend_guard.access`."""
+    logger's only handler and the logger has no filter and logs INFO, else as a record of
+    `spend_guard.access`."""
     handler = _buffered
-    if handler is not None and len(_access.handlers) == 1 and _access.handlers[0] is handler:
+    if (
+        handler is not None
+        and len(_access.handlers) == 1
+        and _access.handlers[0] is handler
+        and not _access.filters
+        and _access.isEnabledFor(logging.INFO)
+    ):
         handler.add(line)
     else:
         _access.info(line)

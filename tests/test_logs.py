@@ -94,3 +94,49 @@ def test_with_another_handler_on_the_access_logger_each_line_is_a_record(access,
         logs.access_line('{"decision":"allowed"}')
     assert [r.getMessage() for r in caplog.records if r.name == logs.ACCESS_LOGGER] == ['{"decision":"allowed"}']
     assert stream.writes == ['{"decision":"allowed"}\n']  # the proxy's own handler still gets it
+
+
+def test_a_filter_on_the_access_logger_still_decides(access):
+    _, stream = access()
+    logger = logging.getLogger(logs.ACCESS_LOGGER)
+    drop_refusals = logging.Filter()
+    drop_refusals.filter = lambda record: '"refused"' not in record.getMessage()  # type: ignore[method-assign]
+    logger.addFilter(drop_refusals)
+    try:
+        logs.access_line('{"decision":"refused"}')
+        logs.access_line('{"decision":"allowed"}')
+    finally:
+        logger.removeFilter(drop_refusals)
+    assert stream.writes == ['{"decision":"allowed"}\n']
+
+
+def test_access_lines_switched_off_are_not_written(access):
+    _, stream = access()
+    logging.disable(logging.INFO)
+    try:
+        logs.access_line("x")
+    finally:
+        logging.disable(logging.NOTSET)
+    assert stream.writes == []
+
+
+def test_a_stream_that_fails_is_reported_once_a_turn_and_the_loop_goes_on(access, monkeypatch, capsys):
+    handler, stream = access()
+
+    def broken(text: str) -> None:
+        raise BrokenPipeError("stdout is gone")
+
+    monkeypatch.setattr(stream, "write", broken)
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+
+    async def log_two_turns() -> None:
+        for _ in range(2):
+            logs.access_line("x")
+            logs.access_line("y")
+            turn_over = asyncio.Event()
+            asyncio.get_running_loop().call_soon(turn_over.set)
+            await turn_over.wait()
+
+    asyncio.run(log_two_turns())
+    assert capsys.readouterr().err.count("BrokenPipeError: stdout is gone") == 2
+    assert handler.lines == []
