@@ -1,10 +1,11 @@
 """Micro-batched store round trips: a `Ledger` in front of a `Store` that sends the reserves,
 settles and started marks issued while one is in flight as one EVALSHA.
 
-A call that finds nothing in flight goes at once, alone, with its own script: at low load
-nothing waits and nothing changes. Calls issued while a round trip is in flight queue; when it
-ends, the queue goes to the store together (up to `MAX_BATCH` a round trip) as one run of the
-batch script (`batch_script`), which applies each operation in turn with its own script's code,
+A call that finds no batch in flight, nobody queued and fewer than `MAX_ALONE` calls in flight
+alone goes at once, alone, with its own script: at low load nothing waits and nothing changes
+(a call's reserve does not wait behind the settle of the call before it). Other calls queue;
+when a round trip ends, the queue goes to the store together (up to `MAX_BATCH` a round trip)
+as one run of the batch script (`batch_script`), which applies each operation in turn with its own script's code,
 exactly as it runs alone: each reserve all or nothing, one refusal leaving the others untouched.
 Each operation gets its own reply back, and the store's code that reads it (`Store.reserve`,
 `Store.settle`, `Store.mark_started`) reads it as it reads a lone reply: a reclaim-first reserve
@@ -44,6 +45,11 @@ from proxy.store.scripts import Part, Script, lua_source
 # client's CPU each, against ~114 us for one EVALSHA each; past a few dozen the gain is gone and
 # the script holds Redis longer (each operation takes ~20-30 us of Redis time).
 MAX_BATCH = 32
+# Round trips of one operation each that may be in flight together while no batch is. Two let
+# one call's reserve go while the call before it settles (a lone call's settle ends after its
+# answer went out: with one, the next call's reserve waited for it); under load a batch is in
+# flight and every operation queues for the next, as with one.
+MAX_ALONE = 2
 
 # The scripts a batch carries, and the code each has in the batch's ARGV.
 BATCHED = ("reserve", "settle", "mark_started")
@@ -141,13 +147,14 @@ class _Op:
 class BatchedLedger:
     """The store's `Ledger`, with reserves, settles and started marks batched (module doc)."""
 
-    def __init__(self, store: Store, max_batch: int = MAX_BATCH) -> None:
+    def __init__(self, store: Store, max_batch: int = MAX_BATCH, max_alone: int = MAX_ALONE) -> None:
         self.store = store
         self.max_batch = max_batch
+        self.max_alone = max_alone
         self.script = batch_script(store.client)
         self._queue: collections.deque[_Op] = collections.deque()
-        self._busy = False  # a round trip of a ledger operation is in flight
-        self._drainer: asyncio.Task[None] | None = None
+        self._alone = 0  # round trips of one operation each in flight
+        self._drainer: asyncio.Task[None] | None = None  # sends the queue, batch after batch
         # Round trips sent and operations they carried (tests and the bench read them).
         self.round_trips = 0
         self.operations = 0
@@ -187,29 +194,29 @@ class BatchedLedger:
 
     async def send(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
         """Run script `name` with its own `keys` and `args` and answer its reply: at once and alone
-        when nothing is in flight, else with the next batch."""
-        if not self._busy:
-            self._busy = True
+        when no batch is in flight, nobody queued and fewer than `max_alone` go alone, else with
+        the next batch."""
+        if (self._alone or self._drainer is not None) and self.store.failing:
+            # The last round trip failed and another is in flight: nobody queues behind (or goes
+            # beside) a dead store, as the store's own connection slots refuse then.
+            raise StoreError("store unavailable: the last operation failed and a batch is in flight")
+        if self._drainer is None and not self._queue and self._alone < self.max_alone:
+            self._alone += 1
             try:
                 self.round_trips += 1
                 self.operations += 1
                 return await self.store.run_ledger_script(name, keys, args)
             finally:
+                self._alone -= 1
                 self._next()
-        if self.store.failing:
-            # The last round trip failed and another is in flight: nobody queues behind a dead
-            # store (as the store's own connection slots refuse then).
-            raise StoreError("store unavailable: the last operation failed and a batch is in flight")
         op = _Op(name, keys, args, asyncio.get_running_loop().create_future())
         self._queue.append(op)
         return await op.future
 
     def _next(self) -> None:
-        """A round trip ended: send what queued meanwhile, or be idle."""
-        if self._queue:
+        """A lone round trip ended: send what queued meanwhile, unless a batch is on its way."""
+        if self._queue and self._drainer is None:
             self._drainer = asyncio.get_running_loop().create_task(self._drain())
-        else:
-            self._busy = False
 
     async def _drain(self) -> None:
         try:
@@ -218,7 +225,6 @@ class BatchedLedger:
                 if ops:
                     await self._send_batch(ops)
         finally:
-            self._busy = False
             self._drainer = None
             while self._queue:  # only when the drain itself was cancelled (the loop is closing)
                 op = self._queue.popleft()

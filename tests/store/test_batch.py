@@ -1,5 +1,9 @@
 """Micro-batched store round trips (proxy/store/batch.py): what is issued while a round trip is in
-flight goes to the store as one EVALSHA, and each operation in it ends exactly as it would alone."""
+flight goes to the store as one EVALSHA, and each operation in it ends exactly as it would alone;
+up to two operations go alone at once while no batch is in flight.
+
+Most tests here are about what a batch does: their ledger lets one operation go alone
+(`max_alone=1`), so that everything issued with it makes one batch."""
 
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ async def stores(store_target):
     batched, alone = Store(client, "batched"), Store(client, "alone")
     for store in (batched, alone):
         await store.apply_snapshot(snap(remaining=LARGE + 6 * USD))
-    yield BatchedLedger(batched), alone
+    yield BatchedLedger(batched, max_alone=1), alone
     await client.aclose()
 
 
@@ -82,7 +86,7 @@ async def test_arguments_json_would_escape_reach_a_batched_script_as_they_reach_
         batched, alone = Store(client, "batched"), Store(client, "alone")
         for store in (batched, alone):
             await store.apply_snapshot(snap(remaining=LARGE, rows={name: row(limit=USD, period="day")}))
-        ledger = BatchedLedger(batched)
+        ledger = BatchedLedger(batched, max_alone=1)
         asks = [req("w0", USD // 2, row=name), req("w1", USD // 2 + 1, row=name), req("w2", USD // 2, row=name)]
         expected = [await alone.reserve(r) for r in asks]
         assert [d.allowed for d in expected] == [True, False, True]  # the row's $1 limit was found
@@ -216,12 +220,85 @@ async def test_a_queued_call_whose_caller_gave_up_is_never_sent(stores):
 
 
 @pytest.mark.parametrize("store_target", [pytest.param("fake", marks=pytest.mark.fake)], indirect=True)
+async def test_a_reserve_issued_while_a_settle_is_in_flight_alone_goes_at_once(stores):
+    # A lone call's settle ends after its answer went out: the next call's reserve must not wait
+    # for it.
+    ledger = BatchedLedger(stores[0].store)
+    store = ledger.store
+    assert (await store.reserve(req("before", 1))).allowed
+    original, entered, release = store.run, asyncio.Event(), asyncio.Event()
+
+    async def settle_stalls(script, keys, args):
+        if not entered.is_set():
+            entered.set()
+            await release.wait()
+        return await original(script, keys, args)
+
+    store.run = settle_stalls
+    settling = asyncio.ensure_future(ledger.settle("before", 1, NOW_MS))
+    await entered.wait()
+    async with asyncio.timeout(10):  # (queued, it would wait for the stalled settle)
+        assert (await ledger.reserve(req("next", 1))).allowed  # answered, the settle still in flight
+    assert not settling.done() and ledger.queued == 0
+    release.set()
+    assert await settling == 1
+    assert (ledger.round_trips, ledger.operations) == (2, 2)
+
+
+async def test_past_two_in_flight_alone_the_next_wait_and_go_as_one_batch(stores):
+    ledger = BatchedLedger(stores[0].store)
+    store = ledger.store
+    original, release = store.run, asyncio.Event()
+    stalled: list[object] = []
+
+    async def lone_ones_stall(script, keys, args):
+        if script is not ledger.script:
+            stalled.append(script)
+            await release.wait()
+        return await original(script, keys, args)
+
+    store.run = lone_ones_stall
+    calls = [asyncio.ensure_future(ledger.reserve(req(f"h{i}", 1))) for i in range(5)]
+    await until_queued(ledger, 3)
+    assert len(stalled) == 2  # two alone, three wait
+    release.set()
+    assert all(d.allowed for d in await asyncio.gather(*calls))
+    assert (ledger.round_trips, ledger.operations) == (3, 5)
+    assert await store.open_holds() == 5
+
+
+async def test_while_a_batch_is_in_flight_nothing_goes_alone(stores):
+    ledger = BatchedLedger(stores[0].store)
+    store = ledger.store
+    original, lone_release, batch_in, batch_release = store.run, asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def stall(script, keys, args):
+        if script is ledger.script:
+            batch_in.set()
+            await batch_release.wait()
+        else:
+            await lone_release.wait()
+        return await original(script, keys, args)
+
+    store.run = stall
+    calls = [asyncio.ensure_future(ledger.reserve(req(f"h{i}", 1))) for i in range(4)]
+    await until_queued(ledger, 2)
+    lone_release.set()
+    await batch_in.wait()  # the two alone answered; the two queued go as one batch
+    later = asyncio.ensure_future(ledger.reserve(req("later", 1)))
+    await until_queued(ledger, 1)  # nothing alone in flight, but a batch: it waits for the next
+    batch_release.set()
+    assert all(d.allowed for d in await asyncio.gather(*calls, later))
+    assert (ledger.round_trips, ledger.operations) == (4, 5)  # 2 alone, a batch of 2, then 1
+
+
 def test_concurrent_calls_whose_batch_reply_is_lost_each_fail_and_release_their_hold(make_proxy, up, store_target):
     """Through the proxy: calls queued behind one in flight go as one batch; its reply is lost,
     so each is refused 503 like a lone call whose reply is lost, never forwarded, and the retry
     loop releases the holds the batch did take."""
     p = make_proxy(KEYS)  # on_store_error: closed
     ledger, store = p.runtime.ledger, p.runtime.store
+    ledger.max_alone = 1  # the others queue behind the first
     original = store.run
     first_in = asyncio.Event()
     release = asyncio.Event()
@@ -269,15 +346,15 @@ def test_concurrent_calls_whose_batch_reply_is_lost_each_fail_and_release_their_
 @pytest.mark.system
 def test_under_load_each_round_trip_is_one_evalsha_for_the_whole_batch():
     """MONITOR-counted: 40 concurrent reserves, then their 40 settles, cost one EVALSHA per
-    round trip: one alone, then the rest in batches of at most 32."""
+    round trip: two alone, then the rest in batches of at most 32."""
     seen: list[dict] = []
 
     async def run(url: str) -> BatchedLedger:
         ledger = BatchedLedger(Store(redis.asyncio.Redis.from_url(url), "load"))
         await ledger.store.apply_snapshot(snap(remaining=LARGE))
-        # one alone and one batch of each kind first: every script is loaded before MONITOR
-        await asyncio.gather(*(ledger.reserve(req(f"w{i}", 1, budgets=(B,))) for i in range(3)))
-        await asyncio.gather(*(ledger.settle(f"w{i}", 0, NOW_MS) for i in range(3)))
+        # two alone and one batch of each kind first: every script is loaded before MONITOR
+        await asyncio.gather(*(ledger.reserve(req(f"w{i}", 1, budgets=(B,))) for i in range(4)))
+        await asyncio.gather(*(ledger.settle(f"w{i}", 0, NOW_MS) for i in range(4)))
         ready = threading.Event()
         thread = threading.Thread(target=watch, args=(url, seen, ready), daemon=True)
         thread.start()
@@ -297,6 +374,6 @@ def test_under_load_each_round_trip_is_one_evalsha_for_the_whole_batch():
     with RedisServer() as server:
         ledger = asyncio.run(run(server.url))
     names = [c["command"].split()[0].upper() for c in seen if not c["command"].upper().startswith("HELLO")]
-    # reserves: 1 alone, then 32 + 7; settles the same
-    assert (ledger.round_trips, ledger.operations) == (6, 80)
-    assert names == ["EVALSHA"] * 6, names
+    # reserves: 2 alone, then 32 + 6; settles the same
+    assert (ledger.round_trips, ledger.operations) == (8, 80)
+    assert names == ["EVALSHA"] * 8, names
