@@ -5,13 +5,13 @@ A call that finds no batch in flight, nobody queued and fewer than `MAX_ALONE` c
 alone goes at once, alone, with its own script: at low load nothing waits and nothing changes
 (a call's reserve does not wait behind the settle of the call before it). Other calls queue;
 when a round trip ends, the queue goes to the store together (up to `MAX_BATCH` a round trip)
-as one run of the batch script (`batch_script`), which applies each operation in turn with its own script's code,
-exactly as it runs alone: each reserve all or nothing, one refusal leaving the others untouched.
-Each operation gets its own reply back, and the store's code that reads it (`Store.reserve`,
-`Store.settle`, `Store.mark_started`) reads it as it reads a lone reply: a reclaim-first reserve
-reclaims and asks again, a settle that needs budget counters runs again with them. A round trip
-that fails fails every operation in it with the error a lone call would get (the guard's
-release-and-tombstone path follows for each reserve, as for a lone one).
+as one run of the batch script (`batch_script`), which applies each operation in turn with its
+own script's code, exactly as it runs alone: each reserve all or nothing, one refusal leaving
+the others untouched. Each operation gets its own reply back, and the store's code that reads it
+(`Store.reserve`, `Store.settle`, `Store.mark_started`) reads it as it reads a lone reply: a
+reclaim-first reserve reclaims and asks again, a settle that needs budget counters runs again
+with them. A round trip that fails fails every operation in it with the error a lone call would
+get (the guard's release-and-tombstone path follows for each reserve, as for a lone one).
 
 One batcher per `Store`, so one per account: every key of an account shares one hash slot, so
 a batch is one script on one Redis Cluster node.
@@ -199,7 +199,7 @@ class BatchedLedger:
         if (self._alone or self._drainer is not None) and self.store.failing:
             # The last round trip failed and another is in flight: nobody queues behind (or goes
             # beside) a dead store, as the store's own connection slots refuse then.
-            raise StoreError("store unavailable: the last operation failed and a batch is in flight")
+            raise StoreError("store unavailable: the last operation failed and another is in flight")
         if self._drainer is None and not self._queue and self._alone < self.max_alone:
             self._alone += 1
             try:
