@@ -27,6 +27,14 @@ class Stream:
         self.flushes += 1
 
 
+async def turn_over() -> None:
+    """Until the loop turn is over: a callback scheduled now runs after the write the handler
+    scheduled for the turn's end (the loop runs its callbacks in order)."""
+    over = asyncio.Event()
+    asyncio.get_running_loop().call_soon(over.set)
+    await over.wait()
+
+
 @pytest.fixture
 def access(monkeypatch: pytest.MonkeyPatch) -> Callable[[], tuple[logs.TurnBufferedHandler, Stream]]:
     """Sets the access logger up as the served proxy does, writing to a `Stream`. Called in the
@@ -54,14 +62,10 @@ def test_the_lines_of_one_loop_turn_go_out_in_one_write_at_its_end(access):
         for line in ("a", "b", "c"):
             logs.access_line(line)
         seen.append(list(stream.writes))  # nothing yet: the turn is not over
-        turn_over = asyncio.Event()
-        asyncio.get_running_loop().call_soon(turn_over.set)  # runs after the write scheduled above
-        await turn_over.wait()
+        await turn_over()
         seen.append(list(stream.writes))
         logs.access_line("d")
-        turn_over.clear()
-        asyncio.get_running_loop().call_soon(turn_over.set)
-        await turn_over.wait()
+        await turn_over()
         seen.append(list(stream.writes))
         return seen
 
@@ -133,9 +137,7 @@ def test_a_stream_that_fails_is_reported_once_a_turn_and_the_loop_goes_on(access
         for _ in range(2):
             logs.access_line("x")
             logs.access_line("y")
-            turn_over = asyncio.Event()
-            asyncio.get_running_loop().call_soon(turn_over.set)
-            await turn_over.wait()
+            await turn_over()
 
     asyncio.run(log_two_turns())
     assert capsys.readouterr().err.count("BrokenPipeError: stdout is gone") == 2

@@ -20,7 +20,7 @@ from proxy.money import format_usd
 from proxy.policy.model import Budget, KeyPolicy, Policy
 from proxy.runtime import Flight, Runtime
 from proxy.store.records import Decision, ReserveRequest, counters_of, row_ref
-from proxy.windows import window_start_ms
+from proxy.windows import window_starts_ms
 
 log = logging.getLogger("spend_guard.guard")
 
@@ -189,7 +189,7 @@ def reserve_request(
         floor_micros=policy.account.min_remaining_micros,
         max_staleness_ms=int(policy.account.max_staleness_s * 1000),
         row_ref=row_ref(key.api_key_id, key.api_key_name) if key else None,
-        windows_ms=(window_start_ms("day", now_s), window_start_ms("week", now_s), window_start_ms("month", now_s)),
+        windows_ms=window_starts_ms(now_s),
         shadow=policy.mode == "shadow",
         budgets=budget_holds(budgets, now_s),
     )

@@ -130,7 +130,7 @@ def _utc_now_text() -> str:
     global _stamp
     second = int(time.time())
     if second != _stamp[0]:
-        _stamp = (second, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(second)))
+        _stamp = (second, format_ms(second * 1000))
     return _stamp[1]
 
 
