@@ -63,7 +63,10 @@ _HEAD = """\
 --   (one argument for the batch, not one per operation's argument: redis-py packs each argument
 --   it sends with several type checks, which cost the client more than the whole batch's JSON)
 -- Returns one reply per operation, in order: what its script returns alone.
-local OPS = {}
+-- Every operation shares the run's memo, ONCE (_common.lua says what it holds). A kind's code is
+-- set up (its key binding and _common.lua run) at its first operation of the batch, not before.
+local ONCE = {}
+local OPS, SETUP = {}, {}
 local function fixed_keys(indexes)
   local keys = {}
   for i, at in ipairs(indexes) do keys[i] = KEYS[at] end
@@ -73,9 +76,10 @@ end
 
 # Each script's code, run as a function of one operation: its fixed keys bound once (the key
 # binding and _common.lua see `KEYS` and `ARGV` as upvalues), then its own file's body as the
-# inner function, which points those upvalues at the operation's keys and arguments.
+# inner function, which points those upvalues at the operation's keys and arguments. SETUP[name]
+# does the binding once and answers that function.
 _OPEN = """\
-OPS["{name}"] = (function(KEYS)
+SETUP["{name}"] = function() return (function(KEYS)
 local ARGV
 """
 _BODY = """\
@@ -84,7 +88,7 @@ KEYS, ARGV = op_keys, op_args
 """
 _CLOSE = """\
 end
-end)(fixed_keys({{{indexes}}}))
+end)(fixed_keys({{{indexes}}})) end
 """
 
 _TAIL = """\
@@ -96,7 +100,12 @@ for _, op in ipairs(cjson.decode(ARGV[1])) do
   local keys = {}
   for i, at in ipairs(indexes) do keys[i] = KEYS[at] end
   for i = 0, n_keys - 1 do keys[#indexes + 1 + i] = KEYS[at_key + i] end
-  local reply = OPS[name](keys, args)
+  local run = OPS[name]
+  if run == nil then
+    run = SETUP[name]()
+    OPS[name] = run
+  end
+  local reply = run(keys, args)
   if reply == nil then reply = false end
   replies[#replies + 1] = reply
   at_key = at_key + n_keys

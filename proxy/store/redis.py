@@ -102,15 +102,18 @@ class Store(Identity):
         Expired leases are reclaimed first (two more round trips, only when some expired).
         `send` runs the script (default: alone, `run_ledger_script`)."""
         send = send or self.run_ledger_script
-        counters = counters_of(req.budgets)
-        keys: list[str | bytes] = [self.keys.tomb(req.hold_id), *self.keys.budgets(counters)]
-        reply = await send("reserve", keys, _reserve_args(req, self.epoch, reclaim_first=True))
+        reply = await send("reserve", *self.reserve_call(req, reclaim_first=True))
         reclaimed = Reclaimed()
         if reply[0] == RESERVE_RECLAIM_FIRST:
             _, expired_counters = reply
             reclaimed = await self.reclaim(req.now_ms, counters_named(expired_counters))
-            reply = await send("reserve", keys, _reserve_args(req, self.epoch, reclaim_first=False))
+            reply = await send("reserve", *self.reserve_call(req, reclaim_first=False))
         return decision_of(reply, reclaimed)
+
+    def reserve_call(self, req: ReserveRequest, *, reclaim_first: bool) -> tuple[list[str | bytes], list[Any]]:
+        """reserve.lua's own keys (after its fixed ones) and ARGV for `req`."""
+        keys: list[str | bytes] = [self.keys.tomb(req.hold_id), *self.keys.budgets(counters_of(req.budgets))]
+        return keys, _reserve_args(req, self.epoch, reclaim_first)
 
     async def reclaim(self, now_ms: int, counters: Sequence[tuple[str, int]] = ()) -> Reclaimed:
         """Charge the holds whose lease expired by `now_ms` (their instance died mid-request),

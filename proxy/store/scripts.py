@@ -3,10 +3,11 @@
 A ledger script (every file under `lua/` but `_common.lua`, `alert_marks.lua` and
 `observe.lua`) is sent as three parts, in this order (`ledger_script`):
 
-1. the key binding: `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>`, naming the
+1. the run's memo, `local ONCE = {}` (what `_common.lua` says of it; a batch shares one);
+2. the key binding: `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>`, naming the
    account's fixed keys that script receives first (`Keys.lua_binding`, from `SCRIPT_KEYS`);
-2. `_common.lua`: what every ledger script shares (hold records, `settle_hold`, `row_level`);
-3. the script's own file.
+3. `_common.lua`: what every ledger script shares (hold records, `settle_hold`, `row_level`);
+4. the script's own file.
 
 `alert_marks.lua` and `observe.lua` touch no fixed account key and are sent alone. Redis numbers
 the lines of the whole text it runs, so `Script` maps an error's `user_script:<n>` back to the
@@ -113,10 +114,16 @@ class Script:
         return _SCRIPT_LINE.sub(lambda m: self.locate(int(m.group(1) or m.group(2))), message)
 
 
+# What one run of Redis has learned, for its operations to share (_common.lua says what).
+RUN_MEMO = "local ONCE = {}\n"
+
+
 def ledger_script(client: aioredis.Redis, name: str) -> Script:
-    """`lua/<name>.lua` as it is sent: its key binding, `_common.lua`, then its own text."""
+    """`lua/<name>.lua` as it is sent: the run's memo, its key binding, `_common.lua`, then its
+    own text."""
     return Script(
         client,
+        Part("run memo", RUN_MEMO),
         Part("key binding", Keys.lua_binding(name)),
         Part("_common.lua", lua_source("_common.lua")),
         Part(f"{name}.lua", lua_source(f"{name}.lua")),

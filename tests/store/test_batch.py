@@ -17,6 +17,7 @@ import redis
 from proxy.errors import StoreError
 from proxy.store.batch import BatchedLedger, batch_call
 from proxy.store.redis import Store
+from proxy.store.scripts import RESERVE_ALLOWED, RESERVE_RECLAIM_FIRST, RESERVE_REFUSED
 from tests.store.test_roundtrips import SENTINEL, watch
 from tests.store.test_store import NOW_MS, USD, budget, req, row, snap
 from tests.support.constants import KEY_A
@@ -139,6 +140,66 @@ async def test_a_batched_reserve_behind_an_expired_lease_reclaims_it_once(stores
     assert sum(d.reclaimed.micros for d in decisions) == 700_000
     usage = await ledger.store.usage(["acct"], [B])
     assert usage["acct"].charged_micros == 700_000 and usage["b:b"].charged_micros == 700_000
+
+
+async def one_run(store: Store, calls, *, batched: bool) -> list[object]:
+    """Replies to `calls` (script name, own keys, ARGV), as one batch or each alone in turn."""
+    if batched:
+        return await store.run(BatchedLedger(store).script, *batch_call(store.keys.base, calls))
+    return [await store.run_ledger_script(name, keys, args) for name, keys, args in calls]
+
+
+async def batch_as_alone(stores, make_calls) -> list[object]:
+    """Run `make_calls(store)` as one batch on one store and alone on the other: the same replies
+    and the same state. The batch shares what its run read once (epoch, lost marker, first lease)
+    among its operations: what one operation changes, the next must see."""
+    ledger, alone = stores
+    got = await one_run(ledger.store, make_calls(ledger.store), batched=True)
+    expected = await one_run(alone, make_calls(alone), batched=False)
+    assert got == expected
+    assert await state(ledger.store) == await state(alone)
+    return got
+
+
+async def test_a_lease_an_earlier_reserve_of_the_batch_took_is_seen_expiring_by_a_later_one(stores):
+    def calls(store):
+        short = req("short", USD, lease_ms=1_000)  # its lease ends 1 s after NOW_MS
+        later = req("later", USD, NOW_MS + 2_000)
+        return [("reserve", *store.reserve_call(r, reclaim_first=True)) for r in (short, later)]
+
+    first, second = await batch_as_alone(stores, calls)
+    assert first[0] == RESERVE_ALLOWED and second == [RESERVE_RECLAIM_FIRST, []]
+
+
+async def test_a_rollback_a_settle_of_the_batch_finds_refuses_the_budgets_of_reserves_after_it(stores):
+    def calls(store):
+        before, after = req("before", 1, budgets=(B,)), req("after", 1, budgets=(B,))
+        settle = store.settle_args("before", 1, NOW_MS, 0, COUNTERS)
+        settle[5] = 1_000  # the instance saw the store take 1,000 of its settles: it went back
+        return [
+            ("reserve", *store.reserve_call(before, reclaim_first=True)),
+            ("settle", [store.keys.tomb("before"), *store.keys.budgets(COUNTERS)], settle),
+            ("reserve", *store.reserve_call(after, reclaim_first=True)),
+        ]
+
+    before, charged, after = await batch_as_alone(stores, calls)
+    assert (before[0], charged, after[:2]) == (RESERVE_ALLOWED, 1, [RESERVE_REFUSED, b"state_lost"])
+
+
+async def test_an_epoch_changed_between_reserves_of_one_batch_is_found_by_the_later_one(stores):
+    def calls(store):
+        ops = []
+        for hold_id, epoch in (("e0", "first"), ("e1", "first"), ("e2", "second"), ("e3", "first")):
+            store.epoch = epoch
+            ops.append(("reserve", *store.reserve_call(req(hold_id, 1, budgets=(B,)), reclaim_first=True)))
+        return ops
+
+    for store in stores[0].store, stores[1]:
+        await store.client.set(store.key("epoch"), "first")
+    replies = await batch_as_alone(stores, calls)
+    # an instance that holds another epoch than the store's marks the state lost: from then on
+    # local budgets are refused, whoever asks
+    assert [r[:2] for r in replies] == [[RESERVE_ALLOWED, b"budget:b"]] * 2 + [[RESERVE_REFUSED, b"state_lost"]] * 2
 
 
 async def test_a_round_trip_carries_at_most_max_batch_operations(stores):

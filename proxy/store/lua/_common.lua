@@ -6,6 +6,14 @@
 --   3. the script's own file.
 -- An error names the file and its own line (`_common.lua:126`), not the line of the whole text.
 --
+-- ONCE (a table, declared before the key binding) is what one run of Redis has learned of state
+-- that only this run can change, kept so that the operations of one run read it once: a batch
+-- (proxy/store/batch.py) runs several operations in one run and shares one ONCE among them. A
+-- script that changes such state here says so in ONCE in the same step (mark_lost, reserve.lua).
+--   ONCE.lost         whether K.lost exists (nil: not read yet)
+--   ONCE.epoch        an epoch K.epoch was found to hold (or was set to)
+--   ONCE.first_lease  no lease in K.leases expires before it (ms; nil: not read yet)
+--
 -- Keys: a script touches only keys it received in KEYS. K names the account's fixed keys
 -- (KEYS[1..N_BASE]); a script's own keys follow (each script's header says which).
 --
@@ -89,6 +97,7 @@ local LOST_VANISHED = "a budget counter vanished during its window (evicted?)"
 
 local function mark_lost(why, now_ms)
   redis.call("SET", K.lost, why .. "|" .. int(now_ms), "NX")
+  ONCE.lost = true
 end
 
 -- The rollback check. K.seq counts, per instance, the settles the store took from it; an

@@ -43,7 +43,12 @@ for at = BUDGETS_FROM, #ARGV, BUDGET_FIELDS do
 end
 local tomb = KEYS[N_BASE + 1]
 
-if reclaim_first then
+-- The first lease to expire, read once a run; nothing expired while now_ms is before it.
+if reclaim_first and ONCE.first_lease == nil then
+  local first = redis.call("ZRANGE", K.leases, 0, 0, "WITHSCORES")
+  ONCE.first_lease = first[2] and tonumber(first[2]) or math.huge
+end
+if reclaim_first and ONCE.first_lease <= now_ms then
   local expired = redis.call("ZRANGEBYSCORE", K.leases, "-inf", now_ms, "LIMIT", 0, 100)
   if #expired > 0 then
     local specs, seen = {}, {}
@@ -69,14 +74,18 @@ end
 -- Amnesia: the epoch this instance adopted is gone (a restart without persistence, FLUSHALL, a
 -- failover to an empty replica) or replaced. Budget counters went with it, so local budgets
 -- cannot be enforced until an operator runs `spend-guard store recover`.
-if epoch_arg ~= "" then
+if epoch_arg ~= "" and ONCE.epoch ~= epoch_arg then
   local epoch = redis.call("GET", K.epoch)
   if epoch ~= epoch_arg then
     local why = LOST_EMPTIED
     if epoch then why = LOST_CHANGED end
     mark_lost(why, now_ms)
-    if not epoch then redis.call("SET", K.epoch, epoch_arg) end
+    if not epoch then
+      redis.call("SET", K.epoch, epoch_arg)
+      epoch = epoch_arg
+    end
   end
+  if epoch == epoch_arg then ONCE.epoch = epoch_arg end
 end
 -- Eviction: a counter that is gone although it was charged in this very window (K.counted
 -- says so) took that window's spend with it.
@@ -86,8 +95,9 @@ for _, b in ipairs(budgets) do
     mark_lost(LOST_VANISHED, now_ms)
   end
 end
-if #budgets > 0 and redis.call("EXISTS", K.lost) == 1 then
-  return {REFUSED, "state_lost", "store", 0, 0, 0}
+if #budgets > 0 then
+  if ONCE.lost == nil then ONCE.lost = redis.call("EXISTS", K.lost) == 1 end
+  if ONCE.lost then return {REFUSED, "state_lost", "store", 0, 0, 0} end
 end
 
 local snap = redis.call("HMGET", K.snap, "fetched_ms", "remaining", "usage")
@@ -163,6 +173,9 @@ redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease
   row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false,
   figures = figures}))
 redis.call("ZADD", K.leases, lease_expiry_ms, hold_id)
+if ONCE.first_lease ~= nil and tonumber(lease_expiry_ms) < ONCE.first_lease then
+  ONCE.first_lease = tonumber(lease_expiry_ms)
+end
 redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
