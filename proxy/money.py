@@ -7,6 +7,7 @@ Lua never see a float and `"25.5000"` converts exactly to 25_500_000.
 from __future__ import annotations
 
 import decimal
+import functools
 import math
 import re
 
@@ -96,6 +97,7 @@ def usd_to_micros_ceil(value: object, *, quantum_micros: int = 100) -> int:
     return micros
 
 
+@functools.lru_cache(maxsize=4096)  # the same few amounts (holds, prices) come back call after call
 def format_usd(micros: int) -> str:
     """`1_234_500` -> `"1.2345"`: at least four decimals, as ImageRouter prints money."""
     sign = "-" if micros < 0 else ""
