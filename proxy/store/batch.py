@@ -1,13 +1,9 @@
 """Micro-batched store round trips: a `Ledger` in front of a `Store` that sends the reserves,
 settles and started marks issued while one is in flight as one EVALSHA.
 
-A reserve or started mark that finds no batch in flight, nobody queued and fewer than
-`MAX_ALONE` operations in flight alone goes at once, alone, with its own script: at low load
-nothing waits (a call's reserve does not wait behind the settle of the call before it). A settle
-that finds no batch in flight and nobody queued waits up to `SETTLE_WAIT_S` for a ride: the
-next reserve takes it along (settles first) in one round trip, or it goes alone once it waited
-that long; nobody waits for a settle (the call's answer went out before it). Other operations
-queue;
+A call that finds no batch in flight, nobody queued and fewer than `MAX_ALONE` calls in flight
+alone goes at once, alone, with its own script: at low load nothing waits and nothing changes
+(a call's reserve does not wait behind the settle of the call before it). Other calls queue;
 when a round trip ends, the queue goes to the store together (up to `MAX_BATCH` a round trip)
 as one run of the batch script (`batch_script`), which applies each operation in turn with its
 own script's code, exactly as it runs alone: each reserve all or nothing, one refusal leaving
@@ -54,14 +50,6 @@ MAX_BATCH = 32
 # answer went out: with one, the next call's reserve waited for it); under load a batch is in
 # flight and every operation queues for the next, as with one.
 MAX_ALONE = 2
-# A settle waits this long for a round trip to ride on when none is in flight and none queued:
-# the next reserve (or the batch after) takes it along, so at moderate load a call costs one
-# store round trip, not two (each is a write, a read and a wake-up of the loop: ~100 us of the
-# proxy's CPU). A settle is never awaited by a client (its answer went out before it), and a hold
-# that ends a moment later only holds a moment longer, never less.
-SETTLE_WAIT_S = 0.002
-# The operations that wait for a ride (a reserve never waits: a client waits for it).
-RIDERS = frozenset({"settle"})
 
 # The scripts a batch carries, and the code each has in the batch's ARGV.
 BATCHED = ("reserve", "settle", "mark_started")
@@ -168,18 +156,12 @@ class _Op:
 class BatchedLedger:
     """The store's `Ledger`, with reserves, settles and started marks batched (module doc)."""
 
-    def __init__(
-        self, store: Store, max_batch: int = MAX_BATCH, max_alone: int = MAX_ALONE, settle_wait_s: float = SETTLE_WAIT_S
-    ) -> None:
+    def __init__(self, store: Store, max_batch: int = MAX_BATCH, max_alone: int = MAX_ALONE) -> None:
         self.store = store
         self.max_batch = max_batch
         self.max_alone = max_alone
-        self.settle_wait_s = settle_wait_s
         self.script = batch_script(store.client)
         self._queue: collections.deque[_Op] = collections.deque()
-        self._riders: list[_Op] = []  # settles waiting for a round trip to ride on
-        self._ride_timer: asyncio.TimerHandle | None = None  # sends them alone once they waited enough
-        self._sending: set[asyncio.Task[None]] = set()  # settles that waited enough, on their way
         self._alone = 0  # round trips of one operation each in flight
         self._drainer: asyncio.Task[None] | None = None  # sends the queue, batch after batch
         # Round trips sent and operations they carried (tests and the bench read them).
@@ -190,11 +172,6 @@ class BatchedLedger:
     def queued(self) -> int:
         """Operations waiting for the next round trip."""
         return len(self._queue)
-
-    @property
-    def riding(self) -> int:
-        """Settles waiting for a round trip to ride on."""
-        return len(self._riders)
 
     async def reserve(self, req: ReserveRequest) -> Decision:
         return await self.store.reserve(req, send=self.send)
@@ -218,11 +195,10 @@ class BatchedLedger:
         return await self.store.levels(row_refs, budgets, windows_ms)
 
     async def aclose(self) -> None:
-        """Send the settles waiting for a ride, let a batch in flight finish (each round trip is
-        bounded by the store's deadline), then close the store."""
-        self._ride_alone()
-        if self._drainer is not None or self._sending:
-            await asyncio.wait([*self._sending, *([self._drainer] if self._drainer else [])])
+        """Let a batch in flight finish (each round trip is bounded by the store's deadline),
+        then close the store."""
+        if self._drainer is not None:
+            await asyncio.wait([self._drainer])
         await self.store.aclose()
 
     async def send(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
@@ -233,71 +209,18 @@ class BatchedLedger:
             # The last round trip failed and another is in flight: nobody queues behind (or goes
             # beside) a dead store, as the store's own connection slots refuse then.
             raise StoreError("store unavailable: the last operation failed and another is in flight")
-        if self._drainer is None and not self._queue:
-            if name in RIDERS:
-                return await self._ride(name, keys, args)
-            if self._alone < self.max_alone:
-                self._alone += 1
-                try:
-                    if self._riders:  # the settles waiting for a ride go with it, first
-                        op = _Op(name, keys, args, asyncio.get_running_loop().create_future())
-                        await self._send_batch([*self._take_riders(self.max_batch - 1), op])
-                        return await op.future
-                    self.round_trips += 1
-                    self.operations += 1
-                    return await self.store.run_ledger_script(name, keys, args)
-                finally:
-                    self._alone -= 1
-                    self._next()
+        if self._drainer is None and not self._queue and self._alone < self.max_alone:
+            self._alone += 1
+            try:
+                self.round_trips += 1
+                self.operations += 1
+                return await self.store.run_ledger_script(name, keys, args)
+            finally:
+                self._alone -= 1
+                self._next()
         op = _Op(name, keys, args, asyncio.get_running_loop().create_future())
         self._queue.append(op)
         return await op.future
-
-    async def _ride(self, name: str, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
-        """Wait up to `settle_wait_s` for a round trip to take this operation along, then go."""
-        loop = asyncio.get_running_loop()
-        op = _Op(name, keys, args, loop.create_future())
-        self._riders.append(op)
-        if self._ride_timer is None:
-            self._ride_timer = loop.call_later(self.settle_wait_s, self._ride_alone)
-        return await op.future
-
-    def _take_riders(self, limit: int) -> list[_Op]:
-        """Up to `limit` of the settles waiting for a ride whose callers still wait, first come
-        first; their timer is off once none is left waiting."""
-        riders = [op for op in self._riders if not op.future.done()]
-        taken, self._riders = riders[:limit], riders[limit:]
-        if not self._riders and self._ride_timer is not None:
-            self._ride_timer.cancel()
-            self._ride_timer = None
-        return taken
-
-    def _ride_alone(self) -> None:
-        """Nothing came along in time (or the ledger closes): the waiting settles go now, as one
-        round trip alone (a reserve issued meanwhile does not wait behind it), or with the next
-        batch when one is on its way or `max_alone` are in flight alone."""
-        if self._ride_timer is not None:  # fired, or the ledger closes first
-            self._ride_timer.cancel()
-            self._ride_timer = None
-        riders = self._take_riders(len(self._riders))
-        if not riders:
-            return
-        if self._drainer is None and not self._queue and self._alone < self.max_alone:
-            self._queue.extend(riders[self.max_batch :])
-            riders = riders[: self.max_batch]
-            self._alone += 1
-            task = asyncio.get_running_loop().create_task(self._send_alone(riders))
-            self._sending.add(task)
-            task.add_done_callback(self._sending.discard)
-        else:
-            self._queue.extend(riders)
-
-    async def _send_alone(self, ops: list[_Op]) -> None:
-        try:
-            await self._send_batch(ops)
-        finally:
-            self._alone -= 1
-            self._next()
 
     def _next(self) -> None:
         """A lone round trip ended: send what queued meanwhile, unless a batch is on its way."""
@@ -318,11 +241,8 @@ class BatchedLedger:
                     op.future.set_exception(StoreError("store unavailable: the batch was cancelled"))
 
     def _take(self) -> list[_Op]:
-        """Up to `max_batch` queued operations whose callers still wait (settles waiting for a
-        ride first); those that waited past QUEUE_TIMEOUT_S fail as a lone call fails when no
-        connection frees up in time."""
-        if self._riders:
-            self._queue.extendleft(reversed(self._take_riders(len(self._riders))))
+        """Up to `max_batch` queued operations whose callers still wait; those that waited past
+        QUEUE_TIMEOUT_S fail as a lone call fails when no connection frees up in time."""
         ops: list[_Op] = []
         now = time.monotonic()
         while self._queue and len(ops) < self.max_batch:

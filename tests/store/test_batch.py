@@ -59,14 +59,13 @@ async def state(store: Store) -> tuple[object, ...]:
     return await store.open_holds(), usage["acct"], usage["b:b"]
 
 
-async def until_queued(ledger: BatchedLedger, n: int, waiting: str = "queued") -> None:
-    """Let the other tasks run until `n` operations wait for the next round trip (`waiting`
-    "riding": `n` settles wait for a ride)."""
+async def until_queued(ledger: BatchedLedger, n: int) -> None:
+    """Let the other tasks run until `n` operations wait for the next round trip."""
     for _ in range(10_000):
-        if getattr(ledger, waiting) >= n:
+        if ledger.queued >= n:
             return
         await asyncio.sleep(0)  # a turn of the loop, not a wait for time to pass
-    raise AssertionError(f"{getattr(ledger, waiting)} operations {waiting}, not {n}")
+    raise AssertionError(f"{ledger.queued} operations queued, not {n}")
 
 
 async def test_reserves_issued_while_one_is_in_flight_go_as_one_round_trip_each_as_it_would_alone(stores):
@@ -404,56 +403,11 @@ def test_concurrent_calls_whose_batch_reply_is_lost_each_fail_and_release_their_
     assert open_holds(p) == 0 and not p.runtime.pending_settles
 
 
-async def test_a_settle_with_nothing_in_flight_rides_with_the_next_reserve_which_sees_it_done(stores):
-    ledger = BatchedLedger(stores[0].store, settle_wait_s=60)  # nothing goes alone by its timer here
-    assert (await ledger.store.reserve(req("all", 5 * USD, budgets=(B,)))).allowed  # the whole budget
-    settling = asyncio.ensure_future(ledger.settle("all", 0, NOW_MS, 0, COUNTERS))
-    await until_queued(ledger, 1, "riding")
-    assert not settling.done()
-    async with asyncio.timeout(10):  # (left waiting, it would wait a minute)
-        decision = await ledger.reserve(req("next", 5 * USD, budgets=(B,)))
-        # one round trip, the release first: the budget it freed is there for the reserve
-        assert decision.allowed and await settling == 0
-    assert (ledger.round_trips, ledger.operations, ledger.riding) == (1, 2, 0)
-
-
-async def test_a_settle_nothing_comes_along_for_goes_alone_once_it_waited(stores):
-    ledger = BatchedLedger(stores[0].store, settle_wait_s=0.001)
-    assert (await ledger.store.reserve(req("h", USD))).allowed
-    async with asyncio.timeout(10):
-        assert await ledger.settle("h", 1, NOW_MS) == 1
-    assert (ledger.round_trips, ledger.operations, ledger.riding) == (1, 1, 0)
-    assert await ledger.store.open_holds() == 0
-
-
-async def test_closing_the_ledger_sends_the_settles_waiting_for_a_ride(store_target):
-    client = store_target.client()
-    store = Store(client, "closing")
-    await store.apply_snapshot(snap(remaining=LARGE))
-    ledger = BatchedLedger(store, settle_wait_s=60)
-    for i in range(3):
-        assert (await store.reserve(req(f"h{i}", USD))).allowed
-    settling = [asyncio.ensure_future(ledger.settle(f"h{i}", 1, NOW_MS)) for i in range(3)]
-    await until_queued(ledger, 3, "riding")
-    usage = await store.usage(["acct"], [])
-    async with asyncio.timeout(10):  # (left waiting, they would wait a minute)
-        await ledger.aclose()  # closes the client too
-        assert [await s for s in settling] == [1, 1, 1]
-    assert (ledger.round_trips, ledger.operations) == (1, 3)
-    reader = store_target.client()
-    try:
-        after = await Store(reader, "closing").usage(["acct"], [])
-    finally:
-        await reader.aclose()
-    assert (usage["acct"].charged_micros, after["acct"].charged_micros, after["acct"].held_micros) == (0, 3, 0)
-
-
 @pytest.mark.real
 @pytest.mark.system
 def test_under_load_each_round_trip_is_one_evalsha_for_the_whole_batch():
     """MONITOR-counted: 40 concurrent reserves, then their 40 settles, cost one EVALSHA per
-    round trip: the reserves two alone, then the rest in batches of at most 32; the settles,
-    finding nothing in flight, wait for a ride together and go as 32, then 8."""
+    round trip: two alone, then the rest in batches of at most 32."""
     seen: list[dict] = []
 
     async def run(url: str) -> BatchedLedger:
@@ -481,6 +435,6 @@ def test_under_load_each_round_trip_is_one_evalsha_for_the_whole_batch():
     with RedisServer() as server:
         ledger = asyncio.run(run(server.url))
     names = [c["command"].split()[0].upper() for c in seen if not c["command"].upper().startswith("HELLO")]
-    # reserves: 2 alone, then 32 + 6; settles 32 + 8
-    assert (ledger.round_trips, ledger.operations) == (6, 80)
-    assert names == ["EVALSHA"] * 6, names
+    # reserves: 2 alone, then 32 + 6; settles the same
+    assert (ledger.round_trips, ledger.operations) == (8, 80)
+    assert names == ["EVALSHA"] * 8, names
