@@ -1,7 +1,7 @@
 """The Lua scripts as the store sends them, and what their replies mean.
 
 A ledger script (every file under `lua/` but `_common.lua`, `alert_marks.lua` and
-`observe.lua`) is sent as three parts, in this order (`ledger_script`):
+`observe.lua`) is sent as four parts, in this order (`ledger_script`):
 
 1. the run's memo, `local ONCE = {}` (what `_common.lua` says of it; a batch shares one);
 2. the key binding: `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>`, naming the

@@ -1,9 +1,10 @@
 -- _common: what every ledger script shares: exact integer text, hold records, settle_hold and
 -- the key row level. Not run alone: proxy/store/scripts.py sends each ledger script as
---   1. its key binding, `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>` (the account's
+--   1. the run's memo, `local ONCE = {}` (below),
+--   2. its key binding, `local K = {snap = KEYS[1], ...}` and `local N_BASE = <n>` (the account's
 --      fixed keys that script receives first: proxy/store/keyspace.py SCRIPT_KEYS),
---   2. this file,
---   3. the script's own file.
+--   3. this file,
+--   4. the script's own file.
 -- An error names the file and its own line (`_common.lua:126`), not the line of the whole text.
 --
 -- ONCE (a table, declared before the key binding) is what one run of Redis has learned of state
