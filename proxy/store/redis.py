@@ -154,9 +154,7 @@ class Store(Identity):
         send = send or self.run_ledger_script
         cost = -1 if cost_micros is None else cost_micros
         for _ in range(2):
-            keys: list[str | bytes] = [self.keys.tomb(hold_id), *self.keys.budgets(counters)]
-            args = self.settle_args(hold_id, cost, now_ms, started_ms, counters)
-            reply = await send("settle", keys, args)
+            reply = await send("settle", *self.settle_call(hold_id, cost, now_ms, started_ms, counters))
             if not isinstance(reply, list):
                 break
             counters = counters_named(reply)  # the counters it needs: nothing changed yet
@@ -164,11 +162,14 @@ class Store(Identity):
             raise StoreScriptError(f"settle of hold {hold_id} still needs budget counters {counters}")
         return self.settled(hold_id, reply)
 
-    def settle_args(
+    def settle_call(
         self, hold_id: str, cost: int, now_ms: int, started_ms: int, counters: Sequence[tuple[str, int]]
-    ) -> list[Any]:
-        """settle.lua's ARGV: six fixed fields, then one spec per budget counter (its header)."""
-        return [hold_id, cost, now_ms, started_ms, self.instance, self.settles_seen, *(spec(*c) for c in counters)]
+    ) -> tuple[list[str | bytes], list[Any]]:
+        """settle.lua's own keys (after its fixed ones) and ARGV: six fixed fields, then one spec
+        per budget counter (its header)."""
+        keys: list[str | bytes] = [self.keys.tomb(hold_id), *self.keys.budgets(counters)]
+        args = [hold_id, cost, now_ms, started_ms, self.instance, self.settles_seen, *(spec(*c) for c in counters)]
+        return keys, args
 
     def settled(self, hold_id: str, reply: int) -> int | None:
         """settle.lua's answer (other than the counters it needs): the charge, or None when the

@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from proxy.errors import StoreError
-from proxy.store.batch import BatchedLedger, batch_call
+from proxy.store.batch import BatchedLedger, batch_call, batch_script
 from proxy.store.redis import Store
 from proxy.store.scripts import RESERVE_ALLOWED, RESERVE_RECLAIM_FIRST, RESERVE_REFUSED
 from tests.store.test_roundtrips import SENTINEL, watch
@@ -145,7 +145,7 @@ async def test_a_batched_reserve_behind_an_expired_lease_reclaims_it_once(stores
 async def one_run(store: Store, calls, *, batched: bool) -> list[object]:
     """Replies to `calls` (script name, own keys, ARGV), as one batch or each alone in turn."""
     if batched:
-        return await store.run(BatchedLedger(store).script, *batch_call(store.keys.base, calls))
+        return await store.run(batch_script(store.client), *batch_call(store.keys.base, calls))
     return [await store.run_ledger_script(name, keys, args) for name, keys, args in calls]
 
 
@@ -174,11 +174,11 @@ async def test_a_lease_an_earlier_reserve_of_the_batch_took_is_seen_expiring_by_
 async def test_a_rollback_a_settle_of_the_batch_finds_refuses_the_budgets_of_reserves_after_it(stores):
     def calls(store):
         before, after = req("before", 1, budgets=(B,)), req("after", 1, budgets=(B,))
-        settle = store.settle_args("before", 1, NOW_MS, 0, COUNTERS)
+        settle_keys, settle = store.settle_call("before", 1, NOW_MS, 0, COUNTERS)
         settle[5] = 1_000  # the instance saw the store take 1,000 of its settles: it went back
         return [
             ("reserve", *store.reserve_call(before, reclaim_first=True)),
-            ("settle", [store.keys.tomb("before"), *store.keys.budgets(COUNTERS)], settle),
+            ("settle", settle_keys, settle),
             ("reserve", *store.reserve_call(after, reclaim_first=True)),
         ]
 

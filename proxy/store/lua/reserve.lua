@@ -173,9 +173,8 @@ redis.call("HSET", K.holds, hold_id, format_hold({amount = amount, lease = lease
   row_win = int(row_win), budgets_text = table.concat(budget_specs, ","), started = 0, contained = false,
   figures = figures}))
 redis.call("ZADD", K.leases, lease_expiry_ms, hold_id)
-if ONCE.first_lease ~= nil and tonumber(lease_expiry_ms) < ONCE.first_lease then
-  ONCE.first_lease = tonumber(lease_expiry_ms)
-end
+local lease_ms = tonumber(lease_expiry_ms)
+if ONCE.first_lease ~= nil and lease_ms < ONCE.first_lease then ONCE.first_lease = lease_ms end
 redis.call("HINCRBY", K.held, "acct", ARGV[3])
 if row_ref ~= "" then
   redis.call("HINCRBY", K.held, "row:" .. row_ref, ARGV[3])
