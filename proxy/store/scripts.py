@@ -26,13 +26,16 @@ import importlib.resources
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from proxy.store.keyspace import Keys, parse_spec
 from proxy.store.records import Decision, Reclaimed, RowLevel, ScopeRefusal, ScopeUsage
+
+if TYPE_CHECKING:
+    from proxy.store.connection import Lane
 
 # reserve.lua's reply opens with one of these, naming the shape of the rest:
 #   {REFUSED, code, scope, limit, spent, held}
@@ -88,13 +91,16 @@ class Script:
             self._first_lines.append(line)
             line += part.text.count("\n")
 
-    async def __call__(self, keys: Sequence[str | bytes], args: Sequence[Any]) -> Any:
+    async def __call__(self, keys: Sequence[str | bytes], args: Sequence[Any], lane: Lane | None = None) -> Any:
+        """Run the script with `keys` and `args`: through `lane` when given (the same command, sent
+        without the client's command machinery), else with the client's `execute_command`."""
+        execute = self.client.execute_command if lane is None else lane.execute
         try:
             try:
-                return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
             except redis.exceptions.NoScriptError:
                 await self.client.script_load(self.source)
-                return await self.client.execute_command("EVALSHA", self.sha, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+                return await execute("EVALSHA", self.sha, len(keys), *keys, *args)
         except redis.exceptions.ResponseError as exc:
             message = str(exc)
             located = self.locate_lines(message)

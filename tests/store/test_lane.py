@@ -1,0 +1,126 @@
+"""The store's lane (proxy/store/connection.py): its ledger scripts go to Redis on a few of the
+client's own connections, without redis-py's command machinery, and still end as they would
+through it: a connection the server closed is opened again, a cancelled operation leaves no
+reply behind for the next one, a script's error reply keeps the connection, and closing the
+client closes the lane's connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import fakeredis
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.errors import StoreScriptError
+from proxy.store.connection import Lane
+from proxy.store.redis import Store
+from tests.store.test_store import NOW_MS, USD, req, snap
+from tests.support.stores import EMBEDDED, REAL
+
+ON_SERVERS = pytest.mark.parametrize("store_target", [REAL, EMBEDDED], indirect=True)
+
+
+@pytest.fixture
+async def store(store_target):
+    client = store_target.client()
+    store = Store(client, "lane")
+    await store.apply_snapshot(snap(remaining=100 * USD))
+    yield store
+    await store.aclose()
+
+
+async def clients(store: Store, admin: aioredis.Redis) -> list[int]:
+    """The ids of the connections open to the server but `admin`'s own."""
+    me = await admin.client_id()
+    return [int(c["id"]) for c in await admin.client_list() if int(c["id"]) != me]
+
+
+@ON_SERVERS
+async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store, monkeypatch):
+    sent: list[object] = []
+    real = store.client.execute_command
+
+    async def counted(*args, **options):
+        sent.append(args[0])
+        return await real(*args, **options)
+
+    monkeypatch.setattr(store.client, "execute_command", counted)
+    assert (await store.reserve(req("h1", USD))).allowed
+    assert await store.settle("h1", USD, NOW_MS) == USD
+    assert "EVALSHA" not in sent
+    assert await store.open_holds() == 0
+
+
+@ON_SERVERS
+async def test_a_connection_the_server_closed_is_opened_again_for_the_next_operation(store, store_target):
+    admin = store_target.client()
+    try:
+        assert (await store.reserve(req("h1", USD))).allowed
+        ours = await clients(store, admin)
+        assert ours
+        for client_id in ours:
+            await admin.client_kill_filter(_id=client_id)
+        assert await store.settle("h1", USD, NOW_MS) == USD
+        assert (await store.reserve(req("h2", 2 * USD))).allowed
+        assert not set(await clients(store, admin)) & set(ours)
+        assert await store.open_holds() == 1
+    finally:
+        await admin.aclose()
+
+
+@ON_SERVERS
+async def test_a_cancelled_operation_leaves_no_reply_behind_for_the_next(store, store_target):
+    admin = store_target.client()
+    try:
+        assert (await store.reserve(req("warm", 0))).allowed  # the lane's connection is open
+        await admin.client_pause(10_000, all=False)  # writes wait: the next reserve is held unrun
+        pending = asyncio.create_task(store.reserve(req("h1", USD)))
+        while not any("b" in c["flags"] for c in await admin.client_list()):
+            await asyncio.sleep(0.01)  # polls the server until the reserve waits there (blocked)
+        pending.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pending
+        await admin.client_unpause()
+        # The cancelled reserve may still run, but its reply must not answer the next operation.
+        d = await store.reserve(req("h2", 200 * USD))
+        assert not d.allowed and d.refusal is not None and d.refusal.code == "credits"
+        assert await store.settle("h2", 0, NOW_MS) is None  # refused: nothing was held
+    finally:
+        await admin.client_unpause()
+        await admin.aclose()
+
+
+@ON_SERVERS
+async def test_a_scripts_error_reply_keeps_the_connection(store, store_target):
+    admin = store_target.client()
+    try:
+        assert (await store.reserve(req("h1", USD))).allowed
+        ours = await clients(store, admin)
+        with pytest.raises(StoreScriptError):
+            await store.run_ledger_script("settle", [store.key("hold:h1")], ["not a number"])
+        assert (await store.reserve(req("h2", USD))).allowed
+        assert await clients(store, admin) == ours
+    finally:
+        await admin.aclose()
+
+
+@ON_SERVERS
+async def test_closing_the_client_closes_the_lanes_connections(store_target):
+    admin = store_target.client()
+    client = store_target.client()
+    try:
+        store = Store(client, "lane")
+        await store.apply_snapshot(snap(remaining=100 * USD))
+        await asyncio.gather(*(store.reserve(req(f"h{i}", USD)) for i in range(8)))
+        assert len(await clients(store, admin)) >= 2
+        await client.aclose()  # as a test or a shutdown closes a client several stores share
+        assert await clients(store, admin) == []
+    finally:
+        await admin.aclose()
+
+
+def test_a_cluster_or_fake_client_has_no_lane():
+    assert Lane.of(fakeredis.FakeAsyncRedis()) is None
+    assert Lane.of(aioredis.RedisCluster(host="127.0.0.1", port=1)) is None  # does not connect yet
+    assert Lane.of(aioredis.Redis()) is not None
