@@ -1,6 +1,6 @@
 """Benchmark spend-guard against a bare passthrough of the same stack, with nginx as the upstream.
 
-    python bench/run.py [--rounds 4] [--duration 10] [--redis] [--workers2] [--quick]
+    python bench/run.py [--rounds 4] [--duration 10] [--redis] [--workers2] [--beside DIR] [--quick]
 
 See bench/README.md for what each section measures and how to read it. Needs `wrk` and
 `nginx` (Debian: apt-get install -y wrk nginx-light); `redis-server` only with `--redis`/`--workers2` (the
@@ -107,6 +107,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the policy's models.holds; observed reads the learned table on every guarded call and writes it at "
         "every settle",
     )
+    parser.add_argument(
+        "--beside",
+        metavar="DIR",
+        help="also run the proxy of another checkout (another commit) in the same rounds, and compare the two",
+    )
+    parser.add_argument(
+        "--beside-python",
+        metavar="PYTHON",
+        default=sys.executable,
+        help="the interpreter that runs --beside's proxy (default: this one, with DIR first on its path)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 rounds of 3 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -191,12 +202,25 @@ class Bench:
         if self.args.redis or self.args.workers2:
             self.redis_url = start_redis(self.procs, self.env)
         self.start_proxy("proxy", policy, self.redis_url if self.args.redis else None, workers=1)
+        if self.args.beside:
+            # A store of its own (the next Redis database, or its own state dir): the two proxies
+            # never share holds.
+            store = self.redis_url[: -len("/0")] + "/1" if self.args.redis else None
+            self.start_proxy("beside", policy, store, workers=1, tree=self.args.beside)
         if self.args.workers2:
             self.start_proxy("proxy-w2", policy, self.redis_url, workers=2)
 
-    def start_proxy(self, name: str, policy: str, redis_url: str | None, *, workers: int) -> None:
+    def start_proxy(
+        self, name: str, policy: str, redis_url: str | None, *, workers: int, tree: str | None = None
+    ) -> None:
+        """`tree`: another checkout, whose `proxy` package runs instead of this one's."""
         self.ports[name] = port = free_port()
-        argv = spend_guard_argv() + [
+        env = self.env
+        command = spend_guard_argv()
+        if tree is not None:
+            command = [self.args.beside_python, "-P", "-m", "proxy"]  # -P: not this checkout's proxy
+            env = dict(self.env, PYTHONPATH=os.path.abspath(tree))
+        argv = command + [
             "serve",
             "--host",
             "127.0.0.1",
@@ -215,14 +239,14 @@ class Bench:
             argv += ["--redis-url", redis_url]
         else:  # the embedded store: a fresh state dir, never the user's default one
             argv += ["--state-dir", os.path.join(self.root, f"state-{name}")]
-        self.procs.start(name, argv, self.env)
+        self.procs.start(name, argv, env)
         # Several workers share the socket: ask a few times so each has likely answered.
         self.procs.wait_ready(name, self.base(name) + "/-/readyz", successes=1 if workers == 1 else 6)
 
     def sanity(self) -> None:
         """One request of each kind, so a refusal never passes for throughput."""
         headers = {"Content-Type": "application/json", "Authorization": f"Bearer {wrkdrive.API_KEY}"}
-        for name in [n for n in ("proxy", "proxy-w2") if n in self.ports]:
+        for name in [n for n in ("proxy", "beside", "proxy-w2") if n in self.ports]:
             status, got, body = get(self.base(name) + GUARDED_PATH, data=wrkdrive.BODY.encode(), headers=headers)
             if status != 200 or "X-Spend-Guard-Policy" not in got:
                 raise RuntimeError(f"{name}: guarded request answered {status} {body[:300]!r}")
@@ -239,6 +263,8 @@ class Bench:
         out.append(Target("passthrough", "passthrough", self.base("passthrough"), GUARDED_PATH))
         out.append(Target("proxy unguarded", "proxy", self.base("proxy"), UNGUARDED_PATH))
         out.append(Target("proxy guarded", "proxy", self.base("proxy"), GUARDED_PATH))
+        if "beside" in self.ports:
+            out.append(Target("beside guarded", "beside", self.base("beside"), GUARDED_PATH))
         if "proxy-w2" in self.ports:
             out.append(Target("proxy-w2 guarded", "proxy-w2", self.base("proxy-w2"), GUARDED_PATH))
         return out
@@ -332,6 +358,8 @@ class Bench:
                     f"  {name} / passthrough round to round: {trend(rel[0], rel[-1])}  "
                     f"[{', '.join(f'{x:.2f}' for x in rel)}]"
                 )
+        if "beside guarded" in by:
+            self.compare_beside(by["proxy guarded"].runs, by["beside guarded"].runs)
         if "proxy-w2 guarded" in by:
             w2 = median([x.rps for x in by["proxy-w2 guarded"].results])
             ok = "met" if ratio(w2, guarded) >= WORKERS_TARGET else "NOT met"
@@ -339,6 +367,16 @@ class Bench:
                 f"  --workers 2 / --workers 1 guarded (same Redis): {ratio(w2, guarded):.2f} "
                 f"(target >= {WORKERS_TARGET}: {ok}; {os.cpu_count()} cores shared with wrk and nginx)"
             )
+
+    def compare_beside(self, ours: list[Run], theirs: list[Run]) -> None:
+        """This checkout's guarded proxy against the one beside, round by round (each pair of runs
+        saw the same box within one round): calls/s and the proxy's CPU a call."""
+        rps = [ratio(a.result.rps, b.result.rps) for a, b in zip(ours, theirs, strict=True)]
+        cpu = [ratio(cpu_per_call_us(a), cpu_per_call_us(b)) for a, b in zip(ours, theirs, strict=True)]
+        self.report.line(
+            f"  proxy guarded / beside guarded, round by round: calls/s [{', '.join(f'{x:.2f}' for x in rps)}] "
+            f"median {median(rps):.2f}; CPU a call [{', '.join(f'{x:.2f}' for x in cpu)}] median {median(cpu):.2f}"
+        )
 
     def unloaded(self, targets: list[Target]) -> None:
         """One connection, one request at a time: latency with no queueing (and any Nagle stall)."""
@@ -407,38 +445,32 @@ class Bench:
         probe = self.paced(guarded, delay, max(2.0, self.args.duration / 3)).result
         latency_ms = max(0.0, 1000 * c / probe.rps - delay) if probe.rps else 0.0
         delay = max(0, round(1000 * c / half - latency_ms))
-        metrics_url = self.base("proxy") + "/-/metrics"
+        # Every guarded proxy at the same pacing (the one beside too), then the passthrough.
+        paced = [(t, *self.paced_overhead(t, delay)) for t in targets if t.name in ("proxy guarded", "beside guarded")]
+        bare_run = self.paced(next(t for t in targets if t.name == "passthrough"), delay, self.args.duration)
+        rows = [paced_row(t.name, run) for t, run, _ in paced] + [paced_row("passthrough", bare_run)]
+        bare = bare_run.result
+        r.table([f"paced run (delay {delay} ms)", "rps", "p50 ms", "p99 ms", "errors", "server cpu", "other cpu"], rows)
+        for t, run, shown in paced:
+            who = "" if t.name == "proxy guarded" else f" ({t.name})"
+            res = run.result
+            r.line(f"  guard overhead p99{who} {shown}")
+            r.line(
+                f"  end-to-end added at this rate{who}: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, "
+                f"p99 {res.p99_ms - bare.p99_ms:+.2f} ms; CPU a call {cpu_per_call_us(run):.0f} us"
+            )
+
+    def paced_overhead(self, target: Target, delay_ms: int) -> tuple[Run, str]:
+        """A paced run of a guarded target, and its overhead p99 and p50 from its own metrics."""
+        metrics_url = target.base + "/-/metrics"
         before = histogram(get(metrics_url)[2].decode(), OVERHEAD_METRIC)
-        run = self.paced(guarded, delay, self.args.duration)
-        res = run.result
+        run = self.paced(target, delay_ms, self.args.duration)
         after = histogram(get(metrics_url)[2].decode(), OVERHEAD_METRIC)
         bound, observed = quantile_bound(before, after, 0.99)
         p50_bound, _ = quantile_bound(before, after, 0.50)
-        bare_run = self.paced(next(t for t in targets if t.name == "passthrough"), delay, self.args.duration)
-        bare = bare_run.result
-        r.table(
-            [f"paced run (delay {delay} ms)", "rps", "p50 ms", "p99 ms", "errors", "server cpu", "other cpu"],
-            [
-                ["proxy guarded", res.rps, res.p50_ms, res.p99_ms, run.errors, run.server_cores, run.other_cores],
-                [
-                    "passthrough",
-                    bare.rps,
-                    bare.p50_ms,
-                    bare.p99_ms,
-                    bare_run.errors,
-                    bare_run.server_cores,
-                    bare_run.other_cores,
-                ],
-            ],
-        )
         shown = "over the last bucket (> 250 ms)" if math.isinf(bound) else f"<= {bound * 1000:g} ms"
-        r.line(
-            f"  guard overhead p99 {shown} (bucket bound; p50 <= {p50_bound * 1000:g} ms; "
-            f"{observed} observations of {OVERHEAD_METRIC})"
-        )
-        r.line(
-            f"  end-to-end added at this rate: p50 {res.p50_ms - bare.p50_ms:+.2f} ms, "
-            f"p99 {res.p99_ms - bare.p99_ms:+.2f} ms"
+        return run, (
+            f"{shown} (bucket bound; p50 <= {p50_bound * 1000:g} ms; {observed} observations of {OVERHEAD_METRIC})"
         )
 
     def paced(self, target: Target, delay_ms: int, duration_s: float) -> Run:
@@ -515,6 +547,11 @@ class Bench:
             f"  proxy: --workers 1, store {store}, --log-level {a.proxy_log_level}"
             + (f"; proxy-w2: --workers 2, Redis {self.redis_url}" if a.workers2 else "")
         )
+        if a.beside:
+            beside = subprocess.run(
+                ["git", "-C", a.beside, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+            ).stdout.strip()
+            r.line(f"  beside: the proxy of {a.beside} (commit {beside or '?'}), run by {a.beside_python}; own store")
         r.line(
             f"  upstream: nginx 1 worker on 127.0.0.1:{self.ports['nginx']}; rounds {a.rounds} x {a.duration:g} s; "
             f"load average at start {os.getloadavg()[0]:.2f}"
@@ -551,9 +588,19 @@ class Bench:
         self.memory()
 
 
+def paced_row(name: str, run: Run) -> list[object]:
+    res = run.result
+    return [name, res.rps, res.p50_ms, res.p99_ms, run.errors, run.server_cores, run.other_cores]
+
+
+def cpu_per_call_us(run: Run) -> float:
+    """The answering process group's CPU per answered call during `run`, in microseconds."""
+    return 1e6 * run.server_cores / run.result.rps if run.result.rps else math.inf
+
+
 def budget_s(args: argparse.Namespace) -> int:
     """A hard ceiling on the whole run: every planned wrk second, generous slack, then SIGALRM."""
-    targets = 5 + int(args.workers2)
+    targets = 5 + int(args.workers2) + int(bool(args.beside))
     planned = targets * (args.rounds * args.duration + 1 + max(2.0, args.duration / 3)) + 3 * args.duration + 10 + 180
     return int(planned * 1.5) + 120
 
