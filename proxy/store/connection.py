@@ -176,8 +176,9 @@ class Lane:
     """A few of the client's own connections (its address, credentials, database, TLS, limits),
     used without its command machinery: a command is packed by hiredis and sent on an idle
     connection of the lane, its reply read there. redis-py's `execute_command` takes the pool's
-    lock twice, records metrics and type-checks every argument on the way; a lone reserve of 25
-    arguments cost ~60-80 us more of the client's CPU through it than through a lane.
+    lock twice, records metrics and type-checks every argument on the way: a reserve or settle
+    alone cost the client 287-327 us of CPU through it against 240-254 us through a lane
+    (bench/store_ops.py, one task, on a slow box).
 
     The lane takes its connections from the client's pool and keeps them as the pool's "in use"
     ones, so closing the client closes them. What the pool and `execute_command` do for each
@@ -195,9 +196,12 @@ class Lane:
     @classmethod
     def of(cls, client: aioredis.Redis) -> Lane | None:
         """A lane for `client`, or None where it would not send as the client does: a cluster
-        client (its commands go to each key's node) or any client without a plain pool."""
+        client (its commands go to each key's node), a client bound to one connection, or any
+        client without a plain pool."""
         pool = getattr(client, "connection_pool", None)
         if type(client) is not aioredis.Redis or not isinstance(pool, aioredis.ConnectionPool):
+            return None
+        if client.single_connection_client:
             return None
         return cls(pool)
 
