@@ -21,14 +21,11 @@ from tests.store.test_store import NOW_MS, USD, req, snap
 from tests.support.served import RedisServer
 from tests.support.stores import EMBEDDED, REAL
 
-# On real Redis each test starts a redis-server of its own (it kills connections and pauses it).
-ON_SERVERS = [pytest.mark.system, pytest.mark.parametrize("store_target", [REAL, EMBEDDED], indirect=True)]
-
-
-def on_servers(test):
-    for mark in reversed(ON_SERVERS):
-        test = mark(test)
-    return test
+# On real Redis each test starts a redis-server of its own (it kills connections and pauses it):
+# a system test there too.
+ON_SERVERS = pytest.mark.parametrize(
+    "store_target", [pytest.param("real", marks=[*REAL.marks, pytest.mark.system]), EMBEDDED], indirect=True
+)
 
 
 @pytest.fixture
@@ -72,7 +69,7 @@ async def clients(store: Store, admin: aioredis.Redis) -> list[int]:
     return [int(c["id"]) for c in await admin.client_list() if c["name"] == name]
 
 
-@on_servers
+@ON_SERVERS
 async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store, monkeypatch):
     sent: list[object] = []
     real = store.client.execute_command
@@ -88,7 +85,7 @@ async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store
     assert await store.open_holds() == 0
 
 
-@on_servers
+@ON_SERVERS
 async def test_a_connection_the_server_closed_is_opened_again_for_the_next_operation(store, admin):
     assert (await store.reserve(req("h1", USD))).allowed
     ours = await clients(store, admin)
@@ -101,7 +98,7 @@ async def test_a_connection_the_server_closed_is_opened_again_for_the_next_opera
     assert await store.open_holds() == 1
 
 
-@on_servers
+@ON_SERVERS
 async def test_a_cancelled_operation_leaves_no_reply_behind_for_the_next(store, admin):
     assert (await store.reserve(req("warm", 0))).allowed  # the lane's connection is open
     ours = set(await clients(store, admin))
@@ -119,7 +116,7 @@ async def test_a_cancelled_operation_leaves_no_reply_behind_for_the_next(store, 
     assert await store.settle("h2", 0, NOW_MS) is None  # refused: nothing was held
 
 
-@on_servers
+@ON_SERVERS
 async def test_a_scripts_error_reply_keeps_the_connection(store, admin):
     assert (await store.reserve(req("h1", USD))).allowed
     ours = await clients(store, admin)
@@ -129,7 +126,7 @@ async def test_a_scripts_error_reply_keeps_the_connection(store, admin):
     assert await clients(store, admin) == ours
 
 
-@on_servers
+@ON_SERVERS
 async def test_closing_the_client_closes_the_lanes_connections(server_url, admin):
     client = named_client(server_url)
     store = Store(client, "lane")
