@@ -164,8 +164,11 @@ class Connection:
         try:
             if self.lane is not None:
                 await self.lane.aclose()
-            await self.client.aclose()
         except Exception:  # noqa: BLE001 - closing a dead connection must not fail a shutdown
+            pass
+        try:
+            await self.client.aclose()  # also when giving the lane's connections back failed
+        except Exception:  # noqa: BLE001
             pass
 
     async def ping(self) -> None:

@@ -82,7 +82,7 @@ class Identity(Connection):
         marker (`"<why>|<ms>"`), or None."""
         safe = 1 if new_is_safe else 0
         args = [self.epoch, os.urandom(8).hex(), now_ms, safe, self.instance, self.settles_seen, not_new_why]
-        epoch, lost = await self._call(lambda: self.lua_identity(keys=self.keys.fixed("identity"), args=args))
+        epoch, lost = await self.run(self.lua_identity, self.keys.fixed("identity"), args)
         self.epoch = as_text(epoch)
         return as_text(lost) if lost else None
 

@@ -69,8 +69,8 @@ async def clients(store: Store, admin: aioredis.Redis) -> list[int]:
     return [int(c["id"]) for c in await admin.client_list() if c["name"] == name]
 
 
-@ON_SERVERS
-async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store, monkeypatch):
+def commands_sent(store: Store, monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The names of the commands `store` sends through its client's `execute_command` from now on."""
     sent: list[object] = []
     real = store.client.execute_command
 
@@ -79,10 +79,40 @@ async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store
         return await real(*args, **options)
 
     monkeypatch.setattr(store.client, "execute_command", counted)
+    return sent
+
+
+@ON_SERVERS
+async def test_ledger_scripts_go_through_the_lane_not_the_clients_commands(store, monkeypatch):
+    sent = commands_sent(store, monkeypatch)
     assert (await store.reserve(req("h1", USD))).allowed
     assert await store.settle("h1", USD, NOW_MS) == USD
     assert "EVALSHA" not in sent
     assert await store.open_holds() == 0
+
+
+@ON_SERVERS
+async def test_the_identity_check_goes_through_the_lane_too(store, monkeypatch):
+    sent = commands_sent(store, monkeypatch)
+    assert await store.check_identity(NOW_MS, new_is_safe=True) is None
+    assert store.epoch
+    assert "EVALSHA" not in sent and "EVAL" not in sent
+
+
+@ON_SERVERS
+async def test_closing_the_store_closes_its_client_even_when_the_lane_fails_to_give_back(server_url, admin):
+    store = Store(named_client(server_url), "lane")
+    await store.apply_snapshot(snap(remaining=100 * USD))
+    await asyncio.gather(*(store.reserve(req(f"h{i}", USD)) for i in range(4)))
+    assert await clients(store, admin)
+    assert store.lane is not None
+
+    async def broken() -> None:
+        raise ConnectionError("the pool is gone")
+
+    store.lane.aclose = broken  # type: ignore[method-assign]
+    await store.aclose()
+    assert await clients(store, admin) == []
 
 
 @ON_SERVERS
