@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from email.message import Message
 from pathlib import Path
@@ -611,24 +612,31 @@ def main(argv: list[str] | None = None) -> int:
     report = Report()
     root = tempfile.mkdtemp(prefix="spend-guard-bench-")
     bench = Bench(args, found, root, report)
+    return run_reported(bench.run, bench.procs, report, root, budget_s(args), "-redis" if args.redis else "")
+
+
+def run_reported(body: Callable[[], None], procs: Procs, report: Report, root: str, budget: int, suffix: str) -> int:
+    """Run `body` within `budget` seconds (SIGALRM) and stop every process of `procs` however it
+    ends; the report goes to bench/results/<timestamp><suffix>.txt. On failure the logs in `root`
+    are kept and named."""
 
     def interrupt(signum: int, frame: object) -> None:
         raise SystemExit(f"bench: stopped by signal {signum}")
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGALRM, interrupt)
-    signal.alarm(budget_s(args))
+    signal.alarm(budget)
     status = 0
     try:
-        bench.run()
+        body()
     except (RuntimeError, ValueError, OSError, subprocess.TimeoutExpired) as exc:
         report.line(f"bench failed: {exc}")
         status = 1
     finally:
         signal.alarm(0)
-        bench.procs.stop_all()
+        procs.stop_all()
         if report.lines:
-            out = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-redis' if args.redis else ''}.txt"
+            out = HERE / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{suffix}.txt"
             out.parent.mkdir(exist_ok=True)
             out.write_text(report.text())
             print(f"\nwritten to {out.relative_to(HERE.parent)}")
