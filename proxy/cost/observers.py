@@ -113,9 +113,7 @@ class SmallBodyFirst:
         if not complete:
             return UNKNOWN
         try:
-            data = json.loads(
-                self._kept.decode("utf-8"), parse_float=_number, parse_int=_number, parse_constant=_no_constants
-            )
+            data = _JSON.decode(self._kept.decode("utf-8"))
         except (ValueError, RecursionError):
             return UNKNOWN
         if not isinstance(data, dict):
@@ -135,6 +133,10 @@ def _number(token: str) -> object:
 
 def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not JSON")
+
+
+# One decoder for every answer (json.loads with arguments builds a decoder each call).
+_JSON = json.JSONDecoder(parse_float=_number, parse_int=_number, parse_constant=_no_constants)
 
 
 # The compressed codings observer_for reads a cost through, with zlib's wbits for each (None:

@@ -105,11 +105,13 @@ def scale_hold(micros: int, fields: PriceFields, covers: Covers) -> int:
     pixels (the largest published size, else `DEFAULT_COVERED_PIXELS`), and input images beyond
     one. Each factor is at least 1. A scaled hold is rounded up to $0.0001 and one $0.0001 more is
     added: ImageRouter rounds its calculated price up from a double (`0.07 * 15` is 1.0500000000000003)."""
+    pixels = size_pixels(fields.size)
+    if fields.seconds_number is None and pixels is None and fields.input_images <= 1:
+        return micros  # nothing asked beyond what the maximum covers (most calls)
     factor = Fraction(1)
     if fields.seconds_number is not None:
         covered = DEFAULT_COVERED_SECONDS if covers.seconds is None else Fraction(covers.seconds)
         factor *= max(Fraction(1), Fraction(fields.seconds_number) / covered)
-    pixels = size_pixels(fields.size)
     if pixels is not None:
         factor *= max(Fraction(1), Fraction(pixels, covers.pixels or DEFAULT_COVERED_PIXELS))
     factor *= max(1, fields.input_images)

@@ -177,7 +177,7 @@ def _from_json(body: bytes, params: dict[str, str]) -> tuple[dict[str, object], 
     if body.startswith(b"\xef\xbb\xbf"):
         body = body[3:]
     try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_not_json)
+        data = _JSON.decode(body.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise invalid("Request body is not valid JSON.") from exc
     if not isinstance(data, dict):
@@ -239,6 +239,10 @@ def _utf8_bytes(value: object) -> int:
 
 def _not_json(constant: str) -> object:
     raise ValueError(f"{constant} is not JSON")
+
+
+# One decoder for every body (json.loads with an argument builds a decoder each call).
+_JSON = json.JSONDecoder(parse_constant=_not_json)
 
 
 def _build(fields: dict[str, object]) -> PriceFields:
