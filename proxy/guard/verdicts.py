@@ -122,6 +122,8 @@ def rejection_for(r: ScopeRefusal, call: Call, budgets: list[Budget], now_s: flo
     return Rejected(402, "spend_limit_exceeded", message, scope=r.scope, headers=headers)
 
 
+# One encoder for every access line (json.dumps with an argument builds one each call).
+_ACCESS_JSON = json.JSONEncoder(separators=(",", ":"))
 _stamp: tuple[int, str] = (-1, "")
 
 
@@ -156,7 +158,7 @@ def log_decision(call: Call, policy: Policy, error: str | None = None) -> None:
     }
     if error:
         record["error"] = error
-    access_line(json.dumps(record, separators=(",", ":")))
+    access_line(_ACCESS_JSON.encode(record))
 
 
 def permits(rules: ModelRules, names: set[str]) -> bool:
