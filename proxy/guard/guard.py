@@ -288,6 +288,9 @@ class Guard:
     def check_hold(self, hold: int, policy: Policy, key: KeyPolicy | None, verdicts: Verdicts, basis: str = "") -> None:
         """The hold against the guard's per-call maximum (raises) and the policy's per-request caps;
         a refusal names the hold and its `basis`."""
+        caps = per_request_caps(policy, key)
+        if hold <= MAX_CALL_MICROS and all(hold <= cap for cap, _ in caps):
+            return  # most calls: nothing to say, so nothing formatted
         held = f"${format_usd(hold)}" + (f" (hold basis: {basis})" if basis else "")
         if hold > MAX_CALL_MICROS:
             raise Rejected(
@@ -297,7 +300,7 @@ class Guard:
                 f"of ${format_usd(MAX_CALL_MICROS)}.",
                 scope="policy",
             )
-        for cap, where in per_request_caps(policy, key):
+        for cap, where in caps:
             if hold > cap:
                 verdicts.add(
                     Rejected(
