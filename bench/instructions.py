@@ -33,7 +33,18 @@ from pathlib import Path
 import upstream
 import wrkdrive
 from procs import Procs, free_port, start_redis
-from run import GUARDED_PATH, HERE, POLICY, UNGUARDED_PATH, child_env, get, run_reported, spend_guard_argv, tools
+from run import (
+    GUARDED_PATH,
+    HERE,
+    POLICY,
+    UNGUARDED_PATH,
+    check_route,
+    child_env,
+    proxy_command,
+    run_reported,
+    serve_argv,
+    tools,
+)
 from tables import Report, ratio
 
 READY_TIMEOUT_S = 240.0  # a Python server starts in 10-30 s under valgrind on a 2-core box
@@ -83,48 +94,34 @@ class Counted:
         policy = os.path.join(self.root, "policy.yaml")
         Path(policy).write_text(QUIET_POLICY + "models: {holds: max}\n")
 
-        passthrough = [sys.executable, str(HERE / "passthrough.py"), "--upstream", self.nginx_url, "--port"]
-        self.count_server("passthrough", passthrough, self.env, "/v1/credits", [("passthrough", GUARDED_PATH)])
-        targets = [("proxy unguarded", UNGUARDED_PATH), ("proxy guarded", GUARDED_PATH)]
-        self.count_server("proxy", self.proxy_argv(spend_guard_argv(), policy, "/0"), self.env, "/-/readyz", targets)
-        if self.args.beside:
-            argv = self.proxy_argv([self.args.beside_python, "-P", "-m", "proxy"], policy, "/1")
-            env = dict(self.env, PYTHONPATH=os.path.abspath(self.args.beside))
-            # The same targets in the same order as this checkout's proxy: each counts as the other.
-            targets = [("beside unguarded", UNGUARDED_PATH), ("beside guarded", GUARDED_PATH)]
-            self.count_server("beside", argv, env, "/-/readyz", targets)
+        port = free_port()
+        passthrough = [sys.executable, str(HERE / "passthrough.py"), "--upstream", self.nginx_url, "--port", str(port)]
+        self.count_server("passthrough", port, passthrough, self.env, "/v1/credits", [("passthrough", GUARDED_PATH)])
+        # Both proxies count the same targets in the same order: each counts as the other.
+        routes = [("unguarded", UNGUARDED_PATH), ("guarded", GUARDED_PATH)]
+        proxies = [("proxy", None, "/0")] + ([("beside", self.args.beside, "/1")] if self.args.beside else [])
+        for name, tree, database in proxies:
+            command, env = proxy_command(self.env, tree, self.args.beside_python)
+            redis_url = self.redis_url[: -len("/0")] + database if self.redis_url else None
+            state_dir = os.path.join(self.root, f"state-{name}")
+            port = free_port()
+            argv = command + serve_argv(
+                policy, self.nginx_url, port, 1, "info", redis_url=redis_url, state_dir=state_dir
+            )
+            self.count_server(name, port, argv, env, "/-/readyz", [(f"{name} {route}", path) for route, path in routes])
         self.summary()
 
-    def proxy_argv(self, command: list[str], policy: str, database: str) -> list[str]:
-        """A proxy's serve command up to `--port` (its port follows): on the bench's Redis, in
-        `database`, or on an embedded store of its own."""
-        argv = command + ["serve", "--host", "127.0.0.1", "--policy", policy, "--upstream", self.nginx_url]
-        argv += ["--workers", "1", "--log-level", "info"]
-        if self.redis_url:
-            argv += ["--redis-url", self.redis_url[: -len("/0")] + database]
-        else:
-            argv += ["--state-dir", os.path.join(self.root, f"state-{database.strip('/')}")]
-        return argv + ["--port"]
-
     def count_server(
-        self, name: str, argv: list[str], env: dict[str, str], ready: str, targets: list[tuple[str, str]]
+        self, name: str, port: int, argv: list[str], env: dict[str, str], ready: str, targets: list[tuple[str, str]]
     ) -> None:
-        """Start `argv` (ending in `--port`) under callgrind, warm it, and count each target."""
-        port = free_port()
+        """Start `argv` (serving on `port`) under callgrind, warm it, and count each target."""
         out = os.path.join(self.root, f"callgrind-{name}.out")
         valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
-        proc = self.procs.start(name, valgrind + argv + [str(port)], env)
+        proc = self.procs.start(name, valgrind + argv, env)
         base = f"http://127.0.0.1:{port}"
         self.procs.wait_ready(name, base + ready, timeout_s=READY_TIMEOUT_S)
-        for _, path in targets:  # what a request must be: allowed, and guarded only where it should
-            status, headers, body = get(
-                base + path,
-                data=wrkdrive.BODY.encode(),
-                headers={"Content-Type": "application/json", "Authorization": f"Bearer {wrkdrive.API_KEY}"},
-            )
-            guarded = "X-Spend-Guard-Policy" in headers
-            if status != 200 or (name != "passthrough" and guarded != (path == GUARDED_PATH)):
-                raise RuntimeError(f"{name} {path}: answered {status} {body[:300]!r}")
+        for _, path in targets:
+            check_route(name, base, path, guarded=None if name == "passthrough" else path == GUARDED_PATH)
         for _, path in targets:
             self.drive(base + path, 3.0)  # warm, uninstrumented: pools, first-use allocations
         self.control(proc.pid, "--instr=on")

@@ -216,44 +216,20 @@ class Bench:
     ) -> None:
         """`tree`: another checkout, whose `proxy` package runs instead of this one's."""
         self.ports[name] = port = free_port()
-        env = self.env
-        command = spend_guard_argv()
-        if tree is not None:
-            command = [self.args.beside_python, "-P", "-m", "proxy"]  # -P: not this checkout's proxy
-            env = dict(self.env, PYTHONPATH=os.path.abspath(tree))
-        argv = command + [
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--policy",
-            policy,
-            "--upstream",
-            self.base("nginx"),
-            "--workers",
-            str(workers),
-            "--log-level",
-            self.args.proxy_log_level,
-        ]
-        if redis_url:
-            argv += ["--redis-url", redis_url]
-        else:  # the embedded store: a fresh state dir, never the user's default one
-            argv += ["--state-dir", os.path.join(self.root, f"state-{name}")]
+        command, env = proxy_command(self.env, tree, self.args.beside_python)
+        log_level, state_dir = self.args.proxy_log_level, os.path.join(self.root, f"state-{name}")
+        argv = command + serve_argv(
+            policy, self.base("nginx"), port, workers, log_level, redis_url=redis_url, state_dir=state_dir
+        )
         self.procs.start(name, argv, env)
         # Several workers share the socket: ask a few times so each has likely answered.
         self.procs.wait_ready(name, self.base(name) + "/-/readyz", successes=1 if workers == 1 else 6)
 
     def sanity(self) -> None:
         """One request of each kind, so a refusal never passes for throughput."""
-        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {wrkdrive.API_KEY}"}
         for name in [n for n in ("proxy", "beside", "proxy-w2") if n in self.ports]:
-            status, got, body = get(self.base(name) + GUARDED_PATH, data=wrkdrive.BODY.encode(), headers=headers)
-            if status != 200 or "X-Spend-Guard-Policy" not in got:
-                raise RuntimeError(f"{name}: guarded request answered {status} {body[:300]!r}")
-            status, got, body = get(self.base(name) + UNGUARDED_PATH, data=wrkdrive.BODY.encode(), headers=headers)
-            if status != 200 or "X-Spend-Guard-Policy" in got:
-                raise RuntimeError(f"{name}: unguarded request answered {status} {body[:300]!r} (or was guarded)")
+            check_route(name, self.base(name), GUARDED_PATH, guarded=True)
+            check_route(name, self.base(name), UNGUARDED_PATH, guarded=False)
 
     # -- 1. max-rate rounds ------------------------------------------------------------------
 
@@ -587,6 +563,35 @@ class Bench:
         self.unloaded(targets)
         self.overhead(targets)
         self.memory()
+
+
+def proxy_command(env: dict[str, str], tree: str | None, python: str) -> tuple[list[str], dict[str, str]]:
+    """The command that runs a proxy, and its environment: this checkout's, or with `tree` the
+    `proxy` package of that checkout, run by `python` (-P: not this checkout's on its path)."""
+    if tree is None:
+        return spend_guard_argv(), env
+    return [python, "-P", "-m", "proxy"], dict(env, PYTHONPATH=os.path.abspath(tree))
+
+
+def serve_argv(
+    policy: str, upstream_url: str, port: int, workers: int, log_level: str, *, redis_url: str | None, state_dir: str
+) -> list[str]:
+    """`serve`'s arguments for a bench proxy on 127.0.0.1:`port`: on `redis_url`, or without it on
+    an embedded store in `state_dir` (a fresh one, never the user's default)."""
+    argv = ["serve", "--host", "127.0.0.1", "--port", str(port), "--policy", policy, "--upstream", upstream_url]
+    argv += ["--workers", str(workers), "--log-level", log_level]
+    return argv + (["--redis-url", redis_url] if redis_url else ["--state-dir", state_dir])
+
+
+def check_route(name: str, base: str, path: str, *, guarded: bool | None) -> None:
+    """One guarded-shaped POST to `path`: it must be answered 200, and (unless `guarded` is None,
+    for a server that is not the proxy) guarded exactly when `guarded`, so a refusal or a bypass
+    never passes for throughput."""
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {wrkdrive.API_KEY}"}
+    status, got, body = get(base + path, data=wrkdrive.BODY.encode(), headers=headers)
+    if status != 200 or (guarded is not None and ("X-Spend-Guard-Policy" in got) != guarded):
+        kind = "a request" if guarded is None else "guarded request" if guarded else "unguarded request"
+        raise RuntimeError(f"{name}: {kind} to {path} answered {status} {body[:300]!r} (or was guarded wrongly)")
 
 
 def paced_row(name: str, run: Run) -> list[object]:
