@@ -14,7 +14,7 @@ import logging
 import time
 
 from proxy.errors import Rejected
-from proxy.guard.identity import UNREGISTERED, identify_token
+from proxy.guard.callers import UNREGISTERED, identify_token
 from proxy.guard.observed import price_call
 from proxy.guard.recent_refusals import RecentRefusal, RecentRefusals
 from proxy.guard.relay import Admitted, relay

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.errors import Rejected
-from proxy.guard.identity import UNREGISTERED, identify_token
+from proxy.guard.callers import UNREGISTERED, identify_token
 from proxy.guard.verdicts import budget_holds, budgets_for
 from proxy.http.request import BEARER_RE, fingerprint
 from proxy.money import format_usd

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 from starlette.requests import Request
 
 from proxy.errors import Rejected
+from proxy.guard.callers import UNREGISTERED, identify_token
 from proxy.guard.guard import Guard, read_fields
-from proxy.guard.identity import UNREGISTERED, identify_token
 from proxy.guard.observed import price_call
 from proxy.guard.verdicts import Verdicts
 from proxy.http.body import PriceFields, read_price_fields

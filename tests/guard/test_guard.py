@@ -11,7 +11,7 @@ import fakeredis
 import pytest
 import redis
 
-from proxy.guard.identity import identify_token
+from proxy.guard.callers import identify_token
 from proxy.guard.reserving import reserve_request
 from proxy.guard.verdicts import budgets_for
 from proxy.runtime import Flight
