@@ -94,22 +94,20 @@ class TurnBufferedHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 
 _access = logging.getLogger(ACCESS_LOGGER)
-_buffered: TurnBufferedHandler | None = None  # installed by configure_logging
 
 
 def access_line(line: str) -> None:
-    """Log one access line: straight into the served proxy's own handler when it is the access
-    logger's only handler and the logger has no filter and logs INFO, else as a record of
-    `spend_guard.access`."""
-    handler = _buffered
+    """Log one access line: straight into a `TurnBufferedHandler` (the one `configure_logging`
+    installs) when it is the access logger's only handler and the logger has no filter and logs
+    INFO, else as a record of `spend_guard.access`."""
+    handlers = _access.handlers
     if (
-        handler is not None
-        and len(_access.handlers) == 1
-        and _access.handlers[0] is handler
+        len(handlers) == 1
+        and type(handlers[0]) is TurnBufferedHandler
         and not _access.filters
         and _access.isEnabledFor(logging.INFO)
     ):
-        handler.add(line)
+        handlers[0].add(line)
     else:
         _access.info(line)
 
@@ -138,10 +136,9 @@ def configure_logging(level: str, log_format: LogFormat = "text") -> None:
         root.setLevel(level.upper())
     else:
         logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    global _buffered
     if not _access.handlers:
-        _buffered = TurnBufferedHandler(sys.stdout)
-        _buffered.setFormatter(logging.Formatter("%(message)s"))
-        _access.addHandler(_buffered)
+        buffered = TurnBufferedHandler(sys.stdout)
+        buffered.setFormatter(logging.Formatter("%(message)s"))
+        _access.addHandler(buffered)
         _access.propagate = False
     _access.setLevel(logging.INFO)

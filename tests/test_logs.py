@@ -48,7 +48,6 @@ def access(monkeypatch: pytest.MonkeyPatch) -> Callable[[], tuple[logs.TurnBuffe
         monkeypatch.setattr(logger, "handlers", [handler])
         monkeypatch.setattr(logger, "propagate", False)
         monkeypatch.setattr(logger, "level", logging.INFO)
-        monkeypatch.setattr(logs, "_buffered", handler)
         return handler, stream
 
     return install
