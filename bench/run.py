@@ -175,6 +175,10 @@ class Bench:
         self.env = child_env()
         self.ports: dict[str, int] = {}
         self.redis_url = ""  # the bench's own redis-server, with --redis or --workers2 (start_all)
+        # EVALSHA (calls, usec) on it before and after the recorded rounds (None: no such server)
+        self.evalsha_before: tuple[int, int] | None = None
+        self.evalsha_after: tuple[int, int] | None = None
+        self.on_redis: set[str] = set()  # the proxies whose store is that server
 
     # -- processes -------------------------------------------------------------------------
 
@@ -222,6 +226,8 @@ class Bench:
             policy, self.base("nginx"), port, workers, log_level, redis_url=redis_url, state_dir=state_dir
         )
         self.procs.start(name, argv, env)
+        if redis_url:
+            self.on_redis.add(name)
         # Several workers share the socket: ask a few times so each has likely answered.
         self.procs.wait_ready(name, self.base(name) + "/-/readyz", successes=1 if workers == 1 else 6)
 
@@ -265,6 +271,7 @@ class Bench:
         for t in targets:  # warm-up: pools, first-use allocations; not recorded
             self.drive(t, 1.0)
         rows = []
+        self.evalsha_before = self.redis_evalsha()
         for n in range(self.args.rounds):
             order = targets[n % len(targets) :] + targets[: n % len(targets)]
             got = {t.name: self.drive(t, self.args.duration) for t in order}
@@ -285,6 +292,7 @@ class Bench:
                         run.other_cores,
                     ]
                 )
+        self.evalsha_after = self.redis_evalsha()
         r.table(
             ["round", "target", "rps", "p50 ms", "p99 ms", "requests", "errors", "server cpu", "other cpu"],
             rows,
@@ -340,8 +348,9 @@ class Bench:
         if "proxy-w2 guarded" in by:
             w2 = median([x.rps for x in by["proxy-w2 guarded"].results])
             ok = "met" if ratio(w2, guarded) >= WORKERS_TARGET else "NOT met"
+            stores = "both on the bench's Redis" if "proxy" in self.on_redis else "w2 on Redis, w1 embedded"
             r.line(
-                f"  --workers 2 / --workers 1 guarded (same Redis): {ratio(w2, guarded):.2f} "
+                f"  --workers 2 / --workers 1 guarded ({stores}): {ratio(w2, guarded):.2f} "
                 f"(target >= {WORKERS_TARGET}: {ok}; {os.cpu_count()} cores shared with wrk and nginx)"
             )
 
@@ -544,22 +553,34 @@ class Bench:
         stats = redis.Redis.from_url(self.redis_url, socket_timeout=3).info("commandstats").get("cmdstat_evalsha", {})
         return int(stats.get("calls", 0)), int(stats.get("usec", 0))
 
+    def redis_time(self, targets: list[Target]) -> None:
+        """Redis's own time over the recorded rounds, per EVALSHA and per guarded call: a round
+        trip carries one operation alone or a batch of them, so only the second compares commits."""
+        before, after = self.evalsha_before, self.evalsha_after
+        guarded = sum(
+            run.result.requests
+            for t in targets
+            if t.path == GUARDED_PATH and t.server in self.on_redis
+            for run in t.runs
+        )
+        if not before or not after or after[0] <= before[0] or guarded == 0:
+            return
+        calls, usec = after[0] - before[0], after[1] - before[1]
+        self.report.line(
+            f"  Redis server time: {usec / guarded:.1f} us a guarded call, {usec / calls:.1f} us an EVALSHA "
+            f"({calls / guarded:.2f} EVALSHAs a guarded call; {calls} EVALSHAs, {guarded} guarded calls of every "
+            "proxy on it; redis-server shares the same cores)"
+        )
+
     def run(self) -> None:
         self.start_all()
         self.sanity()
         self.header()
         targets = self.targets()
-        before = self.redis_evalsha()
         self.rounds(targets)
-        after = self.redis_evalsha()
         self.summary(targets)
         self.worker_spread()
-        if before and after and after[0] > before[0]:
-            calls, usec = after[0] - before[0], after[1] - before[1]
-            self.report.line(
-                f"  Redis server time per EVALSHA (reserve or settle): {usec / calls:.1f} us "
-                f"over {calls} calls (redis-server shares the same cores)"
-            )
+        self.redis_time(targets)
         self.unloaded(targets)
         self.overhead(targets)
         self.memory()
