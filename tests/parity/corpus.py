@@ -393,6 +393,10 @@ def _json() -> Iterator[Case]:
         "double-bom": b'\xef\xbb\xbf\xef\xbb\xbf{"model": "google/veo-3.1"}',
         "nan": b'{"model": "google/veo-3.1", "x": NaN}',
         "infinity": b'{"model": "google/veo-3.1", "x": -Infinity}',
+        # The body's decoder is built once and reused: a constant deep in a value, or as the whole
+        # body, is refused there as at the top level, call after call.
+        "nan-nested": b'{"model": "google/veo-3.1", "x": [1, {"y": NaN}]}',
+        "infinity-whole": b"Infinity",
         "trailing-comma": b'{"model": "google/veo-3.1",}',
         "single-quotes": b"{'model': 'google/veo-3.1'}",
         "array": b'[{"model": "google/veo-3.1"}]',
